@@ -1,0 +1,1 @@
+//! Test-only tools shared by Ferry's end-to-end tests.
