@@ -1,1 +1,8 @@
 //! Test-only tools shared by Ferry's end-to-end tests.
+//!
+//! - [`capture::CaptureServer`]: a minimal scripted MQTT server that records every packet a
+//!   real client sends, decoded with our codec, and answers with packets we encode. It lets
+//!   the codec be checked against real clients before the broker exists, and stays useful for
+//!   pinning down what a given client puts on the wire.
+
+pub mod capture;
