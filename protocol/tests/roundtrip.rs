@@ -7,8 +7,8 @@ use bytes::{Bytes, BytesMut};
 use ferry_protocol::mqtt::properties::id;
 use ferry_protocol::mqtt::{
     decode, Auth, ConnAck, Connect, Disconnect, Packet, PacketType, Properties, PropertyContext,
-    ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
-    Subscription, SubscriptionOptions, UnsubAck, Unsubscribe, Will, MAX_PACKET_SIZE,
+    PropertyValues, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck,
+    Subscribe, Subscription, SubscriptionOptions, UnsubAck, Unsubscribe, Will, MAX_PACKET_SIZE,
 };
 use ferry_protocol::topic::{TopicFilter, TopicName};
 use proptest::collection::vec;
@@ -95,7 +95,7 @@ fn properties(ctx: PropertyContext) -> impl Strategy<Value = Properties> {
         option::of(any::<bool>()),
     );
     (a, b, c).prop_map(move |(a, b, c)| {
-        let mut p = Properties {
+        let mut p: Properties = PropertyValues {
             payload_format_utf8: a.0,
             message_expiry_interval_secs: a.1,
             content_type: a.2,
@@ -123,7 +123,8 @@ fn properties(ctx: PropertyContext) -> impl Strategy<Value = Properties> {
             wildcard_subscription_available: c.6,
             subscription_identifiers_available: c.7,
             shared_subscription_available: c.8,
-        };
+        }
+        .into();
         keep_allowed(&mut p, ctx);
         p
     })

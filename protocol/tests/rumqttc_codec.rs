@@ -5,8 +5,8 @@ use std::num::{NonZeroU16, NonZeroU32};
 
 use bytes::{Bytes, BytesMut};
 use ferry_protocol::mqtt::{
-    decode, ConnAck, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
-    RetainHandling, SubAck, UnsubAck, MAX_PACKET_SIZE,
+    decode, ConnAck, Packet, Properties, PropertyValues, ProtocolVersion, PubResponse, Publish,
+    QoS, ReasonCode, RetainHandling, SubAck, UnsubAck, MAX_PACKET_SIZE,
 };
 use ferry_protocol::topic::TopicName;
 use rumqttc::mqttbytes::v4 as r4;
@@ -410,15 +410,16 @@ fn v5_packets_we_encode_decode_in_rumqttc() {
         decoded
     };
     let mut connack = ConnAck::new(ReasonCode::Success, false);
-    connack.properties = Properties {
+    connack.properties = PropertyValues {
         receive_maximum: NonZeroU16::new(100),
         maximum_qos: Some(QoS::AtLeastOnce),
         assigned_client_identifier: Some("auto-1".into()),
         topic_alias_maximum: Some(16),
         server_keep_alive_secs: Some(30),
         shared_subscription_available: Some(true),
-        ..Properties::default()
-    };
+        ..Default::default()
+    }
+    .into();
     let r5::Packet::ConnAck(ack) = read(Packet::ConnAck(connack)) else {
         panic!("expected CONNACK")
     };
@@ -464,10 +465,11 @@ fn v5_packets_we_encode_decode_in_rumqttc() {
 
     let suback = SubAck {
         packet_id: id(2),
-        properties: Properties {
+        properties: PropertyValues {
             reason_string: Some("no wildcards here".into()),
-            ..Properties::default()
-        },
+            ..Default::default()
+        }
+        .into(),
         reasons: vec![
             ReasonCode::GrantedQoS2,
             ReasonCode::WildcardSubscriptionsNotSupported,

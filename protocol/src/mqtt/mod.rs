@@ -36,12 +36,12 @@ mod wire;
 
 use std::num::NonZeroU16;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 
 pub use ack::{Auth, Disconnect, PubResponse};
 pub use connect::{ConnAck, Connect, Will};
 pub use error::{DecodeError, EncodeError};
-pub use properties::{Properties, PropertyContext};
+pub use properties::{Properties, PropertyContext, PropertyValues};
 pub use publish::Publish;
 pub use reason::ReasonCode;
 pub use subscribe::{
@@ -234,7 +234,7 @@ pub fn decode(
         return Ok(None);
     }
     let mut packet = buf.split_to(header.packet_len()).freeze();
-    let _ = packet.split_to(header.header_len);
+    packet.advance(header.header_len);
     Packet::decode_body(header.byte1, Reader::new(packet), version).map(Some)
 }
 
@@ -335,7 +335,20 @@ impl Packet {
     /// For MQTT 3.1.1, properties are left out and reason codes are mapped to 3.1.1's return
     /// codes where the packet has one. A CONNECT is encoded for its own `protocol` field.
     /// On error nothing is written.
+    #[inline]
     pub fn encode(
+        &self,
+        version: ProtocolVersion,
+        buf: &mut BytesMut,
+    ) -> Result<usize, EncodeError> {
+        match self {
+            // The hot path goes straight to its own encoder.
+            Packet::Publish(p) => p.encode(version, buf),
+            _ => self.encode_other(version, buf),
+        }
+    }
+
+    fn encode_other(
         &self,
         version: ProtocolVersion,
         buf: &mut BytesMut,
@@ -345,15 +358,12 @@ impl Packet {
         let total = 1 + wire::varint_len(remaining) + remaining;
         buf.reserve(total);
         let start = buf.len();
-        let byte1 = match self {
-            Packet::Publish(p) => p.fixed_header_flags(),
-            _ => kind.required_flags(),
-        } | (kind as u8) << 4;
+        let byte1 = kind.required_flags() | (kind as u8) << 4;
         buf.put_u8(byte1);
         let written = wire::put_varint(buf, remaining).and_then(|()| match self {
             Packet::Connect(p) => p.write(buf),
             Packet::ConnAck(p) => p.write(buf, version),
-            Packet::Publish(p) => p.write(buf, version),
+            Packet::Publish(_) => unreachable!("PUBLISH returned above"),
             Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => {
                 p.write(buf, kind, version)
             }

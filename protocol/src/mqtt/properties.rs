@@ -190,12 +190,20 @@ impl PropertyContext {
     }
 }
 
-/// Every MQTT 5.0 property. Which ones a packet may carry is checked on decode and encode;
-/// MQTT 3.1.1 has no properties, and encoding for 3.1.1 leaves them out.
+/// The properties of a packet: a pointer, null while there are none.
 ///
-/// Field names carry units (`_secs`); a `None` or empty field is absent on the wire.
+/// Most packets carry no properties (every 3.1.1 packet, most v5 PUBLISH traffic), so they
+/// cost one word and no allocation; the first write through `DerefMut` allocates the full
+/// [`PropertyValues`]. Read fields through `Deref` as if it were that struct:
+/// `publish.properties.content_type`. Which properties a packet may carry is checked on
+/// decode and encode; MQTT 3.1.1 has none, and encoding for 3.1.1 leaves them out.
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<PropertyValues>>);
+
+/// Every MQTT 5.0 property. Field names carry units (`_secs`); a `None` or empty field is
+/// absent on the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Properties {
+pub struct PropertyValues {
     /// `Some(true)`: the payload is UTF-8 text; `Some(false)`: unspecified bytes.
     pub payload_format_utf8: Option<bool>,
     pub message_expiry_interval_secs: Option<u32>,
@@ -229,9 +237,81 @@ pub struct Properties {
     pub shared_subscription_available: Option<bool>,
 }
 
+/// No properties at all, for reading through an empty [`Properties`].
+static EMPTY: PropertyValues = PropertyValues {
+    payload_format_utf8: None,
+    message_expiry_interval_secs: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_identifiers: Vec::new(),
+    session_expiry_interval_secs: None,
+    assigned_client_identifier: None,
+    server_keep_alive_secs: None,
+    authentication_method: None,
+    authentication_data: None,
+    request_problem_information: None,
+    will_delay_interval_secs: None,
+    request_response_information: None,
+    response_information: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user_properties: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_subscription_available: None,
+    subscription_identifiers_available: None,
+    shared_subscription_available: None,
+};
+
+impl std::ops::Deref for Properties {
+    type Target = PropertyValues;
+    fn deref(&self) -> &PropertyValues {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    /// Allocates the values on first use.
+    fn deref_mut(&mut self) -> &mut PropertyValues {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl From<PropertyValues> for Properties {
+    fn from(values: PropertyValues) -> Self {
+        Self(Some(Box::new(values)))
+    }
+}
+
+/// Equal when they carry the same properties, however they are stored.
+impl PartialEq for Properties {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Properties {}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            f.write_str("Properties {}")
+        } else {
+            std::fmt::Debug::fmt(&**self, f)
+        }
+    }
+}
+
 impl Properties {
+    /// True when no property is present.
+    #[inline]
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        self.0.as_deref().is_none_or(|v| *v == EMPTY)
     }
 
     /// Reads a property list (its length, then the properties) for `ctx`.
@@ -241,7 +321,7 @@ impl Properties {
             return Ok(Properties::default());
         }
         let mut r = r.take(len)?;
-        let mut p = Properties::default();
+        let mut p = PropertyValues::default();
         let mut seen = 0u64;
         while !r.is_empty() {
             let raw = r.varint()?;
@@ -264,9 +344,31 @@ impl Properties {
             seen |= 1 << property;
             p.read_one(&mut r, property)?;
         }
-        Ok(p)
+        Ok(p.into())
     }
 
+    /// Checks that every present property is allowed in `ctx` and in range, and returns the
+    /// encoded length of the property list without its length prefix.
+    #[inline]
+    pub(crate) fn encoded_len(&self, ctx: PropertyContext) -> Result<usize, EncodeError> {
+        match self.0.as_deref() {
+            None => Ok(0),
+            Some(values) => values.encoded_len(ctx),
+        }
+    }
+
+    /// Writes the length prefix and the properties; `len` comes from [`Self::encoded_len`].
+    #[inline]
+    pub(crate) fn write(&self, buf: &mut BytesMut, len: usize) -> Result<(), EncodeError> {
+        put_varint(buf, len)?;
+        match self.0.as_deref() {
+            Some(values) if len > 0 => values.write(buf),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl PropertyValues {
     fn read_one(&mut self, r: &mut Reader, property: u8) -> Result<(), DecodeError> {
         let invalid = |value: u32| DecodeError::InvalidPropertyValue { property, value };
         let flag = |r: &mut Reader| -> Result<bool, DecodeError> {
@@ -463,12 +565,7 @@ impl Properties {
         }))
     }
 
-    /// Checks that every present property is allowed in `ctx` and in range, and returns the
-    /// encoded length of the property list without its length prefix.
-    pub(crate) fn encoded_len(&self, ctx: PropertyContext) -> Result<usize, EncodeError> {
-        if self.is_empty() {
-            return Ok(0);
-        }
+    fn encoded_len(&self, ctx: PropertyContext) -> Result<usize, EncodeError> {
         let mut len = 0;
         for (property, size) in self.present() {
             if !ctx.allows(property) {
@@ -505,12 +602,7 @@ impl Properties {
         Ok(len)
     }
 
-    /// Writes the length prefix and the properties; `len` comes from [`Self::encoded_len`].
-    pub(crate) fn write(&self, buf: &mut BytesMut, len: usize) -> Result<(), EncodeError> {
-        put_varint(buf, len)?;
-        if len == 0 {
-            return Ok(());
-        }
+    fn write(&self, buf: &mut BytesMut) -> Result<(), EncodeError> {
         use id::*;
         let flag = |buf: &mut BytesMut, property: u8, v: Option<bool>| {
             if let Some(v) = v {
@@ -629,12 +721,14 @@ impl Properties {
 }
 
 /// The encoded size of a property list with its length prefix.
+#[inline]
 pub(crate) fn properties_len(p: &Properties, ctx: PropertyContext) -> Result<usize, EncodeError> {
     let len = p.encoded_len(ctx)?;
     Ok(varint_len(len) + len)
 }
 
 /// Writes a property list with its length prefix.
+#[inline]
 pub(crate) fn write_properties(
     buf: &mut BytesMut,
     p: &Properties,

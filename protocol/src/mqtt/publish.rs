@@ -3,9 +3,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::properties::{properties_len, write_properties, Properties, PropertyContext};
-use super::wire::{field_len, put_string, Reader};
+use super::wire::{field_len, put_varint, varint_len, Reader, MAX_VARINT};
 use super::{read_packet_id, DecodeError, EncodeError, PacketId, PacketType, ProtocolVersion, QoS};
-use crate::topic::TopicName;
+use crate::topic::{TopicError, TopicName};
 
 const CTX: PropertyContext = PropertyContext::Packet(PacketType::Publish);
 
@@ -49,8 +49,11 @@ impl Publish {
         if dup && qos == QoS::AtMostOnce {
             return Err(DecodeError::DupWithQoS0);
         }
-        let topic = r.string()?;
-        TopicName::check(&topic).map_err(DecodeError::TopicName)?;
+        let topic = r.utf8()?;
+        TopicName::check(&topic).map_err(|e| match e {
+            TopicError::NullCharacter => DecodeError::NullCharacter,
+            e => DecodeError::TopicName(e),
+        })?;
         let packet_id = match qos {
             QoS::AtMostOnce => None,
             QoS::AtLeastOnce | QoS::ExactlyOnce => Some(read_packet_id(&mut r)?),
@@ -60,7 +63,7 @@ impl Publish {
             ProtocolVersion::V5 => Properties::read(&mut r, CTX)?,
         };
         if topic.is_empty() && properties.topic_alias.is_none() {
-            return Err(DecodeError::TopicName(crate::topic::TopicError::Empty));
+            return Err(DecodeError::TopicName(TopicError::Empty));
         }
         Ok(Self {
             dup,
@@ -73,10 +76,12 @@ impl Publish {
         })
     }
 
+    #[inline]
     pub(crate) fn fixed_header_flags(&self) -> u8 {
         u8::from(self.dup) << 3 | (self.qos as u8) << 1 | u8::from(self.retain)
     }
 
+    #[inline]
     pub(crate) fn remaining_len(&self, version: ProtocolVersion) -> Result<usize, EncodeError> {
         if self.packet_id.is_some() != (self.qos != QoS::AtMostOnce) {
             return Err(EncodeError::PacketIdMismatch);
@@ -95,19 +100,39 @@ impl Publish {
         Ok(len)
     }
 
-    pub(crate) fn write(
+    /// Appends this PUBLISH, encoded for `version`, to `buf`; returns the bytes written.
+    /// [`super::Packet::encode`] comes here: this is the hot path of every broker, so it is
+    /// written out straight.
+    pub fn encode(
         &self,
-        buf: &mut BytesMut,
         version: ProtocolVersion,
-    ) -> Result<(), EncodeError> {
-        put_string(buf, self.topic.as_str())?;
+        buf: &mut BytesMut,
+    ) -> Result<usize, EncodeError> {
+        let remaining = self.remaining_len(version)?;
+        if remaining > MAX_VARINT as usize {
+            return Err(EncodeError::VarIntTooLarge { value: remaining });
+        }
+        let total = 1 + varint_len(remaining) + remaining;
+        buf.reserve(total);
+        let start = buf.len();
+        buf.put_u8((PacketType::Publish as u8) << 4 | self.fixed_header_flags());
+        put_varint(buf, remaining)?;
+        // A TopicName is at most 65535 bytes, so its length fits the prefix.
+        let topic = self.topic.as_str().as_bytes();
+        buf.put_u16(topic.len() as u16);
+        buf.put_slice(topic);
         if let Some(id) = self.packet_id {
             buf.put_u16(id.get());
         }
         if version == ProtocolVersion::V5 {
-            write_properties(buf, &self.properties, CTX)?;
+            if self.properties.is_empty() {
+                buf.put_u8(0);
+            } else if let Err(e) = write_properties(buf, &self.properties, CTX) {
+                buf.truncate(start);
+                return Err(e);
+            }
         }
         buf.put_slice(&self.payload);
-        Ok(())
+        Ok(total)
     }
 }

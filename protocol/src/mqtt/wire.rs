@@ -42,6 +42,7 @@ impl Reader {
         Ok(self.buf.get_u8())
     }
 
+    #[inline]
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         self.need(2)?;
         Ok(self.buf.get_u16())
@@ -53,6 +54,7 @@ impl Reader {
     }
 
     /// A Variable Byte Integer, at most four bytes, in its shortest form (MQTT-1.5.5-1).
+    #[inline]
     pub(crate) fn varint(&mut self) -> Result<u32, DecodeError> {
         match read_varint(&self.buf)? {
             Some((value, len)) => {
@@ -64,6 +66,7 @@ impl Reader {
     }
 
     /// Two-byte length then that many bytes.
+    #[inline]
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
         let len = usize::from(self.u16()?);
         self.take_bytes(len)
@@ -71,13 +74,21 @@ impl Reader {
 
     /// A UTF-8 Encoded String: valid UTF-8 without U+0000 (MQTT-1.5.4-1, MQTT-1.5.4-2).
     pub(crate) fn string(&mut self) -> Result<ByteString, DecodeError> {
-        let raw = self.binary()?;
-        if memchr::memchr(0, &raw).is_some() {
+        let s = self.utf8()?;
+        if memchr::memchr(0, s.as_bytes()).is_some() {
             return Err(DecodeError::NullCharacter);
         }
-        ByteString::try_from(raw).map_err(|_| DecodeError::InvalidUtf8)
+        Ok(s)
     }
 
+    /// Valid UTF-8 that may still hold U+0000: for a topic name, whose own check scans for
+    /// U+0000 together with the wildcards, so the hot path reads the name once.
+    #[inline]
+    pub(crate) fn utf8(&mut self) -> Result<ByteString, DecodeError> {
+        ByteString::try_from(self.binary()?).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    #[inline]
     pub(crate) fn take_bytes(&mut self, len: usize) -> Result<Bytes, DecodeError> {
         self.need(len)?;
         Ok(self.buf.split_to(len))
@@ -116,6 +127,7 @@ pub(crate) fn read_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeErro
 }
 
 /// How many bytes `value` takes as a Variable Byte Integer.
+#[inline]
 pub(crate) fn varint_len(value: usize) -> usize {
     match value {
         0..=127 => 1,
@@ -125,24 +137,21 @@ pub(crate) fn varint_len(value: usize) -> usize {
     }
 }
 
+#[inline]
 pub(crate) fn put_varint(buf: &mut BytesMut, value: usize) -> Result<(), EncodeError> {
     if value > MAX_VARINT as usize {
         return Err(EncodeError::VarIntTooLarge { value });
     }
     let mut value = value;
-    loop {
-        let mut byte = (value & 0x7f) as u8;
+    while value >= 0x80 {
+        buf.put_u8(value as u8 | 0x80);
         value >>= 7;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        buf.put_u8(byte);
-        if value == 0 {
-            return Ok(());
-        }
     }
+    buf.put_u8(value as u8);
+    Ok(())
 }
 
+#[inline]
 pub(crate) fn put_binary(buf: &mut BytesMut, data: &[u8]) -> Result<(), EncodeError> {
     let len =
         u16::try_from(data.len()).map_err(|_| EncodeError::FieldTooLong { len: data.len() })?;
@@ -151,11 +160,13 @@ pub(crate) fn put_binary(buf: &mut BytesMut, data: &[u8]) -> Result<(), EncodeEr
     Ok(())
 }
 
+#[inline]
 pub(crate) fn put_string(buf: &mut BytesMut, s: &str) -> Result<(), EncodeError> {
     put_binary(buf, s.as_bytes())
 }
 
 /// The encoded size of a string or binary field: two length bytes and the data.
+#[inline]
 pub(crate) fn field_len(data: &[u8]) -> usize {
     2 + data.len()
 }
