@@ -39,9 +39,14 @@ pub struct CaptureServer {
 }
 
 impl CaptureServer {
-    /// Binds an ephemeral port and starts accepting.
+    /// Binds an ephemeral port on 127.0.0.1 and starts accepting.
     pub fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::bind("127.0.0.1:0")
+    }
+
+    /// Binds `addr` and starts accepting.
+    pub fn bind(addr: impl std::net::ToSocketAddrs) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let (tx, events) = mpsc::channel();
         thread::spawn(move || {
