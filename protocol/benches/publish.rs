@@ -130,25 +130,33 @@ fn encode_bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("ferry/v311", name), |b| {
             b.iter(|| {
                 buf.clear();
-                black_box(packet.encode(ProtocolVersion::V311, &mut buf)).expect("encodes");
+                black_box(
+                    packet
+                        .encode(ProtocolVersion::V311, &mut buf)
+                        .expect("encodes"),
+                );
             })
         });
         group.bench_function(BenchmarkId::new("rumqttc/v311", name), |b| {
             b.iter(|| {
                 buf.clear();
-                black_box(v4.write(&mut buf, MAX_PACKET_SIZE)).expect("encodes");
+                black_box(v4.write(&mut buf, MAX_PACKET_SIZE).expect("encodes"));
             })
         });
         group.bench_function(BenchmarkId::new("ferry/v5", name), |b| {
             b.iter(|| {
                 buf.clear();
-                black_box(packet.encode(ProtocolVersion::V5, &mut buf)).expect("encodes");
+                black_box(
+                    packet
+                        .encode(ProtocolVersion::V5, &mut buf)
+                        .expect("encodes"),
+                );
             })
         });
         group.bench_function(BenchmarkId::new("rumqttc/v5", name), |b| {
             b.iter(|| {
                 buf.clear();
-                black_box(v5.write(&mut buf, None)).expect("encodes");
+                black_box(v5.write(&mut buf, None).expect("encodes"));
             })
         });
     }

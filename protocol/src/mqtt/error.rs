@@ -92,12 +92,17 @@ impl DecodeError {
 
 /// Why a packet could not be encoded. These are caller mistakes (a value out of range, a
 /// property on the wrong packet), reported instead of sending a packet the peer would refuse.
+///
+/// Kept to eight bytes, so that `Result<usize, EncodeError>` comes back in registers on the
+/// hot path of every send.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
+    /// `value` saturates at `u32::MAX`.
     #[error("value {value} does not fit a Variable Byte Integer")]
-    VarIntTooLarge { value: usize },
+    VarIntTooLarge { value: u32 },
+    /// `len` saturates at `u32::MAX`.
     #[error("string or binary field of {len} bytes is over 65535")]
-    FieldTooLong { len: usize },
+    FieldTooLong { len: u32 },
     #[error("property {} ({property:#04x}) is not allowed on {packet:?}", property_name(*property))]
     PropertyNotAllowed { property: u8, packet: PacketType },
     #[error("reason code {code:?} is not allowed on {packet:?}")]
@@ -115,6 +120,11 @@ pub enum EncodeError {
     PacketIdMismatch,
     #[error("a PUBLISH with an empty topic name needs a topic alias (MQTT 5.0 only)")]
     EmptyTopicWithoutAlias,
-    #[error("no local cannot be set on shared subscription {0:?}")]
-    NoLocalOnSharedSubscription(String),
+    #[error("no local cannot be set on a shared subscription")]
+    NoLocalOnSharedSubscription,
+}
+
+/// Saturating conversion for the sizes carried by [`EncodeError`].
+pub(crate) fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }

@@ -27,7 +27,7 @@
 
 mod ack;
 mod connect;
-mod error;
+pub(crate) mod error;
 pub mod properties;
 mod publish;
 mod reason;
@@ -304,7 +304,9 @@ impl Packet {
     pub fn encoded_len(&self, version: ProtocolVersion) -> Result<usize, EncodeError> {
         let remaining = self.remaining_len(version)?;
         if remaining > MAX_VARINT as usize {
-            return Err(EncodeError::VarIntTooLarge { value: remaining });
+            return Err(EncodeError::VarIntTooLarge {
+                value: error::saturate(remaining),
+            });
         }
         Ok(1 + wire::varint_len(remaining) + remaining)
     }

@@ -589,9 +589,7 @@ impl PropertyValues {
             .iter()
             .find(|v| v.get() > MAX_VARINT)
         {
-            return Err(EncodeError::VarIntTooLarge {
-                value: v.get() as usize,
-            });
+            return Err(EncodeError::VarIntTooLarge { value: v.get() });
         }
         if self.maximum_qos == Some(QoS::ExactlyOnce) {
             return Err(EncodeError::PropertyNotAllowed {

@@ -2,7 +2,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::properties::{properties_len, write_properties, Properties, PropertyContext};
+use super::error::saturate;
+use super::properties::{Properties, PropertyContext};
 use super::wire::{field_len, put_varint, varint_len, Reader, MAX_VARINT};
 use super::{read_packet_id, DecodeError, EncodeError, PacketId, PacketType, ProtocolVersion, QoS};
 use crate::topic::{TopicError, TopicName};
@@ -83,10 +84,22 @@ impl Publish {
 
     #[inline]
     pub(crate) fn remaining_len(&self, version: ProtocolVersion) -> Result<usize, EncodeError> {
+        self.lengths(version).map(|(remaining, _)| remaining)
+    }
+
+    /// The remaining length, and for v5 the length of the property list (without its
+    /// prefix), computed once for both sizing and writing.
+    #[inline]
+    fn lengths(&self, version: ProtocolVersion) -> Result<(usize, Option<usize>), EncodeError> {
         if self.packet_id.is_some() != (self.qos != QoS::AtMostOnce) {
             return Err(EncodeError::PacketIdMismatch);
         }
         let v5 = version == ProtocolVersion::V5;
+        let properties = match (v5, self.properties.is_empty()) {
+            (false, _) => None,
+            (true, true) => Some(0),
+            (true, false) => Some(self.properties.encoded_len(CTX)?),
+        };
         if self.topic.is_empty() && !(v5 && self.properties.topic_alias.is_some()) {
             return Err(EncodeError::EmptyTopicWithoutAlias);
         }
@@ -94,23 +107,26 @@ impl Publish {
         if self.packet_id.is_some() {
             len += 2;
         }
-        if v5 {
-            len += properties_len(&self.properties, CTX)?;
+        if let Some(p) = properties {
+            len += varint_len(p) + p;
         }
-        Ok(len)
+        Ok((len, properties))
     }
 
     /// Appends this PUBLISH, encoded for `version`, to `buf`; returns the bytes written.
     /// [`super::Packet::encode`] comes here: this is the hot path of every broker, so it is
     /// written out straight.
+    #[inline]
     pub fn encode(
         &self,
         version: ProtocolVersion,
         buf: &mut BytesMut,
     ) -> Result<usize, EncodeError> {
-        let remaining = self.remaining_len(version)?;
+        let (remaining, properties) = self.lengths(version)?;
         if remaining > MAX_VARINT as usize {
-            return Err(EncodeError::VarIntTooLarge { value: remaining });
+            return Err(EncodeError::VarIntTooLarge {
+                value: saturate(remaining),
+            });
         }
         let total = 1 + varint_len(remaining) + remaining;
         buf.reserve(total);
@@ -124,12 +140,14 @@ impl Publish {
         if let Some(id) = self.packet_id {
             buf.put_u16(id.get());
         }
-        if version == ProtocolVersion::V5 {
-            if self.properties.is_empty() {
-                buf.put_u8(0);
-            } else if let Err(e) = write_properties(buf, &self.properties, CTX) {
-                buf.truncate(start);
-                return Err(e);
+        match properties {
+            None => {}
+            Some(0) => buf.put_u8(0),
+            Some(len) => {
+                if let Err(e) = self.properties.write(buf, len) {
+                    buf.truncate(start);
+                    return Err(e);
+                }
             }
         }
         buf.put_slice(&self.payload);

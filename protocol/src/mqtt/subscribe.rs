@@ -86,14 +86,12 @@ impl Subscribe {
         if self.subscriptions.is_empty() {
             return Err(EncodeError::EmptyList(PacketType::Subscribe));
         }
-        if let Some(s) = self
+        if self
             .subscriptions
             .iter()
-            .find(|s| s.options.no_local && s.filter.is_shared())
+            .any(|s| s.options.no_local && s.filter.is_shared())
         {
-            return Err(EncodeError::NoLocalOnSharedSubscription(
-                s.filter.to_string(),
-            ));
+            return Err(EncodeError::NoLocalOnSharedSubscription);
         }
         let filters: usize = self
             .subscriptions

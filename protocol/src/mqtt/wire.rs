@@ -4,6 +4,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 
+use super::error::saturate;
 use super::{DecodeError, EncodeError};
 
 /// The largest value a Variable Byte Integer can hold (four bytes of seven bits).
@@ -140,7 +141,9 @@ pub(crate) fn varint_len(value: usize) -> usize {
 #[inline]
 pub(crate) fn put_varint(buf: &mut BytesMut, value: usize) -> Result<(), EncodeError> {
     if value > MAX_VARINT as usize {
-        return Err(EncodeError::VarIntTooLarge { value });
+        return Err(EncodeError::VarIntTooLarge {
+            value: saturate(value),
+        });
     }
     let mut value = value;
     while value >= 0x80 {
@@ -153,8 +156,9 @@ pub(crate) fn put_varint(buf: &mut BytesMut, value: usize) -> Result<(), EncodeE
 
 #[inline]
 pub(crate) fn put_binary(buf: &mut BytesMut, data: &[u8]) -> Result<(), EncodeError> {
-    let len =
-        u16::try_from(data.len()).map_err(|_| EncodeError::FieldTooLong { len: data.len() })?;
+    let len = u16::try_from(data.len()).map_err(|_| EncodeError::FieldTooLong {
+        len: saturate(data.len()),
+    })?;
     buf.put_u16(len);
     buf.put_slice(data);
     Ok(())

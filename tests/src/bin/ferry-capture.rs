@@ -12,7 +12,9 @@ use std::time::Duration;
 use ferry_tests::capture::{CaptureServer, Seen};
 
 fn main() {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:1883".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:1883".into());
     let server = match CaptureServer::bind(&addr) {
         Ok(server) => server,
         Err(e) => {
