@@ -1,6 +1,12 @@
 //! `ferry-edge`: the MQTT broker for gateways.
 //!
-//! Step 2 of the plan fills this crate (broker core, persistence, listeners). Until then it
-//! only re-exports the codec it will be built on.
+//! - [`broker`]: the broker core, sans-IO (sessions, subscriptions, retained messages, wills,
+//!   QoS flows, flow control). The cloud node embeds the same core.
+//! - [`server`]: the tokio driver: listeners, connections, the router thread.
+//! - [`config`]: the TOML configuration and its defaults.
+
+pub mod broker;
+pub mod config;
+pub mod server;
 
 pub use ferry_protocol::mqtt;

@@ -1,0 +1,1155 @@
+//! The MQTT broker core, sans-IO: sessions, subscriptions, retained messages, wills and the
+//! QoS flows, as a state machine that a driver feeds with [`Input`]s and that answers with
+//! [`Action`]s. It never touches a socket or reads a clock; `now` comes in with every input.
+//!
+//! Flow control is explicit, so that memory stays bounded:
+//!
+//! - Each connection has a send credit (packets the driver can take without blocking). The
+//!   broker never emits more [`Action::Send`]s than that; the driver gives credit back with
+//!   [`Input::Written`] once packets are on the wire. What cannot be sent waits in the
+//!   session's queue.
+//! - Each session's queue is capped (`max_queued_bytes_per_session`), and so are all queues
+//!   together (`max_queued_bytes_total`). When a QoS ≥ 1 message would overflow the queue of
+//!   a connected subscriber, the message is held and its publisher is paused
+//!   ([`Action::PauseReads`]): no PUBACK, no more reads, until the subscriber drains. No
+//!   acknowledged message is dropped for a connected subscriber. For a subscriber that is
+//!   offline, or for QoS 0, a message that does not fit is dropped and counted.
+
+mod session;
+mod subscriptions;
+
+use std::collections::{HashMap, VecDeque};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_protocol::mqtt::{
+    ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, ProtocolVersion,
+    PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck,
+    Unsubscribe,
+};
+use ferry_protocol::topic::TopicName;
+
+use session::{effective_qos, Delivery, Inflight, OutState, Session};
+use subscriptions::{Entry, SubscriptionTree};
+
+/// Identifies a connection for the life of the process; the driver picks them.
+pub type ConnId = u64;
+
+/// Limits and switches of the broker core. Every field has a default; see each for its cost.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Largest packet accepted from or sent to a client, fixed header included. Default 1 MiB:
+    /// a connection buffers at most this much of one packet.
+    pub max_packet_size_bytes: u32,
+    /// Receive Maximum announced to clients: QoS 2 messages a client may have unreleased,
+    /// and the cap on QoS 1/2 messages we send a client before it acknowledges. Default 32.
+    pub max_inflight_messages: u16,
+    /// Bytes (payload and topic) queued or in flight for one session. Default 8 MiB.
+    pub max_queued_bytes_per_session: usize,
+    /// Bytes queued or in flight over all sessions. Default 64 MiB.
+    pub max_queued_bytes_total: usize,
+    /// Subscriptions one session may hold. Default 256.
+    pub max_subscriptions_per_session: usize,
+    /// Levels a topic name or filter may have. Default 32.
+    pub max_topic_levels: usize,
+    /// Topic aliases a client may use towards us. Default 32 (a table of 32 names).
+    pub max_topic_alias: u16,
+    /// Upper bound for session expiry, and the expiry of 3.1.1 persistent sessions.
+    /// Default `u32::MAX`: persistent sessions do not expire.
+    pub max_session_expiry_secs: u32,
+    /// Keep alive the server imposes when a client asks for none or for more; 0 leaves the
+    /// client's choice. Default 0.
+    pub max_keepalive_secs: u16,
+    /// Whether retained messages are kept. Default true.
+    pub retain_available: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size_bytes: 1 << 20,
+            max_inflight_messages: 32,
+            max_queued_bytes_per_session: 8 << 20,
+            max_queued_bytes_total: 64 << 20,
+            max_subscriptions_per_session: 256,
+            max_topic_levels: 32,
+            max_topic_alias: 32,
+            max_session_expiry_secs: u32::MAX,
+            max_keepalive_secs: 0,
+            retain_available: true,
+        }
+    }
+}
+
+/// An application message as the broker keeps it, shared by every queue it is in.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// The properties forwarded to subscribers (no Topic Alias, no Subscription Identifier).
+    pub properties: Properties,
+    /// When a Message Expiry Interval runs out.
+    pub expires_at: Option<Instant>,
+    /// The session that published it, for no-local subscriptions.
+    pub publisher: Option<Arc<str>>,
+}
+
+impl Message {
+    fn cost(&self) -> usize {
+        self.payload.len() + self.topic.as_str().len()
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// What the driver tells the broker.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection sent CONNECT (the driver refuses any other first packet). `credit` is how
+    /// many packets the driver's writer for it can hold.
+    Connect {
+        conn: ConnId,
+        connect: Box<Connect>,
+        credit: usize,
+    },
+    /// A packet after CONNECT.
+    Packet { conn: ConnId, packet: Packet },
+    /// The writer put `packets` more packets on the wire: that much credit comes back.
+    Written { conn: ConnId, packets: usize },
+    /// The connection is gone without a DISCONNECT from the client (closed, reset, keep alive
+    /// timeout, protocol error): the will applies.
+    Lost { conn: ConnId },
+    /// The connection sent bytes that do not decode: the broker answers with DISCONNECT
+    /// (v5, with the error's reason code) and closes; the will applies.
+    Malformed { conn: ConnId, error: DecodeError },
+    /// Time passed: wills with a delay, session expiry, message expiry.
+    Tick,
+}
+
+/// What the broker asks of the driver.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    Send(ConnId, Packet),
+    /// Close the connection after what was sent before.
+    Close(ConnId),
+    /// Stop reading from this connection until [`Action::ResumeReads`].
+    PauseReads(ConnId),
+    ResumeReads(ConnId),
+}
+
+/// Counters for metrics and `$SYS`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+    pub received_by_qos: [u64; 3],
+    pub sent_by_qos: [u64; 3],
+    pub queued_bytes: usize,
+    /// QoS 0 messages dropped because the subscriber's queue was full.
+    pub dropped_qos0_queue_full: u64,
+    /// QoS ≥ 1 messages dropped for offline sessions whose queue was full.
+    pub dropped_offline_queue_full: u64,
+    pub dropped_expired: u64,
+    pub dropped_too_large_for_client: u64,
+    /// Times a publisher was paused because a subscriber's queue was full.
+    pub publishers_paused: u64,
+}
+
+/// Per-connection state that does not outlive the connection.
+#[derive(Debug)]
+struct Conn {
+    client_id: Arc<str>,
+    version: ProtocolVersion,
+    credit: usize,
+    /// Client's Receive Maximum, capped by ours.
+    send_window: u16,
+    /// Client's Maximum Packet Size.
+    max_packet_bytes: u32,
+    /// Topic Alias Maximum the client accepts from us.
+    alias_max_out: u16,
+    aliases_out: HashMap<TopicName, NonZeroU16>,
+    aliases_in: HashMap<u16, TopicName>,
+    /// Packets that arrived while this publisher was paused, in order; the first is the held
+    /// PUBLISH.
+    held: VecDeque<Packet>,
+    /// Set when the broker closes the connection: no more input is taken.
+    closing: bool,
+    /// Set by a DISCONNECT without "with will": the will is not sent.
+    will_suppressed: bool,
+}
+
+/// The broker core. See the module documentation.
+#[derive(Debug)]
+pub struct Broker {
+    config: BrokerConfig,
+    sessions: HashMap<Arc<str>, Session>,
+    conns: HashMap<ConnId, Conn>,
+    subscriptions: SubscriptionTree,
+    retained: HashMap<TopicName, Arc<Message>>,
+    /// Round-robin position per shared subscription group.
+    share_cursor: HashMap<Arc<str>, usize>,
+    queued_bytes: usize,
+    next_assigned_id: u64,
+    stats: Stats,
+    out: Vec<Action>,
+    /// Set while held publishes are being retried.
+    retrying: bool,
+}
+
+/// Why a message could not be routed now.
+struct Blocked;
+
+impl Broker {
+    pub fn new(config: BrokerConfig) -> Self {
+        Self {
+            config,
+            sessions: HashMap::new(),
+            conns: HashMap::new(),
+            subscriptions: SubscriptionTree::default(),
+            retained: HashMap::new(),
+            share_cursor: HashMap::new(),
+            queued_bytes: 0,
+            next_assigned_id: 1,
+            stats: Stats::default(),
+            out: Vec::new(),
+            retrying: false,
+        }
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            connections: self.conns.len(),
+            sessions: self.sessions.len(),
+            subscriptions: self.subscriptions.len(),
+            retained: self.retained.len(),
+            queued_bytes: self.queued_bytes,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Handles one input; the actions it causes are appended to `actions` in order.
+    pub fn handle(&mut self, input: Input, now: Instant, actions: &mut Vec<Action>) {
+        match input {
+            Input::Connect {
+                conn,
+                connect,
+                credit,
+            } => self.connect(conn, *connect, credit, now),
+            Input::Packet { conn, packet } => match self.conns.get_mut(&conn) {
+                None => {}
+                Some(c) if !c.held.is_empty() => c.held.push_back(packet),
+                Some(_) => self.packet(conn, packet, now),
+            },
+            Input::Written { conn, packets } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.credit += packets;
+                    let client_id = c.client_id.clone();
+                    self.pump(&client_id, now);
+                    self.retry_held(now);
+                }
+            }
+            Input::Lost { conn } => self.lost(conn, now),
+            Input::Malformed { conn, error } => {
+                let mut d = Disconnect::new(error.reason_code());
+                d.properties.reason_string = Some(error.to_string());
+                self.close_with(conn, d, now);
+            }
+            Input::Tick => self.tick(now),
+        }
+        actions.append(&mut self.out);
+    }
+
+    // ---- connection lifecycle -------------------------------------------------------------
+
+    fn connect(&mut self, conn: ConnId, connect: Connect, credit: usize, now: Instant) {
+        let v5 = connect.protocol == ProtocolVersion::V5;
+        let refuse = |this: &mut Self, code: ReasonCode| {
+            this.out.push(Action::Send(
+                conn,
+                Packet::ConnAck(ConnAck::new(code, false)),
+            ));
+            this.out.push(Action::Close(conn));
+        };
+        if connect.properties.authentication_method.is_some() {
+            // Enhanced authentication is not supported (MQTT-4.12.0-1 allows refusing it).
+            return refuse(self, ReasonCode::BadAuthenticationMethod);
+        }
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                // MQTT-3.1.3-8: a 3.1.1 client without an id must ask for a clean session.
+                return refuse(self, ReasonCode::ClientIdentifierNotValid);
+            }
+            let id = format!("ferry-auto-{}", self.next_assigned_id);
+            self.next_assigned_id += 1;
+            if v5 {
+                assigned = Some(id.clone());
+            }
+            id.into()
+        } else {
+            connect.client_id.as_str().into()
+        };
+
+        // Session takeover (MQTT-3.1.4-3): the older connection is closed.
+        if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
+            if let Some(old) = self.conns.get(&old_conn) {
+                if old.version == ProtocolVersion::V5 {
+                    self.out.push(Action::Send(
+                        old_conn,
+                        Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver)),
+                    ));
+                }
+            }
+            self.out.push(Action::Close(old_conn));
+            self.lost(old_conn, now);
+        }
+
+        let expiry_secs = if v5 {
+            connect.properties.session_expiry_interval_secs.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        }
+        .min(self.config.max_session_expiry_secs);
+
+        if connect.clean_start {
+            self.end_session(&client_id, now);
+        }
+        let session_present = self.sessions.contains_key(&client_id);
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session::new(client_id.clone()));
+        session.conn = Some(conn);
+        session.expiry_secs = expiry_secs;
+        session.disconnected_at = None;
+        // A pending will of an earlier connection is not sent once the session resumes.
+        session.will_due = None;
+        session.will = connect.will;
+        for inflight in &mut session.inflight {
+            inflight.sent = false;
+        }
+
+        let client_window = connect
+            .properties
+            .receive_maximum
+            .map_or(u16::MAX, NonZeroU16::get);
+        self.conns.insert(
+            conn,
+            Conn {
+                client_id: client_id.clone(),
+                version: connect.protocol,
+                credit,
+                send_window: client_window.min(self.config.max_inflight_messages).max(1),
+                max_packet_bytes: connect
+                    .properties
+                    .maximum_packet_size
+                    .map_or(u32::MAX, NonZeroU32::get),
+                alias_max_out: connect.properties.topic_alias_maximum.unwrap_or(0),
+                aliases_out: HashMap::new(),
+                aliases_in: HashMap::new(),
+                held: VecDeque::new(),
+                closing: false,
+                will_suppressed: false,
+            },
+        );
+
+        let mut ack = ConnAck::new(ReasonCode::Success, session_present);
+        if v5 {
+            let p = &mut ack.properties;
+            p.receive_maximum = NonZeroU16::new(self.config.max_inflight_messages);
+            p.maximum_packet_size = NonZeroU32::new(self.config.max_packet_size_bytes);
+            p.topic_alias_maximum = Some(self.config.max_topic_alias);
+            p.assigned_client_identifier = assigned;
+            if !self.config.retain_available {
+                p.retain_available = Some(false);
+            }
+            if connect
+                .properties
+                .session_expiry_interval_secs
+                .is_some_and(|s| s != expiry_secs)
+            {
+                p.session_expiry_interval_secs = Some(expiry_secs);
+            }
+            let max_ka = self.config.max_keepalive_secs;
+            if max_ka > 0 && (connect.keep_alive_secs == 0 || connect.keep_alive_secs > max_ka) {
+                p.server_keep_alive_secs = Some(max_ka);
+            }
+        }
+        self.out.push(Action::Send(conn, Packet::ConnAck(ack)));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.credit = c.credit.saturating_sub(1);
+        }
+        self.pump(&client_id, now);
+    }
+
+    /// The connection ended without DISCONNECT, or after one: detach it from its session,
+    /// start the will and the session expiry.
+    fn lost(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        // Held messages of a paused publisher were never acknowledged: the client resends.
+        let Some(session) = self.sessions.get_mut(&c.client_id) else {
+            return;
+        };
+        if session.conn != Some(conn) {
+            return;
+        }
+        session.conn = None;
+        session.disconnected_at = Some(now);
+        if c.will_suppressed {
+            session.will = None;
+        }
+        if let Some(will) = &session.will {
+            let delay = will.properties.will_delay_interval_secs.unwrap_or(0);
+            let delay = delay.min(session.expiry_secs);
+            session.will_due = Some(now + Duration::from_secs(delay.into()));
+        }
+        let client_id = c.client_id.clone();
+        self.tick_session(&client_id, now);
+        self.retry_held(now);
+    }
+
+    /// Sends due wills and ends expired sessions.
+    fn tick(&mut self, now: Instant) {
+        let ids: Vec<Arc<str>> = self
+            .sessions
+            .values()
+            .filter(|s| s.conn.is_none())
+            .map(|s| s.client_id.clone())
+            .collect();
+        for id in ids {
+            self.tick_session(&id, now);
+        }
+    }
+
+    fn tick_session(&mut self, client_id: &Arc<str>, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if session.will_due.is_some_and(|due| due <= now) {
+            session.will_due = None;
+            if let Some(will) = session.will.take() {
+                self.publish_will(client_id.clone(), will, now);
+            }
+        }
+        let Some(session) = self.sessions.get(client_id) else {
+            return;
+        };
+        let expired = session.conn.is_none()
+            && session.expiry_secs != u32::MAX
+            && session
+                .disconnected_at
+                .is_some_and(|at| now >= at + Duration::from_secs(session.expiry_secs.into()));
+        if expired {
+            // A will still pending goes out when its session ends (MQTT-3.1.3-9).
+            if let Some(will) = self.sessions.get_mut(client_id).and_then(|s| s.will.take()) {
+                if self
+                    .sessions
+                    .get(client_id)
+                    .is_some_and(|s| s.will_due.is_some())
+                {
+                    self.publish_will(client_id.clone(), will, now);
+                }
+            }
+            self.end_session(client_id, now);
+        }
+    }
+
+    fn publish_will(
+        &mut self,
+        client_id: Arc<str>,
+        will: ferry_protocol::mqtt::Will,
+        now: Instant,
+    ) {
+        let msg = Message {
+            expires_at: will
+                .properties
+                .message_expiry_interval_secs
+                .map(|s| now + Duration::from_secs(s.into())),
+            properties: forwarded_properties(&will.properties),
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            publisher: Some(client_id),
+        };
+        let msg = Arc::new(msg);
+        if msg.retain {
+            self.retain(&msg);
+        }
+        // A will has no publisher left to pause; what does not fit is dropped and counted.
+        let _ = self.route(msg, now, true);
+    }
+
+    /// Removes a session and everything it holds.
+    fn end_session(&mut self, client_id: &Arc<str>, _now: Instant) {
+        let Some(session) = self.sessions.remove(client_id) else {
+            return;
+        };
+        for (filter, _, _) in session.subscriptions.values() {
+            self.subscriptions.remove(filter, client_id);
+        }
+        self.queued_bytes -= session.held_bytes();
+    }
+
+    // ---- packets --------------------------------------------------------------------------
+
+    fn packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if c.closing {
+            return;
+        }
+        let client_id = c.client_id.clone();
+        match packet {
+            Packet::Publish(p) => self.publish(conn, &client_id, p, now),
+            Packet::PubAck(r) => self.acked(conn, &client_id, r.packet_id, QoS::AtLeastOnce, now),
+            Packet::PubRec(r) => {
+                let Some(session) = self.sessions.get_mut(&client_id) else {
+                    return;
+                };
+                let known = session
+                    .inflight_position(r.packet_id)
+                    .map(|i| &mut session.inflight[i])
+                    .filter(|i| i.delivery.qos == QoS::ExactlyOnce);
+                match known {
+                    Some(i) if r.reason.is_error() => {
+                        // The receiver refused it: the exchange ends here.
+                        let _ = i;
+                        self.acked(conn, &client_id, r.packet_id, QoS::ExactlyOnce, now);
+                    }
+                    Some(i) => {
+                        i.state = OutState::Released;
+                        self.send(conn, Packet::PubRel(PubResponse::new(r.packet_id)));
+                    }
+                    None => {
+                        let mut rel = PubResponse::new(r.packet_id);
+                        rel.reason = ReasonCode::PacketIdentifierNotFound;
+                        self.send(conn, Packet::PubRel(rel));
+                    }
+                }
+            }
+            Packet::PubComp(r) => self.acked(conn, &client_id, r.packet_id, QoS::ExactlyOnce, now),
+            Packet::PubRel(r) => {
+                let known = self
+                    .sessions
+                    .get_mut(&client_id)
+                    .is_some_and(|s| s.awaiting_pubrel.remove(&r.packet_id));
+                let mut comp = PubResponse::new(r.packet_id);
+                if !known {
+                    comp.reason = ReasonCode::PacketIdentifierNotFound;
+                }
+                self.send(conn, Packet::PubComp(comp));
+            }
+            Packet::Subscribe(s) => self.subscribe(conn, &client_id, s, now),
+            Packet::Unsubscribe(u) => self.unsubscribe(conn, &client_id, u),
+            Packet::PingReq => self.send(conn, Packet::PingResp),
+            Packet::Disconnect(d) => self.disconnect(conn, &client_id, d, now),
+            Packet::Connect(_) => {
+                // MQTT-3.1.0-2: a second CONNECT is a protocol error.
+                self.protocol_error(conn, ReasonCode::ProtocolError, now);
+            }
+            Packet::Auth(_) => self.protocol_error(conn, ReasonCode::ProtocolError, now),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.protocol_error(conn, ReasonCode::ProtocolError, now)
+            }
+        }
+    }
+
+    /// Sends DISCONNECT with `code` (v5) and closes; the will applies.
+    fn protocol_error(&mut self, conn: ConnId, code: ReasonCode, now: Instant) {
+        self.close_with(conn, Disconnect::new(code), now);
+    }
+
+    fn close_with(&mut self, conn: ConnId, disconnect: Disconnect, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.closing = true;
+        c.held.clear();
+        if c.version == ProtocolVersion::V5 {
+            self.out
+                .push(Action::Send(conn, Packet::Disconnect(disconnect)));
+        }
+        self.out.push(Action::Close(conn));
+        self.lost(conn, now);
+    }
+
+    fn disconnect(&mut self, conn: ConnId, client_id: &Arc<str>, d: Disconnect, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if let Some(expiry) = d.properties.session_expiry_interval_secs {
+            if session.expiry_secs == 0 && expiry != 0 {
+                // MQTT-3.14.2-2: cannot turn a session that ends into one that persists.
+                return self.protocol_error(conn, ReasonCode::ProtocolError, now);
+            }
+            session.expiry_secs = expiry.min(self.config.max_session_expiry_secs);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+            c.will_suppressed = d.reason != ReasonCode::DisconnectWithWillMessage;
+        }
+        self.out.push(Action::Close(conn));
+        self.lost(conn, now);
+    }
+
+    fn publish(&mut self, conn: ConnId, client_id: &Arc<str>, mut p: Publish, now: Instant) {
+        let v5 = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.version == ProtocolVersion::V5);
+        // Topic aliases from the client (MQTT 5.0 §3.3.2.3.4).
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias.get() > self.config.max_topic_alias {
+                return self.protocol_error(conn, ReasonCode::TopicAliasInvalid, now);
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            if p.topic.is_empty() {
+                match c.aliases_in.get(&alias.get()) {
+                    Some(topic) => p.topic = topic.clone(),
+                    None => return self.protocol_error(conn, ReasonCode::ProtocolError, now),
+                }
+            } else {
+                c.aliases_in.insert(alias.get(), p.topic.clone());
+            }
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            // MQTT-3.3.4-6: a client must not send Subscription Identifiers.
+            return self.protocol_error(conn, ReasonCode::ProtocolError, now);
+        }
+        if p.topic.as_str().split('/').count() > self.config.max_topic_levels {
+            return self.refuse_publish(conn, &p, ReasonCode::TopicNameInvalid, now);
+        }
+        if p.retain && !self.config.retain_available {
+            return self.protocol_error(conn, ReasonCode::RetainNotSupported, now);
+        }
+        if p.topic.as_str().starts_with("$SYS") {
+            // `$SYS` belongs to the broker (other `$` topics, such as the cloud's `$edge/`
+            // downlink, are for applications that know them).
+            return self.refuse_publish(conn, &p, ReasonCode::TopicNameInvalid, now);
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let id = p.packet_id.expect("the decoder guarantees an id on QoS 2");
+            let session = self
+                .sessions
+                .get_mut(client_id)
+                .expect("a connection has a session");
+            if session.awaiting_pubrel.contains(&id) {
+                // A resend of a message already taken: acknowledge again, do not route again.
+                return self.send(conn, Packet::PubRec(PubResponse::new(id)));
+            }
+            if session.awaiting_pubrel.len() >= usize::from(self.config.max_inflight_messages) {
+                return self.protocol_error(conn, ReasonCode::ReceiveMaximumExceeded, now);
+            }
+        }
+        let _ = v5;
+
+        let msg = Arc::new(Message {
+            expires_at: p
+                .properties
+                .message_expiry_interval_secs
+                .map(|s| now + Duration::from_secs(s.into())),
+            properties: forwarded_properties(&p.properties),
+            topic: p.topic.clone(),
+            payload: p.payload.clone(),
+            qos: p.qos,
+            retain: p.retain,
+            publisher: Some(client_id.clone()),
+        });
+        let matched = match self.route(msg.clone(), now, p.qos == QoS::AtMostOnce) {
+            Ok(matched) => matched,
+            Err(Blocked) => {
+                // Hold the message and stop reading from this publisher until the
+                // subscriber that is full drains.
+                self.stats.publishers_paused += 1;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.held.push_front(Packet::Publish(p));
+                }
+                self.out.push(Action::PauseReads(conn));
+                return;
+            }
+        };
+        self.stats.received_by_qos[p.qos as usize] += 1;
+        if p.retain {
+            self.retain(&msg);
+        }
+        let reason = if matched == 0 && v5_reason_ok(self.conns.get(&conn)) {
+            ReasonCode::NoMatchingSubscribers
+        } else {
+            ReasonCode::Success
+        };
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => {
+                let mut ack = PubResponse::new(id);
+                ack.reason = reason;
+                self.send(conn, Packet::PubAck(ack));
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                if let Some(s) = self.sessions.get_mut(client_id) {
+                    s.awaiting_pubrel.insert(id);
+                }
+                let mut rec = PubResponse::new(id);
+                rec.reason = reason;
+                self.send(conn, Packet::PubRec(rec));
+            }
+            _ => {}
+        }
+    }
+
+    /// Refuses a PUBLISH the spec lets us refuse: v5 QoS 1/2 get a reason code; otherwise
+    /// (3.1.1, or QoS 0) the connection is closed, since 3.1.1 has no way to say no.
+    fn refuse_publish(&mut self, conn: ConnId, p: &Publish, code: ReasonCode, now: Instant) {
+        let v5 = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.version == ProtocolVersion::V5);
+        match (v5, p.qos, p.packet_id) {
+            (true, QoS::AtLeastOnce, Some(id)) => {
+                let mut ack = PubResponse::new(id);
+                ack.reason = code;
+                self.send(conn, Packet::PubAck(ack));
+            }
+            (true, QoS::ExactlyOnce, Some(id)) => {
+                let mut rec = PubResponse::new(id);
+                rec.reason = code;
+                self.send(conn, Packet::PubRec(rec));
+            }
+            _ => self.protocol_error(conn, code, now),
+        }
+    }
+
+    fn retain(&mut self, msg: &Arc<Message>) {
+        if msg.payload.is_empty() {
+            self.retained.remove(&msg.topic);
+        } else {
+            self.retained.insert(msg.topic.clone(), msg.clone());
+        }
+    }
+
+    /// Puts `msg` in the queue of every matching session. Fails without queueing anything if a
+    /// connected subscriber has no room for a QoS ≥ 1 message and `lossy` is false.
+    /// Returns how many sessions it was queued for.
+    fn route(&mut self, msg: Arc<Message>, now: Instant, lossy: bool) -> Result<usize, Blocked> {
+        // One delivery per session: the highest QoS and all identifiers of its matching
+        // subscriptions (MQTT 5.0 §3.3.4); one member per shared group.
+        let mut targets: HashMap<Arc<str>, Delivery> = HashMap::new();
+        let mut groups: HashMap<Arc<str>, Vec<Entry>> = HashMap::new();
+        self.subscriptions.for_each_match(msg.topic.as_str(), |e| {
+            if let Some(group) = &e.shared_group {
+                groups.entry(group.clone()).or_default().push(e.clone());
+                return;
+            }
+            if e.options.no_local && msg.publisher.as_ref() == Some(&e.client_id) {
+                return;
+            }
+            add_target(&mut targets, &msg, e);
+        });
+        for (group, mut members) in groups {
+            members.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+            let cursor = self.share_cursor.entry(group).or_insert(0);
+            let online: Vec<&Entry> = members
+                .iter()
+                .filter(|e| {
+                    self.sessions
+                        .get(&e.client_id)
+                        .is_some_and(|s| s.conn.is_some())
+                })
+                .collect();
+            let pool: Vec<&Entry> = if online.is_empty() {
+                members.iter().collect()
+            } else {
+                online
+            };
+            let chosen = pool[*cursor % pool.len()];
+            *cursor = cursor.wrapping_add(1);
+            add_target(&mut targets, &msg, chosen);
+        }
+
+        let cost = msg.cost();
+        if !lossy && msg.qos != QoS::AtMostOnce {
+            let over_total =
+                self.queued_bytes + cost * targets.len() > self.config.max_queued_bytes_total;
+            for (client_id, d) in &targets {
+                let Some(session) = self.sessions.get(client_id) else {
+                    continue;
+                };
+                let full = over_total
+                    || session.held_bytes() + cost > self.config.max_queued_bytes_per_session;
+                if session.conn.is_some() && d.qos != QoS::AtMostOnce && full {
+                    return Err(Blocked);
+                }
+            }
+        }
+
+        let matched = targets.len();
+        let mut ids: Vec<Arc<str>> = Vec::with_capacity(targets.len());
+        for (client_id, d) in targets {
+            let Some(session) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            if session.conn.is_none() && d.qos == QoS::AtMostOnce {
+                // QoS 0 is not queued for an offline session.
+                continue;
+            }
+            let full = session.held_bytes() + cost > self.config.max_queued_bytes_per_session
+                || self.queued_bytes + cost > self.config.max_queued_bytes_total;
+            if full {
+                if d.qos == QoS::AtMostOnce {
+                    self.stats.dropped_qos0_queue_full += 1;
+                } else {
+                    self.stats.dropped_offline_queue_full += 1;
+                }
+                continue;
+            }
+            self.queued_bytes += cost;
+            session.push(d);
+            ids.push(client_id);
+        }
+        for id in ids {
+            self.pump(&id, now);
+        }
+        Ok(matched)
+    }
+
+    fn subscribe(&mut self, conn: ConnId, client_id: &Arc<str>, s: Subscribe, now: Instant) {
+        let id = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.subscriptions.len());
+        let mut retained_out: Vec<Delivery> = Vec::new();
+        for sub in s.subscriptions {
+            let session = self
+                .sessions
+                .get_mut(client_id)
+                .expect("a connection has a session");
+            let key = sub.filter.as_str().to_owned();
+            if sub.filter.filter().split('/').count() > self.config.max_topic_levels {
+                reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            let exists = session.subscriptions.contains_key(&key);
+            if !exists && session.subscriptions.len() >= self.config.max_subscriptions_per_session {
+                reasons.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
+            session
+                .subscriptions
+                .insert(key.clone(), (sub.filter.clone(), sub.options, id));
+            self.subscriptions.insert(
+                &sub.filter,
+                Entry {
+                    client_id: client_id.clone(),
+                    shared_group: sub.filter.is_shared().then(|| Arc::from(key.as_str())),
+                    options: sub.options,
+                    id,
+                },
+            );
+            reasons.push(match sub.options.qos {
+                QoS::AtMostOnce => ReasonCode::Success,
+                QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+            });
+            // Retained messages for the new subscription (MQTT 5.0 §3.3.1.3); none for shared
+            // subscriptions (MQTT-3.8.4-?: "retained messages are not sent to shared subs").
+            let send_retained = !sub.filter.is_shared()
+                && match sub.options.retain_handling {
+                    RetainHandling::SendAtSubscribe => true,
+                    RetainHandling::SendAtSubscribeIfNew => !exists,
+                    RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                for msg in self.retained.values() {
+                    if sub.filter.matches(&msg.topic) && !msg.expired(now) {
+                        retained_out.push(Delivery {
+                            msg: msg.clone(),
+                            qos: effective_qos(msg.qos, sub.options.qos),
+                            retain: true,
+                            subscription_ids: id.into_iter().collect(),
+                        });
+                    }
+                }
+            }
+        }
+        self.send(
+            conn,
+            Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                properties: Properties::default(),
+                reasons,
+            }),
+        );
+        if let Some(session) = self.sessions.get_mut(client_id) {
+            for d in retained_out {
+                self.queued_bytes += d.cost();
+                session.push(d);
+            }
+        }
+        self.pump(client_id, now);
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, client_id: &Arc<str>, u: Unsubscribe) {
+        let session = self
+            .sessions
+            .get_mut(client_id)
+            .expect("a connection has a session");
+        let reasons = u
+            .filters
+            .iter()
+            .map(|f| {
+                if session.subscriptions.remove(f.as_str()).is_some() {
+                    self.subscriptions.remove(f, client_id);
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        self.send(
+            conn,
+            Packet::UnsubAck(UnsubAck {
+                packet_id: u.packet_id,
+                properties: Properties::default(),
+                reasons,
+            }),
+        );
+    }
+
+    /// A PUBACK (QoS 1) or PUBCOMP (QoS 2) ends an outgoing exchange.
+    fn acked(&mut self, conn: ConnId, client_id: &Arc<str>, id: PacketId, qos: QoS, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(pos) = session.inflight_position(id) else {
+            // Unknown id: nothing to do (MQTT allows a late or duplicate ack).
+            return;
+        };
+        if session.inflight[pos].delivery.qos != qos {
+            return self.protocol_error(conn, ReasonCode::ProtocolError, now);
+        }
+        if let Some(done) = session.inflight.remove(pos) {
+            self.queued_bytes -= done.delivery.cost();
+        }
+        self.pump(client_id, now);
+        self.retry_held(now);
+    }
+
+    // ---- delivery -------------------------------------------------------------------------
+
+    /// Sends what the session's connection can take now: unsent in-flight messages first
+    /// (after a reconnect), then the queue, within the send credit and the client's window.
+    fn pump(&mut self, client_id: &Arc<str>, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(conn_id) = session.conn else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&conn_id) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        // Resend after reconnect, in the original order (MQTT-4.4.0-1).
+        for inflight in session.inflight.iter_mut().filter(|i| !i.sent) {
+            if conn.credit == 0 {
+                return;
+            }
+            let packet = match inflight.state {
+                OutState::Published => {
+                    let mut p = to_publish(&inflight.delivery, Some(inflight.packet_id), now, conn);
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+                OutState::Released => Packet::PubRel(PubResponse::new(inflight.packet_id)),
+            };
+            inflight.sent = true;
+            conn.credit -= 1;
+            self.out.push(Action::Send(conn_id, packet));
+        }
+        while conn.credit > 0 {
+            let Some(front) = session.queue.front() else {
+                break;
+            };
+            if front.qos != QoS::AtMostOnce
+                && session.inflight.len() >= usize::from(conn.send_window)
+            {
+                break;
+            }
+            let d = session.pop().expect("front exists");
+            if d.msg.expired(now) {
+                self.queued_bytes -= d.cost();
+                self.stats.dropped_expired += 1;
+                continue;
+            }
+            let packet_id = (d.qos != QoS::AtMostOnce).then(|| session.next_packet_id());
+            let publish = to_publish(&d, packet_id, now, conn);
+            let packet = Packet::Publish(publish);
+            let too_large = packet
+                .encoded_len(conn.version)
+                .map_or(true, |len| len > conn.max_packet_bytes as usize);
+            if too_large {
+                // MQTT-3.1.2-25: never send a client more than its Maximum Packet Size.
+                self.queued_bytes -= d.cost();
+                self.stats.dropped_too_large_for_client += 1;
+                continue;
+            }
+            self.stats.sent_by_qos[d.qos as usize] += 1;
+            match packet_id {
+                Some(packet_id) => session.inflight.push_back(Inflight {
+                    packet_id,
+                    delivery: d,
+                    state: OutState::Published,
+                    sent: true,
+                }),
+                None => self.queued_bytes -= d.cost(),
+            }
+            conn.credit -= 1;
+            self.out.push(Action::Send(conn_id, packet));
+        }
+    }
+
+    /// Tries again the publishes held for publishers that were paused.
+    fn retry_held(&mut self, now: Instant) {
+        if self.retrying {
+            // Reached again through a held packet (a PUBACK that frees room): the outer
+            // call goes on with the rest, in order.
+            return;
+        }
+        self.retrying = true;
+        self.retry_held_inner(now);
+        self.retrying = false;
+    }
+
+    fn retry_held_inner(&mut self, now: Instant) {
+        let paused: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.held.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in paused {
+            loop {
+                let Some(packet) = self.conns.get_mut(&conn).and_then(|c| c.held.pop_front())
+                else {
+                    self.out.push(Action::ResumeReads(conn));
+                    break;
+                };
+                let was_publish = matches!(packet, Packet::Publish(_));
+                self.packet(conn, packet, now);
+                let blocked_again = was_publish
+                    && self
+                        .out
+                        .last()
+                        .is_some_and(|a| *a == Action::PauseReads(conn));
+                if blocked_again {
+                    // Still no room: undo the repeated pause, keep waiting.
+                    self.out.pop();
+                    self.stats.publishers_paused -= 1;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, packet: Packet) {
+        // Control packets (acks, SUBACK, PINGRESP) are small and bounded by what the client
+        // sends; they go out even without credit, so that a paused reader never deadlocks.
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.credit = c.credit.saturating_sub(1);
+        }
+        self.out.push(Action::Send(conn, packet));
+    }
+}
+
+fn v5_reason_ok(conn: Option<&Conn>) -> bool {
+    conn.is_some_and(|c| c.version == ProtocolVersion::V5)
+}
+
+fn add_target(targets: &mut HashMap<Arc<str>, Delivery>, msg: &Arc<Message>, e: &Entry) {
+    let qos = effective_qos(msg.qos, e.options.qos);
+    let retain = msg.retain && e.options.retain_as_published;
+    let d = targets
+        .entry(e.client_id.clone())
+        .or_insert_with(|| Delivery {
+            msg: msg.clone(),
+            qos,
+            retain,
+            subscription_ids: Vec::new(),
+        });
+    d.qos = d.qos.max(qos);
+    d.retain |= retain;
+    if let Some(id) = e.id {
+        d.subscription_ids.push(id);
+    }
+}
+
+/// The properties a subscriber receives: everything but Topic Alias and Subscription
+/// Identifiers, which are per hop (MQTT-3.3.2-?).
+fn forwarded_properties(p: &Properties) -> Properties {
+    if p.is_empty() {
+        return Properties::default();
+    }
+    let mut out = p.clone();
+    out.topic_alias = None;
+    out.subscription_identifiers.clear();
+    out.will_delay_interval_secs = None;
+    out.message_expiry_interval_secs = None;
+    out
+}
+
+/// The PUBLISH for one delivery on one connection: remaining expiry, subscription ids,
+/// topic alias.
+fn to_publish(d: &Delivery, packet_id: Option<PacketId>, now: Instant, conn: &mut Conn) -> Publish {
+    let mut p = Publish::new(d.msg.topic.clone(), d.msg.payload.clone());
+    p.qos = d.qos;
+    p.retain = d.retain;
+    p.packet_id = packet_id;
+    if conn.version == ProtocolVersion::V5 {
+        p.properties = d.msg.properties.clone();
+        if let Some(at) = d.msg.expires_at {
+            let left = at.saturating_duration_since(now).as_secs();
+            p.properties.message_expiry_interval_secs =
+                Some(u32::try_from(left).unwrap_or(u32::MAX).max(1));
+        }
+        if !d.subscription_ids.is_empty() {
+            p.properties.subscription_identifiers = d.subscription_ids.clone();
+        }
+        if conn.alias_max_out > 0 {
+            match conn.aliases_out.get(&d.msg.topic) {
+                Some(alias) => {
+                    p.properties.topic_alias = Some(*alias);
+                    p.topic = TopicName::alias_only();
+                }
+                None if conn.aliases_out.len() < usize::from(conn.alias_max_out) => {
+                    let alias = NonZeroU16::new(conn.aliases_out.len() as u16 + 1)
+                        .expect("len + 1 is never 0");
+                    conn.aliases_out.insert(d.msg.topic.clone(), alias);
+                    p.properties.topic_alias = Some(alias);
+                }
+                None => {}
+            }
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,429 @@
+//! The broker core driven directly, without sockets: every input and every action is
+//! visible, so QoS flows, flow control and session rules are checked exactly.
+
+use std::num::NonZeroU16;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_protocol::mqtt::{
+    Connect, Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, Unsubscribe, Will,
+};
+use ferry_protocol::topic::{TopicFilter, TopicName};
+
+use super::*;
+
+struct Harness {
+    broker: Broker,
+    now: Instant,
+}
+
+fn id(v: u16) -> NonZeroU16 {
+    NonZeroU16::new(v).expect("non-zero")
+}
+
+fn topic(s: &str) -> TopicName {
+    TopicName::new(s).expect("valid")
+}
+
+fn publish(t: &str, payload: &str, qos: QoS, packet_id: u16) -> Packet {
+    let mut p = Publish::new(topic(t), Bytes::from(payload.to_owned()));
+    p.qos = qos;
+    p.packet_id = (qos != QoS::AtMostOnce).then(|| id(packet_id));
+    Packet::Publish(p)
+}
+
+fn subscribe(filter: &str, qos: QoS) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: id(1),
+        properties: Properties::default(),
+        subscriptions: vec![Subscription {
+            filter: TopicFilter::new(filter).expect("valid"),
+            options: SubscriptionOptions::new(qos),
+        }],
+    })
+}
+
+impl Harness {
+    fn new(config: BrokerConfig) -> Self {
+        Self {
+            broker: Broker::new(config),
+            now: Instant::now(),
+        }
+    }
+
+    fn run(&mut self, input: Input) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.broker.handle(input, self.now, &mut actions);
+        actions
+    }
+
+    fn connect_with(&mut self, conn: ConnId, connect: Connect, credit: usize) -> Vec<Action> {
+        self.run(Input::Connect {
+            conn,
+            connect: Box::new(connect),
+            credit,
+        })
+    }
+
+    fn connect(&mut self, conn: ConnId, client_id: &str) -> ConnAck {
+        let mut c = Connect::new(ProtocolVersion::V5, client_id);
+        c.clean_start = true;
+        let actions = self.connect_with(conn, c, 1000);
+        match &actions[..] {
+            [Action::Send(c, Packet::ConnAck(ack))] if *c == conn => ack.clone(),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn packet(&mut self, conn: ConnId, packet: Packet) -> Vec<Action> {
+        self.run(Input::Packet { conn, packet })
+    }
+}
+
+/// The PUBLISH packets sent to `conn` among `actions`.
+fn publishes(actions: &[Action], conn: ConnId) -> Vec<Publish> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(c, Packet::Publish(p)) if *c == conn => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn qos1_publish_is_acked_and_delivered() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "sub");
+    h.connect(2, "pub");
+    let a = h.packet(1, subscribe("sensors/+", QoS::AtLeastOnce));
+    assert!(
+        matches!(&a[..], [Action::Send(1, Packet::SubAck(s))] if s.reasons == [ReasonCode::GrantedQoS1])
+    );
+
+    let a = h.packet(2, publish("sensors/t1", "21.5", QoS::AtLeastOnce, 7));
+    let delivered = publishes(&a, 1);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(&delivered[0].payload[..], b"21.5");
+    assert_eq!(delivered[0].qos, QoS::AtLeastOnce);
+    assert!(a.contains(&Action::Send(2, Packet::PubAck(PubResponse::new(id(7))))));
+
+    // The subscriber's PUBACK ends the exchange: nothing is left held.
+    let pid = delivered[0].packet_id.expect("QoS 1 has an id");
+    h.packet(1, Packet::PubAck(PubResponse::new(pid)));
+    assert_eq!(h.broker.stats().queued_bytes, 0);
+}
+
+#[test]
+fn qos2_flow_both_ways_and_resend_is_not_routed_twice() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "sub");
+    h.connect(2, "pub");
+    h.packet(1, subscribe("a", QoS::ExactlyOnce));
+    let a = h.packet(2, publish("a", "x", QoS::ExactlyOnce, 3));
+    assert!(a.contains(&Action::Send(2, Packet::PubRec(PubResponse::new(id(3))))));
+    assert_eq!(publishes(&a, 1).len(), 1);
+    // The same packet id again before PUBREL: acknowledged, not delivered again.
+    let mut dup = publish("a", "x", QoS::ExactlyOnce, 3);
+    if let Packet::Publish(p) = &mut dup {
+        p.dup = true;
+    }
+    let a = h.packet(2, dup);
+    assert_eq!(publishes(&a, 1).len(), 0);
+    let a = h.packet(2, Packet::PubRel(PubResponse::new(id(3))));
+    assert_eq!(
+        a,
+        [Action::Send(2, Packet::PubComp(PubResponse::new(id(3))))]
+    );
+
+    // Outgoing: PUBREC from the subscriber gets PUBREL, PUBCOMP ends it.
+    let pid = id(1);
+    let a = h.packet(1, Packet::PubRec(PubResponse::new(pid)));
+    assert_eq!(a, [Action::Send(1, Packet::PubRel(PubResponse::new(pid)))]);
+    h.packet(1, Packet::PubComp(PubResponse::new(pid)));
+    assert_eq!(h.broker.stats().queued_bytes, 0);
+}
+
+#[test]
+fn retained_messages_are_set_replaced_cleared_and_sent_on_subscribe() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "pub");
+    let retained = |t: &str, payload: &str| {
+        let mut p = Publish::new(topic(t), Bytes::from(payload.to_owned()));
+        p.retain = true;
+        Packet::Publish(p)
+    };
+    h.packet(1, retained("status/a", "on"));
+    h.packet(1, retained("status/a", "off"));
+    h.packet(1, retained("status/b", "on"));
+    h.packet(1, retained("status/b", ""));
+    assert_eq!(h.broker.stats().retained, 1);
+
+    h.connect(2, "sub");
+    let a = h.packet(2, subscribe("status/#", QoS::AtMostOnce));
+    let got = publishes(&a, 2);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].topic.as_str(), &got[0].payload[..], got[0].retain),
+        ("status/a", &b"off"[..], true)
+    );
+}
+
+#[test]
+fn will_is_published_on_loss_but_not_after_disconnect() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "watcher");
+    h.packet(1, subscribe("wills/#", QoS::AtMostOnce));
+    let with_will = |client: &str| {
+        let mut c = Connect::new(ProtocolVersion::V311, client);
+        c.will = Some(Will {
+            topic: topic(&format!("wills/{client}")),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        c
+    };
+    h.connect_with(2, with_will("a"), 100);
+    let a = h.run(Input::Lost { conn: 2 });
+    assert_eq!(publishes(&a, 1).len(), 1, "lost connection: will sent");
+
+    h.connect_with(3, with_will("b"), 100);
+    h.packet(3, Packet::Disconnect(Disconnect::default()));
+    let a = h.run(Input::Lost { conn: 3 });
+    assert!(publishes(&a, 1).is_empty(), "clean DISCONNECT: no will");
+}
+
+#[test]
+fn will_delay_is_cancelled_by_reconnect() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "watcher");
+    h.packet(1, subscribe("wills/#", QoS::AtMostOnce));
+    let mut c = Connect::new(ProtocolVersion::V5, "dev");
+    c.clean_start = false;
+    c.properties.session_expiry_interval_secs = Some(300);
+    let mut will = Will {
+        topic: topic("wills/dev"),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    };
+    will.properties.will_delay_interval_secs = Some(10);
+    c.will = Some(will);
+    h.connect_with(2, c.clone(), 100);
+    assert!(
+        publishes(&h.run(Input::Lost { conn: 2 }), 1).is_empty(),
+        "delayed"
+    );
+    h.now += Duration::from_secs(5);
+    let a = h.connect_with(3, c.clone(), 100);
+    assert!(matches!(&a[0], Action::Send(3, Packet::ConnAck(ack)) if ack.session_present));
+    h.now += Duration::from_secs(20);
+    assert!(
+        publishes(&h.run(Input::Tick), 1).is_empty(),
+        "session resumed: will cancelled"
+    );
+
+    h.run(Input::Lost { conn: 3 });
+    h.now += Duration::from_secs(11);
+    assert_eq!(
+        publishes(&h.run(Input::Tick), 1).len(),
+        1,
+        "delay passed: will sent"
+    );
+}
+
+#[test]
+fn persistent_session_keeps_messages_and_resends_inflight_with_dup() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let mut c = Connect::new(ProtocolVersion::V311, "dev");
+    c.clean_start = false;
+    h.connect_with(1, c.clone(), 100);
+    h.packet(1, subscribe("cmd", QoS::AtLeastOnce));
+    h.connect(2, "pub");
+    let a = h.packet(2, publish("cmd", "one", QoS::AtLeastOnce, 1));
+    assert_eq!(publishes(&a, 1).len(), 1);
+    h.run(Input::Lost { conn: 1 });
+    h.packet(2, publish("cmd", "two", QoS::AtLeastOnce, 2));
+
+    let a = h.connect_with(3, c, 100);
+    assert!(matches!(&a[0], Action::Send(3, Packet::ConnAck(ack)) if ack.session_present));
+    let got = publishes(&a, 3);
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (&got[0].payload[..], got[0].dup),
+        (&b"one"[..], true),
+        "unacked one resent with DUP"
+    );
+    assert_eq!(
+        (&got[1].payload[..], got[1].dup),
+        (&b"two"[..], false),
+        "queued one sent after"
+    );
+}
+
+#[test]
+fn session_takeover_closes_the_old_connection() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "same");
+    let mut c = Connect::new(ProtocolVersion::V5, "same");
+    c.clean_start = false;
+    let a = h.connect_with(2, c, 100);
+    assert_eq!(
+        a[0],
+        Action::Send(
+            1,
+            Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver))
+        )
+    );
+    assert_eq!(a[1], Action::Close(1));
+    assert!(matches!(&a[2], Action::Send(2, Packet::ConnAck(_))));
+    assert_eq!(h.broker.stats().connections, 1);
+}
+
+#[test]
+fn full_subscriber_pauses_the_publisher_instead_of_dropping() {
+    let config = BrokerConfig {
+        max_inflight_messages: 1,
+        max_queued_bytes_per_session: 30,
+        ..BrokerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    h.connect(1, "slow");
+    h.packet(1, subscribe("t", QoS::AtLeastOnce));
+    h.connect(2, "fast");
+    // Each message costs 1 (topic) + 9 bytes: three fit in 30 bytes (one in flight).
+    let mut acked = 0;
+    let mut paused = false;
+    for n in 1..=5u16 {
+        let a = h.packet(
+            2,
+            publish("t", &format!("payload-{n}"), QoS::AtLeastOnce, n),
+        );
+        acked += a
+            .iter()
+            .filter(|x| matches!(x, Action::Send(2, Packet::PubAck(_))))
+            .count();
+        paused |= a.contains(&Action::PauseReads(2));
+    }
+    assert_eq!(acked, 3, "only what fits is acknowledged");
+    assert!(paused, "the publisher is paused");
+    assert_eq!(h.broker.stats().dropped_offline_queue_full, 0);
+
+    // The subscriber acknowledges: room for one, the held message goes through; the next
+    // one (read before the pause took effect) is held in its turn.
+    let a = h.packet(1, Packet::PubAck(PubResponse::new(id(1))));
+    assert!(a.contains(&Action::Send(2, Packet::PubAck(PubResponse::new(id(4))))));
+    assert_eq!(publishes(&a, 1).len(), 1, "next message to the subscriber");
+    assert!(!a.contains(&Action::ResumeReads(2)));
+    // Another acknowledgement: the last one goes through and reads resume.
+    let a = h.packet(1, Packet::PubAck(PubResponse::new(id(2))));
+    assert!(a.contains(&Action::Send(2, Packet::PubAck(PubResponse::new(id(5))))));
+    assert!(a.contains(&Action::ResumeReads(2)));
+    assert_eq!(h.broker.stats().publishers_paused, 1);
+}
+
+#[test]
+fn send_credit_bounds_what_goes_to_the_writer() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let mut c = Connect::new(ProtocolVersion::V5, "sub");
+    c.clean_start = true;
+    h.connect_with(1, c, 3);
+    h.packet(1, subscribe("t", QoS::AtMostOnce));
+    h.connect(2, "pub");
+    let mut sent = 0;
+    for _ in 0..5 {
+        sent += publishes(&h.packet(2, publish("t", "x", QoS::AtMostOnce, 0)), 1).len();
+    }
+    // Credit 3: one went to the CONNACK, one to the SUBACK, one message.
+    assert_eq!(sent, 1);
+    let a = h.run(Input::Written {
+        conn: 1,
+        packets: 10,
+    });
+    assert_eq!(
+        publishes(&a, 1).len(),
+        4,
+        "the rest follows when credit comes back"
+    );
+}
+
+#[test]
+fn shared_subscription_delivers_each_message_to_one_member() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "w1");
+    h.connect(2, "w2");
+    h.packet(1, subscribe("$share/workers/jobs/#", QoS::AtLeastOnce));
+    h.packet(2, subscribe("$share/workers/jobs/#", QoS::AtLeastOnce));
+    h.connect(3, "pub");
+    let (mut to1, mut to2) = (0, 0);
+    for n in 1..=10u16 {
+        let a = h.packet(3, publish("jobs/x", "j", QoS::AtLeastOnce, n));
+        to1 += publishes(&a, 1).len();
+        to2 += publishes(&a, 2).len();
+    }
+    assert_eq!(to1 + to2, 10);
+    assert_eq!((to1, to2), (5, 5), "round robin");
+}
+
+#[test]
+fn protocol_errors_disconnect_with_reason() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "c");
+    let a = h.packet(
+        1,
+        Packet::Connect(Box::new(Connect::new(ProtocolVersion::V5, "c"))),
+    );
+    assert_eq!(
+        a,
+        [
+            Action::Send(
+                1,
+                Packet::Disconnect(Disconnect::new(ReasonCode::ProtocolError))
+            ),
+            Action::Close(1)
+        ]
+    );
+    // 3.1.1 client without id asking for a persistent session: refused.
+    let mut c = Connect::new(ProtocolVersion::V311, "");
+    c.clean_start = false;
+    let a = h.connect_with(2, c, 10);
+    assert!(
+        matches!(&a[0], Action::Send(2, Packet::ConnAck(ack)) if ack.code == ReasonCode::ClientIdentifierNotValid)
+    );
+}
+
+#[test]
+fn unsubscribe_reports_what_existed() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "c");
+    h.packet(1, subscribe("a/b", QoS::AtMostOnce));
+    let a = h.packet(
+        1,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: id(2),
+            properties: Properties::default(),
+            filters: vec![
+                TopicFilter::new("a/b").expect("valid"),
+                TopicFilter::new("x").expect("valid"),
+            ],
+        }),
+    );
+    assert!(matches!(&a[..], [Action::Send(1, Packet::UnsubAck(u))]
+        if u.reasons == [ReasonCode::Success, ReasonCode::NoSubscriptionExisted]));
+    assert_eq!(h.broker.stats().subscriptions, 0);
+}
+
+#[test]
+fn assigned_client_identifier_for_empty_v5_id() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let ack = h.connect(1, "");
+    assert!(ack
+        .properties
+        .assigned_client_identifier
+        .as_deref()
+        .is_some_and(|s| s.starts_with("ferry-auto-")));
+}

@@ -1,0 +1,222 @@
+//! The `ferry-edge` configuration: one TOML file, every key optional with a documented
+//! default. `edge/ferry-edge.example.toml` shows them all with comments.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::broker::BrokerConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub mqtt: MqttLimits,
+}
+
+/// Listeners and connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain TCP MQTT listeners. Default `["127.0.0.1:1883"]`: local clients only, as
+    /// Mosquitto 2 does with no configuration.
+    pub listen: Vec<SocketAddr>,
+    /// Allow clients without credentials on listeners that are not loopback. Default false:
+    /// such a listener is refused at start-up until this is set (password files come with
+    /// authentication).
+    pub allow_anonymous: bool,
+    /// Open connections at most; further connections are closed at once. Default 1024; each
+    /// costs two tasks and its buffers (about 20 KiB idle).
+    pub max_connections: usize,
+    /// Seconds a new connection has to send CONNECT. Default 10.
+    pub connect_timeout_secs: u64,
+    /// Where persistent state is kept. Default `./ferry-edge-data`.
+    pub data_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            allow_anonymous: false,
+            max_connections: 1024,
+            connect_timeout_secs: 10,
+            data_dir: PathBuf::from("ferry-edge-data"),
+        }
+    }
+}
+
+/// MQTT limits of the broker core; see [`BrokerConfig`] for what each costs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttLimits {
+    pub max_packet_size_bytes: u32,
+    pub max_inflight_messages: u16,
+    pub max_queued_bytes_per_session: usize,
+    pub max_queued_bytes_total: usize,
+    pub max_subscriptions_per_session: usize,
+    pub max_topic_levels: usize,
+    pub max_topic_alias: u16,
+    pub max_session_expiry_secs: u32,
+    pub max_keepalive_secs: u16,
+    pub retain_available: bool,
+}
+
+impl Default for MqttLimits {
+    fn default() -> Self {
+        let b = BrokerConfig::default();
+        Self {
+            max_packet_size_bytes: b.max_packet_size_bytes,
+            max_inflight_messages: b.max_inflight_messages,
+            max_queued_bytes_per_session: b.max_queued_bytes_per_session,
+            max_queued_bytes_total: b.max_queued_bytes_total,
+            max_subscriptions_per_session: b.max_subscriptions_per_session,
+            max_topic_levels: b.max_topic_levels,
+            max_topic_alias: b.max_topic_alias,
+            max_session_expiry_secs: b.max_session_expiry_secs,
+            max_keepalive_secs: b.max_keepalive_secs,
+            retain_available: b.retain_available,
+        }
+    }
+}
+
+impl MqttLimits {
+    pub fn broker_config(&self) -> BrokerConfig {
+        BrokerConfig {
+            max_packet_size_bytes: self.max_packet_size_bytes,
+            max_inflight_messages: self.max_inflight_messages,
+            max_queued_bytes_per_session: self.max_queued_bytes_per_session,
+            max_queued_bytes_total: self.max_queued_bytes_total,
+            max_subscriptions_per_session: self.max_subscriptions_per_session,
+            max_topic_levels: self.max_topic_levels,
+            max_topic_alias: self.max_topic_alias,
+            max_session_expiry_secs: self.max_session_expiry_secs,
+            max_keepalive_secs: self.max_keepalive_secs,
+            retain_available: self.retain_available,
+        }
+    }
+}
+
+/// A configuration that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error(
+        "listener {addr} is reachable from the network and anonymous access is not allowed: \
+         set server.allow_anonymous = true (or --allow-anonymous), or listen on 127.0.0.1"
+    )]
+    AnonymousOnNetwork { addr: SocketAddr },
+    #[error("{field} must be {rule}, not {value}")]
+    Invalid {
+        field: &'static str,
+        rule: &'static str,
+        value: String,
+    },
+    #[error("no listener configured")]
+    NoListener,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks the rules no single field can: safe-by-default listeners, sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.listen.is_empty() {
+            return Err(ConfigError::NoListener);
+        }
+        if !self.server.allow_anonymous {
+            if let Some(addr) = self.server.listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError::AnonymousOnNetwork { addr: *addr });
+            }
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size_bytes < 64 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_packet_size_bytes",
+                rule: "at least 64",
+                value: m.max_packet_size_bytes.to_string(),
+            });
+        }
+        if m.max_inflight_messages == 0 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_inflight_messages",
+                rule: "at least 1",
+                value: "0".into(),
+            });
+        }
+        if m.max_queued_bytes_per_session > m.max_queued_bytes_total {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_queued_bytes_per_session",
+                rule: "at most mqtt.max_queued_bytes_total",
+                value: m.max_queued_bytes_per_session.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../ferry-edge.example.toml");
+        let config: Config = toml::from_str(text).expect("example parses");
+        config.validate().expect("example is valid");
+        let defaults = Config::default();
+        assert_eq!(config.server.listen, defaults.server.listen);
+        assert_eq!(
+            config.server.max_connections,
+            defaults.server.max_connections
+        );
+        assert_eq!(
+            config.mqtt.max_packet_size_bytes,
+            defaults.mqtt.max_packet_size_bytes
+        );
+        assert_eq!(
+            config.mqtt.max_queued_bytes_total,
+            defaults.mqtt.max_queued_bytes_total
+        );
+    }
+
+    #[test]
+    fn network_listeners_need_explicit_anonymous_access() {
+        let mut config = Config::default();
+        config.validate().expect("localhost default is fine");
+        config.server.listen = vec!["0.0.0.0:1883".parse().expect("addr")];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::AnonymousOnNetwork { .. })
+        ));
+        config.server.allow_anonymous = true;
+        config.validate().expect("explicitly allowed");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<Config>("[mqtt]\nmax_packet_size = 5\n").expect_err("typo");
+        assert!(err.to_string().contains("max_packet_size"), "{err}");
+    }
+}

@@ -1,0 +1,75 @@
+//! `ferry-edge`: the MQTT broker for gateways. See `--help`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_edge::config::Config;
+use ferry_edge::server::Server;
+use tracing::info;
+
+/// Ferry's MQTT 3.1.1/5.0 broker for gateways.
+///
+/// With no options it listens on 127.0.0.1:1883 for local clients only. Every setting lives
+/// in a TOML file (--config; see ferry-edge.example.toml, where each key is explained with
+/// its default); the flags below override the file for a quick start.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen on ADDR (host:port) instead of the configured listeners; repeatable.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<std::net::SocketAddr>,
+    /// Keep persistent state in DIR.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Allow clients without credentials on listeners reachable from the network.
+    #[arg(long)]
+    allow_anonymous: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if !args.listen.is_empty() {
+        config.server.listen = args.listen.clone();
+    }
+    if let Some(dir) = args.data_dir {
+        config.server.data_dir = dir;
+    }
+    config.server.allow_anonymous |= args.allow_anonymous;
+    config.validate()?;
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a signal handler can be installed at start-up");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::start(config, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .context("cannot start listeners")?;
+    info!(addrs = ?server.local_addrs(), "ferry-edge ready");
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(());
+    // Give connections a moment to close cleanly.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    Ok(())
+}

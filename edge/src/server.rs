@@ -1,0 +1,505 @@
+//! The tokio driver around the broker core: listeners, one task pair per connection, and
+//! one router thread that owns the [`Broker`] and applies every input in order.
+//!
+//! ```text
+//! socket ─▶ reader task ──Input──▶ router thread (Broker) ──Outbound──▶ writer task ─▶ socket
+//!                ▲                        │                                   │
+//!                └──── pause / resume ────┘◀────────── Written (credit) ──────┘
+//! ```
+//!
+//! Every channel is bounded. The router never blocks on a connection: it emits at most the
+//! credit a writer has room for (see `broker` flow control), and a writer whose queue is full
+//! anyway (a client that sends but never reads) is closed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ferry_protocol::mqtt::{self, DecodeError, Packet, ProtocolVersion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::broker::{Action, Broker, ConnId, Input, Stats};
+use crate::config::Config;
+
+/// Packets a writer may have queued for PUBLISH flow: the send credit. Each is at most one
+/// packet (≤ `max_packet_size_bytes`), typically far smaller.
+const SEND_CREDIT: usize = 64;
+/// Room above the credit for control packets (acks, SUBACK, PINGRESP), which the broker
+/// sends without credit. A client that fills this without reading is closed.
+const CONTROL_SLACK: usize = 64;
+/// Inputs the router applies before it dispatches what they caused: a batch, so that one
+/// storage commit can later cover many messages (group commit).
+const ROUTER_BATCH: usize = 256;
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Messages into the router thread.
+enum ToRouter {
+    Register { conn: ConnId, handle: ConnHandle },
+    Input(Input),
+    Stats(tokio::sync::oneshot::Sender<Stats>),
+}
+
+/// What the router holds to reach a connection.
+struct ConnHandle {
+    out: mpsc::Sender<Outbound>,
+    paused: watch::Sender<bool>,
+}
+
+enum Outbound {
+    Packet(Packet),
+    Close,
+}
+
+/// A running broker: its local addresses and a way to ask for statistics.
+#[derive(Clone)]
+pub struct Server {
+    to_router: mpsc::Sender<ToRouter>,
+    local_addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addrs", &self.local_addrs)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Binds the listeners of `config` and starts serving in the background. Serving stops
+    /// when `shutdown` completes: listeners close and connections are closed.
+    pub async fn start(
+        config: Config,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let mut listeners = Vec::new();
+        for addr in &config.server.listen {
+            listeners.push(TcpListener::bind(addr).await?);
+        }
+        let local_addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let broker_config = config.mqtt.broker_config();
+        let (to_router, from_conns) = mpsc::channel(4096);
+        std::thread::Builder::new()
+            .name("ferry-router".into())
+            .spawn(move || router(Broker::new(broker_config), from_conns))?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let ticker = to_router.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if ticker.send(ToRouter::Input(Input::Tick)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+
+        let next_id = Arc::new(AtomicU64::new(1));
+        let limit = Arc::new(Semaphore::new(config.server.max_connections));
+        let settings = Arc::new(ConnSettings {
+            connect_timeout: Duration::from_secs(config.server.connect_timeout_secs),
+            max_packet_size: config.mqtt.max_packet_size_bytes as usize,
+            max_keepalive_secs: config.mqtt.max_keepalive_secs,
+        });
+        for (listener, addr) in listeners.into_iter().zip(&local_addrs) {
+            info!(%addr, "listening for MQTT");
+            tokio::spawn(accept_loop(
+                listener,
+                to_router.clone(),
+                next_id.clone(),
+                limit.clone(),
+                settings.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        Ok(Self {
+            to_router,
+            local_addrs,
+        })
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The broker's counters now.
+    pub async fn stats(&self) -> Option<Stats> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.to_router.send(ToRouter::Stats(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+struct ConnSettings {
+    connect_timeout: Duration,
+    max_packet_size: usize,
+    max_keepalive_secs: u16,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    to_router: mpsc::Sender<ToRouter>,
+    next_id: Arc<AtomicU64>,
+    limit: Arc<Semaphore>,
+    settings: Arc<ConnSettings>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(%peer, "connection refused: max_connections reached");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = next_id.fetch_add(1, Ordering::Relaxed);
+        let to_router = to_router.clone();
+        let settings = settings.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, conn, to_router, settings, stop).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serves one connection: CONNECT, then reading and writing until either side ends it.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn: ConnId,
+    to_router: mpsc::Sender<ToRouter>,
+    settings: Arc<ConnSettings>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+
+    // CONNECT first, within the connect timeout.
+    let first = tokio::time::timeout(
+        settings.connect_timeout,
+        read_packet(
+            &mut rd,
+            &mut buf,
+            ProtocolVersion::V5,
+            settings.max_packet_size,
+        ),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(other))) => {
+            debug!(%peer, packet = ?other.packet_type(), "first packet is not CONNECT; closing");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(ReadError::Decode(e))) => {
+            debug!(%peer, error = %e, "bad CONNECT; closing");
+            refuse_connect(&mut wr, &e).await;
+            return;
+        }
+        Ok(Err(ReadError::Io(_))) => return,
+        Err(_) => {
+            debug!(%peer, "no CONNECT within the connect timeout; closing");
+            return;
+        }
+    };
+    let version = connect.protocol;
+    let keepalive_secs = match connect.keep_alive_secs {
+        ka if settings.max_keepalive_secs > 0 && (ka == 0 || ka > settings.max_keepalive_secs) => {
+            settings.max_keepalive_secs
+        }
+        ka => ka,
+    };
+    debug!(%peer, conn, client_id = %connect.client_id, ?version, "CONNECT");
+
+    let (out_tx, out_rx) = mpsc::channel(SEND_CREDIT + CONTROL_SLACK);
+    let (paused_tx, mut paused_rx) = watch::channel(false);
+    let handle = ConnHandle {
+        out: out_tx,
+        paused: paused_tx,
+    };
+    if to_router
+        .send(ToRouter::Register { conn, handle })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let connect_input = Input::Connect {
+        conn,
+        connect,
+        credit: SEND_CREDIT,
+    };
+    if to_router
+        .send(ToRouter::Input(connect_input))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (closed_tx, mut closed_rx) = watch::channel(false);
+    let writer = tokio::spawn(write_loop(
+        wr,
+        out_rx,
+        conn,
+        version,
+        to_router.clone(),
+        closed_tx,
+    ));
+
+    // Keep alive: the client must send something within 1.5 times its interval (MQTT-3.1.2-22).
+    let idle_limit =
+        (keepalive_secs > 0).then(|| Duration::from_millis(u64::from(keepalive_secs) * 1500));
+    loop {
+        // A paused publisher is not read from until the broker resumes it.
+        while *paused_rx.borrow() {
+            tokio::select! {
+                r = paused_rx.changed() => if r.is_err() { break; },
+                _ = closed_rx.changed() => break,
+                _ = stop.changed() => break,
+            }
+        }
+        if *closed_rx.borrow() || *stop.borrow() {
+            break;
+        }
+        let read = read_packet(&mut rd, &mut buf, version, settings.max_packet_size);
+        let next = tokio::select! {
+            r = async {
+                match idle_limit {
+                    Some(limit) => tokio::time::timeout(limit, read).await.ok(),
+                    None => Some(read.await),
+                }
+            } => r,
+            _ = closed_rx.changed() => break,
+            _ = stop.changed() => break,
+        };
+        match next {
+            None => {
+                debug!(%peer, conn, "keep alive expired");
+                break;
+            }
+            Some(Ok(Some(packet))) => {
+                if to_router
+                    .send(ToRouter::Input(Input::Packet { conn, packet }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Some(Ok(None)) => break,
+            Some(Err(ReadError::Io(error))) => {
+                debug!(%peer, conn, %error, "read failed");
+                break;
+            }
+            Some(Err(ReadError::Decode(error))) => {
+                debug!(%peer, conn, %error, "malformed packet; closing");
+                // The broker sends the DISCONNECT, after what it already queued.
+                let _ = to_router
+                    .send(ToRouter::Input(Input::Malformed { conn, error }))
+                    .await;
+                break;
+            }
+        }
+    }
+    // Whatever ended it, the broker detaches the session (it ignores a connection it has
+    // already closed itself).
+    let _ = to_router.send(ToRouter::Input(Input::Lost { conn })).await;
+    let _ = writer.await;
+    debug!(%peer, conn, "connection closed");
+}
+
+/// Answers a CONNECT that could not be decoded with the CONNACK the spec asks for, where
+/// there is one (an unsupported protocol level, MQTT-3.1.2-2).
+async fn refuse_connect(wr: &mut tokio::net::tcp::OwnedWriteHalf, e: &DecodeError) {
+    if let DecodeError::UnsupportedProtocolVersion { .. } = e {
+        let mut out = BytesMut::new();
+        let ack = mqtt::ConnAck::new(mqtt::ReasonCode::UnsupportedProtocolVersion, false);
+        // 3.1.1's CONNACK is what an old client can read.
+        if Packet::ConnAck(ack)
+            .encode(ProtocolVersion::V311, &mut out)
+            .is_ok()
+        {
+            let _ = wr.write_all(&out).await;
+        }
+    }
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Decode(DecodeError),
+}
+
+/// Reads until one whole packet is decoded; `Ok(None)` at a clean end of stream.
+async fn read_packet(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    max_packet_size: usize,
+) -> Result<Option<Packet>, ReadError> {
+    loop {
+        if let Some(packet) =
+            mqtt::decode(buf, version, max_packet_size).map_err(ReadError::Decode)?
+        {
+            return Ok(Some(packet));
+        }
+        buf.reserve(READ_CHUNK.min(max_packet_size));
+        match rd.read_buf(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+}
+
+/// Encodes what the router sends, writes it in batches, and gives the credit back.
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    conn: ConnId,
+    version: ProtocolVersion,
+    to_router: mpsc::Sender<ToRouter>,
+    closed: watch::Sender<bool>,
+) {
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    'outer: while let Some(first) = rx.recv().await {
+        let mut packets = 0;
+        let mut close = false;
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                Outbound::Packet(p) => {
+                    if let Err(e) = p.encode(version, &mut out) {
+                        warn!(conn, error = %e, "dropping a packet that cannot be encoded");
+                    }
+                    packets += 1;
+                }
+                Outbound::Close => {
+                    close = true;
+                    break;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if !out.is_empty() && wr.write_all(&out).await.is_err() {
+            break 'outer;
+        }
+        out.clear();
+        if close {
+            break;
+        }
+        if packets > 0
+            && to_router
+                .send(ToRouter::Input(Input::Written { conn, packets }))
+                .await
+                .is_err()
+        {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+    let _ = closed.send(true);
+}
+
+/// The router thread: applies inputs to the broker in batches and dispatches the actions.
+fn router(mut broker: Broker, mut rx: mpsc::Receiver<ToRouter>) {
+    let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
+    let mut actions = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let now = Instant::now();
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(msg) = next {
+            match msg {
+                ToRouter::Register { conn, handle } => {
+                    conns.insert(conn, handle);
+                }
+                ToRouter::Input(input) => {
+                    let lost = match &input {
+                        Input::Lost { conn } => Some(*conn),
+                        _ => None,
+                    };
+                    broker.handle(input, now, &mut actions);
+                    if let Some(conn) = lost {
+                        conns.remove(&conn);
+                    }
+                }
+                ToRouter::Stats(reply) => {
+                    let _ = reply.send(broker.stats());
+                }
+            }
+            n += 1;
+            next = if n < ROUTER_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        dispatch(&mut conns, &mut actions);
+    }
+}
+
+fn dispatch(conns: &mut HashMap<ConnId, ConnHandle>, actions: &mut Vec<Action>) {
+    for action in actions.drain(..) {
+        match action {
+            Action::Send(conn, packet) => {
+                let Some(handle) = conns.get(&conn) else {
+                    continue;
+                };
+                if handle.out.try_send(Outbound::Packet(packet)).is_err() {
+                    // Its writer is full beyond the credit: a client that does not read.
+                    warn!(conn, "client is not reading its acknowledgements; closing");
+                    let _ = handle.paused.send(false);
+                    conns.remove(&conn);
+                }
+            }
+            Action::Close(conn) => {
+                if let Some(handle) = conns.remove(&conn) {
+                    let _ = handle.out.try_send(Outbound::Close);
+                }
+            }
+            Action::PauseReads(conn) => {
+                if let Some(handle) = conns.get(&conn) {
+                    let _ = handle.paused.send(true);
+                }
+            }
+            Action::ResumeReads(conn) => {
+                if let Some(handle) = conns.get(&conn) {
+                    let _ = handle.paused.send(false);
+                }
+            }
+        }
+    }
+}
