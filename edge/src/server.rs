@@ -437,6 +437,9 @@ async fn write_loop(
 fn router(mut broker: Broker, mut rx: mpsc::Receiver<ToRouter>) {
     let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
     let mut actions = Vec::new();
+    // Connections whose reader ended; their handles go after this batch's actions went out,
+    // so that a last CONNACK or DISCONNECT still reaches the writer.
+    let mut gone = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let now = Instant::now();
         let mut next = Some(first);
@@ -452,9 +455,7 @@ fn router(mut broker: Broker, mut rx: mpsc::Receiver<ToRouter>) {
                         _ => None,
                     };
                     broker.handle(input, now, &mut actions);
-                    if let Some(conn) = lost {
-                        conns.remove(&conn);
-                    }
+                    gone.extend(lost);
                 }
                 ToRouter::Stats(reply) => {
                     let _ = reply.send(broker.stats());
@@ -468,6 +469,9 @@ fn router(mut broker: Broker, mut rx: mpsc::Receiver<ToRouter>) {
             };
         }
         dispatch(&mut conns, &mut actions);
+        for conn in gone.drain(..) {
+            conns.remove(&conn);
+        }
     }
 }
 

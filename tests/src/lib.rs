@@ -4,5 +4,8 @@
 //!   real client sends, decoded with our codec, and answers with packets we encode. It lets
 //!   the codec be checked against real clients before the broker exists, and stays useful for
 //!   pinning down what a given client puts on the wire.
+//! - [`process::Edge`]: a real `ferry-edge` process, built once, started on an ephemeral
+//!   port, killed when dropped.
 
 pub mod capture;
+pub mod process;

@@ -1,0 +1,112 @@
+//! Real Ferry processes for end-to-end tests: built once per test run, started with a
+//! configuration, their address read from their log, killed (SIGKILL) when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Builds `bin` of package `package` (a no-op when up to date) and returns its path.
+///
+/// Tests run from `target/<profile>/deps/`; the binaries sit one level up.
+pub fn binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().expect("no test panicked while building");
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let path = dir.join(bin);
+    if !built.iter().any(|b| b == bin) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", package, "--bin", bin]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building {bin} failed");
+        built.push(bin.to_owned());
+    }
+    path
+}
+
+/// A running `ferry-edge`.
+#[derive(Debug)]
+pub struct Edge {
+    child: Child,
+    /// The first MQTT listener's address.
+    pub addr: SocketAddr,
+    /// Log lines after start-up.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Edge {
+    /// Starts `ferry-edge` with `args` (add `--listen 127.0.0.1:0` for an ephemeral port) and
+    /// waits until it is ready.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(binary("ferry-edge", "ferry-edge"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ferry-edge starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(30))
+                .expect("ferry-edge logs that it is ready within 30 s");
+            if line.contains("ferry-edge ready") {
+                break parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+            }
+        };
+        Self { child, addr, log }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Sends SIGKILL and waits for the process.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().expect("wait for ferry-edge")
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first `host:port` inside `[...]` of a log line such as
+/// `ferry-edge ready addrs=[127.0.0.1:40411]`.
+fn parse_addr(line: &str) -> Option<SocketAddr> {
+    let start = line.find('[')? + 1;
+    let end = start + line[start..].find([']', ','])?;
+    line[start..end].trim().parse().ok()
+}

@@ -1,0 +1,322 @@
+//! ferry-edge as a process, driven by clients others wrote: the Mosquitto command-line
+//! clients, rumqttc, and a raw socket for bad input.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode, MAX_PACKET_SIZE};
+use ferry_tests::process::{binary, Edge};
+
+const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
+const WAIT: Duration = Duration::from_secs(15);
+
+fn mosquitto(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} must be installed (apt-get install mosquitto-clients): {e}")
+    })
+}
+
+#[test]
+fn mosquitto_clients_publish_and_subscribe_through_the_edge() {
+    use std::io::BufRead;
+
+    let edge = Edge::start(LOCAL);
+    let port = edge.port().to_string();
+    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "2")] {
+        // -d prints the protocol exchange, so the test sees the SUBACK before publishing.
+        // stdbuf: its stdout is a pipe, which would otherwise be block-buffered.
+        let mut sub = Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-q",
+                qos,
+                "-t",
+                "plant/+/temp",
+                "-C",
+                "3",
+                "-W",
+                "15",
+                "-v",
+                "-d",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub runs");
+        let stdout = sub.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        while !lines
+            .recv_timeout(WAIT)
+            .expect("mosquitto_sub output")
+            .contains("SUBACK")
+        {}
+        for n in 1..=3 {
+            let out = mosquitto(
+                "mosquitto_pub",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    version,
+                    "-q",
+                    qos,
+                    "-t",
+                    &format!("plant/line{n}/temp"),
+                    "-m",
+                    &format!("{n}"),
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            sub.wait()
+                .expect("mosquitto_sub exits after 3 messages")
+                .success(),
+            "{version}"
+        );
+        let messages: Vec<String> = lines
+            .try_iter()
+            .filter(|l| l.starts_with("plant/"))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "plant/line1/temp 1",
+                "plant/line2/temp 2",
+                "plant/line3/temp 3"
+            ],
+            "{version}"
+        );
+    }
+}
+
+#[test]
+fn retained_message_reaches_a_later_subscriber() {
+    let edge = Edge::start(LOCAL);
+    let port = edge.port().to_string();
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-r",
+            "-q",
+            "1",
+            "-t",
+            "status/gw",
+            "-m",
+            "online",
+        ],
+    );
+    assert!(out.status.success());
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "status/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-F",
+            "%t %p %r",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "status/gw online 1\n");
+}
+
+/// 2,000 QoS 1 messages from rumqttc arrive at a rumqttc subscriber, all of them, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_qos1_stream_arrives_complete_and_in_order() {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    const N: usize = 2000;
+    let edge = Edge::start(LOCAL);
+
+    let mut sub_opts = MqttOptions::new("e2e-sub", "127.0.0.1", edge.port());
+    sub_opts.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut sub_loop) = AsyncClient::new(sub_opts, 100);
+    sub.subscribe("stream/#", QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    loop {
+        match tokio::time::timeout(WAIT, sub_loop.poll())
+            .await
+            .expect("suback in time")
+        {
+            Ok(Event::Incoming(Incoming::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("subscriber: {e}"),
+        }
+    }
+
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(N);
+        while got.len() < N {
+            match tokio::time::timeout(WAIT, sub_loop.poll())
+                .await
+                .expect("messages keep coming")
+            {
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    got.push(String::from_utf8(p.payload.to_vec()).expect("utf8"));
+                }
+                Ok(_) => {}
+                Err(e) => panic!("subscriber: {e}"),
+            }
+        }
+        got
+    });
+
+    let mut pub_opts = MqttOptions::new("e2e-pub", "127.0.0.1", edge.port());
+    pub_opts.set_keep_alive(Duration::from_secs(30));
+    let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 100);
+    let sender = tokio::spawn(async move {
+        for n in 0..N {
+            publisher
+                .publish("stream/a", QoS::AtLeastOnce, false, n.to_string())
+                .await
+                .expect("queue publish");
+        }
+    });
+    let mut acks = 0;
+    while acks < N {
+        match tokio::time::timeout(WAIT, pub_loop.poll())
+            .await
+            .expect("acks keep coming")
+        {
+            Ok(Event::Incoming(Incoming::PubAck(_))) => acks += 1,
+            Ok(_) => {}
+            Err(e) => panic!("publisher: {e}"),
+        }
+    }
+    sender.await.expect("sender done");
+    let got = receiver.await.expect("receiver done");
+    let expected: Vec<String> = (0..N).map(|n| n.to_string()).collect();
+    assert_eq!(got, expected);
+}
+
+/// Garbage after CONNECT: a v5 client gets DISCONNECT "Malformed Packet" and the connection
+/// closes; the broker goes on serving others.
+#[test]
+fn malformed_packet_gets_a_reason_code_and_a_clean_close() {
+    let edge = Edge::start(LOCAL);
+    let mut stream = TcpStream::connect(edge.addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut out = BytesMut::new();
+    Packet::Connect(Box::new(Connect::new(ProtocolVersion::V5, "bad")))
+        .encode(ProtocolVersion::V5, &mut out)
+        .expect("encode");
+    // A PUBLISH whose topic length runs past the packet.
+    out.extend_from_slice(&[0x30, 0x03, 0x00, 0x09, b'a']);
+    stream.write_all(&out).expect("write");
+
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 256];
+    let mut packets = Vec::new();
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("the broker closes the connection instead of hanging: {e}"),
+        }
+        while let Some(p) = decode(&mut buf, ProtocolVersion::V5, MAX_PACKET_SIZE)
+            .expect("broker sends valid packets")
+        {
+            packets.push(p);
+        }
+    }
+    assert!(matches!(&packets[0], Packet::ConnAck(a) if a.code == ReasonCode::Success));
+    let Some(Packet::Disconnect(d)) = packets.get(1) else {
+        panic!("expected DISCONNECT, got {packets:?}")
+    };
+    assert_eq!(d.reason, ReasonCode::MalformedPacket);
+
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &edge.port().to_string(),
+            "-t",
+            "still/up",
+            "-m",
+            "1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "the broker still serves other clients"
+    );
+}
+
+/// Unsupported protocol level: the 3.1.1 CONNACK return code 1, then close (MQTT-3.1.2-2).
+#[test]
+fn mqtt31_client_is_refused_with_return_code_1() {
+    let edge = Edge::start(LOCAL);
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &edge.port().to_string(),
+            "-V",
+            "mqttv31",
+            "-t",
+            "t",
+            "-m",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(stderr.contains("protocol version"), "{stderr}");
+}
+
+/// Safe by default: a listener reachable from the network needs anonymous access allowed.
+#[test]
+fn network_listener_without_allow_anonymous_is_refused() {
+    let out = Command::new(binary("ferry-edge", "ferry-edge"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("allow_anonymous"), "{text}");
+}
+
+#[test]
+fn sigterm_exits_cleanly() {
+    let edge = Edge::start(LOCAL);
+    let status = edge.terminate();
+    assert!(status.success(), "{status:?}");
+}
