@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. The end-to-end tests drive real clients, so this first
 # installs the ones that come from Debian's packages when they are missing (as root, or with
-# sudo), then runs `cargo test --workspace`.
+# sudo), then runs `cargo test --workspace`, and ends with one line that adds up every test
+# binary's result: "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,4 +16,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
