@@ -14,6 +14,24 @@ use crate::broker::BrokerConfig;
 pub struct Config {
     pub server: ServerConfig,
     pub mqtt: MqttLimits,
+    pub storage: StorageConfig,
+}
+
+/// How durable state is written (`<data_dir>/ferry-edge.redb`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Wait for the disk at every commit. Default true: a QoS 1/2 message to a persistent
+    /// session is acknowledged only once it is on disk, and survives a power loss. False
+    /// survives a crash of the process but may lose the last commits on power loss, for
+    /// flash media that must be spared.
+    pub fsync: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { fsync: true }
+    }
 }
 
 /// Listeners and connection limits.

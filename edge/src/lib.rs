@@ -4,9 +4,11 @@
 //!   QoS flows, flow control). The cloud node embeds the same core.
 //! - [`server`]: the tokio driver: listeners, connections, the router thread.
 //! - [`config`]: the TOML configuration and its defaults.
+//! - [`store`]: durable state in redb (sessions, queues, retained messages).
 
 pub mod broker;
 pub mod config;
 pub mod server;
+pub mod store;
 
 pub use ferry_protocol::mqtt;

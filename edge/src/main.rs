@@ -66,7 +66,10 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("cannot start listeners")?;
     info!(addrs = ?server.local_addrs(), "ferry-edge ready");
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        e = server.failed() => anyhow::bail!("stopped: {e}"),
+    }
     info!("shutting down");
     let _ = stop_tx.send(());
     // Give connections a moment to close cleanly.

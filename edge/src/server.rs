@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::{Action, Broker, ConnId, Input, Stats};
 use crate::config::Config;
+use crate::store::{Store, StoreError};
 
 /// Packets a writer may have queued for PUBLISH flow: the send credit. Each is at most one
 /// packet (≤ `max_packet_size_bytes`), typically far smaller.
@@ -63,6 +64,7 @@ enum Outbound {
 pub struct Server {
     to_router: mpsc::Sender<ToRouter>,
     local_addrs: Vec<SocketAddr>,
+    failed: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -74,12 +76,16 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds the listeners of `config` and starts serving in the background. Serving stops
-    /// when `shutdown` completes: listeners close and connections are closed.
+    /// Opens the store, binds the listeners of `config` and starts serving in the
+    /// background. Serving stops when `shutdown` completes: listeners close and connections
+    /// are closed.
     pub async fn start(
         config: Config,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, StartError> {
+        let store = Store::open(&config.server.data_dir, config.storage.fsync)?;
+        let mut broker = Broker::new(config.mqtt.broker_config());
+        broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
             listeners.push(TcpListener::bind(addr).await?);
@@ -88,11 +94,16 @@ impl Server {
             .iter()
             .map(|l| l.local_addr())
             .collect::<std::io::Result<Vec<_>>>()?;
-        let broker_config = config.mqtt.broker_config();
         let (to_router, from_conns) = mpsc::channel(4096);
+        let (failed_tx, failed) = watch::channel(None);
         std::thread::Builder::new()
             .name("ferry-router".into())
-            .spawn(move || router(Broker::new(broker_config), from_conns))?;
+            .spawn(move || {
+                if let Err(e) = router(broker, store, from_conns) {
+                    tracing::error!(error = %e, "storage failed; the broker stops");
+                    let _ = failed_tx.send(Some(e.to_string()));
+                }
+            })?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
@@ -136,7 +147,21 @@ impl Server {
         Ok(Self {
             to_router,
             local_addrs,
+            failed,
         })
+    }
+
+    /// Completes if the broker stopped because storage failed; the error says why.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.failed.clone();
+        loop {
+            if let Some(e) = failed.borrow().clone() {
+                return e;
+            }
+            if failed.changed().await.is_err() {
+                return "the router stopped".into();
+            }
+        }
     }
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
@@ -149,6 +174,15 @@ impl Server {
         self.to_router.send(ToRouter::Stats(tx)).await.ok()?;
         rx.await.ok()
     }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 struct ConnSettings {
@@ -433,8 +467,14 @@ async fn write_loop(
     let _ = closed.send(true);
 }
 
-/// The router thread: applies inputs to the broker in batches and dispatches the actions.
-fn router(mut broker: Broker, mut rx: mpsc::Receiver<ToRouter>) {
+/// The router thread: applies inputs to the broker in batches, makes the batch's durable
+/// changes durable in one commit, then dispatches the batch's actions (group commit). If a
+/// commit fails, nothing of the batch is sent and the router stops.
+fn router(
+    mut broker: Broker,
+    store: Store,
+    mut rx: mpsc::Receiver<ToRouter>,
+) -> Result<(), StoreError> {
     let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
     let mut actions = Vec::new();
     // Connections whose reader ended; their handles go after this batch's actions went out,
@@ -468,11 +508,13 @@ fn router(mut broker: Broker, mut rx: mpsc::Receiver<ToRouter>) {
                 None
             };
         }
+        store.apply(&broker.take_store_ops())?;
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {
             conns.remove(&conn);
         }
     }
+    Ok(())
 }
 
 fn dispatch(conns: &mut HashMap<ConnId, ConnHandle>, actions: &mut Vec<Action>) {

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
@@ -44,14 +44,27 @@ pub struct Edge {
     pub addr: SocketAddr,
     /// Log lines after start-up.
     pub log: mpsc::Receiver<String>,
+    /// A data directory made for this process alone, removed with it.
+    own_dir: Option<PathBuf>,
 }
 
 impl Edge {
     /// Starts `ferry-edge` with `args` (add `--listen 127.0.0.1:0` for an ephemeral port) and
-    /// waits until it is ready.
+    /// a data directory of its own, and waits until it is ready.
     pub fn start(args: &[&str]) -> Self {
+        let dir = temp_dir("edge");
+        let mut edge = Self::start_in(&dir, args);
+        edge.own_dir = Some(dir);
+        edge
+    }
+
+    /// Like [`Edge::start`] with the data directory `dir`, which outlives the process: start
+    /// again in the same directory to test what survived.
+    pub fn start_in(dir: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(binary("ferry-edge", "ferry-edge"))
             .args(args)
+            .arg("--data-dir")
+            .arg(dir)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -75,7 +88,12 @@ impl Edge {
                 break parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
             }
         };
-        Self { child, addr, log }
+        Self {
+            child,
+            addr,
+            log,
+            own_dir: None,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -100,7 +118,20 @@ impl Drop for Edge {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.own_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// A new empty directory under the system's temporary directory.
+pub fn temp_dir(what: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ferry-test-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a temporary directory");
+    dir
 }
 
 /// The first `host:port` inside `[...]` of a log line such as

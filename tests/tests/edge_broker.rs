@@ -320,3 +320,132 @@ fn sigterm_exits_cleanly() {
     let status = edge.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+/// What a persistent session was sent at QoS 1, and the retained messages, survive SIGKILL
+/// of the broker: after a restart on the same data directory, the subscriber gets every
+/// message, in order, once.
+#[test]
+fn persistent_session_and_retained_survive_kill_9() {
+    use std::io::Write as _;
+
+    let dir = ferry_tests::process::temp_dir("kill9");
+    let edge = Edge::start_in(&dir, LOCAL);
+    let port = edge.port().to_string();
+    // Register a persistent session (-c) with its subscription, then leave (-E).
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "cmd/#",
+            "-E",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-r",
+            "-q",
+            "1",
+            "-t",
+            "status/gw",
+            "-m",
+            "online",
+        ],
+    );
+    assert!(out.status.success());
+    // 100 QoS 1 messages, one per line.
+    let mut publisher = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "cmd/run",
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub runs");
+    {
+        let mut stdin = publisher.stdin.take().expect("piped stdin");
+        for n in 0..100 {
+            writeln!(stdin, "{n}").expect("write a line");
+        }
+    }
+    assert!(publisher.wait().expect("mosquitto_pub exits").success());
+
+    edge.kill();
+    let edge = Edge::start_in(&dir, LOCAL);
+    let port = edge.port().to_string();
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-c",
+            "-i",
+            "dev-1",
+            "-q",
+            "1",
+            "-t",
+            "cmd/#",
+            "-C",
+            "100",
+            "-W",
+            "15",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    let expected: Vec<String> = (0..100).map(|n| n.to_string()).collect();
+    assert_eq!(got, expected);
+
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "status/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "online\n");
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}

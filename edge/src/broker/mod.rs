@@ -18,20 +18,23 @@
 mod session;
 mod subscriptions;
 
+pub(crate) use session::Delivery;
+
 use std::collections::{HashMap, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ferry_protocol::mqtt::SubscriptionOptions;
 use ferry_protocol::mqtt::{
     ConnAck, Connect, DecodeError, Disconnect, Packet, PacketId, Properties, ProtocolVersion,
     PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck,
     Unsubscribe,
 };
-use ferry_protocol::topic::TopicName;
+use ferry_protocol::topic::{TopicFilter, TopicName};
 
-use session::{effective_qos, Delivery, Inflight, OutState, Session};
+use session::{effective_qos, Inflight, OutState, Session};
 use subscriptions::{Entry, SubscriptionTree};
 
 /// Identifies a connection for the life of the process; the driver picks them.
@@ -163,6 +166,78 @@ pub struct Stats {
     pub publishers_paused: u64,
 }
 
+/// A change to durable state, for the storage layer to apply. The broker emits these while it
+/// handles a batch of inputs; the driver writes them in one transaction and only then sends
+/// the batch's packets, so that no acknowledgement leaves before what it acknowledges is on
+/// disk (group commit).
+///
+/// Persisted: sessions that outlive their connection (expiry > 0) with their subscriptions,
+/// their queued and in-flight QoS 1/2 messages and their unreleased incoming QoS 2 ids; and
+/// retained messages.
+#[derive(Debug, Clone)]
+pub(crate) enum StoreOp {
+    SessionPut {
+        client_id: Arc<str>,
+        expiry_secs: u32,
+        subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+    },
+    /// Removes the session with its queue and QoS 2 state.
+    SessionDelete {
+        client_id: Arc<str>,
+    },
+    /// A queued or in-flight delivery, with where its exchange stands.
+    QueuePut {
+        client_id: Arc<str>,
+        delivery: Delivery,
+        state: QueueState,
+    },
+    QueueDelete {
+        client_id: Arc<str>,
+        seq: u64,
+    },
+    RetainedPut {
+        msg: Arc<Message>,
+    },
+    RetainedDelete {
+        topic: TopicName,
+    },
+    Qos2Put {
+        client_id: Arc<str>,
+        packet_id: PacketId,
+    },
+    Qos2Delete {
+        client_id: Arc<str>,
+        packet_id: PacketId,
+    },
+}
+
+/// Where a stored delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueState {
+    Queued,
+    /// Sent with this packet id, waiting for PUBACK / PUBREC.
+    Published(PacketId),
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released(PacketId),
+}
+
+/// Durable state read back at start-up.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) sessions: Vec<StoredSession>,
+    pub(crate) retained: Vec<Message>,
+}
+
+#[derive(Debug)]
+pub(crate) struct StoredSession {
+    pub(crate) client_id: Arc<str>,
+    pub(crate) expiry_secs: u32,
+    pub(crate) subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+    /// In sequence order.
+    pub(crate) queue: Vec<(Delivery, QueueState)>,
+    pub(crate) awaiting_pubrel: Vec<PacketId>,
+}
+
 /// Per-connection state that does not outlive the connection.
 #[derive(Debug)]
 struct Conn {
@@ -202,6 +277,8 @@ pub struct Broker {
     out: Vec<Action>,
     /// Set while held publishes are being retried.
     retrying: bool,
+    /// Durable changes since the driver last took them.
+    store_ops: Vec<StoreOp>,
 }
 
 /// Why a message could not be routed now.
@@ -221,6 +298,7 @@ impl Broker {
             stats: Stats::default(),
             out: Vec::new(),
             retrying: false,
+            store_ops: Vec::new(),
         }
     }
 
@@ -237,6 +315,82 @@ impl Broker {
             queued_bytes: self.queued_bytes,
             ..self.stats.clone()
         }
+    }
+
+    /// The durable changes made since the last call, in order. The driver must make them
+    /// durable before it sends the packets of the same batch.
+    pub(crate) fn take_store_ops(&mut self) -> Vec<StoreOp> {
+        std::mem::take(&mut self.store_ops)
+    }
+
+    /// Loads durable state at start-up, before any connection. Sessions come back offline:
+    /// their expiry counts from `now`, their in-flight messages are resent with DUP when
+    /// they reconnect.
+    pub(crate) fn restore(&mut self, snapshot: Snapshot, now: Instant) {
+        for msg in snapshot.retained {
+            self.retained.insert(msg.topic.clone(), Arc::new(msg));
+        }
+        for stored in snapshot.sessions {
+            let mut session = Session::new(stored.client_id.clone());
+            session.expiry_secs = stored.expiry_secs;
+            session.disconnected_at = Some(now);
+            for (filter, options, id) in stored.subscriptions {
+                self.subscriptions.insert(
+                    &filter,
+                    Entry {
+                        client_id: stored.client_id.clone(),
+                        shared_group: filter.is_shared().then(|| Arc::from(filter.as_str())),
+                        options,
+                        id,
+                    },
+                );
+                session
+                    .subscriptions
+                    .insert(filter.as_str().to_owned(), (filter, options, id));
+            }
+            for (delivery, state) in stored.queue {
+                self.queued_bytes += delivery.cost();
+                session.next_seq = session.next_seq.max(delivery.seq + 1);
+                match state {
+                    QueueState::Queued => {
+                        session.queued_bytes += delivery.cost();
+                        session.queue.push_back(delivery);
+                    }
+                    QueueState::Published(packet_id) | QueueState::Released(packet_id) => {
+                        session.inflight.push_back(Inflight {
+                            packet_id,
+                            delivery,
+                            state: if matches!(state, QueueState::Released(_)) {
+                                OutState::Released
+                            } else {
+                                OutState::Published
+                            },
+                            sent: false,
+                        });
+                    }
+                }
+            }
+            session.awaiting_pubrel.extend(stored.awaiting_pubrel);
+            self.sessions.insert(stored.client_id, session);
+        }
+    }
+
+    fn persist_session(&mut self, client_id: &Arc<str>) {
+        let Some(session) = self.sessions.get(client_id) else {
+            return;
+        };
+        let op = if session.is_persistent() {
+            StoreOp::SessionPut {
+                client_id: client_id.clone(),
+                expiry_secs: session.expiry_secs,
+                subscriptions: session.subscriptions.values().cloned().collect(),
+            }
+        } else {
+            StoreOp::SessionDelete {
+                client_id: client_id.clone(),
+            }
+        };
+        self.store_ops.push(op);
     }
 
     /// Handles one input; the actions it causes are appended to `actions` in order.
@@ -342,6 +496,7 @@ impl Broker {
         for inflight in &mut session.inflight {
             inflight.sent = false;
         }
+        self.persist_session(&client_id);
 
         let client_window = connect
             .properties
@@ -505,6 +660,11 @@ impl Broker {
             self.subscriptions.remove(filter, client_id);
         }
         self.queued_bytes -= session.held_bytes();
+        if session.is_persistent() {
+            self.store_ops.push(StoreOp::SessionDelete {
+                client_id: client_id.clone(),
+            });
+        }
     }
 
     // ---- packets --------------------------------------------------------------------------
@@ -536,6 +696,14 @@ impl Broker {
                     }
                     Some(i) => {
                         i.state = OutState::Released;
+                        let delivery = i.delivery.clone();
+                        if session.is_persistent() {
+                            self.store_ops.push(StoreOp::QueuePut {
+                                client_id: client_id.clone(),
+                                delivery,
+                                state: QueueState::Released(r.packet_id),
+                            });
+                        }
                         self.send(conn, Packet::PubRel(PubResponse::new(r.packet_id)));
                     }
                     None => {
@@ -547,10 +715,15 @@ impl Broker {
             }
             Packet::PubComp(r) => self.acked(conn, &client_id, r.packet_id, QoS::ExactlyOnce, now),
             Packet::PubRel(r) => {
-                let known = self
-                    .sessions
-                    .get_mut(&client_id)
-                    .is_some_and(|s| s.awaiting_pubrel.remove(&r.packet_id));
+                let session = self.sessions.get_mut(&client_id);
+                let persistent = session.as_ref().is_some_and(|s| s.is_persistent());
+                let known = session.is_some_and(|s| s.awaiting_pubrel.remove(&r.packet_id));
+                if known && persistent {
+                    self.store_ops.push(StoreOp::Qos2Delete {
+                        client_id: client_id.clone(),
+                        packet_id: r.packet_id,
+                    });
+                }
                 let mut comp = PubResponse::new(r.packet_id);
                 if !known {
                     comp.reason = ReasonCode::PacketIdentifierNotFound;
@@ -601,6 +774,7 @@ impl Broker {
                 return self.protocol_error(conn, ReasonCode::ProtocolError, now);
             }
             session.expiry_secs = expiry.min(self.config.max_session_expiry_secs);
+            self.persist_session(client_id);
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.closing = true;
@@ -706,6 +880,12 @@ impl Broker {
             (QoS::ExactlyOnce, Some(id)) => {
                 if let Some(s) = self.sessions.get_mut(client_id) {
                     s.awaiting_pubrel.insert(id);
+                    if s.is_persistent() {
+                        self.store_ops.push(StoreOp::Qos2Put {
+                            client_id: client_id.clone(),
+                            packet_id: id,
+                        });
+                    }
                 }
                 let mut rec = PubResponse::new(id);
                 rec.reason = reason;
@@ -739,9 +919,15 @@ impl Broker {
 
     fn retain(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
-            self.retained.remove(&msg.topic);
+            if self.retained.remove(&msg.topic).is_some() {
+                self.store_ops.push(StoreOp::RetainedDelete {
+                    topic: msg.topic.clone(),
+                });
+            }
         } else {
             self.retained.insert(msg.topic.clone(), msg.clone());
+            self.store_ops
+                .push(StoreOp::RetainedPut { msg: msg.clone() });
         }
     }
 
@@ -821,7 +1007,15 @@ impl Broker {
                 continue;
             }
             self.queued_bytes += cost;
-            session.push(d);
+            let persistent = session.is_persistent();
+            let d = session.push(d);
+            if persistent && d.qos != QoS::AtMostOnce {
+                self.store_ops.push(StoreOp::QueuePut {
+                    client_id: client_id.clone(),
+                    delivery: d.clone(),
+                    state: QueueState::Queued,
+                });
+            }
             ids.push(client_id);
         }
         for id in ids {
@@ -882,6 +1076,7 @@ impl Broker {
                             qos: effective_qos(msg.qos, sub.options.qos),
                             retain: true,
                             subscription_ids: id.into_iter().collect(),
+                            seq: 0,
                         });
                     }
                 }
@@ -895,10 +1090,19 @@ impl Broker {
                 reasons,
             }),
         );
+        self.persist_session(client_id);
         if let Some(session) = self.sessions.get_mut(client_id) {
+            let persistent = session.is_persistent();
             for d in retained_out {
                 self.queued_bytes += d.cost();
-                session.push(d);
+                let d = session.push(d);
+                if persistent && d.qos != QoS::AtMostOnce {
+                    self.store_ops.push(StoreOp::QueuePut {
+                        client_id: client_id.clone(),
+                        delivery: d.clone(),
+                        state: QueueState::Queued,
+                    });
+                }
             }
         }
         self.pump(client_id, now);
@@ -921,6 +1125,7 @@ impl Broker {
                 }
             })
             .collect();
+        self.persist_session(client_id);
         self.send(
             conn,
             Packet::UnsubAck(UnsubAck {
@@ -945,6 +1150,12 @@ impl Broker {
         }
         if let Some(done) = session.inflight.remove(pos) {
             self.queued_bytes -= done.delivery.cost();
+            if session.is_persistent() {
+                self.store_ops.push(StoreOp::QueueDelete {
+                    client_id: client_id.clone(),
+                    seq: done.delivery.seq,
+                });
+            }
         }
         self.pump(client_id, now);
         self.retry_held(now);
@@ -994,9 +1205,16 @@ impl Broker {
                 break;
             }
             let d = session.pop().expect("front exists");
+            let stored = session.is_persistent() && d.qos != QoS::AtMostOnce;
             if d.msg.expired(now) {
                 self.queued_bytes -= d.cost();
                 self.stats.dropped_expired += 1;
+                if stored {
+                    self.store_ops.push(StoreOp::QueueDelete {
+                        client_id: client_id.clone(),
+                        seq: d.seq,
+                    });
+                }
                 continue;
             }
             let packet_id = (d.qos != QoS::AtMostOnce).then(|| session.next_packet_id());
@@ -1009,16 +1227,31 @@ impl Broker {
                 // MQTT-3.1.2-25: never send a client more than its Maximum Packet Size.
                 self.queued_bytes -= d.cost();
                 self.stats.dropped_too_large_for_client += 1;
+                if stored {
+                    self.store_ops.push(StoreOp::QueueDelete {
+                        client_id: client_id.clone(),
+                        seq: d.seq,
+                    });
+                }
                 continue;
             }
             self.stats.sent_by_qos[d.qos as usize] += 1;
             match packet_id {
-                Some(packet_id) => session.inflight.push_back(Inflight {
-                    packet_id,
-                    delivery: d,
-                    state: OutState::Published,
-                    sent: true,
-                }),
+                Some(packet_id) => {
+                    if stored {
+                        self.store_ops.push(StoreOp::QueuePut {
+                            client_id: client_id.clone(),
+                            delivery: d.clone(),
+                            state: QueueState::Published(packet_id),
+                        });
+                    }
+                    session.inflight.push_back(Inflight {
+                        packet_id,
+                        delivery: d,
+                        state: OutState::Published,
+                        sent: true,
+                    });
+                }
                 None => self.queued_bytes -= d.cost(),
             }
             conn.credit -= 1;
@@ -1093,6 +1326,7 @@ fn add_target(targets: &mut HashMap<Arc<str>, Delivery>, msg: &Arc<Message>, e: 
             qos,
             retain,
             subscription_ids: Vec::new(),
+            seq: 0,
         });
     d.qos = d.qos.max(qos);
     d.retain |= retain;

@@ -21,6 +21,8 @@ pub(crate) struct Delivery {
     /// The RETAIN flag to send: kept only for retain-as-published or retained-on-subscribe.
     pub(crate) retain: bool,
     pub(crate) subscription_ids: Vec<NonZeroU32>,
+    /// Position in the session's queue, unique within the session; the storage key.
+    pub(crate) seq: u64,
 }
 
 impl Delivery {
@@ -64,6 +66,8 @@ pub(crate) struct Session {
     /// Outgoing QoS 1/2 messages in the order they were first sent.
     pub(crate) inflight: VecDeque<Inflight>,
     next_packet_id: u16,
+    /// The sequence number of the next queued delivery.
+    pub(crate) next_seq: u64,
     /// Incoming QoS 2 packet ids received and not yet released (PUBREL).
     pub(crate) awaiting_pubrel: HashSet<PacketId>,
     /// The will of the current (or last) connection, and when it is due if pending.
@@ -83,15 +87,25 @@ impl Session {
             queued_bytes: 0,
             inflight: VecDeque::new(),
             next_packet_id: 1,
+            next_seq: 0,
             awaiting_pubrel: HashSet::new(),
             will: None,
             will_due: None,
         }
     }
 
-    pub(crate) fn push(&mut self, delivery: Delivery) {
+    /// Appends to the queue, giving the delivery its sequence number; returns it.
+    pub(crate) fn push(&mut self, mut delivery: Delivery) -> &Delivery {
+        delivery.seq = self.next_seq;
+        self.next_seq += 1;
         self.queued_bytes += delivery.cost();
         self.queue.push_back(delivery);
+        self.queue.back().expect("just pushed")
+    }
+
+    /// Whether the session outlives its connection, and so is kept on disk.
+    pub(crate) fn is_persistent(&self) -> bool {
+        self.expiry_secs > 0
     }
 
     pub(crate) fn pop(&mut self) -> Option<Delivery> {
