@@ -29,17 +29,22 @@ use crate::broker::{Action, Broker, ConnId, Input, Stats};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 
-/// Packets a writer may have queued for PUBLISH flow: the send credit. Each is at most one
-/// packet (≤ `max_packet_size_bytes`), typically far smaller.
-const SEND_CREDIT: usize = 64;
+/// Packets a writer may have queued for PUBLISH flow: the send credit. A queued packet shares
+/// its payload with the broker's queues; what it adds is its header (~100 bytes). Deep
+/// enough that a fast subscriber is never waiting for credit to come back.
+const SEND_CREDIT: usize = 256;
 /// Room above the credit for control packets (acks, SUBACK, PINGRESP), which the broker
 /// sends without credit. A client that fills this without reading is closed.
 const CONTROL_SLACK: usize = 64;
 /// Inputs the router applies before it dispatches what they caused: a batch, so that one
 /// storage commit can later cover many messages (group commit).
 const ROUTER_BATCH: usize = 256;
-/// Bytes read from a socket at a time.
-const READ_CHUNK: usize = 16 * 1024;
+/// Room made in a connection's read buffer before each read. Small, so that an idle
+/// connection costs little; a packet larger than this gets its whole size reserved by the
+/// decoder once its header is in.
+const READ_CHUNK: usize = 2 * 1024;
+/// A read or write buffer that grew past this during a burst is given back once empty.
+const BUFFER_KEEP: usize = 64 * 1024;
 
 /// Messages into the router thread.
 enum ToRouter {
@@ -96,10 +101,11 @@ impl Server {
             .collect::<std::io::Result<Vec<_>>>()?;
         let (to_router, from_conns) = mpsc::channel(4096);
         let (failed_tx, failed) = watch::channel(None);
+        let (credit_tx, credit_rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("ferry-router".into())
             .spawn(move || {
-                if let Err(e) = router(broker, store, from_conns) {
+                if let Err(e) = router(broker, store, from_conns, credit_rx) {
                     tracing::error!(error = %e, "storage failed; the broker stops");
                     let _ = failed_tx.send(Some(e.to_string()));
                 }
@@ -129,6 +135,7 @@ impl Server {
         let next_id = Arc::new(AtomicU64::new(1));
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
         let settings = Arc::new(ConnSettings {
+            credit: credit_tx,
             connect_timeout: Duration::from_secs(config.server.connect_timeout_secs),
             max_packet_size: config.mqtt.max_packet_size_bytes as usize,
             max_keepalive_secs: config.mqtt.max_keepalive_secs,
@@ -186,6 +193,8 @@ pub enum StartError {
 }
 
 struct ConnSettings {
+    /// Where writers give send credit back to the router.
+    credit: mpsc::UnboundedSender<(ConnId, usize)>,
     connect_timeout: Duration,
     max_packet_size: usize,
     max_keepalive_secs: u16,
@@ -238,7 +247,7 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let (mut rd, mut wr) = stream.into_split();
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
 
     // CONNECT first, within the connect timeout.
     let first = tokio::time::timeout(
@@ -309,7 +318,7 @@ async fn connection(
         out_rx,
         conn,
         version,
-        to_router.clone(),
+        settings.credit.clone(),
         closed_tx,
     ));
 
@@ -409,6 +418,9 @@ async fn read_packet(
         {
             return Ok(Some(packet));
         }
+        if buf.is_empty() && buf.capacity() > BUFFER_KEEP {
+            *buf = BytesMut::new();
+        }
         buf.reserve(READ_CHUNK.min(max_packet_size));
         match rd.read_buf(buf).await {
             Ok(0) => return Ok(None),
@@ -424,10 +436,10 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Outbound>,
     conn: ConnId,
     version: ProtocolVersion,
-    to_router: mpsc::Sender<ToRouter>,
+    credit: mpsc::UnboundedSender<(ConnId, usize)>,
     closed: watch::Sender<bool>,
 ) {
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::new();
     'outer: while let Some(first) = rx.recv().await {
         let mut packets = 0;
         let mut close = false;
@@ -451,15 +463,15 @@ async fn write_loop(
             break 'outer;
         }
         out.clear();
+        if out.capacity() > BUFFER_KEEP {
+            out = BytesMut::new();
+        }
         if close {
             break;
         }
-        if packets > 0
-            && to_router
-                .send(ToRouter::Input(Input::Written { conn, packets }))
-                .await
-                .is_err()
-        {
+        // Unbounded by type, bounded by design: at most one message per write, and writes
+        // need credit.
+        if packets > 0 && credit.send((conn, packets)).is_err() {
             break;
         }
     }
@@ -471,16 +483,44 @@ async fn write_loop(
 /// changes durable in one commit, then dispatches the batch's actions (group commit). If a
 /// commit fails, nothing of the batch is sent and the router stops.
 fn router(
+    broker: Broker,
+    store: Store,
+    rx: mpsc::Receiver<ToRouter>,
+    credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
+) -> Result<(), StoreError> {
+    // A runtime of its own, on this thread only: the router may block on a commit without
+    // holding up the connections' tasks.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| StoreError::Corrupt {
+            table: "-",
+            what: format!("cannot start the router: {e}"),
+        })?;
+    runtime.block_on(route_loop(broker, store, rx, credit))
+}
+
+async fn route_loop(
     mut broker: Broker,
     store: Store,
     mut rx: mpsc::Receiver<ToRouter>,
+    mut credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
 ) -> Result<(), StoreError> {
     let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
     let mut actions = Vec::new();
     // Connections whose reader ended; their handles go after this batch's actions went out,
     // so that a last CONNACK or DISCONNECT still reaches the writer.
     let mut gone = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        // Credit first: a subscriber's writer waiting for it must not queue behind a flood
+        // of publishes.
+        let first = tokio::select! {
+            biased;
+            Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
+            msg = rx.recv() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
         let now = Instant::now();
         let mut next = Some(first);
         let mut n = 0;
@@ -500,6 +540,9 @@ fn router(
                 ToRouter::Stats(reply) => {
                     let _ = reply.send(broker.stats());
                 }
+            }
+            while let Ok((conn, packets)) = credit.try_recv() {
+                broker.handle(Input::Written { conn, packets }, now, &mut actions);
             }
             n += 1;
             next = if n < ROUTER_BATCH {
