@@ -80,6 +80,7 @@ pub struct MqttLimits {
     pub max_session_expiry_secs: u32,
     pub max_keepalive_secs: u16,
     pub retain_available: bool,
+    pub sys_interval_secs: u32,
 }
 
 impl Default for MqttLimits {
@@ -96,6 +97,7 @@ impl Default for MqttLimits {
             max_session_expiry_secs: b.max_session_expiry_secs,
             max_keepalive_secs: b.max_keepalive_secs,
             retain_available: b.retain_available,
+            sys_interval_secs: b.sys_interval_secs,
         }
     }
 }
@@ -113,6 +115,7 @@ impl MqttLimits {
             max_session_expiry_secs: self.max_session_expiry_secs,
             max_keepalive_secs: self.max_keepalive_secs,
             retain_available: self.retain_available,
+            sys_interval_secs: self.sys_interval_secs,
         }
     }
 }

@@ -67,6 +67,9 @@ pub struct BrokerConfig {
     pub max_keepalive_secs: u16,
     /// Whether retained messages are kept. Default true.
     pub retain_available: bool,
+    /// Seconds between updates of the `$SYS/broker/...` statistics topics; 0 turns them off.
+    /// Default 10.
+    pub sys_interval_secs: u32,
 }
 
 impl Default for BrokerConfig {
@@ -82,6 +85,7 @@ impl Default for BrokerConfig {
             max_session_expiry_secs: u32::MAX,
             max_keepalive_secs: 0,
             retain_available: true,
+            sys_interval_secs: 10,
         }
     }
 }
@@ -279,6 +283,9 @@ pub struct Broker {
     retrying: bool,
     /// Durable changes since the driver last took them.
     store_ops: Vec<StoreOp>,
+    /// When the broker saw its first input, for `$SYS/broker/uptime`.
+    started_at: Option<Instant>,
+    next_sys_at: Option<Instant>,
 }
 
 /// Why a message could not be routed now.
@@ -299,6 +306,8 @@ impl Broker {
             out: Vec::new(),
             retrying: false,
             store_ops: Vec::new(),
+            started_at: None,
+            next_sys_at: None,
         }
     }
 
@@ -395,6 +404,7 @@ impl Broker {
 
     /// Handles one input; the actions it causes are appended to `actions` in order.
     pub fn handle(&mut self, input: Input, now: Instant, actions: &mut Vec<Action>) {
+        self.started_at.get_or_insert(now);
         match input {
             Input::Connect {
                 conn,
@@ -581,6 +591,12 @@ impl Broker {
 
     /// Sends due wills and ends expired sessions.
     fn tick(&mut self, now: Instant) {
+        let started = *self.started_at.get_or_insert(now);
+        let interval = self.config.sys_interval_secs;
+        if interval > 0 && self.next_sys_at.is_none_or(|at| now >= at) {
+            self.next_sys_at = Some(now + Duration::from_secs(interval.into()));
+            self.publish_sys(now, now.duration_since(started));
+        }
         let ids: Vec<Arc<str>> = self
             .sessions
             .values()
@@ -589,6 +605,63 @@ impl Broker {
             .collect();
         for id in ids {
             self.tick_session(&id, now);
+        }
+    }
+
+    /// Publishes the statistics as retained QoS 0 messages under `$SYS/broker/` (the names
+    /// Mosquitto uses where it has one). They are not written to disk.
+    fn publish_sys(&mut self, now: Instant, uptime: Duration) {
+        let s = self.stats();
+        let dropped = s.dropped_qos0_queue_full
+            + s.dropped_offline_queue_full
+            + s.dropped_expired
+            + s.dropped_too_large_for_client;
+        let values: [(&str, String); 14] = [
+            (
+                "version",
+                format!("ferry-edge {}", env!("CARGO_PKG_VERSION")),
+            ),
+            ("uptime", format!("{} seconds", uptime.as_secs())),
+            ("clients/connected", s.connections.to_string()),
+            ("clients/total", s.sessions.to_string()),
+            ("subscriptions/count", s.subscriptions.to_string()),
+            ("retained messages/count", s.retained.to_string()),
+            (
+                "messages/received",
+                s.received_by_qos.iter().sum::<u64>().to_string(),
+            ),
+            (
+                "messages/sent",
+                s.sent_by_qos.iter().sum::<u64>().to_string(),
+            ),
+            ("store/messages/bytes", s.queued_bytes.to_string()),
+            ("messages/dropped", dropped.to_string()),
+            (
+                "messages/dropped/qos0_queue_full",
+                s.dropped_qos0_queue_full.to_string(),
+            ),
+            (
+                "messages/dropped/offline_queue_full",
+                s.dropped_offline_queue_full.to_string(),
+            ),
+            ("messages/dropped/expired", s.dropped_expired.to_string()),
+            ("publishers/paused", s.publishers_paused.to_string()),
+        ];
+        for (name, value) in values {
+            let Ok(topic) = TopicName::new(format!("$SYS/broker/{name}")) else {
+                continue;
+            };
+            let msg = Arc::new(Message {
+                topic,
+                payload: Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Properties::default(),
+                expires_at: None,
+                publisher: None,
+            });
+            self.retained.insert(msg.topic.clone(), msg.clone());
+            let _ = self.route(msg, now, true);
         }
     }
 

@@ -427,3 +427,28 @@ fn assigned_client_identifier_for_empty_v5_id() {
         .as_deref()
         .is_some_and(|s| s.starts_with("ferry-auto-")));
 }
+
+#[test]
+fn sys_topics_are_published_on_tick_and_retained() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "ops");
+    h.packet(1, subscribe("$SYS/broker/clients/#", QoS::AtMostOnce));
+    let a = h.run(Input::Tick);
+    let got = publishes(&a, 1);
+    let connected = got
+        .iter()
+        .find(|p| p.topic.as_str() == "$SYS/broker/clients/connected")
+        .expect("clients/connected published");
+    assert_eq!(&connected.payload[..], b"1");
+    // Not again before the interval; again after it.
+    h.now += Duration::from_secs(5);
+    assert!(publishes(&h.run(Input::Tick), 1).is_empty());
+    h.now += Duration::from_secs(6);
+    assert!(!publishes(&h.run(Input::Tick), 1).is_empty());
+    // A later subscriber gets the values at once (retained), and `#` does not match $SYS.
+    h.connect(2, "late");
+    let a = h.packet(2, subscribe("#", QoS::AtMostOnce));
+    assert!(publishes(&a, 2).is_empty());
+    let a = h.packet(2, subscribe("$SYS/broker/version", QoS::AtMostOnce));
+    assert!(publishes(&a, 2)[0].payload.starts_with(b"ferry-edge "));
+}
