@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::auth::{Auth, AuthError};
 use crate::broker::BrokerConfig;
 
 /// The whole configuration file.
@@ -15,6 +16,18 @@ pub struct Config {
     pub server: ServerConfig,
     pub mqtt: MqttLimits,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
+}
+
+/// Mosquitto's password and ACL files, read as they are (see [`crate::auth`]). Both are
+/// read again on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A `mosquitto_passwd` file. Default none.
+    pub password_file: Option<PathBuf>,
+    /// A Mosquitto ACL file. Default none: every client may publish and subscribe anywhere.
+    pub acl_file: Option<PathBuf>,
 }
 
 /// How durable state is written (`<data_dir>/ferry-edge.redb`).
@@ -41,9 +54,9 @@ pub struct ServerConfig {
     /// Plain TCP MQTT listeners. Default `["127.0.0.1:1883"]`: local clients only, as
     /// Mosquitto 2 does with no configuration.
     pub listen: Vec<SocketAddr>,
-    /// Allow clients without credentials on listeners that are not loopback. Default false:
-    /// such a listener is refused at start-up until this is set (password files come with
-    /// authentication).
+    /// Let clients in without a username. Default false, with one exception that makes the
+    /// quick start work: with no password file and only loopback listeners, local clients
+    /// are let in. A listener reachable from the network needs a password file or this.
     pub allow_anonymous: bool,
     /// Open connections at most; further connections are closed at once. Default 1024; each
     /// costs two tasks and its buffers (about 20 KiB idle).
@@ -134,8 +147,9 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error(
-        "listener {addr} is reachable from the network and anonymous access is not allowed: \
-         set server.allow_anonymous = true (or --allow-anonymous), or listen on 127.0.0.1"
+        "listener {addr} is reachable from the network, with no password file and anonymous \
+         access not allowed: set auth.password_file, or server.allow_anonymous = true \
+         (--allow-anonymous), or listen on 127.0.0.1"
     )]
     AnonymousOnNetwork { addr: SocketAddr },
     #[error("{field} must be {rule}, not {value}")]
@@ -149,6 +163,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Reads the password and ACL files into the rules the broker applies.
+    pub fn load_auth(&self) -> Result<Auth, AuthError> {
+        let local_only = self.server.listen.iter().all(|a| a.ip().is_loopback());
+        let allow_anonymous =
+            self.server.allow_anonymous || (self.auth.password_file.is_none() && local_only);
+        Auth::load(
+            self.auth.password_file.as_deref(),
+            self.auth.acl_file.as_deref(),
+            allow_anonymous,
+        )
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -166,7 +192,7 @@ impl Config {
         if self.server.listen.is_empty() {
             return Err(ConfigError::NoListener);
         }
-        if !self.server.allow_anonymous {
+        if !self.server.allow_anonymous && self.auth.password_file.is_none() {
             if let Some(addr) = self.server.listen.iter().find(|a| !a.ip().is_loopback()) {
                 return Err(ConfigError::AnonymousOnNetwork { addr: *addr });
             }
@@ -233,6 +259,9 @@ mod tests {
         ));
         config.server.allow_anonymous = true;
         config.validate().expect("explicitly allowed");
+        config.server.allow_anonymous = false;
+        config.auth.password_file = Some("/etc/ferry/passwd".into());
+        config.validate().expect("a password file protects it");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! - [`broker`]: the broker core, sans-IO (sessions, subscriptions, retained messages, wills,
 //!   QoS flows, flow control). The cloud node embeds the same core.
 //! - [`server`]: the tokio driver: listeners, connections, the router thread.
+//! - [`auth`]: Mosquitto's password and ACL files.
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`store`]: durable state in redb (sessions, queues, retained messages).
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod server;

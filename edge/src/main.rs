@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     }
     config.server.allow_anonymous |= args.allow_anonymous;
     config.validate()?;
+    let config_for_reload = config.clone();
 
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -66,6 +67,23 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("cannot start listeners")?;
     info!(addrs = ?server.local_addrs(), "ferry-edge ready");
+    let reloader = server.clone();
+    let reload_config = config_for_reload;
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match reload_config.load_auth() {
+                Ok(auth) => {
+                    reloader.reload_auth(auth).await;
+                    info!("SIGHUP: password and ACL files reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old rules"),
+            }
+        }
+    });
     tokio::select! {
         _ = shutdown => {}
         e = server.failed() => anyhow::bail!("stopped: {e}"),

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::auth::{Auth, AuthError};
 use crate::broker::{Action, Broker, ConnId, Input, Stats};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
@@ -49,6 +50,7 @@ const BUFFER_KEEP: usize = 64 * 1024;
 /// Messages into the router thread.
 enum ToRouter {
     Register { conn: ConnId, handle: ConnHandle },
+    SetAuth(Arc<Auth>),
     Input(Input),
     Stats(tokio::sync::oneshot::Sender<Stats>),
 }
@@ -90,6 +92,7 @@ impl Server {
     ) -> Result<Self, StartError> {
         let store = Store::open(&config.server.data_dir, config.storage.fsync)?;
         let mut broker = Broker::new(config.mqtt.broker_config());
+        broker.set_auth(Arc::new(config.load_auth()?));
         broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
@@ -175,6 +178,11 @@ impl Server {
         &self.local_addrs
     }
 
+    /// Applies new password and ACL rules (SIGHUP).
+    pub async fn reload_auth(&self, auth: Auth) {
+        let _ = self.to_router.send(ToRouter::SetAuth(Arc::new(auth))).await;
+    }
+
     /// The broker's counters now.
     pub async fn stats(&self) -> Option<Stats> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -190,6 +198,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 struct ConnSettings {
@@ -529,6 +539,7 @@ async fn route_loop(
                 ToRouter::Register { conn, handle } => {
                     conns.insert(conn, handle);
                 }
+                ToRouter::SetAuth(auth) => broker.set_auth(auth),
                 ToRouter::Input(input) => {
                     let lost = match &input {
                         Input::Lost { conn } => Some(*conn),

@@ -96,9 +96,10 @@ impl Store {
         for row in sessions.iter().map_err(dberr)? {
             let (key, value) = row.map_err(dberr)?;
             let client_id: Arc<str> = key.value().into();
-            let (expiry_secs, subscriptions) = read_session(value.value())?;
+            let (expiry_secs, username, subscriptions) = read_session(value.value())?;
             let mut stored = StoredSession {
                 client_id: client_id.clone(),
+                username,
                 expiry_secs,
                 subscriptions,
                 queue: Vec::new(),
@@ -160,10 +161,11 @@ impl Store {
                 match op {
                     StoreOp::SessionPut {
                         client_id,
+                        username,
                         expiry_secs,
                         subscriptions,
                     } => {
-                        write_session(&mut buf, *expiry_secs, subscriptions);
+                        write_session(&mut buf, *expiry_secs, username.as_deref(), subscriptions);
                         sessions.insert(&**client_id, &buf[..]).map_err(dberr)?;
                     }
                     StoreOp::SessionDelete { client_id } => {
@@ -281,15 +283,17 @@ fn need(r: &Bytes, n: usize, table: &'static str) -> Result<(), StoreError> {
     }
 }
 
-/// Session: format, expiry, then each subscription as filter, options byte (the MQTT 5
+/// Session: format, expiry, username (empty for none), then each subscription as filter, options byte (the MQTT 5
 /// SUBSCRIBE encoding) and identifier (0 for none).
 fn write_session(
     buf: &mut BytesMut,
     expiry_secs: u32,
+    username: Option<&str>,
     subs: &[(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)],
 ) {
     buf.put_u8(FORMAT);
     buf.put_u32(expiry_secs);
+    put_str(buf, username.unwrap_or(""));
     buf.put_u16(subs.len() as u16);
     for (filter, o, id) in subs {
         put_str(buf, filter.as_str());
@@ -305,7 +309,7 @@ fn write_session(
 
 type Subscriptions = Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>;
 
-fn read_session(raw: &[u8]) -> Result<(u32, Subscriptions), StoreError> {
+fn read_session(raw: &[u8]) -> Result<(u32, Option<Arc<str>>, Subscriptions), StoreError> {
     const T: &str = "sessions";
     let mut r = Bytes::copy_from_slice(raw);
     need(&r, 7, T)?;
@@ -313,6 +317,9 @@ fn read_session(raw: &[u8]) -> Result<(u32, Subscriptions), StoreError> {
         return Err(corrupt(T, "unknown format"));
     }
     let expiry = r.get_u32();
+    let username = get_str(&mut r, T)?;
+    let username = (!username.is_empty()).then(|| Arc::from(username));
+    need(&r, 2, T)?;
     let n = r.get_u16();
     let mut subs = Vec::with_capacity(usize::from(n));
     for _ in 0..n {
@@ -334,7 +341,7 @@ fn read_session(raw: &[u8]) -> Result<(u32, Subscriptions), StoreError> {
         };
         subs.push((filter, options, NonZeroU32::new(r.get_u32())));
     }
-    Ok((expiry, subs))
+    Ok((expiry, username, subs))
 }
 
 /// Delivery: format, delivered QoS, RETAIN to send, state (0 queued, 1 published, 2
@@ -475,6 +482,7 @@ mod tests {
                 .apply(&[
                     StoreOp::SessionPut {
                         client_id: client.clone(),
+                        username: Some("alice".into()),
                         expiry_secs: 3600,
                         subscriptions: vec![(
                             filter,
@@ -527,6 +535,7 @@ mod tests {
         assert_eq!(snap.sessions.len(), 1);
         let s = &snap.sessions[0];
         assert_eq!((&*s.client_id, s.expiry_secs), ("dev-1", 3600));
+        assert_eq!(s.username.as_deref(), Some("alice"));
         assert_eq!(s.subscriptions[0].0.as_str(), "cmd/#");
         let seqs: Vec<(u64, QueueState)> = s.queue.iter().map(|(d, st)| (d.seq, *st)).collect();
         assert_eq!(

@@ -100,6 +100,10 @@ impl Edge {
         self.addr.port()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGKILL and waits for the process.
     pub fn kill(mut self) {
         let _ = self.child.kill();

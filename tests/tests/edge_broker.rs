@@ -548,3 +548,90 @@ async fn kill_9_mid_stream_loses_no_acknowledged_message() {
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Mosquitto's own password file (made by mosquitto_passwd) and ACL file, read as they are;
+/// SIGHUP reloads them.
+#[test]
+fn mosquitto_password_and_acl_files_work_and_reload_on_sighup() {
+    let dir = ferry_tests::process::temp_dir("auth");
+    let passwd = dir.join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["alice", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd must be installed (apt-get install mosquitto)");
+    assert!(status.success());
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "user alice\ntopic readwrite sensors/#\n").expect("write acl");
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\npassword_file = {:?}\nacl_file = {:?}\n",
+            passwd, acl
+        ),
+    )
+    .expect("write config");
+    let edge = Edge::start(&["--config", config.to_str().expect("utf8 path")]);
+    let port = edge.port().to_string();
+    let base = ["-h", "127.0.0.1", "-p", port.as_str(), "-V", "mqttv5"];
+    let run = |tool: &str, extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        mosquitto(tool, &args)
+    };
+
+    let wrong = run(
+        "mosquitto_pub",
+        &["-u", "alice", "-P", "nope", "-t", "sensors/t", "-m", "1"],
+    );
+    assert!(!wrong.status.success(), "a wrong password is refused");
+    let anonymous = run("mosquitto_pub", &["-t", "sensors/t", "-m", "1"]);
+    assert!(
+        !anonymous.status.success(),
+        "anonymous is refused when there is a password file"
+    );
+
+    let ok = run(
+        "mosquitto_sub",
+        &["-u", "alice", "-P", "s3cret", "-t", "sensors/#", "-E"],
+    );
+    let denied_text = |out: &Output| String::from_utf8_lossy(&out.stderr).contains("denied");
+    assert!(
+        ok.status.success() && !denied_text(&ok),
+        "alice may subscribe to sensors/#"
+    );
+    let denied = run(
+        "mosquitto_sub",
+        &["-u", "alice", "-P", "s3cret", "-t", "other/#", "-E"],
+    );
+    // mosquitto_sub reports a SUBACK of 0x87 on stderr.
+    assert!(denied_text(&denied), "other/# is not in alice's ACL");
+
+    std::fs::write(
+        &acl,
+        "user alice\ntopic readwrite sensors/#\ntopic read other/#\n",
+    )
+    .expect("rewrite acl");
+    let pid = edge.pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let reloaded = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        edge.log.try_iter().any(|line| line.contains("reloaded"))
+    });
+    assert!(reloaded, "the broker logs the reload");
+    let now_ok = run(
+        "mosquitto_sub",
+        &["-u", "alice", "-P", "s3cret", "-t", "other/#", "-E"],
+    );
+    assert!(
+        now_ok.status.success() && !denied_text(&now_ok),
+        "after SIGHUP, other/# is allowed"
+    );
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}

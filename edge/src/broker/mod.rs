@@ -35,6 +35,8 @@ use ferry_protocol::mqtt::{
 use ferry_protocol::topic::{TopicFilter, TopicName};
 
 use session::{effective_qos, Inflight, OutState, Session};
+
+use crate::auth::{self, Auth};
 use subscriptions::{Entry, SubscriptionTree};
 
 /// Identifies a connection for the life of the process; the driver picks them.
@@ -166,6 +168,8 @@ pub struct Stats {
     pub dropped_offline_queue_full: u64,
     pub dropped_expired: u64,
     pub dropped_too_large_for_client: u64,
+    /// Publications the ACL did not allow (refused, or for 3.1.1 acknowledged and dropped).
+    pub dropped_not_authorized: u64,
     /// Times a publisher was paused because a subscriber's queue was full.
     pub publishers_paused: u64,
 }
@@ -182,6 +186,8 @@ pub struct Stats {
 pub(crate) enum StoreOp {
     SessionPut {
         client_id: Arc<str>,
+        /// Kept so that the ACL applies to deliveries while the session is offline.
+        username: Option<Arc<str>>,
         expiry_secs: u32,
         subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
     },
@@ -235,6 +241,7 @@ pub(crate) struct Snapshot {
 #[derive(Debug)]
 pub(crate) struct StoredSession {
     pub(crate) client_id: Arc<str>,
+    pub(crate) username: Option<Arc<str>>,
     pub(crate) expiry_secs: u32,
     pub(crate) subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
     /// In sequence order.
@@ -286,6 +293,7 @@ pub struct Broker {
     /// When the broker saw its first input, for `$SYS/broker/uptime`.
     started_at: Option<Instant>,
     next_sys_at: Option<Instant>,
+    auth: Arc<Auth>,
 }
 
 /// Why a message could not be routed now.
@@ -308,11 +316,19 @@ impl Broker {
             store_ops: Vec::new(),
             started_at: None,
             next_sys_at: None,
+            auth: Arc::new(Auth::open()),
         }
     }
 
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    /// Replaces the password and ACL rules (at start-up, and on SIGHUP). Connected clients
+    /// stay connected; their next publications, subscriptions and deliveries follow the new
+    /// rules.
+    pub fn set_auth(&mut self, auth: Arc<Auth>) {
+        self.auth = auth;
     }
 
     pub fn stats(&self) -> Stats {
@@ -342,6 +358,7 @@ impl Broker {
         for stored in snapshot.sessions {
             let mut session = Session::new(stored.client_id.clone());
             session.expiry_secs = stored.expiry_secs;
+            session.username = stored.username;
             session.disconnected_at = Some(now);
             for (filter, options, id) in stored.subscriptions {
                 self.subscriptions.insert(
@@ -391,6 +408,7 @@ impl Broker {
         let op = if session.is_persistent() {
             StoreOp::SessionPut {
                 client_id: client_id.clone(),
+                username: session.username.clone(),
                 expiry_secs: session.expiry_secs,
                 subscriptions: session.subscriptions.values().cloned().collect(),
             }
@@ -450,6 +468,13 @@ impl Broker {
             // Enhanced authentication is not supported (MQTT-4.12.0-1 allows refusing it).
             return refuse(self, ReasonCode::BadAuthenticationMethod);
         }
+        let username = connect.username.as_deref();
+        if let Err(code) = self
+            .auth
+            .authenticate(username, connect.password.as_deref())
+        {
+            return refuse(self, code);
+        }
         let mut assigned = None;
         let client_id: Arc<str> = if connect.client_id.is_empty() {
             if !v5 && !connect.clean_start {
@@ -465,6 +490,18 @@ impl Broker {
         } else {
             connect.client_id.as_str().into()
         };
+
+        if let Some(will) = &connect.will {
+            let allowed = self.auth.allows(
+                username,
+                &client_id,
+                auth::Action::Publish,
+                will.topic.as_str(),
+            );
+            if !allowed {
+                return refuse(self, ReasonCode::NotAuthorized);
+            }
+        }
 
         // Session takeover (MQTT-3.1.4-3): the older connection is closed.
         if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
@@ -498,6 +535,7 @@ impl Broker {
             .entry(client_id.clone())
             .or_insert_with(|| Session::new(client_id.clone()));
         session.conn = Some(conn);
+        session.username = connect.username.as_deref().map(Arc::from);
         session.expiry_secs = expiry_secs;
         session.disconnected_at = None;
         // A pending will of an earlier connection is not sent once the session resumes.
@@ -894,6 +932,40 @@ impl Broker {
             // downlink, are for applications that know them).
             return self.refuse_publish(conn, &p, ReasonCode::TopicNameInvalid, now);
         }
+        let username = self
+            .sessions
+            .get(client_id)
+            .and_then(|s| s.username.clone());
+        let allowed = self.auth.allows(
+            username.as_deref(),
+            client_id,
+            auth::Action::Publish,
+            p.topic.as_str(),
+        );
+        if !allowed {
+            // v5 says why; 3.1.1 cannot, so there the message is acknowledged and dropped
+            // (as Mosquitto does). Counted either way.
+            self.stats.dropped_not_authorized += 1;
+            let reason = if v5 {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => {
+                    let mut ack = PubResponse::new(id);
+                    ack.reason = reason;
+                    self.send(conn, Packet::PubAck(ack));
+                }
+                (QoS::ExactlyOnce, Some(id)) => {
+                    let mut rec = PubResponse::new(id);
+                    rec.reason = reason;
+                    self.send(conn, Packet::PubRec(rec));
+                }
+                _ => {}
+            }
+            return;
+        }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.expect("the decoder guarantees an id on QoS 2");
             let session = self
@@ -908,7 +980,6 @@ impl Broker {
                 return self.protocol_error(conn, ReasonCode::ReceiveMaximumExceeded, now);
             }
         }
-        let _ = v5;
 
         let msg = Arc::new(Message {
             expires_at: p
@@ -1069,6 +1140,16 @@ impl Broker {
                 // QoS 0 is not queued for an offline session.
                 continue;
             }
+            if !self.auth.allows_everything()
+                && !self.auth.allows(
+                    session.username.as_deref(),
+                    &client_id,
+                    auth::Action::Receive,
+                    d.msg.topic.as_str(),
+                )
+            {
+                continue;
+            }
             let full = session.held_bytes() + cost > self.config.max_queued_bytes_per_session
                 || self.queued_bytes + cost > self.config.max_queued_bytes_total;
             if full {
@@ -1109,6 +1190,16 @@ impl Broker {
             let key = sub.filter.as_str().to_owned();
             if sub.filter.filter().split('/').count() > self.config.max_topic_levels {
                 reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            let allowed = self.auth.allows(
+                session.username.as_deref(),
+                client_id,
+                auth::Action::Subscribe,
+                sub.filter.filter(),
+            );
+            if !allowed {
+                reasons.push(ReasonCode::NotAuthorized);
                 continue;
             }
             let exists = session.subscriptions.contains_key(&key);

@@ -55,6 +55,8 @@ pub(crate) struct Session {
     pub(crate) client_id: Arc<str>,
     /// The connection now serving this session, if any.
     pub(crate) conn: Option<u64>,
+    /// The username of the current (or last) connection, for the ACL.
+    pub(crate) username: Option<Arc<str>>,
     /// 0: the session ends with the connection; `u32::MAX`: never expires.
     pub(crate) expiry_secs: u32,
     /// When the connection went away, for expiry.
@@ -80,6 +82,7 @@ impl Session {
         Self {
             client_id,
             conn: None,
+            username: None,
             expiry_secs: 0,
             disconnected_at: None,
             subscriptions: HashMap::new(),
