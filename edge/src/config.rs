@@ -65,6 +65,22 @@ pub struct ServerConfig {
     pub connect_timeout_secs: u64,
     /// Where persistent state is kept. Default `./ferry-edge-data`.
     pub data_dir: PathBuf,
+    /// MQTT over TLS listeners (`[server.tls]`). Default none.
+    pub tls: Option<TlsConfig>,
+}
+
+/// MQTT over TLS (rustls): TLS 1.2 and 1.3, safe defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses to listen on, usually port 8883.
+    pub listen: Vec<SocketAddr>,
+    /// The server's certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// If set, clients must present a certificate issued by this CA (PEM).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +91,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             connect_timeout_secs: 10,
             data_dir: PathBuf::from("ferry-edge-data"),
+            tls: None,
         }
     }
 }
@@ -192,8 +209,15 @@ impl Config {
         if self.server.listen.is_empty() {
             return Err(ConfigError::NoListener);
         }
-        if !self.server.allow_anonymous && self.auth.password_file.is_none() {
-            if let Some(addr) = self.server.listen.iter().find(|a| !a.ip().is_loopback()) {
+        let client_certs = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        let tls_listeners = self.server.tls.iter().flat_map(|t| t.listen.iter());
+        let mut all = self.server.listen.iter().chain(tls_listeners);
+        if !self.server.allow_anonymous && self.auth.password_file.is_none() && !client_certs {
+            if let Some(addr) = all.find(|a| !a.ip().is_loopback()) {
                 return Err(ConfigError::AnonymousOnNetwork { addr: *addr });
             }
         }

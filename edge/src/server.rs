@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_protocol::mqtt::{self, DecodeError, Packet, ProtocolVersion};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -71,6 +71,7 @@ enum Outbound {
 pub struct Server {
     to_router: mpsc::Sender<ToRouter>,
     local_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
     failed: watch::Receiver<Option<String>>,
 }
 
@@ -96,12 +97,21 @@ impl Server {
         broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
-            listeners.push(TcpListener::bind(addr).await?);
+            listeners.push((TcpListener::bind(addr).await?, None));
         }
         let local_addrs = listeners
             .iter()
-            .map(|l| l.local_addr())
+            .map(|(l, _)| l.local_addr())
             .collect::<std::io::Result<Vec<_>>>()?;
+        let mut tls_addrs = Vec::new();
+        if let Some(tls) = &config.server.tls {
+            let acceptor = tls::acceptor(tls)?;
+            for addr in &tls.listen {
+                let listener = TcpListener::bind(addr).await?;
+                tls_addrs.push(listener.local_addr()?);
+                listeners.push((listener, Some(acceptor.clone())));
+            }
+        }
         let (to_router, from_conns) = mpsc::channel(4096);
         let (failed_tx, failed) = watch::channel(None);
         let (credit_tx, credit_rx) = mpsc::unbounded_channel();
@@ -143,10 +153,11 @@ impl Server {
             max_packet_size: config.mqtt.max_packet_size_bytes as usize,
             max_keepalive_secs: config.mqtt.max_keepalive_secs,
         });
-        for (listener, addr) in listeners.into_iter().zip(&local_addrs) {
-            info!(%addr, "listening for MQTT");
+        for (listener, tls) in listeners {
+            info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening for MQTT");
             tokio::spawn(accept_loop(
                 listener,
+                tls,
                 to_router.clone(),
                 next_id.clone(),
                 limit.clone(),
@@ -157,6 +168,7 @@ impl Server {
         Ok(Self {
             to_router,
             local_addrs,
+            tls_addrs,
             failed,
         })
     }
@@ -174,8 +186,14 @@ impl Server {
         }
     }
 
+    /// The plain TCP listeners' addresses.
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// The TLS listeners' addresses.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
     }
 
     /// Applies new password and ACL rules (SIGHUP).
@@ -200,6 +218,60 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+mod tls {
+    //! The TLS acceptor: certificate chain and key from PEM files, optionally client
+    //! certificates verified against a CA (rustls, with the `ring` provider).
+
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    use super::StartError;
+    use crate::config::TlsConfig;
+
+    pub(super) fn acceptor(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| StartError::Tls(format!("{what}: {e}"));
+        let certs = CertificateDer::pem_file_iter(&config.cert_file)
+            .map_err(|e| err(&format!("{}", config.cert_file.display()), &e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(&format!("{}", config.cert_file.display()), &e))?;
+        let key = PrivateKeyDer::from_pem_file(&config.key_file)
+            .map_err(|e| err(&format!("{}", config.key_file.display()), &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err("protocol versions", &e))?;
+        let builder = match &config.client_ca_file {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca)
+                    .map_err(|e| err(&format!("{}", ca.display()), &e))?
+                {
+                    let cert = cert.map_err(|e| err(&format!("{}", ca.display()), &e))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| err(&format!("{}", ca.display()), &e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| err("client certificate verifier", &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let server = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| err("certificate and key", &e))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+    }
 }
 
 struct ConnSettings {
@@ -212,6 +284,7 @@ struct ConnSettings {
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     to_router: mpsc::Sender<ToRouter>,
     next_id: Arc<AtomicU64>,
     limit: Arc<Semaphore>,
@@ -240,23 +313,41 @@ async fn accept_loop(
         let to_router = to_router.clone();
         let settings = settings.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            connection(stream, peer, conn, to_router, settings, stop).await;
+            match tls {
+                None => connection(stream, peer, conn, to_router, settings, stop).await,
+                Some(acceptor) => {
+                    // The handshake counts against the connect timeout.
+                    let accepted =
+                        tokio::time::timeout(settings.connect_timeout, acceptor.accept(stream))
+                            .await;
+                    match accepted {
+                        Ok(Ok(stream)) => {
+                            connection(stream, peer, conn, to_router, settings, stop).await
+                        }
+                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
 }
 
 /// Serves one connection: CONNECT, then reading and writing until either side ends it.
-async fn connection(
-    stream: TcpStream,
+async fn connection<S>(
+    stream: S,
     peer: SocketAddr,
     conn: ConnId,
     to_router: mpsc::Sender<ToRouter>,
     settings: Arc<ConnSettings>,
     mut stop: watch::Receiver<bool>,
-) {
-    let (mut rd, mut wr) = stream.into_split();
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::new();
 
     // CONNECT first, within the connect timeout.
@@ -396,7 +487,7 @@ async fn connection(
 
 /// Answers a CONNECT that could not be decoded with the CONNACK the spec asks for, where
 /// there is one (an unsupported protocol level, MQTT-3.1.2-2).
-async fn refuse_connect(wr: &mut tokio::net::tcp::OwnedWriteHalf, e: &DecodeError) {
+async fn refuse_connect(wr: &mut (impl AsyncWrite + Unpin), e: &DecodeError) {
     if let DecodeError::UnsupportedProtocolVersion { .. } = e {
         let mut out = BytesMut::new();
         let ack = mqtt::ConnAck::new(mqtt::ReasonCode::UnsupportedProtocolVersion, false);
@@ -417,7 +508,7 @@ enum ReadError {
 
 /// Reads until one whole packet is decoded; `Ok(None)` at a clean end of stream.
 async fn read_packet(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     version: ProtocolVersion,
     max_packet_size: usize,
@@ -442,7 +533,7 @@ async fn read_packet(
 
 /// Encodes what the router sends, writes it in batches, and gives the credit back.
 async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut wr: impl AsyncWrite + Unpin,
     mut rx: mpsc::Receiver<Outbound>,
     conn: ConnId,
     version: ProtocolVersion,

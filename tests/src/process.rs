@@ -46,6 +46,7 @@ pub struct Edge {
     pub log: mpsc::Receiver<String>,
     /// A data directory made for this process alone, removed with it.
     own_dir: Option<PathBuf>,
+    ready_line: String,
 }
 
 impl Edge {
@@ -80,12 +81,13 @@ impl Edge {
                 }
             }
         });
-        let addr = loop {
+        let (addr, ready_line) = loop {
             let line = log
                 .recv_timeout(Duration::from_secs(30))
                 .expect("ferry-edge logs that it is ready within 30 s");
             if line.contains("ferry-edge ready") {
-                break parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+                let addr = parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+                break (addr, line);
             }
         };
         Self {
@@ -93,11 +95,18 @@ impl Edge {
             addr,
             log,
             own_dir: None,
+            ready_line,
         }
     }
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The first TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("tls_addrs=")?;
+        parse_addr(&self.ready_line[at..])
     }
 
     pub fn pid(&self) -> u32 {

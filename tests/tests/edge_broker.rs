@@ -635,3 +635,121 @@ fn mosquitto_password_and_acl_files_work_and_reload_on_sighup() {
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// MQTT over TLS with a certificate made here (rcgen): mosquitto_pub and mosquitto_sub verify
+/// the server against its CA and exchange a message; a client that does not trust the CA is
+/// refused.
+#[test]
+fn tls_listener_works_with_mosquitto_clients() {
+    let dir = ferry_tests::process::temp_dir("tls");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry test CA");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let server_params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("params");
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let server = server_params
+        .signed_by(&server_key, &issuer)
+        .expect("server cert");
+    let (ca_file, cert_file, key_file) = (
+        dir.join("ca.pem"),
+        dir.join("edge.pem"),
+        dir.join("edge.key"),
+    );
+    std::fs::write(&ca_file, ca.pem()).expect("write");
+    std::fs::write(&cert_file, server.pem()).expect("write");
+    std::fs::write(&key_file, server_key.serialize_pem()).expect("write");
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = {cert_file:?}\nkey_file = {key_file:?}\n"
+        ),
+    )
+    .expect("write config");
+
+    let edge = Edge::start(&["--config", config.to_str().expect("utf8")]);
+    let port = edge.tls_addr().expect("a TLS listener").port().to_string();
+    let ca = ca_file.to_str().expect("utf8");
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "-t",
+            "secure/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "-t",
+            "secure/a",
+            "-m",
+            "sealed",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = sub.wait_with_output().expect("mosquitto_sub ends");
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "sealed\n");
+
+    // A client that trusts some other CA does not get through the handshake.
+    let other = dir.join("other.pem");
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(
+        &other,
+        other_params.self_signed(&other_key).expect("CA").pem(),
+    )
+    .expect("write");
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            other.to_str().expect("utf8"),
+            "-t",
+            "secure/a",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "an untrusted server certificate is refused by the client"
+    );
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}
