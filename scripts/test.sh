@@ -17,6 +17,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Python clients (paho-mqtt: MQTT over WebSocket interop).
+python3 -c "import paho.mqtt" 2>/dev/null || python3 -m pip install -q paho-mqtt
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

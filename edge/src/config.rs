@@ -67,6 +67,16 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// MQTT over TLS listeners (`[server.tls]`). Default none.
     pub tls: Option<TlsConfig>,
+    /// MQTT over WebSocket listeners (`[server.websocket]`). Default none.
+    pub websocket: Option<WebSocketConfig>,
+}
+
+/// MQTT over WebSocket (plain `ws://`; put a TLS-terminating proxy in front for `wss://`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Addresses to listen on, usually port 8080 or 9001. Any path is accepted.
+    pub listen: Vec<SocketAddr>,
 }
 
 /// MQTT over TLS (rustls): TLS 1.2 and 1.3, safe defaults.
@@ -92,6 +102,7 @@ impl Default for ServerConfig {
             connect_timeout_secs: 10,
             data_dir: PathBuf::from("ferry-edge-data"),
             tls: None,
+            websocket: None,
         }
     }
 }
@@ -215,7 +226,13 @@ impl Config {
             .as_ref()
             .is_some_and(|t| t.client_ca_file.is_some());
         let tls_listeners = self.server.tls.iter().flat_map(|t| t.listen.iter());
-        let mut all = self.server.listen.iter().chain(tls_listeners);
+        let ws_listeners = self.server.websocket.iter().flat_map(|w| w.listen.iter());
+        let mut all = self
+            .server
+            .listen
+            .iter()
+            .chain(tls_listeners)
+            .chain(ws_listeners);
         if !self.server.allow_anonymous && self.auth.password_file.is_none() && !client_certs {
             if let Some(addr) = all.find(|a| !a.ip().is_loopback()) {
                 return Err(ConfigError::AnonymousOnNetwork { addr: *addr });

@@ -66,7 +66,12 @@ async fn main() -> anyhow::Result<()> {
     })
     .await
     .context("cannot start listeners")?;
-    info!(addrs = ?server.local_addrs(), tls_addrs = ?server.tls_addrs(), "ferry-edge ready");
+    info!(
+        addrs = ?server.local_addrs(),
+        tls_addrs = ?server.tls_addrs(),
+        ws_addrs = ?server.ws_addrs(),
+        "ferry-edge ready"
+    );
     let reloader = server.clone();
     let reload_config = config_for_reload;
     tokio::spawn(async move {

@@ -72,6 +72,7 @@ pub struct Server {
     to_router: mpsc::Sender<ToRouter>,
     local_addrs: Vec<SocketAddr>,
     tls_addrs: Vec<SocketAddr>,
+    ws_addrs: Vec<SocketAddr>,
     failed: watch::Receiver<Option<String>>,
 }
 
@@ -97,7 +98,7 @@ impl Server {
         broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
-            listeners.push((TcpListener::bind(addr).await?, None));
+            listeners.push((TcpListener::bind(addr).await?, Transport::Tcp));
         }
         let local_addrs = listeners
             .iter()
@@ -109,7 +110,7 @@ impl Server {
             for addr in &tls.listen {
                 let listener = TcpListener::bind(addr).await?;
                 tls_addrs.push(listener.local_addr()?);
-                listeners.push((listener, Some(acceptor.clone())));
+                listeners.push((listener, Transport::Tls(acceptor.clone())));
             }
         }
         let (to_router, from_conns) = mpsc::channel(4096);
@@ -153,11 +154,19 @@ impl Server {
             max_packet_size: config.mqtt.max_packet_size_bytes as usize,
             max_keepalive_secs: config.mqtt.max_keepalive_secs,
         });
-        for (listener, tls) in listeners {
-            info!(addr = %listener.local_addr()?, tls = tls.is_some(), "listening for MQTT");
+        let mut ws_addrs = Vec::new();
+        if let Some(ws) = &config.server.websocket {
+            for addr in &ws.listen {
+                let listener = TcpListener::bind(addr).await?;
+                ws_addrs.push(listener.local_addr()?);
+                listeners.push((listener, Transport::WebSocket));
+            }
+        }
+        for (listener, transport) in listeners {
+            info!(addr = %listener.local_addr()?, transport = transport.name(), "listening for MQTT");
             tokio::spawn(accept_loop(
                 listener,
-                tls,
+                transport,
                 to_router.clone(),
                 next_id.clone(),
                 limit.clone(),
@@ -169,6 +178,7 @@ impl Server {
             to_router,
             local_addrs,
             tls_addrs,
+            ws_addrs,
             failed,
         })
     }
@@ -196,6 +206,11 @@ impl Server {
         &self.tls_addrs
     }
 
+    /// The WebSocket listeners' addresses.
+    pub fn ws_addrs(&self) -> &[SocketAddr] {
+        &self.ws_addrs
+    }
+
     /// Applies new password and ACL rules (SIGHUP).
     pub async fn reload_auth(&self, auth: Auth) {
         let _ = self.to_router.send(ToRouter::SetAuth(Arc::new(auth))).await;
@@ -220,6 +235,87 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error("TLS: {0}")]
     Tls(String),
+}
+
+mod websocket {
+    //! MQTT over WebSocket: the handshake (answering the `mqtt` subprotocol, as MQTT 5.0
+    //! §6 asks), then a bridge task between binary frames and a byte pipe, so that the
+    //! connection code reads and writes bytes as on TCP. MQTT packets may span frames and
+    //! frames may hold several packets; the pipe does not care.
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// Bytes buffered in each direction of the pipe.
+    const PIPE_BYTES: usize = 64 * 1024;
+
+    pub(super) async fn accept(
+        stream: TcpStream,
+    ) -> Result<DuplexStream, tokio_tungstenite::tungstenite::Error> {
+        let ws =
+            tokio_tungstenite::accept_hdr_async(stream, |req: &Request, mut resp: Response| {
+                let wants_mqtt = req
+                    .headers()
+                    .get_all("Sec-WebSocket-Protocol")
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .any(|p| p.trim() == "mqtt");
+                if wants_mqtt {
+                    resp.headers_mut()
+                        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+                }
+                Ok(resp)
+            })
+            .await?;
+        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+        tokio::spawn(bridge(ws, theirs));
+        Ok(ours)
+    }
+
+    async fn bridge(ws: tokio_tungstenite::WebSocketStream<TcpStream>, pipe: DuplexStream) {
+        let (mut ws_tx, mut ws_rx) = ws.split();
+        let (mut pipe_rx, mut pipe_tx) = tokio::io::split(pipe);
+        let inbound = async {
+            while let Some(Ok(msg)) = ws_rx.next().await {
+                match msg {
+                    Message::Binary(data) => {
+                        if pipe_tx.write_all(&data).await.is_err() {
+                            break;
+                        }
+                    }
+                    Message::Close(_) => break,
+                    // Text frames are not MQTT (MQTT 5.0 §6.0): close.
+                    Message::Text(_) => break,
+                    _ => {}
+                }
+            }
+            let _ = pipe_tx.shutdown().await;
+        };
+        let outbound = async {
+            let mut buf = vec![0u8; PIPE_BYTES];
+            loop {
+                match pipe_rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if ws_tx
+                            .send(Message::binary(buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = ws_tx.close().await;
+        };
+        tokio::join!(inbound, outbound);
+    }
 }
 
 mod tls {
@@ -282,9 +378,28 @@ struct ConnSettings {
     max_keepalive_secs: u16,
 }
 
+/// How a listener's connections carry MQTT.
+#[derive(Clone)]
+enum Transport {
+    Tcp,
+    Tls(tokio_rustls::TlsAcceptor),
+    /// MQTT over WebSocket (binary frames, subprotocol `mqtt`).
+    WebSocket,
+}
+
+impl Transport {
+    fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::WebSocket => "websocket",
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    transport: Transport,
     to_router: mpsc::Sender<ToRouter>,
     next_id: Arc<AtomicU64>,
     limit: Arc<Semaphore>,
@@ -313,11 +428,23 @@ async fn accept_loop(
         let to_router = to_router.clone();
         let settings = settings.clone();
         let stop = stop.clone();
-        let tls = tls.clone();
+        let transport = transport.clone();
         tokio::spawn(async move {
-            match tls {
-                None => connection(stream, peer, conn, to_router, settings, stop).await,
-                Some(acceptor) => {
+            match transport {
+                Transport::Tcp => connection(stream, peer, conn, to_router, settings, stop).await,
+                Transport::WebSocket => {
+                    let upgraded =
+                        tokio::time::timeout(settings.connect_timeout, websocket::accept(stream))
+                            .await;
+                    match upgraded {
+                        Ok(Ok(stream)) => {
+                            connection(stream, peer, conn, to_router, settings, stop).await
+                        }
+                        Ok(Err(e)) => debug!(%peer, error = %e, "WebSocket handshake failed"),
+                        Err(_) => debug!(%peer, "WebSocket handshake timed out"),
+                    }
+                }
+                Transport::Tls(acceptor) => {
                     // The handshake counts against the connect timeout.
                     let accepted =
                         tokio::time::timeout(settings.connect_timeout, acceptor.accept(stream))

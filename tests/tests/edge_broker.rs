@@ -753,3 +753,35 @@ fn tls_listener_works_with_mosquitto_clients() {
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// MQTT over WebSocket with paho-mqtt (Python): it subscribes and publishes over ws://; a
+/// message from mosquitto_pub over plain TCP reaches a WebSocket subscriber too.
+#[test]
+fn websocket_listener_works_with_paho() {
+    let dir = ferry_tests::process::temp_dir("ws");
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[server.websocket]\nlisten = [\"127.0.0.1:0\"]\n",
+    )
+    .expect("write config");
+    let edge = Edge::start(&["--config", config.to_str().expect("utf8")]);
+    let ws_port = edge
+        .ws_addr()
+        .expect("a WebSocket listener")
+        .port()
+        .to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/paho_ws_roundtrip.py");
+    let out = Command::new("python3")
+        .args([script, &ws_port, "ws/a", "over websocket"])
+        .output()
+        .expect("python3 runs (pip install paho-mqtt)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "over websocket",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}
