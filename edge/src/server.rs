@@ -253,6 +253,8 @@ mod websocket {
     /// Bytes buffered in each direction of the pipe.
     const PIPE_BYTES: usize = 64 * 1024;
 
+    // The callback's error type is tungstenite's HTTP response, large by its API's design.
+    #[allow(clippy::result_large_err)]
     pub(super) async fn accept(
         stream: TcpStream,
     ) -> Result<DuplexStream, tokio_tungstenite::tungstenite::Error> {
@@ -282,16 +284,14 @@ mod websocket {
         let (mut pipe_rx, mut pipe_tx) = tokio::io::split(pipe);
         let inbound = async {
             while let Some(Ok(msg)) = ws_rx.next().await {
-                match msg {
-                    Message::Binary(data) => {
-                        if pipe_tx.write_all(&data).await.is_err() {
-                            break;
-                        }
-                    }
-                    Message::Close(_) => break,
+                let data = match msg {
+                    Message::Binary(data) => data,
                     // Text frames are not MQTT (MQTT 5.0 §6.0): close.
-                    Message::Text(_) => break,
-                    _ => {}
+                    Message::Close(_) | Message::Text(_) => break,
+                    _ => continue,
+                };
+                if pipe_tx.write_all(&data).await.is_err() {
+                    break;
                 }
             }
             let _ = pipe_tx.shutdown().await;
