@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// MQTT over WebSocket listeners (`[server.websocket]`). Default none.
     pub websocket: Option<WebSocketConfig>,
+    /// Prometheus metrics at `http://ADDR/metrics`. Default none (off).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// MQTT over WebSocket (plain `ws://`; put a TLS-terminating proxy in front for `wss://`).
@@ -103,6 +105,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("ferry-edge-data"),
             tls: None,
             websocket: None,
+            metrics_listen: None,
         }
     }
 }

@@ -5,11 +5,13 @@
 //! - [`server`]: the tokio driver: listeners, connections, the router thread.
 //! - [`auth`]: Mosquitto's password and ACL files.
 //! - [`config`]: the TOML configuration and its defaults.
+//! - [`metrics`]: Prometheus metrics over HTTP.
 //! - [`store`]: durable state in redb (sessions, queues, retained messages).
 
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod metrics;
 pub mod server;
 pub mod store;
 

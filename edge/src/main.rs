@@ -66,10 +66,19 @@ async fn main() -> anyhow::Result<()> {
     })
     .await
     .context("cannot start listeners")?;
+    let metrics_addr = match config_for_reload.server.metrics_listen {
+        Some(addr) => Some(
+            ferry_edge::metrics::serve(addr, server.clone())
+                .await
+                .context("cannot start the metrics listener")?,
+        ),
+        None => None,
+    };
     info!(
         addrs = ?server.local_addrs(),
         tls_addrs = ?server.tls_addrs(),
         ws_addrs = ?server.ws_addrs(),
+        metrics_addrs = ?metrics_addr.into_iter().collect::<Vec<_>>(),
         "ferry-edge ready"
     );
     let reloader = server.clone();

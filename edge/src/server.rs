@@ -52,7 +52,15 @@ enum ToRouter {
     Register { conn: ConnId, handle: ConnHandle },
     SetAuth(Arc<Auth>),
     Input(Input),
-    Stats(tokio::sync::oneshot::Sender<Stats>),
+    Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
+}
+
+/// Storage commits made by the router: how many and how long they took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    pub commits: u64,
+    pub total: Duration,
+    pub max: Duration,
 }
 
 /// What the router holds to reach a connection.
@@ -218,6 +226,11 @@ impl Server {
 
     /// The broker's counters now.
     pub async fn stats(&self) -> Option<Stats> {
+        self.metrics().await.map(|(stats, _)| stats)
+    }
+
+    /// The broker's counters and the storage commit figures.
+    pub async fn metrics(&self) -> Option<(Stats, CommitStats)> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.to_router.send(ToRouter::Stats(tx)).await.ok()?;
         rx.await.ok()
@@ -738,6 +751,7 @@ async fn route_loop(
     // Connections whose reader ended; their handles go after this batch's actions went out,
     // so that a last CONNACK or DISCONNECT still reaches the writer.
     let mut gone = Vec::new();
+    let mut commits = CommitStats::default();
     loop {
         // Credit first: a subscriber's writer waiting for it must not queue behind a flood
         // of publishes.
@@ -767,7 +781,7 @@ async fn route_loop(
                     gone.extend(lost);
                 }
                 ToRouter::Stats(reply) => {
-                    let _ = reply.send(broker.stats());
+                    let _ = reply.send((broker.stats(), commits));
                 }
             }
             while let Ok((conn, packets)) = credit.try_recv() {
@@ -780,7 +794,15 @@ async fn route_loop(
                 None
             };
         }
-        store.apply(&broker.take_store_ops())?;
+        let ops = broker.take_store_ops();
+        if !ops.is_empty() {
+            let started = Instant::now();
+            store.apply(&ops)?;
+            let took = started.elapsed();
+            commits.commits += 1;
+            commits.total += took;
+            commits.max = commits.max.max(took);
+        }
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {
             conns.remove(&conn);

@@ -109,6 +109,12 @@ impl Edge {
         parse_addr(&self.ready_line[at..])
     }
 
+    /// The metrics listener's address, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("metrics_addrs=")?;
+        parse_addr(&self.ready_line[at..])
+    }
+
     /// The first WebSocket listener's address, if there is one.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
         let at = self.ready_line.find("ws_addrs=")?;

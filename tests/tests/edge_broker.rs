@@ -785,3 +785,53 @@ fn websocket_listener_works_with_paho() {
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Prometheus metrics: after a QoS 1 publish, /metrics counts it; other paths are 404.
+#[test]
+fn metrics_endpoint_counts_messages() {
+    let dir = ferry_tests::process::temp_dir("metrics");
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nmetrics_listen = \"127.0.0.1:0\"\n",
+    )
+    .expect("write config");
+    let edge = Edge::start(&["--config", config.to_str().expect("utf8")]);
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &edge.port().to_string(),
+            "-q",
+            "1",
+            "-t",
+            "m/1",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(out.status.success());
+    let get = |path: &str| {
+        let mut stream =
+            TcpStream::connect(edge.metrics_addr().expect("metrics listener")).expect("connect");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
+    };
+    let page = get("/metrics");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("ferry_edge_messages_received_total{qos=\"1\"} 1\n"),
+        "{page}"
+    );
+    assert!(
+        page.contains("# TYPE ferry_edge_connections gauge"),
+        "{page}"
+    );
+    assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}
