@@ -93,6 +93,10 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// If set, clients must present a certificate issued by this CA (PEM).
     pub client_ca_file: Option<PathBuf>,
+    /// Take the client certificate's Common Name as the username (no password check; the
+    /// ACL applies to that name). Needs `client_ca_file`. Default false.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
 }
 
 impl Default for ServerConfig {
@@ -239,6 +243,15 @@ impl Config {
         if !self.server.allow_anonymous && self.auth.password_file.is_none() && !client_certs {
             if let Some(addr) = all.find(|a| !a.ip().is_loopback()) {
                 return Err(ConfigError::AnonymousOnNetwork { addr: *addr });
+            }
+        }
+        if let Some(tls) = &self.server.tls {
+            if tls.use_identity_as_username && tls.client_ca_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    field: "server.tls.use_identity_as_username",
+                    rule: "used with server.tls.client_ca_file",
+                    value: "true".into(),
+                });
             }
         }
         let m = &self.mqtt;

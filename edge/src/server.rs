@@ -118,7 +118,10 @@ impl Server {
             for addr in &tls.listen {
                 let listener = TcpListener::bind(addr).await?;
                 tls_addrs.push(listener.local_addr()?);
-                listeners.push((listener, Transport::Tls(acceptor.clone())));
+                listeners.push((
+                    listener,
+                    Transport::Tls(acceptor.clone(), tls.use_identity_as_username),
+                ));
             }
         }
         let (to_router, from_conns) = mpsc::channel(4096);
@@ -343,6 +346,17 @@ mod tls {
     use super::StartError;
     use crate::config::TlsConfig;
 
+    /// The Common Name of the client certificate the handshake verified, if any.
+    pub(super) fn peer_common_name<S>(
+        stream: &tokio_rustls::server::TlsStream<S>,
+    ) -> Option<String> {
+        use x509_cert::der::Decode;
+        let der = stream.get_ref().1.peer_certificates()?.first()?;
+        let cert = x509_cert::Certificate::from_der(der).ok()?;
+        let cn = cert.tbs_certificate().subject().common_name().ok()??;
+        Some(cn.value().into_owned())
+    }
+
     pub(super) fn acceptor(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
         let err = |what: &str, e: &dyn std::fmt::Display| StartError::Tls(format!("{what}: {e}"));
         let certs = CertificateDer::pem_file_iter(&config.cert_file)
@@ -395,7 +409,8 @@ struct ConnSettings {
 #[derive(Clone)]
 enum Transport {
     Tcp,
-    Tls(tokio_rustls::TlsAcceptor),
+    /// With whether the client certificate's CN becomes the username.
+    Tls(tokio_rustls::TlsAcceptor, bool),
     /// MQTT over WebSocket (binary frames, subprotocol `mqtt`).
     WebSocket,
 }
@@ -404,7 +419,7 @@ impl Transport {
     fn name(&self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
-            Transport::Tls(_) => "tls",
+            Transport::Tls(..) => "tls",
             Transport::WebSocket => "websocket",
         }
     }
@@ -444,27 +459,33 @@ async fn accept_loop(
         let transport = transport.clone();
         tokio::spawn(async move {
             match transport {
-                Transport::Tcp => connection(stream, peer, conn, to_router, settings, stop).await,
+                Transport::Tcp => {
+                    connection(stream, None, peer, conn, to_router, settings, stop).await
+                }
                 Transport::WebSocket => {
                     let upgraded =
                         tokio::time::timeout(settings.connect_timeout, websocket::accept(stream))
                             .await;
                     match upgraded {
                         Ok(Ok(stream)) => {
-                            connection(stream, peer, conn, to_router, settings, stop).await
+                            connection(stream, None, peer, conn, to_router, settings, stop).await
                         }
                         Ok(Err(e)) => debug!(%peer, error = %e, "WebSocket handshake failed"),
                         Err(_) => debug!(%peer, "WebSocket handshake timed out"),
                     }
                 }
-                Transport::Tls(acceptor) => {
+                Transport::Tls(acceptor, identity_as_username) => {
                     // The handshake counts against the connect timeout.
                     let accepted =
                         tokio::time::timeout(settings.connect_timeout, acceptor.accept(stream))
                             .await;
                     match accepted {
                         Ok(Ok(stream)) => {
-                            connection(stream, peer, conn, to_router, settings, stop).await
+                            let identity = identity_as_username
+                                .then(|| tls::peer_common_name(&stream))
+                                .flatten();
+                            connection(stream, identity, peer, conn, to_router, settings, stop)
+                                .await
                         }
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -479,6 +500,7 @@ async fn accept_loop(
 /// Serves one connection: CONNECT, then reading and writing until either side ends it.
 async fn connection<S>(
     stream: S,
+    identity: Option<String>,
     peer: SocketAddr,
     conn: ConnId,
     to_router: mpsc::Sender<ToRouter>,
@@ -519,6 +541,14 @@ async fn connection<S>(
             return;
         }
     };
+    let mut connect = connect;
+    let identity_verified = identity.is_some();
+    if let Some(cn) = identity {
+        // The certificate, verified against the CA, is the credential (Mosquitto's
+        // use_identity_as_username): its CN is the username, any password is ignored.
+        connect.username = Some(cn);
+        connect.password = None;
+    }
     let version = connect.protocol;
     let keepalive_secs = match connect.keep_alive_secs {
         ka if settings.max_keepalive_secs > 0 && (ka == 0 || ka > settings.max_keepalive_secs) => {
@@ -545,6 +575,7 @@ async fn connection<S>(
         conn,
         connect,
         credit: SEND_CREDIT,
+        identity_verified,
     };
     if to_router
         .send(ToRouter::Input(connect_input))

@@ -835,3 +835,112 @@ fn metrics_endpoint_counts_messages() {
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Client certificates: with `use_identity_as_username`, the certificate's CN is the
+/// username the ACL applies to; a client without a certificate does not get in.
+#[test]
+fn client_certificate_cn_is_the_username() {
+    let dir = ferry_tests::process::temp_dir("mtls");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry test CA");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf = |names: Vec<String>, cn: &str| {
+        let mut params = rcgen::CertificateParams::new(names).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_pem, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "edge");
+    let (client_pem, client_key) = leaf(vec![], "sensor-7");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf8").to_owned()
+    };
+    let ca_file = write("ca.pem", &ca.pem());
+    let cert_file = write("edge.pem", &server_pem);
+    let key_file = write("edge.key", &server_key);
+    let client_cert = write("client.pem", &client_pem);
+    let client_key = write("client.key", &client_key);
+    let acl = write("acl", "user sensor-7\ntopic readwrite sensors/7/#\n");
+    let config = write(
+        "edge.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[server.tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = {cert_file:?}\nkey_file = {key_file:?}\nclient_ca_file = {ca_file:?}\nuse_identity_as_username = true\n[auth]\nacl_file = {acl:?}\n"
+        ),
+    );
+    let edge = Edge::start(&["--config", &config]);
+    let port = edge.tls_addr().expect("TLS listener").port().to_string();
+    let tls: Vec<&str> = vec![
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "--cafile",
+        &ca_file,
+        "--cert",
+        &client_cert,
+        "--key",
+        &client_key,
+    ];
+
+    let sub = Command::new("mosquitto_sub")
+        .args(&tls)
+        .args(["-t", "sensors/7/#", "-C", "1", "-W", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    std::thread::sleep(Duration::from_millis(500));
+    let args: Vec<&str> = tls
+        .iter()
+        .copied()
+        .chain(["-t", "sensors/7/temp", "-m", "21.5", "-q", "1"])
+        .collect();
+    let out = mosquitto("mosquitto_pub", &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sub.wait_with_output().expect("ends").stdout),
+        "21.5\n"
+    );
+
+    // The ACL applies to the certificate's name: other topics are not sensor-7's.
+    let args: Vec<&str> = tls
+        .iter()
+        .copied()
+        .chain(["-V", "mqttv5", "-t", "other/#", "-E"])
+        .collect();
+    let denied = mosquitto("mosquitto_sub", &args);
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("denied"));
+
+    // Without a client certificate the handshake fails.
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            &ca_file,
+            "-t",
+            "sensors/7/temp",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -126,6 +126,9 @@ pub enum Input {
         conn: ConnId,
         connect: Box<Connect>,
         credit: usize,
+        /// The username was taken from a client certificate the TLS layer verified: no
+        /// password check.
+        identity_verified: bool,
     },
     /// A packet after CONNECT.
     Packet { conn: ConnId, packet: Packet },
@@ -428,7 +431,8 @@ impl Broker {
                 conn,
                 connect,
                 credit,
-            } => self.connect(conn, *connect, credit, now),
+                identity_verified,
+            } => self.connect(conn, *connect, credit, identity_verified, now),
             Input::Packet { conn, packet } => match self.conns.get_mut(&conn) {
                 None => {}
                 Some(c) if !c.held.is_empty() => c.held.push_back(packet),
@@ -455,7 +459,14 @@ impl Broker {
 
     // ---- connection lifecycle -------------------------------------------------------------
 
-    fn connect(&mut self, conn: ConnId, connect: Connect, credit: usize, now: Instant) {
+    fn connect(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        credit: usize,
+        identity_verified: bool,
+        now: Instant,
+    ) {
         let v5 = connect.protocol == ProtocolVersion::V5;
         let refuse = |this: &mut Self, code: ReasonCode| {
             this.out.push(Action::Send(
@@ -469,11 +480,13 @@ impl Broker {
             return refuse(self, ReasonCode::BadAuthenticationMethod);
         }
         let username = connect.username.as_deref();
-        if let Err(code) = self
-            .auth
-            .authenticate(username, connect.password.as_deref())
-        {
-            return refuse(self, code);
+        if !identity_verified {
+            if let Err(code) = self
+                .auth
+                .authenticate(username, connect.password.as_deref())
+            {
+                return refuse(self, code);
+            }
         }
         let mut assigned = None;
         let client_id: Arc<str> = if connect.client_id.is_empty() {

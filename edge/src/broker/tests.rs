@@ -63,6 +63,7 @@ impl Harness {
             conn,
             connect: Box::new(connect),
             credit,
+            identity_verified: false,
         })
     }
 
