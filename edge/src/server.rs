@@ -40,10 +40,12 @@ const CONTROL_SLACK: usize = 64;
 /// Inputs the router applies before it dispatches what they caused: a batch, so that one
 /// storage commit can later cover many messages (group commit).
 const ROUTER_BATCH: usize = 256;
-/// Room made in a connection's read buffer before each read. Small, so that an idle
-/// connection costs little; a packet larger than this gets its whole size reserved by the
-/// decoder once its header is in.
-const READ_CHUNK: usize = 2 * 1024;
+/// Room made in a connection's read buffer before a read: it starts small, so that an idle
+/// connection costs little, doubles while reads fill it (a busy publisher) up to the
+/// maximum, and halves when they use little of it. A packet larger than this gets its whole
+/// size reserved by the decoder once its header is in.
+const READ_CHUNK_MIN: usize = 512;
+const READ_CHUNK_MAX: usize = 64 * 1024;
 /// A read or write buffer that grew past this during a burst is given back once empty.
 const BUFFER_KEEP: usize = 64 * 1024;
 
@@ -511,6 +513,7 @@ async fn connection<S>(
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::new();
+    let mut chunk = READ_CHUNK_MIN;
 
     // CONNECT first, within the connect timeout.
     let first = tokio::time::timeout(
@@ -518,6 +521,7 @@ async fn connection<S>(
         read_packet(
             &mut rd,
             &mut buf,
+            &mut chunk,
             ProtocolVersion::V5,
             settings.max_packet_size,
         ),
@@ -609,7 +613,13 @@ async fn connection<S>(
         if *closed_rx.borrow() || *stop.borrow() {
             break;
         }
-        let read = read_packet(&mut rd, &mut buf, version, settings.max_packet_size);
+        let read = read_packet(
+            &mut rd,
+            &mut buf,
+            &mut chunk,
+            version,
+            settings.max_packet_size,
+        );
         let next = tokio::select! {
             r = async {
                 match idle_limit {
@@ -681,6 +691,7 @@ enum ReadError {
 async fn read_packet(
     rd: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
+    chunk: &mut usize,
     version: ProtocolVersion,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, ReadError> {
@@ -693,9 +704,12 @@ async fn read_packet(
         if buf.is_empty() && buf.capacity() > BUFFER_KEEP {
             *buf = BytesMut::new();
         }
-        buf.reserve(READ_CHUNK.min(max_packet_size));
+        buf.reserve((*chunk).min(max_packet_size));
+        let spare = buf.capacity() - buf.len();
         match rd.read_buf(buf).await {
             Ok(0) => return Ok(None),
+            Ok(n) if n == spare => *chunk = (*chunk * 2).min(READ_CHUNK_MAX),
+            Ok(n) if n < spare / 4 => *chunk = (*chunk / 2).max(READ_CHUNK_MIN),
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
         }
