@@ -52,9 +52,12 @@ async fn main() -> anyhow::Result<()> {
     config.validate()?;
     let config_for_reload = config.clone();
 
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a signal handler can be installed at start-up");
+    // Installed before anything is announced, so that a SIGTERM right after "ready" is
+    // handled, not fatal.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -84,10 +87,6 @@ async fn main() -> anyhow::Result<()> {
     let reloader = server.clone();
     let reload_config = config_for_reload;
     tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
         while hup.recv().await.is_some() {
             match reload_config.load_auth() {
                 Ok(auth) => {
