@@ -79,6 +79,10 @@ impl DecodeError {
             UnsupportedProtocolVersion { .. } => ReasonCode::UnsupportedProtocolVersion,
             TopicName(_) => ReasonCode::TopicNameInvalid,
             TopicFilter(_) => ReasonCode::TopicFilterInvalid,
+            InvalidPropertyValue {
+                property: super::properties::id::TOPIC_ALIAS,
+                ..
+            } => ReasonCode::TopicAliasInvalid,
             PropertyNotAllowed { .. }
             | DuplicateProperty { .. }
             | InvalidPropertyValue { .. }
