@@ -14,7 +14,8 @@ use crate::broker::BrokerConfig;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
-    pub mqtt: MqttLimits,
+    /// The broker core's limits (`[mqtt]`); see [`BrokerConfig`] for each default and cost.
+    pub mqtt: BrokerConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
 }
@@ -110,60 +111,6 @@ impl Default for ServerConfig {
             tls: None,
             websocket: None,
             metrics_listen: None,
-        }
-    }
-}
-
-/// MQTT limits of the broker core; see [`BrokerConfig`] for what each costs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MqttLimits {
-    pub max_packet_size_bytes: u32,
-    pub max_inflight_messages: u16,
-    pub max_queued_bytes_per_session: usize,
-    pub max_queued_bytes_total: usize,
-    pub max_subscriptions_per_session: usize,
-    pub max_topic_levels: usize,
-    pub max_topic_alias: u16,
-    pub max_session_expiry_secs: u32,
-    pub max_keepalive_secs: u16,
-    pub retain_available: bool,
-    pub sys_interval_secs: u32,
-}
-
-impl Default for MqttLimits {
-    fn default() -> Self {
-        let b = BrokerConfig::default();
-        Self {
-            max_packet_size_bytes: b.max_packet_size_bytes,
-            max_inflight_messages: b.max_inflight_messages,
-            max_queued_bytes_per_session: b.max_queued_bytes_per_session,
-            max_queued_bytes_total: b.max_queued_bytes_total,
-            max_subscriptions_per_session: b.max_subscriptions_per_session,
-            max_topic_levels: b.max_topic_levels,
-            max_topic_alias: b.max_topic_alias,
-            max_session_expiry_secs: b.max_session_expiry_secs,
-            max_keepalive_secs: b.max_keepalive_secs,
-            retain_available: b.retain_available,
-            sys_interval_secs: b.sys_interval_secs,
-        }
-    }
-}
-
-impl MqttLimits {
-    pub fn broker_config(&self) -> BrokerConfig {
-        BrokerConfig {
-            max_packet_size_bytes: self.max_packet_size_bytes,
-            max_inflight_messages: self.max_inflight_messages,
-            max_queued_bytes_per_session: self.max_queued_bytes_per_session,
-            max_queued_bytes_total: self.max_queued_bytes_total,
-            max_subscriptions_per_session: self.max_subscriptions_per_session,
-            max_topic_levels: self.max_topic_levels,
-            max_topic_alias: self.max_topic_alias,
-            max_session_expiry_secs: self.max_session_expiry_secs,
-            max_keepalive_secs: self.max_keepalive_secs,
-            retain_available: self.retain_available,
-            sys_interval_secs: self.sys_interval_secs,
         }
     }
 }

@@ -103,7 +103,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Self, StartError> {
         let store = Store::open(&config.server.data_dir, config.storage.fsync)?;
-        let mut broker = Broker::new(config.mqtt.broker_config());
+        let mut broker = Broker::new(config.mqtt.clone());
         broker.set_auth(Arc::new(config.load_auth()?));
         broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();

@@ -149,6 +149,14 @@ impl Drop for Edge {
     }
 }
 
+/// Runs a Mosquitto command-line client to completion; scripts/test.sh installs them
+/// (Debian packages mosquitto-clients and mosquitto).
+pub fn mosquitto(tool: &str, args: &[&str]) -> std::process::Output {
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} must be installed (apt-get install mosquitto-clients): {e}")
+    })
+}
+
 /// A new empty directory under the system's temporary directory.
 pub fn temp_dir(what: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -8,16 +8,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode, MAX_PACKET_SIZE};
-use ferry_tests::process::{binary, Edge};
+use ferry_tests::process::{binary, mosquitto, Edge};
 
 const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
 const WAIT: Duration = Duration::from_secs(15);
-
-fn mosquitto(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("{tool} must be installed (apt-get install mosquitto-clients): {e}")
-    })
-}
 
 #[test]
 fn mosquitto_clients_publish_and_subscribe_through_the_edge() {

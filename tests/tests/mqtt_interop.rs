@@ -2,21 +2,14 @@
 //! rumqttc's event loop talk to a capture server (tests/src/capture.rs) that decodes what
 //! they send with our codec and answers with packets we encode.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_protocol::mqtt::{Packet, ProtocolVersion, QoS, ReasonCode};
 use ferry_tests::capture::{CaptureServer, Seen, GREETING};
+use ferry_tests::process::mosquitto;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Runs a Mosquitto client; CI installs them (package mosquitto-clients).
-fn mosquitto(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("{tool} must be installed (apt-get install mosquitto-clients): {e}")
-    })
-}
 
 fn packets(seen: &[Seen]) -> Vec<&Packet> {
     seen.iter()

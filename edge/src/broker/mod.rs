@@ -43,7 +43,9 @@ use subscriptions::{Entry, SubscriptionTree};
 pub type ConnId = u64;
 
 /// Limits and switches of the broker core. Every field has a default; see each for its cost.
-#[derive(Debug, Clone)]
+/// It is also the `[mqtt]` section of the configuration file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// Largest packet accepted from or sent to a client, fixed header included. Default 1 MiB:
     /// a connection buffers at most this much of one packet.
@@ -964,20 +966,7 @@ impl Broker {
             } else {
                 ReasonCode::Success
             };
-            match (p.qos, p.packet_id) {
-                (QoS::AtLeastOnce, Some(id)) => {
-                    let mut ack = PubResponse::new(id);
-                    ack.reason = reason;
-                    self.send(conn, Packet::PubAck(ack));
-                }
-                (QoS::ExactlyOnce, Some(id)) => {
-                    let mut rec = PubResponse::new(id);
-                    rec.reason = reason;
-                    self.send(conn, Packet::PubRec(rec));
-                }
-                _ => {}
-            }
-            return;
+            return self.acknowledge(conn, &p, reason);
         }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.expect("the decoder guarantees an id on QoS 2");
@@ -1028,28 +1017,34 @@ impl Broker {
         } else {
             ReasonCode::Success
         };
-        match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => {
-                let mut ack = PubResponse::new(id);
-                ack.reason = reason;
-                self.send(conn, Packet::PubAck(ack));
+        if let (QoS::ExactlyOnce, Some(id), Some(s)) =
+            (p.qos, p.packet_id, self.sessions.get_mut(client_id))
+        {
+            s.awaiting_pubrel.insert(id);
+            if s.is_persistent() {
+                self.store_ops.push(StoreOp::Qos2Put {
+                    client_id: client_id.clone(),
+                    packet_id: id,
+                });
             }
-            (QoS::ExactlyOnce, Some(id)) => {
-                if let Some(s) = self.sessions.get_mut(client_id) {
-                    s.awaiting_pubrel.insert(id);
-                    if s.is_persistent() {
-                        self.store_ops.push(StoreOp::Qos2Put {
-                            client_id: client_id.clone(),
-                            packet_id: id,
-                        });
-                    }
-                }
-                let mut rec = PubResponse::new(id);
-                rec.reason = reason;
-                self.send(conn, Packet::PubRec(rec));
-            }
-            _ => {}
         }
+        self.acknowledge(conn, &p, reason);
+    }
+
+    /// Answers a QoS 1 PUBLISH with PUBACK and a QoS 2 one with PUBREC, carrying `reason`
+    /// (v5 only; 3.1.1 has no reason code on these). Nothing for QoS 0.
+    fn acknowledge(&mut self, conn: ConnId, p: &Publish, reason: ReasonCode) {
+        let Some(id) = p.packet_id else {
+            return;
+        };
+        let mut response = PubResponse::new(id);
+        response.reason = reason;
+        let packet = match p.qos {
+            QoS::AtMostOnce => return,
+            QoS::AtLeastOnce => Packet::PubAck(response),
+            QoS::ExactlyOnce => Packet::PubRec(response),
+        };
+        self.send(conn, packet);
     }
 
     /// Refuses a PUBLISH the spec lets us refuse: v5 QoS 1/2 get a reason code; otherwise
@@ -1059,18 +1054,10 @@ impl Broker {
             .conns
             .get(&conn)
             .is_some_and(|c| c.version == ProtocolVersion::V5);
-        match (v5, p.qos, p.packet_id) {
-            (true, QoS::AtLeastOnce, Some(id)) => {
-                let mut ack = PubResponse::new(id);
-                ack.reason = code;
-                self.send(conn, Packet::PubAck(ack));
-            }
-            (true, QoS::ExactlyOnce, Some(id)) => {
-                let mut rec = PubResponse::new(id);
-                rec.reason = code;
-                self.send(conn, Packet::PubRec(rec));
-            }
-            _ => self.protocol_error(conn, code, now),
+        if v5 && p.qos != QoS::AtMostOnce {
+            self.acknowledge(conn, p, code);
+        } else {
+            self.protocol_error(conn, code, now);
         }
     }
 
@@ -1174,15 +1161,7 @@ impl Broker {
                 continue;
             }
             self.queued_bytes += cost;
-            let persistent = session.is_persistent();
-            let d = session.push(d);
-            if persistent && d.qos != QoS::AtMostOnce {
-                self.store_ops.push(StoreOp::QueuePut {
-                    client_id: client_id.clone(),
-                    delivery: d.clone(),
-                    state: QueueState::Queued,
-                });
-            }
+            enqueue(session, d, &mut self.store_ops);
             ids.push(client_id);
         }
         for id in ids {
@@ -1269,17 +1248,9 @@ impl Broker {
         );
         self.persist_session(client_id);
         if let Some(session) = self.sessions.get_mut(client_id) {
-            let persistent = session.is_persistent();
             for d in retained_out {
                 self.queued_bytes += d.cost();
-                let d = session.push(d);
-                if persistent && d.qos != QoS::AtMostOnce {
-                    self.store_ops.push(StoreOp::QueuePut {
-                        client_id: client_id.clone(),
-                        delivery: d.clone(),
-                        state: QueueState::Queued,
-                    });
-                }
+                enqueue(session, d, &mut self.store_ops);
             }
         }
         self.pump(client_id, now);
@@ -1486,6 +1457,21 @@ impl Broker {
             c.credit = c.credit.saturating_sub(1);
         }
         self.out.push(Action::Send(conn, packet));
+    }
+}
+
+/// Appends a delivery to a session's queue, and to its stored queue if the session is
+/// persistent and the delivery is QoS 1/2.
+fn enqueue(session: &mut Session, d: Delivery, store_ops: &mut Vec<StoreOp>) {
+    let client_id = session.client_id.clone();
+    let persistent = session.is_persistent();
+    let d = session.push(d);
+    if persistent && d.qos != QoS::AtMostOnce {
+        store_ops.push(StoreOp::QueuePut {
+            client_id,
+            delivery: d.clone(),
+            state: QueueState::Queued,
+        });
     }
 }
 
