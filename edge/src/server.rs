@@ -554,9 +554,11 @@ async fn connection<S>(
         connect.password = None;
     }
     let version = connect.protocol;
+    // The broker tells a v5 client the Server Keep Alive in CONNACK; 3.1.1 keeps its own.
+    let max_ka = settings.max_keepalive_secs;
     let keepalive_secs = match connect.keep_alive_secs {
-        ka if settings.max_keepalive_secs > 0 && (ka == 0 || ka > settings.max_keepalive_secs) => {
-            settings.max_keepalive_secs
+        ka if connect.protocol == ProtocolVersion::V5 && max_ka > 0 && (ka == 0 || ka > max_ka) => {
+            max_ka
         }
         ka => ka,
     };

@@ -66,8 +66,9 @@ pub struct BrokerConfig {
     /// Upper bound for session expiry, and the expiry of 3.1.1 persistent sessions.
     /// Default `u32::MAX`: persistent sessions do not expire.
     pub max_session_expiry_secs: u32,
-    /// Keep alive the server imposes when a client asks for none or for more; 0 leaves the
-    /// client's choice. Default 0.
+    /// Keep alive the server imposes on MQTT 5 clients that ask for none or for more (the
+    /// Server Keep Alive of CONNACK); 0 leaves the client's choice. 3.1.1 has no way to say
+    /// it, so 3.1.1 clients keep theirs. Default 60: a dead v5 client is noticed within 90 s.
     pub max_keepalive_secs: u16,
     /// Whether retained messages are kept. Default true.
     pub retain_available: bool,
@@ -87,7 +88,7 @@ impl Default for BrokerConfig {
             max_topic_levels: 32,
             max_topic_alias: 32,
             max_session_expiry_secs: u32::MAX,
-            max_keepalive_secs: 0,
+            max_keepalive_secs: 60,
             retain_available: true,
             sys_interval_secs: 10,
         }
@@ -541,6 +542,8 @@ impl Broker {
         }
         .min(self.config.max_session_expiry_secs);
 
+        // A session whose expiry ran out since the last tick is gone, not resumed.
+        self.tick_session(&client_id, now);
         if connect.clean_start {
             self.end_session(&client_id, now);
         }

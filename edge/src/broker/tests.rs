@@ -453,3 +453,33 @@ fn sys_topics_are_published_on_tick_and_retained() {
     let a = h.packet(2, subscribe("$SYS/broker/version", QoS::AtMostOnce));
     assert!(publishes(&a, 2)[0].payload.starts_with(b"ferry-edge "));
 }
+
+#[test]
+fn server_keep_alive_caps_v5_clients_only() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let mut c = Connect::new(ProtocolVersion::V5, "long");
+    c.keep_alive_secs = 120;
+    let a = h.connect_with(1, c, 10);
+    assert!(
+        matches!(&a[0], Action::Send(1, Packet::ConnAck(ack)) if ack.properties.server_keep_alive_secs == Some(60))
+    );
+    let mut c = Connect::new(ProtocolVersion::V5, "short");
+    c.keep_alive_secs = 5;
+    let a = h.connect_with(2, c, 10);
+    assert!(
+        matches!(&a[0], Action::Send(2, Packet::ConnAck(ack)) if ack.properties.server_keep_alive_secs.is_none())
+    );
+}
+
+#[test]
+fn an_expired_session_is_not_resumed_even_before_a_tick() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let mut c = Connect::new(ProtocolVersion::V5, "dev");
+    c.properties.session_expiry_interval_secs = Some(5);
+    h.connect_with(1, c.clone(), 10);
+    h.run(Input::Lost { conn: 1 });
+    h.now += Duration::from_secs(6);
+    c.clean_start = false;
+    let a = h.connect_with(2, c, 10);
+    assert!(matches!(&a[0], Action::Send(2, Packet::ConnAck(ack)) if !ack.session_present));
+}
