@@ -237,26 +237,48 @@ fn filter_covers(acl: &str, sub: &str) -> bool {
     }
 }
 
-fn read(path: &Path) -> Result<String, AuthError> {
-    std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+/// A line of a Mosquitto-style file that says something, and where it is, for errors.
+struct Line<'a> {
+    path: &'a Path,
+    number: usize,
+    text: String,
+}
+
+impl Line<'_> {
+    fn err(&self, what: &str) -> AuthError {
+        AuthError::Parse {
+            path: self.path.to_owned(),
+            line: self.number,
+            what: what.to_owned(),
+        }
+    }
+}
+
+/// The lines that are neither blank nor `#` comments.
+fn meaningful_lines(path: &Path) -> Result<Vec<Line<'_>>, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| (i, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(i, line)| Line {
+            path,
+            number: i + 1,
+            text: line.to_owned(),
+        })
+        .collect())
 }
 
 fn parse_password_file(path: &Path) -> Result<HashMap<String, PasswordHash>, AuthError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut users = HashMap::new();
-    for (i, line) in read(path)?.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let err = |what: &str| AuthError::Parse {
-            path: path.to_owned(),
-            line: i + 1,
-            what: what.to_owned(),
-        };
+    for l in meaningful_lines(path)? {
+        let err = |what: &str| l.err(what);
+        let line = l.text.as_str();
         let (user, hash) = line
             .split_once(':')
             .ok_or_else(|| err("expected user:hash"))?;
@@ -284,16 +306,9 @@ fn parse_password_file(path: &Path) -> Result<HashMap<String, PasswordHash>, Aut
 fn parse_acl_file(path: &Path) -> Result<Acl, AuthError> {
     let mut acl = Acl::default();
     let mut user: Option<String> = None;
-    for (i, line) in read(path)?.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let err = |what: &str| AuthError::Parse {
-            path: path.to_owned(),
-            line: i + 1,
-            what: what.to_owned(),
-        };
+    for l in meaningful_lines(path)? {
+        let err = |what: &str| l.err(what);
+        let line = l.text.as_str();
         let (keyword, rest) = line
             .split_once(char::is_whitespace)
             .ok_or_else(|| err("expected a keyword and a value"))?;
