@@ -11,6 +11,19 @@ use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode,
 use ferry_tests::process::{binary, mosquitto, Edge};
 
 const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
+
+/// The next packet rumqttc's event loop received (outgoing events skipped); panics with
+/// `what` if none comes within [`WAIT`] or the connection fails.
+async fn next_incoming(eventloop: &mut rumqttc::EventLoop, what: &str) -> rumqttc::Incoming {
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Err(_) => panic!("{what}: nothing within {WAIT:?}"),
+            Ok(Err(e)) => panic!("{what}: {e}"),
+            Ok(Ok(rumqttc::Event::Incoming(packet))) => return packet,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
 const WAIT: Duration = Duration::from_secs(15);
 
 #[test]
@@ -151,7 +164,7 @@ fn retained_message_reaches_a_later_subscriber() {
 /// 2,000 QoS 1 messages from rumqttc arrive at a rumqttc subscriber, all of them, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rumqttc_qos1_stream_arrives_complete_and_in_order() {
-    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
     const N: usize = 2000;
     let edge = Edge::start(LOCAL);
 
@@ -162,28 +175,17 @@ async fn rumqttc_qos1_stream_arrives_complete_and_in_order() {
         .await
         .expect("queue subscribe");
     loop {
-        match tokio::time::timeout(WAIT, sub_loop.poll())
-            .await
-            .expect("suback in time")
-        {
-            Ok(Event::Incoming(Incoming::SubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("subscriber: {e}"),
+        if let Incoming::SubAck(_) = next_incoming(&mut sub_loop, "suback in time").await {
+            break;
         }
     }
 
     let receiver = tokio::spawn(async move {
         let mut got = Vec::with_capacity(N);
         while got.len() < N {
-            match tokio::time::timeout(WAIT, sub_loop.poll())
-                .await
-                .expect("messages keep coming")
+            if let Incoming::Publish(p) = next_incoming(&mut sub_loop, "messages keep coming").await
             {
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    got.push(String::from_utf8(p.payload.to_vec()).expect("utf8"));
-                }
-                Ok(_) => {}
-                Err(e) => panic!("subscriber: {e}"),
+                got.push(String::from_utf8(p.payload.to_vec()).expect("utf8"));
             }
         }
         got
@@ -202,13 +204,8 @@ async fn rumqttc_qos1_stream_arrives_complete_and_in_order() {
     });
     let mut acks = 0;
     while acks < N {
-        match tokio::time::timeout(WAIT, pub_loop.poll())
-            .await
-            .expect("acks keep coming")
-        {
-            Ok(Event::Incoming(Incoming::PubAck(_))) => acks += 1,
-            Ok(_) => {}
-            Err(e) => panic!("publisher: {e}"),
+        if let Incoming::PubAck(_) = next_incoming(&mut pub_loop, "acks keep coming").await {
+            acks += 1;
         }
     }
     sender.await.expect("sender done");
@@ -463,13 +460,8 @@ async fn kill_9_mid_stream_loses_no_acknowledged_message() {
         .await
         .expect("queue subscribe");
     loop {
-        match tokio::time::timeout(WAIT, sub_loop.poll())
-            .await
-            .expect("suback in time")
-        {
-            Ok(Event::Incoming(Incoming::SubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("subscriber: {e}"),
+        if let Incoming::SubAck(_) = next_incoming(&mut sub_loop, "suback in time").await {
+            break;
         }
     }
     sub.disconnect().await.expect("queue disconnect");
@@ -493,13 +485,8 @@ async fn kill_9_mid_stream_loses_no_acknowledged_message() {
     // exactly the first `acked`.
     let mut acked = 0;
     while acked < KILL_AFTER_ACKS {
-        match tokio::time::timeout(WAIT, pub_loop.poll())
-            .await
-            .expect("acks keep coming")
-        {
-            Ok(Event::Incoming(Incoming::PubAck(_))) => acked += 1,
-            Ok(_) => {}
-            Err(e) => panic!("publisher: {e}"),
+        if let Incoming::PubAck(_) = next_incoming(&mut pub_loop, "acks keep coming").await {
+            acked += 1
         }
     }
     edge.kill();
