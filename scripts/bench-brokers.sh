@@ -6,7 +6,8 @@
 #
 # Needs the mosquitto broker (Debian package mosquitto). Mosquitto runs with its defaults
 # (in memory, TCP_NODELAY off on its side); ferry-edge with its defaults (TCP_NODELAY on,
-# fsync on; the bench subscriber's session is clean, so nothing is written to disk).
+# fsync on). With a clean subscriber session nothing is written to disk; with --persistent
+# ferry-edge commits every QoS 1 message (and its acknowledgement state) before the PUBACK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -22,6 +23,7 @@ sleep 1
 rss() { awk '/VmRSS/ {print $2 " kB"}' /proc/$1/status; }
 echo "idle RSS: ferry-edge $(rss $ferry), mosquitto $(rss $mosq)"
 for run in "fan-in --publishers 4 --qos 0" "fan-in --publishers 16 --qos 0" "fan-in --publishers 4 --qos 1" \
+           "fan-in --publishers 4 --qos 1 --persistent" \
            "fan-out --subscribers 4 --qos 0" "latency --rate 5000 --qos 0" "latency --rate 20000 --qos 0"; do
   for broker in "ferry-edge 18830" "mosquitto 18831"; do
     set -- $broker

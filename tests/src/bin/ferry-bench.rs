@@ -6,6 +6,9 @@
 //! ferry-bench latency --port 1883 --rate 5000 --qos 0 --payload 100 --secs 10
 //! ```
 //!
+//! `--persistent` (fan-in): the subscriber's session outlives its connection, so a broker
+//! that persists sessions has each QoS ≥ 1 message on disk before it acknowledges it.
+//!
 //! fan-in: N publishers to one subscriber. Reports what the publishers sent (QoS 0) or had
 //! acknowledged (QoS 1/2), what the subscriber received, and for QoS ≥ 1 how many
 //! acknowledged messages never arrived (after the subscriber has drained).
@@ -40,6 +43,9 @@ struct Args {
     payload: usize,
     secs: u64,
     rate: u64,
+    /// fan-in: the subscriber keeps a persistent session (clean session 0), so a broker that
+    /// persists sessions writes every QoS ≥ 1 message to disk before acknowledging it.
+    persistent: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -54,8 +60,13 @@ fn parse() -> Result<Args, String> {
         payload: 100,
         secs: 10,
         rate: 5000,
+        persistent: false,
     };
     while let Some(flag) = it.next() {
+        if flag == "--persistent" {
+            a.persistent = true;
+            continue;
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
@@ -100,6 +111,10 @@ struct Conn {
 
 impl Conn {
     async fn open(args: &Args, client_id: &str) -> Result<Self, String> {
+        Self::open_with(args, client_id, true).await
+    }
+
+    async fn open_with(args: &Args, client_id: &str, clean: bool) -> Result<Self, String> {
         let stream = TcpStream::connect((args.host.as_str(), args.port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -110,6 +125,7 @@ impl Conn {
         };
         let mut connect = Connect::new(V, client_id);
         connect.keep_alive_secs = 0;
+        connect.clean_start = clean;
         conn.send(&[Packet::Connect(Box::new(connect))]).await?;
         match conn.next().await? {
             Packet::ConnAck(ack) if !ack.code.is_error() => Ok(conn),
@@ -267,7 +283,7 @@ async fn publish_flat_out(
 async fn fan_in(args: &Args) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
-    let mut sub = Conn::open(args, "bench-sub").await?;
+    let mut sub = Conn::open_with(args, "bench-sub", !args.persistent).await?;
     sub.subscribe("bench/#", args.qos).await?;
     let receiver = tokio::spawn(receive(sub, stop.clone(), received.clone(), |_| {}));
     let sent = Arc::new(AtomicU64::new(0));
@@ -304,11 +320,12 @@ async fn fan_in(args: &Args) -> Result<(), String> {
         "acknowledged"
     };
     println!(
-        "fan-in qos={} publishers={} payload={}B secs={:.1}: {what} {:.0} msg/s, received {:.0} msg/s during the run ({} of {} after drain){}",
+        "fan-in qos={} publishers={} payload={}B secs={:.1}{}: {what} {:.0} msg/s, received {:.0} msg/s during the run ({} of {} after drain){}",
         args.qos as u8,
         args.clients,
         args.payload,
         elapsed,
+        if args.persistent { " persistent" } else { "" },
         sent_n as f64 / elapsed,
         received_at_stop as f64 / elapsed,
         received_n,
