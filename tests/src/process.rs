@@ -157,6 +157,16 @@ pub fn mosquitto(tool: &str, args: &[&str]) -> std::process::Output {
     })
 }
 
+/// [`mosquitto`] against the broker on 127.0.0.1:`port`.
+pub fn mosquitto_at(tool: &str, port: &str, args: &[&str]) -> std::process::Output {
+    let all: Vec<&str> = ["-h", "127.0.0.1", "-p", port]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    mosquitto(tool, &all)
+}
+
 /// A new empty directory under the system's temporary directory.
 pub fn temp_dir(what: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode, MAX_PACKET_SIZE};
-use ferry_tests::process::{binary, mosquitto, Edge};
+use ferry_tests::process::{binary, mosquitto, mosquitto_at, Edge};
 
 const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
 
@@ -75,13 +75,10 @@ fn mosquitto_clients_publish_and_subscribe_through_the_edge() {
             .contains("SUBACK")
         {}
         for n in 1..=3 {
-            let out = mosquitto(
+            let out = mosquitto_at(
                 "mosquitto_pub",
+                &port,
                 &[
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
                     "-V",
                     version,
                     "-q",
@@ -124,39 +121,16 @@ fn mosquitto_clients_publish_and_subscribe_through_the_edge() {
 fn retained_message_reaches_a_later_subscriber() {
     let edge = Edge::start(LOCAL);
     let port = edge.port().to_string();
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-r",
-            "-q",
-            "1",
-            "-t",
-            "status/gw",
-            "-m",
-            "online",
-        ],
+        &port,
+        &["-r", "-q", "1", "-t", "status/gw", "-m", "online"],
     );
     assert!(out.status.success());
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_sub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "status/#",
-            "-C",
-            "1",
-            "-W",
-            "10",
-            "-F",
-            "%t %p %r",
-        ],
+        &port,
+        &["-t", "status/#", "-C", "1", "-W", "10", "-F", "%t %p %r"],
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "status/gw online 1\n");
 }
@@ -250,18 +224,10 @@ fn malformed_packet_gets_a_reason_code_and_a_clean_close() {
     };
     assert_eq!(d.reason, ReasonCode::MalformedPacket);
 
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &edge.port().to_string(),
-            "-t",
-            "still/up",
-            "-m",
-            "1",
-        ],
+        &edge.port().to_string(),
+        &["-t", "still/up", "-m", "1"],
     );
     assert!(
         out.status.success(),
@@ -273,20 +239,10 @@ fn malformed_packet_gets_a_reason_code_and_a_clean_close() {
 #[test]
 fn mqtt31_client_is_refused_with_return_code_1() {
     let edge = Edge::start(LOCAL);
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &edge.port().to_string(),
-            "-V",
-            "mqttv31",
-            "-t",
-            "t",
-            "-m",
-            "1",
-        ],
+        &edge.port().to_string(),
+        &["-V", "mqttv31", "-t", "t", "-m", "1"],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
@@ -323,43 +279,20 @@ fn persistent_session_and_retained_survive_kill_9() {
     let edge = Edge::start_in(&dir, LOCAL);
     let port = edge.port().to_string();
     // Register a persistent session (-c) with its subscription, then leave (-E).
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_sub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-c",
-            "-i",
-            "dev-1",
-            "-q",
-            "1",
-            "-t",
-            "cmd/#",
-            "-E",
-        ],
+        &port,
+        &["-c", "-i", "dev-1", "-q", "1", "-t", "cmd/#", "-E"],
     );
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-r",
-            "-q",
-            "1",
-            "-t",
-            "status/gw",
-            "-m",
-            "online",
-        ],
+        &port,
+        &["-r", "-q", "1", "-t", "status/gw", "-m", "online"],
     );
     assert!(out.status.success());
     // 100 QoS 1 messages, one per line.
@@ -389,24 +322,11 @@ fn persistent_session_and_retained_survive_kill_9() {
     edge.kill();
     let edge = Edge::start_in(&dir, LOCAL);
     let port = edge.port().to_string();
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_sub",
+        &port,
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-c",
-            "-i",
-            "dev-1",
-            "-q",
-            "1",
-            "-t",
-            "cmd/#",
-            "-C",
-            "100",
-            "-W",
-            "15",
+            "-c", "-i", "dev-1", "-q", "1", "-t", "cmd/#", "-C", "100", "-W", "15",
         ],
     );
     assert!(
@@ -421,20 +341,10 @@ fn persistent_session_and_retained_survive_kill_9() {
     let expected: Vec<String> = (0..100).map(|n| n.to_string()).collect();
     assert_eq!(got, expected);
 
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_sub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "status/#",
-            "-C",
-            "1",
-            "-W",
-            "10",
-        ],
+        &port,
+        &["-t", "status/#", "-C", "1", "-W", "10"],
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "online\n");
     drop(edge);
@@ -677,22 +587,10 @@ fn tls_listener_works_with_mosquitto_clients() {
         .spawn()
         .expect("mosquitto_sub runs");
     std::thread::sleep(Duration::from_millis(500));
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            ca,
-            "-t",
-            "secure/a",
-            "-m",
-            "sealed",
-            "-q",
-            "1",
-        ],
+        &port,
+        &["--cafile", ca, "-t", "secure/a", "-m", "sealed", "-q", "1"],
     );
     assert!(
         out.status.success(),
@@ -712,13 +610,10 @@ fn tls_listener_works_with_mosquitto_clients() {
         other_params.self_signed(&other_key).expect("CA").pem(),
     )
     .expect("write");
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
+        &port,
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "--cafile",
             other.to_str().expect("utf8"),
             "-t",
@@ -778,20 +673,10 @@ fn metrics_endpoint_counts_messages() {
     )
     .expect("write config");
     let edge = Edge::start(&["--config", config.to_str().expect("utf8")]);
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &edge.port().to_string(),
-            "-q",
-            "1",
-            "-t",
-            "m/1",
-            "-m",
-            "x",
-        ],
+        &edge.port().to_string(),
+        &["-q", "1", "-t", "m/1", "-m", "x"],
     );
     assert!(out.status.success());
     let get = |path: &str| {
@@ -906,20 +791,10 @@ fn client_certificate_cn_is_the_username() {
     assert!(String::from_utf8_lossy(&denied.stderr).contains("denied"));
 
     // Without a client certificate the handshake fails.
-    let out = mosquitto(
+    let out = mosquitto_at(
         "mosquitto_pub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            &ca_file,
-            "-t",
-            "sensors/7/temp",
-            "-m",
-            "x",
-        ],
+        &port,
+        &["--cafile", &ca_file, "-t", "sensors/7/temp", "-m", "x"],
     );
     assert!(!out.status.success());
     drop(edge);
