@@ -20,8 +20,13 @@ mosquitto -p 18831 >/dev/null 2>&1 &
 mosq=$!
 trap 'kill $ferry $mosq 2>/dev/null; rm -rf "$data"' EXIT
 sleep 1
-rss() { awk '/VmRSS/ {print $2 " kB"}' /proc/$1/status; }
+rss() { awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$1/status; }
 echo "idle RSS: ferry-edge $(rss $ferry), mosquitto $(rss $mosq)"
+for broker in "ferry-edge 18830 $ferry" "mosquitto 18831 $mosq"; do
+  set -- $broker
+  printf '%-10s ' "$1"
+  target/release/ferry-bench idle --connections 1000 --port "$2" --pid "$3" --secs 3
+done
 for run in "fan-in --publishers 4 --qos 0" "fan-in --publishers 16 --qos 0" "fan-in --publishers 4 --qos 1" \
            "fan-in --publishers 4 --qos 1 --persistent" \
            "fan-out --subscribers 4 --qos 0" "latency --rate 5000 --qos 0" "latency --rate 20000 --qos 0"; do
@@ -32,3 +37,6 @@ for run in "fan-in --publishers 4 --qos 0" "fan-in --publishers 16 --qos 0" "fan
     target/release/ferry-bench $run --port "$2" --secs "$secs"
   done
 done
+# Memory a burst took should be given back once it is over.
+sleep 5
+echo "RSS after all runs: ferry-edge $(rss $ferry), mosquitto $(rss $mosq)"

@@ -40,11 +40,19 @@ pub struct StorageConfig {
     /// survives a crash of the process but may lose the last commits on power loss, for
     /// flash media that must be spared.
     pub fsync: bool,
+    /// Memory the database may use to cache its pages (reads and not yet flushed writes).
+    /// Default 4 MiB, which holds the working set of thousands of persistent sessions; the
+    /// operating system's page cache serves the rest. The database library's own default
+    /// (1 GiB) would let a long backlog keep that much resident on a gateway.
+    pub cache_bytes: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { fsync: true }
+        Self {
+            fsync: true,
+            cache_bytes: 4 * 1024 * 1024,
+        }
     }
 }
 

@@ -46,12 +46,14 @@ const ROUTER_BATCH: usize = 256;
 /// size reserved by the decoder once its header is in.
 const READ_CHUNK_MIN: usize = 512;
 const READ_CHUNK_MAX: usize = 64 * 1024;
+/// How long a connection whose reading ended waits for its writer to flush and close.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// A read or write buffer that grew past this during a burst is given back once empty.
 const BUFFER_KEEP: usize = 64 * 1024;
 
 /// Messages into the router thread.
 enum ToRouter {
-    Register { conn: ConnId, handle: ConnHandle },
+    Register { conn: ConnId, wire: Arc<Wire> },
     SetAuth(Arc<Auth>),
     Input(Input),
     Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
@@ -65,15 +67,81 @@ pub struct CommitStats {
     pub max: Duration,
 }
 
-/// What the router holds to reach a connection.
-struct ConnHandle {
-    out: mpsc::Sender<Outbound>,
-    paused: watch::Sender<bool>,
+/// What the router shares with one connection's reader and writer: the writer's queue and
+/// the reader's pause flag. A plain mutex-guarded queue rather than a channel, so that an
+/// idle connection holds no buffer at all (a channel keeps a block of slots) and the writer
+/// takes everything queued in one lock.
+struct Wire {
+    state: std::sync::Mutex<WireState>,
+    /// Wakes the writer: packets queued, or close.
+    to_writer: tokio::sync::Notify,
+    /// Wakes the reader: pause or resume, or the writer is gone.
+    to_reader: tokio::sync::Notify,
 }
 
-enum Outbound {
-    Packet(Packet),
-    Close,
+#[derive(Default)]
+struct WireState {
+    /// Packets for the writer, in order. At most `SEND_CREDIT + CONTROL_SLACK`.
+    queue: std::collections::VecDeque<Packet>,
+    /// The writer sends what is queued, then closes the connection.
+    close: bool,
+    /// The broker's flow control holds this connection's reads.
+    paused: bool,
+    /// The writer has ended (closed or failed); the reader stops.
+    writer_gone: bool,
+}
+
+/// The largest queue a writer keeps between bursts; a larger one is given back once drained.
+const QUEUE_KEEP: usize = 64;
+
+impl Wire {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: std::sync::Mutex::new(WireState::default()),
+            to_writer: tokio::sync::Notify::new(),
+            to_reader: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WireState> {
+        // The lock guards plain data with no invariant a panic could break.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `packet` for the writer; false if the queue is full (a client that sends but
+    /// does not read) or the writer is gone.
+    fn send(&self, packet: Packet) -> bool {
+        let mut state = self.lock();
+        if state.writer_gone || state.close || state.queue.len() >= SEND_CREDIT + CONTROL_SLACK {
+            return false;
+        }
+        state.queue.push_back(packet);
+        drop(state);
+        self.to_writer.notify_one();
+        true
+    }
+
+    fn close(&self) {
+        self.lock().close = true;
+        self.to_writer.notify_one();
+    }
+
+    /// Drops what is queued and ends the connection now: the reader stops at once, the
+    /// writer as soon as it gets back to the queue.
+    fn abort(&self) {
+        let mut state = self.lock();
+        state.queue.clear();
+        state.close = true;
+        state.writer_gone = true;
+        drop(state);
+        self.to_writer.notify_one();
+        self.to_reader.notify_one();
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
+        self.to_reader.notify_one();
+    }
 }
 
 /// A running broker: its local addresses and a way to ask for statistics.
@@ -102,7 +170,7 @@ impl Server {
         config: Config,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Self, StartError> {
-        let store = Store::open(&config.server.data_dir, config.storage.fsync)?;
+        let store = Store::open(&config.server.data_dir, &config.storage)?;
         let mut broker = Broker::new(config.mqtt.clone());
         broker.set_auth(Arc::new(config.load_auth()?));
         broker.restore(store.load()?, Instant::now());
@@ -459,12 +527,17 @@ async fn accept_loop(
         let settings = settings.clone();
         let stop = stop.clone();
         let transport = transport.clone();
-        tokio::spawn(async move {
-            match transport {
-                Transport::Tcp => {
-                    connection(stream, None, peer, conn, to_router, settings, stop).await
-                }
-                Transport::WebSocket => {
+        // One spawn per transport, so that a plain TCP connection's task is not sized for a
+        // TLS handshake's state.
+        match transport {
+            Transport::Tcp => {
+                tokio::spawn(async move {
+                    connection(stream, None, peer, conn, to_router, settings, stop).await;
+                    drop(permit);
+                });
+            }
+            Transport::WebSocket => {
+                tokio::spawn(async move {
                     let upgraded =
                         tokio::time::timeout(settings.connect_timeout, websocket::accept(stream))
                             .await;
@@ -475,8 +548,11 @@ async fn accept_loop(
                         Ok(Err(e)) => debug!(%peer, error = %e, "WebSocket handshake failed"),
                         Err(_) => debug!(%peer, "WebSocket handshake timed out"),
                     }
-                }
-                Transport::Tls(acceptor, identity_as_username) => {
+                    drop(permit);
+                });
+            }
+            Transport::Tls(acceptor, identity_as_username) => {
+                tokio::spawn(async move {
                     // The handshake counts against the connect timeout.
                     let accepted =
                         tokio::time::timeout(settings.connect_timeout, acceptor.accept(stream))
@@ -492,10 +568,10 @@ async fn accept_loop(
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }
-                }
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+        }
     }
 }
 
@@ -564,14 +640,12 @@ async fn connection<S>(
     };
     debug!(%peer, conn, client_id = %connect.client_id, ?version, "CONNECT");
 
-    let (out_tx, out_rx) = mpsc::channel(SEND_CREDIT + CONTROL_SLACK);
-    let (paused_tx, mut paused_rx) = watch::channel(false);
-    let handle = ConnHandle {
-        out: out_tx,
-        paused: paused_tx,
-    };
+    let wire = Wire::new();
     if to_router
-        .send(ToRouter::Register { conn, handle })
+        .send(ToRouter::Register {
+            conn,
+            wire: wire.clone(),
+        })
         .await
         .is_err()
     {
@@ -590,14 +664,12 @@ async fn connection<S>(
     {
         return;
     }
-    let (closed_tx, mut closed_rx) = watch::channel(false);
     let writer = tokio::spawn(write_loop(
         wr,
-        out_rx,
+        wire.clone(),
         conn,
         version,
         settings.credit.clone(),
-        closed_tx,
     ));
 
     // Keep alive: the client must send something within 1.5 times its interval (MQTT-3.1.2-22).
@@ -605,14 +677,20 @@ async fn connection<S>(
         (keepalive_secs > 0).then(|| Duration::from_millis(u64::from(keepalive_secs) * 1500));
     loop {
         // A paused publisher is not read from until the broker resumes it.
-        while *paused_rx.borrow() {
+        let paused = {
+            let state = wire.lock();
+            if state.writer_gone {
+                break;
+            }
+            state.paused
+        };
+        if paused {
             tokio::select! {
-                r = paused_rx.changed() => if r.is_err() { break; },
-                _ = closed_rx.changed() => break,
+                _ = wire.to_reader.notified() => continue,
                 _ = stop.changed() => break,
             }
         }
-        if *closed_rx.borrow() || *stop.borrow() {
+        if *stop.borrow() {
             break;
         }
         let read = read_packet(
@@ -622,6 +700,8 @@ async fn connection<S>(
             version,
             settings.max_packet_size,
         );
+        // A wake-up for the reader (paused, or the writer gone) abandons the read, which
+        // loses nothing: what was read stays in `buf`.
         let next = tokio::select! {
             r = async {
                 match idle_limit {
@@ -629,7 +709,7 @@ async fn connection<S>(
                     None => Some(read.await),
                 }
             } => r,
-            _ = closed_rx.changed() => break,
+            _ = wire.to_reader.notified() => continue,
             _ = stop.changed() => break,
         };
         match next {
@@ -664,7 +744,14 @@ async fn connection<S>(
     // Whatever ended it, the broker detaches the session (it ignores a connection it has
     // already closed itself).
     let _ = to_router.send(ToRouter::Input(Input::Lost { conn })).await;
-    let _ = writer.await;
+    // A writer stuck on a client that does not read is not waited for long.
+    let mut writer = writer;
+    if tokio::time::timeout(WRITER_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     debug!(%peer, conn, "connection closed");
 }
 
@@ -718,37 +805,37 @@ async fn read_packet(
     }
 }
 
-/// Encodes what the router sends, writes it in batches, and gives the credit back.
+/// Encodes what the router queues, writes it in batches, and gives the credit back.
 async fn write_loop(
     mut wr: impl AsyncWrite + Unpin,
-    mut rx: mpsc::Receiver<Outbound>,
+    wire: Arc<Wire>,
     conn: ConnId,
     version: ProtocolVersion,
     credit: mpsc::UnboundedSender<(ConnId, usize)>,
-    closed: watch::Sender<bool>,
 ) {
     let mut out = BytesMut::new();
-    'outer: while let Some(first) = rx.recv().await {
-        let mut packets = 0;
-        let mut close = false;
-        let mut next = Some(first);
-        while let Some(item) = next {
-            match item {
-                Outbound::Packet(p) => {
-                    if let Err(e) = p.encode(version, &mut out) {
-                        warn!(conn, error = %e, "dropping a packet that cannot be encoded");
-                    }
-                    packets += 1;
-                }
-                Outbound::Close => {
-                    close = true;
-                    break;
-                }
+    let mut batch = std::collections::VecDeque::new();
+    loop {
+        let close = {
+            let mut state = wire.lock();
+            std::mem::swap(&mut state.queue, &mut batch);
+            state.close
+        };
+        if batch.is_empty() && !close {
+            wire.to_writer.notified().await;
+            continue;
+        }
+        let packets = batch.len();
+        for p in batch.drain(..) {
+            if let Err(e) = p.encode(version, &mut out) {
+                warn!(conn, error = %e, "dropping a packet that cannot be encoded");
             }
-            next = rx.try_recv().ok();
+        }
+        if batch.capacity() > QUEUE_KEEP {
+            batch = std::collections::VecDeque::new();
         }
         if !out.is_empty() && wr.write_all(&out).await.is_err() {
-            break 'outer;
+            break;
         }
         out.clear();
         if out.capacity() > BUFFER_KEEP {
@@ -764,7 +851,8 @@ async fn write_loop(
         }
     }
     let _ = wr.shutdown().await;
-    let _ = closed.send(true);
+    wire.lock().writer_gone = true;
+    wire.to_reader.notify_one();
 }
 
 /// The router thread: applies inputs to the broker in batches, makes the batch's durable
@@ -793,7 +881,7 @@ async fn route_loop(
     mut rx: mpsc::Receiver<ToRouter>,
     mut credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
 ) -> Result<(), StoreError> {
-    let mut conns: HashMap<ConnId, ConnHandle> = HashMap::new();
+    let mut conns: HashMap<ConnId, Arc<Wire>> = HashMap::new();
     let mut actions = Vec::new();
     // Connections whose reader ended; their handles go after this batch's actions went out,
     // so that a last CONNACK or DISCONNECT still reaches the writer.
@@ -815,8 +903,8 @@ async fn route_loop(
         let mut n = 0;
         while let Some(msg) = next {
             match msg {
-                ToRouter::Register { conn, handle } => {
-                    conns.insert(conn, handle);
+                ToRouter::Register { conn, wire } => {
+                    conns.insert(conn, wire);
                 }
                 ToRouter::SetAuth(auth) => broker.set_auth(auth),
                 ToRouter::Input(input) => {
@@ -852,39 +940,42 @@ async fn route_loop(
         }
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {
-            conns.remove(&conn);
+            // The writer sends what is still queued (a last DISCONNECT), then closes.
+            if let Some(wire) = conns.remove(&conn) {
+                wire.close();
+            }
         }
     }
     Ok(())
 }
 
-fn dispatch(conns: &mut HashMap<ConnId, ConnHandle>, actions: &mut Vec<Action>) {
+fn dispatch(conns: &mut HashMap<ConnId, Arc<Wire>>, actions: &mut Vec<Action>) {
     for action in actions.drain(..) {
         match action {
             Action::Send(conn, packet) => {
-                let Some(handle) = conns.get(&conn) else {
+                let Some(wire) = conns.get(&conn) else {
                     continue;
                 };
-                if handle.out.try_send(Outbound::Packet(packet)).is_err() {
+                if !wire.send(packet) {
                     // Its writer is full beyond the credit: a client that does not read.
                     warn!(conn, "client is not reading its acknowledgements; closing");
-                    let _ = handle.paused.send(false);
+                    wire.abort();
                     conns.remove(&conn);
                 }
             }
             Action::Close(conn) => {
-                if let Some(handle) = conns.remove(&conn) {
-                    let _ = handle.out.try_send(Outbound::Close);
+                if let Some(wire) = conns.remove(&conn) {
+                    wire.close();
                 }
             }
             Action::PauseReads(conn) => {
-                if let Some(handle) = conns.get(&conn) {
-                    let _ = handle.paused.send(true);
+                if let Some(wire) = conns.get(&conn) {
+                    wire.set_paused(true);
                 }
             }
             Action::ResumeReads(conn) => {
-                if let Some(handle) = conns.get(&conn) {
-                    let _ = handle.paused.send(false);
+                if let Some(wire) = conns.get(&conn) {
+                    wire.set_paused(false);
                 }
             }
         }

@@ -19,6 +19,7 @@ use ferry_protocol::topic::{TopicFilter, TopicName};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::broker::{Delivery, Message, QueueState, Snapshot, StoreOp, StoredSession};
+use crate::config::StorageConfig;
 
 /// client id → session record.
 const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
@@ -64,14 +65,19 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) `dir/ferry-edge.redb`. With `fsync`, every commit is on disk when it
-    /// returns; without, a power loss may lose the last commits (a process crash does not).
-    pub fn open(dir: &Path, fsync: bool) -> Result<Self, StoreError> {
+    /// Opens (or creates) `dir/ferry-edge.redb`, with at most `config.cache_bytes` of page
+    /// cache. With `config.fsync`, every commit is on disk when it returns; without, a power
+    /// loss may lose the last commits (a process crash does not).
+    pub fn open(dir: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
+        let fsync = config.fsync;
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
             path: dir.to_owned(),
             source,
         })?;
-        let database = Database::create(dir.join("ferry-edge.redb")).map_err(dberr)?;
+        let database = Database::builder()
+            .set_cache_size(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX))
+            .create(dir.join("ferry-edge.redb"))
+            .map_err(dberr)?;
         let txn = database.begin_write().map_err(dberr)?;
         txn.open_table(SESSIONS).map_err(dberr)?;
         txn.open_table(QUEUE).map_err(dberr)?;
@@ -469,7 +475,7 @@ mod tests {
         let dir = tempdir();
         let client: Arc<str> = "dev-1".into();
         {
-            let store = Store::open(&dir, true).expect("open");
+            let store = Store::open(&dir, &StorageConfig::default()).expect("open");
             let filter = TopicFilter::new("cmd/#").expect("valid");
             let d = |seq| Delivery {
                 msg: message("cmd/a", &format!("m{seq}")),
@@ -530,7 +536,7 @@ mod tests {
                 ])
                 .expect("apply");
         }
-        let store = Store::open(&dir, true).expect("reopen");
+        let store = Store::open(&dir, &StorageConfig::default()).expect("reopen");
         let snap = store.load().expect("load");
         assert_eq!(snap.sessions.len(), 1);
         let s = &snap.sessions[0];

@@ -4,6 +4,7 @@
 //! ferry-bench fan-in  --port 1883 --publishers 4 --qos 1 --payload 100 --secs 10
 //! ferry-bench fan-out --port 1883 --subscribers 4 --qos 0 --payload 100 --secs 10
 //! ferry-bench latency --port 1883 --rate 5000 --qos 0 --payload 100 --secs 10
+//! ferry-bench idle    --port 1883 --connections 1000 --pid $(pidof ferry-edge) --secs 5
 //! ```
 //!
 //! `--persistent` (fan-in): the subscriber's session outlives its connection, so a broker
@@ -14,7 +15,10 @@
 //! acknowledged messages never arrived (after the subscriber has drained).
 //! fan-out: one publisher to N subscribers on the same topic. latency: one publisher at a
 //! fixed rate, one subscriber; the payload carries the send time; percentiles of the
-//! one-way delay (same machine, same clock). Every client sets TCP_NODELAY; MQTT 3.1.1.
+//! one-way delay (same machine, same clock). idle: N clients connect, subscribe to a topic
+//! each and stay quiet; with `--pid` the broker's resident memory (VmRSS) is read before they
+//! connect and after they have been idle for `--secs`. Every client sets TCP_NODELAY; MQTT
+//! 3.1.1.
 
 use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,11 +50,13 @@ struct Args {
     /// fan-in: the subscriber keeps a persistent session (clean session 0), so a broker that
     /// persists sessions writes every QoS ≥ 1 message to disk before acknowledging it.
     persistent: bool,
+    /// idle: the broker's process id, to read its resident memory from /proc.
+    pid: Option<u32>,
 }
 
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
-    let mode = it.next().ok_or("usage: ferry-bench fan-in|fan-out|latency [--host H] [--port P] [--publishers N|--subscribers N] [--qos Q] [--payload BYTES] [--secs S] [--rate MSG_PER_SEC]")?;
+    let mode = it.next().ok_or("usage: ferry-bench fan-in|fan-out|latency|idle [--host H] [--port P] [--publishers N|--subscribers N|--connections N] [--pid BROKER_PID] [--qos Q] [--payload BYTES] [--secs S] [--rate MSG_PER_SEC]")?;
     let mut a = Args {
         mode,
         host: "127.0.0.1".into(),
@@ -61,6 +67,7 @@ fn parse() -> Result<Args, String> {
         secs: 10,
         rate: 5000,
         persistent: false,
+        pid: None,
     };
     while let Some(flag) = it.next() {
         if flag == "--persistent" {
@@ -72,7 +79,8 @@ fn parse() -> Result<Args, String> {
         match flag.as_str() {
             "--host" => a.host = value,
             "--port" => a.port = num(&value)? as u16,
-            "--publishers" | "--subscribers" => a.clients = num(&value)? as usize,
+            "--pid" => a.pid = Some(num(&value)? as u32),
+            "--publishers" | "--subscribers" | "--connections" => a.clients = num(&value)? as usize,
             "--qos" => a.qos = QoS::from_u8(num(&value)? as u8).map_err(|e| e.to_string())?,
             "--payload" => a.payload = num(&value)? as usize,
             "--secs" => a.secs = num(&value)?,
@@ -96,6 +104,7 @@ async fn main() {
         "fan-in" => fan_in(&args).await,
         "fan-out" => fan_out(&args).await,
         "latency" => latency(&args).await,
+        "idle" => idle(&args).await,
         other => Err(format!("unknown mode {other}")),
     };
     if let Err(e) = result {
@@ -121,7 +130,7 @@ impl Conn {
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut conn = Self {
             stream,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::new(),
         };
         let mut connect = Connect::new(V, client_id);
         connect.keep_alive_secs = 0;
@@ -458,6 +467,44 @@ async fn latency(args: &Args) -> Result<(), String> {
         pct(0.99),
         pct(0.999),
         s.last().copied().unwrap_or(0) as f64 / 1000.0,
+    );
+    Ok(())
+}
+
+/// The resident memory of process `pid` in kB, from /proc (Linux).
+fn rss_kb(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+async fn idle(args: &Args) -> Result<(), String> {
+    let before = args.pid.map(rss_kb).transpose()?;
+    let mut conns = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let mut conn = Conn::open(args, &format!("bench-idle-{i}")).await?;
+        conn.subscribe(&format!("bench/idle/{i}"), QoS::AtLeastOnce)
+            .await?;
+        conn.buf = BytesMut::new();
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    let with = args.pid.map(rss_kb).transpose()?;
+    let mib = |kb: Option<u64>| {
+        kb.map_or("-".to_string(), |kb| {
+            format!("{:.1} MiB", kb as f64 / 1024.0)
+        })
+    };
+    println!(
+        "idle connections={} secs={}: broker RSS before {}, with them {}",
+        conns.len(),
+        args.secs,
+        mib(before),
+        mib(with),
     );
     Ok(())
 }
