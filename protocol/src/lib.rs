@@ -6,6 +6,8 @@
 //!
 //! - [`mqtt`]: the MQTT 3.1.1 and 5.0 codec (every packet, property and reason code).
 //! - [`topic`]: validated topic names and filters, matching, shared subscriptions.
+//! - [`kafka`]: the Kafka v2 record batch, the unit of the cloud's log.
 
+pub mod kafka;
 pub mod mqtt;
 pub mod topic;
