@@ -1,4 +1,9 @@
 //! `ferry-cloud`: the multi-protocol cloud node.
 //!
-//! Step 3 of the plan fills this crate (the partitioned log, routes, MQTT front); steps 5
-//! and later add the Kafka and AMQP fronts.
+//! - [`log`]: the durable partitioned log of Kafka v2 record batches, group-committed.
+//!
+//! Still to come (see the README's status table): routes from MQTT topics to streams, the
+//! MQTT front (the broker of `ferry-edge`), metadata in redb, the admin API, then the
+//! Kafka and AMQP fronts.
+
+pub mod log;
