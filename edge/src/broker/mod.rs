@@ -75,6 +75,12 @@ pub struct BrokerConfig {
     /// Seconds between updates of the `$SYS/broker/...` statistics topics; 0 turns them off.
     /// Default 10.
     pub sys_interval_secs: u32,
+    /// Topic filters no client may subscribe to: a SUBSCRIBE for one of them (compared as
+    /// written) is refused with 0x80 (Unspecified error) for that filter. Default
+    /// `["test/nosubscribe"]`, the filter with which MQTT conformance suites (Eclipse Paho's
+    /// interoperability tests) check that a broker can refuse a subscription. Per-user rules
+    /// belong in the ACL file, which refuses with 0x87 (Not authorized) in MQTT 5.
+    pub refused_filters: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -91,6 +97,7 @@ impl Default for BrokerConfig {
             max_keepalive_secs: 60,
             retain_available: true,
             sys_interval_secs: 10,
+            refused_filters: vec!["test/nosubscribe".into()],
         }
     }
 }
@@ -1185,6 +1192,10 @@ impl Broker {
             let key = sub.filter.as_str().to_owned();
             if sub.filter.filter().split('/').count() > self.config.max_topic_levels {
                 reasons.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if self.config.refused_filters.iter().any(|f| *f == key) {
+                reasons.push(ReasonCode::UnspecifiedError);
                 continue;
             }
             let allowed = self.auth.allows(

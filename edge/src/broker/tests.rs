@@ -483,3 +483,44 @@ fn an_expired_session_is_not_resumed_even_before_a_tick() {
     let a = h.connect_with(2, c, 10);
     assert!(matches!(&a[0], Action::Send(2, Packet::ConnAck(ack)) if !ack.session_present));
 }
+
+#[test]
+fn a_refused_filter_gets_0x80_and_the_rest_of_the_subscribe_is_granted() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "c");
+    let a = h.packet(
+        1,
+        Packet::Subscribe(Subscribe {
+            packet_id: id(3),
+            properties: Properties::default(),
+            subscriptions: ["test/nosubscribe", "test/+"]
+                .iter()
+                .map(|f| Subscription {
+                    filter: TopicFilter::new(*f).expect("valid"),
+                    options: SubscriptionOptions::new(QoS::ExactlyOnce),
+                })
+                .collect(),
+        }),
+    );
+    assert!(
+        matches!(&a[..], [Action::Send(1, Packet::SubAck(s))]
+        if s.reasons == [ReasonCode::UnspecifiedError, ReasonCode::GrantedQoS2]),
+        "{a:?}"
+    );
+    // Only the granted filter delivers.
+    h.connect(2, "p");
+    let a = h.packet(2, publish("test/nosubscribe", "x", QoS::AtMostOnce, 0));
+    assert_eq!(
+        publishes(&a, 1).len(),
+        1,
+        "delivered through test/+ only, once"
+    );
+    let mut open = BrokerConfig::default();
+    open.refused_filters.clear();
+    let mut h = Harness::new(open);
+    h.connect(1, "c");
+    let a = h.packet(1, subscribe("test/nosubscribe", QoS::AtLeastOnce));
+    assert!(
+        matches!(&a[..], [Action::Send(1, Packet::SubAck(s))] if s.reasons == [ReasonCode::GrantedQoS1])
+    );
+}
