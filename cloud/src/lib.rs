@@ -1,9 +1,11 @@
 //! `ferry-cloud`: the multi-protocol cloud node.
 //!
 //! - [`log`]: the durable partitioned log of Kafka v2 record batches, group-committed.
+//! - [`routes`]: which stream and partition an MQTT message goes to, and the record it becomes.
 //!
-//! Still to come (see the README's status table): routes from MQTT topics to streams, the
+//! Still to come (see the README's status table): the
 //! MQTT front (the broker of `ferry-edge`), metadata in redb, the admin API, then the
 //! Kafka and AMQP fronts.
 
 pub mod log;
+pub mod routes;

@@ -255,7 +255,8 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn valid_stream_name(name: &str) -> bool {
+/// A Kafka-legal topic name: 1-249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+pub fn valid_stream_name(name: &str) -> bool {
     (1..=249).contains(&name.len())
         && name != "."
         && name != ".."
