@@ -1,11 +1,13 @@
 //! `ferry-cloud`: the multi-protocol cloud node.
 //!
 //! - [`log`]: the durable partitioned log of Kafka v2 record batches, group-committed.
+//! - [`meta`]: streams, consumer cursors and edge sequences in redb, changed only by commands.
 //! - [`routes`]: which stream and partition an MQTT message goes to, and the record it becomes.
 //!
 //! Still to come (see the README's status table): the
-//! MQTT front (the broker of `ferry-edge`), metadata in redb, the admin API, then the
+//! MQTT front (the broker of `ferry-edge`), the admin API, then the
 //! Kafka and AMQP fronts.
 
 pub mod log;
+pub mod meta;
 pub mod routes;

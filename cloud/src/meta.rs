@@ -1,0 +1,382 @@
+//! The node's metadata (streams and their settings, consumer cursors, the highest committed
+//! sequence of each edge) in redb, `<data_dir>/meta.redb`.
+//!
+//! Metadata changes only through [`Command`]s applied by [`Meta::apply`], a deterministic
+//! state machine: the result depends on the current state and the commands alone (no clock,
+//! no randomness, no I/O but the database). On one node the commands are applied locally; a
+//! cluster will replicate the same commands through Raft and apply them on every node.
+//! Commands have a stable binary encoding ([`Command::encode`]) for that log.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::log::StreamConfig;
+
+/// Stream name → its settings (see `encode_config`).
+const STREAMS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("streams");
+/// (group, stream, partition) → the next offset the group will read.
+const CURSORS: TableDefinition<'_, (&str, &str, u32), i64> = TableDefinition::new("cursors");
+/// Edge id → the highest sequence number of its records committed to the log.
+const EDGES: TableDefinition<'_, &str, u64> = TableDefinition::new("edges");
+
+/// Why metadata could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("metadata: {0}")]
+    Corrupt(String),
+}
+
+fn dberr(e: impl Into<redb::Error>) -> MetaError {
+    MetaError::Db(e.into())
+}
+
+/// One change to the metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Creates a stream; a stream that exists keeps its settings.
+    CreateStream { name: String, config: StreamConfig },
+    /// Forgets a stream and the cursors on it.
+    DeleteStream { name: String },
+    /// Records where a consumer group will read next in a partition.
+    CommitCursor {
+        group: String,
+        stream: String,
+        partition: u32,
+        offset: i64,
+    },
+    /// Records that an edge's records up to `seq` are in the log. Never moves backwards.
+    CommitEdge { edge: String, seq: u64 },
+}
+
+/// The metadata database.
+pub struct Meta {
+    db: Database,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meta").finish_non_exhaustive()
+    }
+}
+
+impl Meta {
+    /// Opens (or creates) `path`.
+    pub fn open(path: &Path) -> Result<Self, MetaError> {
+        let db = Database::builder()
+            .set_cache_size(4 << 20)
+            .create(path)
+            .map_err(dberr)?;
+        let txn = db.begin_write().map_err(dberr)?;
+        txn.open_table(STREAMS).map_err(dberr)?;
+        txn.open_table(CURSORS).map_err(dberr)?;
+        txn.open_table(EDGES).map_err(dberr)?;
+        txn.commit().map_err(dberr)?;
+        Ok(Self { db })
+    }
+
+    /// Applies `commands` in order, in one durable transaction: all or none.
+    pub fn apply(&self, commands: &[Command]) -> Result<(), MetaError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut streams = txn.open_table(STREAMS).map_err(dberr)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(dberr)?;
+            let mut edges = txn.open_table(EDGES).map_err(dberr)?;
+            for c in commands {
+                match c {
+                    Command::CreateStream { name, config } => {
+                        if streams.get(name.as_str()).map_err(dberr)?.is_none() {
+                            streams
+                                .insert(name.as_str(), encode_config(config).as_slice())
+                                .map_err(dberr)?;
+                        }
+                    }
+                    Command::DeleteStream { name } => {
+                        streams.remove(name.as_str()).map_err(dberr)?;
+                        cursors
+                            .retain(|(_, stream, _), _| stream != name)
+                            .map_err(dberr)?;
+                    }
+                    Command::CommitCursor {
+                        group,
+                        stream,
+                        partition,
+                        offset,
+                    } => {
+                        cursors
+                            .insert((group.as_str(), stream.as_str(), *partition), offset)
+                            .map_err(dberr)?;
+                    }
+                    Command::CommitEdge { edge, seq } => {
+                        let old = edges.get(edge.as_str()).map_err(dberr)?.map(|v| v.value());
+                        if old.is_none_or(|old| *seq > old) {
+                            edges.insert(edge.as_str(), seq).map_err(dberr)?;
+                        }
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(dberr)
+    }
+
+    /// Every stream and its settings, by name.
+    pub fn streams(&self) -> Result<Vec<(String, StreamConfig)>, MetaError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(STREAMS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            let config = decode_config(v.value())
+                .ok_or_else(|| MetaError::Corrupt(format!("settings of stream {}", k.value())))?;
+            out.push((k.value().to_owned(), config));
+        }
+        Ok(out)
+    }
+
+    /// Where `group` reads next in a partition, if it committed.
+    pub fn cursor(
+        &self,
+        group: &str,
+        stream: &str,
+        partition: u32,
+    ) -> Result<Option<i64>, MetaError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(CURSORS).map_err(dberr)?;
+        Ok(table
+            .get((group, stream, partition))
+            .map_err(dberr)?
+            .map(|v| v.value()))
+    }
+
+    /// Every edge's highest committed sequence.
+    pub fn edges(&self) -> Result<Vec<(String, u64)>, MetaError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(EDGES).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+}
+
+impl Command {
+    /// A stable encoding, for replicating commands: a tag byte, then the fields, strings as
+    /// u16 length + UTF-8, integers big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let put_str = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        match self {
+            Command::CreateStream { name, config } => {
+                out.push(1);
+                put_str(&mut out, name);
+                out.extend_from_slice(&encode_config(config));
+            }
+            Command::DeleteStream { name } => {
+                out.push(2);
+                put_str(&mut out, name);
+            }
+            Command::CommitCursor {
+                group,
+                stream,
+                partition,
+                offset,
+            } => {
+                out.push(3);
+                put_str(&mut out, group);
+                put_str(&mut out, stream);
+                out.extend_from_slice(&partition.to_be_bytes());
+                out.extend_from_slice(&offset.to_be_bytes());
+            }
+            Command::CommitEdge { edge, seq } => {
+                out.push(4);
+                put_str(&mut out, edge);
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+        }
+        out
+    }
+
+    /// Reads what [`Command::encode`] wrote; None if the bytes are not a command.
+    pub fn decode(mut b: &[u8]) -> Option<Self> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            (b.len() >= n).then(|| {
+                let (head, rest) = b.split_at(n);
+                *b = rest;
+                head
+            })
+        }
+        fn string(b: &mut &[u8]) -> Option<String> {
+            let n = u16::from_be_bytes(take(b, 2)?.try_into().ok()?) as usize;
+            String::from_utf8(take(b, n)?.to_vec()).ok()
+        }
+        let tag = *take(&mut b, 1)?.first()?;
+        let c = match tag {
+            1 => {
+                let name = string(&mut b)?;
+                let config = decode_config(take(&mut b, CONFIG_LEN)?)?;
+                Command::CreateStream { name, config }
+            }
+            2 => Command::DeleteStream {
+                name: string(&mut b)?,
+            },
+            3 => Command::CommitCursor {
+                group: string(&mut b)?,
+                stream: string(&mut b)?,
+                partition: u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?),
+                offset: i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?),
+            },
+            4 => Command::CommitEdge {
+                edge: string(&mut b)?,
+                seq: u64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?),
+            },
+            _ => return None,
+        };
+        b.is_empty().then_some(c)
+    }
+}
+
+const CONFIG_LEN: usize = 4 + 8 + 8 + 8 + 8 + 8;
+
+/// partitions u32, segment_bytes u64, segment_ms i64, retention_bytes u64 (MAX: none),
+/// retention_ms i64 (-1: none), index_interval_bytes u64; big-endian.
+fn encode_config(c: &StreamConfig) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CONFIG_LEN);
+    out.extend_from_slice(&c.partitions.to_be_bytes());
+    out.extend_from_slice(&c.segment_bytes.to_be_bytes());
+    out.extend_from_slice(&c.segment_ms.to_be_bytes());
+    out.extend_from_slice(&c.retention_bytes.unwrap_or(u64::MAX).to_be_bytes());
+    out.extend_from_slice(&c.retention_ms.unwrap_or(-1).to_be_bytes());
+    out.extend_from_slice(&c.index_interval_bytes.to_be_bytes());
+    out
+}
+
+fn decode_config(b: &[u8]) -> Option<StreamConfig> {
+    if b.len() != CONFIG_LEN {
+        return None;
+    }
+    let u64_at = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    Some(StreamConfig {
+        partitions: u32::from_be_bytes(b[..4].try_into().expect("4 bytes")),
+        segment_bytes: u64_at(4),
+        segment_ms: u64_at(12) as i64,
+        retention_bytes: Some(u64_at(20)).filter(|&v| v != u64::MAX),
+        retention_ms: Some(u64_at(28) as i64).filter(|&v| v >= 0),
+        index_interval_bytes: u64_at(36),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commands() -> Vec<Command> {
+        vec![
+            Command::CreateStream {
+                name: "sensors".into(),
+                config: StreamConfig {
+                    partitions: 8,
+                    retention_bytes: Some(1 << 30),
+                    retention_ms: None,
+                    ..StreamConfig::default()
+                },
+            },
+            Command::CreateStream {
+                name: "sensors".into(),
+                config: StreamConfig::default(),
+            },
+            Command::CreateStream {
+                name: "gone".into(),
+                config: StreamConfig::default(),
+            },
+            Command::CommitCursor {
+                group: "g".into(),
+                stream: "gone".into(),
+                partition: 0,
+                offset: 5,
+            },
+            Command::CommitCursor {
+                group: "g".into(),
+                stream: "sensors".into(),
+                partition: 3,
+                offset: 42,
+            },
+            Command::DeleteStream {
+                name: "gone".into(),
+            },
+            Command::CommitEdge {
+                edge: "gw1".into(),
+                seq: 100,
+            },
+            Command::CommitEdge {
+                edge: "gw1".into(),
+                seq: 90,
+            },
+        ]
+    }
+
+    #[test]
+    fn commands_change_state_deterministically_and_survive_a_reopen() {
+        let dir = std::env::temp_dir().join(format!("ferry-meta-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // The same commands, applied one by one or all at once, give the same state.
+        let (a, b) = (dir.join("a.redb"), dir.join("b.redb"));
+        {
+            let meta = Meta::open(&a).expect("open");
+            for c in commands() {
+                meta.apply(&[c]).expect("apply");
+            }
+            Meta::open(&b)
+                .expect("open")
+                .apply(&commands())
+                .expect("apply");
+        }
+        let (a, b) = (
+            Meta::open(&a).expect("reopen"),
+            Meta::open(&b).expect("reopen"),
+        );
+        for meta in [&a, &b] {
+            let streams = meta.streams().expect("streams");
+            assert_eq!(streams.len(), 1);
+            assert_eq!(
+                (streams[0].0.as_str(), streams[0].1.partitions),
+                ("sensors", 8),
+                "the first create wins"
+            );
+            assert_eq!(streams[0].1.retention_bytes, Some(1 << 30));
+            assert_eq!(streams[0].1.retention_ms, None);
+            assert_eq!(meta.cursor("g", "sensors", 3).expect("cursor"), Some(42));
+            assert_eq!(
+                meta.cursor("g", "gone", 0).expect("cursor"),
+                None,
+                "deleted with its stream"
+            );
+            assert_eq!(
+                meta.edges().expect("edges"),
+                vec![("gw1".to_owned(), 100)],
+                "never backwards"
+            );
+        }
+    }
+
+    #[test]
+    fn every_command_round_trips_through_its_encoding() {
+        for c in commands() {
+            assert_eq!(Command::decode(&c.encode()), Some(c.clone()));
+            let bytes = c.encode();
+            assert_eq!(
+                Command::decode(&bytes[..bytes.len() - 1]),
+                None,
+                "truncated: {c:?}"
+            );
+        }
+        assert_eq!(Command::decode(&[9]), None);
+    }
+}
