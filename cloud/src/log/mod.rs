@@ -172,6 +172,8 @@ pub struct PartitionInfo {
     pub offsets: Offsets,
     pub bytes: u64,
     pub segments: usize,
+    /// The first offset of the active segment: what recovery re-reads at open.
+    pub active_base: i64,
 }
 
 /// A pending append.
@@ -391,6 +393,7 @@ impl Storage for SegmentLog {
                             },
                             bytes: p.size_bytes(),
                             segments: p.segments.len(),
+                            active_base: p.segments.last().map_or(0, |s| s.base_offset),
                         }
                     })
                     .collect(),

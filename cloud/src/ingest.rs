@@ -1,0 +1,446 @@
+//! The ingest interface of the link: an edge's records, each with its per-edge sequence
+//! number, appended exactly once however often the edge resends them.
+//!
+//! [`Ingest::ingest`] returns once every new record is durable in the log and the edge's
+//! highest committed sequence is durable in the metadata; that sequence is what the link
+//! acknowledges and what an edge resumes after.
+//!
+//! Duplicates are dropped at two levels:
+//! - a record whose sequence is at or below the edge's committed sequence is skipped;
+//! - per partition, a record at or below the highest sequence of that edge already in that
+//!   partition is skipped. This covers a batch that reached some partitions but not others
+//!   (one append failed, or the node died between the appends and the metadata commit): the
+//!   resend fills in what is missing and nothing twice. Each record carries `ferry.edge` and
+//!   `ferry.seq` headers, and at start the node rebuilds the per-partition state from the
+//!   active segments.
+//!
+//! Limit: the per-partition state is rebuilt from active segments only. If a partition rolls
+//! a segment after such a partial batch and the node then dies before the edge resends,
+//! records of that batch in the rolled segment could be appended twice; everything else is
+//! exactly once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ferry_protocol::kafka::batch::{records, BatchHeader};
+use ferry_protocol::mqtt::{Properties, QoS};
+use ferry_protocol::topic::TopicName;
+
+use crate::log::{AppendData, LogError, NewRecord, Storage};
+use crate::meta::{Command, Meta, MetaError};
+use crate::routes::{to_record, MqttMessage, Routes};
+
+/// Header carrying a record's per-edge sequence number (decimal).
+pub const SEQ_HEADER: &str = "ferry.seq";
+/// Header carrying the edge id.
+pub const EDGE_HEADER: &str = "ferry.edge";
+
+/// One record as an edge sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeRecord {
+    /// Per edge, increasing by one from record to record.
+    pub seq: u64,
+    /// The topic on the edge; on the cloud it becomes `<edge-id>/<topic>`.
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Properties,
+    /// When the edge accepted it (ms since the epoch).
+    pub timestamp_ms: i64,
+}
+
+/// Why an ingest failed; nothing of it is acknowledged, and the edge sends it again.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("edge {edge}: topic {topic:?} is not valid on the cloud")]
+    BadTopic { edge: String, topic: String },
+    #[error("edge {edge}: sequence {seq} follows {previous}")]
+    OutOfOrder {
+        edge: String,
+        seq: u64,
+        previous: u64,
+    },
+}
+
+/// The ingest path: routes, the log and the metadata.
+pub struct Ingest {
+    log: Arc<dyn Storage>,
+    meta: Arc<Meta>,
+    routes: Arc<Routes>,
+    state: Mutex<State>,
+    /// One ingest at a time per edge: a resend racing the original is serialised.
+    edge_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest").finish_non_exhaustive()
+    }
+}
+
+/// A stream and partition.
+type Destination = (String, u32);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Edge → highest sequence committed in the metadata.
+    committed: HashMap<String, u64>,
+    /// (stream, partition, edge) → highest sequence of that edge in that partition.
+    partitions: HashMap<(String, u32, String), u64>,
+}
+
+impl Ingest {
+    /// Loads the committed sequences and rebuilds the per-partition state from the active
+    /// segments of every stream.
+    pub fn new(
+        log: Arc<dyn Storage>,
+        meta: Arc<Meta>,
+        routes: Arc<Routes>,
+    ) -> Result<Self, IngestError> {
+        let mut state = State {
+            committed: meta.edges()?.into_iter().collect(),
+            partitions: HashMap::new(),
+        };
+        for stream in log.streams() {
+            for (p, info) in stream.partitions.iter().enumerate() {
+                let p = p as u32;
+                let mut offset = info.active_base.max(info.offsets.log_start);
+                while offset < info.offsets.high_watermark {
+                    let r = log.read(&stream.name, p, offset, 1 << 20)?;
+                    if r.batches.is_empty() {
+                        break;
+                    }
+                    let mut at = 0;
+                    while at < r.batches.len() {
+                        let Ok(h) = BatchHeader::parse(&r.batches[at..]) else {
+                            break;
+                        };
+                        // Compressed batches come from Kafka producers, never from an edge.
+                        if let Ok(recs) = records(&r.batches[at..]) {
+                            for rec in recs.flatten() {
+                                if let Some((edge, seq)) = edge_and_seq(&rec.headers) {
+                                    let e = state
+                                        .partitions
+                                        .entry((stream.name.clone(), p, edge.to_owned()))
+                                        .or_insert(0);
+                                    *e = (*e).max(seq);
+                                }
+                            }
+                        }
+                        offset = h.last_offset() + 1;
+                        at += h.total_len();
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            log,
+            meta,
+            routes,
+            state: Mutex::new(state),
+            edge_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The highest sequence of `edge` committed so far (0: none).
+    pub fn committed(&self, edge: &str) -> u64 {
+        self.lock().committed.get(edge).copied().unwrap_or(0)
+    }
+
+    /// Appends the records of `edge` not yet in the log, and returns the edge's committed
+    /// sequence once they (and it) are durable. Records must be in sequence order.
+    pub async fn ingest(&self, edge: &str, batch: Vec<EdgeRecord>) -> Result<u64, IngestError> {
+        let edge_lock = {
+            let mut locks = self.edge_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(edge.to_owned()).or_default().clone()
+        };
+        let _serial = edge_lock.lock().await;
+        let committed = self.committed(edge);
+        let mut previous = committed;
+        // Per destination, in order: (stream, partition) → records.
+        let mut groups: Vec<(Destination, Vec<(u64, NewRecord)>)> = Vec::new();
+        for r in batch.into_iter().filter(|r| r.seq > committed) {
+            if r.seq <= previous {
+                return Err(IngestError::OutOfOrder {
+                    edge: edge.to_owned(),
+                    seq: r.seq,
+                    previous,
+                });
+            }
+            previous = r.seq;
+            let topic = TopicName::new(format!("{edge}/{}", r.topic.as_str())).map_err(|_| {
+                IngestError::BadTopic {
+                    edge: edge.to_owned(),
+                    topic: r.topic.as_str().to_owned(),
+                }
+            })?;
+            let msg = MqttMessage {
+                topic: &topic,
+                payload: &r.payload,
+                qos: r.qos,
+                retain: r.retain,
+                properties: &r.properties,
+                edge: Some(edge),
+                timestamp_ms: r.timestamp_ms,
+            };
+            let dest = self.routes.destination(&msg);
+            let key = (dest.stream.to_owned(), dest.partition);
+            let mut record = to_record(&msg);
+            let after_edge = record
+                .headers
+                .iter()
+                .position(|(k, _)| k == EDGE_HEADER)
+                .map_or(0, |i| i + 1);
+            record.headers.insert(
+                after_edge,
+                (SEQ_HEADER.to_owned(), Some(Bytes::from(r.seq.to_string()))),
+            );
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push((r.seq, record)),
+                None => groups.push((key, vec![(r.seq, record)])),
+            }
+        }
+        if previous == committed {
+            return Ok(committed);
+        }
+        // Drop what a partition already has, then append to every partition at once.
+        let mut appends = Vec::new();
+        {
+            let state = self.lock();
+            for ((stream, partition), recs) in groups {
+                let have = state
+                    .partitions
+                    .get(&(stream.clone(), partition, edge.to_owned()))
+                    .copied()
+                    .unwrap_or(0);
+                let fresh: Vec<_> = recs.into_iter().filter(|(seq, _)| *seq > have).collect();
+                let Some(&(last, _)) = fresh.last() else {
+                    continue;
+                };
+                let data = AppendData::Records(fresh.into_iter().map(|(_, r)| r).collect());
+                appends.push((
+                    stream.clone(),
+                    partition,
+                    last,
+                    self.log.append(&stream, partition, data),
+                ));
+            }
+        }
+        // Every partition's append at once, so that they share the appender's commits.
+        let (keys, futures): (Vec<_>, Vec<_>) = appends
+            .into_iter()
+            .map(|(s, p, last, f)| ((s, p, last), f))
+            .unzip();
+        let results = futures_util::future::join_all(futures).await;
+        let mut first_error = None;
+        for ((stream, partition, last), result) in keys.into_iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    let mut state = self.lock();
+                    let e = state
+                        .partitions
+                        .entry((stream, partition, edge.to_owned()))
+                        .or_insert(0);
+                    *e = (*e).max(last);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
+        }
+        let meta = self.meta.clone();
+        let command = Command::CommitEdge {
+            edge: edge.to_owned(),
+            seq: previous,
+        };
+        tokio::task::spawn_blocking(move || meta.apply(&[command]))
+            .await
+            .map_err(|e| MetaError::Corrupt(format!("metadata commit did not finish: {e}")))??;
+        self.lock().committed.insert(edge.to_owned(), previous);
+        Ok(previous)
+    }
+}
+
+fn edge_and_seq<'a>(headers: &[ferry_protocol::kafka::Header<'a>]) -> Option<(&'a str, u64)> {
+    let edge = headers.iter().find(|h| h.key == EDGE_HEADER)?.value?;
+    let seq = headers.iter().find(|h| h.key == SEQ_HEADER)?.value?;
+    Some((
+        std::str::from_utf8(edge).ok()?,
+        std::str::from_utf8(seq).ok()?.parse().ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{SegmentLog, StreamConfig};
+    use crate::routes::{PartitionKey, RouteConfig};
+
+    fn rec(seq: u64, topic: &str) -> EdgeRecord {
+        EdgeRecord {
+            seq,
+            topic: TopicName::new(topic.to_owned()).expect("topic"),
+            payload: Bytes::from(format!("m{seq}")),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+            timestamp_ms: 1_000 + seq as i64,
+        }
+    }
+
+    /// (stream, seq) of every record in the log, in offset order per stream.
+    fn contents(log: &SegmentLog) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for s in log.streams() {
+            let hw = s.partitions[0].offsets.high_watermark;
+            let r = log.read(&s.name, 0, 0, usize::MAX).expect("read");
+            assert!(hw == 0 || !r.batches.is_empty());
+            let mut at = 0;
+            while at < r.batches.len() {
+                let h = BatchHeader::parse(&r.batches[at..]).expect("header");
+                for rec in records(&r.batches[at..]).expect("records") {
+                    let rec = rec.expect("record");
+                    let (edge, seq) = edge_and_seq(&rec.headers).expect("edge and seq headers");
+                    assert_eq!(edge, "gw1");
+                    assert_eq!(
+                        rec.key,
+                        Some(
+                            format!("gw1/{}", if s.name == "alarms" { "alarm" } else { "t" })
+                                .as_bytes()
+                        )
+                    );
+                    out.push((s.name.clone(), seq));
+                }
+                at += h.total_len();
+            }
+        }
+        out
+    }
+
+    struct Node {
+        log: Arc<SegmentLog>,
+        ingest: Ingest,
+    }
+
+    fn node(dir: &std::path::Path, with_alarms: bool) -> Node {
+        let log = SegmentLog::open(&dir.join("log"), true, 64).expect("log");
+        let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
+        let routes = Routes::new(&[RouteConfig {
+            filter: "+/alarm".into(),
+            stream: "alarms".into(),
+            partitions: 1,
+            partition_key: PartitionKey::Topic,
+        }])
+        .expect("routes");
+        for (name, partitions) in routes.streams() {
+            if name != "alarms" || with_alarms {
+                log.create_stream(
+                    name,
+                    &StreamConfig {
+                        partitions,
+                        ..StreamConfig::default()
+                    },
+                )
+                .expect("stream");
+            }
+        }
+        let ingest = Ingest::new(log.clone(), meta, Arc::new(routes)).expect("ingest");
+        Node { log, ingest }
+    }
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferry-ingest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_resend_is_appended_once() {
+        let dir = temp("resend");
+        let n = node(&dir, true);
+        let batch: Vec<_> = (1..=10).map(|s| rec(s, "t")).collect();
+        assert_eq!(
+            n.ingest.ingest("gw1", batch.clone()).await.expect("ingest"),
+            10
+        );
+        assert_eq!(n.ingest.ingest("gw1", batch).await.expect("resend"), 10);
+        let more: Vec<_> = (5..=15).map(|s| rec(s, "t")).collect();
+        assert_eq!(n.ingest.ingest("gw1", more).await.expect("overlap"), 15);
+        let got = contents(&n.log);
+        assert_eq!(
+            got,
+            (1..=15).map(|s| ("mqtt".to_owned(), s)).collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            n.ingest
+                .ingest("gw1", vec![rec(17, "t"), rec(16, "t")])
+                .await,
+            Err(IngestError::OutOfOrder {
+                seq: 16,
+                previous: 17,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_reached_some_partitions_is_completed_without_duplicates_even_after_a_restart(
+    ) {
+        let dir = temp("partial");
+        // The alarms stream is missing: that part of the batch fails, the rest is durable.
+        {
+            let n = node(&dir, false);
+            let batch = vec![
+                rec(1, "t"),
+                rec(2, "alarm"),
+                rec(3, "t"),
+                rec(4, "alarm"),
+                rec(5, "t"),
+            ];
+            assert!(n.ingest.ingest("gw1", batch).await.is_err());
+            assert_eq!(n.ingest.committed("gw1"), 0, "nothing acknowledged");
+        }
+        // The node restarts (the per-partition state comes back from the log), and the edge
+        // sends the whole batch again.
+        let n = node(&dir, true);
+        let batch = vec![
+            rec(1, "t"),
+            rec(2, "alarm"),
+            rec(3, "t"),
+            rec(4, "alarm"),
+            rec(5, "t"),
+        ];
+        assert_eq!(n.ingest.ingest("gw1", batch).await.expect("resend"), 5);
+        let got = contents(&n.log);
+        assert_eq!(
+            got,
+            vec![
+                ("alarms".into(), 2),
+                ("alarms".into(), 4),
+                ("mqtt".into(), 1),
+                ("mqtt".into(), 3),
+                ("mqtt".into(), 5)
+            ]
+        );
+        drop(n);
+        let n = node(&dir, true);
+        assert_eq!(
+            n.ingest.committed("gw1"),
+            5,
+            "the committed sequence is durable"
+        );
+    }
+}
