@@ -152,6 +152,10 @@ pub enum Input {
     Malformed { conn: ConnId, error: DecodeError },
     /// Time passed: wills with a delay, session expiry, message expiry.
     Tick,
+    /// A message read back from the log (log mode, see [`Broker::use_log`]): routed to the
+    /// matching sessions, and kept if retained. If a connected subscriber has no room, it
+    /// and the ones after it are held until room is made ([`Broker::deliveries_held`]).
+    Deliver(Arc<Message>),
 }
 
 /// What the broker asks of the driver.
@@ -307,6 +311,10 @@ pub struct Broker {
     started_at: Option<Instant>,
     next_sys_at: Option<Instant>,
     auth: Arc<Auth>,
+    /// Log mode: messages accepted from clients, not yet appended.
+    log: Option<Vec<Arc<Message>>>,
+    /// Log mode: deliveries waiting for a full subscriber, in order.
+    held_deliveries: VecDeque<Arc<Message>>,
 }
 
 /// Why a message could not be routed now.
@@ -330,7 +338,29 @@ impl Broker {
             started_at: None,
             next_sys_at: None,
             auth: Arc::new(Auth::open()),
+            log: None,
+            held_deliveries: VecDeque::new(),
         }
+    }
+
+    /// Log mode (the cloud node): a message a client publishes (or a will) is not routed but
+    /// kept for [`Broker::take_appends`]; the driver appends it to the log before it sends the
+    /// batch's acknowledgements, and feeds what the log holds back as [`Input::Deliver`].
+    /// Every source of messages thus reaches subscribers through the same path.
+    pub fn use_log(&mut self) {
+        self.log = Some(Vec::new());
+    }
+
+    /// Log mode: the messages accepted since the last call, in order. The driver must make
+    /// them durable before it sends the packets of the same batch.
+    pub fn take_appends(&mut self) -> Vec<Arc<Message>> {
+        self.log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Log mode: deliveries held for a subscriber without room. While there are any, the
+    /// driver should stop reading the log.
+    pub fn deliveries_held(&self) -> usize {
+        self.held_deliveries.len()
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -463,6 +493,13 @@ impl Broker {
                 self.close_with(conn, d, now);
             }
             Input::Tick => self.tick(now),
+            Input::Deliver(msg) => {
+                if self.held_deliveries.is_empty() {
+                    self.deliver(msg, now);
+                } else {
+                    self.held_deliveries.push_back(msg);
+                }
+            }
         }
         actions.append(&mut self.out);
     }
@@ -780,6 +817,10 @@ impl Broker {
             publisher: Some(client_id),
         };
         let msg = Arc::new(msg);
+        if let Some(appends) = &mut self.log {
+            appends.push(msg);
+            return;
+        }
         if msg.retain {
             self.retain(&msg);
         }
@@ -1005,6 +1046,13 @@ impl Broker {
             retain: p.retain,
             publisher: Some(client_id.clone()),
         });
+        if let Some(appends) = &mut self.log {
+            // Routed when it comes back from the log; acknowledged once the driver appended it.
+            appends.push(msg);
+            self.stats.received_by_qos[p.qos as usize] += 1;
+            self.await_pubrel(client_id, &p);
+            return self.acknowledge(conn, &p, ReasonCode::Success);
+        }
         let matched = match self.route(msg.clone(), now, p.qos == QoS::AtMostOnce) {
             Ok(matched) => matched,
             Err(Blocked) => {
@@ -1027,6 +1075,12 @@ impl Broker {
         } else {
             ReasonCode::Success
         };
+        self.await_pubrel(client_id, &p);
+        self.acknowledge(conn, &p, reason);
+    }
+
+    /// A QoS 2 message was taken: its id waits for PUBREL (durably, for a persistent session).
+    fn await_pubrel(&mut self, client_id: &Arc<str>, p: &Publish) {
         if let (QoS::ExactlyOnce, Some(id), Some(s)) =
             (p.qos, p.packet_id, self.sessions.get_mut(client_id))
         {
@@ -1038,7 +1092,22 @@ impl Broker {
                 });
             }
         }
-        self.acknowledge(conn, &p, reason);
+    }
+
+    /// Log mode: routes a message read back from the log; holds it (and what follows) if a
+    /// connected subscriber has no room.
+    fn deliver(&mut self, msg: Arc<Message>, now: Instant) {
+        if msg.expired(now) {
+            return;
+        }
+        match self.route(msg.clone(), now, false) {
+            Ok(_) => {
+                if msg.retain {
+                    self.retain(&msg);
+                }
+            }
+            Err(Blocked) => self.held_deliveries.push_back(msg),
+        }
     }
 
     /// Answers a QoS 1 PUBLISH with PUBACK and a QoS 2 one with PUBREC, carrying `reason`
@@ -1434,6 +1503,16 @@ impl Broker {
     }
 
     fn retry_held_inner(&mut self, now: Instant) {
+        while let Some(msg) = self.held_deliveries.pop_front() {
+            let before = self.held_deliveries.len();
+            self.deliver(msg, now);
+            if self.held_deliveries.len() > before {
+                // Still no room: it went to the back; put it first again and wait.
+                let msg = self.held_deliveries.pop_back().expect("just pushed");
+                self.held_deliveries.push_front(msg);
+                break;
+            }
+        }
         let paused: Vec<ConnId> = self
             .conns
             .iter()

@@ -524,3 +524,66 @@ fn a_refused_filter_gets_0x80_and_the_rest_of_the_subscribe_is_granted() {
         matches!(&a[..], [Action::Send(1, Packet::SubAck(s))] if s.reasons == [ReasonCode::GrantedQoS1])
     );
 }
+
+#[test]
+fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
+    let config = BrokerConfig {
+        max_inflight_messages: 1,
+        max_queued_bytes_per_session: 30,
+        ..BrokerConfig::default()
+    };
+    let mut h = Harness::new(config);
+    h.broker.use_log();
+    h.connect(1, "sub");
+    h.packet(1, subscribe("t", QoS::AtLeastOnce));
+    h.connect(2, "pub");
+    let a = h.packet(2, publish("t", "hello", QoS::AtLeastOnce, 7));
+    assert_eq!(
+        a,
+        vec![Action::Send(2, Packet::PubAck(PubResponse::new(id(7))))]
+    );
+    assert!(
+        publishes(&a, 1).is_empty(),
+        "not routed before the log has it"
+    );
+    let appended = h.broker.take_appends();
+    assert_eq!(appended.len(), 1);
+    assert_eq!(
+        (appended[0].topic.as_str(), &appended[0].payload[..]),
+        ("t", &b"hello"[..])
+    );
+    assert!(h.broker.take_appends().is_empty());
+
+    // Back from the log: delivered, and held (not dropped) when the subscriber is full.
+    let mut delivered = 0;
+    for n in 0..5 {
+        let mut m = (*appended[0]).clone();
+        m.payload = Bytes::from(format!("payload-{n}"));
+        m.retain = n == 4;
+        delivered += publishes(&h.run(Input::Deliver(Arc::new(m))), 1).len();
+    }
+    assert_eq!(delivered, 1, "one in flight");
+    assert_eq!(
+        h.broker.deliveries_held(),
+        2,
+        "three fit in 30 bytes, the rest wait"
+    );
+    assert_eq!(h.broker.stats().dropped_offline_queue_full, 0);
+    // Acknowledgements make room; held deliveries go on in order.
+    let mut got = Vec::new();
+    for pid in 1..=4u16 {
+        let a = h.packet(1, Packet::PubAck(PubResponse::new(id(pid))));
+        got.extend(publishes(&a, 1).into_iter().map(|p| p.payload));
+    }
+    assert_eq!(
+        got,
+        ["payload-1", "payload-2", "payload-3", "payload-4"]
+            .map(|s| Bytes::from_static(s.as_bytes()))
+    );
+    assert_eq!(h.broker.deliveries_held(), 0);
+    assert_eq!(
+        h.broker.stats().retained,
+        1,
+        "a retained message is kept when it comes back"
+    );
+}
