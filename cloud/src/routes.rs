@@ -242,6 +242,64 @@ pub fn to_record(msg: &MqttMessage<'_>) -> NewRecord {
     }
 }
 
+/// A record read back from the log, as MQTT sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttView {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Properties,
+    /// The MQTT client of the cloud that published it (header `ferry.client`), for no-local.
+    pub client: Option<String>,
+    /// Seconds of the Message Expiry Interval left at `now_ms`; None when it has none.
+    pub expiry_left_secs: Option<u32>,
+}
+
+/// The MQTT message a record stands for, read back at `now_ms`: topic = key, payload =
+/// value, the `mqtt.*` headers back into flags and properties, other headers (but `ferry.*`)
+/// as user properties. None for a record without a key that is a valid topic name, or whose
+/// message expiry has passed. A record without `mqtt.qos` (a Kafka producer's) is QoS 1.
+pub fn from_record(rec: &ferry_protocol::kafka::RecordRef<'_>, now_ms: i64) -> Option<MqttView> {
+    let topic = std::str::from_utf8(rec.key?).ok()?;
+    let topic = TopicName::new(topic.to_owned()).ok()?;
+    let mut view = MqttView {
+        topic,
+        payload: Bytes::copy_from_slice(rec.value.unwrap_or_default()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+        client: None,
+        expiry_left_secs: None,
+    };
+    for h in &rec.headers {
+        let value = h.value.unwrap_or_default();
+        let text = || std::str::from_utf8(value).ok().map(str::to_owned);
+        match h.key {
+            "mqtt.qos" => view.qos = QoS::from_u8(value.first()?.wrapping_sub(b'0')).ok()?,
+            "mqtt.retain" => view.retain = value == b"1",
+            "mqtt.payload_format" => view.properties.payload_format_utf8 = Some(value == b"1"),
+            "mqtt.message_expiry" => {
+                let secs: i64 = text()?.parse().ok()?;
+                let left_ms = secs * 1000 - (now_ms - rec.timestamp);
+                if left_ms <= 0 {
+                    return None;
+                }
+                let left = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+                view.expiry_left_secs = Some(left);
+                view.properties.message_expiry_interval_secs = Some(left);
+            }
+            "mqtt.content_type" => view.properties.content_type = text(),
+            "mqtt.response_topic" => view.properties.response_topic = text().and_then(|t| TopicName::new(t).ok()),
+            "mqtt.correlation_data" => view.properties.correlation_data = Some(Bytes::copy_from_slice(value)),
+            "ferry.client" => view.client = text(),
+            k if k.starts_with("ferry.") => {}
+            k => view.properties.user_properties.push((k.to_owned(), text()?)),
+        }
+    }
+    Some(view)
+}
+
 /// The partition Kafka's default partitioner picks for `key`:
 /// `(murmur2(key) & 0x7fffffff) % partitions`.
 pub fn kafka_partition(key: &[u8], partitions: u32) -> u32 {
@@ -406,6 +464,36 @@ mod tests {
             Routes::new(&[route("a", "mqtt", 2, PartitionKey::Topic)]),
             Err(RouteError::Inconsistent { .. })
         ));
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_message_it_was() {
+        use ferry_protocol::kafka::{records, BatchBuilder, Header};
+        let topic = TopicName::new("gw1/sensors/t1").expect("topic");
+        let payload = Bytes::from_static(b"21.5");
+        let mut props = Properties::default();
+        props.content_type = Some("text/plain".into());
+        props.message_expiry_interval_secs = Some(60);
+        props.user_properties = vec![("unit".into(), "C".into())];
+        let mut m = msg(&topic, &payload, &props, Some("gw1"));
+        m.qos = QoS::ExactlyOnce;
+        m.retain = true;
+        m.timestamp_ms = 100_000;
+        let r = to_record(&m);
+        let headers: Vec<Header<'_>> = r.headers.iter().map(|(k, v)| Header { key: k, value: v.as_deref() }).collect();
+        let mut b = BatchBuilder::new(r.timestamp);
+        b.push(r.timestamp, r.key.as_deref(), r.value.as_deref(), &headers);
+        b.push(r.timestamp, None, r.value.as_deref(), &[]);
+        let batch = b.finish(0);
+        let recs: Vec<_> = records(&batch).expect("records").map(|r| r.expect("record")).collect();
+        // 15 s later, 45 s of the expiry are left.
+        let view = from_record(&recs[0], 115_000).expect("a message");
+        assert_eq!((view.topic.as_str(), &view.payload[..], view.qos, view.retain), ("gw1/sensors/t1", &b"21.5"[..], QoS::ExactlyOnce, true));
+        assert_eq!(view.properties.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(view.properties.user_properties, vec![("unit".to_owned(), "C".to_owned())]);
+        assert_eq!(view.expiry_left_secs, Some(45));
+        assert_eq!(from_record(&recs[0], 161_000), None, "expired");
+        assert_eq!(from_record(&recs[1], 0), None, "no key, no topic");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Action, Broker, ConnId, Input, Stats};
+use crate::broker::{Action, Broker, ConnId, Input, Message, Stats};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 
@@ -50,6 +50,33 @@ const READ_CHUNK_MAX: usize = 64 * 1024;
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// A read or write buffer that grew past this during a burst is given back once empty.
 const BUFFER_KEEP: usize = 64 * 1024;
+
+/// What a node whose broker works through a log (the cloud) gives the server.
+pub struct LogHooks {
+    /// Appends what one router batch accepted, durably; the batch's acknowledgements wait
+    /// for it. An error stops the broker, as a failed storage commit does.
+    pub append: Box<dyn FnMut(Vec<Arc<Message>>) -> AppendFuture + Send>,
+    /// Messages read back from the log, in log order, for delivery. The router stops taking
+    /// them while a subscriber without room holds deliveries back.
+    pub deliveries: mpsc::Receiver<Arc<Message>>,
+}
+
+impl std::fmt::Debug for LogHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogHooks").finish_non_exhaustive()
+    }
+}
+
+/// A pending [`LogHooks::append`].
+pub type AppendFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The next delivery, or never without a log.
+async fn next_delivery(log: &mut Option<LogHooks>) -> Option<Arc<Message>> {
+    match log {
+        Some(l) => l.deliveries.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Messages into the router thread.
 enum ToRouter {
@@ -170,8 +197,22 @@ impl Server {
         config: Config,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Self, StartError> {
+        Self::start_with_log(config, None, shutdown).await
+    }
+
+    /// As [`Server::start`]; with `log`, the broker works in log mode
+    /// ([`Broker::use_log`]): what clients publish is appended through `log` before it is
+    /// acknowledged, and reaches subscribers when it comes back through its deliveries.
+    pub async fn start_with_log(
+        config: Config,
+        log: Option<LogHooks>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Self, StartError> {
         let store = Store::open(&config.server.data_dir, &config.storage)?;
         let mut broker = Broker::new(config.mqtt.clone());
+        if log.is_some() {
+            broker.use_log();
+        }
         broker.set_auth(Arc::new(config.load_auth()?));
         broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();
@@ -200,7 +241,7 @@ impl Server {
         std::thread::Builder::new()
             .name("ferry-router".into())
             .spawn(move || {
-                if let Err(e) = router(broker, store, from_conns, credit_rx) {
+                if let Err(e) = router(broker, store, log, from_conns, credit_rx) {
                     tracing::error!(error = %e, "storage failed; the broker stops");
                     let _ = failed_tx.send(Some(e.to_string()));
                 }
@@ -861,6 +902,7 @@ async fn write_loop(
 fn router(
     broker: Broker,
     store: Store,
+    log: Option<LogHooks>,
     rx: mpsc::Receiver<ToRouter>,
     credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
 ) -> Result<(), StoreError> {
@@ -872,12 +914,13 @@ fn router(
             table: "-",
             what: format!("cannot start the router: {e}"),
         })?;
-    runtime.block_on(route_loop(broker, store, rx, credit))
+    runtime.block_on(route_loop(broker, store, log, rx, credit))
 }
 
 async fn route_loop(
     mut broker: Broker,
     store: Store,
+    mut log: Option<LogHooks>,
     mut rx: mpsc::Receiver<ToRouter>,
     mut credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
 ) -> Result<(), StoreError> {
@@ -893,6 +936,9 @@ async fn route_loop(
         let first = tokio::select! {
             biased;
             Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
+            Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
+                ToRouter::Input(Input::Deliver(msg))
+            }
             msg = rx.recv() => match msg {
                 Some(msg) => msg,
                 None => break,
@@ -924,10 +970,24 @@ async fn route_loop(
             }
             n += 1;
             next = if n < ROUTER_BATCH {
-                rx.try_recv().ok()
+                let delivery = log
+                    .as_mut()
+                    .filter(|_| broker.deliveries_held() == 0)
+                    .and_then(|l| l.deliveries.try_recv().ok());
+                match delivery {
+                    Some(msg) => Some(ToRouter::Input(Input::Deliver(msg))),
+                    None => rx.try_recv().ok(),
+                }
             } else {
                 None
             };
+        }
+        if let Some(log) = &mut log {
+            // What this batch accepted is in the log before any of its acknowledgements.
+            let appends = broker.take_appends();
+            if !appends.is_empty() {
+                (log.append)(appends).await.map_err(StoreError::Log)?;
+            }
         }
         let ops = broker.take_store_ops();
         if !ops.is_empty() {

@@ -39,6 +39,9 @@ const FORMAT: u8 = 1;
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] redb::Error),
+    /// The log of a node in log mode refused an append.
+    #[error("log append failed: {0}")]
+    Log(String),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,

@@ -211,6 +211,8 @@ pub struct SegmentLog {
     dir: PathBuf,
     streams: RwLock<HashMap<String, Arc<Stream>>>,
     to_appender: mpsc::Sender<Request>,
+    /// Counts commits: changes whenever new records became readable.
+    commits: tokio::sync::watch::Receiver<u64>,
     /// What the open found damaged (torn tails cut, corrupt batches kept), for the admin API
     /// and the tests.
     damage: Vec<(PathBuf, Damage)>,
@@ -274,6 +276,17 @@ impl SegmentLog {
     /// a power loss may lose the last appends). `queue_requests`: appends waiting for the
     /// appender before `append` waits too.
     pub fn open(dir: &Path, fsync: bool, queue_requests: usize) -> Result<Arc<Self>, LogError> {
+        Self::open_with(dir, fsync, queue_requests, &HashMap::new())
+    }
+
+    /// As [`SegmentLog::open`], with the settings of known streams (from the metadata); a
+    /// partition directory of a stream not in `configs` gets the defaults.
+    pub fn open_with(
+        dir: &Path,
+        fsync: bool,
+        queue_requests: usize,
+        configs: &HashMap<String, StreamConfig>,
+    ) -> Result<Arc<Self>, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
         let now = now_ms();
         let mut found: HashMap<String, Vec<u32>> = HashMap::new();
@@ -294,7 +307,8 @@ impl SegmentLog {
             let mut partitions = Vec::new();
             for p in 0..count {
                 let pdir = dir.join(format!("{name}-{p}"));
-                let (partition, d) = Partition::open(&pdir, StreamConfig::default(), now)?;
+                let config = configs.get(&name).cloned().unwrap_or_default();
+                let (partition, d) = Partition::open(&pdir, config, now)?;
                 damage.extend(d.into_iter().map(|d| (pdir.clone(), d)));
                 partitions.push(Arc::new(Cell {
                     dir: pdir,
@@ -304,16 +318,24 @@ impl SegmentLog {
             streams.insert(name, Arc::new(Stream { partitions }));
         }
         let (to_appender, rx) = mpsc::channel(queue_requests.max(1));
+        let (commits_tx, commits) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
             .name("ferry-appender".into())
-            .spawn(move || appender(rx, fsync))
+            .spawn(move || appender(rx, fsync, commits_tx))
             .map_err(|e| LogError::io(dir, e))?;
         Ok(Arc::new(Self {
             dir: dir.to_owned(),
             streams: RwLock::new(streams),
             to_appender,
+            commits,
             damage,
         }))
+    }
+
+    /// Changes whenever a commit made new records readable (for readers that follow the
+    /// log's end).
+    pub fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.clone()
     }
 
     /// What recovery found at open.
@@ -571,7 +593,7 @@ impl Pending {
 }
 
 /// The group-commit loop; runs until every sender is gone.
-fn appender(mut rx: mpsc::Receiver<Request>, fsync: bool) {
+fn appender(mut rx: mpsc::Receiver<Request>, fsync: bool, commits: tokio::sync::watch::Sender<u64>) {
     while let Some(first) = rx.blocking_recv() {
         let mut pending: Vec<Pending> = Vec::new();
         let mut next = Some(first);
@@ -599,6 +621,7 @@ fn appender(mut rx: mpsc::Receiver<Request>, fsync: bool) {
             };
         }
         commit(pending, fsync);
+        commits.send_modify(|n| *n += 1);
     }
 }
 
