@@ -290,11 +290,18 @@ pub fn from_record(rec: &ferry_protocol::kafka::RecordRef<'_>, now_ms: i64) -> O
                 view.properties.message_expiry_interval_secs = Some(left);
             }
             "mqtt.content_type" => view.properties.content_type = text(),
-            "mqtt.response_topic" => view.properties.response_topic = text().and_then(|t| TopicName::new(t).ok()),
-            "mqtt.correlation_data" => view.properties.correlation_data = Some(Bytes::copy_from_slice(value)),
+            "mqtt.response_topic" => {
+                view.properties.response_topic = text().and_then(|t| TopicName::new(t).ok())
+            }
+            "mqtt.correlation_data" => {
+                view.properties.correlation_data = Some(Bytes::copy_from_slice(value))
+            }
             "ferry.client" => view.client = text(),
             k if k.starts_with("ferry.") => {}
-            k => view.properties.user_properties.push((k.to_owned(), text()?)),
+            k => view
+                .properties
+                .user_properties
+                .push((k.to_owned(), text()?)),
         }
     }
     Some(view)
@@ -480,17 +487,38 @@ mod tests {
         m.retain = true;
         m.timestamp_ms = 100_000;
         let r = to_record(&m);
-        let headers: Vec<Header<'_>> = r.headers.iter().map(|(k, v)| Header { key: k, value: v.as_deref() }).collect();
+        let headers: Vec<Header<'_>> = r
+            .headers
+            .iter()
+            .map(|(k, v)| Header {
+                key: k,
+                value: v.as_deref(),
+            })
+            .collect();
         let mut b = BatchBuilder::new(r.timestamp);
         b.push(r.timestamp, r.key.as_deref(), r.value.as_deref(), &headers);
         b.push(r.timestamp, None, r.value.as_deref(), &[]);
         let batch = b.finish(0);
-        let recs: Vec<_> = records(&batch).expect("records").map(|r| r.expect("record")).collect();
+        let recs: Vec<_> = records(&batch)
+            .expect("records")
+            .map(|r| r.expect("record"))
+            .collect();
         // 15 s later, 45 s of the expiry are left.
         let view = from_record(&recs[0], 115_000).expect("a message");
-        assert_eq!((view.topic.as_str(), &view.payload[..], view.qos, view.retain), ("gw1/sensors/t1", &b"21.5"[..], QoS::ExactlyOnce, true));
+        assert_eq!(
+            (
+                view.topic.as_str(),
+                &view.payload[..],
+                view.qos,
+                view.retain
+            ),
+            ("gw1/sensors/t1", &b"21.5"[..], QoS::ExactlyOnce, true)
+        );
         assert_eq!(view.properties.content_type.as_deref(), Some("text/plain"));
-        assert_eq!(view.properties.user_properties, vec![("unit".to_owned(), "C".to_owned())]);
+        assert_eq!(
+            view.properties.user_properties,
+            vec![("unit".to_owned(), "C".to_owned())]
+        );
         assert_eq!(view.expiry_left_secs, Some(45));
         assert_eq!(from_record(&recs[0], 161_000), None, "expired");
         assert_eq!(from_record(&recs[1], 0), None, "no key, no topic");

@@ -59,6 +59,10 @@ pub struct LogHooks {
     /// Messages read back from the log, in log order, for delivery. The router stops taking
     /// them while a subscriber without room holds deliveries back.
     pub deliveries: mpsc::Receiver<Arc<Message>>,
+    /// Called after each batch with how many deliveries were routed and made durable (for
+    /// persistent sessions) in it, in the order they came: the log may move its delivery
+    /// cursor past them.
+    pub delivered: Box<dyn FnMut(usize) + Send>,
 }
 
 impl std::fmt::Debug for LogHooks {
@@ -945,6 +949,8 @@ async fn route_loop(
             },
         };
         let now = Instant::now();
+        let held_before = broker.deliveries_held();
+        let mut deliveries = 0;
         let mut next = Some(first);
         let mut n = 0;
         while let Some(msg) = next {
@@ -954,6 +960,7 @@ async fn route_loop(
                 }
                 ToRouter::SetAuth(auth) => broker.set_auth(auth),
                 ToRouter::Input(input) => {
+                    deliveries += usize::from(matches!(input, Input::Deliver(_)));
                     let lost = match &input {
                         Input::Lost { conn } => Some(*conn),
                         _ => None,
@@ -997,6 +1004,12 @@ async fn route_loop(
             commits.commits += 1;
             commits.total += took;
             commits.max = commits.max.max(took);
+        }
+        if let Some(log) = &mut log {
+            let routed = held_before + deliveries - broker.deliveries_held();
+            if routed > 0 {
+                (log.delivered)(routed);
+            }
         }
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {

@@ -593,7 +593,11 @@ impl Pending {
 }
 
 /// The group-commit loop; runs until every sender is gone.
-fn appender(mut rx: mpsc::Receiver<Request>, fsync: bool, commits: tokio::sync::watch::Sender<u64>) {
+fn appender(
+    mut rx: mpsc::Receiver<Request>,
+    fsync: bool,
+    commits: tokio::sync::watch::Sender<u64>,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut pending: Vec<Pending> = Vec::new();
         let mut next = Some(first);

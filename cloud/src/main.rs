@@ -1,0 +1,88 @@
+//! `ferry-cloud`: the cloud node. See `--help`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_cloud::node::{CloudConfig, Node};
+use tracing::info;
+
+/// Ferry's cloud node: a durable, partitioned log of everything MQTT clients and edges send,
+/// served to MQTT subscribers.
+///
+/// With no options it listens on 127.0.0.1:1883 for local MQTT clients only and keeps its
+/// data in ./ferry-cloud-data. Every setting lives in a TOML file (--config; see
+/// ferry-cloud.example.toml, where each key is explained with its default); the flags below
+/// override the file for a quick start.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen for MQTT on ADDR (host:port) instead of the configured listeners; repeatable.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<std::net::SocketAddr>,
+    /// Keep the log, the metadata and MQTT sessions in DIR.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Allow MQTT clients without credentials on listeners reachable from the network.
+    #[arg(long)]
+    allow_anonymous: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => CloudConfig::load(path)?,
+        None => CloudConfig::default(),
+    };
+    if !args.listen.is_empty() {
+        config.server.listen = args.listen.clone();
+    }
+    if let Some(dir) = args.data_dir {
+        config.server.data_dir = dir;
+    }
+    config.server.allow_anonymous |= args.allow_anonymous;
+    config.edge().validate()?;
+    let edge_config = config.edge();
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let node = Node::start(config, async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .context("cannot start the node")?;
+    info!(addrs = ?node.mqtt_addrs(), "ferry-cloud ready");
+    let reloader = node.mqtt.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match edge_config.load_auth() {
+                Ok(auth) => {
+                    reloader.reload_auth(auth).await;
+                    info!("SIGHUP: password and ACL files reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old rules"),
+            }
+        }
+    });
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        e = node.mqtt.failed() => anyhow::bail!("stopped: {e}"),
+    }
+    info!("shutting down");
+    let _ = stop_tx.send(());
+    // Connections close; appends in flight finish (the appender answers them) meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    Ok(())
+}

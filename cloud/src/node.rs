@@ -1,0 +1,464 @@
+//! One cloud node: the log, its metadata, the routes, and the MQTT front (the broker of
+//! `ferry-edge` in log mode) wired together.
+//!
+//! ```text
+//! MQTT client ─PUBLISH─▶ broker ─append (route)─▶ log ─▶ PUBACK
+//! link ingest ──────────────────────────────────▶ log
+//!                                                  │ tailer (from the delivery cursor)
+//! MQTT subscribers ◀─ broker ◀─ Input::Deliver ◀───┘
+//! ```
+//!
+//! Every message reaches subscribers the same way, whatever wrote it. The tailer's position
+//! is the durable cursor `$mqtt` in the metadata, moved only past messages the broker has
+//! routed and made durable for persistent sessions; after a crash the messages after it
+//! are delivered again (at least once).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_edge::broker::{BrokerConfig, Message};
+use ferry_edge::config::{AuthConfig, Config as EdgeConfig, ServerConfig, StorageConfig};
+use ferry_edge::server::{AppendFuture, LogHooks, Server, StartError};
+use ferry_protocol::kafka::batch::{records, BatchHeader};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::ingest::{Ingest, IngestError};
+use crate::log::{now_ms, AppendData, LogError, SegmentLog, Storage, StreamConfig};
+use crate::meta::{Command, Meta, MetaError};
+use crate::routes::{from_record, to_record, MqttMessage, RouteConfig, RouteError, Routes};
+
+/// The consumer cursor under which the MQTT front's delivery position is kept.
+pub const MQTT_CURSOR: &str = "$mqtt";
+/// Messages read from the log and not yet taken by the broker; bounds the tailer's lead.
+const DELIVERY_QUEUE: usize = 4096;
+/// How often the tailer makes its cursor durable (when it moved).
+const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `ferry-cloud`'s configuration file. Every key has a default; see
+/// `cloud/ferry-cloud.example.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    /// MQTT listeners, limits and the data directory, as for `ferry-edge` (default data
+    /// directory `ferry-cloud-data`).
+    pub server: ServerConfig,
+    pub mqtt: BrokerConfig,
+    /// The MQTT sessions' database (`<data_dir>/ferry-edge.redb`).
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    /// `[[route]]`: MQTT topic filters to streams (see `docs/routes.md`).
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig {
+                data_dir: PathBuf::from("ferry-cloud-data"),
+                ..ServerConfig::default()
+            },
+            mqtt: BrokerConfig::default(),
+            storage: StorageConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Reads a TOML configuration file.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    /// The MQTT front's part, in `ferry-edge`'s terms.
+    pub fn edge(&self) -> EdgeConfig {
+        EdgeConfig {
+            server: self.server.clone(),
+            mqtt: self.mqtt.clone(),
+            storage: self.storage.clone(),
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+/// `[log]`: the durable log (`<data_dir>/log/`, format in `docs/log-format.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Answer producers only once their records are on disk. Default true; false answers
+    /// once written (a process crash loses nothing, a power loss may lose the last appends).
+    pub fsync: bool,
+    /// Appends waiting for the appender before producers wait too. Default 8192 (each holds
+    /// its records: ~1 MB at 100-byte records).
+    pub queue_requests: usize,
+    /// Settings of streams that routes create (partition counts come from the routes).
+    pub streams: StreamConfig,
+    /// Seconds between retention passes. Default 60.
+    pub retention_check_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            queue_requests: 8192,
+            streams: StreamConfig::default(),
+            retention_check_secs: 60,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Server(#[from] StartError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub log: Arc<SegmentLog>,
+    pub meta: Arc<Meta>,
+    pub ingest: Arc<Ingest>,
+    pub mqtt: Server,
+}
+
+impl Node {
+    /// Opens the data directory, recovers the log, creates the routes' streams and starts
+    /// the MQTT front. Serving stops when `shutdown` completes.
+    pub async fn start(
+        config: CloudConfig,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<Self, NodeError> {
+        let data = config.server.data_dir.clone();
+        std::fs::create_dir_all(&data)?;
+        let meta = Arc::new(Meta::open(&data.join("meta.redb"))?);
+        let routes = Arc::new(Routes::new(&config.routes)?);
+        let create: Vec<Command> = routes
+            .streams()
+            .into_iter()
+            .map(|(name, partitions)| Command::CreateStream {
+                name: name.to_owned(),
+                config: StreamConfig {
+                    partitions,
+                    ..config.log.streams.clone()
+                },
+            })
+            .collect();
+        meta.apply(&create)?;
+        let streams: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
+        let log = SegmentLog::open_with(
+            &data.join("log"),
+            config.log.fsync,
+            config.log.queue_requests,
+            &streams,
+        )?;
+        for (path, damage) in log.damage() {
+            warn!(path = %path.display(), ?damage, "log recovery");
+        }
+        for (name, c) in &streams {
+            log.create_stream(name, c)?;
+        }
+        let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
+
+        let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
+        let sent: Arc<Mutex<VecDeque<(String, u32, i64)>>> = Arc::default();
+        let cursor: Arc<Mutex<HashMap<(String, u32), i64>>> = Arc::default();
+        let hooks = LogHooks {
+            append: Box::new({
+                let log = log.clone();
+                let routes = routes.clone();
+                move |messages| append(log.clone(), routes.clone(), messages)
+            }),
+            deliveries,
+            delivered: Box::new({
+                let sent = sent.clone();
+                let cursor = cursor.clone();
+                move |n| {
+                    let mut sent = sent.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut cursor = cursor.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = n.min(sent.len());
+                    for (stream, partition, offset) in sent.drain(..n) {
+                        cursor.insert((stream, partition), offset + 1);
+                    }
+                }
+            }),
+        };
+        let mqtt = Server::start_with_log(config.edge(), Some(hooks), shutdown).await?;
+
+        let tail = Tailer {
+            log: log.clone(),
+            meta: meta.clone(),
+            tx: deliveries_tx,
+            sent,
+            cursor,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        std::thread::Builder::new()
+            .name("ferry-tailer".into())
+            .spawn(move || tail.run())?;
+        let retention = Duration::from_secs(config.log.retention_check_secs.max(1));
+        let retained_log = log.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(retention).await;
+                let log = retained_log.clone();
+                match tokio::task::spawn_blocking(move || log.enforce_retention()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => info!(segments = n, "retention removed segments"),
+                    Ok(Err(e)) => error!(error = %e, "retention failed"),
+                    Err(_) => return,
+                }
+            }
+        });
+        info!(data_dir = %data.display(), streams = streams.len(), "cloud node started");
+        Ok(Self {
+            log,
+            meta,
+            ingest,
+            mqtt,
+        })
+    }
+
+    /// The MQTT listeners' addresses.
+    pub fn mqtt_addrs(&self) -> &[SocketAddr] {
+        self.mqtt.local_addrs()
+    }
+}
+
+/// Appends what one broker batch accepted, each message to its route's partition, all
+/// partitions at once; done when all are durable.
+fn append(log: Arc<SegmentLog>, routes: Arc<Routes>, messages: Vec<Arc<Message>>) -> AppendFuture {
+    Box::pin(async move {
+        let now = now_ms();
+        let mut per_partition: Vec<((String, u32), Vec<crate::log::NewRecord>)> = Vec::new();
+        for m in &messages {
+            let msg = MqttMessage {
+                topic: &m.topic,
+                payload: &m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                properties: &m.properties,
+                edge: None,
+                timestamp_ms: now,
+            };
+            let dest = routes.destination(&msg);
+            let key = (dest.stream.to_owned(), dest.partition);
+            let mut record = to_record(&msg);
+            if let Some(client) = &m.publisher {
+                record.headers.push((
+                    "ferry.client".into(),
+                    Some(bytes::Bytes::copy_from_slice(client.as_bytes())),
+                ));
+            }
+            match per_partition.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(record),
+                None => per_partition.push((key, vec![record])),
+            }
+        }
+        let appends = per_partition
+            .into_iter()
+            .map(|((stream, partition), recs)| {
+                log.append(&stream, partition, AppendData::Records(recs))
+            });
+        for result in futures_util::future::join_all(appends).await {
+            result.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+}
+
+/// Follows the end of every partition and hands each record to the broker as a message.
+struct Tailer {
+    log: Arc<SegmentLog>,
+    meta: Arc<Meta>,
+    tx: mpsc::Sender<Arc<Message>>,
+    /// Records handed to the broker and not yet routed, in order.
+    sent: Arc<Mutex<VecDeque<(String, u32, i64)>>>,
+    /// The next offset per partition that the broker has not yet routed.
+    cursor: Arc<Mutex<HashMap<(String, u32), i64>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Tailer {
+    fn run(self) {
+        let mut commits = self.log.watch_commits();
+        let mut positions: HashMap<(String, u32), i64> = HashMap::new();
+        let mut committed: HashMap<(String, u32), i64> = HashMap::new();
+        let mut last_commit = Instant::now();
+        loop {
+            let seen = *commits.borrow_and_update();
+            let mut progressed = false;
+            for stream in self.log.streams() {
+                for (p, info) in stream.partitions.iter().enumerate() {
+                    let key = (stream.name.clone(), p as u32);
+                    let pos = match positions.get(&key) {
+                        Some(&pos) => pos,
+                        None => {
+                            // Where the broker stopped routing last time; a new stream from
+                            // its start; a node's first start from the end.
+                            let stored = self
+                                .meta
+                                .cursor(MQTT_CURSOR, &stream.name, p as u32)
+                                .ok()
+                                .flatten();
+                            let pos = stored
+                                .unwrap_or(info.offsets.high_watermark)
+                                .max(info.offsets.log_start);
+                            committed.insert(key.clone(), pos);
+                            self.lock_cursor().entry(key.clone()).or_insert(pos);
+                            pos
+                        }
+                    };
+                    if pos >= info.offsets.high_watermark {
+                        positions.insert(key, pos);
+                        continue;
+                    }
+                    match self.forward(&stream.name, p as u32, pos) {
+                        Ok(next) => {
+                            progressed |= next > pos;
+                            positions.insert(key, next);
+                        }
+                        Err(None) => return,
+                        Err(Some(e)) => {
+                            error!(stream = %stream.name, partition = p, offset = pos, error = %e, "cannot read the log for delivery");
+                            positions.insert(key, pos);
+                        }
+                    }
+                }
+            }
+            if last_commit.elapsed() >= CURSOR_COMMIT_INTERVAL {
+                last_commit = Instant::now();
+                let cursor = self.lock_cursor().clone();
+                let moved: Vec<Command> = cursor
+                    .iter()
+                    .filter(|(k, v)| committed.get(*k) != Some(*v))
+                    .map(|((stream, partition), offset)| Command::CommitCursor {
+                        group: MQTT_CURSOR.into(),
+                        stream: stream.clone(),
+                        partition: *partition,
+                        offset: *offset,
+                    })
+                    .collect();
+                if !moved.is_empty() {
+                    match self.meta.apply(&moved) {
+                        Ok(()) => committed = cursor,
+                        Err(e) => error!(error = %e, "cannot record the delivery cursor"),
+                    }
+                }
+            }
+            if !progressed {
+                // Wait for a commit, or a second (to record the cursor, find new streams).
+                let mut commits = commits.clone();
+                let changed = self.runtime.block_on(async move {
+                    if *commits.borrow() != seen {
+                        return true;
+                    }
+                    tokio::time::timeout(Duration::from_secs(1), commits.changed())
+                        .await
+                        .map_or(true, |r| r.is_ok())
+                });
+                if !changed {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn lock_cursor(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), i64>> {
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the records from `offset` (up to 1 MiB of batches) to the broker; the next
+    /// offset. Err(None) when the broker is gone.
+    fn forward(&self, stream: &str, partition: u32, offset: i64) -> Result<i64, Option<LogError>> {
+        let r = self
+            .log
+            .read(stream, partition, offset, 1 << 20)
+            .map_err(Some)?;
+        let mut next = offset;
+        let mut at = 0;
+        let now = now_ms();
+        while at < r.batches.len() {
+            let h = BatchHeader::parse(&r.batches[at..])
+                .map_err(|e| Some(LogError::BadBatch(e.to_string())))?;
+            if let Ok(recs) = records(&r.batches[at..]) {
+                for rec in recs.flatten().filter(|rec| rec.offset >= offset) {
+                    let Some(view) = from_record(&rec, now) else {
+                        // Not an MQTT message (no topic key, or expired): nothing to deliver,
+                        // but the cursor passes it.
+                        self.sent_push(stream, partition, rec.offset);
+                        self.tx_message(None)?;
+                        continue;
+                    };
+                    let msg = Message {
+                        topic: view.topic,
+                        payload: view.payload,
+                        qos: view.qos,
+                        retain: view.retain,
+                        properties: view.properties,
+                        expires_at: view
+                            .expiry_left_secs
+                            .map(|s| Instant::now() + Duration::from_secs(s.into())),
+                        publisher: view.client.map(Arc::from),
+                    };
+                    self.sent_push(stream, partition, rec.offset);
+                    self.tx_message(Some(msg))?;
+                }
+            }
+            // A compressed batch (a Kafka producer's) is not yet decompressed for MQTT.
+            next = h.last_offset() + 1;
+            at += h.total_len();
+        }
+        Ok(next)
+    }
+
+    fn sent_push(&self, stream: &str, partition: u32, offset: i64) {
+        self.sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((stream.to_owned(), partition, offset));
+    }
+
+    fn tx_message(&self, msg: Option<Message>) -> Result<(), Option<LogError>> {
+        // A record that is not a message still counts as a delivery, so that the cursor
+        // moves past it in order: it goes to the broker as an already expired message.
+        let msg = msg.unwrap_or_else(|| Message {
+            topic: ferry_protocol::topic::TopicName::new("$ferry/skipped").expect("a valid topic"),
+            payload: bytes::Bytes::new(),
+            qos: ferry_protocol::mqtt::QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+            expires_at: Some(
+                Instant::now()
+                    .checked_sub(Duration::from_secs(60))
+                    .unwrap_or_else(Instant::now),
+            ),
+            publisher: None,
+        });
+        self.tx.blocking_send(Arc::new(msg)).map_err(|_| None)
+    }
+}
