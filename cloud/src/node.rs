@@ -183,6 +183,22 @@ impl Node {
             log.create_stream(name, c)?;
         }
         let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
+        // A partition without a delivery cursor (a new node, a new stream) is delivered to
+        // MQTT from its end as it is now: its history is for Kafka consumers.
+        let mut start_cursors = Vec::new();
+        for stream in log.streams() {
+            for (p, info) in stream.partitions.iter().enumerate() {
+                if meta.cursor(MQTT_CURSOR, &stream.name, p as u32)?.is_none() {
+                    start_cursors.push(Command::CommitCursor {
+                        group: MQTT_CURSOR.into(),
+                        stream: stream.name.clone(),
+                        partition: p as u32,
+                        offset: info.offsets.high_watermark,
+                    });
+                }
+            }
+        }
+        meta.apply(&start_cursors)?;
 
         let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
         let sent: Arc<Mutex<VecDeque<(String, u32, i64)>>> = Arc::default();
@@ -215,7 +231,6 @@ impl Node {
             tx: deliveries_tx,
             sent,
             cursor,
-            runtime: tokio::runtime::Handle::current(),
         };
         std::thread::Builder::new()
             .name("ferry-tailer".into())
@@ -300,11 +315,19 @@ struct Tailer {
     sent: Arc<Mutex<VecDeque<(String, u32, i64)>>>,
     /// The next offset per partition that the broker has not yet routed.
     cursor: Arc<Mutex<HashMap<(String, u32), i64>>>,
-    runtime: tokio::runtime::Handle,
 }
 
 impl Tailer {
     fn run(self) {
+        // A runtime of its own, only to wait for commits with a timeout: the node's runtime
+        // may be shutting down while this thread waits.
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        else {
+            error!("cannot start the delivery tailer");
+            return;
+        };
         let mut commits = self.log.watch_commits();
         let mut positions: HashMap<(String, u32), i64> = HashMap::new();
         let mut committed: HashMap<(String, u32), i64> = HashMap::new();
@@ -318,16 +341,30 @@ impl Tailer {
                     let pos = match positions.get(&key) {
                         Some(&pos) => pos,
                         None => {
-                            // Where the broker stopped routing last time; a new stream from
-                            // its start; a node's first start from the end.
+                            // Where the broker stopped routing last time (set at start for
+                            // the streams of that time); a stream created later, from its
+                            // start.
                             let stored = self
                                 .meta
                                 .cursor(MQTT_CURSOR, &stream.name, p as u32)
                                 .ok()
                                 .flatten();
                             let pos = stored
-                                .unwrap_or(info.offsets.high_watermark)
+                                .unwrap_or(info.offsets.log_start)
                                 .max(info.offsets.log_start);
+                            if stored != Some(pos) {
+                                // Durable at once: what is appended from now on is delivered
+                                // even if the node dies before the next cursor commit.
+                                let start = Command::CommitCursor {
+                                    group: MQTT_CURSOR.into(),
+                                    stream: stream.name.clone(),
+                                    partition: p as u32,
+                                    offset: pos,
+                                };
+                                if let Err(e) = self.meta.apply(&[start]) {
+                                    error!(error = %e, "cannot record the delivery cursor");
+                                }
+                            }
                             committed.insert(key.clone(), pos);
                             self.lock_cursor().entry(key.clone()).or_insert(pos);
                             pos
@@ -373,7 +410,7 @@ impl Tailer {
             if !progressed {
                 // Wait for a commit, or a second (to record the cursor, find new streams).
                 let mut commits = commits.clone();
-                let changed = self.runtime.block_on(async move {
+                let changed = runtime.block_on(async move {
                     if *commits.borrow() != seen {
                         return true;
                     }

@@ -5,7 +5,9 @@
 //!   the codec be checked against real clients before the broker exists, and stays useful for
 //!   pinning down what a given client puts on the wire.
 //! - [`process::Edge`]: a real `ferry-edge` process, built once, started on an ephemeral
-//!   port, killed when dropped.
+//!   port, killed when dropped; [`process::Edge::cloud_in`] does the same for `ferry-cloud`.
+//! - [`clients`]: helpers around rumqttc.
 
 pub mod capture;
+pub mod clients;
 pub mod process;

@@ -36,7 +36,7 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// A running `ferry-edge`.
+/// A running `ferry-edge` (or `ferry-cloud`, see [`Edge::cloud_in`]).
 #[derive(Debug)]
 pub struct Edge {
     child: Child,
@@ -62,7 +62,17 @@ impl Edge {
     /// Like [`Edge::start`] with the data directory `dir`, which outlives the process: start
     /// again in the same directory to test what survived.
     pub fn start_in(dir: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(binary("ferry-edge", "ferry-edge"))
+        Self::launch("ferry-edge", dir, args)
+    }
+
+    /// Starts `ferry-cloud` with `args` and the data directory `dir`, and waits until it is
+    /// ready.
+    pub fn cloud_in(dir: &Path, args: &[&str]) -> Self {
+        Self::launch("ferry-cloud", dir, args)
+    }
+
+    fn launch(program: &str, dir: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(binary(program, program))
             .args(args)
             .arg("--data-dir")
             .arg(dir)
@@ -71,7 +81,7 @@ impl Edge {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("ferry-edge starts");
+            .unwrap_or_else(|e| panic!("{program} starts: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {
@@ -84,8 +94,8 @@ impl Edge {
         let (addr, ready_line) = loop {
             let line = log
                 .recv_timeout(Duration::from_secs(30))
-                .expect("ferry-edge logs that it is ready within 30 s");
-            if line.contains("ferry-edge ready") {
+                .unwrap_or_else(|_| panic!("{program} logs that it is ready within 30 s"));
+            if line.contains(&format!("{program} ready")) {
                 let addr = parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
                 break (addr, line);
             }

@@ -8,23 +8,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode, MAX_PACKET_SIZE};
+use ferry_tests::clients::{next_incoming, WAIT};
 use ferry_tests::process::{binary, mosquitto, mosquitto_at, Edge};
 
 const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
-
-/// The next packet rumqttc's event loop received (outgoing events skipped); panics with
-/// `what` if none comes within [`WAIT`] or the connection fails.
-async fn next_incoming(eventloop: &mut rumqttc::EventLoop, what: &str) -> rumqttc::Incoming {
-    loop {
-        match tokio::time::timeout(WAIT, eventloop.poll()).await {
-            Err(_) => panic!("{what}: nothing within {WAIT:?}"),
-            Ok(Err(e)) => panic!("{what}: {e}"),
-            Ok(Ok(rumqttc::Event::Incoming(packet))) => return packet,
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-const WAIT: Duration = Duration::from_secs(15);
 
 #[test]
 fn mosquitto_clients_publish_and_subscribe_through_the_edge() {

@@ -1263,7 +1263,7 @@ impl Broker {
                 reasons.push(ReasonCode::TopicFilterInvalid);
                 continue;
             }
-            if self.config.refused_filters.iter().any(|f| *f == key) {
+            if self.config.refused_filters.contains(&key) {
                 reasons.push(ReasonCode::UnspecifiedError);
                 continue;
             }

@@ -1,0 +1,206 @@
+//! ferry-cloud as a process: MQTT clients others wrote (rumqttc, the Mosquitto clients)
+//! publish to it and subscribe to it; what they publish is in the log, under the routes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry_cloud::log::{SegmentLog, Storage};
+use ferry_cloud::routes::kafka_partition;
+use ferry_protocol::kafka::batch::{records, BatchHeader};
+use ferry_tests::clients::next_incoming;
+use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
+
+/// (key, value, headers) of every record of a stream partition, in offset order. The node
+/// must be stopped: this opens its log.
+fn stream(
+    dir: &std::path::Path,
+    name: &str,
+    partition: u32,
+) -> Vec<(String, String, Vec<(String, String)>)> {
+    let log = SegmentLog::open(&dir.join("log"), true, 16).expect("the log opens");
+    let hw = log
+        .offsets(name, partition)
+        .expect("stream exists")
+        .high_watermark;
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < hw {
+        let r = log.read(name, partition, offset, 1 << 20).expect("read");
+        let mut at = 0;
+        while at < r.batches.len() {
+            let h = BatchHeader::parse(&r.batches[at..]).expect("header");
+            for rec in records(&r.batches[at..]).expect("records") {
+                let rec = rec.expect("record");
+                let text = |b: Option<&[u8]>| {
+                    String::from_utf8(b.unwrap_or_default().to_vec()).expect("utf8")
+                };
+                let headers = rec
+                    .headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), text(h.value)))
+                    .collect();
+                out.push((text(rec.key), text(rec.value), headers));
+            }
+            offset = h.last_offset() + 1;
+            at += h.total_len();
+        }
+    }
+    out
+}
+
+/// Publishes each line as one message with mosquitto_pub -l.
+fn publish_lines(port: &str, topic: &str, qos: &str, lines: &[String]) {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", port, "-t", topic, "-q", qos, "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for l in lines {
+        writeln!(stdin, "{l}").expect("write");
+    }
+    drop(stdin);
+    assert!(child.wait().expect("wait").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_publishes_reach_cloud_subscribers_and_the_routed_streams() {
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+    let dir = temp_dir("cloud-routes");
+    let config = dir.join("ferry-cloud.toml");
+    std::fs::write(
+        &config,
+        "[[route]]\nfilter = \"plant/+/temp\"\nstream = \"temps\"\npartitions = 2\n",
+    )
+    .expect("config");
+    let cloud = Edge::cloud_in(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().expect("utf8"),
+        ],
+    );
+    let port = cloud.port().to_string();
+
+    let mut opts = MqttOptions::new("cloud-sub", "127.0.0.1", cloud.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (sub, mut events) = AsyncClient::new(opts, 100);
+    sub.subscribe("plant/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Incoming::SubAck(_) = next_incoming(&mut events, "SUBACK").await {
+            break;
+        }
+    }
+    let temps: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+    let logs: Vec<String> = (0..50).map(|i| format!("l{i}")).collect();
+    let (p1, p2) = (port.clone(), port.clone());
+    let (t, l) = (temps.clone(), logs.clone());
+    let publishers = tokio::task::spawn_blocking(move || {
+        publish_lines(&p1, "plant/a/temp", "1", &t);
+        publish_lines(&p2, "plant/a/log", "1", &l);
+    });
+    let (mut got_temps, mut got_logs) = (Vec::new(), Vec::new());
+    while got_temps.len() + got_logs.len() < 100 {
+        if let Incoming::Publish(p) = next_incoming(&mut events, "the messages").await {
+            let payload = String::from_utf8(p.payload.to_vec()).expect("utf8");
+            match p.topic.as_str() {
+                "plant/a/temp" => got_temps.push(payload),
+                "plant/a/log" => got_logs.push(payload),
+                other => panic!("unexpected topic {other}"),
+            }
+        }
+    }
+    publishers.await.expect("publishers");
+    assert_eq!(
+        (got_temps, got_logs),
+        (temps.clone(), logs.clone()),
+        "every message, in order, once"
+    );
+    // Retained, through the log: a later subscriber gets it.
+    let out = mosquitto_at(
+        "mosquitto_pub",
+        &port,
+        &["-t", "plant/a/state", "-m", "on", "-r", "-q", "1"],
+    );
+    assert!(out.status.success());
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &["-t", "plant/a/state", "-C", "1", "-W", "10", "-v"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "plant/a/state on"
+    );
+    assert!(cloud.terminate().success());
+
+    // In the log: the route's stream, one topic in one partition, key = topic.
+    let p = kafka_partition(b"plant/a/temp", 2);
+    let recs = stream(&dir, "temps", p);
+    assert_eq!(recs.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), temps);
+    assert!(recs.iter().all(|r| r.0 == "plant/a/temp"));
+    assert_eq!(recs[0].2[0], ("mqtt.qos".to_owned(), "1".to_owned()));
+    assert!(stream(&dir, "temps", 1 - p).is_empty());
+    // Everything else in the default stream `mqtt`.
+    let rest = stream(&dir, "mqtt", 0);
+    assert_eq!(
+        rest.iter()
+            .filter(|r| r.0 == "plant/a/log")
+            .map(|r| r.1.clone())
+            .collect::<Vec<_>>(),
+        logs
+    );
+    assert!(rest
+        .iter()
+        .any(|r| r.0 == "plant/a/state" && r.2.contains(&("mqtt.retain".into(), "1".into()))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_cloud_session_gets_what_was_acknowledged_before_a_kill_9() {
+    let dir = temp_dir("cloud-persistent");
+    let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
+    let port = cloud.port().to_string();
+    // A persistent session subscribes, then goes away.
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &["-i", "keeper", "-c", "-q", "1", "-t", "x/#", "-W", "1"],
+    );
+    assert!(
+        !out.status.success() || out.stdout.is_empty(),
+        "nothing published yet"
+    );
+    let lines: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let p = port.clone();
+    let l = lines.clone();
+    tokio::task::spawn_blocking(move || publish_lines(&p, "x/y", "1", &l))
+        .await
+        .expect("publisher");
+    // Every message was acknowledged (mosquitto_pub waited for each PUBACK); the node dies.
+    cloud.kill();
+
+    let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
+    let port = cloud.port().to_string();
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &["-i", "keeper", "-c", "-q", "1", "-t", "x/#", "-W", "5"],
+    );
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // At least once: each message is there, the first copies in order.
+    let mut firsts: Vec<String> = Vec::new();
+    for m in &got {
+        if !firsts.contains(m) {
+            firsts.push(m.clone());
+        }
+    }
+    assert_eq!(firsts, lines, "received {} messages", got.len());
+}
