@@ -11,13 +11,12 @@ use ferry_protocol::kafka::batch::{records, BatchHeader};
 use ferry_tests::clients::next_incoming;
 use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
 
+/// A record as text: key, value, headers.
+type Rec = (String, String, Vec<(String, String)>);
+
 /// (key, value, headers) of every record of a stream partition, in offset order. The node
 /// must be stopped: this opens its log.
-fn stream(
-    dir: &std::path::Path,
-    name: &str,
-    partition: u32,
-) -> Vec<(String, String, Vec<(String, String)>)> {
+fn stream(dir: &std::path::Path, name: &str, partition: u32) -> Vec<Rec> {
     let log = SegmentLog::open(&dir.join("log"), true, 16).expect("the log opens");
     let hw = log
         .offsets(name, partition)
