@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
     config.server.allow_anonymous |= args.allow_anonymous;
     config.edge().validate()?;
     let edge_config = config.edge();
+    let admin_listen = config.admin.listen;
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -62,7 +63,19 @@ async fn main() -> anyhow::Result<()> {
     })
     .await
     .context("cannot start the node")?;
-    info!(addrs = ?node.mqtt_addrs(), "ferry-cloud ready");
+    let admin_addr = match admin_listen {
+        Some(addr) => Some(
+            ferry_cloud::admin::serve(addr, node.clone())
+                .await
+                .context("cannot start the admin listener")?,
+        ),
+        None => None,
+    };
+    info!(
+        addrs = ?node.mqtt_addrs(),
+        admin_addrs = ?admin_addr.into_iter().collect::<Vec<_>>(),
+        "ferry-cloud ready"
+    );
     let reloader = node.mqtt.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {

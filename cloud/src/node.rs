@@ -56,6 +56,16 @@ pub struct CloudConfig {
     /// `[[route]]`: MQTT topic filters to streams (see `docs/routes.md`).
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: the admin HTTP listener (JSON API and `/metrics`, see [`crate::admin`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens. Default none: off. It has no authentication; keep it on loopback or
+    /// a management network.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for CloudConfig {
@@ -70,6 +80,7 @@ impl Default for CloudConfig {
             auth: AuthConfig::default(),
             log: LogConfig::default(),
             routes: Vec::new(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -497,5 +508,42 @@ impl Tailer {
             publisher: None,
         });
         self.tx.blocking_send(Arc::new(msg)).map_err(|_| None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../ferry-cloud.example.toml");
+        let config: CloudConfig = toml::from_str(text).expect("example parses");
+        config.edge().validate().expect("example is valid");
+        let d = CloudConfig::default();
+        assert_eq!(config.server.listen, d.server.listen);
+        assert_eq!(config.server.data_dir, d.server.data_dir);
+        assert_eq!(config.log.fsync, d.log.fsync);
+        assert_eq!(config.log.queue_requests, d.log.queue_requests);
+        assert_eq!(config.log.retention_check_secs, d.log.retention_check_secs);
+        assert_eq!(config.log.streams, d.log.streams);
+        assert_eq!(config.storage.cache_bytes, d.storage.cache_bytes);
+        assert!(config.routes.is_empty() && config.admin.listen.is_none());
+        // The commented route example is a valid route.
+        let route: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[route]]"))
+            .take(5)
+            .map(|l| {
+                l.trim_start_matches("# ")
+                    .split(" #")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+                    + "\n"
+            })
+            .collect();
+        let with_route: CloudConfig = toml::from_str(&route).expect("route example parses");
+        Routes::new(&with_route.routes).expect("route example is valid");
     }
 }

@@ -1,8 +1,7 @@
 //! Prometheus metrics over HTTP: `GET /metrics` in the text exposition format.
 //!
-//! The need is one fixed page, so the listener answers it directly rather than carrying an
-//! HTTP framework: it reads the request head (at most [`MAX_REQUEST_BYTES`]), answers
-//! `/metrics` with 200 and anything else with 404, and closes the connection.
+//! The need is a few fixed pages, so [`serve_http`] answers them directly rather than carrying
+//! an HTTP framework; the cloud's admin API uses it too.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -20,15 +19,77 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 /// Serves metrics on `addr` until the process ends; returns the bound address.
 pub async fn serve(addr: SocketAddr, server: Server) -> std::io::Result<SocketAddr> {
+    serve_http(addr, move |path| {
+        let server = server.clone();
+        async move {
+            if path != "/metrics" {
+                return Response::status("404 Not Found");
+            }
+            match server.metrics().await {
+                Some((stats, commits)) => Response::metrics(render(&stats, &commits)),
+                None => Response::status("503 Service Unavailable"),
+            }
+        }
+    })
+    .await
+}
+
+/// One answer of [`serve_http`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: &'static str,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Response {
+    /// A Prometheus exposition page.
+    pub fn metrics(body: String) -> Self {
+        Self {
+            status: "200 OK",
+            content_type: "text/plain; version=0.0.4",
+            body,
+        }
+    }
+
+    /// A JSON document.
+    pub fn json(body: String) -> Self {
+        Self {
+            status: "200 OK",
+            content_type: "application/json",
+            body,
+        }
+    }
+
+    /// An empty answer with `status`.
+    pub fn status(status: &'static str) -> Self {
+        Self {
+            status,
+            content_type: "text/plain",
+            body: String::new(),
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 listener for fixed pages (metrics, a read-only admin API): reads the
+/// request head (at most [`MAX_REQUEST_BYTES`], within 5 s), answers `GET <path>` with what
+/// `handler` gives for the path (query string dropped), anything else with 405, and closes
+/// the connection. Returns the bound address; serves until the process ends.
+pub async fn serve_http<F, Fut>(addr: SocketAddr, handler: F) -> std::io::Result<SocketAddr>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    info!(addr = %local, "metrics on http://{local}/metrics");
+    info!(addr = %local, "HTTP on http://{local}/");
+    let handler = std::sync::Arc::new(handler);
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let server = server.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let mut head = Vec::with_capacity(512);
                 let mut chunk = [0u8; 512];
@@ -45,35 +106,32 @@ pub async fn serve(addr: SocketAddr, server: Server) -> std::io::Result<SocketAd
                 })
                 .await;
                 if !matches!(read, Ok(true)) {
-                    debug!(%peer, "metrics request incomplete");
+                    debug!(%peer, "HTTP request incomplete");
                     return;
                 }
                 let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-                let response = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-                    match server.metrics().await {
-                        Some((stats, commits)) => ok(&render(&stats, &commits)),
-                        None => status("503 Service Unavailable"),
+                let line = String::from_utf8_lossy(line);
+                let mut parts = line.split(' ');
+                let response = match (parts.next(), parts.next()) {
+                    (Some("GET"), Some(target)) => {
+                        let path = target.split('?').next().unwrap_or_default().to_owned();
+                        handler(path).await
                     }
-                } else {
-                    status("404 Not Found")
+                    _ => Response::status("405 Method Not Allowed"),
                 };
-                let _ = stream.write_all(response.as_bytes()).await;
+                let text = format!(
+                    "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    response.status,
+                    response.content_type,
+                    response.body.len(),
+                    response.body
+                );
+                let _ = stream.write_all(text.as_bytes()).await;
                 let _ = stream.shutdown().await;
             });
         }
     });
     Ok(local)
-}
-
-fn ok(body: &str) -> String {
-    format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-fn status(code: &str) -> String {
-    format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 }
 
 /// The exposition text for the broker's counters and the storage commits.

@@ -125,6 +125,12 @@ impl Edge {
         parse_addr(&self.ready_line[at..])
     }
 
+    /// The admin listener's address (ferry-cloud), if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("admin_addrs=")?;
+        parse_addr(&self.ready_line[at..])
+    }
+
     /// The first WebSocket listener's address, if there is one.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
         let at = self.ready_line.find("ws_addrs=")?;

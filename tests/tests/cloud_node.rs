@@ -48,6 +48,16 @@ fn stream(dir: &std::path::Path, name: &str, partition: u32) -> Vec<Rec> {
     out
 }
 
+/// The whole answer (head and body) to `GET path`.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
 /// Publishes each line as one message with mosquitto_pub -l.
 fn publish_lines(port: &str, topic: &str, qos: &str, lines: &[String]) {
     let mut child = Command::new("mosquitto_pub")
@@ -70,7 +80,7 @@ async fn cloud_publishes_reach_cloud_subscribers_and_the_routed_streams() {
     let config = dir.join("ferry-cloud.toml");
     std::fs::write(
         &config,
-        "[[route]]\nfilter = \"plant/+/temp\"\nstream = \"temps\"\npartitions = 2\n",
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nfilter = \"plant/+/temp\"\nstream = \"temps\"\npartitions = 2\n",
     )
     .expect("config");
     let cloud = Edge::cloud_in(
@@ -136,6 +146,18 @@ async fn cloud_publishes_reach_cloud_subscribers_and_the_routed_streams() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "plant/a/state on"
     );
+    // The admin API sees the streams and the appends.
+    let admin = cloud.admin_addr().expect("admin listener");
+    let streams = http_get(admin, "/api/streams");
+    assert!(streams.starts_with("HTTP/1.1 200"), "{streams}");
+    assert!(
+        streams.contains("\"name\":\"temps\"") && streams.contains("\"high_watermark\":50"),
+        "{streams}"
+    );
+    let metrics = http_get(admin, "/metrics");
+    assert!(metrics.contains("ferry_log_records_total 101"), "{metrics}");
+    assert!(http_get(admin, "/api/health").contains("{\"status\":\"ok\"}"));
+    assert!(http_get(admin, "/nope").starts_with("HTTP/1.1 404"));
     assert!(cloud.terminate().success());
 
     // In the log: the route's stream, one topic in one partition, key = topic.

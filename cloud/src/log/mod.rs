@@ -24,6 +24,8 @@ use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -176,6 +178,28 @@ pub struct PartitionInfo {
     pub active_base: i64,
 }
 
+/// Appender counters since the log was opened (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Group commits (each one sync per partition file touched).
+    pub commits: u64,
+    pub records: u64,
+    /// Bytes of batches written.
+    pub bytes: u64,
+    /// Time spent syncing, over all commits and the longest one (µs).
+    pub sync_us_total: u64,
+    pub sync_us_max: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    sync_us_total: AtomicU64,
+    sync_us_max: AtomicU64,
+}
+
 /// A pending append.
 pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, LogError>> + Send>>;
 
@@ -213,6 +237,7 @@ pub struct SegmentLog {
     to_appender: mpsc::Sender<Request>,
     /// Counts commits: changes whenever new records became readable.
     commits: tokio::sync::watch::Receiver<u64>,
+    counters: Arc<Counters>,
     /// What the open found damaged (torn tails cut, corrupt batches kept), for the admin API
     /// and the tests.
     damage: Vec<(PathBuf, Damage)>,
@@ -319,15 +344,18 @@ impl SegmentLog {
         }
         let (to_appender, rx) = mpsc::channel(queue_requests.max(1));
         let (commits_tx, commits) = tokio::sync::watch::channel(0u64);
+        let counters = Arc::new(Counters::default());
+        let appender_counters = counters.clone();
         std::thread::Builder::new()
             .name("ferry-appender".into())
-            .spawn(move || appender(rx, fsync, commits_tx))
+            .spawn(move || appender(rx, fsync, commits_tx, appender_counters))
             .map_err(|e| LogError::io(dir, e))?;
         Ok(Arc::new(Self {
             dir: dir.to_owned(),
             streams: RwLock::new(streams),
             to_appender,
             commits,
+            counters,
             damage,
         }))
     }
@@ -336,6 +364,18 @@ impl SegmentLog {
     /// log's end).
     pub fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
         self.commits.clone()
+    }
+
+    /// What the appender did since the log was opened.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.counters;
+        LogStats {
+            commits: c.commits.load(Relaxed),
+            records: c.records.load(Relaxed),
+            bytes: c.bytes.load(Relaxed),
+            sync_us_total: c.sync_us_total.load(Relaxed),
+            sync_us_max: c.sync_us_max.load(Relaxed),
+        }
     }
 
     /// What recovery found at open.
@@ -597,6 +637,7 @@ fn appender(
     mut rx: mpsc::Receiver<Request>,
     fsync: bool,
     commits: tokio::sync::watch::Sender<u64>,
+    stats: Arc<Counters>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut pending: Vec<Pending> = Vec::new();
@@ -624,13 +665,13 @@ fn appender(
                 None
             };
         }
-        commit(pending, fsync);
+        commit(pending, fsync, &stats);
         commits.send_modify(|n| *n += 1);
     }
 }
 
 /// Writes each partition's share, syncs each file once, then publishes and answers.
-fn commit(mut pending: Vec<Pending>, fsync: bool) {
+fn commit(mut pending: Vec<Pending>, fsync: bool, stats: &Counters) {
     let now = now_ms();
     let mut written = Vec::with_capacity(pending.len());
     for p in &mut pending {
@@ -643,12 +684,23 @@ fn commit(mut pending: Vec<Pending>, fsync: bool) {
         written.push(result.map(Some));
     }
     // One sync per file, outside the partition locks: readers go on meanwhile.
+    let started = std::time::Instant::now();
     let mut synced = Vec::with_capacity(written.len());
     for w in &written {
         synced.push(match w {
             Ok(Some((_, _, file, path))) if fsync => segment::Segment::sync(file, path),
             _ => Ok(()),
         });
+    }
+    let took = started.elapsed().as_micros() as u64;
+    stats.commits.fetch_add(1, Relaxed);
+    stats.sync_us_total.fetch_add(took, Relaxed);
+    stats.sync_us_max.fetch_max(took, Relaxed);
+    for (p, w) in pending.iter().zip(&written) {
+        if let Ok(Some((base, last, _, _))) = w {
+            stats.records.fetch_add((last - base + 1) as u64, Relaxed);
+            stats.bytes.fetch_add(p.bytes.len() as u64, Relaxed);
+        }
     }
     for ((p, w), s) in pending.into_iter().zip(written).zip(synced) {
         let outcome = w.and_then(|w| s.map(|()| w));

@@ -1,0 +1,148 @@
+//! The admin HTTP listener (`[admin] listen`): a read-only JSON API and Prometheus metrics.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
+//! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
+//! | `GET /api/clients` | MQTT connections and sessions (counts) |
+//! | `GET /api/edges` | every edge that sent data: its highest committed sequence |
+//! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets |
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use ferry_edge::metrics::{render, serve_http, Response};
+use serde_json::json;
+
+use crate::log::Storage;
+use crate::node::Node;
+
+/// Serves the admin API on `addr` until the process ends; returns the bound address.
+pub async fn serve(addr: SocketAddr, node: Node) -> std::io::Result<SocketAddr> {
+    serve_http(addr, move |path| {
+        let node = node.clone();
+        async move { answer(&node, &path).await }
+    })
+    .await
+}
+
+async fn answer(node: &Node, path: &str) -> Response {
+    match path {
+        "/api/health" => match node.mqtt.metrics().await {
+            Some(_) => Response::json(json!({"status": "ok"}).to_string()),
+            None => Response::status("503 Service Unavailable"),
+        },
+        "/api/streams" => {
+            let streams: Vec<_> = node
+                .log
+                .streams()
+                .into_iter()
+                .map(|s| {
+                    let partitions: Vec<_> = s
+                        .partitions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            json!({
+                                "partition": i,
+                                "log_start_offset": p.offsets.log_start,
+                                "high_watermark": p.offsets.high_watermark,
+                                "bytes": p.bytes,
+                                "segments": p.segments,
+                            })
+                        })
+                        .collect();
+                    json!({"name": s.name, "partitions": partitions})
+                })
+                .collect();
+            Response::json(json!({ "streams": streams }).to_string())
+        }
+        "/api/clients" => match node.mqtt.stats().await {
+            Some(s) => Response::json(json!({"connections": s.connections, "sessions": s.sessions, "subscriptions": s.subscriptions}).to_string()),
+            None => Response::status("503 Service Unavailable"),
+        },
+        "/api/edges" => match node.meta.edges() {
+            Ok(edges) => {
+                let edges: Vec<_> = edges.into_iter().map(|(id, seq)| json!({"edge": id, "committed_seq": seq})).collect();
+                Response::json(json!({ "edges": edges }).to_string())
+            }
+            Err(_) => Response::status("500 Internal Server Error"),
+        },
+        "/metrics" => {
+            let Some((stats, commits)) = node.mqtt.metrics().await else {
+                return Response::status("503 Service Unavailable");
+            };
+            let mut page = render(&stats, &commits);
+            page.push_str(&render_log(node));
+            Response::metrics(page)
+        }
+        _ => Response::status("404 Not Found"),
+    }
+}
+
+/// The log's part of `/metrics`.
+fn render_log(node: &Node) -> String {
+    let s = node.log.stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "ferry_log_commits_total",
+        "counter",
+        "Group commits of the log (one sync per partition file each).",
+        s.commits,
+    );
+    metric(
+        "ferry_log_records_total",
+        "counter",
+        "Records appended to the log.",
+        s.records,
+    );
+    metric(
+        "ferry_log_bytes_total",
+        "counter",
+        "Bytes of record batches appended to the log.",
+        s.bytes,
+    );
+    metric(
+        "ferry_log_sync_micros_total",
+        "counter",
+        "Microseconds spent syncing log files.",
+        s.sync_us_total,
+    );
+    metric(
+        "ferry_log_sync_max_micros",
+        "gauge",
+        "Longest sync of one commit, in microseconds.",
+        s.sync_us_max,
+    );
+    let _ = writeln!(out, "# HELP ferry_log_high_watermark The next offset of each partition.\n# TYPE ferry_log_high_watermark gauge");
+    let streams = node.log.streams();
+    for st in &streams {
+        for (i, p) in st.partitions.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ferry_log_high_watermark{{stream=\"{}\",partition=\"{i}\"}} {}",
+                st.name, p.offsets.high_watermark
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ferry_log_size_bytes Bytes kept per partition.\n# TYPE ferry_log_size_bytes gauge"
+    );
+    for st in &streams {
+        for (i, p) in st.partitions.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ferry_log_size_bytes{{stream=\"{}\",partition=\"{i}\"}} {}",
+                st.name, p.bytes
+            );
+        }
+    }
+    out
+}
