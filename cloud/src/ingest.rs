@@ -29,7 +29,7 @@ use ferry_protocol::topic::TopicName;
 
 use crate::log::{AppendData, LogError, NewRecord, Storage};
 use crate::meta::{Command, Meta, MetaError};
-use crate::routes::{to_record, MqttMessage, Routes};
+use crate::routes::{to_record, MqttMessage, RouteTable};
 
 /// Header carrying a record's per-edge sequence number (decimal).
 pub const SEQ_HEADER: &str = "ferry.seq";
@@ -72,7 +72,7 @@ pub enum IngestError {
 pub struct Ingest {
     log: Arc<dyn Storage>,
     meta: Arc<Meta>,
-    routes: Arc<Routes>,
+    routes: Arc<RouteTable>,
     state: Mutex<State>,
     /// One ingest at a time per edge: a resend racing the original is serialised.
     edge_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -101,7 +101,7 @@ impl Ingest {
     pub fn new(
         log: Arc<dyn Storage>,
         meta: Arc<Meta>,
-        routes: Arc<Routes>,
+        routes: Arc<RouteTable>,
     ) -> Result<Self, IngestError> {
         let mut state = State {
             committed: meta.edges()?.into_iter().collect(),
@@ -167,6 +167,7 @@ impl Ingest {
         let _serial = edge_lock.lock().await;
         let committed = self.committed(edge);
         let mut previous = committed;
+        let routes = self.routes.get();
         // Per destination, in order: (stream, partition) → records.
         let mut groups: Vec<(Destination, Vec<(u64, NewRecord)>)> = Vec::new();
         for r in batch.into_iter().filter(|r| r.seq > committed) {
@@ -193,7 +194,7 @@ impl Ingest {
                 edge: Some(edge),
                 timestamp_ms: r.timestamp_ms,
             };
-            let dest = self.routes.destination(&msg);
+            let dest = routes.destination(&msg);
             let key = (dest.stream.to_owned(), dest.partition);
             let mut record = to_record(&msg);
             let after_edge = record
@@ -287,7 +288,7 @@ fn edge_and_seq<'a>(headers: &[ferry_protocol::kafka::Header<'a>]) -> Option<(&'
 mod tests {
     use super::*;
     use crate::log::{SegmentLog, StreamConfig};
-    use crate::routes::{PartitionKey, RouteConfig};
+    use crate::routes::{PartitionKey, RouteConfig, Routes};
 
     fn rec(seq: u64, topic: &str) -> EdgeRecord {
         EdgeRecord {
@@ -357,7 +358,8 @@ mod tests {
                 .expect("stream");
             }
         }
-        let ingest = Ingest::new(log.clone(), meta, Arc::new(routes)).expect("ingest");
+        let ingest =
+            Ingest::new(log.clone(), meta, Arc::new(RouteTable::new(routes))).expect("ingest");
         Node { log, ingest }
     }
 

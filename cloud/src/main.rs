@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     config.edge().validate()?;
     let edge_config = config.edge();
     let admin_listen = config.admin.listen;
+    let args_config = args.config.clone();
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -76,12 +77,27 @@ async fn main() -> anyhow::Result<()> {
         admin_addrs = ?admin_addr.into_iter().collect::<Vec<_>>(),
         "ferry-cloud ready"
     );
-    let reloader = node.mqtt.clone();
+    let reloader = node.clone();
+    let config_path = args_config;
     tokio::spawn(async move {
+        let mut edge_config = edge_config;
         while hup.recv().await.is_some() {
+            // The file's routes and auth files are read again; listeners stay as they are.
+            if let Some(path) = &config_path {
+                match CloudConfig::load(path) {
+                    Ok(new) => {
+                        edge_config.auth = new.auth.clone();
+                        match reloader.reload_routes(&new.routes) {
+                            Ok(()) => info!(routes = new.routes.len(), "SIGHUP: routes reloaded"),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old routes"),
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: cannot read the configuration"),
+                }
+            }
             match edge_config.load_auth() {
                 Ok(auth) => {
-                    reloader.reload_auth(auth).await;
+                    reloader.mqtt.reload_auth(auth).await;
                     info!("SIGHUP: password and ACL files reloaded");
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old rules"),

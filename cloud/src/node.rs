@@ -31,7 +31,9 @@ use tracing::{error, info, warn};
 use crate::ingest::{Ingest, IngestError};
 use crate::log::{now_ms, AppendData, LogError, SegmentLog, Storage, StreamConfig};
 use crate::meta::{Command, Meta, MetaError};
-use crate::routes::{from_record, to_record, MqttMessage, RouteConfig, RouteError, Routes};
+use crate::routes::{
+    from_record, to_record, MqttMessage, RouteConfig, RouteError, RouteTable, Routes,
+};
 
 /// The consumer cursor under which the MQTT front's delivery position is kept.
 pub const MQTT_CURSOR: &str = "$mqtt";
@@ -155,6 +157,56 @@ pub struct Node {
     pub meta: Arc<Meta>,
     pub ingest: Arc<Ingest>,
     pub mqtt: Server,
+    routes: Arc<RouteTable>,
+    stream_defaults: StreamConfig,
+}
+
+/// The metadata commands that create the streams `routes` write to.
+fn create_commands(routes: &Routes, defaults: &StreamConfig) -> Vec<Command> {
+    routes
+        .streams()
+        .into_iter()
+        .map(|(name, partitions)| Command::CreateStream {
+            name: name.to_owned(),
+            config: StreamConfig {
+                partitions,
+                ..defaults.clone()
+            },
+        })
+        .collect()
+}
+
+/// Creates the streams of `routes` (metadata, then log), and gives each partition without a
+/// delivery cursor one at its end: MQTT subscribers get what is appended from now on; the
+/// history is for Kafka consumers.
+fn add_streams(
+    meta: &Meta,
+    log: &SegmentLog,
+    routes: &Routes,
+    defaults: &StreamConfig,
+) -> Result<(), NodeError> {
+    meta.apply(&create_commands(routes, defaults))?;
+    let configs: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
+    for (name, _) in routes.streams() {
+        if let Some(c) = configs.get(name) {
+            log.create_stream(name, c)?;
+        }
+    }
+    let mut start_cursors = Vec::new();
+    for stream in log.streams() {
+        for (p, info) in stream.partitions.iter().enumerate() {
+            if meta.cursor(MQTT_CURSOR, &stream.name, p as u32)?.is_none() {
+                start_cursors.push(Command::CommitCursor {
+                    group: MQTT_CURSOR.into(),
+                    stream: stream.name.clone(),
+                    partition: p as u32,
+                    offset: info.offsets.high_watermark,
+                });
+            }
+        }
+    }
+    meta.apply(&start_cursors)?;
+    Ok(())
 }
 
 impl Node {
@@ -167,19 +219,8 @@ impl Node {
         let data = config.server.data_dir.clone();
         std::fs::create_dir_all(&data)?;
         let meta = Arc::new(Meta::open(&data.join("meta.redb"))?);
-        let routes = Arc::new(Routes::new(&config.routes)?);
-        let create: Vec<Command> = routes
-            .streams()
-            .into_iter()
-            .map(|(name, partitions)| Command::CreateStream {
-                name: name.to_owned(),
-                config: StreamConfig {
-                    partitions,
-                    ..config.log.streams.clone()
-                },
-            })
-            .collect();
-        meta.apply(&create)?;
+        let routes = Routes::new(&config.routes)?;
+        meta.apply(&create_commands(&routes, &config.log.streams))?;
         let streams: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
         let log = SegmentLog::open_with(
             &data.join("log"),
@@ -193,23 +234,9 @@ impl Node {
         for (name, c) in &streams {
             log.create_stream(name, c)?;
         }
+        add_streams(&meta, &log, &routes, &config.log.streams)?;
+        let routes = Arc::new(RouteTable::new(routes));
         let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
-        // A partition without a delivery cursor (a new node, a new stream) is delivered to
-        // MQTT from its end as it is now: its history is for Kafka consumers.
-        let mut start_cursors = Vec::new();
-        for stream in log.streams() {
-            for (p, info) in stream.partitions.iter().enumerate() {
-                if meta.cursor(MQTT_CURSOR, &stream.name, p as u32)?.is_none() {
-                    start_cursors.push(Command::CommitCursor {
-                        group: MQTT_CURSOR.into(),
-                        stream: stream.name.clone(),
-                        partition: p as u32,
-                        offset: info.offsets.high_watermark,
-                    });
-                }
-            }
-        }
-        meta.apply(&start_cursors)?;
 
         let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
         let sent: Arc<Mutex<VecDeque<(String, u32, i64)>>> = Arc::default();
@@ -266,7 +293,18 @@ impl Node {
             meta,
             ingest,
             mqtt,
+            routes,
+            stream_defaults: config.log.streams,
         })
+    }
+
+    /// Puts new routes in force (SIGHUP), creating the streams they name. Invalid routes
+    /// are refused and the old ones stay.
+    pub fn reload_routes(&self, configs: &[RouteConfig]) -> Result<(), NodeError> {
+        let routes = Routes::new(configs)?;
+        add_streams(&self.meta, &self.log, &routes, &self.stream_defaults)?;
+        self.routes.set(routes);
+        Ok(())
     }
 
     /// The MQTT listeners' addresses.
@@ -277,7 +315,12 @@ impl Node {
 
 /// Appends what one broker batch accepted, each message to its route's partition, all
 /// partitions at once; done when all are durable.
-fn append(log: Arc<SegmentLog>, routes: Arc<Routes>, messages: Vec<Arc<Message>>) -> AppendFuture {
+fn append(
+    log: Arc<SegmentLog>,
+    routes: Arc<RouteTable>,
+    messages: Vec<Arc<Message>>,
+) -> AppendFuture {
+    let routes = routes.get();
     Box::pin(async move {
         let now = now_ms();
         let mut per_partition: Vec<((String, u32), Vec<crate::log::NewRecord>)> = Vec::new();

@@ -83,6 +83,34 @@ pub struct Routes {
     routes: Vec<Route>,
 }
 
+/// The routes in force, replaceable while the node runs (SIGHUP). Readers take the current
+/// set and keep it for one message or batch.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    current: std::sync::RwLock<std::sync::Arc<Routes>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Routes) -> Self {
+        Self {
+            current: std::sync::RwLock::new(std::sync::Arc::new(routes)),
+        }
+    }
+
+    /// The routes now.
+    pub fn get(&self) -> std::sync::Arc<Routes> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the routes; appends already routed keep their destination.
+    pub fn set(&self, routes: Routes) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(routes);
+    }
+}
+
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination<'a> {

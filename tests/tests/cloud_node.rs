@@ -225,3 +225,59 @@ async fn a_persistent_cloud_session_gets_what_was_acknowledged_before_a_kill_9()
     }
     assert_eq!(firsts, lines, "received {} messages", got.len());
 }
+
+#[test]
+fn sighup_puts_new_routes_in_force() {
+    let dir = temp_dir("cloud-reload");
+    let config = dir.join("ferry-cloud.toml");
+    std::fs::write(&config, "").expect("config");
+    let cloud = Edge::cloud_in(
+        &dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().expect("utf8"),
+        ],
+    );
+    let port = cloud.port().to_string();
+    assert!(mosquitto_at(
+        "mosquitto_pub",
+        &port,
+        &["-t", "a/x", "-m", "before", "-q", "1"]
+    )
+    .status
+    .success());
+    std::fs::write(&config, "[[route]]\nfilter = \"a/#\"\nstream = \"alpha\"\n").expect("config");
+    let pid = cloud.pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    loop {
+        let line = cloud
+            .log
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a log line about the reload");
+        if line.contains("SIGHUP: routes reloaded") {
+            break;
+        }
+    }
+    assert!(mosquitto_at(
+        "mosquitto_pub",
+        &port,
+        &["-t", "a/x", "-m", "after", "-q", "1"]
+    )
+    .status
+    .success());
+    assert!(cloud.terminate().success());
+    let values = |s: &str| {
+        stream(&dir, s, 0)
+            .into_iter()
+            .map(|r| r.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values("mqtt"), ["before"]);
+    assert_eq!(values("alpha"), ["after"]);
+}
