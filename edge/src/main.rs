@@ -36,7 +36,12 @@ struct Args {
     allow_anonymous: bool,
 }
 
-#[tokio::main]
+/// One thread for every socket, one for the broker (the router): a gateway's broker is
+/// bound by the router, not by socket I/O, and one I/O thread serves packets from different
+/// connections in the order they arrived. (A multi-threaded runtime runs the most recently
+/// woken task first, so a PUBLISH from one client could overtake a SUBSCRIBE another client
+/// sent just before it; Paho's interoperability tests publish right after subscribing.)
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -7,7 +7,8 @@
 //!                └──── pause / resume ────┘◀────────── Written (credit) ──────┘
 //! ```
 //!
-//! Every channel is bounded. The router never blocks on a connection: it emits at most the
+//! The binary runs the connections on one current-thread runtime (see `main.rs` for why);
+//! the router has a thread of its own. Every channel is bounded. The router never blocks on a connection: it emits at most the
 //! credit a writer has room for (see `broker` flow control), and a writer whose queue is full
 //! anyway (a client that sends but never reads) is closed.
 
