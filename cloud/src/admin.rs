@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
-//! | `GET /api/clients` | MQTT connections and sessions (counts) |
+//! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
 //! | `GET /api/edges` | every edge that sent data: its highest committed sequence |
 //! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets |
 
@@ -57,13 +57,31 @@ async fn answer(node: &Node, path: &str) -> Response {
                 .collect();
             Response::json(json!({ "streams": streams }).to_string())
         }
-        "/api/clients" => match node.mqtt.stats().await {
-            Some(s) => Response::json(json!({"connections": s.connections, "sessions": s.sessions, "subscriptions": s.subscriptions}).to_string()),
-            None => Response::status("503 Service Unavailable"),
+        "/api/clients" => match (node.mqtt.stats().await, node.mqtt.clients().await) {
+            (Some(s), Some(clients)) => {
+                let clients: Vec<_> = clients
+                    .into_iter()
+                    .map(|c| {
+                        json!({
+                            "client_id": c.client_id,
+                            "username": c.username,
+                            "protocol_level": c.protocol_level,
+                            "persistent": c.persistent,
+                            "queued_bytes": c.queued_bytes,
+                            "subscriptions": c.subscriptions,
+                        })
+                    })
+                    .collect();
+                Response::json(json!({"connections": s.connections, "sessions": s.sessions, "clients": clients}).to_string())
+            }
+            _ => Response::status("503 Service Unavailable"),
         },
         "/api/edges" => match node.meta.edges() {
             Ok(edges) => {
-                let edges: Vec<_> = edges.into_iter().map(|(id, seq)| json!({"edge": id, "committed_seq": seq})).collect();
+                let edges: Vec<_> = edges
+                    .into_iter()
+                    .map(|(id, seq)| json!({"edge": id, "committed_seq": seq}))
+                    .collect();
                 Response::json(json!({ "edges": edges }).to_string())
             }
             Err(_) => Response::status("500 Internal Server Error"),

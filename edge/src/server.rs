@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Action, Broker, ConnId, Input, Message, Stats};
+use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 
@@ -89,6 +89,7 @@ enum ToRouter {
     SetAuth(Arc<Auth>),
     Input(Input),
     Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
+    Clients(tokio::sync::oneshot::Sender<Vec<ClientInfo>>),
 }
 
 /// Storage commits made by the router: how many and how long they took.
@@ -346,6 +347,13 @@ impl Server {
     /// The broker's counters now.
     pub async fn stats(&self) -> Option<Stats> {
         self.metrics().await.map(|(stats, _)| stats)
+    }
+
+    /// The connected clients.
+    pub async fn clients(&self) -> Option<Vec<ClientInfo>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.to_router.send(ToRouter::Clients(tx)).await.ok()?;
+        rx.await.ok()
     }
 
     /// The broker's counters and the storage commit figures.
@@ -971,6 +979,9 @@ async fn route_loop(
                 }
                 ToRouter::Stats(reply) => {
                     let _ = reply.send((broker.stats(), commits));
+                }
+                ToRouter::Clients(reply) => {
+                    let _ = reply.send(broker.clients());
                 }
             }
             while let Ok((conn, packets)) = credit.try_recv() {

@@ -157,6 +157,8 @@ async fn cloud_publishes_reach_cloud_subscribers_and_the_routed_streams() {
     let metrics = http_get(admin, "/metrics");
     assert!(metrics.contains("ferry_log_records_total 101"), "{metrics}");
     assert!(http_get(admin, "/api/health").contains("{\"status\":\"ok\"}"));
+    let clients = http_get(admin, "/api/clients");
+    assert!(clients.contains("\"client_id\":\"cloud-sub\""), "{clients}");
     assert!(http_get(admin, "/nope").starts_with("HTTP/1.1 404"));
     assert!(cloud.terminate().success());
 
@@ -280,4 +282,70 @@ fn sighup_puts_new_routes_in_force() {
     };
     assert_eq!(values("mqtt"), ["before"]);
     assert_eq!(values("alpha"), ["after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_from_an_edge_reach_cloud_subscribers_once_through_the_same_path() {
+    use bytes::Bytes;
+    use ferry_cloud::ingest::EdgeRecord;
+    use ferry_cloud::node::{CloudConfig, Node};
+    use ferry_protocol::mqtt::{Properties, QoS as Q};
+    use ferry_protocol::topic::TopicName;
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+
+    let dir = temp_dir("cloud-ingest");
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = dir.clone();
+    let node = Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts");
+    let port = node.mqtt_addrs()[0].port();
+    let (sub, mut events) = AsyncClient::new(MqttOptions::new("cloud-app", "127.0.0.1", port), 100);
+    sub.subscribe("gw1/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Incoming::SubAck(_) = next_incoming(&mut events, "SUBACK").await {
+            break;
+        }
+    }
+    let record = |seq: u64| EdgeRecord {
+        seq,
+        topic: TopicName::new("sensors/t").expect("topic"),
+        payload: Bytes::from(format!("r{seq}")),
+        qos: Q::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+        timestamp_ms: 1_000,
+    };
+    let batch: Vec<_> = (1..=20).map(record).collect();
+    assert_eq!(
+        node.ingest
+            .ingest("gw1", batch.clone())
+            .await
+            .expect("ingest"),
+        20
+    );
+    // The edge did not hear the answer and sends it all again, then one more.
+    assert_eq!(node.ingest.ingest("gw1", batch).await.expect("resend"), 20);
+    assert_eq!(
+        node.ingest
+            .ingest("gw1", vec![record(21)])
+            .await
+            .expect("ingest"),
+        21
+    );
+    let mut got = Vec::new();
+    while got.len() < 21 {
+        if let Incoming::Publish(p) = next_incoming(&mut events, "records from the edge").await {
+            assert_eq!(p.topic, "gw1/sensors/t", "the cloud-side topic");
+            got.push(String::from_utf8(p.payload.to_vec()).expect("utf8"));
+        }
+    }
+    assert_eq!(
+        got,
+        (1..=21).map(|s| format!("r{s}")).collect::<Vec<_>>(),
+        "each once, in order"
+    );
 }

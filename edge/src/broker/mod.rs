@@ -169,6 +169,21 @@ pub enum Action {
     ResumeReads(ConnId),
 }
 
+/// A connected client, for an admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub username: Option<String>,
+    /// 4 for MQTT 3.1.1, 5 for MQTT 5.0.
+    pub protocol_level: u8,
+    /// Its session outlives the connection.
+    pub persistent: bool,
+    /// Bytes queued or in flight for it.
+    pub queued_bytes: usize,
+    /// Its subscriptions.
+    pub subscriptions: usize,
+}
+
 /// Counters for metrics and `$SYS`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -383,6 +398,28 @@ impl Broker {
             queued_bytes: self.queued_bytes,
             ..self.stats.clone()
         }
+    }
+
+    /// The connected clients, by client id.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let mut out: Vec<ClientInfo> = self
+            .conns
+            .values()
+            .filter(|c| !c.closing)
+            .filter_map(|c| {
+                let s = self.sessions.get(&c.client_id)?;
+                Some(ClientInfo {
+                    client_id: c.client_id.to_string(),
+                    username: s.username.as_deref().map(str::to_owned),
+                    protocol_level: c.version.level(),
+                    persistent: s.is_persistent(),
+                    queued_bytes: s.held_bytes(),
+                    subscriptions: s.subscriptions.len(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        out
     }
 
     /// The durable changes made since the last call, in order. The driver must make them
