@@ -33,23 +33,15 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ferry_edge::config::init_tracing();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => CloudConfig::load(path)?,
         None => CloudConfig::default(),
     };
-    if !args.listen.is_empty() {
-        config.server.listen = args.listen.clone();
-    }
-    if let Some(dir) = args.data_dir {
-        config.server.data_dir = dir;
-    }
-    config.server.allow_anonymous |= args.allow_anonymous;
+    config
+        .server
+        .apply_flags(&args.listen, args.data_dir.clone(), args.allow_anonymous);
     config.edge().validate()?;
     let edge_config = config.edge();
     let admin_listen = config.admin.listen;

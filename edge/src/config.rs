@@ -108,6 +108,34 @@ pub struct TlsConfig {
     pub use_identity_as_username: bool,
 }
 
+impl ServerConfig {
+    /// Applies the quick-start flags both binaries share over what the file says:
+    /// `--listen` (replaces the listeners when given), `--data-dir`, `--allow-anonymous`.
+    pub fn apply_flags(
+        &mut self,
+        listen: &[SocketAddr],
+        data_dir: Option<PathBuf>,
+        allow_anonymous: bool,
+    ) {
+        if !listen.is_empty() {
+            self.listen = listen.to_vec();
+        }
+        if let Some(dir) = data_dir {
+            self.data_dir = dir;
+        }
+        self.allow_anonymous |= allow_anonymous;
+    }
+}
+
+/// Logs to stderr at `info`, or as `RUST_LOG` says.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {

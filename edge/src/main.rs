@@ -43,23 +43,15 @@ struct Args {
 /// sent just before it; Paho's interoperability tests publish right after subscribing.)
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ferry_edge::config::init_tracing();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    if !args.listen.is_empty() {
-        config.server.listen = args.listen.clone();
-    }
-    if let Some(dir) = args.data_dir {
-        config.server.data_dir = dir;
-    }
-    config.server.allow_anonymous |= args.allow_anonymous;
+    config
+        .server
+        .apply_flags(&args.listen, args.data_dir.clone(), args.allow_anonymous);
     config.validate()?;
     let config_for_reload = config.clone();
 

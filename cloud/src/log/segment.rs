@@ -85,19 +85,13 @@ impl Segment {
             .truncate(false)
             .open(&path)
             .map_err(|e| LogError::io(&path, e))?;
-        Ok(Self {
+        Ok(Self::empty(
             base_offset,
             path,
-            file: Arc::new(file),
-            len: 0,
-            next_offset: base_offset,
-            max_timestamp: -1,
-            index: Vec::new(),
-            time_index: Vec::new(),
-            bytes_since_index: 0,
+            file,
             index_interval_bytes,
-            created_ms: now_ms,
-        })
+            now_ms,
+        ))
     }
 
     /// Opens a segment written before. `active`: it is the partition's last segment, whose
@@ -121,7 +115,24 @@ impl Segment {
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64);
-        let mut seg = Self {
+        let mut seg = Self::empty(base_offset, path, file, index_interval_bytes, created_ms);
+        let file_len = meta.len();
+        if !active && seg.load_indexes(file_len)? {
+            return Ok((seg, Vec::new()));
+        }
+        let damage = seg.scan(file_len, active)?;
+        Ok((seg, damage))
+    }
+
+    /// A segment with nothing known about its file yet.
+    fn empty(
+        base_offset: i64,
+        path: PathBuf,
+        file: File,
+        index_interval_bytes: u64,
+        created_ms: i64,
+    ) -> Self {
+        Self {
             base_offset,
             path,
             file: Arc::new(file),
@@ -133,13 +144,7 @@ impl Segment {
             bytes_since_index: 0,
             index_interval_bytes,
             created_ms,
-        };
-        let file_len = meta.len();
-        if !active && seg.load_indexes(file_len)? {
-            return Ok((seg, Vec::new()));
         }
-        let damage = seg.scan(file_len, active)?;
-        Ok((seg, damage))
     }
 
     /// Appends whole batches (already given their offsets) to the file, without waiting for
