@@ -1,3 +1,7 @@
-//! `ferry-bridge`: the QUIC link between edge and cloud.
+//! `ferry-bridge`: the link between edge and cloud.
 //!
-//! Step 4 of the plan fills this crate (quinn + rustls, certificates, resume, downlink).
+//! - [`pki`]: the link's CA, edge and node certificates (rcgen).
+//!
+//! Step 4 goes on with the QUIC link itself (quinn + rustls), resume, acks and the downlink.
+
+pub mod pki;

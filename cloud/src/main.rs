@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ferry_cloud::node::{CloudConfig, Node};
 use tracing::info;
 
@@ -29,12 +29,59 @@ struct Args {
     /// Allow MQTT clients without credentials on listeners reachable from the network.
     #[arg(long)]
     allow_anonymous: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Certificates for the link: a CA, edge certificates (the edge's identity), node
+    /// certificates. Keys are written with mode 0600; nothing is overwritten.
+    Pki {
+        #[command(subcommand)]
+        action: Pki,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Pki {
+    /// Makes a new CA: DIR/ca.crt and DIR/ca.key.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Issues an edge's certificate, its id as common name: DIR/edges/EDGE_ID.crt and .key.
+    IssueEdge {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        edge_id: String,
+    },
+    /// Issues a cloud node's server certificate: DIR/nodes/DNS_NAME.crt and .key.
+    IssueNode {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        dns_name: String,
+    },
+}
+
+fn pki(action: Pki) -> anyhow::Result<()> {
+    use ferry_bridge::pki;
+    let issued = match action {
+        Pki::Init { dir } => pki::init(&dir)?,
+        Pki::IssueEdge { dir, edge_id } => pki::issue_edge(&dir, &edge_id)?,
+        Pki::IssueNode { dir, dns_name } => pki::issue_node(&dir, &dns_name)?,
+    };
+    println!("{}\n{}", issued.cert.display(), issued.key.display());
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    ferry_edge::config::init_tracing();
     let args = Args::parse();
+    if let Some(Command::Pki { action }) = args.command {
+        return pki(action);
+    }
+    ferry_edge::config::init_tracing();
     let mut config = match &args.config {
         Some(path) => CloudConfig::load(path)?,
         None => CloudConfig::default(),

@@ -349,3 +349,48 @@ async fn records_from_an_edge_reach_cloud_subscribers_once_through_the_same_path
         "each once, in order"
     );
 }
+
+#[test]
+fn ferry_cloud_pki_makes_a_ca_and_certificates_that_openssl_verifies() {
+    let dir = temp_dir("pki");
+    let bin = ferry_tests::process::binary("ferry-cloud", "ferry-cloud");
+    let run = |args: &[&str]| {
+        Command::new(&bin)
+            .args(["pki"])
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .expect("ferry-cloud runs")
+    };
+    assert!(run(&["init"]).status.success());
+    let out = run(&["issue-edge", "gw-7"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("edges/gw-7.key"));
+    assert!(run(&["issue-node", "cloud.example"]).status.success());
+    assert!(
+        !run(&["init"]).status.success(),
+        "an existing CA is never replaced"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("edges/gw-7.key"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // OpenSSL, when present, agrees that the chain holds.
+    if let Ok(out) = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.join("ca.crt"))
+        .arg(dir.join("edges/gw-7.crt"))
+        .arg(dir.join("nodes/cloud.example.crt"))
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
