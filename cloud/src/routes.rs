@@ -19,6 +19,8 @@ use ferry_protocol::mqtt::{Properties, QoS};
 use ferry_protocol::topic::{TopicFilter, TopicName};
 use serde::Deserialize;
 
+use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
+
 use crate::log::NewRecord;
 
 /// The stream of messages that no route matches.
@@ -218,49 +220,16 @@ impl Routes {
 /// headers = the MQTT metadata (see `docs/routes.md`), then the MQTT 5 user properties
 /// under their own names, in order.
 pub fn to_record(msg: &MqttMessage<'_>) -> NewRecord {
-    let mut headers = vec![(
-        "mqtt.qos".to_owned(),
-        Some(Bytes::from(vec![b'0' + msg.qos as u8])),
-    )];
-    if msg.retain {
-        headers.push(("mqtt.retain".into(), Some(Bytes::from_static(b"1"))));
-    }
+    let mut headers = message_headers(msg.qos, msg.retain, msg.properties);
     if let Some(edge) = msg.edge {
-        headers.push((
-            "ferry.edge".into(),
-            Some(Bytes::copy_from_slice(edge.as_bytes())),
-        ));
-    }
-    let p = &msg.properties;
-    if let Some(utf8) = p.payload_format_utf8 {
-        headers.push((
-            "mqtt.payload_format".into(),
-            Some(Bytes::from_static(if utf8 { b"1" } else { b"0" })),
-        ));
-    }
-    if let Some(secs) = p.message_expiry_interval_secs {
-        headers.push((
-            "mqtt.message_expiry".into(),
-            Some(Bytes::from(secs.to_string())),
-        ));
-    }
-    if let Some(ct) = &p.content_type {
-        headers.push((
-            "mqtt.content_type".into(),
-            Some(Bytes::copy_from_slice(ct.as_bytes())),
-        ));
-    }
-    if let Some(rt) = &p.response_topic {
-        headers.push((
-            "mqtt.response_topic".into(),
-            Some(Bytes::copy_from_slice(rt.as_str().as_bytes())),
-        ));
-    }
-    if let Some(cd) = &p.correlation_data {
-        headers.push(("mqtt.correlation_data".into(), Some(cd.clone())));
-    }
-    for (name, value) in &p.user_properties {
-        headers.push((name.clone(), Some(Bytes::copy_from_slice(value.as_bytes()))));
+        let after_retain = 1 + usize::from(msg.retain);
+        headers.insert(
+            after_retain,
+            (
+                "ferry.edge".into(),
+                Some(Bytes::copy_from_slice(edge.as_bytes())),
+            ),
+        );
     }
     NewRecord {
         timestamp: msg.timestamp_ms,
@@ -291,48 +260,26 @@ pub struct MqttView {
 pub fn from_record(rec: &ferry_protocol::kafka::RecordRef<'_>, now_ms: i64) -> Option<MqttView> {
     let topic = std::str::from_utf8(rec.key?).ok()?;
     let topic = TopicName::new(topic.to_owned()).ok()?;
-    let mut view = MqttView {
+    let mut meta = read_headers(&rec.headers)?;
+    let mut expiry_left_secs = None;
+    if let Some(secs) = meta.properties.message_expiry_interval_secs {
+        let left_ms = i64::from(secs) * 1000 - (now_ms - rec.timestamp);
+        if left_ms <= 0 {
+            return None;
+        }
+        let left = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
+        expiry_left_secs = Some(left);
+        meta.properties.message_expiry_interval_secs = Some(left);
+    }
+    Some(MqttView {
         topic,
         payload: Bytes::copy_from_slice(rec.value.unwrap_or_default()),
-        qos: QoS::AtLeastOnce,
-        retain: false,
-        properties: Properties::default(),
-        client: None,
-        expiry_left_secs: None,
-    };
-    for h in &rec.headers {
-        let value = h.value.unwrap_or_default();
-        let text = || std::str::from_utf8(value).ok().map(str::to_owned);
-        match h.key {
-            "mqtt.qos" => view.qos = QoS::from_u8(value.first()?.wrapping_sub(b'0')).ok()?,
-            "mqtt.retain" => view.retain = value == b"1",
-            "mqtt.payload_format" => view.properties.payload_format_utf8 = Some(value == b"1"),
-            "mqtt.message_expiry" => {
-                let secs: i64 = text()?.parse().ok()?;
-                let left_ms = secs * 1000 - (now_ms - rec.timestamp);
-                if left_ms <= 0 {
-                    return None;
-                }
-                let left = u32::try_from((left_ms + 999) / 1000).unwrap_or(u32::MAX);
-                view.expiry_left_secs = Some(left);
-                view.properties.message_expiry_interval_secs = Some(left);
-            }
-            "mqtt.content_type" => view.properties.content_type = text(),
-            "mqtt.response_topic" => {
-                view.properties.response_topic = text().and_then(|t| TopicName::new(t).ok())
-            }
-            "mqtt.correlation_data" => {
-                view.properties.correlation_data = Some(Bytes::copy_from_slice(value))
-            }
-            "ferry.client" => view.client = text(),
-            k if k.starts_with("ferry.") => {}
-            k => view
-                .properties
-                .user_properties
-                .push((k.to_owned(), text()?)),
-        }
-    }
-    Some(view)
+        qos: meta.qos,
+        retain: meta.retain,
+        properties: meta.properties,
+        client: meta.client,
+        expiry_left_secs,
+    })
 }
 
 /// The partition Kafka's default partitioner picks for `key`:
