@@ -23,7 +23,7 @@ use anyhow::Context;
 use ferry_edge::broker::{BrokerConfig, Message};
 use ferry_edge::config::{AuthConfig, Config as EdgeConfig, ServerConfig, StorageConfig};
 use ferry_edge::server::{AppendFuture, LogHooks, Server, StartError};
-use ferry_protocol::kafka::batch::{records, BatchHeader};
+use ferry_protocol::kafka::batch::{records, uncompressed, BatchHeader};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -39,6 +39,8 @@ use crate::routes::{
 pub const MQTT_CURSOR: &str = "$mqtt";
 /// Messages read from the log and not yet taken by the broker; bounds the tailer's lead.
 const DELIVERY_QUEUE: usize = 4096;
+/// The most a compressed batch may take once uncompressed to be delivered to MQTT.
+const MAX_UNCOMPRESSED_BYTES: usize = 64 * 1024 * 1024;
 /// How often the tailer makes its cursor durable (when it moved).
 const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -496,7 +498,10 @@ impl Tailer {
         while at < r.batches.len() {
             let h = BatchHeader::parse(&r.batches[at..])
                 .map_err(|e| Some(LogError::BadBatch(e.to_string())))?;
-            if let Ok(recs) = records(&r.batches[at..]) {
+            // A Kafka producer's batch may be compressed; more than this uncompressed is not
+            // delivered to MQTT (it stays in the log for Kafka consumers).
+            let open = uncompressed(&r.batches[at..], MAX_UNCOMPRESSED_BYTES);
+            if let Some(recs) = open.as_deref().ok().and_then(|b| records(b).ok()) {
                 for rec in recs.flatten().filter(|rec| rec.offset >= offset) {
                     let Some(view) = from_record(&rec, now) else {
                         // Not an MQTT message (no topic key, or expired): nothing to deliver,
@@ -520,7 +525,6 @@ impl Tailer {
                     self.tx_message(Some(msg))?;
                 }
             }
-            // A compressed batch (a Kafka producer's) is not yet decompressed for MQTT.
             next = h.last_offset() + 1;
             at += h.total_len();
         }

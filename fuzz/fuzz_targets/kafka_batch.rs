@@ -1,12 +1,18 @@
 #![no_main]
-//! Kafka record batch reader: never panics on any bytes; a batch whose CRC checks and whose
+//! Kafka record batch reader and decompressors: never panic on any bytes; a batch whose CRC checks and whose
 //! records read rebuilds, record by record, into the same bytes (for batches Ferry's builder
 //! could have written: no producer epoch games, leader epoch -1, attributes 0).
 
-use ferry_protocol::kafka::{records, verify_crc, BatchBuilder};
+use ferry_protocol::kafka::{records, uncompressed, verify_crc, BatchBuilder};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // The decompressors take any bytes without panicking, and never give more than asked.
+    if let Ok(open) = uncompressed(data, 1 << 16) {
+        if let Ok(recs) = records(&open) {
+            recs.for_each(drop);
+        }
+    }
     let Ok(h) = verify_crc(data) else { return };
     let Ok(recs) = records(data) else { return };
     let Ok(recs) = recs.collect::<Result<Vec<_>, _>>() else { return };

@@ -394,3 +394,66 @@ fn ferry_cloud_pki_makes_a_ca_and_certificates_that_openssl_verifies() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_producer_batch_in_the_log_reaches_mqtt_subscribers() {
+    use ferry_cloud::log::AppendData;
+    use ferry_cloud::node::{CloudConfig, Node};
+    use ferry_protocol::kafka::{BatchBuilder, Compression, Header};
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+
+    let dir = temp_dir("cloud-compressed");
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = dir.clone();
+    let node = Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts");
+    let port = node.mqtt_addrs()[0].port();
+    let (sub, mut events) =
+        AsyncClient::new(MqttOptions::new("kafka-reader", "127.0.0.1", port), 100);
+    sub.subscribe("plant/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Incoming::SubAck(_) = next_incoming(&mut events, "SUBACK").await {
+            break;
+        }
+    }
+    for compression in [Compression::Lz4, Compression::Zstd] {
+        // What a Kafka producer would send: key = topic, compressed.
+        let mut b = BatchBuilder::new(1_000);
+        for i in 0..10 {
+            let qos = [Header {
+                key: "mqtt.qos",
+                value: Some(b"1"),
+            }];
+            b.push(
+                1_000,
+                Some(b"plant/line-1"),
+                Some(format!("{compression:?} {i}").as_bytes()),
+                &qos,
+            );
+        }
+        let batch = b.finish_with(0, compression);
+        node.log
+            .append(
+                "mqtt",
+                0,
+                AppendData::Batches(bytes::BytesMut::from(&batch[..])),
+            )
+            .await
+            .expect("append");
+        for i in 0..10 {
+            loop {
+                if let Incoming::Publish(p) =
+                    next_incoming(&mut events, "a record of the batch").await
+                {
+                    assert_eq!(p.topic, "plant/line-1");
+                    assert_eq!(p.payload, format!("{compression:?} {i}"));
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -49,6 +49,93 @@ pub enum BatchError {
     Compressed(u8),
     #[error("malformed record {index}: {what}")]
     BadRecord { index: i32, what: &'static str },
+    #[error("compression codec {0} is not supported (none, lz4 and zstd are)")]
+    UnsupportedCompression(u8),
+    #[error("cannot decompress a codec {codec} batch: {what}")]
+    Decompress { codec: u8, what: String },
+    #[error("batch decompresses to more than {max} bytes")]
+    DecompressedTooLarge { max: usize },
+}
+
+/// How a batch's records are compressed (the low bits of its attributes), as Kafka does it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Compression {
+    #[default]
+    None,
+    /// LZ4 frame format.
+    Lz4,
+    /// Zstandard frame format (written at zstd's fastest level).
+    Zstd,
+}
+
+impl Compression {
+    /// The codec number in the attributes.
+    pub fn codec(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => 3,
+            Compression::Zstd => 4,
+        }
+    }
+}
+
+/// The batch at the start of `batch` with its records uncompressed: borrowed as it is when
+/// it is not compressed; otherwise a new batch (codec bits cleared, CRC recomputed) whose
+/// records take at most `max_bytes`. Gzip and snappy batches are refused.
+pub fn uncompressed(
+    batch: &[u8],
+    max_bytes: usize,
+) -> Result<std::borrow::Cow<'_, [u8]>, BatchError> {
+    use std::io::Read;
+    let h = BatchHeader::parse(batch)?;
+    let end = h.total_len();
+    if batch.len() < end {
+        return Err(BatchError::Truncated {
+            need: end,
+            have: batch.len(),
+        });
+    }
+    let codec = h.compression();
+    let body = &batch[HEADER_LEN..end];
+    let fail = |what: String| BatchError::Decompress { codec, what };
+    let mut records = Vec::new();
+    let limit = max_bytes as u64 + 1;
+    match codec {
+        0 => return Ok(std::borrow::Cow::Borrowed(&batch[..end])),
+        3 => {
+            lz4_flex::frame::FrameDecoder::new(body)
+                .take(limit)
+                .read_to_end(&mut records)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        4 => {
+            let decoder =
+                ruzstd::decoding::StreamingDecoder::new(body).map_err(|e| fail(e.to_string()))?;
+            decoder
+                .take(limit)
+                .read_to_end(&mut records)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        other => return Err(BatchError::UnsupportedCompression(other)),
+    }
+    if records.len() > max_bytes {
+        return Err(BatchError::DecompressedTooLarge { max: max_bytes });
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + records.len());
+    out.extend_from_slice(&batch[..HEADER_LEN]);
+    out.extend_from_slice(&records);
+    let attributes = h.attributes & !0x07;
+    out[21..23].copy_from_slice(&attributes.to_be_bytes());
+    seal(&mut out);
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Sets the batch length and the CRC of a batch whose other fields are final.
+fn seal(batch: &mut [u8]) {
+    let batch_length = (batch.len() - LOG_OVERHEAD) as i32;
+    batch[8..12].copy_from_slice(&batch_length.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[CRC_START..]);
+    batch[17..21].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// The fixed part of a batch, parsed.
@@ -261,6 +348,33 @@ impl BatchBuilder {
         self.max_timestamp = self.max_timestamp.max(timestamp);
     }
 
+    /// Fills in the header and the CRC, compressing the records with `compression`.
+    pub fn finish_with(self, base_offset: i64, compression: Compression) -> Bytes {
+        if compression == Compression::None {
+            return self.finish(base_offset);
+        }
+        let plain = self.finish(base_offset);
+        let records = &plain[HEADER_LEN..];
+        let packed = match compression {
+            Compression::Lz4 => {
+                let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                std::io::Write::write_all(&mut enc, records).expect("writing to memory");
+                enc.finish().expect("writing to memory")
+            }
+            _ => ruzstd::encoding::compress_to_vec(
+                records,
+                ruzstd::encoding::CompressionLevel::Fastest,
+            ),
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
+        out.extend_from_slice(&plain[..HEADER_LEN]);
+        out.extend_from_slice(&packed);
+        let attributes = i16::from(compression.codec());
+        out[21..23].copy_from_slice(&attributes.to_be_bytes());
+        seal(&mut out);
+        Bytes::from(out)
+    }
+
     /// Fills in the header and the CRC. A batch of no records is valid but Kafka clients
     /// do not expect one; callers push at least one.
     pub fn finish(mut self, base_offset: i64) -> Bytes {
@@ -304,7 +418,7 @@ pub struct Records<'a> {
 }
 
 /// Reads the records of the (CRC-checked) batch at the start of `batch`. Compressed batches
-/// are refused with [`BatchError::Compressed`].
+/// are refused with [`BatchError::Compressed`]: pass them through [`uncompressed`] first.
 pub fn records(batch: &[u8]) -> Result<Records<'_>, BatchError> {
     let header = BatchHeader::parse(batch)?;
     if header.compression() != 0 {
@@ -541,6 +655,66 @@ mod tests {
                 "flip at {i} went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn compressed_batches_round_trip_and_bombs_are_stopped() {
+        for compression in [Compression::Lz4, Compression::Zstd] {
+            let mut b = BatchBuilder::new(1_000).producer(3, 0, 1);
+            for i in 0..100 {
+                b.push(
+                    1_000 + i,
+                    Some(b"sensors/t1"),
+                    Some(b"21.5 degrees, steady, steady, steady"),
+                    &[],
+                );
+            }
+            let plain = {
+                let mut p = BatchBuilder::new(1_000).producer(3, 0, 1);
+                for i in 0..100 {
+                    p.push(
+                        1_000 + i,
+                        Some(b"sensors/t1"),
+                        Some(b"21.5 degrees, steady, steady, steady"),
+                        &[],
+                    );
+                }
+                p.finish(7)
+            };
+            let packed = b.finish_with(7, compression);
+            let h = verify_crc(&packed).expect("valid CRC");
+            assert_eq!(
+                (h.compression(), h.records_count, h.last_offset()),
+                (compression.codec(), 100, 106)
+            );
+            assert!(
+                packed.len() < plain.len() / 3,
+                "{compression:?}: {} of {}",
+                packed.len(),
+                plain.len()
+            );
+            assert!(matches!(records(&packed), Err(BatchError::Compressed(_))));
+            let open = uncompressed(&packed, 1 << 20).expect("decompresses");
+            assert_eq!(
+                &open[..],
+                &plain[..],
+                "{compression:?}: the same batch as never compressed"
+            );
+            assert_eq!(
+                uncompressed(&packed, 100),
+                Err(BatchError::DecompressedTooLarge { max: 100 }),
+                "{compression:?}"
+            );
+        }
+        let mut b = BatchBuilder::new(0);
+        b.push(0, None, Some(b"x"), &[]);
+        let mut gzip = b.finish(0).to_vec();
+        gzip[22] = 1;
+        seal(&mut gzip);
+        assert_eq!(
+            uncompressed(&gzip, 1 << 20),
+            Err(BatchError::UnsupportedCompression(1))
+        );
     }
 
     #[test]

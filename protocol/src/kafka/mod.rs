@@ -7,6 +7,6 @@ pub mod batch;
 pub mod mqtt;
 
 pub use batch::{
-    records, set_base_offset, verify_crc, BatchBuilder, BatchError, BatchHeader, Header, RecordRef,
-    Records,
+    records, set_base_offset, uncompressed, verify_crc, BatchBuilder, BatchError, BatchHeader,
+    Compression, Header, RecordRef, Records,
 };
