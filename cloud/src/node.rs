@@ -263,7 +263,7 @@ impl Node {
                 }
             }),
         };
-        let mqtt = Server::start_with_log(config.edge(), Some(hooks), shutdown).await?;
+        let mqtt = start_mqtt(config.edge(), hooks, shutdown).await?;
 
         let tail = Tailer {
             log: log.clone(),
@@ -315,6 +315,42 @@ impl Node {
     }
 }
 
+/// Starts the MQTT front on a thread of its own with a current-thread runtime, as
+/// `ferry-edge` runs: one I/O thread serves packets from different connections in the order
+/// they arrived, so a PUBLISH cannot overtake another client's SUBSCRIBE sent before it.
+async fn start_mqtt(
+    config: EdgeConfig,
+    hooks: LogHooks,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Server, NodeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ferry-mqtt".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(NodeError::Io(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let started = Server::start_with_log(config, Some(hooks), shutdown).await;
+                let ok = started.is_ok();
+                let _ = tx.send(started.map_err(NodeError::from));
+                if ok {
+                    // The connections' tasks live on this runtime for the life of the process.
+                    std::future::pending::<()>().await;
+                }
+            });
+        })?;
+    rx.await
+        .map_err(|_| NodeError::Io(std::io::Error::other("the MQTT thread ended")))?
+}
+
 /// Appends what one broker batch accepted, each message to its route's partition, all
 /// partitions at once; done when all are durable.
 fn append(
@@ -326,13 +362,28 @@ fn append(
     Box::pin(async move {
         let now = now_ms();
         let mut per_partition: Vec<((String, u32), Vec<crate::log::NewRecord>)> = Vec::new();
+        let instant = Instant::now();
         for m in &messages {
+            // The broker keeps a message's expiry as a deadline; the record carries what is
+            // left of it, from the record's timestamp.
+            let with_expiry;
+            let properties = match m.expires_at {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(instant);
+                    let mut p = m.properties.clone();
+                    p.message_expiry_interval_secs =
+                        Some(u32::try_from(left.as_millis().div_ceil(1000)).unwrap_or(u32::MAX));
+                    with_expiry = p;
+                    &with_expiry
+                }
+                None => &m.properties,
+            };
             let msg = MqttMessage {
                 topic: &m.topic,
                 payload: &m.payload,
                 qos: m.qos,
                 retain: m.retain,
-                properties: &m.properties,
+                properties,
                 edge: None,
                 timestamp_ms: now,
             };

@@ -457,3 +457,59 @@ async fn a_compressed_producer_batch_in_the_log_reaches_mqtt_subscribers() {
         }
     }
 }
+
+#[test]
+fn message_expiry_survives_the_trip_through_the_log() {
+    let dir = temp_dir("cloud-expiry");
+    let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
+    let port = cloud.port().to_string();
+    let v5 = ["-V", "mqttv5"];
+    // A persistent MQTT 5 session subscribes and goes away.
+    let session = [
+        "-x",
+        "600",
+        "-i",
+        "expiry-sub",
+        "-c",
+        "-q",
+        "1",
+        "-t",
+        "exp/#",
+    ];
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &[&v5[..], &session[..], &["-W", "1"]].concat(),
+    );
+    assert!(out.stdout.is_empty());
+    for (topic, secs) in [("exp/short", "1"), ("exp/long", "60")] {
+        let args = [
+            "-t",
+            topic,
+            "-m",
+            secs,
+            "-q",
+            "1",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            secs,
+        ];
+        assert!(
+            mosquitto_at("mosquitto_pub", &port, &[&v5[..], &args[..]].concat())
+                .status
+                .success()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &[&v5[..], &session[..], &["-W", "3", "-v"]].concat(),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "exp/long 60",
+        "the 1 s message expired"
+    );
+}
