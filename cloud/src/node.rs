@@ -104,6 +104,8 @@ impl CloudConfig {
             mqtt: self.mqtt.clone(),
             storage: self.storage.clone(),
             auth: self.auth.clone(),
+            // The cloud sends nothing further up.
+            uplink: Default::default(),
         }
     }
 }

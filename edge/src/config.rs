@@ -18,6 +18,8 @@ pub struct Config {
     pub mqtt: BrokerConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
+    /// What goes up to the cloud (`[uplink]`, see [`crate::uplink`]).
+    pub uplink: crate::uplink::UplinkConfig,
 }
 
 /// Mosquitto's password and ACL files, read as they are (see [`crate::auth`]). Both are
@@ -286,6 +288,9 @@ mod tests {
             config.mqtt.max_queued_bytes_total,
             defaults.mqtt.max_queued_bytes_total
         );
+        assert_eq!(config.mqtt.refused_filters, defaults.mqtt.refused_filters);
+        assert_eq!(config.storage.cache_bytes, defaults.storage.cache_bytes);
+        assert_eq!(config.uplink, defaults.uplink);
     }
 
     #[test]

@@ -14,5 +14,6 @@ pub mod config;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod uplink;
 
 pub use ferry_protocol::mqtt;

@@ -225,6 +225,24 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
         &[("", s.publishers_paused)],
     );
     metric(
+        "outbox_records",
+        "gauge",
+        "Messages in the outbox, waiting for the cloud.",
+        &[("", s.outbox_records)],
+    );
+    metric(
+        "outbox_bytes",
+        "gauge",
+        "Bytes in the outbox (topic, payload and bookkeeping), against max_outbox_bytes.",
+        &[("", s.outbox_bytes)],
+    );
+    metric(
+        "outbox_rejected_total",
+        "counter",
+        "Messages for the cloud refused because the outbox was full (reject_new).",
+        &[("", s.outbox_rejected)],
+    );
+    metric(
         "store_commits_total",
         "counter",
         "Storage commits (each one fsync when fsync is on).",

@@ -220,6 +220,7 @@ impl Server {
             broker.use_log();
         }
         broker.set_auth(Arc::new(config.load_auth()?));
+        broker.set_uplink(crate::uplink::UplinkRules::new(&config.uplink)?);
         broker.restore(store.load()?, Instant::now());
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
@@ -375,6 +376,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Uplink(#[from] crate::uplink::UplinkError),
 }
 
 mod websocket {

@@ -29,6 +29,9 @@ const QUEUE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("que
 const QOS2: TableDefinition<'_, (&str, u16), ()> = TableDefinition::new("qos2_in");
 /// topic → message record.
 const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
+/// (priority, seq) → message for the cloud (as in `retained`), in sending order within a
+/// priority class.
+const OUTBOX: TableDefinition<'_, (u8, u64), &[u8]> = TableDefinition::new("outbox");
 
 /// The first byte of every record, so that a later format can be told apart.
 const FORMAT: u8 = 1;
@@ -86,6 +89,7 @@ impl Store {
         txn.open_table(QUEUE).map_err(dberr)?;
         txn.open_table(QOS2).map_err(dberr)?;
         txn.open_table(RETAINED).map_err(dberr)?;
+        txn.open_table(OUTBOX).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
         Ok(Self {
             db: database,
@@ -102,6 +106,17 @@ impl Store {
         let qos2 = txn.open_table(QOS2).map_err(dberr)?;
         let retained = txn.open_table(RETAINED).map_err(dberr)?;
         let mut snapshot = Snapshot::default();
+        // The outbox is counted, not loaded: it stays on disk until the link sends it.
+        let outbox = txn.open_table(OUTBOX).map_err(dberr)?;
+        for row in outbox.iter().map_err(dberr)? {
+            let (key, value) = row.map_err(dberr)?;
+            let (_, seq) = key.value();
+            let mut bytes = Bytes::copy_from_slice(value.value());
+            let msg = read_message(&mut bytes, &clock, "outbox")?;
+            snapshot.outbox.records += 1;
+            snapshot.outbox.bytes += crate::broker::outbox_cost(&msg);
+            snapshot.outbox.last_seq = snapshot.outbox.last_seq.max(seq);
+        }
         for row in sessions.iter().map_err(dberr)? {
             let (key, value) = row.map_err(dberr)?;
             let client_id: Arc<str> = key.value().into();
@@ -164,6 +179,7 @@ impl Store {
             let mut queue = txn.open_table(QUEUE).map_err(dberr)?;
             let mut qos2 = txn.open_table(QOS2).map_err(dberr)?;
             let mut retained = txn.open_table(RETAINED).map_err(dberr)?;
+            let mut outbox = txn.open_table(OUTBOX).map_err(dberr)?;
             let mut buf = BytesMut::new();
             for op in ops {
                 buf.clear();
@@ -221,6 +237,10 @@ impl Store {
                     } => {
                         qos2.remove((&**client_id, packet_id.get()))
                             .map_err(dberr)?;
+                    }
+                    StoreOp::OutboxPut { priority, seq, msg } => {
+                        write_message(&mut buf, msg, &clock);
+                        outbox.insert((*priority, *seq), &buf[..]).map_err(dberr)?;
                     }
                 }
             }
@@ -620,5 +640,45 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir
+    }
+
+    #[test]
+    fn the_outbox_is_counted_again_at_start_up() {
+        let dir = std::env::temp_dir().join(format!("ferry-store-outbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let msg = |payload: &'static [u8]| {
+            Arc::new(Message {
+                topic: TopicName::new("up/t").expect("topic"),
+                payload: Bytes::from_static(payload),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: ferry_protocol::mqtt::Properties::default(),
+                expires_at: None,
+                publisher: None,
+            })
+        };
+        {
+            let store = Store::open(&dir, &StorageConfig::default()).expect("open");
+            store
+                .apply(&[
+                    StoreOp::OutboxPut {
+                        priority: 0,
+                        seq: 1,
+                        msg: msg(b"a"),
+                    },
+                    StoreOp::OutboxPut {
+                        priority: 5,
+                        seq: 2,
+                        msg: msg(b"bb"),
+                    },
+                ])
+                .expect("apply");
+        }
+        let store = Store::open(&dir, &StorageConfig::default()).expect("reopen");
+        let totals = store.load().expect("load").outbox;
+        assert_eq!(
+            (totals.records, totals.bytes, totals.last_seq),
+            (2, (4 + 1 + 40) + (4 + 2 + 40), 2)
+        );
     }
 }

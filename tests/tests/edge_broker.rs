@@ -787,3 +787,98 @@ fn client_certificate_cn_is_the_username() {
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The outbox: QoS 1 messages for the cloud that the edge acknowledged are on disk when it is
+/// killed with SIGKILL, and counted again after the restart; an MQTT 5 publisher over the
+/// budget is refused with 0x97.
+#[test]
+fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
+    let dir = ferry_tests::process::temp_dir("outbox");
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [uplink]\nmax_outbox_bytes = 60000\n[[uplink.route]]\nfilter = \"up/#\"\n",
+    )
+    .expect("write config");
+    let data = dir.join("data");
+    let args = ["--config", config.to_str().expect("utf8")];
+    let metric = |edge: &Edge, name: &str| -> u64 {
+        let mut stream =
+            TcpStream::connect(edge.metrics_addr().expect("metrics listener")).expect("connect");
+        write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut page = String::new();
+        stream.read_to_string(&mut page).expect("read");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {page}"))
+            .parse()
+            .expect("a number")
+    };
+    let edge = Edge::start_in(&data, &args);
+    let port = edge.port().to_string();
+    // 500 acknowledged QoS 1 messages for the cloud (mosquitto_pub waits for each PUBACK),
+    // and some that stay local.
+    let lines: String = (0..500).map(|i| format!("reading {i:03}\n")).collect();
+    for topic in ["up/t", "local/t"] {
+        let mut child = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-t", topic, "-q", "1", "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_pub");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(lines.as_bytes())
+            .expect("write");
+        assert!(child.wait().expect("wait").success());
+    }
+    assert_eq!(metric(&edge, "ferry_edge_outbox_records"), 500);
+    edge.kill();
+
+    let edge = Edge::start_in(&data, &args);
+    assert_eq!(
+        metric(&edge, "ferry_edge_outbox_records"),
+        500,
+        "all of them, after kill -9"
+    );
+    let bytes = metric(&edge, "ferry_edge_outbox_bytes");
+    assert_eq!(bytes, 500 * (4 + 11 + 40));
+    // Over the budget (60,000 bytes; 27,500 used, 55 a message): an MQTT 5 publisher is
+    // refused, which mosquitto_pub reports as a failure.
+    let port = edge.port().to_string();
+    let big: String = (0..700).map(|i| format!("reading {i:03}\n")).collect();
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "up/t",
+            "-q",
+            "1",
+            "-l",
+            "-V",
+            "mqttv5",
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(big.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        metric(&edge, "ferry_edge_outbox_rejected_total") >= 1,
+        "{out:?}"
+    );
+    assert!(metric(&edge, "ferry_edge_outbox_bytes") <= 60_000);
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}

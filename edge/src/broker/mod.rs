@@ -37,6 +37,7 @@ use ferry_protocol::topic::{TopicFilter, TopicName};
 use session::{effective_qos, Inflight, OutState, Session};
 
 use crate::auth::{self, Auth};
+use crate::uplink::UplinkRules;
 use subscriptions::{Entry, SubscriptionTree};
 
 /// Identifies a connection for the life of the process; the driver picks them.
@@ -204,6 +205,11 @@ pub struct Stats {
     pub dropped_not_authorized: u64,
     /// Times a publisher was paused because a subscriber's queue was full.
     pub publishers_paused: u64,
+    /// Messages and bytes waiting in the outbox for the cloud.
+    pub outbox_records: u64,
+    pub outbox_bytes: u64,
+    /// Messages for the cloud refused because the outbox was full (`reject_new`).
+    pub outbox_rejected: u64,
 }
 
 /// A change to durable state, for the storage layer to apply. The broker emits these while it
@@ -251,6 +257,12 @@ pub(crate) enum StoreOp {
         client_id: Arc<str>,
         packet_id: PacketId,
     },
+    /// A message for the cloud, durable before its PUBACK (see [`crate::uplink`]).
+    OutboxPut {
+        priority: u8,
+        seq: u64,
+        msg: Arc<Message>,
+    },
 }
 
 /// Where a stored delivery stands.
@@ -268,6 +280,16 @@ pub(crate) enum QueueState {
 pub(crate) struct Snapshot {
     pub(crate) sessions: Vec<StoredSession>,
     pub(crate) retained: Vec<Message>,
+    pub(crate) outbox: OutboxTotals,
+}
+
+/// What the outbox holds, counted at start-up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutboxTotals {
+    pub(crate) records: u64,
+    pub(crate) bytes: u64,
+    /// The highest sequence number ever given (0: none).
+    pub(crate) last_seq: u64,
 }
 
 #[derive(Debug)]
@@ -330,6 +352,9 @@ pub struct Broker {
     log: Option<Vec<Arc<Message>>>,
     /// Log mode: deliveries waiting for a full subscriber, in order.
     held_deliveries: VecDeque<Arc<Message>>,
+    /// What goes up to the cloud; empty on the cloud itself.
+    uplink: UplinkRules,
+    outbox: OutboxTotals,
 }
 
 /// Why a message could not be routed now.
@@ -355,7 +380,14 @@ impl Broker {
             auth: Arc::new(Auth::open()),
             log: None,
             held_deliveries: VecDeque::new(),
+            uplink: UplinkRules::default(),
+            outbox: OutboxTotals::default(),
         }
+    }
+
+    /// Sets what goes up to the cloud (at start-up).
+    pub fn set_uplink(&mut self, rules: UplinkRules) {
+        self.uplink = rules;
     }
 
     /// Log mode (the cloud node): a message a client publishes (or a will) is not routed but
@@ -396,6 +428,8 @@ impl Broker {
             subscriptions: self.subscriptions.len(),
             retained: self.retained.len(),
             queued_bytes: self.queued_bytes,
+            outbox_records: self.outbox.records,
+            outbox_bytes: self.outbox.bytes,
             ..self.stats.clone()
         }
     }
@@ -432,6 +466,7 @@ impl Broker {
     /// their expiry counts from `now`, their in-flight messages are resent with DUP when
     /// they reconnect.
     pub(crate) fn restore(&mut self, snapshot: Snapshot, now: Instant) {
+        self.outbox = snapshot.outbox;
         for msg in snapshot.retained {
             self.retained.insert(msg.topic.clone(), Arc::new(msg));
         }
@@ -1083,6 +1118,17 @@ impl Broker {
             retain: p.retain,
             publisher: Some(client_id.clone()),
         });
+        // For the cloud: refused now if the outbox is full; put in it (in this batch's
+        // commit, before the PUBACK) once routing took it.
+        let uplink = self.uplink.priority(&msg.topic, msg.qos);
+        if uplink.is_some() && self.outbox.bytes + outbox_cost(&msg) > self.uplink.max_outbox_bytes
+        {
+            self.stats.outbox_rejected += 1;
+            if v5 {
+                return self.acknowledge(conn, &p, ReasonCode::QuotaExceeded);
+            }
+            return self.protocol_error(conn, ReasonCode::QuotaExceeded, now);
+        }
         if let Some(appends) = &mut self.log {
             // Routed when it comes back from the log; acknowledged once the driver appended it.
             appends.push(msg);
@@ -1104,10 +1150,21 @@ impl Broker {
             }
         };
         self.stats.received_by_qos[p.qos as usize] += 1;
+        if let Some(priority) = uplink {
+            self.outbox.last_seq += 1;
+            self.outbox.records += 1;
+            self.outbox.bytes += outbox_cost(&msg);
+            self.store_ops.push(StoreOp::OutboxPut {
+                priority,
+                seq: self.outbox.last_seq,
+                msg: msg.clone(),
+            });
+        }
         if p.retain {
             self.retain(&msg);
         }
-        let reason = if matched == 0 && v5_reason_ok(self.conns.get(&conn)) {
+        // A message that goes up to the cloud has a destination even with no local subscriber.
+        let reason = if matched == 0 && uplink.is_none() && v5_reason_ok(self.conns.get(&conn)) {
             ReasonCode::NoMatchingSubscribers
         } else {
             ReasonCode::Success
@@ -1630,6 +1687,11 @@ fn add_target(targets: &mut HashMap<Arc<str>, Delivery>, msg: &Arc<Message>, e: 
 
 /// The properties a subscriber receives: everything but Topic Alias and Subscription
 /// Identifiers, which are per hop (MQTT-3.3.2-?).
+/// What a message costs in the outbox's budget: topic, payload and its record's bookkeeping.
+pub(crate) fn outbox_cost(msg: &Message) -> u64 {
+    (msg.cost() + 40) as u64
+}
+
 fn forwarded_properties(p: &Properties) -> Properties {
     if p.is_empty() {
         return Properties::default();

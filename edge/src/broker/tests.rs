@@ -587,3 +587,48 @@ fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
         "a retained message is kept when it comes back"
     );
 }
+
+#[test]
+fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_outbox_refuses() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let config: crate::uplink::UplinkConfig =
+        toml::from_str("max_outbox_bytes = 120\n[[route]]\nfilter = \"up/#\"\npriority = 3\n")
+            .expect("parses");
+    h.broker
+        .set_uplink(crate::uplink::UplinkRules::new(&config).expect("valid"));
+    h.connect(1, "sensor");
+    h.broker.take_store_ops();
+    let a = h.packet(1, publish("up/t", "21.5", QoS::AtLeastOnce, 1));
+    assert!(a.contains(&Action::Send(1, Packet::PubAck(PubResponse::new(id(1))))));
+    let ops = h.broker.take_store_ops();
+    assert!(
+        matches!(&ops[..], [StoreOp::OutboxPut { priority: 3, seq: 1, msg }] if &msg.payload[..] == b"21.5"),
+        "{ops:?}"
+    );
+    // QoS 0 and other topics stay on the edge.
+    h.packet(1, publish("up/t", "x", QoS::AtMostOnce, 0));
+    h.packet(1, publish("local/t", "x", QoS::AtLeastOnce, 2));
+    assert!(h.broker.take_store_ops().is_empty());
+    assert_eq!(
+        (
+            h.broker.stats().outbox_records,
+            h.broker.stats().outbox_bytes
+        ),
+        (1, 4 + 4 + 40)
+    );
+    // 48 bytes in; the next 48 fit (96 <= 120), the third does not: refused with 0x97.
+    h.packet(1, publish("up/t", "21.6", QoS::AtLeastOnce, 3));
+    let a = h.packet(1, publish("up/t", "21.7", QoS::AtLeastOnce, 4));
+    let mut refused = PubResponse::new(id(4));
+    refused.reason = ReasonCode::QuotaExceeded;
+    assert!(
+        a.contains(&Action::Send(1, Packet::PubAck(refused))),
+        "{a:?}"
+    );
+    assert_eq!(h.broker.stats().outbox_rejected, 1);
+    assert_eq!(
+        h.broker.take_store_ops().len(),
+        1,
+        "only the one that fitted"
+    );
+}

@@ -1,0 +1,171 @@
+//! What goes up to the cloud: `[uplink]` with its `[[uplink.route]]` rules, and the outbox's
+//! byte budget.
+//!
+//! ```toml
+//! [uplink]
+//! max_outbox_bytes = 268435456     # 256 MiB
+//! full_policy = "reject_new"
+//!
+//! [[uplink.route]]
+//! filter = "sensors/#"
+//! qos = 1          # messages at this QoS or above go up (default 1)
+//! priority = 0     # higher drains first (default 0)
+//! ```
+//!
+//! A QoS ≥ 1 message that matches a route is durable in the outbox before its PUBACK leaves
+//! (the broker emits it in the same group commit as its other durable state). The link
+//! (step 4) sends the outbox and deletes what the cloud acknowledged.
+
+use ferry_protocol::mqtt::QoS;
+use ferry_protocol::topic::{TopicFilter, TopicName};
+use serde::Deserialize;
+
+/// `[uplink]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Bytes (topic + payload + ~40 of bookkeeping per record) the outbox may hold while the
+    /// cloud is away. Default 256 MiB, on disk (the outbox is not held in memory).
+    pub max_outbox_bytes: u64,
+    /// What happens to a message for the outbox when it is full. Default `reject_new`.
+    pub full_policy: FullPolicy,
+    /// What goes up. Default none: nothing leaves the edge.
+    pub route: Vec<UplinkRoute>,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            max_outbox_bytes: 256 << 20,
+            full_policy: FullPolicy::RejectNew,
+            route: Vec::new(),
+        }
+    }
+}
+
+/// The outbox's policy when it is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    /// Refuse the new message: an MQTT 5 publisher gets PUBACK/PUBREC 0x97 (Quota exceeded)
+    /// and backs off; an MQTT 3.1.1 publisher, which cannot be told, is disconnected. Counted.
+    #[default]
+    RejectNew,
+}
+
+/// One `[[uplink.route]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkRoute {
+    pub filter: String,
+    /// The lowest QoS that goes up (1 or 2). Default 1.
+    #[serde(default = "one")]
+    pub qos: u8,
+    /// Higher drains first after an outage. Default 0.
+    #[serde(default)]
+    pub priority: u8,
+}
+
+fn one() -> u8 {
+    1
+}
+
+/// Why `[uplink]` cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UplinkError {
+    #[error("uplink route {index}: invalid filter {filter:?}: {why}")]
+    BadFilter {
+        index: usize,
+        filter: String,
+        why: String,
+    },
+    #[error("uplink route {index}: qos must be 1 or 2 (QoS 0 is never stored)")]
+    BadQos { index: usize },
+}
+
+/// The compiled rules the broker applies.
+#[derive(Debug, Clone, Default)]
+pub struct UplinkRules {
+    routes: Vec<(TopicFilter, QoS, u8)>,
+    pub max_outbox_bytes: u64,
+    pub full_policy: FullPolicy,
+}
+
+impl UplinkRules {
+    pub fn new(config: &UplinkConfig) -> Result<Self, UplinkError> {
+        let mut routes = Vec::new();
+        for (index, r) in config.route.iter().enumerate() {
+            let filter =
+                TopicFilter::new(r.filter.clone()).map_err(|e| UplinkError::BadFilter {
+                    index,
+                    filter: r.filter.clone(),
+                    why: e.to_string(),
+                })?;
+            if filter.is_shared() {
+                return Err(UplinkError::BadFilter {
+                    index,
+                    filter: r.filter.clone(),
+                    why: "not a shared subscription".into(),
+                });
+            }
+            let qos = match r.qos {
+                1 => QoS::AtLeastOnce,
+                2 => QoS::ExactlyOnce,
+                _ => return Err(UplinkError::BadQos { index }),
+            };
+            routes.push((filter, qos, r.priority));
+        }
+        Ok(Self {
+            routes,
+            max_outbox_bytes: config.max_outbox_bytes,
+            full_policy: config.full_policy,
+        })
+    }
+
+    /// True if no route is configured.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The priority of a message that goes up, per the first matching route; None if it
+    /// stays on the edge.
+    pub fn priority(&self, topic: &TopicName, qos: QoS) -> Option<u8> {
+        self.routes
+            .iter()
+            .find(|(f, min, _)| qos >= *min && f.matches(topic))
+            .map(|(_, _, p)| *p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_matching_route_at_or_above_its_qos_decides() {
+        let config: UplinkConfig = toml::from_str(
+            "[[route]]\nfilter = \"alarms/#\"\nqos = 1\npriority = 9\n[[route]]\nfilter = \"#\"\nqos = 2\n",
+        )
+        .expect("parses");
+        let rules = UplinkRules::new(&config).expect("valid");
+        let t = |s: &str| TopicName::new(s.to_owned()).expect("topic");
+        assert_eq!(rules.priority(&t("alarms/fire"), QoS::AtLeastOnce), Some(9));
+        assert_eq!(
+            rules.priority(&t("sensors/t"), QoS::AtLeastOnce),
+            None,
+            "below the route's QoS"
+        );
+        assert_eq!(rules.priority(&t("sensors/t"), QoS::ExactlyOnce), Some(0));
+        assert_eq!(
+            rules.priority(&t("alarms/fire"), QoS::AtMostOnce),
+            None,
+            "QoS 0 never goes up"
+        );
+        let bad: UplinkConfig =
+            toml::from_str("[[route]]\nfilter = \"a\"\nqos = 0\n").expect("parses");
+        assert_eq!(
+            UplinkRules::new(&bad).err(),
+            Some(UplinkError::BadQos { index: 0 })
+        );
+    }
+}
