@@ -58,6 +58,36 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
+/// A node in this process, on an ephemeral port, with a rumqttc client subscribed to
+/// `filter` (its SUBACK already in).
+async fn node_with_subscriber(
+    name: &str,
+    filter: &str,
+) -> (
+    ferry_cloud::node::Node,
+    rumqttc::AsyncClient,
+    rumqttc::EventLoop,
+) {
+    use ferry_cloud::node::{CloudConfig, Node};
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = temp_dir(name);
+    let node = Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts");
+    let port = node.mqtt_addrs()[0].port();
+    let (sub, mut events) = AsyncClient::new(MqttOptions::new(name, "127.0.0.1", port), 100);
+    sub.subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Incoming::SubAck(_) = next_incoming(&mut events, "SUBACK").await {
+            return (node, sub, events);
+        }
+    }
+}
+
 /// Publishes each line as one message with mosquitto_pub -l.
 fn publish_lines(port: &str, topic: &str, qos: &str, lines: &[String]) {
     let mut child = Command::new("mosquitto_pub")
@@ -288,28 +318,11 @@ fn sighup_puts_new_routes_in_force() {
 async fn records_from_an_edge_reach_cloud_subscribers_once_through_the_same_path() {
     use bytes::Bytes;
     use ferry_cloud::ingest::EdgeRecord;
-    use ferry_cloud::node::{CloudConfig, Node};
     use ferry_protocol::mqtt::{Properties, QoS as Q};
     use ferry_protocol::topic::TopicName;
-    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+    use rumqttc::Incoming;
 
-    let dir = temp_dir("cloud-ingest");
-    let mut config = CloudConfig::default();
-    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
-    config.server.data_dir = dir.clone();
-    let node = Node::start(config, std::future::pending())
-        .await
-        .expect("the node starts");
-    let port = node.mqtt_addrs()[0].port();
-    let (sub, mut events) = AsyncClient::new(MqttOptions::new("cloud-app", "127.0.0.1", port), 100);
-    sub.subscribe("gw1/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    loop {
-        if let Incoming::SubAck(_) = next_incoming(&mut events, "SUBACK").await {
-            break;
-        }
-    }
+    let (node, _sub, mut events) = node_with_subscriber("cloud-app", "gw1/#").await;
     let record = |seq: u64| EdgeRecord {
         seq,
         topic: TopicName::new("sensors/t").expect("topic"),
@@ -398,28 +411,10 @@ fn ferry_cloud_pki_makes_a_ca_and_certificates_that_openssl_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_producer_batch_in_the_log_reaches_mqtt_subscribers() {
     use ferry_cloud::log::AppendData;
-    use ferry_cloud::node::{CloudConfig, Node};
     use ferry_protocol::kafka::{BatchBuilder, Compression, Header};
-    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+    use rumqttc::Incoming;
 
-    let dir = temp_dir("cloud-compressed");
-    let mut config = CloudConfig::default();
-    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
-    config.server.data_dir = dir.clone();
-    let node = Node::start(config, std::future::pending())
-        .await
-        .expect("the node starts");
-    let port = node.mqtt_addrs()[0].port();
-    let (sub, mut events) =
-        AsyncClient::new(MqttOptions::new("kafka-reader", "127.0.0.1", port), 100);
-    sub.subscribe("plant/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    loop {
-        if let Incoming::SubAck(_) = next_incoming(&mut events, "SUBACK").await {
-            break;
-        }
-    }
+    let (node, _sub, mut events) = node_with_subscriber("kafka-reader", "plant/#").await;
     for compression in [Compression::Lz4, Compression::Zstd] {
         // What a Kafka producer would send: key = topic, compressed.
         let mut b = BatchBuilder::new(1_000);

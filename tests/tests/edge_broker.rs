@@ -666,14 +666,7 @@ fn metrics_endpoint_counts_messages() {
         &["-q", "1", "-t", "m/1", "-m", "x"],
     );
     assert!(out.status.success());
-    let get = |path: &str| {
-        let mut stream =
-            TcpStream::connect(edge.metrics_addr().expect("metrics listener")).expect("connect");
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        response
-    };
+    let get = |path: &str| http_get(&edge, path);
     let page = get("/metrics");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
@@ -788,6 +781,16 @@ fn client_certificate_cn_is_the_username() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The whole answer of the edge's metrics listener to `GET path`.
+fn http_get(edge: &Edge, path: &str) -> String {
+    let mut stream =
+        TcpStream::connect(edge.metrics_addr().expect("metrics listener")).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+}
+
 /// The outbox: QoS 1 messages for the cloud that the edge acknowledged are on disk when it is
 /// killed with SIGKILL, and counted again after the restart; an MQTT 5 publisher over the
 /// budget is refused with 0x97.
@@ -804,11 +807,7 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
     let data = dir.join("data");
     let args = ["--config", config.to_str().expect("utf8")];
     let metric = |edge: &Edge, name: &str| -> u64 {
-        let mut stream =
-            TcpStream::connect(edge.metrics_addr().expect("metrics listener")).expect("connect");
-        write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-        let mut page = String::new();
-        stream.read_to_string(&mut page).expect("read");
+        let page = http_get(edge, "/metrics");
         page.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .unwrap_or_else(|| panic!("no {name} in {page}"))
