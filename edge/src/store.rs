@@ -18,7 +18,9 @@ use ferry_protocol::mqtt::{
 use ferry_protocol::topic::{TopicFilter, TopicName};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::broker::{Delivery, Message, QueueState, Snapshot, StoreOp, StoredSession};
+use crate::broker::{
+    Delivery, Message, OutboxTotals, QueueState, Snapshot, StoreOp, StoredSession,
+};
 use crate::config::StorageConfig;
 
 /// client id → session record.
@@ -32,6 +34,9 @@ const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retaine
 /// (priority, seq) → message for the cloud (as in `retained`), in sending order within a
 /// priority class.
 const OUTBOX: TableDefinition<'_, (u8, u64), &[u8]> = TableDefinition::new("outbox");
+/// The outbox's totals, kept with it so that start-up need not read it: "records",
+/// "bytes", "last_seq".
+const OUTBOX_TOTALS: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_totals");
 
 /// The first byte of every record, so that a later format can be told apart.
 const FORMAT: u8 = 1;
@@ -90,6 +95,7 @@ impl Store {
         txn.open_table(QOS2).map_err(dberr)?;
         txn.open_table(RETAINED).map_err(dberr)?;
         txn.open_table(OUTBOX).map_err(dberr)?;
+        txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
         Ok(Self {
             db: database,
@@ -106,17 +112,14 @@ impl Store {
         let qos2 = txn.open_table(QOS2).map_err(dberr)?;
         let retained = txn.open_table(RETAINED).map_err(dberr)?;
         let mut snapshot = Snapshot::default();
-        // The outbox is counted, not loaded: it stays on disk until the link sends it.
-        let outbox = txn.open_table(OUTBOX).map_err(dberr)?;
-        for row in outbox.iter().map_err(dberr)? {
-            let (key, value) = row.map_err(dberr)?;
-            let (_, seq) = key.value();
-            let mut bytes = Bytes::copy_from_slice(value.value());
-            let msg = read_message(&mut bytes, &clock, "outbox")?;
-            snapshot.outbox.records += 1;
-            snapshot.outbox.bytes += crate::broker::outbox_cost(&msg);
-            snapshot.outbox.last_seq = snapshot.outbox.last_seq.max(seq);
-        }
+        // The outbox stays on disk until the link sends it; only its totals are read.
+        let totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
+        let total = |key: &str| -> Result<u64, StoreError> {
+            Ok(totals.get(key).map_err(dberr)?.map_or(0, |v| v.value()))
+        };
+        snapshot.outbox.records = total("records")?;
+        snapshot.outbox.bytes = total("bytes")?;
+        snapshot.outbox.last_seq = total("last_seq")?;
         for row in sessions.iter().map_err(dberr)? {
             let (key, value) = row.map_err(dberr)?;
             let client_id: Arc<str> = key.value().into();
@@ -180,6 +183,7 @@ impl Store {
             let mut qos2 = txn.open_table(QOS2).map_err(dberr)?;
             let mut retained = txn.open_table(RETAINED).map_err(dberr)?;
             let mut outbox = txn.open_table(OUTBOX).map_err(dberr)?;
+            let mut outbox_added = OutboxTotals::default();
             let mut buf = BytesMut::new();
             for op in ops {
                 buf.clear();
@@ -241,8 +245,23 @@ impl Store {
                     StoreOp::OutboxPut { priority, seq, msg } => {
                         write_message(&mut buf, msg, &clock);
                         outbox.insert((*priority, *seq), &buf[..]).map_err(dberr)?;
+                        outbox_added.records += 1;
+                        outbox_added.bytes += crate::broker::outbox_cost(msg);
+                        outbox_added.last_seq = outbox_added.last_seq.max(*seq);
                     }
                 }
+            }
+            if outbox_added.records > 0 {
+                let mut totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
+                let get = |t: &redb::Table<'_, &str, u64>, k: &str| -> Result<u64, StoreError> {
+                    Ok(t.get(k).map_err(dberr)?.map_or(0, |v| v.value()))
+                };
+                let records = get(&totals, "records")? + outbox_added.records;
+                let bytes = get(&totals, "bytes")? + outbox_added.bytes;
+                let last_seq = get(&totals, "last_seq")?.max(outbox_added.last_seq);
+                totals.insert("records", records).map_err(dberr)?;
+                totals.insert("bytes", bytes).map_err(dberr)?;
+                totals.insert("last_seq", last_seq).map_err(dberr)?;
             }
         }
         txn.commit().map_err(dberr)?;
