@@ -38,6 +38,8 @@ const SEND_CREDIT: usize = 256;
 /// Room above the credit for control packets (acks, SUBACK, PINGRESP), which the broker
 /// sends without credit. A client that fills this without reading is closed.
 const CONTROL_SLACK: usize = 64;
+/// Acknowledgements from subscribers waiting for the router (see `ConnSettings::acks`).
+const ACK_LANE: usize = 4096;
 /// Inputs the router applies before it dispatches what they caused: a batch, so that one
 /// storage commit can later cover many messages (group commit).
 const ROUTER_BATCH: usize = 256;
@@ -245,10 +247,11 @@ impl Server {
         let (to_router, from_conns) = mpsc::channel(4096);
         let (failed_tx, failed) = watch::channel(None);
         let (credit_tx, credit_rx) = mpsc::unbounded_channel();
+        let (acks_tx, acks_rx) = mpsc::channel(ACK_LANE);
         std::thread::Builder::new()
             .name("ferry-router".into())
             .spawn(move || {
-                if let Err(e) = router(broker, store, log, from_conns, credit_rx) {
+                if let Err(e) = router(broker, store, log, from_conns, credit_rx, acks_rx) {
                     tracing::error!(error = %e, "storage failed; the broker stops");
                     let _ = failed_tx.send(Some(e.to_string()));
                 }
@@ -279,6 +282,7 @@ impl Server {
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
         let settings = Arc::new(ConnSettings {
             credit: credit_tx,
+            acks: acks_tx,
             connect_timeout: Duration::from_secs(config.server.connect_timeout_secs),
             max_packet_size: config.mqtt.max_packet_size_bytes as usize,
             max_keepalive_secs: config.mqtt.max_keepalive_secs,
@@ -527,6 +531,11 @@ mod tls {
 struct ConnSettings {
     /// Where writers give send credit back to the router.
     credit: mpsc::UnboundedSender<(ConnId, usize)>,
+    /// Where readers send a subscriber's acknowledgements (PUBACK, PUBREC, PUBCOMP): a lane
+    /// the router serves before publishes, so that deliveries are not starved by a flood of
+    /// publishers (an acknowledgement is about a message we sent; its order relative to the
+    /// client's own publishes does not matter).
+    acks: mpsc::Sender<(ConnId, Packet)>,
     connect_timeout: Duration,
     max_packet_size: usize,
     max_keepalive_secs: u16,
@@ -775,11 +784,16 @@ async fn connection<S>(
                 break;
             }
             Some(Ok(Some(packet))) => {
-                if to_router
-                    .send(ToRouter::Input(Input::Packet { conn, packet }))
-                    .await
-                    .is_err()
-                {
+                let sent = match packet {
+                    Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {
+                        settings.acks.send((conn, packet)).await.is_ok()
+                    }
+                    packet => to_router
+                        .send(ToRouter::Input(Input::Packet { conn, packet }))
+                        .await
+                        .is_ok(),
+                };
+                if !sent {
                     break;
                 }
             }
@@ -921,6 +935,7 @@ fn router(
     log: Option<LogHooks>,
     rx: mpsc::Receiver<ToRouter>,
     credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
+    acks: mpsc::Receiver<(ConnId, Packet)>,
 ) -> Result<(), StoreError> {
     // A runtime of its own, on this thread only: the router may block on a commit without
     // holding up the connections' tasks.
@@ -930,7 +945,7 @@ fn router(
             table: "-",
             what: format!("cannot start the router: {e}"),
         })?;
-    runtime.block_on(route_loop(broker, store, log, rx, credit))
+    runtime.block_on(route_loop(broker, store, log, rx, credit, acks))
 }
 
 async fn route_loop(
@@ -939,6 +954,7 @@ async fn route_loop(
     mut log: Option<LogHooks>,
     mut rx: mpsc::Receiver<ToRouter>,
     mut credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
+    mut acks: mpsc::Receiver<(ConnId, Packet)>,
 ) -> Result<(), StoreError> {
     let mut conns: HashMap<ConnId, Arc<Wire>> = HashMap::new();
     let mut actions = Vec::new();
@@ -952,6 +968,7 @@ async fn route_loop(
         let first = tokio::select! {
             biased;
             Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
+            Some((conn, packet)) = acks.recv() => ToRouter::Input(Input::Packet { conn, packet }),
             Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
                 ToRouter::Input(Input::Deliver(msg))
             }
@@ -989,6 +1006,9 @@ async fn route_loop(
             }
             while let Ok((conn, packets)) = credit.try_recv() {
                 broker.handle(Input::Written { conn, packets }, now, &mut actions);
+            }
+            while let Ok((conn, packet)) = acks.try_recv() {
+                broker.handle(Input::Packet { conn, packet }, now, &mut actions);
             }
             n += 1;
             next = if n < ROUTER_BATCH {
