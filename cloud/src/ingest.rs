@@ -127,7 +127,7 @@ impl Ingest {
                                 if let Some((edge, seq)) = edge_and_seq(&rec.headers) {
                                     let e = state
                                         .partitions
-                                        .entry((stream.name.clone(), p, edge.to_owned()))
+                                        .entry((stream.name.clone(), p, edge))
                                         .or_insert(0);
                                     *e = (*e).max(seq);
                                 }
@@ -275,13 +275,9 @@ impl Ingest {
     }
 }
 
-fn edge_and_seq<'a>(headers: &[ferry_protocol::kafka::Header<'a>]) -> Option<(&'a str, u64)> {
-    let edge = headers.iter().find(|h| h.key == EDGE_HEADER)?.value?;
-    let seq = headers.iter().find(|h| h.key == SEQ_HEADER)?.value?;
-    Some((
-        std::str::from_utf8(edge).ok()?,
-        std::str::from_utf8(seq).ok()?.parse().ok()?,
-    ))
+fn edge_and_seq(headers: &[ferry_protocol::kafka::Header<'_>]) -> Option<(String, u64)> {
+    let meta = ferry_protocol::kafka::mqtt::read_headers(headers)?;
+    Some((meta.edge?, meta.seq?))
 }
 
 #[cfg(test)]

@@ -183,6 +183,30 @@ pub fn mosquitto_at(tool: &str, port: &str, args: &[&str]) -> std::process::Outp
     mosquitto(tool, &all)
 }
 
+/// Runs `mosquitto_pub -l` against 127.0.0.1:`port` with `args`, one message per line of
+/// `lines`; mosquitto_pub waits for each acknowledgement at QoS ≥ 1. Its output, for the
+/// caller to check.
+pub fn mosquitto_pub_lines(port: &str, args: &[&str], lines: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", port, "-l"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("mosquitto_pub must be installed (apt-get install mosquitto-clients): {e}")
+        });
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(lines.as_bytes())
+        .expect("write the lines");
+    child.wait_with_output().expect("mosquitto_pub exits")
+}
+
 /// A new empty directory under the system's temporary directory.
 pub fn temp_dir(what: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

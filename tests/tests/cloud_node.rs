@@ -2,14 +2,14 @@
 //! publish to it and subscribe to it; what they publish is in the log, under the routes.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_cloud::log::{SegmentLog, Storage};
 use ferry_cloud::routes::kafka_partition;
 use ferry_protocol::kafka::batch::{records, BatchHeader};
 use ferry_tests::clients::next_incoming;
-use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
+use ferry_tests::process::{mosquitto_at, mosquitto_pub_lines, temp_dir, Edge};
 
 /// A record as text: key, value, headers.
 type Rec = (String, String, Vec<(String, String)>);
@@ -90,17 +90,9 @@ async fn node_with_subscriber(
 
 /// Publishes each line as one message with mosquitto_pub -l.
 fn publish_lines(port: &str, topic: &str, qos: &str, lines: &[String]) {
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", port, "-t", topic, "-q", qos, "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    for l in lines {
-        writeln!(stdin, "{l}").expect("write");
-    }
-    drop(stdin);
-    assert!(child.wait().expect("wait").success());
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let out = mosquitto_pub_lines(port, &["-t", topic, "-q", qos], &text);
+    assert!(out.status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode, MAX_PACKET_SIZE};
 use ferry_tests::clients::{next_incoming, WAIT};
-use ferry_tests::process::{binary, mosquitto, mosquitto_at, Edge};
+use ferry_tests::process::{binary, mosquitto, mosquitto_at, mosquitto_pub_lines, Edge};
 
 const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
 
@@ -260,8 +260,6 @@ fn sigterm_exits_cleanly() {
 /// message, in order, once.
 #[test]
 fn persistent_session_and_retained_survive_kill_9() {
-    use std::io::Write as _;
-
     let dir = ferry_tests::process::temp_dir("kill9");
     let edge = Edge::start_in(&dir, LOCAL);
     let port = edge.port().to_string();
@@ -283,28 +281,9 @@ fn persistent_session_and_retained_survive_kill_9() {
     );
     assert!(out.status.success());
     // 100 QoS 1 messages, one per line.
-    let mut publisher = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-q",
-            "1",
-            "-t",
-            "cmd/run",
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub runs");
-    {
-        let mut stdin = publisher.stdin.take().expect("piped stdin");
-        for n in 0..100 {
-            writeln!(stdin, "{n}").expect("write a line");
-        }
-    }
-    assert!(publisher.wait().expect("mosquitto_pub exits").success());
+    let lines: String = (0..100).map(|n| format!("{n}\n")).collect();
+    let out = mosquitto_pub_lines(&port, &["-q", "1", "-t", "cmd/run"], &lines);
+    assert!(out.status.success());
 
     edge.kill();
     let edge = Edge::start_in(&dir, LOCAL);
@@ -820,18 +799,8 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
     // and some that stay local.
     let lines: String = (0..500).map(|i| format!("reading {i:03}\n")).collect();
     for topic in ["up/t", "local/t"] {
-        let mut child = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-t", topic, "-q", "1", "-l"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_pub");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(lines.as_bytes())
-            .expect("write");
-        assert!(child.wait().expect("wait").success());
+        let out = mosquitto_pub_lines(&port, &["-t", topic, "-q", "1"], &lines);
+        assert!(out.status.success());
     }
     assert_eq!(metric(&edge, "ferry_edge_outbox_records"), 500);
     edge.kill();
@@ -848,31 +817,7 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
     // refused, which mosquitto_pub reports as a failure.
     let port = edge.port().to_string();
     let big: String = (0..700).map(|i| format!("reading {i:03}\n")).collect();
-    let mut child = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "up/t",
-            "-q",
-            "1",
-            "-l",
-            "-V",
-            "mqttv5",
-        ])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(big.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    let out = mosquitto_pub_lines(&port, &["-t", "up/t", "-q", "1", "-V", "mqttv5"], &big);
     assert!(
         metric(&edge, "ferry_edge_outbox_rejected_total") >= 1,
         "{out:?}"
