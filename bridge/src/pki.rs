@@ -155,6 +155,19 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(cn.value().into_owned())
 }
 
+/// The serial number of a certificate in DER, lowercase hex without separators (as a deny
+/// list names it).
+pub fn serial_hex(der: &[u8]) -> Option<String> {
+    use std::fmt::Write;
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    let mut out = String::new();
+    for b in cert.tbs_certificate().serial_number().as_bytes() {
+        let _ = write!(out, "{b:02x}");
+    }
+    Some(out)
+}
+
 fn check_name(what: &'static str, name: &str) -> Result<(), PkiError> {
     let ok = (1..=64).contains(&name.len())
         && !name.starts_with('.')

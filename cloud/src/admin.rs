@@ -5,7 +5,7 @@
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
-//! | `GET /api/edges` | every edge that sent data: its highest committed sequence |
+//! | `GET /api/edges` | every edge that sent data: its highest committed sequence per priority class |
 //! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets |
 
 use std::fmt::Write as _;
@@ -80,7 +80,7 @@ async fn answer(node: &Node, path: &str) -> Response {
             Ok(edges) => {
                 let edges: Vec<_> = edges
                     .into_iter()
-                    .map(|(id, seq)| json!({"edge": id, "committed_seq": seq}))
+                    .map(|(id, class, seq)| json!({"edge": id, "class": class, "committed_seq": seq}))
                     .collect();
                 Response::json(json!({ "edges": edges }).to_string())
             }

@@ -1,17 +1,19 @@
-//! The ingest interface of the link: an edge's records, each with its per-edge sequence
-//! number, appended exactly once however often the edge resends them.
+//! The ingest interface of the link: an edge's records, each with its sequence number in
+//! its priority class, appended exactly once however often the edge resends them.
 //!
-//! [`Ingest::ingest`] returns once every new record is durable in the log and the edge's
+//! Sequence numbers are per (edge, class): increasing, with gaps allowed (an edge drops
+//! records under `drop_oldest`, and numbers its records across classes from one counter).
+//! [`Ingest::ingest`] returns once every new record is durable in the log and the class's
 //! highest committed sequence is durable in the metadata; that sequence is what the link
 //! acknowledges and what an edge resumes after.
 //!
 //! Duplicates are dropped at two levels:
-//! - a record whose sequence is at or below the edge's committed sequence is skipped;
+//! - a record whose sequence is at or below its class's committed sequence is skipped;
 //! - per partition, a record at or below the highest sequence of that edge already in that
 //!   partition is skipped. This covers a batch that reached some partitions but not others
 //!   (one append failed, or the node died between the appends and the metadata commit): the
-//!   resend fills in what is missing and nothing twice. Each record carries `ferry.edge` and
-//!   `ferry.seq` headers, and at start the node rebuilds the per-partition state from the
+//!   resend fills in what is missing and nothing twice. Each record carries `ferry.edge`,
+//!   `ferry.seq` and (class ≠ 0) `ferry.class` headers, and at start the node rebuilds the per-partition state from the
 //!   active segments.
 //!
 //! Limit: the per-partition state is rebuilt from active segments only. If a partition rolls
@@ -35,11 +37,13 @@ use crate::routes::{to_record, MqttMessage, RouteTable};
 pub const SEQ_HEADER: &str = "ferry.seq";
 /// Header carrying the edge id.
 pub const EDGE_HEADER: &str = "ferry.edge";
+/// Header carrying a record's priority class on the edge, when not 0.
+pub const CLASS_HEADER: &str = "ferry.class";
 
 /// One record as an edge sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeRecord {
-    /// Per edge, increasing by one from record to record.
+    /// Per edge and priority class, increasing from record to record.
     pub seq: u64,
     /// The topic on the edge; on the cloud it becomes `<edge-id>/<topic>`.
     pub topic: TopicName,
@@ -87,12 +91,15 @@ impl std::fmt::Debug for Ingest {
 /// A stream and partition.
 type Destination = (String, u32);
 
+/// An edge and one of its priority classes: one sequence space.
+type Lane = (String, u8);
+
 #[derive(Debug, Default)]
 struct State {
-    /// Edge → highest sequence committed in the metadata.
-    committed: HashMap<String, u64>,
-    /// (stream, partition, edge) → highest sequence of that edge in that partition.
-    partitions: HashMap<(String, u32, String), u64>,
+    /// (edge, class) → highest sequence committed in the metadata.
+    committed: HashMap<Lane, u64>,
+    /// (stream, partition, lane) → highest sequence of that lane in that partition.
+    partitions: HashMap<(String, u32, Lane), u64>,
 }
 
 impl Ingest {
@@ -104,7 +111,11 @@ impl Ingest {
         routes: Arc<RouteTable>,
     ) -> Result<Self, IngestError> {
         let mut state = State {
-            committed: meta.edges()?.into_iter().collect(),
+            committed: meta
+                .edges()?
+                .into_iter()
+                .map(|(edge, class, seq)| ((edge, class), seq))
+                .collect(),
             partitions: HashMap::new(),
         };
         for stream in log.streams() {
@@ -124,10 +135,10 @@ impl Ingest {
                         // Compressed batches come from Kafka producers, never from an edge.
                         if let Ok(recs) = records(&r.batches[at..]) {
                             for rec in recs.flatten() {
-                                if let Some((edge, seq)) = edge_and_seq(&rec.headers) {
+                                if let Some((lane, seq)) = lane_and_seq(&rec.headers) {
                                     let e = state
                                         .partitions
-                                        .entry((stream.name.clone(), p, edge))
+                                        .entry((stream.name.clone(), p, lane))
                                         .or_insert(0);
                                     *e = (*e).max(seq);
                                 }
@@ -152,20 +163,44 @@ impl Ingest {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The highest sequence of `edge` committed so far (0: none).
-    pub fn committed(&self, edge: &str) -> u64 {
-        self.lock().committed.get(edge).copied().unwrap_or(0)
+    /// The highest sequence of `edge`'s class `class` committed so far (0: none).
+    pub fn committed(&self, edge: &str, class: u8) -> u64 {
+        self.lock()
+            .committed
+            .get(&(edge.to_owned(), class))
+            .copied()
+            .unwrap_or(0)
     }
 
-    /// Appends the records of `edge` not yet in the log, and returns the edge's committed
-    /// sequence once they (and it) are durable. Records must be in sequence order.
-    pub async fn ingest(&self, edge: &str, batch: Vec<EdgeRecord>) -> Result<u64, IngestError> {
+    /// Every class of `edge` with something committed, and its highest sequence.
+    pub fn committed_classes(&self, edge: &str) -> Vec<(u8, u64)> {
+        let mut out: Vec<_> = self
+            .lock()
+            .committed
+            .iter()
+            .filter(|((e, _), _)| e == edge)
+            .map(|((_, class), seq)| (*class, *seq))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Appends the records of `edge`'s class `class` not yet in the log, and returns the
+    /// class's committed sequence once they (and it) are durable. Records must be in
+    /// sequence order.
+    pub async fn ingest(
+        &self,
+        edge: &str,
+        class: u8,
+        batch: Vec<EdgeRecord>,
+    ) -> Result<u64, IngestError> {
+        let lane: Lane = (edge.to_owned(), class);
         let edge_lock = {
             let mut locks = self.edge_locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(edge.to_owned()).or_default().clone()
         };
         let _serial = edge_lock.lock().await;
-        let committed = self.committed(edge);
+        let committed = self.committed(edge, class);
         let mut previous = committed;
         let routes = self.routes.get();
         // Per destination, in order: (stream, partition) → records.
@@ -206,6 +241,12 @@ impl Ingest {
                 after_edge,
                 (SEQ_HEADER.to_owned(), Some(Bytes::from(r.seq.to_string()))),
             );
+            if class != 0 {
+                record.headers.insert(
+                    after_edge + 1,
+                    (CLASS_HEADER.to_owned(), Some(Bytes::from(class.to_string()))),
+                );
+            }
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push((r.seq, record)),
                 None => groups.push((key, vec![(r.seq, record)])),
@@ -221,7 +262,7 @@ impl Ingest {
             for ((stream, partition), recs) in groups {
                 let have = state
                     .partitions
-                    .get(&(stream.clone(), partition, edge.to_owned()))
+                    .get(&(stream.clone(), partition, lane.clone()))
                     .copied()
                     .unwrap_or(0);
                 let fresh: Vec<_> = recs.into_iter().filter(|(seq, _)| *seq > have).collect();
@@ -250,7 +291,7 @@ impl Ingest {
                     let mut state = self.lock();
                     let e = state
                         .partitions
-                        .entry((stream, partition, edge.to_owned()))
+                        .entry((stream, partition, lane.clone()))
                         .or_insert(0);
                     *e = (*e).max(last);
                 }
@@ -265,19 +306,20 @@ impl Ingest {
         let meta = self.meta.clone();
         let command = Command::CommitEdge {
             edge: edge.to_owned(),
+            class,
             seq: previous,
         };
         tokio::task::spawn_blocking(move || meta.apply(&[command]))
             .await
             .map_err(|e| MetaError::Corrupt(format!("metadata commit did not finish: {e}")))??;
-        self.lock().committed.insert(edge.to_owned(), previous);
+        self.lock().committed.insert(lane, previous);
         Ok(previous)
     }
 }
 
-fn edge_and_seq(headers: &[ferry_protocol::kafka::Header<'_>]) -> Option<(String, u64)> {
+fn lane_and_seq(headers: &[ferry_protocol::kafka::Header<'_>]) -> Option<(Lane, u64)> {
     let meta = ferry_protocol::kafka::mqtt::read_headers(headers)?;
-    Some((meta.edge?, meta.seq?))
+    Some(((meta.edge?, meta.class), meta.seq?))
 }
 
 #[cfg(test)]
@@ -310,7 +352,8 @@ mod tests {
                 let h = BatchHeader::parse(&r.batches[at..]).expect("header");
                 for rec in records(&r.batches[at..]).expect("records") {
                     let rec = rec.expect("record");
-                    let (edge, seq) = edge_and_seq(&rec.headers).expect("edge and seq headers");
+                    let ((edge, _), seq) =
+                        lane_and_seq(&rec.headers).expect("edge and seq headers");
                     assert_eq!(edge, "gw1");
                     assert_eq!(
                         rec.key,
@@ -371,12 +414,12 @@ mod tests {
         let n = node(&dir, true);
         let batch: Vec<_> = (1..=10).map(|s| rec(s, "t")).collect();
         assert_eq!(
-            n.ingest.ingest("gw1", batch.clone()).await.expect("ingest"),
+            n.ingest.ingest("gw1", 0, batch.clone()).await.expect("ingest"),
             10
         );
-        assert_eq!(n.ingest.ingest("gw1", batch).await.expect("resend"), 10);
+        assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 10);
         let more: Vec<_> = (5..=15).map(|s| rec(s, "t")).collect();
-        assert_eq!(n.ingest.ingest("gw1", more).await.expect("overlap"), 15);
+        assert_eq!(n.ingest.ingest("gw1", 0, more).await.expect("overlap"), 15);
         let got = contents(&n.log);
         assert_eq!(
             got,
@@ -384,7 +427,7 @@ mod tests {
         );
         assert!(matches!(
             n.ingest
-                .ingest("gw1", vec![rec(17, "t"), rec(16, "t")])
+                .ingest("gw1", 0, vec![rec(17, "t"), rec(16, "t")])
                 .await,
             Err(IngestError::OutOfOrder {
                 seq: 16,
@@ -408,8 +451,8 @@ mod tests {
                 rec(4, "alarm"),
                 rec(5, "t"),
             ];
-            assert!(n.ingest.ingest("gw1", batch).await.is_err());
-            assert_eq!(n.ingest.committed("gw1"), 0, "nothing acknowledged");
+            assert!(n.ingest.ingest("gw1", 0, batch).await.is_err());
+            assert_eq!(n.ingest.committed("gw1", 0), 0, "nothing acknowledged");
         }
         // The node restarts (the per-partition state comes back from the log), and the edge
         // sends the whole batch again.
@@ -421,7 +464,7 @@ mod tests {
             rec(4, "alarm"),
             rec(5, "t"),
         ];
-        assert_eq!(n.ingest.ingest("gw1", batch).await.expect("resend"), 5);
+        assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 5);
         let got = contents(&n.log);
         assert_eq!(
             got,
@@ -436,7 +479,7 @@ mod tests {
         drop(n);
         let n = node(&dir, true);
         assert_eq!(
-            n.ingest.committed("gw1"),
+            n.ingest.committed("gw1", 0),
             5,
             "the committed sequence is durable"
         );

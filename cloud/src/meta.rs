@@ -17,8 +17,9 @@ use crate::log::StreamConfig;
 const STREAMS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("streams");
 /// (group, stream, partition) → the next offset the group will read.
 const CURSORS: TableDefinition<'_, (&str, &str, u32), i64> = TableDefinition::new("cursors");
-/// Edge id → the highest sequence number of its records committed to the log.
-const EDGES: TableDefinition<'_, &str, u64> = TableDefinition::new("edges");
+/// (edge id, priority class) → the highest sequence number of its records committed to the
+/// log.
+const EDGES: TableDefinition<'_, (&str, u8), u64> = TableDefinition::new("edge_seqs");
 
 /// Why metadata could not be read or changed.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +48,9 @@ pub enum Command {
         partition: u32,
         offset: i64,
     },
-    /// Records that an edge's records up to `seq` are in the log. Never moves backwards.
-    CommitEdge { edge: String, seq: u64 },
+    /// Records that an edge's records of priority class `class` up to `seq` are in the log.
+    /// Never moves backwards.
+    CommitEdge { edge: String, class: u8, seq: u64 },
 }
 
 /// The metadata database.
@@ -109,10 +111,11 @@ impl Meta {
                             .insert((group.as_str(), stream.as_str(), *partition), offset)
                             .map_err(dberr)?;
                     }
-                    Command::CommitEdge { edge, seq } => {
-                        let old = edges.get(edge.as_str()).map_err(dberr)?.map(|v| v.value());
+                    Command::CommitEdge { edge, class, seq } => {
+                        let key = (edge.as_str(), *class);
+                        let old = edges.get(key).map_err(dberr)?.map(|v| v.value());
                         if old.is_none_or(|old| *seq > old) {
-                            edges.insert(edge.as_str(), seq).map_err(dberr)?;
+                            edges.insert(key, seq).map_err(dberr)?;
                         }
                     }
                 }
@@ -150,14 +153,15 @@ impl Meta {
             .map(|v| v.value()))
     }
 
-    /// Every edge's highest committed sequence.
-    pub fn edges(&self) -> Result<Vec<(String, u64)>, MetaError> {
+    /// Every edge's highest committed sequence per priority class: (edge, class, seq).
+    pub fn edges(&self) -> Result<Vec<(String, u8, u64)>, MetaError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(EDGES).map_err(dberr)?;
         let mut out = Vec::new();
         for row in table.iter().map_err(dberr)? {
             let (k, v) = row.map_err(dberr)?;
-            out.push((k.value().to_owned(), v.value()));
+            let (edge, class) = k.value();
+            out.push((edge.to_owned(), class, v.value()));
         }
         Ok(out)
     }
@@ -194,9 +198,10 @@ impl Command {
                 out.extend_from_slice(&partition.to_be_bytes());
                 out.extend_from_slice(&offset.to_be_bytes());
             }
-            Command::CommitEdge { edge, seq } => {
+            Command::CommitEdge { edge, class, seq } => {
                 out.push(4);
                 put_str(&mut out, edge);
+                out.push(*class);
                 out.extend_from_slice(&seq.to_be_bytes());
             }
         }
@@ -234,6 +239,7 @@ impl Command {
             },
             4 => Command::CommitEdge {
                 edge: string(&mut b)?,
+                class: *take(&mut b, 1)?.first()?,
                 seq: u64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?),
             },
             _ => return None,
@@ -312,11 +318,18 @@ mod tests {
             },
             Command::CommitEdge {
                 edge: "gw1".into(),
+                class: 0,
                 seq: 100,
             },
             Command::CommitEdge {
                 edge: "gw1".into(),
+                class: 0,
                 seq: 90,
+            },
+            Command::CommitEdge {
+                edge: "gw1".into(),
+                class: 7,
+                seq: 3,
             },
         ]
     }
@@ -360,7 +373,7 @@ mod tests {
             );
             assert_eq!(
                 meta.edges().expect("edges"),
-                vec![("gw1".to_owned(), 100)],
+                vec![("gw1".to_owned(), 0, 100), ("gw1".to_owned(), 7, 3)],
                 "never backwards"
             );
         }

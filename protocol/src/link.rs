@@ -7,7 +7,9 @@
 //! while a frame is incomplete.
 //!
 //! Records travel as Kafka v2 record batches (`crate::kafka::batch`), the unit of the cloud's
-//! log: a batch's record at offset delta `i` has the per-edge sequence number `first_seq + i`.
+//! log. A record's offset in the batch (base offset + offset delta) is its sequence number:
+//! per edge and priority class, increasing, with gaps where the edge dropped records
+//! (`drop_oldest`) or sent them in another class.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -38,19 +40,22 @@ pub enum Frame {
     Welcome {
         version: u16,
         max_frame_bytes: u32,
-        /// The highest sequence of this edge committed to the log: the edge resumes after it.
-        committed_seq: u64,
         /// Bytes of `Batch` frames the edge may send before more credit comes.
         credit_bytes: u64,
+        /// Per priority class the cloud knows for this edge, the highest sequence committed
+        /// to the log: the edge resumes after it (a class not listed: after 0).
+        committed: Vec<(u8, u64)>,
     },
-    /// Edge → cloud: records `first_seq ..= first_seq + count - 1`, as one record batch.
-    Batch { first_seq: u64, batch: Bytes },
-    /// Cloud → edge: every record up to `committed_seq` is durable in the cloud's log.
-    Ack { committed_seq: u64 },
+    /// Edge → cloud: records of one priority class, as one record batch whose record offsets
+    /// are their sequence numbers.
+    Batch { class: u8, batch: Bytes },
+    /// Cloud → edge: every record of `class` up to `committed_seq` is durable in the log.
+    Ack { class: u8, committed_seq: u64 },
     /// Cloud → edge: `bytes` more of `Batch` frames may be sent.
     Credit { bytes: u64 },
-    /// Cloud → edge: messages to publish on the edge, `first_seq ..` in downlink order.
-    Down { first_seq: u64, batch: Bytes },
+    /// Cloud → edge: messages to publish on the edge, as one record batch whose record
+    /// offsets are their downlink sequence numbers.
+    Down { batch: Bytes },
     /// Edge → cloud: every downlink message up to `seq` is applied on the edge.
     DownAck { seq: u64 },
     /// Either way: the sender closes the link, and why.
@@ -155,21 +160,32 @@ impl Frame {
             Frame::Welcome {
                 version,
                 max_frame_bytes,
-                committed_seq,
                 credit_bytes,
+                committed,
             } => {
                 buf.put_u16(*version);
                 buf.put_u32(*max_frame_bytes);
-                buf.put_u64(*committed_seq);
                 buf.put_u64(*credit_bytes);
+                // At most 256 classes exist; a longer list cannot be made by the cloud.
+                buf.put_u16(committed.len().min(256) as u16);
+                for (class, seq) in committed.iter().take(256) {
+                    buf.put_u8(*class);
+                    buf.put_u64(*seq);
+                }
             }
-            Frame::Batch { first_seq, batch } | Frame::Down { first_seq, batch } => {
-                buf.put_u64(*first_seq);
+            Frame::Batch { class, batch } => {
+                buf.put_u8(*class);
                 buf.put_slice(batch);
             }
-            Frame::Ack { committed_seq: n }
-            | Frame::Credit { bytes: n }
-            | Frame::DownAck { seq: n } => {
+            Frame::Down { batch } => buf.put_slice(batch),
+            Frame::Ack {
+                class,
+                committed_seq,
+            } => {
+                buf.put_u8(*class);
+                buf.put_u64(*committed_seq);
+            }
+            Frame::Credit { bytes: n } | Frame::DownAck { seq: n } => {
                 buf.put_u64(*n);
             }
             Frame::GoAway { code, reason } => {
@@ -184,7 +200,8 @@ impl Frame {
 
 /// Takes one whole frame off the front of `buf`: `Ok(None)` (nothing consumed) while it is
 /// incomplete. A frame longer than `max_frame_bytes` is refused from its length alone.
-/// `Batch` and `Down` bodies must be one whole record batch with a valid CRC.
+/// `Batch` and `Down` bodies must be one whole record batch with a valid CRC, whose offsets
+/// (sequence numbers) start at 1 or later.
 pub fn decode(buf: &mut BytesMut, max_frame_bytes: usize) -> Result<Option<Frame>, LinkError> {
     if buf.len() < LENGTH_BYTES {
         return Ok(None);
@@ -242,39 +259,57 @@ fn parse(kind: u8, mut b: Bytes) -> Result<Frame, LinkError> {
             }
         }
         WELCOME => {
-            need(&b, 2 + 4 + 8 + 8)?;
+            need(&b, 2 + 4 + 8 + 2)?;
+            let (version, max_frame_bytes, credit_bytes) = (b.get_u16(), b.get_u32(), b.get_u64());
+            let n = b.get_u16() as usize;
+            if n > 256 {
+                return Err(short("more than 256 classes"));
+            }
+            need(&b, n * 9)?;
+            let committed = (0..n).map(|_| (b.get_u8(), b.get_u64())).collect();
             Frame::Welcome {
-                version: b.get_u16(),
-                max_frame_bytes: b.get_u32(),
-                committed_seq: b.get_u64(),
-                credit_bytes: b.get_u64(),
+                version,
+                max_frame_bytes,
+                credit_bytes,
+                committed,
             }
         }
         BATCH | DOWN => {
-            need(&b, 8)?;
-            let first_seq = b.get_u64();
+            let class = if kind == BATCH {
+                need(&b, 1)?;
+                b.get_u8()
+            } else {
+                0
+            };
             let batch = b.split_to(b.len());
             let h = batch::verify_crc(&batch)
                 .map_err(|error| LinkError::BadBatch { frame: name, error })?;
             if h.total_len() != batch.len() {
                 return Err(short("bytes after the record batch"));
             }
-            if first_seq == 0 {
+            if h.base_offset < 1 {
                 return Err(short("sequence numbers start at 1"));
             }
             if kind == BATCH {
-                Frame::Batch { first_seq, batch }
+                Frame::Batch { class, batch }
             } else {
-                Frame::Down { first_seq, batch }
+                Frame::Down { batch }
             }
         }
-        ACK | CREDIT | DOWN_ACK => {
+        ACK => {
+            need(&b, 9)?;
+            Frame::Ack {
+                class: b.get_u8(),
+                committed_seq: b.get_u64(),
+            }
+        }
+        CREDIT | DOWN_ACK => {
             need(&b, 8)?;
             let n = b.get_u64();
-            match kind {
-                ACK => Frame::Ack { committed_seq: n },
-                CREDIT => Frame::Credit { bytes: n },
-                _ => Frame::DownAck { seq: n },
+            if kind == CREDIT {
+                Frame::Credit { bytes: n }
+            } else {
+                Frame::DownAck { seq: n }
             }
         }
         _ => {
@@ -316,11 +351,15 @@ mod tests {
     use super::*;
     use crate::kafka::BatchBuilder;
 
-    fn a_batch() -> Bytes {
+    fn a_batch_at(first_seq: i64) -> Bytes {
         let mut b = BatchBuilder::new(1_000);
         b.push(1_000, Some(b"sensors/t1"), Some(b"21.5"), &[]);
-        b.push(1_001, Some(b"sensors/t2"), Some(b"19.0"), &[]);
-        b.finish(0)
+        b.push_at(3, 1_001, Some(b"sensors/t2"), Some(b"19.0"), &[]);
+        b.finish(first_seq)
+    }
+
+    fn a_batch() -> Bytes {
+        a_batch_at(42)
     }
 
     fn every_frame() -> Vec<Frame> {
@@ -334,19 +373,19 @@ mod tests {
             Frame::Welcome {
                 version: VERSION,
                 max_frame_bytes: 4 << 20,
-                committed_seq: 41,
                 credit_bytes: 8 << 20,
+                committed: vec![(0, 41), (9, 40)],
             },
             Frame::Batch {
-                first_seq: 42,
+                class: 9,
                 batch: a_batch(),
             },
-            Frame::Ack { committed_seq: 43 },
+            Frame::Ack {
+                class: 9,
+                committed_seq: 45,
+            },
             Frame::Credit { bytes: 65_536 },
-            Frame::Down {
-                first_seq: 8,
-                batch: a_batch(),
-            },
+            Frame::Down { batch: a_batch() },
             Frame::DownAck { seq: 8 },
             Frame::GoAway {
                 code: GoAwayCode::Denied,
@@ -393,12 +432,21 @@ mod tests {
         let mut unknown = BytesMut::from(&[0, 0, 0, 1, 99][..]);
         assert_eq!(decode(&mut unknown, 1024), Err(LinkError::UnknownType(99)));
         let mut short_ack = BytesMut::from(&[0, 0, 0, 3, ACK, 0, 0][..]);
+        let mut many = BytesMut::from(&[0, 0, 0, 17, WELCOME, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1][..]);
+        assert!(matches!(
+            decode(&mut many, 1024),
+            Err(LinkError::Malformed { what: "more than 256 classes", .. })
+        ));
         assert!(matches!(
             decode(&mut short_ack, 1024),
             Err(LinkError::Malformed { frame: "ACK", .. })
         ));
         let mut long_ack = BytesMut::new();
-        Frame::Ack { committed_seq: 1 }.encode(&mut long_ack);
+        Frame::Ack {
+            class: 0,
+            committed_seq: 1,
+        }
+        .encode(&mut long_ack);
         long_ack.put_u8(0);
         long_ack[3] += 1;
         assert!(matches!(
@@ -413,7 +461,7 @@ mod tests {
         // A batch whose CRC fails is not taken.
         let mut frame = BytesMut::new();
         Frame::Batch {
-            first_seq: 1,
+            class: 0,
             batch: a_batch(),
         }
         .encode(&mut frame);
@@ -425,8 +473,8 @@ mod tests {
         ));
         let mut zero = BytesMut::new();
         Frame::Batch {
-            first_seq: 0,
-            batch: a_batch(),
+            class: 0,
+            batch: a_batch_at(0),
         }
         .encode(&mut zero);
         assert!(matches!(

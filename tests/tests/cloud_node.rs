@@ -327,16 +327,16 @@ async fn records_from_an_edge_reach_cloud_subscribers_once_through_the_same_path
     let batch: Vec<_> = (1..=20).map(record).collect();
     assert_eq!(
         node.ingest
-            .ingest("gw1", batch.clone())
+            .ingest("gw1", 0, batch.clone())
             .await
             .expect("ingest"),
         20
     );
     // The edge did not hear the answer and sends it all again, then one more.
-    assert_eq!(node.ingest.ingest("gw1", batch).await.expect("resend"), 20);
+    assert_eq!(node.ingest.ingest("gw1", 0, batch).await.expect("resend"), 20);
     assert_eq!(
         node.ingest
-            .ingest("gw1", vec![record(21)])
+            .ingest("gw1", 0, vec![record(21)])
             .await
             .expect("ingest"),
         21

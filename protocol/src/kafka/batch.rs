@@ -261,6 +261,8 @@ pub struct Header<'a> {
 pub struct BatchBuilder {
     buf: BytesMut,
     count: i32,
+    /// The offset delta of the last record pushed (-1: none).
+    last_delta: i32,
     base_timestamp: i64,
     max_timestamp: i64,
     producer_id: i64,
@@ -282,6 +284,7 @@ impl BatchBuilder {
         Self {
             buf,
             count: 0,
+            last_delta: -1,
             base_timestamp,
             max_timestamp: base_timestamp,
             producer_id: -1,
@@ -314,7 +317,8 @@ impl BatchBuilder {
         self.buf.len()
     }
 
-    /// Appends a record. Its offset is the batch's base offset plus its index.
+    /// Appends a record. Its offset is one past the previous record's (the batch's base
+    /// offset for the first).
     pub fn push(
         &mut self,
         timestamp: i64,
@@ -322,8 +326,30 @@ impl BatchBuilder {
         value: Option<&[u8]>,
         headers: &[Header<'_>],
     ) {
+        self.push_at(self.last_delta + 1, timestamp, key, value, headers);
+    }
+
+    /// Appends a record at offset delta `offset_delta`, which must be above the previous
+    /// record's: offsets may have gaps, as in a compacted Kafka topic (the link uses them
+    /// for sequence numbers).
+    ///
+    /// # Panics
+    /// If `offset_delta` is not above the previous record's.
+    pub fn push_at(
+        &mut self,
+        offset_delta: i32,
+        timestamp: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[Header<'_>],
+    ) {
+        assert!(
+            offset_delta > self.last_delta,
+            "offset deltas must increase"
+        );
+        self.last_delta = offset_delta;
         let ts_delta = timestamp - self.base_timestamp;
-        let offset_delta = i64::from(self.count);
+        let offset_delta = i64::from(offset_delta);
         let bytes_len =
             |b: Option<&[u8]>| b.map_or(varint_len(-1), |b| varint_len(b.len() as i64) + b.len());
         let mut body = 1 + varint_len(ts_delta) + varint_len(offset_delta);
@@ -386,7 +412,7 @@ impl BatchBuilder {
         h.put_u8(MAGIC);
         h.put_u32(0); // CRC, below
         h.put_i16(0); // attributes: no compression, create time, not transactional
-        h.put_i32((self.count - 1).max(0));
+        h.put_i32(self.last_delta.max(0));
         h.put_i64(self.base_timestamp);
         h.put_i64(self.max_timestamp);
         h.put_i64(self.producer_id);

@@ -11,7 +11,8 @@
 //! | `mqtt.correlation_data` | bytes |
 //! | any other name not starting with `ferry.` | an MQTT 5 user property, in order |
 //!
-//! `ferry.*` headers are Ferry's own (`ferry.edge`, `ferry.seq`, `ferry.client`); the cloud
+//! `ferry.*` headers are Ferry's own (`ferry.edge`, `ferry.seq`, `ferry.class` when not 0,
+//! `ferry.client`); the cloud
 //! sets them and never takes them from an edge.
 
 use bytes::Bytes;
@@ -67,6 +68,8 @@ pub struct MqttMeta {
     pub properties: Properties,
     pub edge: Option<String>,
     pub seq: Option<u64>,
+    /// The edge's priority class of the record (`ferry.class`; 0 when absent).
+    pub class: u8,
     /// The cloud MQTT client that published it.
     pub client: Option<String>,
 }
@@ -80,6 +83,7 @@ pub fn read_headers(headers: &[Header<'_>]) -> Option<MqttMeta> {
         properties: Properties::default(),
         edge: None,
         seq: None,
+        class: 0,
         client: None,
     };
     for h in headers {
@@ -101,6 +105,7 @@ pub fn read_headers(headers: &[Header<'_>]) -> Option<MqttMeta> {
             }
             "ferry.edge" => m.edge = Some(text()?),
             "ferry.seq" => m.seq = Some(text()?.parse().ok()?),
+            "ferry.class" => m.class = text()?.parse().ok()?,
             "ferry.client" => m.client = Some(text()?),
             k if k.starts_with("ferry.") || k.starts_with("mqtt.") => {}
             k => m.properties.user_properties.push((k.to_owned(), text()?)),
