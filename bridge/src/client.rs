@@ -36,7 +36,11 @@ pub trait Outbox: Send + Sync + 'static {
     /// Records of the highest class that has records after its cursor, in sequence order,
     /// about `max_bytes` of them (at least one). None if there is nothing to send. May
     /// block on the disk: the link calls it off the runtime.
-    fn read(&self, after: &Cursors, max_bytes: usize) -> Result<Option<(u8, Vec<OutRecord>)>, String>;
+    fn read(
+        &self,
+        after: &Cursors,
+        max_bytes: usize,
+    ) -> Result<Option<(u8, Vec<OutRecord>)>, String>;
     /// The cloud has every record of `class` up to `seq` durable: they may be deleted.
     fn acked(&self, class: u8, seq: u64);
     /// Notified when records were added.
@@ -191,13 +195,18 @@ pub async fn run(
         debug!(?wait, "reconnecting after");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => {
+            _ = stopped(&mut stop) => {
                 endpoint.close(0u32.into(), b"shutdown");
                 return;
             }
         }
         backoff = (backoff * 2).min(config.backoff_max);
     }
+}
+
+/// Completes when `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn seed() -> u64 {
@@ -244,14 +253,21 @@ impl Session<'_> {
         let host = self.config.server_name.clone().unwrap_or_else(|| {
             let cloud = &self.config.cloud;
             let host = cloud.rsplit_once(':').map_or(cloud.as_str(), |(h, _)| h);
-            host.trim_start_matches('[').trim_end_matches(']').to_owned()
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
         });
         let connecting = endpoint
             .connect_with(quic_config.clone(), addr, &host)
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        // A cloud that is down does not answer at all: give up well before the idle timeout.
+        let connect_timeout = self.config.timeouts.idle.min(CONNECT_TIMEOUT);
         let conn = tokio::select! {
-            c = connecting => c.map_err(|e| format!("cannot connect to {addr}: {e}"))?,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            c = tokio::time::timeout(connect_timeout, connecting) => match c {
+                Ok(c) => c.map_err(|e| format!("cannot connect to {addr}: {e}"))?,
+                Err(_) => return Err(format!("no answer from {addr} in {connect_timeout:?}")),
+            },
+            _ = stopped(stop) => return Ok(()),
         };
         let result = self.converse(&conn, stop).await;
         match &result {
@@ -427,7 +443,7 @@ impl Session<'_> {
                         ));
                     }
                 }
-                _ = stop.wait_for(|s| *s) => {
+                _ = stopped(stop) => {
                     let _ = writer
                         .send(&Frame::GoAway {
                             code: GoAwayCode::Shutdown,
@@ -441,6 +457,9 @@ impl Session<'_> {
         }
     }
 }
+
+/// The longest wait for the cloud to answer a connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The largest frame the edge takes from the cloud.
 const MAX_FRAME_BYTES: usize = 4 << 20;
@@ -511,7 +530,13 @@ mod tests {
 
     #[test]
     fn record_offsets_are_sequence_numbers_and_a_gap_too_wide_starts_a_new_batch() {
-        let recs = vec![rec(5), rec(6), rec(9), rec(9 + (1 << 31)), rec(10 + (1 << 31))];
+        let recs = vec![
+            rec(5),
+            rec(6),
+            rec(9),
+            rec(9 + (1 << 31)),
+            rec(10 + (1 << 31)),
+        ];
         for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
             let out = batches(&recs, compression);
             assert_eq!(out.len(), 2);

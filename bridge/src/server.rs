@@ -30,8 +30,12 @@ pub trait Sink: Send + Sync + 'static {
     /// Appends the records of these batches (in order, one class) not yet in the log, and
     /// returns the class's committed sequence once they are durable. An error means none
     /// of them is acknowledged; the link is closed and the edge sends them again.
-    fn ingest(&self, edge: String, class: u8, batches: Vec<Bytes>)
-        -> BoxFuture<'static, Result<u64, String>>;
+    fn ingest(
+        &self,
+        edge: String,
+        class: u8,
+        batches: Vec<Bytes>,
+    ) -> BoxFuture<'static, Result<u64, String>>;
 }
 
 /// `[link]` of the cloud, as the server takes it.

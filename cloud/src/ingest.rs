@@ -244,7 +244,10 @@ impl Ingest {
             if class != 0 {
                 record.headers.insert(
                     after_edge + 1,
-                    (CLASS_HEADER.to_owned(), Some(Bytes::from(class.to_string()))),
+                    (
+                        CLASS_HEADER.to_owned(),
+                        Some(Bytes::from(class.to_string())),
+                    ),
                 );
             }
             match groups.iter_mut().find(|(k, _)| *k == key) {
@@ -414,7 +417,10 @@ mod tests {
         let n = node(&dir, true);
         let batch: Vec<_> = (1..=10).map(|s| rec(s, "t")).collect();
         assert_eq!(
-            n.ingest.ingest("gw1", 0, batch.clone()).await.expect("ingest"),
+            n.ingest
+                .ingest("gw1", 0, batch.clone())
+                .await
+                .expect("ingest"),
             10
         );
         assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 10);

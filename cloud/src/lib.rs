@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod ingest;
+pub mod link;
 pub mod log;
 pub mod meta;
 pub mod node;

@@ -114,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
     info!(
         addrs = ?node.mqtt_addrs(),
         admin_addrs = ?admin_addr.into_iter().collect::<Vec<_>>(),
+        link_addrs = ?node.link.as_ref().map(|l| l.local_addr()).into_iter().collect::<Vec<_>>(),
         "ferry-cloud ready"
     );
     let reloader = node.clone();
@@ -141,6 +142,12 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old rules"),
             }
+            if let Some(link) = &reloader.link {
+                match link.reload_deny() {
+                    Ok(n) => info!(entries = n, "SIGHUP: deny list reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old deny list"),
+                }
+            }
         }
     });
     tokio::select! {
@@ -149,6 +156,10 @@ async fn main() -> anyhow::Result<()> {
         e = node.mqtt.failed() => anyhow::bail!("stopped: {e}"),
     }
     info!("shutting down");
+    if let Some(link) = &node.link {
+        // Edges reconnect and resume from what is committed.
+        link.close();
+    }
     let _ = stop_tx.send(());
     // Connections close; appends in flight finish (the appender answers them) meanwhile.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

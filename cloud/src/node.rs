@@ -61,6 +61,8 @@ pub struct CloudConfig {
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
     pub admin: AdminConfig,
+    /// `[link]`: where edges connect (QUIC). Default none: no link listener.
+    pub link: Option<crate::link::LinkConfig>,
 }
 
 /// `[admin]`: the admin HTTP listener (JSON API and `/metrics`, see [`crate::admin`]).
@@ -85,6 +87,7 @@ impl Default for CloudConfig {
             log: LogConfig::default(),
             routes: Vec::new(),
             admin: AdminConfig::default(),
+            link: None,
         }
     }
 }
@@ -152,6 +155,8 @@ pub enum NodeError {
     Server(#[from] StartError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("link: {0}")]
+    Link(#[from] ferry_bridge::server::StartError),
 }
 
 /// A running node.
@@ -161,6 +166,8 @@ pub struct Node {
     pub meta: Arc<Meta>,
     pub ingest: Arc<Ingest>,
     pub mqtt: Server,
+    /// The link listener, with `[link]`.
+    pub link: Option<Arc<ferry_bridge::server::LinkServer>>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
 }
@@ -241,6 +248,13 @@ impl Node {
         add_streams(&meta, &log, &routes, &config.log.streams)?;
         let routes = Arc::new(RouteTable::new(routes));
         let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
+        let link = match &config.link {
+            Some(c) => Some(ferry_bridge::server::LinkServer::start(
+                c.server_config(),
+                Arc::new(crate::link::IngestSink(ingest.clone())),
+            )?),
+            None => None,
+        };
 
         let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
         let sent: Arc<Mutex<VecDeque<(String, u32, i64)>>> = Arc::default();
@@ -297,6 +311,7 @@ impl Node {
             meta,
             ingest,
             mqtt,
+            link,
             routes,
             stream_defaults: config.log.streams,
         })

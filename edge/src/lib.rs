@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod link;
 pub mod metrics;
 pub mod server;
 pub mod store;

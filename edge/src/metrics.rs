@@ -26,7 +26,13 @@ pub async fn serve(addr: SocketAddr, server: Server) -> std::io::Result<SocketAd
                 return Response::status("404 Not Found");
             }
             match server.metrics().await {
-                Some((stats, commits)) => Response::metrics(render(&stats, &commits)),
+                Some((stats, commits)) => {
+                    let mut page = render(&stats, &commits);
+                    if let Some(link) = server.link_status() {
+                        page.push_str(&render_link(&link));
+                    }
+                    Response::metrics(page)
+                }
                 None => Response::status("503 Service Unavailable"),
             }
         }
@@ -258,6 +264,63 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
         out,
         "# HELP ferry_edge_store_commit_seconds_max Longest storage commit since start.\n# TYPE ferry_edge_store_commit_seconds_max gauge\nferry_edge_store_commit_seconds_max {}",
         c.max.as_secs_f64()
+    );
+    out
+}
+
+/// The link's metrics (`[uplink] cloud` set).
+pub fn render_link(l: &ferry_bridge::client::LinkStats) -> String {
+    use ferry_bridge::client::LinkState;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP ferry_edge_link_state 1 for the link's current state.\n# TYPE ferry_edge_link_state gauge"
+    );
+    for state in [
+        LinkState::Down,
+        LinkState::Connecting,
+        LinkState::Up,
+        LinkState::Stalled,
+    ] {
+        let _ = writeln!(
+            out,
+            "ferry_edge_link_state{{state=\"{}\"}} {}",
+            state.name(),
+            u8::from(l.state == state)
+        );
+    }
+    for (name, help, value) in [
+        ("link_connects_total", "Links established.", l.connects),
+        (
+            "link_batches_sent_total",
+            "Record batches sent.",
+            l.batches_sent,
+        ),
+        (
+            "link_records_sent_total",
+            "Records sent (resends count again).",
+            l.records_sent,
+        ),
+        (
+            "link_batch_bytes_sent_total",
+            "Bytes of BATCH frames sent (compressed records and framing).",
+            l.batch_bytes_sent,
+        ),
+        (
+            "link_records_acked_total",
+            "Records the cloud acknowledged as durable (its rate is the drain rate).",
+            l.records_acked,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP ferry_edge_{name} {help}\n# TYPE ferry_edge_{name} counter\nferry_edge_{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ferry_edge_link_last_ack_timestamp_seconds When the cloud last acknowledged records (0: never).\n# TYPE ferry_edge_link_last_ack_timestamp_seconds gauge\nferry_edge_link_last_ack_timestamp_seconds {}",
+        l.last_ack_unix_ms as f64 / 1000.0
     );
     out
 }

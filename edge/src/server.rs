@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats};
+use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats, StoreOp};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 
@@ -87,11 +87,19 @@ async fn next_delivery(log: &mut Option<LogHooks>) -> Option<Arc<Message>> {
 
 /// Messages into the router thread.
 enum ToRouter {
-    Register { conn: ConnId, wire: Arc<Wire> },
+    Register {
+        conn: ConnId,
+        wire: Arc<Wire>,
+    },
     SetAuth(Arc<Auth>),
     Input(Input),
     Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
     Clients(tokio::sync::oneshot::Sender<Vec<ClientInfo>>),
+    /// The cloud has the outbox's class `priority` up to `seq`: delete it.
+    OutboxAck {
+        priority: u8,
+        seq: u64,
+    },
 }
 
 /// Storage commits made by the router: how many and how long they took.
@@ -187,6 +195,7 @@ pub struct Server {
     tls_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
     failed: watch::Receiver<Option<String>>,
+    link: Option<Arc<ferry_bridge::client::LinkStatus>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -224,6 +233,12 @@ impl Server {
         broker.set_auth(Arc::new(config.load_auth()?));
         broker.set_uplink(crate::uplink::UplinkRules::new(&config.uplink)?);
         broker.restore(store.load()?, Instant::now());
+        let (outbox_acks_tx, outbox_acks) = mpsc::unbounded_channel();
+        let outbox = Arc::new(crate::link::EdgeOutbox {
+            reader: store.outbox_reader(),
+            acks: outbox_acks_tx,
+            added: Arc::new(tokio::sync::Notify::new()),
+        });
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
             listeners.push((TcpListener::bind(addr).await?, Transport::Tcp));
@@ -248,10 +263,16 @@ impl Server {
         let (failed_tx, failed) = watch::channel(None);
         let (credit_tx, credit_rx) = mpsc::unbounded_channel();
         let (acks_tx, acks_rx) = mpsc::channel(ACK_LANE);
+        let lanes = Lanes {
+            credit: credit_rx,
+            acks: acks_rx,
+            outbox_acks,
+            outbox_added: outbox.added.clone(),
+        };
         std::thread::Builder::new()
             .name("ferry-router".into())
             .spawn(move || {
-                if let Err(e) = router(broker, store, log, from_conns, credit_rx, acks_rx) {
+                if let Err(e) = router(broker, store, log, from_conns, lanes) {
                     tracing::error!(error = %e, "storage failed; the broker stops");
                     let _ = failed_tx.send(Some(e.to_string()));
                 }
@@ -307,13 +328,21 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
+        let link = crate::link::client_config(&config.uplink)
+            .map(|c| crate::link::start(c, outbox, stop_rx.clone()));
         Ok(Self {
             to_router,
             local_addrs,
             tls_addrs,
             ws_addrs,
             failed,
+            link,
         })
+    }
+
+    /// The link to the cloud, if `[uplink] cloud` is set.
+    pub fn link_status(&self) -> Option<ferry_bridge::client::LinkStats> {
+        self.link.as_ref().map(|l| l.get())
     }
 
     /// Completes if the broker stopped because storage failed; the error says why.
@@ -934,8 +963,7 @@ fn router(
     store: Store,
     log: Option<LogHooks>,
     rx: mpsc::Receiver<ToRouter>,
-    credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
-    acks: mpsc::Receiver<(ConnId, Packet)>,
+    lanes: Lanes,
 ) -> Result<(), StoreError> {
     // A runtime of its own, on this thread only: the router may block on a commit without
     // holding up the connections' tasks.
@@ -945,7 +973,19 @@ fn router(
             table: "-",
             what: format!("cannot start the router: {e}"),
         })?;
-    runtime.block_on(route_loop(broker, store, log, rx, credit, acks))
+    runtime.block_on(route_loop(broker, store, log, rx, lanes))
+}
+
+/// The router's inputs beside the main channel, served first.
+struct Lanes {
+    /// Writers' credit back.
+    credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
+    /// Subscribers' PUBACK/PUBREC/PUBCOMP.
+    acks: mpsc::Receiver<(ConnId, Packet)>,
+    /// The cloud's acknowledgements of the outbox: (class, seq).
+    outbox_acks: mpsc::UnboundedReceiver<(u8, u64)>,
+    /// Woken after a commit that added records to the outbox.
+    outbox_added: Arc<tokio::sync::Notify>,
 }
 
 async fn route_loop(
@@ -953,9 +993,16 @@ async fn route_loop(
     store: Store,
     mut log: Option<LogHooks>,
     mut rx: mpsc::Receiver<ToRouter>,
-    mut credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
-    mut acks: mpsc::Receiver<(ConnId, Packet)>,
+    lanes: Lanes,
 ) -> Result<(), StoreError> {
+    let Lanes {
+        mut credit,
+        mut acks,
+        mut outbox_acks,
+        outbox_added,
+    } = lanes;
+    // Outbox deletes waiting for the next commit.
+    let mut deletes: Vec<StoreOp> = Vec::new();
     let mut conns: HashMap<ConnId, Arc<Wire>> = HashMap::new();
     let mut actions = Vec::new();
     // Connections whose reader ended; their handles go after this batch's actions went out,
@@ -969,6 +1016,7 @@ async fn route_loop(
             biased;
             Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
             Some((conn, packet)) = acks.recv() => ToRouter::Input(Input::Packet { conn, packet }),
+            Some((priority, seq)) = outbox_acks.recv() => ToRouter::OutboxAck { priority, seq },
             Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
                 ToRouter::Input(Input::Deliver(msg))
             }
@@ -1003,6 +1051,12 @@ async fn route_loop(
                 ToRouter::Clients(reply) => {
                     let _ = reply.send(broker.clients());
                 }
+                ToRouter::OutboxAck { priority, seq } => {
+                    deletes.push(StoreOp::OutboxDelete { priority, seq });
+                }
+            }
+            while let Ok((priority, seq)) = outbox_acks.try_recv() {
+                deletes.push(StoreOp::OutboxDelete { priority, seq });
             }
             while let Ok((conn, packets)) = credit.try_recv() {
                 broker.handle(Input::Written { conn, packets }, now, &mut actions);
@@ -1031,10 +1085,15 @@ async fn route_loop(
                 (log.append)(appends).await.map_err(StoreError::Log)?;
             }
         }
-        let ops = broker.take_store_ops();
+        let mut ops = broker.take_store_ops();
+        ops.append(&mut deletes);
         if !ops.is_empty() {
             let started = Instant::now();
-            store.apply(&ops)?;
+            let removed = store.apply(&ops)?;
+            broker.outbox_removed(removed);
+            if ops.iter().any(|op| matches!(op, StoreOp::OutboxPut { .. })) {
+                outbox_added.notify_one();
+            }
             let took = started.elapsed();
             commits.commits += 1;
             commits.total += took;

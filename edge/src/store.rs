@@ -31,8 +31,8 @@ const QUEUE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("que
 const QOS2: TableDefinition<'_, (&str, u16), ()> = TableDefinition::new("qos2_in");
 /// topic → message record.
 const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
-/// (priority, seq) → message for the cloud (as in `retained`), in sending order within a
-/// priority class.
+/// (priority, seq) → when it was accepted (u64 Unix ms) and the message for the cloud (as
+/// in `retained`), in sending order within a priority class.
 const OUTBOX: TableDefinition<'_, (u8, u64), &[u8]> = TableDefinition::new("outbox");
 /// The outbox's totals, kept with it so that start-up need not read it: "records",
 /// "bytes", "last_seq".
@@ -65,7 +65,7 @@ fn dberr(e: impl Into<redb::Error>) -> StoreError {
 
 /// The database, and whether each commit waits for the disk.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     fsync: bool,
 }
 
@@ -98,9 +98,16 @@ impl Store {
         txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
         Ok(Self {
-            db: database,
+            db: Arc::new(database),
             fsync,
         })
+    }
+
+    /// A handle that reads the outbox for the link, beside the router's commits.
+    pub(crate) fn outbox_reader(&self) -> OutboxReader {
+        OutboxReader {
+            db: self.db.clone(),
+        }
     }
 
     /// Everything stored, for [`crate::broker::Broker`] to restore at start-up.
@@ -163,10 +170,12 @@ impl Store {
         Ok(snapshot)
     }
 
-    /// Applies `ops` in order in one write transaction.
-    pub(crate) fn apply(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+    /// Applies `ops` in order in one write transaction; returns what it deleted from the
+    /// outbox.
+    pub(crate) fn apply(&self, ops: &[StoreOp]) -> Result<OutboxTotals, StoreError> {
+        let mut outbox_removed = OutboxTotals::default();
         if ops.is_empty() {
-            return Ok(());
+            return Ok(outbox_removed);
         }
         let clock = Clock::now();
         let mut txn = self.db.begin_write().map_err(dberr)?;
@@ -243,21 +252,42 @@ impl Store {
                             .map_err(dberr)?;
                     }
                     StoreOp::OutboxPut { priority, seq, msg } => {
+                        buf.put_u64(clock.unix_ms);
                         write_message(&mut buf, msg, &clock);
                         outbox.insert((*priority, *seq), &buf[..]).map_err(dberr)?;
                         outbox_added.records += 1;
                         outbox_added.bytes += crate::broker::outbox_cost(msg);
                         outbox_added.last_seq = outbox_added.last_seq.max(*seq);
                     }
+                    StoreOp::OutboxDelete { priority, seq } => {
+                        let mut bad = None;
+                        outbox
+                            .retain_in((*priority, 0)..=(*priority, *seq), |_, value| {
+                                match read_outbox(value, &clock) {
+                                    Ok((_, msg)) => {
+                                        outbox_removed.records += 1;
+                                        outbox_removed.bytes += crate::broker::outbox_cost(&msg);
+                                    }
+                                    Err(e) => bad = Some(e),
+                                }
+                                false
+                            })
+                            .map_err(dberr)?;
+                        if let Some(e) = bad {
+                            return Err(e);
+                        }
+                    }
                 }
             }
-            if outbox_added.records > 0 {
+            if outbox_added.records > 0 || outbox_removed.records > 0 {
                 let mut totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
                 let get = |t: &redb::Table<'_, &str, u64>, k: &str| -> Result<u64, StoreError> {
                     Ok(t.get(k).map_err(dberr)?.map_or(0, |v| v.value()))
                 };
-                let records = get(&totals, "records")? + outbox_added.records;
-                let bytes = get(&totals, "bytes")? + outbox_added.bytes;
+                let records = (get(&totals, "records")? + outbox_added.records)
+                    .saturating_sub(outbox_removed.records);
+                let bytes = (get(&totals, "bytes")? + outbox_added.bytes)
+                    .saturating_sub(outbox_removed.bytes);
                 let last_seq = get(&totals, "last_seq")?.max(outbox_added.last_seq);
                 totals.insert("records", records).map_err(dberr)?;
                 totals.insert("bytes", bytes).map_err(dberr)?;
@@ -265,8 +295,88 @@ impl Store {
             }
         }
         txn.commit().map_err(dberr)?;
-        Ok(())
+        Ok(outbox_removed)
     }
+}
+
+/// Reads the outbox for the link, in its own read transactions (they see only committed
+/// records and never block the router's commits).
+#[derive(Clone)]
+pub(crate) struct OutboxReader {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for OutboxReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxReader").finish_non_exhaustive()
+    }
+}
+
+/// A message of the outbox as the link sends it.
+#[derive(Debug)]
+pub(crate) struct OutboxEntry {
+    pub(crate) seq: u64,
+    pub(crate) accepted_unix_ms: u64,
+    pub(crate) msg: Message,
+    /// The Message Expiry Interval it was published with, counted from `accepted_unix_ms`.
+    pub(crate) expiry_secs: Option<u32>,
+}
+
+impl OutboxReader {
+    /// Records of the highest priority class that has any after its cursor in `after`, in
+    /// sequence order, about `max_bytes` of them (at least one).
+    pub(crate) fn read(
+        &self,
+        after: &[u64; 256],
+        max_bytes: usize,
+    ) -> Result<Option<(u8, Vec<OutboxEntry>)>, StoreError> {
+        let clock = Clock::now();
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let outbox = txn.open_table(OUTBOX).map_err(dberr)?;
+        // Walk down the classes present, from the highest, to one with records to send.
+        let mut last = outbox.last().map_err(dberr)?.map(|(k, _)| k.value());
+        while let Some((class, seq)) = last {
+            let cursor = after[class as usize];
+            if seq > cursor {
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for row in outbox
+                    .range((class, cursor + 1)..=(class, u64::MAX))
+                    .map_err(dberr)?
+                {
+                    let (k, v) = row.map_err(dberr)?;
+                    let (accepted_unix_ms, msg) = read_outbox(v.value(), &clock)?;
+                    bytes += crate::broker::outbox_cost(&msg) as usize;
+                    let expiry_secs = msg.expires_at.map(|at| {
+                        let ends = clock.unix_ms_of(at);
+                        ends.saturating_sub(accepted_unix_ms).div_ceil(1000) as u32
+                    });
+                    out.push(OutboxEntry {
+                        seq: k.value().1,
+                        accepted_unix_ms,
+                        msg,
+                        expiry_secs,
+                    });
+                    if bytes >= max_bytes {
+                        break;
+                    }
+                }
+                return Ok(Some((class, out)));
+            }
+            last = match outbox.range(..(class, 0)).map_err(dberr)?.next_back() {
+                Some(row) => Some(row.map_err(dberr)?.0.value()),
+                None => None,
+            };
+        }
+        Ok(None)
+    }
+}
+
+fn read_outbox(value: &[u8], clock: &Clock) -> Result<(u64, Message), StoreError> {
+    let mut r = Bytes::copy_from_slice(value);
+    need(&r, 8, "outbox")?;
+    let accepted = r.get_u64();
+    Ok((accepted, read_message(&mut r, clock, "outbox")?))
 }
 
 /// Instants do not survive a restart; expiry times are stored as Unix milliseconds.

@@ -3,6 +3,10 @@
 //!
 //! ```toml
 //! [uplink]
+//! cloud = "cloud.example.com:7883" # the cloud's link listener (UDP); no link without it
+//! ca_file = "/etc/ferry/link/ca.crt"
+//! cert_file = "/etc/ferry/link/gw-1.crt"   # this edge's identity (ferry-cloud pki issue-edge)
+//! key_file = "/etc/ferry/link/gw-1.key"
 //! max_outbox_bytes = 268435456     # 256 MiB
 //! full_policy = "reject_new"
 //!
@@ -14,7 +18,8 @@
 //!
 //! A QoS ≥ 1 message that matches a route is durable in the outbox before its PUBACK leaves
 //! (the broker emits it in the same group commit as its other durable state). The link
-//! (step 4) sends the outbox and deletes what the cloud acknowledged.
+//! (`ferry_bridge::client`, wired in [`crate::link`]) sends the outbox, highest priority
+//! first and in order within a priority, and deletes what the cloud acknowledged.
 
 use ferry_protocol::mqtt::QoS;
 use ferry_protocol::topic::{TopicFilter, TopicName};
@@ -24,6 +29,28 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UplinkConfig {
+    /// `host:port` of the cloud's link listener. Without it nothing is sent: the outbox
+    /// fills up to its budget.
+    pub cloud: Option<String>,
+    /// The name the cloud's certificate must carry. Default: the host of `cloud`.
+    pub server_name: Option<String>,
+    /// The link CA's certificate, this edge's certificate and key (PEM). Required with
+    /// `cloud`.
+    pub ca_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+    /// Compression of record batches on the link: `lz4` (default), `zstd` or `none`.
+    pub compression: LinkCompression,
+    /// Seconds without traffic before a keepalive (default 10) and before the link is
+    /// declared dead (default 30).
+    pub keepalive_secs: u64,
+    pub idle_timeout_secs: u64,
+    /// A link with records unacknowledged for this long is reported stalled and
+    /// reconnected. Default 30.
+    pub stall_timeout_secs: u64,
+    /// The longest wait between two connection attempts while the cloud is away (the wait
+    /// starts at 0.2 s and doubles, with jitter). Default 30.
+    pub reconnect_max_secs: u64,
     /// Bytes (topic + payload + ~40 of bookkeeping per record) the outbox may hold while the
     /// cloud is away. Default 256 MiB, on disk (the outbox is not held in memory).
     pub max_outbox_bytes: u64,
@@ -36,11 +63,31 @@ pub struct UplinkConfig {
 impl Default for UplinkConfig {
     fn default() -> Self {
         Self {
+            cloud: None,
+            server_name: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            compression: LinkCompression::Lz4,
+            keepalive_secs: 10,
+            idle_timeout_secs: 30,
+            stall_timeout_secs: 30,
+            reconnect_max_secs: 30,
             max_outbox_bytes: 256 << 20,
             full_policy: FullPolicy::RejectNew,
             route: Vec::new(),
         }
     }
+}
+
+/// Record batch compression on the link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkCompression {
+    None,
+    #[default]
+    Lz4,
+    Zstd,
 }
 
 /// The outbox's policy when it is full.
@@ -81,6 +128,8 @@ pub enum UplinkError {
     },
     #[error("uplink route {index}: qos must be 1 or 2 (QoS 0 is never stored)")]
     BadQos { index: usize },
+    #[error("[uplink] cloud is set: {0} is required too")]
+    Missing(&'static str),
 }
 
 /// The compiled rules the broker applies.
@@ -114,6 +163,17 @@ impl UplinkRules {
                 _ => return Err(UplinkError::BadQos { index }),
             };
             routes.push((filter, qos, r.priority));
+        }
+        if config.cloud.is_some() {
+            for (set, name) in [
+                (config.ca_file.is_some(), "ca_file"),
+                (config.cert_file.is_some(), "cert_file"),
+                (config.key_file.is_some(), "key_file"),
+            ] {
+                if !set {
+                    return Err(UplinkError::Missing(name));
+                }
+            }
         }
         Ok(Self {
             routes,

@@ -432,10 +432,17 @@ mod tests {
         let mut unknown = BytesMut::from(&[0, 0, 0, 1, 99][..]);
         assert_eq!(decode(&mut unknown, 1024), Err(LinkError::UnknownType(99)));
         let mut short_ack = BytesMut::from(&[0, 0, 0, 3, ACK, 0, 0][..]);
-        let mut many = BytesMut::from(&[0, 0, 0, 17, WELCOME, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1][..]);
+        let mut many = BytesMut::from(
+            &[
+                0, 0, 0, 17, WELCOME, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1,
+            ][..],
+        );
         assert!(matches!(
             decode(&mut many, 1024),
-            Err(LinkError::Malformed { what: "more than 256 classes", .. })
+            Err(LinkError::Malformed {
+                what: "more than 256 classes",
+                ..
+            })
         ));
         assert!(matches!(
             decode(&mut short_ack, 1024),

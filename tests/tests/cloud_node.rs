@@ -333,7 +333,10 @@ async fn records_from_an_edge_reach_cloud_subscribers_once_through_the_same_path
         20
     );
     // The edge did not hear the answer and sends it all again, then one more.
-    assert_eq!(node.ingest.ingest("gw1", 0, batch).await.expect("resend"), 20);
+    assert_eq!(
+        node.ingest.ingest("gw1", 0, batch).await.expect("resend"),
+        20
+    );
     assert_eq!(
         node.ingest
             .ingest("gw1", 0, vec![record(21)])

@@ -263,6 +263,12 @@ pub(crate) enum StoreOp {
         seq: u64,
         msg: Arc<Message>,
     },
+    /// The cloud has every record of class `priority` up to `seq`: delete them (the store
+    /// reports what it removed, for [`Broker::outbox_removed`]).
+    OutboxDelete {
+        priority: u8,
+        seq: u64,
+    },
 }
 
 /// Where a stored delivery stands.
@@ -383,6 +389,13 @@ impl Broker {
             uplink: UplinkRules::default(),
             outbox: OutboxTotals::default(),
         }
+    }
+
+    /// The store deleted these from the outbox (acknowledged by the cloud): they no longer
+    /// count against its budget.
+    pub(crate) fn outbox_removed(&mut self, removed: OutboxTotals) {
+        self.outbox.records = self.outbox.records.saturating_sub(removed.records);
+        self.outbox.bytes = self.outbox.bytes.saturating_sub(removed.bytes);
     }
 
     /// Sets what goes up to the cloud (at start-up).

@@ -1,0 +1,108 @@
+//! The edge's link to the cloud: its outbox (the `outbox` table of [`crate::store`]) as
+//! `ferry_bridge::client` reads it, and the link started from `[uplink]`.
+//!
+//! The link reads committed records in its own read transactions; what the cloud
+//! acknowledged goes to the router, which deletes it in its next group commit (and takes it
+//! off the outbox's budget). The router wakes the link when a commit added records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_bridge::client::{ClientConfig, Cursors, LinkStatus, OutRecord, Outbox};
+use ferry_bridge::quic::{Timeouts, TlsFiles};
+use ferry_protocol::kafka::mqtt::message_headers;
+use ferry_protocol::kafka::Compression;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::store::OutboxReader;
+use crate::uplink::{LinkCompression, UplinkConfig};
+
+/// The outbox as the link sees it.
+#[derive(Debug)]
+pub(crate) struct EdgeOutbox {
+    pub(crate) reader: OutboxReader,
+    /// (class, seq) acknowledged by the cloud, to the router.
+    pub(crate) acks: mpsc::UnboundedSender<(u8, u64)>,
+    pub(crate) added: Arc<Notify>,
+}
+
+impl Outbox for EdgeOutbox {
+    fn read(
+        &self,
+        after: &Cursors,
+        max_bytes: usize,
+    ) -> Result<Option<(u8, Vec<OutRecord>)>, String> {
+        let Some((class, entries)) = self
+            .reader
+            .read(after, max_bytes)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let records = entries
+            .into_iter()
+            .map(|e| {
+                let mut properties = e.msg.properties.clone();
+                properties.message_expiry_interval_secs = e.expiry_secs;
+                OutRecord {
+                    seq: e.seq,
+                    timestamp_ms: e.accepted_unix_ms as i64,
+                    topic: e.msg.topic.as_str().to_owned(),
+                    payload: e.msg.payload.clone(),
+                    headers: message_headers(e.msg.qos, e.msg.retain, &properties),
+                }
+            })
+            .collect();
+        Ok(Some((class, records)))
+    }
+
+    fn acked(&self, class: u8, seq: u64) {
+        // The router is gone only when the broker stopped; the cloud resends nothing that
+        // is committed, so a lost delete is redone after the next WELCOME.
+        let _ = self.acks.send((class, seq));
+    }
+
+    fn added(&self) -> Arc<Notify> {
+        self.added.clone()
+    }
+}
+
+/// The link's settings from `[uplink]`; None without `cloud`.
+pub fn client_config(uplink: &UplinkConfig) -> Option<ClientConfig> {
+    let cloud = uplink.cloud.clone()?;
+    let tls = TlsFiles {
+        ca_file: uplink.ca_file.clone()?,
+        cert_file: uplink.cert_file.clone()?,
+        key_file: uplink.key_file.clone()?,
+    };
+    let mut config = ClientConfig::new(cloud, tls);
+    config.server_name = uplink.server_name.clone();
+    config.compression = match uplink.compression {
+        LinkCompression::None => Compression::None,
+        LinkCompression::Lz4 => Compression::Lz4,
+        LinkCompression::Zstd => Compression::Zstd,
+    };
+    config.timeouts = Timeouts {
+        keepalive: Duration::from_secs(uplink.keepalive_secs.max(1)),
+        idle: Duration::from_secs(uplink.idle_timeout_secs.max(2)),
+    };
+    config.stall_timeout = Duration::from_secs(uplink.stall_timeout_secs.max(1));
+    config.backoff_max = Duration::from_secs(uplink.reconnect_max_secs.max(1));
+    Some(config)
+}
+
+/// Starts the link in the background; it runs until `stop` turns true.
+pub(crate) fn start(
+    config: ClientConfig,
+    outbox: Arc<EdgeOutbox>,
+    stop: watch::Receiver<bool>,
+) -> Arc<LinkStatus> {
+    let status = Arc::new(LinkStatus::default());
+    tokio::spawn(ferry_bridge::client::run(
+        config,
+        outbox,
+        status.clone(),
+        stop,
+    ));
+    status
+}

@@ -1,0 +1,306 @@
+//! The link, end to end, with real processes: a `ferry-edge` sends its outbox over QUIC to a
+//! `ferry-cloud`; publishers and subscribers are rumqttc; the cloud's log is read back after
+//! the run and counted.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_cloud::log::Storage;
+use ferry_protocol::kafka::{records, BatchHeader};
+use ferry_tests::clients::next_incoming;
+use ferry_tests::process::{binary, temp_dir, Edge};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+
+/// A cloud and an edge that may run: certificates, configurations, data directories.
+struct Site {
+    dir: PathBuf,
+    cloud_config: PathBuf,
+    edge_config: PathBuf,
+}
+
+impl Site {
+    /// Certificates from `ferry-cloud pki`, a link port chosen now (the edge must know it
+    /// before the cloud runs), and the configurations. `uplink` is added to `[uplink]`.
+    fn new(what: &str, uplink: &str) -> Self {
+        let dir = temp_dir(what);
+        let pki = dir.join("pki");
+        let bin = binary("ferry-cloud", "ferry-cloud");
+        for args in [
+            &["init"][..],
+            &["issue-edge", "gw-1"][..],
+            &["issue-node", "localhost"][..],
+        ] {
+            let out = Command::new(&bin)
+                .arg("pki")
+                .args(args)
+                .arg("--dir")
+                .arg(&pki)
+                .output()
+                .expect("ferry-cloud pki runs");
+            assert!(out.status.success(), "pki {args:?}: {out:?}");
+        }
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a free UDP port")
+            .port();
+        let p = |rel: &str| pki.join(rel).display().to_string();
+        let cloud_config = dir.join("cloud.toml");
+        std::fs::write(
+            &cloud_config,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [link]\nlisten = \"127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+                 deny_file = \"{}\"\n",
+                p("ca.crt"),
+                p("nodes/localhost.crt"),
+                p("nodes/localhost.key"),
+                dir.join("deny.txt").display(),
+            ),
+        )
+        .expect("write the cloud's configuration");
+        let edge_config = dir.join("edge.toml");
+        std::fs::write(
+            &edge_config,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\nmetrics_listen = \"127.0.0.1:0\"\n\
+                 [uplink]\ncloud = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
+                 ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+                 reconnect_max_secs = 1\nidle_timeout_secs = 5\n{uplink}\n\
+                 [[uplink.route]]\nfilter = \"sensors/#\"\n",
+                p("ca.crt"),
+                p("edges/gw-1.crt"),
+                p("edges/gw-1.key"),
+            ),
+        )
+        .expect("write the edge's configuration");
+        Self {
+            dir,
+            cloud_config,
+            edge_config,
+        }
+    }
+
+    fn cloud(&self) -> Edge {
+        Edge::cloud_in(
+            &self.dir.join("cloud"),
+            &["--config", self.cloud_config.to_str().expect("utf8")],
+        )
+    }
+
+    fn edge(&self) -> Edge {
+        Edge::start_in(
+            &self.dir.join("edge"),
+            &["--config", self.edge_config.to_str().expect("utf8")],
+        )
+    }
+
+    /// The payloads of the cloud's `mqtt` stream, in log order (the cloud must be stopped).
+    fn cloud_log(&self) -> Vec<String> {
+        let log = ferry_cloud::log::SegmentLog::open(&self.dir.join("cloud/log"), true, 16)
+            .expect("the cloud's log opens");
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            let r = log.read("mqtt", 0, offset, 1 << 20).expect("read the log");
+            if r.batches.is_empty() {
+                return out;
+            }
+            let mut at = 0;
+            while at < r.batches.len() {
+                let h = BatchHeader::parse(&r.batches[at..]).expect("batch header");
+                for rec in records(&r.batches[at..]).expect("records") {
+                    let rec = rec.expect("record");
+                    assert_eq!(rec.key, Some(&b"gw-1/sensors/t"[..]));
+                    out.push(String::from_utf8_lossy(rec.value.unwrap_or_default()).into_owned());
+                }
+                offset = h.last_offset() + 1;
+                at += h.total_len();
+            }
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A metric of a process's `/metrics` page.
+fn metric(process: &Edge, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(process.metrics_addr().expect("metrics"))
+        .expect("connect to metrics");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut page = String::new();
+    stream.read_to_string(&mut page).expect("read");
+    page.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {page}"))
+        .parse::<f64>()
+        .expect("a number") as u64
+}
+
+/// Waits until `f` holds, up to `secs`.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A persistent session on the cloud subscribed to everything of gw-1, then gone: it gets
+/// what the log takes while it is away.
+async fn register_cloud_subscriber(cloud: &Edge) {
+    let mut opts = MqttOptions::new("cloud-sub", "127.0.0.1", cloud.port());
+    opts.set_clean_session(false);
+    let (sub, mut ev) = AsyncClient::new(opts, 10);
+    sub.subscribe("gw-1/#", QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    while !matches!(next_incoming(&mut ev, "suback").await, Incoming::SubAck(_)) {}
+    sub.disconnect().await.expect("queue disconnect");
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ev.poll()).await {}
+}
+
+/// Publishes the numbers of `range` (as text) at QoS 1 to `sensors/t` on the edge; returns
+/// how many were acknowledged (all of them, or it panics).
+async fn publish(edge_port: u16, range: std::ops::Range<usize>) -> usize {
+    let mut opts = MqttOptions::new("sensor", "127.0.0.1", edge_port);
+    opts.set_inflight(100);
+    let (client, mut ev) = AsyncClient::new(opts, 200);
+    let n = range.len();
+    tokio::spawn(async move {
+        for i in range {
+            if client
+                .publish("sensors/t", QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let Incoming::PubAck(_) = next_incoming(&mut ev, "acks keep coming").await {
+            acked += 1;
+        }
+    }
+    acked
+}
+
+/// Receives on the registered persistent session until it has been quiet for `quiet`.
+async fn receive_all(cloud: &Edge, quiet: Duration) -> Vec<String> {
+    let mut opts = MqttOptions::new("cloud-sub", "127.0.0.1", cloud.port());
+    opts.set_clean_session(false);
+    opts.set_inflight(1000);
+    let (_sub, mut ev) = AsyncClient::new(opts, 1000);
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(quiet, ev.poll()).await {
+            Err(_) => return got,
+            Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
+                assert_eq!(p.topic, "gw-1/sensors/t");
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("cloud subscriber: {e}"),
+        }
+    }
+}
+
+fn numbers(n: usize) -> Vec<String> {
+    (0..n).map(|i| i.to_string()).collect()
+}
+
+/// 100,000 QoS 1 messages published to the edge while the cloud is down; then the cloud
+/// starts: a cloud subscriber receives all of them, in order, none twice; the cloud's log
+/// has each once; the edge's outbox is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_made_while_the_cloud_is_down_arrives_once_in_order() {
+    const N: usize = 100_000;
+    let site = Site::new("link-backlog", "");
+    let cloud = site.cloud();
+    register_cloud_subscriber(&cloud).await;
+    assert!(cloud.terminate().success());
+
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..N).await, N);
+    assert_eq!(metric(&edge, "ferry_edge_outbox_records"), N as u64);
+
+    let cloud = site.cloud();
+    let got = receive_all(&cloud, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), N, "every message, none twice");
+    assert!(got == numbers(N), "in order");
+    wait_until(10, "the outbox is emptied", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    assert_eq!(metric(&edge, "ferry_edge_outbox_bytes"), 0);
+    assert!(metric(&edge, "ferry_edge_link_records_acked_total") >= N as u64);
+    drop(edge);
+    assert!(cloud.terminate().success());
+    assert!(
+        site.cloud_log() == numbers(N),
+        "the log has each message once, in order"
+    );
+}
+
+/// kill -9 of the edge while it sends, then of the cloud: every message the edge
+/// acknowledged is in the cloud's log exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_either_end_mid_stream_loses_and_duplicates_nothing() {
+    let site = Site::new("link-kill", "");
+    let cloud = site.cloud();
+    let edge = site.edge();
+    // The edge dies while its link is sending.
+    let acked = publish(edge.port(), 0..20_000).await;
+    edge.kill();
+    let edge = site.edge();
+    // The cloud dies while the edge is sending.
+    let acked2 = publish(edge.port(), 20_000..40_000).await;
+    cloud.kill();
+    let acked3 = publish(edge.port(), 40_000..50_000).await;
+    let cloud = site.cloud();
+    assert_eq!(acked + acked2 + acked3, 50_000);
+    wait_until(60, "the outbox is emptied", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    drop(edge);
+    assert!(cloud.terminate().success());
+    let log = site.cloud_log();
+    assert_eq!(log.len(), 50_000, "each acknowledged message once");
+    assert!(log == numbers(50_000), "in order");
+}
+
+/// The cloud takes the edge's identity from its certificate; an edge on the deny list is
+/// refused, and let in again when the list is changed and reloaded (SIGHUP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_edge_is_refused_until_the_deny_list_lets_it_in() {
+    let site = Site::new("link-deny", "");
+    std::fs::write(site.dir.join("deny.txt"), "# revoked\ngw-1\n").expect("deny list");
+    let cloud = site.cloud();
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..100).await, 100);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        metric(&edge, "ferry_edge_outbox_records"),
+        100,
+        "nothing taken from a denied edge"
+    );
+    assert_eq!(metric(&edge, "ferry_edge_link_records_acked_total"), 0);
+    std::fs::write(site.dir.join("deny.txt"), "# nobody\n").expect("deny list");
+    let status = Command::new("kill")
+        .args(["-HUP", &cloud.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    wait_until(20, "the outbox is emptied", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    drop(edge);
+    assert!(cloud.terminate().success());
+    assert!(site.cloud_log() == numbers(100));
+}
