@@ -27,16 +27,16 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Sink: Send + Sync + 'static {
     /// Per priority class, the highest sequence of `edge` committed to the log.
     fn committed(&self, edge: &str) -> Vec<(u8, u64)>;
-    /// Appends the records of these batches (in order, one class) not yet in the log, and
-    /// returns the class's committed sequence once they are durable. An error means none
-    /// of them is acknowledged; the link is closed and the edge sends them again.
-    fn ingest(
-        &self,
-        edge: String,
-        class: u8,
-        batches: Vec<Bytes>,
-    ) -> BoxFuture<'static, Result<u64, String>>;
+    /// Appends the records of these batches (in order, one class) not yet in the log. The
+    /// future completes once they are durable in the log, with a second future that makes
+    /// the class's committed sequence durable and returns it (the link appends the next
+    /// batches meanwhile). An error means none of them is acknowledged; the link is closed
+    /// and the edge sends them again.
+    fn ingest(&self, edge: String, class: u8, batches: Vec<Bytes>) -> BoxFuture<'static, Appended>;
 }
+
+/// What [`Sink::ingest`] gives: the records are in the log; the commit is to run.
+pub type Appended = Result<BoxFuture<'static, Result<u64, String>>, String>;
 
 /// `[link]` of the cloud, as the server takes it.
 #[derive(Debug, Clone)]
@@ -326,13 +326,25 @@ async fn converse(
         .await
         .map_err(|e| e.to_string())?;
     info!(edge, "edge linked");
-    // The reader queues batches (bounded by the credit given: an edge that sends more is
+    // One task writes: ACK and CREDIT from the acker, a last GOAWAY.
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let writing = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            if writer.send(&frame).await.is_err() {
+                return;
+            }
+        }
+        writer.finish();
+    });
+    // The receiver queues batches (bounded by the credit given: an edge that sends more is
     // closed); the ingester appends them in order, as many of a class at a time as are
-    // queued, and acknowledges.
+    // queued; each group's metadata commit runs while the next group is appended, and the
+    // acker answers them in order.
     let (batches_tx, mut batches) = mpsc::unbounded_channel::<(u8, Bytes, u64)>();
+    let (commits_tx, mut commits) = mpsc::unbounded_channel::<Committing>();
     let outstanding = Arc::new(AtomicU64::new(0));
     let ingester = {
-        let (server, edge, outstanding) = (server.clone(), edge.to_owned(), outstanding.clone());
+        let (server, edge) = (server.clone(), edge.to_owned());
         async move {
             let mut next = None;
             loop {
@@ -340,7 +352,7 @@ async fn converse(
                     Some(item) => item,
                     None => match batches.recv().await {
                         Some(item) => item,
-                        None => break,
+                        None => return Ok(()),
                     },
                 };
                 let class = first.0;
@@ -359,11 +371,73 @@ async fn converse(
                         Err(_) => break,
                     }
                 }
-                let returned = ingest(&server, &edge, id, class, group, &mut writer).await?;
-                outstanding.fetch_sub(returned, Ordering::Relaxed);
+                let returned = group.iter().map(|(_, _, wire)| wire).sum();
+                let records = group
+                    .iter()
+                    .filter_map(|(_, b, _)| ferry_protocol::kafka::BatchHeader::parse(b).ok())
+                    .map(|h| h.records_count.max(0) as u64)
+                    .sum();
+                let group = group.into_iter().map(|(_, b, _)| b).collect();
+                let commit = server
+                    .sink
+                    .ingest(edge.clone(), class, group)
+                    .await
+                    .map_err(|why| format!("ingest failed: {why}"))?;
+                let committing = Committing {
+                    class,
+                    commit,
+                    returned,
+                    records,
+                };
+                if commits_tx.send(committing).is_err() {
+                    return Ok(());
+                }
             }
-            writer.finish();
-            Ok::<(), String>(())
+        }
+    };
+    let acker = {
+        let (server, edge, out, outstanding) = (
+            server.clone(),
+            edge.to_owned(),
+            out.clone(),
+            outstanding.clone(),
+        );
+        async move {
+            while let Some(first) = commits.recv().await {
+                // Everything appended meanwhile is acknowledged with one metadata commit
+                // per class: the newest one's (sequences only grow).
+                let mut ready = vec![first];
+                while let Ok(c) = commits.try_recv() {
+                    ready.push(c);
+                }
+                let returned: u64 = ready.iter().map(|c| c.returned).sum();
+                let records: u64 = ready.iter().map(|c| c.records).sum();
+                let mut newest: Vec<Committing> = Vec::new();
+                for c in ready {
+                    match newest.iter_mut().find(|n| n.class == c.class) {
+                        Some(n) => *n = c,
+                        None => newest.push(c),
+                    }
+                }
+                for c in newest {
+                    let committed = c
+                        .commit
+                        .await
+                        .map_err(|why| format!("ingest failed: {why}"))?;
+                    let _ = out.send(Frame::Ack {
+                        class: c.class,
+                        committed_seq: committed,
+                    });
+                }
+                let _ = out.send(Frame::Credit { bytes: returned });
+                outstanding.fetch_sub(returned, Ordering::Relaxed);
+                server.update(&edge, id, |e| {
+                    e.records += records;
+                    e.batch_bytes += returned;
+                    e.last_ack_unix_ms = now_ms();
+                });
+            }
+            Ok(())
         }
     };
     let limit = server.config.credit_bytes + server.config.max_frame_bytes as u64;
@@ -389,59 +463,33 @@ async fn converse(
             }
         }
     };
-    tokio::select! {
+    let result: Result<(), String> = tokio::select! {
         r = ingester => r,
+        r = acker => r,
         r = receiver => r,
+    };
+    if let Err(why) = &result {
+        if why.starts_with("ingest failed") {
+            let _ = out.send(Frame::GoAway {
+                code: GoAwayCode::Unavailable,
+                reason: why.clone(),
+            });
+        }
     }
+    drop(out);
+    // What is queued (a last ACK, the GOAWAY) goes out before the connection closes.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writing).await;
+    result
+}
+
+/// A group appended to the log, its metadata commit to run.
+struct Committing {
+    class: u8,
+    commit: BoxFuture<'static, Result<u64, String>>,
+    /// Credit to give back once acknowledged.
+    returned: u64,
+    records: u64,
 }
 
 /// Up to this many bytes of batches go to the ingest path in one call.
 const GROUP_BYTES: usize = 4 << 20;
-
-/// Appends one group of batches of a class and answers ACK and CREDIT; returns the credit
-/// given back.
-async fn ingest(
-    server: &Arc<LinkServer>,
-    edge: &str,
-    id: u64,
-    class: u8,
-    group: Vec<(u8, Bytes, u64)>,
-    writer: &mut FrameWriter,
-) -> Result<u64, String> {
-    let returned: u64 = group.iter().map(|(_, _, wire)| wire).sum();
-    let records: u64 = group
-        .iter()
-        .filter_map(|(_, b, _)| ferry_protocol::kafka::BatchHeader::parse(b).ok())
-        .map(|h| h.records_count.max(0) as u64)
-        .sum();
-    let batches = group.into_iter().map(|(_, b, _)| b).collect();
-    let committed = match server.sink.ingest(edge.to_owned(), class, batches).await {
-        Ok(c) => c,
-        Err(why) => {
-            let _ = writer
-                .send(&Frame::GoAway {
-                    code: GoAwayCode::Unavailable,
-                    reason: why.clone(),
-                })
-                .await;
-            return Err(format!("ingest failed: {why}"));
-        }
-    };
-    writer
-        .send(&Frame::Ack {
-            class,
-            committed_seq: committed,
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    writer
-        .send(&Frame::Credit { bytes: returned })
-        .await
-        .map_err(|e| e.to_string())?;
-    server.update(edge, id, |e| {
-        e.records += records;
-        e.batch_bytes += returned;
-        e.last_ack_unix_ms = now_ms();
-    });
-    Ok(returned)
-}

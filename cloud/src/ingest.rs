@@ -187,13 +187,27 @@ impl Ingest {
 
     /// Appends the records of `edge`'s class `class` not yet in the log, and returns the
     /// class's committed sequence once they (and it) are durable. Records must be in
-    /// sequence order.
+    /// sequence order. [`Ingest::append`] then [`Ingest::commit`].
     pub async fn ingest(
         &self,
         edge: &str,
         class: u8,
         batch: Vec<EdgeRecord>,
     ) -> Result<u64, IngestError> {
+        let appended = self.append(edge, class, batch).await?;
+        self.commit(appended).await
+    }
+
+    /// The first half of [`Ingest::ingest`]: returns once the new records are durable in
+    /// the log. The next batch of the edge may be appended while this one's
+    /// [`Ingest::commit`] runs (a lagging committed sequence only makes a resend start
+    /// earlier, and the per-partition state drops what is already in the log).
+    pub async fn append(
+        &self,
+        edge: &str,
+        class: u8,
+        batch: Vec<EdgeRecord>,
+    ) -> Result<Appended, IngestError> {
         let lane: Lane = (edge.to_owned(), class);
         let edge_lock = {
             let mut locks = self.edge_locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,7 +270,7 @@ impl Ingest {
             }
         }
         if previous == committed {
-            return Ok(committed);
+            return Ok(Appended { lane, seq: None });
         }
         // Drop what a partition already has, then append to every partition at once.
         let mut appends = Vec::new();
@@ -306,18 +320,45 @@ impl Ingest {
         if let Some(e) = first_error {
             return Err(e.into());
         }
+        Ok(Appended {
+            lane,
+            seq: Some(previous),
+        })
+    }
+
+    /// The second half of [`Ingest::ingest`]: makes the lane's committed sequence durable
+    /// in the metadata (never backwards) and returns it.
+    pub async fn commit(&self, appended: Appended) -> Result<u64, IngestError> {
+        let Appended {
+            lane: (edge, class),
+            seq,
+        } = appended;
+        let Some(seq) = seq else {
+            return Ok(self.committed(&edge, class));
+        };
         let meta = self.meta.clone();
         let command = Command::CommitEdge {
-            edge: edge.to_owned(),
+            edge: edge.clone(),
             class,
-            seq: previous,
+            seq,
         };
         tokio::task::spawn_blocking(move || meta.apply(&[command]))
             .await
             .map_err(|e| MetaError::Corrupt(format!("metadata commit did not finish: {e}")))??;
-        self.lock().committed.insert(lane, previous);
-        Ok(previous)
+        let mut state = self.lock();
+        let committed = state.committed.entry((edge, class)).or_insert(0);
+        *committed = (*committed).max(seq);
+        Ok(*committed)
     }
+}
+
+/// Records of a lane durable in the log, their sequence not yet committed in the metadata.
+#[derive(Debug)]
+#[must_use = "the committed sequence moves only with Ingest::commit"]
+pub struct Appended {
+    lane: Lane,
+    /// The highest sequence appended; None if the batch had nothing new.
+    seq: Option<u64>,
 }
 
 fn lane_and_seq(headers: &[ferry_protocol::kafka::Header<'_>]) -> Option<(Lane, u64)> {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_bridge::server::{BoxFuture, ServerConfig, Sink};
+use ferry_bridge::server::{Appended, BoxFuture, ServerConfig, Sink};
 use ferry_protocol::kafka::batch::{records, uncompressed};
 use ferry_protocol::kafka::mqtt::read_headers;
 use ferry_protocol::topic::TopicName;
@@ -101,22 +101,20 @@ impl Sink for IngestSink {
         self.0.committed_classes(edge)
     }
 
-    fn ingest(
-        &self,
-        edge: String,
-        class: u8,
-        batches: Vec<Bytes>,
-    ) -> BoxFuture<'static, Result<u64, String>> {
+    fn ingest(&self, edge: String, class: u8, batches: Vec<Bytes>) -> BoxFuture<'static, Appended> {
         let ingest = self.0.clone();
         Box::pin(async move {
             let mut recs = Vec::new();
             for b in &batches {
                 edge_records(b, &mut recs).map_err(|e| format!("edge {edge}: {e}"))?;
             }
-            ingest
-                .ingest(&edge, class, recs)
+            let appended = ingest
+                .append(&edge, class, recs)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let commit: BoxFuture<'static, Result<u64, String>> =
+                Box::pin(async move { ingest.commit(appended).await.map_err(|e| e.to_string()) });
+            Ok(commit)
         })
     }
 }

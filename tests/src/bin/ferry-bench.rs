@@ -5,6 +5,8 @@
 //! ferry-bench fan-out --port 1883 --subscribers 4 --qos 0 --payload 100 --secs 10
 //! ferry-bench latency --port 1883 --rate 5000 --qos 0 --payload 100 --secs 10
 //! ferry-bench idle    --port 1883 --connections 1000 --pid $(pidof ferry-edge) --secs 5
+//! ferry-bench fill    --port 1883 --publishers 4 --count 1000000 --qos 1 --topic up/bench   # random text payloads
+//! ferry-bench latency --port 1883 --qos 1 --topic up/lat --sub-port 1884 --sub-filter gw-1/up/lat
 //! ```
 //!
 //! `--persistent` (fan-in): the subscriber's session outlives its connection, so a broker
@@ -17,8 +19,10 @@
 //! fixed rate, one subscriber; the payload carries the send time; percentiles of the
 //! one-way delay (same machine, same clock). idle: N clients connect, subscribe to a topic
 //! each and stay quiet; with `--pid` the broker's resident memory (VmRSS) is read before they
-//! connect and after they have been idle for `--secs`. Every client sets TCP_NODELAY; MQTT
-//! 3.1.1.
+//! connect and after they have been idle for `--secs`. fill: N publishers send `--count`
+//! messages in all to `--topic` as fast as they are acknowledged, then stop (to make a
+//! backlog). latency with `--sub-port`/`--sub-filter`: the subscriber is on another broker
+//! (an edge's messages read on the cloud). Every client sets TCP_NODELAY; MQTT 3.1.1.
 
 use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,11 +56,18 @@ struct Args {
     persistent: bool,
     /// idle: the broker's process id, to read its resident memory from /proc.
     pid: Option<u32>,
+    /// fill: messages in all.
+    count: u64,
+    /// fill, latency: the topic published to.
+    topic: Option<String>,
+    /// latency: the subscriber's broker port (default `port`) and filter (default the topic).
+    sub_port: Option<u16>,
+    sub_filter: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
-    let mode = it.next().ok_or("usage: ferry-bench fan-in|fan-out|latency|idle [--host H] [--port P] [--publishers N|--subscribers N|--connections N] [--pid BROKER_PID] [--qos Q] [--payload BYTES] [--secs S] [--rate MSG_PER_SEC]")?;
+    let mode = it.next().ok_or("usage: ferry-bench fan-in|fan-out|latency|idle|fill [--host H] [--port P] [--publishers N|--subscribers N|--connections N] [--pid BROKER_PID] [--qos Q] [--payload BYTES] [--secs S] [--rate MSG_PER_SEC] [--count N] [--topic T] [--sub-port P] [--sub-filter F]")?;
     let mut a = Args {
         mode,
         host: "127.0.0.1".into(),
@@ -68,6 +79,10 @@ fn parse() -> Result<Args, String> {
         rate: 5000,
         persistent: false,
         pid: None,
+        count: 100_000,
+        topic: None,
+        sub_port: None,
+        sub_filter: None,
     };
     while let Some(flag) = it.next() {
         if flag == "--persistent" {
@@ -85,6 +100,10 @@ fn parse() -> Result<Args, String> {
             "--payload" => a.payload = num(&value)? as usize,
             "--secs" => a.secs = num(&value)?,
             "--rate" => a.rate = num(&value)?,
+            "--count" => a.count = num(&value)?,
+            "--topic" => a.topic = Some(value),
+            "--sub-port" => a.sub_port = Some(num(&value)? as u16),
+            "--sub-filter" => a.sub_filter = Some(value),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -105,6 +124,7 @@ async fn main() {
         "fan-out" => fan_out(&args).await,
         "latency" => latency(&args).await,
         "idle" => idle(&args).await,
+        "fill" => fill(&args).await,
         other => Err(format!("unknown mode {other}")),
     };
     if let Err(e) = result {
@@ -124,7 +144,16 @@ impl Conn {
     }
 
     async fn open_with(args: &Args, client_id: &str, clean: bool) -> Result<Self, String> {
-        let stream = TcpStream::connect((args.host.as_str(), args.port))
+        Self::open_port(args, args.port, client_id, clean).await
+    }
+
+    async fn open_port(
+        args: &Args,
+        port: u16,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<Self, String> {
+        let stream = TcpStream::connect((args.host.as_str(), port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -403,8 +432,16 @@ async fn latency(args: &Args) -> Result<(), String> {
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
-    let mut sub = Conn::open(args, "bench-lat-sub").await?;
-    sub.subscribe("bench/lat", args.qos).await?;
+    let topic = args.topic.clone().unwrap_or_else(|| "bench/lat".into());
+    let mut sub = Conn::open_port(
+        args,
+        args.sub_port.unwrap_or(args.port),
+        "bench-lat-sub",
+        true,
+    )
+    .await?;
+    sub.subscribe(args.sub_filter.as_deref().unwrap_or(&topic), args.qos)
+        .await?;
     let samples = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let collected = samples.clone();
     let receiver = tokio::spawn(receive(sub, stop.clone(), received.clone(), move |p| {
@@ -418,7 +455,7 @@ async fn latency(args: &Args) -> Result<(), String> {
         }
     }));
     let mut conn = Conn::open(args, "bench-lat-pub").await?;
-    let topic = TopicName::new("bench/lat").map_err(|e| e.to_string())?;
+    let topic = TopicName::new(topic).map_err(|e| e.to_string())?;
     let total = args.rate * args.secs;
     let interval = Duration::from_nanos(1_000_000_000 / args.rate.max(1));
     let start = tokio::time::Instant::now();
@@ -468,6 +505,118 @@ async fn latency(args: &Args) -> Result<(), String> {
         pct(0.999),
         s.last().copied().unwrap_or(0) as f64 / 1000.0,
     );
+    Ok(())
+}
+
+/// fill: `--count` messages in all from `--publishers` connections, each waiting for its
+/// acknowledgements within a window; reports the rate.
+async fn fill(args: &Args) -> Result<(), String> {
+    let topic = TopicName::new(args.topic.clone().unwrap_or_else(|| "bench/fill".into()))
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let n = args.clients.max(1) as u64;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let share = args.count / n + u64::from(i < args.count % n);
+        let conn = Conn::open(args, &format!("bench-fill-{i}")).await?;
+        tasks.push(tokio::spawn(publish_count(
+            conn,
+            topic.clone(),
+            args.qos,
+            args.payload,
+            share,
+        )));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "fill qos={} publishers={} payload={}B: {} messages acknowledged in {:.2} s ({:.0} msg/s)",
+        args.qos as u8,
+        n,
+        args.payload,
+        args.count,
+        secs,
+        args.count as f64 / secs
+    );
+    Ok(())
+}
+
+/// Publishes exactly `count` messages, at most [`WINDOW`] unacknowledged, and waits for
+/// every acknowledgement.
+async fn publish_count(
+    mut conn: Conn,
+    topic: TopicName,
+    qos: QoS,
+    payload: usize,
+    count: u64,
+) -> Result<(), String> {
+    // Letters and digits drawn at random, a new payload per message: compressible about as
+    // much as sensor text is, not as much as a run of one byte.
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = (count << 17) ^ 0x9e37_79b9_7f4a_7c15 ^ payload as u64;
+    let mut body = || {
+        (0..payload)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                ALPHABET[(rng % ALPHABET.len() as u64) as usize]
+            })
+            .collect::<Vec<u8>>()
+    };
+    let mut next_id: u16 = 1;
+    let (mut sent, mut acked, mut inflight) = (0u64, 0u64, 0usize);
+    let mut out = BytesMut::new();
+    while acked < count {
+        out.clear();
+        while sent < count && (qos == QoS::AtMostOnce || inflight < WINDOW) {
+            let mut p = Publish::new(topic.clone(), body());
+            p.qos = qos;
+            if qos != QoS::AtMostOnce {
+                p.packet_id = NonZeroU16::new(next_id);
+                next_id = next_id.checked_add(1).unwrap_or(1);
+                inflight += 1;
+            } else {
+                acked += 1;
+            }
+            sent += 1;
+            Packet::Publish(p)
+                .encode(V, &mut out)
+                .map_err(|e| e.to_string())?;
+            if out.len() > 64 << 10 {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            conn.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if qos == QoS::AtMostOnce {
+            continue;
+        }
+        // At least one acknowledgement, then all that arrived with it.
+        let mut packets = vec![conn.next().await?];
+        while let Some(p) = decode(&mut conn.buf, V, MAX_PACKET_SIZE).map_err(|e| e.to_string())? {
+            packets.push(p);
+        }
+        for p in packets {
+            match p {
+                Packet::PubAck(_) | Packet::PubComp(_) => {
+                    inflight -= 1;
+                    acked += 1;
+                }
+                Packet::PubRec(r) => {
+                    conn.send(&[Packet::PubRel(PubResponse::new(r.packet_id))])
+                        .await?
+                }
+                _ => {}
+            }
+        }
+    }
     Ok(())
 }
 
