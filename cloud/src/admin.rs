@@ -5,7 +5,7 @@
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
-//! | `GET /api/edges` | every edge that sent data: its highest committed sequence per priority class |
+//! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
 //! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets |
 
 use std::fmt::Write as _;
@@ -77,10 +77,33 @@ async fn answer(node: &Node, path: &str) -> Response {
             _ => Response::status("503 Service Unavailable"),
         },
         "/api/edges" => match node.meta.edges() {
-            Ok(edges) => {
-                let edges: Vec<_> = edges
+            Ok(committed) => {
+                let links = node.link.as_ref().map(|l| l.edges()).unwrap_or_default();
+                let mut ids: Vec<&str> = committed.iter().map(|(id, _, _)| id.as_str()).collect();
+                ids.extend(links.iter().map(|l| l.edge_id.as_str()));
+                ids.sort_unstable();
+                ids.dedup();
+                let edges: Vec<_> = ids
                     .into_iter()
-                    .map(|(id, class, seq)| json!({"edge": id, "class": class, "committed_seq": seq}))
+                    .map(|id| {
+                        let classes: Vec<_> = committed
+                            .iter()
+                            .filter(|(e, _, _)| e == id)
+                            .map(|(_, class, seq)| json!({"class": class, "committed_seq": seq}))
+                            .collect();
+                        let link = links.iter().find(|l| l.edge_id == id).map(|l| {
+                            json!({
+                                "remote": l.remote.to_string(),
+                                "serial": l.serial,
+                                "software": l.software,
+                                "since_unix_ms": l.since_unix_ms,
+                                "records": l.records,
+                                "batch_bytes": l.batch_bytes,
+                                "last_ack_unix_ms": l.last_ack_unix_ms,
+                            })
+                        });
+                        json!({"edge": id, "connected": link.is_some(), "link": link, "committed": classes})
+                    })
                     .collect();
                 Response::json(json!({ "edges": edges }).to_string())
             }

@@ -11,6 +11,7 @@
 //! AMQP fronts.
 
 pub mod admin;
+pub mod demo;
 pub mod ingest;
 pub mod link;
 pub mod log;

@@ -304,3 +304,53 @@ async fn a_denied_edge_is_refused_until_the_deny_list_lets_it_in() {
     assert!(cloud.terminate().success());
     assert!(site.cloud_log() == numbers(100));
 }
+
+/// `ferry-cloud demo`: the sensor's readings reach a subscriber on the cloud, under the
+/// edge's id, through the edge and the link.
+#[test]
+fn the_demo_delivers_sensor_readings_to_the_cloud() {
+    let dir = temp_dir("demo");
+    let demo = Edge::cloud_in(
+        &dir,
+        &[
+            "demo",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--cloud-listen",
+            "127.0.0.1:0",
+            "--link-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--interval-ms",
+            "100",
+        ],
+    );
+    let out = ferry_tests::process::mosquitto_at(
+        "mosquitto_sub",
+        &demo.port().to_string(),
+        &["-t", "demo-edge/#", "-v", "-C", "5", "-W", "30"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5);
+    for l in lines {
+        assert!(
+            l.starts_with("demo-edge/sensors/demo/temperature {\"sensor\":\"t1\""),
+            "{l}"
+        );
+    }
+    // The admin API shows the edge linked, and what the cloud committed of it.
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(demo.admin_addr().expect("admin listener")).expect("connect");
+    write!(stream, "GET /api/edges HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut page = String::new();
+    stream.read_to_string(&mut page).expect("read");
+    assert!(page.contains("\"edge\":\"demo-edge\""), "{page}");
+    assert!(page.contains("\"connected\":true"), "{page}");
+    assert!(page.contains("\"committed_seq\""), "{page}");
+    drop(demo);
+    let _ = std::fs::remove_dir_all(&dir);
+}
