@@ -84,7 +84,9 @@ drain 100 "$backlog"
 drain 1000 "$((backlog / 5))"
 
 rm -rf "$work/edge" "$work/cloud"
+# Let the disk write back what the drains left in the page cache first.
+sync; sleep 5
 start_cloud; start_edge
-sleep 1
+sleep 2
 $bin/ferry-bench latency --port 18841 --sub-port 18840 --topic up/lat --sub-filter gw-1/up/lat \
   --qos 1 --rate 5000 --secs 10

@@ -660,5 +660,29 @@ mod tests {
             .collect();
         let with_route: CloudConfig = toml::from_str(&route).expect("route example parses");
         Routes::new(&with_route.routes).expect("route example is valid");
+        // The commented [link] example parses, and its numbers are the defaults.
+        let link: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [link]"))
+            .filter(|l| l.starts_with("# [link]") || l.contains(" = "))
+            .map(|l| {
+                l.trim_start_matches("# ")
+                    .split(" #")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+                    + "\n"
+            })
+            .collect();
+        let with_link: CloudConfig = toml::from_str(&link).expect("link example parses");
+        let (got, d) = (with_link.link.expect("[link]"), crate::link::LinkConfig::default());
+        assert_eq!(got.listen, d.listen);
+        assert_eq!(got.credit_bytes, d.credit_bytes);
+        assert_eq!(got.max_frame_bytes, d.max_frame_bytes);
+        assert_eq!(
+            (got.keepalive_secs, got.idle_timeout_secs),
+            (d.keepalive_secs, d.idle_timeout_secs)
+        );
+        assert!(got.deny_file.is_some());
     }
 }
