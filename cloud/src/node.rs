@@ -675,7 +675,10 @@ mod tests {
             })
             .collect();
         let with_link: CloudConfig = toml::from_str(&link).expect("link example parses");
-        let (got, d) = (with_link.link.expect("[link]"), crate::link::LinkConfig::default());
+        let (got, d) = (
+            with_link.link.expect("[link]"),
+            crate::link::LinkConfig::default(),
+        );
         assert_eq!(got.listen, d.listen);
         assert_eq!(got.credit_bytes, d.credit_bytes);
         assert_eq!(got.max_frame_bytes, d.max_frame_bytes);

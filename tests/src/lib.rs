@@ -7,7 +7,9 @@
 //! - [`process::Edge`]: a real `ferry-edge` process, built once, started on an ephemeral
 //!   port, killed when dropped; [`process::Edge::cloud_in`] does the same for `ferry-cloud`.
 //! - [`clients`]: helpers around rumqttc.
+//! - [`impair::Proxy`]: a UDP impairment proxy (seeded loss, cuts) for the link.
 
 pub mod capture;
 pub mod clients;
+pub mod impair;
 pub mod process;

@@ -17,12 +17,20 @@ struct Site {
     dir: PathBuf,
     cloud_config: PathBuf,
     edge_config: PathBuf,
+    /// The cloud's link port (UDP).
+    link_port: u16,
 }
 
 impl Site {
     /// Certificates from `ferry-cloud pki`, a link port chosen now (the edge must know it
     /// before the cloud runs), and the configurations. `uplink` is added to `[uplink]`.
     fn new(what: &str, uplink: &str) -> Self {
+        Self::with_path(what, uplink, None)
+    }
+
+    /// As [`Site::new`] with `via` = (the cloud's link port, the port the edge connects to:
+    /// a proxy's).
+    fn with_path(what: &str, uplink: &str, via: Option<(u16, u16)>) -> Self {
         let dir = temp_dir(what);
         let pki = dir.join("pki");
         let bin = binary("ferry-cloud", "ferry-cloud");
@@ -40,10 +48,13 @@ impl Site {
                 .expect("ferry-cloud pki runs");
             assert!(out.status.success(), "pki {args:?}: {out:?}");
         }
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free UDP port")
-            .port();
+        let (port, edge_target) = via.unwrap_or_else(|| {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("a free UDP port")
+                .port();
+            (port, port)
+        });
         let p = |rel: &str| pki.join(rel).display().to_string();
         let cloud_config = dir.join("cloud.toml");
         std::fs::write(
@@ -64,7 +75,7 @@ impl Site {
             &edge_config,
             format!(
                 "[server]\nlisten = [\"127.0.0.1:0\"]\nmetrics_listen = \"127.0.0.1:0\"\n\
-                 [uplink]\ncloud = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
+                 [uplink]\ncloud = \"127.0.0.1:{edge_target}\"\nserver_name = \"localhost\"\n\
                  ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
                  reconnect_max_secs = 1\nidle_timeout_secs = 5\n{uplink}\n\
                  [[uplink.route]]\nfilter = \"sensors/#\"\n",
@@ -78,6 +89,7 @@ impl Site {
             dir,
             cloud_config,
             edge_config,
+            link_port: port,
         }
     }
 
@@ -303,6 +315,55 @@ async fn a_denied_edge_is_refused_until_the_deny_list_lets_it_in() {
     drop(edge);
     assert!(cloud.terminate().success());
     assert!(site.cloud_log() == numbers(100));
+}
+
+/// 10% packet loss both ways and a 30-second cut of the path, through the impairment proxy:
+/// every acknowledged message is in the cloud's log once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_and_a_cut_of_the_link_lose_and_duplicate_nothing() {
+    use std::sync::atomic::Ordering;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("impairment seed {seed} (replay: set it in this test)");
+    let link_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    let proxy = ferry_tests::impair::Proxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
+        100,
+        seed,
+    )
+    .await;
+    let site = Site::with_path("link-impaired", "", Some((link_port, proxy.addr.port())));
+    assert_eq!(site.link_port, link_port);
+    let cloud = site.cloud();
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..10_000).await, 10_000);
+    wait_until(
+        60,
+        "the first half reaches the cloud through 10% loss",
+        || metric(&edge, "ferry_edge_link_records_acked_total") > 0,
+    );
+    proxy.control.cut.store(true, Ordering::Relaxed);
+    assert_eq!(publish(edge.port(), 10_000..20_000).await, 10_000);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    proxy.control.cut.store(false, Ordering::Relaxed);
+    wait_until(90, "the outbox is emptied after the cut", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    assert!(
+        metric(&edge, "ferry_edge_link_connects_total") >= 2,
+        "the link came back after the cut"
+    );
+    assert!(proxy.control.dropped.load(Ordering::Relaxed) > 0);
+    drop(edge);
+    assert!(cloud.terminate().success());
+    assert!(
+        site.cloud_log() == numbers(20_000),
+        "each message once, in order"
+    );
 }
 
 /// `ferry-cloud demo`: the sensor's readings reach a subscriber on the cloud, under the
