@@ -249,6 +249,12 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
         &[("", s.outbox_rejected)],
     );
     metric(
+        "outbox_dropped_total",
+        "counter",
+        "Records deleted from the full outbox to make room (drop_oldest).",
+        &[("", s.outbox_dropped)],
+    );
+    metric(
         "store_commits_total",
         "counter",
         "Storage commits (each one fsync when fsync is on).",

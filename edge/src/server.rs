@@ -1090,7 +1090,7 @@ async fn route_loop(
         if !ops.is_empty() {
             let started = Instant::now();
             let removed = store.apply(&ops)?;
-            broker.outbox_removed(removed);
+            broker.outbox_applied(removed.acked, removed.dropped);
             if ops.iter().any(|op| matches!(op, StoreOp::OutboxPut { .. })) {
                 outbox_added.notify_one();
             }

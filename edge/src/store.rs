@@ -172,10 +172,10 @@ impl Store {
 
     /// Applies `ops` in order in one write transaction; returns what it deleted from the
     /// outbox.
-    pub(crate) fn apply(&self, ops: &[StoreOp]) -> Result<OutboxTotals, StoreError> {
-        let mut outbox_removed = OutboxTotals::default();
+    pub(crate) fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError> {
+        let mut removed = OutboxRemoved::default();
         if ops.is_empty() {
-            return Ok(outbox_removed);
+            return Ok(removed);
         }
         let clock = Clock::now();
         let mut txn = self.db.begin_write().map_err(dberr)?;
@@ -265,8 +265,8 @@ impl Store {
                             .retain_in((*priority, 0)..=(*priority, *seq), |_, value| {
                                 match read_outbox(value, &clock) {
                                     Ok((_, msg)) => {
-                                        outbox_removed.records += 1;
-                                        outbox_removed.bytes += crate::broker::outbox_cost(&msg);
+                                        removed.acked.records += 1;
+                                        removed.acked.bytes += crate::broker::outbox_cost(&msg);
                                     }
                                     Err(e) => bad = Some(e),
                                 }
@@ -277,17 +277,29 @@ impl Store {
                             return Err(e);
                         }
                     }
+                    StoreOp::OutboxDropOldest { bytes } => {
+                        let goal = removed.dropped.bytes + bytes;
+                        while removed.dropped.bytes < goal {
+                            let Some((_, value)) = outbox.pop_first().map_err(dberr)? else {
+                                break;
+                            };
+                            let (_, msg) = read_outbox(value.value(), &clock)?;
+                            removed.dropped.records += 1;
+                            removed.dropped.bytes += crate::broker::outbox_cost(&msg);
+                        }
+                    }
                 }
             }
-            if outbox_added.records > 0 || outbox_removed.records > 0 {
+            let gone = removed.total();
+            if outbox_added.records > 0 || gone.records > 0 {
                 let mut totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
                 let get = |t: &redb::Table<'_, &str, u64>, k: &str| -> Result<u64, StoreError> {
                     Ok(t.get(k).map_err(dberr)?.map_or(0, |v| v.value()))
                 };
-                let records = (get(&totals, "records")? + outbox_added.records)
-                    .saturating_sub(outbox_removed.records);
-                let bytes = (get(&totals, "bytes")? + outbox_added.bytes)
-                    .saturating_sub(outbox_removed.bytes);
+                let records =
+                    (get(&totals, "records")? + outbox_added.records).saturating_sub(gone.records);
+                let bytes =
+                    (get(&totals, "bytes")? + outbox_added.bytes).saturating_sub(gone.bytes);
                 let last_seq = get(&totals, "last_seq")?.max(outbox_added.last_seq);
                 totals.insert("records", records).map_err(dberr)?;
                 totals.insert("bytes", bytes).map_err(dberr)?;
@@ -295,7 +307,26 @@ impl Store {
             }
         }
         txn.commit().map_err(dberr)?;
-        Ok(outbox_removed)
+        Ok(removed)
+    }
+}
+
+/// What one commit deleted from the outbox.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutboxRemoved {
+    /// Acknowledged by the cloud.
+    pub(crate) acked: OutboxTotals,
+    /// Dropped to make room (`drop_oldest`).
+    pub(crate) dropped: OutboxTotals,
+}
+
+impl OutboxRemoved {
+    fn total(&self) -> OutboxTotals {
+        OutboxTotals {
+            records: self.acked.records + self.dropped.records,
+            bytes: self.acked.bytes + self.dropped.bytes,
+            last_seq: 0,
+        }
     }
 }
 

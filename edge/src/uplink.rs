@@ -98,6 +98,11 @@ pub enum FullPolicy {
     /// and backs off; an MQTT 3.1.1 publisher, which cannot be told, is disconnected. Counted.
     #[default]
     RejectNew,
+    /// Take the new message and delete the oldest records to make room, from the lowest
+    /// priority class up (within a class, oldest first), in the same commit. Counted
+    /// (`ferry_edge_outbox_dropped_total`); a record the link already sent may still reach
+    /// the cloud. A message larger than the whole budget is refused as with `reject_new`.
+    DropOldest,
 }
 
 /// One `[[uplink.route]]`.

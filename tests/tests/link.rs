@@ -317,6 +317,41 @@ async fn a_denied_edge_is_refused_until_the_deny_list_lets_it_in() {
     assert!(site.cloud_log() == numbers(100));
 }
 
+/// A full outbox under `drop_oldest` takes every new message and drops the oldest, counted;
+/// what reaches the cloud afterwards is exactly the newest messages, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_drops_the_oldest_and_counts_them() {
+    let site = Site::new(
+        "link-drop",
+        "max_outbox_bytes = 20000\nfull_policy = \"drop_oldest\"",
+    );
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..1000).await, 1000, "every one taken");
+    let (records, bytes) = (
+        metric(&edge, "ferry_edge_outbox_records"),
+        metric(&edge, "ferry_edge_outbox_bytes"),
+    );
+    let dropped = metric(&edge, "ferry_edge_outbox_dropped_total");
+    assert!(bytes <= 20_000, "{bytes} bytes in the outbox");
+    assert!(
+        records > 300 && dropped > 0,
+        "{records} kept, {dropped} dropped"
+    );
+    assert_eq!(
+        records + dropped,
+        1000,
+        "every message kept or counted as dropped"
+    );
+    let cloud = site.cloud();
+    wait_until(30, "the outbox is emptied", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    drop(edge);
+    assert!(cloud.terminate().success());
+    let newest: Vec<String> = (dropped as usize..1000).map(|i| i.to_string()).collect();
+    assert!(site.cloud_log() == newest, "the newest {records}, in order");
+}
+
 /// 10% packet loss both ways and a 30-second cut of the path, through the impairment proxy:
 /// every acknowledged message is in the cloud's log once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ use ferry_protocol::topic::{TopicFilter, TopicName};
 use session::{effective_qos, Inflight, OutState, Session};
 
 use crate::auth::{self, Auth};
-use crate::uplink::UplinkRules;
+use crate::uplink::{FullPolicy, UplinkRules};
 use subscriptions::{Entry, SubscriptionTree};
 
 /// Identifies a connection for the life of the process; the driver picks them.
@@ -210,6 +210,8 @@ pub struct Stats {
     pub outbox_bytes: u64,
     /// Messages for the cloud refused because the outbox was full (`reject_new`).
     pub outbox_rejected: u64,
+    /// Records deleted from a full outbox to make room (`drop_oldest`).
+    pub outbox_dropped: u64,
 }
 
 /// A change to durable state, for the storage layer to apply. The broker emits these while it
@@ -264,10 +266,15 @@ pub(crate) enum StoreOp {
         msg: Arc<Message>,
     },
     /// The cloud has every record of class `priority` up to `seq`: delete them (the store
-    /// reports what it removed, for [`Broker::outbox_removed`]).
+    /// reports what it removed, for [`Broker::outbox_applied`]).
     OutboxDelete {
         priority: u8,
         seq: u64,
+    },
+    /// The outbox is full under `drop_oldest`: delete records, lowest class first and oldest
+    /// first within it, until at least `bytes` are freed.
+    OutboxDropOldest {
+        bytes: u64,
     },
 }
 
@@ -361,6 +368,8 @@ pub struct Broker {
     /// What goes up to the cloud; empty on the cloud itself.
     uplink: UplinkRules,
     outbox: OutboxTotals,
+    /// Bytes `OutboxDropOldest` ops not yet applied were to free (taken off `outbox.bytes`).
+    outbox_drop_assumed: u64,
 }
 
 /// Why a message could not be routed now.
@@ -388,14 +397,24 @@ impl Broker {
             held_deliveries: VecDeque::new(),
             uplink: UplinkRules::default(),
             outbox: OutboxTotals::default(),
+            outbox_drop_assumed: 0,
         }
     }
 
-    /// The store deleted these from the outbox (acknowledged by the cloud): they no longer
-    /// count against its budget.
-    pub(crate) fn outbox_removed(&mut self, removed: OutboxTotals) {
-        self.outbox.records = self.outbox.records.saturating_sub(removed.records);
-        self.outbox.bytes = self.outbox.bytes.saturating_sub(removed.bytes);
+    /// What a commit deleted from the outbox: `acked` (the cloud has it) and `dropped`
+    /// (`drop_oldest`); neither counts against its budget any more.
+    pub(crate) fn outbox_applied(&mut self, acked: OutboxTotals, dropped: OutboxTotals) {
+        // The bytes a drop was to free were taken off when it was asked for.
+        let assumed = std::mem::take(&mut self.outbox_drop_assumed);
+        self.outbox.bytes = (self.outbox.bytes + assumed)
+            .saturating_sub(acked.bytes)
+            .saturating_sub(dropped.bytes);
+        self.outbox.records = self
+            .outbox
+            .records
+            .saturating_sub(acked.records)
+            .saturating_sub(dropped.records);
+        self.stats.outbox_dropped += dropped.records;
     }
 
     /// Sets what goes up to the cloud (at start-up).
@@ -1134,8 +1153,13 @@ impl Broker {
         // For the cloud: refused now if the outbox is full; put in it (in this batch's
         // commit, before the PUBACK) once routing took it.
         let uplink = self.uplink.priority(&msg.topic, msg.qos);
-        if uplink.is_some() && self.outbox.bytes + outbox_cost(&msg) > self.uplink.max_outbox_bytes
-        {
+        let cost = outbox_cost(&msg);
+        let max = self.uplink.max_outbox_bytes;
+        let full = match self.uplink.full_policy {
+            FullPolicy::RejectNew => self.outbox.bytes + cost > max,
+            FullPolicy::DropOldest => cost > max,
+        };
+        if uplink.is_some() && full {
             self.stats.outbox_rejected += 1;
             if v5 {
                 return self.acknowledge(conn, &p, ReasonCode::QuotaExceeded);
@@ -1164,9 +1188,17 @@ impl Broker {
         };
         self.stats.received_by_qos[p.qos as usize] += 1;
         if let Some(priority) = uplink {
+            let over = (self.outbox.bytes + cost).saturating_sub(max);
+            if over > 0 {
+                // drop_oldest (reject_new refused it above): room first, in the same commit.
+                self.store_ops
+                    .push(StoreOp::OutboxDropOldest { bytes: over });
+                self.outbox.bytes -= over;
+                self.outbox_drop_assumed += over;
+            }
             self.outbox.last_seq += 1;
             self.outbox.records += 1;
-            self.outbox.bytes += outbox_cost(&msg);
+            self.outbox.bytes += cost;
             self.store_ops.push(StoreOp::OutboxPut {
                 priority,
                 seq: self.outbox.last_seq,
