@@ -45,6 +45,15 @@ pub trait Outbox: Send + Sync + 'static {
     fn acked(&self, class: u8, seq: u64);
     /// Notified when records were added.
     fn added(&self) -> Arc<Notify>;
+    /// The highest downlink sequence applied on the edge, durably (0: none).
+    fn down_applied(&self) -> u64;
+    /// Publishes downlink messages on the edge; completes once they are taken and `seq` (the
+    /// last one's) is durable as applied.
+    fn apply_down(
+        &self,
+        seq: u64,
+        messages: Vec<OutRecord>,
+    ) -> crate::server::BoxFuture<'static, Result<(), String>>;
 }
 
 /// How the edge reaches the cloud.
@@ -122,6 +131,8 @@ pub struct LinkStats {
     pub records_acked: u64,
     /// When the cloud last acknowledged something (ms since the Unix epoch; 0: never).
     pub last_ack_unix_ms: u64,
+    /// The last downlink sequence applied on this run of the edge.
+    pub down_applied: u64,
     pub last_error: Option<String>,
 }
 
@@ -285,11 +296,12 @@ impl Session<'_> {
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let mut writer = FrameWriter::new(send);
         let io = |e: StreamError| e.to_string();
+        let mut down_applied = self.outbox.down_applied();
         writer
             .send(&Frame::Hello {
                 version: VERSION,
                 max_frame_bytes: MAX_FRAME_BYTES as u32,
-                down_acked: 0,
+                down_acked: down_applied,
                 software: self.config.software.clone(),
             })
             .await
@@ -419,6 +431,18 @@ impl Session<'_> {
                         });
                     }
                     Frame::Credit { bytes } => credit = credit.saturating_add(bytes as i64),
+                    Frame::Down { batch } => {
+                        let fresh = down_records(&batch, down_applied)?;
+                        if let Some(last) = fresh.last().map(|r| r.seq) {
+                            self.outbox.apply_down(last, fresh).await?;
+                            down_applied = last;
+                            self.status.update(|s| s.down_applied = last);
+                        }
+                        writer
+                            .send(&Frame::DownAck { seq: down_applied })
+                            .await
+                            .map_err(io)?;
+                    }
                     Frame::GoAway { code, reason } => {
                         return Err(format!("the cloud closed the link ({code:?}): {reason}"));
                     }
@@ -456,6 +480,36 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// The downlink messages of a DOWN batch after `applied`, in order.
+fn down_records(batch: &[u8], applied: u64) -> Result<Vec<OutRecord>, String> {
+    let plain = ferry_protocol::kafka::uncompressed(batch, MAX_FRAME_BYTES * 16)
+        .map_err(|e| format!("bad DOWN batch: {e}"))?;
+    let mut out = Vec::new();
+    for r in ferry_protocol::kafka::records(&plain).map_err(|e| format!("bad DOWN batch: {e}"))? {
+        let r = r.map_err(|e| format!("bad DOWN record: {e}"))?;
+        let seq = u64::try_from(r.offset).map_err(|_| "negative DOWN sequence".to_owned())?;
+        if seq <= applied {
+            continue;
+        }
+        let topic = r
+            .key
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .ok_or_else(|| "a DOWN record without a topic".to_owned())?;
+        out.push(OutRecord {
+            seq,
+            timestamp_ms: r.timestamp,
+            topic: topic.to_owned(),
+            payload: Bytes::copy_from_slice(r.value.unwrap_or_default()),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                .collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// The longest wait for the cloud to answer a connection attempt.

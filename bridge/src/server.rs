@@ -33,6 +33,24 @@ pub trait Sink: Send + Sync + 'static {
     /// batches meanwhile). An error means none of them is acknowledged; the link is closed
     /// and the edge sends them again.
     fn ingest(&self, edge: String, class: u8, batches: Vec<Bytes>) -> BoxFuture<'static, Appended>;
+
+    /// The downlink sequence `edge` has acknowledged, as the cloud recorded it (0: none).
+    fn downlink_acked(&self, edge: &str) -> u64;
+    /// The downlink after sequence `after`: the sequence read up to, and a record batch of
+    /// `edge`'s messages among what was read (offsets = sequence numbers, keys = topics on
+    /// the edge), if any. Completes without waiting for new messages.
+    fn downlink(&self, edge: String, after: u64) -> BoxFuture<'static, Result<Downlink, String>>;
+    /// Changes when the downlink may have new messages.
+    fn downlink_changed(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// `edge` applied its downlink messages up to `seq`: record it durably.
+    fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// What [`Sink::downlink`] read: up to which sequence, and the edge's messages among it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downlink {
+    pub read_to: u64,
+    pub batch: Option<Bytes>,
 }
 
 /// What [`Sink::ingest`] gives: the records are in the log; the commit is to run.
@@ -241,9 +259,12 @@ async fn serve(
         .await
         .map_err(|_| "no HELLO".to_owned())?
         .map_err(|e| e.to_string())?;
-    let software = match hello {
+    let (software, edge_down_acked) = match hello {
         Some(Frame::Hello {
-            version, software, ..
+            version,
+            software,
+            down_acked,
+            ..
         }) => {
             if version != VERSION {
                 let _ = writer
@@ -255,7 +276,7 @@ async fn serve(
                 writer.finish();
                 return Err(format!("link version {version}"));
             }
-            software
+            (software, down_acked)
         }
         other => return Err(format!("expected HELLO, got {other:?}")),
     };
@@ -301,7 +322,7 @@ async fn serve(
                 .close((GoAwayCode::Replaced as u32).into(), b"replaced");
         }
     }
-    let result = converse(server, &edge, id, writer, reader).await;
+    let result = converse(server, &edge, id, edge_down_acked, writer, reader).await;
     let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
     if links.get(&edge).is_some_and(|l| l.id == id) {
         links.remove(&edge);
@@ -313,6 +334,7 @@ async fn converse(
     server: &Arc<LinkServer>,
     edge: &str,
     id: u64,
+    edge_down_acked: u64,
     mut writer: FrameWriter,
     mut reader: FrameReader,
 ) -> Result<(), String> {
@@ -440,7 +462,44 @@ async fn converse(
             Ok(())
         }
     };
+    // The downlink: from where the edge (or, if further, the cloud's record) says it
+    // stands, the edge's messages as they are committed to the log; at most
+    // DOWN_WINDOW unacknowledged.
+    let down_acked = Arc::new(AtomicU64::new(
+        edge_down_acked.max(server.sink.downlink_acked(edge)),
+    ));
+    let down_progress = Arc::new(tokio::sync::Notify::new());
+    let downlinker = {
+        let (server, edge, out) = (server.clone(), edge.to_owned(), out.clone());
+        let (acked, progress) = (down_acked.clone(), down_progress.clone());
+        async move {
+            let mut changed = server.sink.downlink_changed();
+            let mut read_to = acked.load(Ordering::Relaxed);
+            let mut sent_to = read_to;
+            loop {
+                if sent_to.saturating_sub(acked.load(Ordering::Relaxed)) < DOWN_WINDOW {
+                    changed.borrow_and_update();
+                    let d = server.sink.downlink(edge.clone(), read_to).await?;
+                    if d.read_to > read_to {
+                        read_to = d.read_to;
+                        if let Some(batch) = d.batch {
+                            if let Ok(h) = ferry_protocol::kafka::BatchHeader::parse(&batch) {
+                                sent_to = h.last_offset().max(0) as u64;
+                            }
+                            let _ = out.send(Frame::Down { batch });
+                        }
+                        continue;
+                    }
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return Ok::<(), String>(()) },
+                    _ = progress.notified() => {}
+                }
+            }
+        }
+    };
     let limit = server.config.credit_bytes + server.config.max_frame_bytes as u64;
+    let (server2, edge2) = (server.clone(), edge.to_owned());
     let receiver = async move {
         loop {
             match reader.next().await.map_err(|e| e.to_string())? {
@@ -453,9 +512,15 @@ async fn converse(
                         return Ok(());
                     }
                 }
-                Some(Frame::DownAck { .. }) => {}
+                Some(Frame::DownAck { seq }) => {
+                    if seq > down_acked.load(Ordering::Relaxed) {
+                        server2.sink.downlink_ack(edge2.clone(), seq).await?;
+                        down_acked.store(seq, Ordering::Relaxed);
+                        down_progress.notify_one();
+                    }
+                }
                 Some(Frame::GoAway { code, reason }) => {
-                    info!(edge = %edge, ?code, %reason, "edge closed its link");
+                    info!(edge = %edge2, ?code, %reason, "edge closed its link");
                     return Ok(());
                 }
                 Some(other) => return Err(format!("unexpected frame {other:?}")),
@@ -467,6 +532,7 @@ async fn converse(
         r = ingester => r,
         r = acker => r,
         r = receiver => r,
+        r = downlinker => r,
     };
     if let Err(why) = &result {
         if why.starts_with("ingest failed") {
@@ -490,6 +556,9 @@ struct Committing {
     returned: u64,
     records: u64,
 }
+
+/// Downlink messages (by sequence) sent and not yet acknowledged before the cloud waits.
+const DOWN_WINDOW: u64 = 1024;
 
 /// Up to this many bytes of batches go to the ingest path in one call.
 const GROUP_BYTES: usize = 4 << 20;

@@ -1,6 +1,9 @@
 //! The cloud's end of the link (`ferry_bridge::server`) wired to the ingest path: `[link]`
 //! in the configuration, and the [`Sink`] that turns an edge's record batches into
-//! [`EdgeRecord`]s for [`Ingest`].
+//! [`EdgeRecord`]s for [`Ingest`], and reads the downlink: messages published on the cloud to
+//! `$edge/<edge-id>/<topic>` are in the `downlink` stream (see [`crate::routes`]) and go to
+//! that edge, which publishes them on `<topic>`; each edge's position in it is a metadata
+//! cursor, moved when the edge acknowledges.
 //!
 //! ```toml
 //! [link]
@@ -18,13 +21,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_bridge::server::{Appended, BoxFuture, ServerConfig, Sink};
-use ferry_protocol::kafka::batch::{records, uncompressed};
+use ferry_bridge::server::{Appended, BoxFuture, Downlink, ServerConfig, Sink};
+use ferry_protocol::kafka::batch::{records, uncompressed, BatchBuilder, BatchHeader};
 use ferry_protocol::kafka::mqtt::read_headers;
 use ferry_protocol::topic::TopicName;
 use serde::Deserialize;
 
 use crate::ingest::{EdgeRecord, Ingest};
+use crate::log::{SegmentLog, Storage};
+use crate::meta::{Command, Meta};
+use crate::routes::{DOWNLINK_PREFIX, DOWNLINK_STREAM};
 
 /// The link's default port (UDP).
 pub const DEFAULT_PORT: u16 = 7883;
@@ -92,17 +98,64 @@ impl LinkConfig {
     }
 }
 
-/// The ingest path as the link's server sees it.
+/// The ingest path and the downlink stream as the link sees them.
 #[derive(Debug)]
-pub struct IngestSink(pub Arc<Ingest>);
+pub struct IngestSink {
+    pub ingest: Arc<Ingest>,
+    pub log: Arc<SegmentLog>,
+    pub meta: Arc<Meta>,
+}
+
+/// The metadata cursor under which an edge's downlink position is kept (the next offset of
+/// the downlink stream it has not acknowledged, which is also its acknowledged sequence).
+fn downlink_cursor(edge: &str) -> String {
+    format!("$edge:{edge}")
+}
 
 impl Sink for IngestSink {
     fn committed(&self, edge: &str) -> Vec<(u8, u64)> {
-        self.0.committed_classes(edge)
+        self.ingest.committed_classes(edge)
+    }
+
+    fn downlink_acked(&self, edge: &str) -> u64 {
+        self.meta
+            .cursor(&downlink_cursor(edge), DOWNLINK_STREAM, 0)
+            .ok()
+            .flatten()
+            .map_or(0, |o| o.max(0) as u64)
+    }
+
+    fn downlink(&self, edge: String, after: u64) -> BoxFuture<'static, Result<Downlink, String>> {
+        let log = self.log.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || read_downlink(&log, &edge, after))
+                .await
+                .map_err(|e| e.to_string())?
+        })
+    }
+
+    fn downlink_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.log.watch_commits()
+    }
+
+    fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), String>> {
+        let meta = self.meta.clone();
+        Box::pin(async move {
+            let command = Command::CommitCursor {
+                group: downlink_cursor(&edge),
+                stream: DOWNLINK_STREAM.into(),
+                partition: 0,
+                offset: seq as i64,
+            };
+            tokio::task::spawn_blocking(move || meta.apply(&[command]))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
     }
 
     fn ingest(&self, edge: String, class: u8, batches: Vec<Bytes>) -> BoxFuture<'static, Appended> {
-        let ingest = self.0.clone();
+        let ingest = self.ingest.clone();
         Box::pin(async move {
             let mut recs = Vec::new();
             for b in &batches {
@@ -117,6 +170,72 @@ impl Sink for IngestSink {
             Ok(commit)
         })
     }
+}
+
+/// The downlink stream after sequence `after` (sequence = offset + 1), up to about 1 MiB:
+/// `edge`'s messages, their keys stripped of `$edge/<edge>/`, as one batch.
+fn read_downlink(log: &SegmentLog, edge: &str, after: u64) -> Result<Downlink, String> {
+    let none = Downlink {
+        read_to: after,
+        batch: None,
+    };
+    let Some(stream) = log
+        .streams()
+        .into_iter()
+        .find(|s| s.name == DOWNLINK_STREAM)
+    else {
+        return Ok(none);
+    };
+    let Some(p) = stream.partitions.first() else {
+        return Ok(none);
+    };
+    let offset = (after as i64).max(p.offsets.log_start);
+    if offset >= p.offsets.high_watermark {
+        return Ok(none);
+    }
+    let r = log
+        .read(DOWNLINK_STREAM, 0, offset, 1 << 20)
+        .map_err(|e| e.to_string())?;
+    let prefix = format!("{DOWNLINK_PREFIX}{edge}/");
+    let mut read_to = after;
+    let mut builder: Option<(u64, BatchBuilder)> = None;
+    let mut at = 0;
+    while at < r.batches.len() {
+        let h = BatchHeader::parse(&r.batches[at..]).map_err(|e| e.to_string())?;
+        let end = at + h.total_len();
+        let plain =
+            uncompressed(&r.batches[at..end], MAX_UNCOMPRESSED_BYTES).map_err(|e| e.to_string())?;
+        for rec in records(&plain).map_err(|e| e.to_string())? {
+            let rec = rec.map_err(|e| e.to_string())?;
+            let seq = rec.offset as u64 + 1;
+            if seq <= after {
+                continue;
+            }
+            read_to = seq;
+            let Some(topic) = rec.key.and_then(|k| k.strip_prefix(prefix.as_bytes())) else {
+                continue;
+            };
+            if topic.is_empty() {
+                continue;
+            }
+            let (first, b) = builder.get_or_insert_with(|| (seq, BatchBuilder::new(rec.timestamp)));
+            let Ok(delta) = i32::try_from(seq - *first) else {
+                break;
+            };
+            let headers: Vec<_> = rec
+                .headers
+                .iter()
+                .filter(|h| !h.key.starts_with("ferry."))
+                .cloned()
+                .collect();
+            b.push_at(delta, rec.timestamp, Some(topic), rec.value, &headers);
+        }
+        at = end;
+    }
+    Ok(Downlink {
+        read_to,
+        batch: builder.map(|(first, b)| b.finish(first as i64)),
+    })
 }
 
 /// The records of one batch from an edge: key = topic on the edge, value = payload, offset

@@ -251,7 +251,11 @@ impl Node {
         let link = match &config.link {
             Some(c) => Some(ferry_bridge::server::LinkServer::start(
                 c.server_config(),
-                Arc::new(crate::link::IngestSink(ingest.clone())),
+                Arc::new(crate::link::IngestSink {
+                    ingest: ingest.clone(),
+                    log: log.clone(),
+                    meta: meta.clone(),
+                }),
             )?),
             None => None,
         };

@@ -25,6 +25,11 @@ use crate::log::NewRecord;
 
 /// The stream of messages that no route matches.
 pub const DEFAULT_STREAM: &str = "mqtt";
+/// The stream of messages for edges: every message published to `$edge/<edge-id>/<topic>`
+/// goes there (one partition, whatever the routes say) and down the link to that edge.
+pub const DOWNLINK_STREAM: &str = "downlink";
+/// The topic prefix of messages for edges.
+pub const DOWNLINK_PREFIX: &str = "$edge/";
 
 /// One `[[route]]` as written in the config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -188,7 +193,7 @@ impl Routes {
     /// Every stream the routes write to, with its partition count (the default stream
     /// included).
     pub fn streams(&self) -> Vec<(&str, u32)> {
-        let mut out = vec![(DEFAULT_STREAM, 1)];
+        let mut out = vec![(DEFAULT_STREAM, 1), (DOWNLINK_STREAM, 1)];
         for r in &self.routes {
             if !out.iter().any(|(s, _)| *s == r.stream) {
                 out.push((&r.stream, r.partitions));
@@ -199,6 +204,12 @@ impl Routes {
 
     /// The stream and partition for a message.
     pub fn destination(&self, msg: &MqttMessage<'_>) -> Destination<'_> {
+        if msg.topic.as_str().starts_with(DOWNLINK_PREFIX) {
+            return Destination {
+                stream: DOWNLINK_STREAM,
+                partition: 0,
+            };
+        }
         let Some(route) = self.routes.iter().find(|r| r.filter.matches(msg.topic)) else {
             return Destination {
                 stream: DEFAULT_STREAM,
@@ -413,8 +424,18 @@ mod tests {
         );
         assert_eq!(
             routes.streams(),
-            vec![("mqtt", 1), ("alarms", 1), ("sensors", 8), ("plant", 4)]
+            vec![
+                ("mqtt", 1),
+                ("downlink", 1),
+                ("alarms", 1),
+                ("sensors", 8),
+                ("plant", 4)
+            ]
         );
+        // Messages for edges go to the downlink stream, whatever the routes say.
+        let down = TopicName::new("$edge/gw-1/valve/set".to_owned()).expect("topic");
+        let d = routes.destination(&msg(&down, &payload, &props, None));
+        assert_eq!((d.stream, d.partition), ("downlink", 0));
     }
 
     #[test]

@@ -4,16 +4,25 @@
 //! The link reads committed records in its own read transactions; what the cloud
 //! acknowledged goes to the router, which deletes it in its next group commit (and takes it
 //! off the outbox's budget). The router wakes the link when a commit added records.
+//!
+//! Downlink messages from the cloud go to the router too: it publishes them to the edge's
+//! subscribers (as messages without a publisher) and records their sequence as applied in
+//! the same commit, before the link acknowledges them; after a restart the edge tells the
+//! cloud where it stands, so each is published once. They are not sent back up, whatever
+//! the uplink routes say.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_bridge::client::{ClientConfig, Cursors, LinkStatus, OutRecord, Outbox};
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_protocol::kafka::mqtt::message_headers;
-use ferry_protocol::kafka::Compression;
+use ferry_bridge::server::BoxFuture;
+use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
+use ferry_protocol::kafka::{Compression, Header};
+use ferry_protocol::topic::TopicName;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::broker::Message;
 use crate::store::OutboxReader;
 use crate::uplink::{LinkCompression, UplinkConfig};
 
@@ -24,7 +33,13 @@ pub(crate) struct EdgeOutbox {
     /// (class, seq) acknowledged by the cloud, to the router.
     pub(crate) acks: mpsc::UnboundedSender<(u8, u64)>,
     pub(crate) added: Arc<Notify>,
+    /// Downlink messages to publish, the last one's sequence, and who waits for the commit.
+    pub(crate) downlink: mpsc::UnboundedSender<Downlink>,
 }
+
+/// Downlink messages for the router: publish them, record `seq` as applied in the same
+/// commit, then answer.
+pub(crate) type Downlink = (Vec<Arc<Message>>, u64, tokio::sync::oneshot::Sender<()>);
 
 impl Outbox for EdgeOutbox {
     fn read(
@@ -64,6 +79,67 @@ impl Outbox for EdgeOutbox {
 
     fn added(&self) -> Arc<Notify> {
         self.added.clone()
+    }
+
+    fn down_applied(&self) -> u64 {
+        // Unreadable storage stops the broker too; resending from 0 is what is left.
+        self.reader.down_applied().unwrap_or(0)
+    }
+
+    fn apply_down(
+        &self,
+        seq: u64,
+        messages: Vec<OutRecord>,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let now = Instant::now();
+        let msgs: Vec<Arc<Message>> = messages
+            .into_iter()
+            .filter_map(|r| {
+                let topic = TopicName::new(r.topic).ok()?;
+                let headers: Vec<Header<'_>> = r
+                    .headers
+                    .iter()
+                    .map(|(key, value)| Header {
+                        key,
+                        value: value.as_deref(),
+                    })
+                    .collect();
+                let meta = read_headers(&headers)?;
+                let mut properties = meta.properties;
+                // The expiry counts from when the cloud took the message; an expired one is
+                // not published (but counts as applied).
+                let expires_at = match properties.message_expiry_interval_secs.take() {
+                    Some(secs) => {
+                        let left = i64::from(secs) * 1000 - (now_ms - r.timestamp_ms).max(0);
+                        if left <= 0 {
+                            return None;
+                        }
+                        Some(now + Duration::from_millis(left as u64))
+                    }
+                    None => None,
+                };
+                Some(Arc::new(Message {
+                    topic,
+                    payload: r.payload,
+                    qos: meta.qos,
+                    retain: meta.retain,
+                    properties,
+                    expires_at,
+                    publisher: None,
+                }))
+            })
+            .collect();
+        let (done, applied) = tokio::sync::oneshot::channel();
+        let sent = self.downlink.send((msgs, seq, done));
+        Box::pin(async move {
+            sent.map_err(|_| "the broker has stopped".to_owned())?;
+            applied
+                .await
+                .map_err(|_| "the broker stopped before the commit".to_owned())
+        })
     }
 }
 

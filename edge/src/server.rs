@@ -100,6 +100,8 @@ enum ToRouter {
         priority: u8,
         seq: u64,
     },
+    /// Downlink messages to publish (see [`crate::link`]).
+    Downlink(crate::link::Downlink),
 }
 
 /// Storage commits made by the router: how many and how long they took.
@@ -234,10 +236,12 @@ impl Server {
         broker.set_uplink(crate::uplink::UplinkRules::new(&config.uplink)?);
         broker.restore(store.load()?, Instant::now());
         let (outbox_acks_tx, outbox_acks) = mpsc::unbounded_channel();
+        let (downlink_tx, downlink) = mpsc::unbounded_channel();
         let outbox = Arc::new(crate::link::EdgeOutbox {
             reader: store.outbox_reader(),
             acks: outbox_acks_tx,
             added: Arc::new(tokio::sync::Notify::new()),
+            downlink: downlink_tx,
         });
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
@@ -268,6 +272,7 @@ impl Server {
             acks: acks_rx,
             outbox_acks,
             outbox_added: outbox.added.clone(),
+            downlink,
         };
         std::thread::Builder::new()
             .name("ferry-router".into())
@@ -986,6 +991,8 @@ struct Lanes {
     outbox_acks: mpsc::UnboundedReceiver<(u8, u64)>,
     /// Woken after a commit that added records to the outbox.
     outbox_added: Arc<tokio::sync::Notify>,
+    /// Messages from the cloud to publish here.
+    downlink: mpsc::UnboundedReceiver<crate::link::Downlink>,
 }
 
 async fn route_loop(
@@ -1000,7 +1007,10 @@ async fn route_loop(
         mut acks,
         mut outbox_acks,
         outbox_added,
+        mut downlink,
     } = lanes;
+    // Who waits for this batch's commit to have applied downlink messages.
+    let mut downlink_done = Vec::new();
     // Outbox deletes waiting for the next commit.
     let mut deletes: Vec<StoreOp> = Vec::new();
     let mut conns: HashMap<ConnId, Arc<Wire>> = HashMap::new();
@@ -1017,6 +1027,7 @@ async fn route_loop(
             Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
             Some((conn, packet)) = acks.recv() => ToRouter::Input(Input::Packet { conn, packet }),
             Some((priority, seq)) = outbox_acks.recv() => ToRouter::OutboxAck { priority, seq },
+            Some(down) = downlink.recv() => ToRouter::Downlink(down),
             Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
                 ToRouter::Input(Input::Deliver(msg))
             }
@@ -1053,6 +1064,13 @@ async fn route_loop(
                 }
                 ToRouter::OutboxAck { priority, seq } => {
                     deletes.push(StoreOp::OutboxDelete { priority, seq });
+                }
+                ToRouter::Downlink((msgs, seq, done)) => {
+                    for msg in msgs {
+                        broker.handle(Input::Deliver(msg), now, &mut actions);
+                    }
+                    deletes.push(StoreOp::DownlinkApplied { seq });
+                    downlink_done.push(done);
                 }
             }
             while let Ok((priority, seq)) = outbox_acks.try_recv() {
@@ -1095,6 +1113,9 @@ async fn route_loop(
                 outbox_added.notify_one();
             }
             let took = started.elapsed();
+            for done in downlink_done.drain(..) {
+                let _ = done.send(());
+            }
             commits.commits += 1;
             commits.total += took;
             commits.max = commits.max.max(took);

@@ -35,7 +35,7 @@ const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retaine
 /// in `retained`), in sending order within a priority class.
 const OUTBOX: TableDefinition<'_, (u8, u64), &[u8]> = TableDefinition::new("outbox");
 /// The outbox's totals, kept with it so that start-up need not read it: "records",
-/// "bytes", "last_seq".
+/// "bytes", "last_seq"; and "down_applied", the last downlink sequence published here.
 const OUTBOX_TOTALS: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_totals");
 
 /// The first byte of every record, so that a later format can be told apart.
@@ -277,6 +277,16 @@ impl Store {
                             return Err(e);
                         }
                     }
+                    StoreOp::DownlinkApplied { seq } => {
+                        let mut totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
+                        let old = totals
+                            .get("down_applied")
+                            .map_err(dberr)?
+                            .map_or(0, |v| v.value());
+                        totals
+                            .insert("down_applied", old.max(*seq))
+                            .map_err(dberr)?;
+                    }
                     StoreOp::OutboxDropOldest { bytes } => {
                         let goal = removed.dropped.bytes + bytes;
                         while removed.dropped.bytes < goal {
@@ -354,6 +364,16 @@ pub(crate) struct OutboxEntry {
 }
 
 impl OutboxReader {
+    /// The last downlink sequence applied on this edge (0: none).
+    pub(crate) fn down_applied(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
+        Ok(totals
+            .get("down_applied")
+            .map_err(dberr)?
+            .map_or(0, |v| v.value()))
+    }
+
     /// Records of the highest priority class that has any after its cursor in `after`, in
     /// sequence order, about `max_bytes` of them (at least one).
     pub(crate) fn read(

@@ -352,6 +352,104 @@ async fn a_full_outbox_drops_the_oldest_and_counts_them() {
     assert!(site.cloud_log() == newest, "the newest {records}, in order");
 }
 
+/// The downlink: messages published on the cloud to `$edge/gw-1/<topic>` while the edge
+/// is down are kept, reach the edge when it returns and are published there on `<topic>`,
+/// once (not again after another restart of the edge).
+#[test]
+fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
+    use ferry_tests::process::mosquitto_at;
+    let site = Site::new("link-down", "");
+    let cloud = site.cloud();
+    let cloud_port = cloud.port().to_string();
+    let edge = site.edge();
+    // A persistent subscriber on the edge, then gone.
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &edge.port().to_string(),
+        &["-c", "-i", "valve-app", "-q", "1", "-t", "valve/#", "-E"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    edge.kill();
+    for n in 1..=3 {
+        let out = mosquitto_at(
+            "mosquitto_pub",
+            &cloud_port,
+            &[
+                "-t",
+                "$edge/gw-1/valve/set",
+                "-q",
+                "1",
+                "-m",
+                &format!("open {n}"),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
+    // A message for another edge stays with the cloud.
+    let out = mosquitto_at(
+        "mosquitto_pub",
+        &cloud_port,
+        &[
+            "-t",
+            "$edge/gw-2/valve/set",
+            "-q",
+            "1",
+            "-m",
+            "not for gw-1",
+        ],
+    );
+    assert!(out.status.success());
+    let edge = site.edge();
+    let port = edge.port().to_string();
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &[
+            "-c",
+            "-i",
+            "valve-app",
+            "-q",
+            "1",
+            "-t",
+            "valve/#",
+            "-v",
+            "-C",
+            "3",
+            "-W",
+            "30",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "valve/set open 1\nvalve/set open 2\nvalve/set open 3\n"
+    );
+    // Acknowledged: after another kill -9 of the edge, nothing is published again. (The
+    // subscriber's own PUBACKs get a moment to be committed first: that is its session's
+    // at-least-once, not the link's.)
+    std::thread::sleep(Duration::from_secs(1));
+    edge.kill();
+    let edge = site.edge();
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &edge.port().to_string(),
+        &[
+            "-c",
+            "-i",
+            "valve-app",
+            "-q",
+            "1",
+            "-t",
+            "valve/#",
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "published once");
+}
+
 /// 10% packet loss both ways and a 30-second cut of the path, through the impairment proxy:
 /// every acknowledged message is in the cloud's log once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,10 @@ pub(crate) enum StoreOp {
     OutboxDropOldest {
         bytes: u64,
     },
+    /// Downlink messages up to `seq` were published on the edge (in this commit).
+    DownlinkApplied {
+        seq: u64,
+    },
 }
 
 /// Where a stored delivery stands.
