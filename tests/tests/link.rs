@@ -107,8 +107,20 @@ impl Site {
         )
     }
 
-    /// The payloads of the cloud's `mqtt` stream, in log order (the cloud must be stopped).
+    /// The payloads of the cloud's `mqtt` stream, in log order (the cloud must be stopped);
+    /// every record's key must be `gw-1/sensors/t`.
     fn cloud_log(&self) -> Vec<String> {
+        self.cloud_records()
+            .into_iter()
+            .map(|(key, value)| {
+                assert_eq!(key, "gw-1/sensors/t");
+                value
+            })
+            .collect()
+    }
+
+    /// (key, payload) of each record of the cloud's `mqtt` stream, in log order.
+    fn cloud_records(&self) -> Vec<(String, String)> {
         let log = ferry_cloud::log::SegmentLog::open(&self.dir.join("cloud/log"), true, 16)
             .expect("the cloud's log opens");
         let mut out = Vec::new();
@@ -123,8 +135,10 @@ impl Site {
                 let h = BatchHeader::parse(&r.batches[at..]).expect("batch header");
                 for rec in records(&r.batches[at..]).expect("records") {
                     let rec = rec.expect("record");
-                    assert_eq!(rec.key, Some(&b"gw-1/sensors/t"[..]));
-                    out.push(String::from_utf8_lossy(rec.value.unwrap_or_default()).into_owned());
+                    let text = |b: Option<&[u8]>| {
+                        String::from_utf8_lossy(b.unwrap_or_default()).into_owned()
+                    };
+                    out.push((text(rec.key), text(rec.value)));
                 }
                 offset = h.last_offset() + 1;
                 at += h.total_len();
@@ -315,6 +329,48 @@ async fn a_denied_edge_is_refused_until_the_deny_list_lets_it_in() {
     drop(edge);
     assert!(cloud.terminate().success());
     assert!(site.cloud_log() == numbers(100));
+}
+
+/// After an outage the higher priority class drains first; order holds within each class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_drains_first_after_an_outage() {
+    let site = Site::new(
+        "link-priority",
+        "[[uplink.route]]\nfilter = \"alarms/#\"\npriority = 9",
+    );
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..2000).await, 2000);
+    let mut opts = MqttOptions::new("alarm", "127.0.0.1", edge.port());
+    opts.set_inflight(10);
+    let (alarm, mut ev) = AsyncClient::new(opts, 100);
+    for i in 0..50 {
+        alarm
+            .publish("alarms/fire", QoS::AtLeastOnce, false, format!("a{i}"))
+            .await
+            .expect("queue");
+    }
+    let mut acked = 0;
+    while acked < 50 {
+        if let Incoming::PubAck(_) = next_incoming(&mut ev, "alarm acks").await {
+            acked += 1;
+        }
+    }
+    let cloud = site.cloud();
+    wait_until(30, "the outbox is emptied", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    drop(edge);
+    assert!(cloud.terminate().success());
+    let got = site.cloud_records();
+    let alarms: Vec<(String, String)> = (0..50)
+        .map(|i| ("gw-1/alarms/fire".to_owned(), format!("a{i}")))
+        .collect();
+    assert_eq!(got.len(), 2050);
+    assert!(got[..50] == alarms[..], "the alarms first, in order");
+    assert!(
+        got[50..].iter().map(|(_, v)| v.clone()).collect::<Vec<_>>() == numbers(2000),
+        "then the readings, in order"
+    );
 }
 
 /// A full outbox under `drop_oldest` takes every new message and drops the oldest, counted;
