@@ -10,7 +10,7 @@
 #    log, acknowledged and deleted on the edge), and bytes on the wire per message.
 # 2. The same with 1 KB messages (BACKLOG / 5 of them).
 # 3. Latency from an MQTT publish on the edge to a subscriber on the cloud at 5,000 msg/s
-#    (QoS 1 both sides; ferry-bench latency with --sub-port).
+#    (QoS 1 both sides; ferry-bench latency with --sub-port), 20 s after a 5-s warm-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backlog=${1:-1000000}
@@ -88,5 +88,7 @@ rm -rf "$work/edge" "$work/cloud"
 sync; sleep 5
 start_cloud; start_edge
 sleep 2
-$bin/ferry-bench latency --port 18841 --sub-port 18840 --topic up/lat --sub-filter gw-1/up/lat \
-  --qos 1 --rate 5000 --secs 10
+lat() { $bin/ferry-bench latency --port 18841 --sub-port 18840 --topic up/lat --sub-filter gw-1/up/lat \
+  --qos 1 --rate 5000 --secs "$1"; }
+lat 5 >/dev/null     # warm-up: the databases' files grow to their working size
+lat 20

@@ -365,16 +365,35 @@ impl Session<'_> {
             .max(1024);
         let added = self.outbox.added();
         let mut stall_check = tokio::time::interval(Duration::from_secs(1));
+        // At start there may be a backlog: read it off the runtime.
+        let mut last_read_small = false;
         loop {
             // Send while there is credit and something to send.
             while credit > 0 {
                 let outbox = self.outbox.clone();
                 let after = sent;
                 let budget = (credit as usize).min(max_batch);
-                let read = tokio::task::spawn_blocking(move || outbox.read(&after, budget))
-                    .await
-                    .map_err(|e| format!("outbox read did not finish: {e}"))?
-                    .map_err(|e| format!("cannot read the outbox: {e}"))?;
+                // Live traffic (the last read was small: the records are fresh, in the page
+                // cache) is read right here; a backlog off the runtime, where a read of a
+                // megabyte from disk cannot hold up the edge's clients.
+                let read = if last_read_small {
+                    outbox.read(&after, budget.min(SMALL_READ_BYTES))
+                } else {
+                    tokio::task::spawn_blocking(move || outbox.read(&after, budget))
+                        .await
+                        .map_err(|e| format!("outbox read did not finish: {e}"))?
+                }
+                .map_err(|e| format!("cannot read the outbox: {e}"))?;
+                last_read_small = match &read {
+                    Some((_, records)) => {
+                        records
+                            .iter()
+                            .map(|r| r.payload.len() + r.topic.len())
+                            .sum::<usize>()
+                            < SMALL_READ_BYTES / 2
+                    }
+                    None => true,
+                };
                 let Some((class, records)) = read else {
                     break;
                 };
@@ -511,6 +530,10 @@ fn down_records(batch: &[u8], applied: u64) -> Result<Vec<OutRecord>, String> {
     }
     Ok(out)
 }
+
+/// A read of at most this many bytes of records is done on the runtime's thread (see the
+/// send loop).
+const SMALL_READ_BYTES: usize = 64 << 10;
 
 /// The longest wait for the cloud to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

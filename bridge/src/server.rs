@@ -425,7 +425,14 @@ async fn converse(
             outstanding.clone(),
         );
         async move {
+            let mut last_round = tokio::time::Instant::now();
             while let Some(first) = commits.recv().await {
+                // At most one round of metadata commits per ACK_INTERVAL: the records are
+                // durable in the log already (subscribers see them); the acknowledgement
+                // only lets the edge delete them, and fewer fsyncs leave the disk to the
+                // appends that readers wait for.
+                tokio::time::sleep_until(last_round + ACK_INTERVAL).await;
+                last_round = tokio::time::Instant::now();
                 // Everything appended meanwhile is acknowledged with one metadata commit
                 // per class: the newest one's (sequences only grow).
                 let mut ready = vec![first];
@@ -556,6 +563,9 @@ struct Committing {
     returned: u64,
     records: u64,
 }
+
+/// The shortest time between two rounds of acknowledgements (metadata commits) of a link.
+const ACK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Downlink messages (by sequence) sent and not yet acknowledged before the cloud waits.
 const DOWN_WINDOW: u64 = 1024;

@@ -1,6 +1,8 @@
 //! A UDP impairment proxy for the link's tests: it stands between one edge and the cloud,
 //! forwards datagrams both ways, drops a share of them (seeded, so that a failing run can be
-//! replayed with the seed it printed), and can cut the path entirely for a while.
+//! replayed with the seed it printed), can cut the path entirely for a while, and can move
+//! to a new source port towards the cloud, which the cloud sees as the edge changing its
+//! address (as behind a NAT that rebinds, or an edge that moved to another network).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -18,6 +20,8 @@ pub struct Impairment {
     /// Datagrams forwarded and dropped so far.
     pub forwarded: AtomicU64,
     pub dropped: AtomicU64,
+    /// Notified to send from a new socket towards the cloud from now on.
+    pub rebind: tokio::sync::Notify,
 }
 
 /// A running proxy: edges connect to `addr`.
@@ -41,7 +45,7 @@ impl Proxy {
         let front = UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
-        let back = UdpSocket::bind("127.0.0.1:0")
+        let mut back = UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
         back.connect(upstream).await.expect("connect the proxy");
@@ -51,6 +55,7 @@ impl Proxy {
             cut: AtomicBool::new(false),
             forwarded: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            rebind: tokio::sync::Notify::new(),
         });
         let c = control.clone();
         let task = tokio::spawn(async move {
@@ -84,6 +89,12 @@ impl Proxy {
                             if pass(&c) {
                                 let _ = front.send_to(&down[..n], to).await;
                             }
+                        }
+                    }
+                    _ = c.rebind.notified() => {
+                        let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                        if socket.connect(upstream).await.is_ok() {
+                            back = socket;
                         }
                     }
                 }

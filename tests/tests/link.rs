@@ -555,6 +555,45 @@ async fn loss_and_a_cut_of_the_link_lose_and_duplicate_nothing() {
     );
 }
 
+/// The cloud sees the edge's packets come from a new address mid-stream (QUIC connection
+/// migration): the link goes on without reconnecting, nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_survives_the_edge_changing_its_address() {
+    let link_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    let proxy = ferry_tests::impair::Proxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
+        0,
+        1,
+    )
+    .await;
+    let site = Site::with_path("link-migrate", "", Some((link_port, proxy.addr.port())));
+    let cloud = site.cloud();
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..5_000).await, 5_000);
+    wait_until(30, "the first half is acknowledged", || {
+        metric(&edge, "ferry_edge_link_records_acked_total") >= 5_000
+    });
+    proxy.control.rebind.notify_one();
+    assert_eq!(publish(edge.port(), 5_000..10_000).await, 5_000);
+    wait_until(30, "the outbox is emptied", || {
+        metric(&edge, "ferry_edge_outbox_records") == 0
+    });
+    assert_eq!(
+        metric(&edge, "ferry_edge_link_connects_total"),
+        1,
+        "the same connection throughout"
+    );
+    drop(edge);
+    assert!(cloud.terminate().success());
+    assert!(
+        site.cloud_log() == numbers(10_000),
+        "each message once, in order"
+    );
+}
+
 /// `ferry-cloud demo`: the sensor's readings reach a subscriber on the cloud, under the
 /// edge's id, through the edge and the link.
 #[test]

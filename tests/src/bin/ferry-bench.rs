@@ -525,6 +525,7 @@ async fn fill(args: &Args) -> Result<(), String> {
             args.qos,
             args.payload,
             share,
+            i,
         )));
     }
     for t in tasks {
@@ -551,11 +552,12 @@ async fn publish_count(
     qos: QoS,
     payload: usize,
     count: u64,
+    publisher: u64,
 ) -> Result<(), String> {
-    // Letters and digits drawn at random, a new payload per message: compressible about as
-    // much as sensor text is, not as much as a run of one byte.
+    // Letters and digits drawn at random, a new payload per message and per publisher:
+    // compressible about as much as sensor text is, not as much as a run of one byte.
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = (count << 17) ^ 0x9e37_79b9_7f4a_7c15 ^ payload as u64;
+    let mut rng = ((publisher + 1) << 40) ^ (count << 17) ^ 0x9e37_79b9_7f4a_7c15 ^ payload as u64;
     let mut body = || {
         (0..payload)
             .map(|_| {
