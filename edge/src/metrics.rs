@@ -1,4 +1,7 @@
-//! Prometheus metrics over HTTP: `GET /metrics` in the text exposition format.
+//! Prometheus metrics over HTTP: `GET /metrics` in the text exposition format, and
+//! `GET /api/link`: the outbox and the link to the cloud as JSON (`outbox`: records, bytes,
+//! oldest_age_secs, rejected, dropped; `link`: null without `[uplink] cloud`, else state,
+//! connects, records_sent, records_acked, batch_bytes_sent, last_ack_unix_ms, down_applied).
 //!
 //! The need is a few fixed pages, so [`serve_http`] answers them directly rather than carrying
 //! an HTTP framework; the cloud's admin API uses it too.
@@ -22,18 +25,25 @@ pub async fn serve(addr: SocketAddr, server: Server) -> std::io::Result<SocketAd
     serve_http(addr, move |path| {
         let server = server.clone();
         async move {
-            if path != "/metrics" {
-                return Response::status("404 Not Found");
-            }
-            match server.metrics().await {
-                Some((stats, commits)) => {
+            let Some((stats, commits)) = server.metrics().await else {
+                return Response::status("503 Service Unavailable");
+            };
+            let age = server.outbox_oldest_age().await.unwrap_or_default();
+            match path.as_str() {
+                "/metrics" => {
                     let mut page = render(&stats, &commits);
+                    let _ = writeln!(
+                        page,
+                        "# HELP ferry_edge_outbox_oldest_age_seconds Age of the oldest record waiting for the cloud (0: none).\n# TYPE ferry_edge_outbox_oldest_age_seconds gauge\nferry_edge_outbox_oldest_age_seconds {}",
+                        age.as_secs_f64()
+                    );
                     if let Some(link) = server.link_status() {
                         page.push_str(&render_link(&link));
                     }
                     Response::metrics(page)
                 }
-                None => Response::status("503 Service Unavailable"),
+                "/api/link" => Response::json(link_json(&stats, age, server.link_status())),
+                _ => Response::status("404 Not Found"),
             }
         }
     })
@@ -271,6 +281,39 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
         "# HELP ferry_edge_store_commit_seconds_max Longest storage commit since start.\n# TYPE ferry_edge_store_commit_seconds_max gauge\nferry_edge_store_commit_seconds_max {}",
         c.max.as_secs_f64()
     );
+    out
+}
+
+/// `/api/link`: the outbox and the link as one JSON document.
+fn link_json(
+    s: &Stats,
+    oldest_age: Duration,
+    link: Option<ferry_bridge::client::LinkStats>,
+) -> String {
+    let mut out = format!(
+        "{{\"outbox\":{{\"records\":{},\"bytes\":{},\"oldest_age_secs\":{:.3},\"rejected\":{},\"dropped\":{}}},\"link\":",
+        s.outbox_records,
+        s.outbox_bytes,
+        oldest_age.as_secs_f64(),
+        s.outbox_rejected,
+        s.outbox_dropped
+    );
+    match link {
+        None => out.push_str("null}"),
+        Some(l) => {
+            let _ = write!(
+                out,
+                "{{\"state\":\"{}\",\"connects\":{},\"records_sent\":{},\"records_acked\":{},\"batch_bytes_sent\":{},\"last_ack_unix_ms\":{},\"down_applied\":{}}}}}",
+                l.state.name(),
+                l.connects,
+                l.records_sent,
+                l.records_acked,
+                l.batch_bytes_sent,
+                l.last_ack_unix_ms,
+                l.down_applied
+            );
+        }
+    }
     out
 }
 

@@ -198,6 +198,7 @@ pub struct Server {
     ws_addrs: Vec<SocketAddr>,
     failed: watch::Receiver<Option<String>>,
     link: Option<Arc<ferry_bridge::client::LinkStatus>>,
+    outbox: Arc<crate::link::EdgeOutbox>,
 }
 
 impl std::fmt::Debug for Server {
@@ -334,7 +335,7 @@ impl Server {
             ));
         }
         let link = crate::link::client_config(&config.uplink)
-            .map(|c| crate::link::start(c, outbox, stop_rx.clone()));
+            .map(|c| crate::link::start(c, outbox.clone(), stop_rx.clone()));
         Ok(Self {
             to_router,
             local_addrs,
@@ -342,7 +343,24 @@ impl Server {
             ws_addrs,
             failed,
             link,
+            outbox,
         })
+    }
+
+    /// How long ago the oldest record still in the outbox was accepted; zero if it is
+    /// empty, None if the store cannot be read.
+    pub async fn outbox_oldest_age(&self) -> Option<Duration> {
+        let reader = self.outbox.reader.clone();
+        let oldest = tokio::task::spawn_blocking(move || reader.oldest_accepted_unix_ms())
+            .await
+            .ok()?
+            .ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Some(Duration::from_millis(
+            oldest.map_or(0, |t| now.saturating_sub(t)),
+        ))
     }
 
     /// The link to the cloud, if `[uplink] cloud` is set.

@@ -364,6 +364,33 @@ pub(crate) struct OutboxEntry {
 }
 
 impl OutboxReader {
+    /// When the oldest record still in the outbox was accepted (ms since the Unix epoch):
+    /// the first record of each class, the earliest of them. None if it is empty.
+    pub(crate) fn oldest_accepted_unix_ms(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let outbox = txn.open_table(OUTBOX).map_err(dberr)?;
+        let mut oldest: Option<u64> = None;
+        let mut next = outbox.first().map_err(dberr)?;
+        while let Some((key, value)) = next {
+            let (class, _) = key.value();
+            let accepted = value
+                .value()
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| corrupt("outbox", "record too short"))?;
+            oldest = Some(oldest.map_or(accepted, |o| o.min(accepted)));
+            let Some(up) = class.checked_add(1) else {
+                break;
+            };
+            next = match outbox.range((up, 0)..).map_err(dberr)?.next() {
+                Some(row) => Some(row.map_err(dberr)?),
+                None => None,
+            };
+        }
+        Ok(oldest)
+    }
+
     /// The last downlink sequence applied on this edge (0: none).
     pub(crate) fn down_applied(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;

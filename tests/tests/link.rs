@@ -153,14 +153,20 @@ impl Drop for Site {
     }
 }
 
-/// A metric of a process's `/metrics` page.
-fn metric(process: &Edge, name: &str) -> u64 {
+/// A page of a process's metrics listener.
+fn http(process: &Edge, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(process.metrics_addr().expect("metrics"))
         .expect("connect to metrics");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
     let mut page = String::new();
     stream.read_to_string(&mut page).expect("read");
+    page
+}
+
+/// A metric of a process's `/metrics` page.
+fn metric(process: &Edge, name: &str) -> u64 {
+    let page = http(process, "/metrics");
     page.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .unwrap_or_else(|| panic!("no {name} in {page}"))
