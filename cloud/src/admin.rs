@@ -6,7 +6,7 @@
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
-//! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets |
+//! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets; with `[link]`, `ferry_cloud_link_edges` and per linked edge `ferry_cloud_link_records_total`, `ferry_cloud_link_batch_bytes_total`, `ferry_cloud_link_last_ack_timestamp_ms` |
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -115,6 +115,9 @@ async fn answer(node: &Node, path: &str) -> Response {
             };
             let mut page = render(&stats, &commits);
             page.push_str(&render_log(node));
+            if let Some(link) = &node.link {
+                page.push_str(&render_link(&link.edges()));
+            }
             Response::metrics(page)
         }
         _ => Response::status("404 Not Found"),
@@ -122,6 +125,39 @@ async fn answer(node: &Node, path: &str) -> Response {
 }
 
 /// The log's part of `/metrics`.
+/// The link listener's metrics: edges connected, and per linked edge what it sent.
+fn render_link(edges: &[ferry_bridge::server::EdgeLink]) -> String {
+    let mut out = format!(
+        "# HELP ferry_cloud_link_edges Edges linked now.\n# TYPE ferry_cloud_link_edges gauge\nferry_cloud_link_edges {}\n",
+        edges.len()
+    );
+    for (name, help, value) in [
+        (
+            "ferry_cloud_link_records_total",
+            "Records an edge's current link delivered and the cloud acknowledged.",
+            (|e: &ferry_bridge::server::EdgeLink| e.records)
+                as fn(&ferry_bridge::server::EdgeLink) -> u64,
+        ),
+        (
+            "ferry_cloud_link_batch_bytes_total",
+            "Bytes of record batches an edge's current link delivered.",
+            |e| e.batch_bytes,
+        ),
+        (
+            "ferry_cloud_link_last_ack_timestamp_ms",
+            "When the cloud last acknowledged an edge's records (ms since the Unix epoch).",
+            |e| e.last_ack_unix_ms,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for e in edges {
+            let edge = e.edge_id.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "{name}{{edge=\"{edge}\"}} {}", value(e));
+        }
+    }
+    out
+}
+
 fn render_log(node: &Node) -> String {
     let s = node.log.stats();
     let mut out = String::new();
