@@ -91,6 +91,7 @@ pub async fn run(
         filter: "sensors/#".into(),
         qos: 1,
         priority: 0,
+        cloud_topic: None,
     }];
     let edge = Server::start(edge, stopped(stop_rx.clone()))
         .await

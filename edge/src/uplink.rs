@@ -14,6 +14,7 @@
 //! filter = "sensors/#"
 //! qos = 1          # messages at this QoS or above go up (default 1)
 //! priority = 0     # higher drains first (default 0)
+//! cloud_topic = "line-1/{topic}"   # in the cloud: <edge-id>/line-1/<topic> (default {topic})
 //! ```
 //!
 //! A QoS ≥ 1 message that matches a route is durable in the outbox before its PUBACK leaves
@@ -116,6 +117,12 @@ pub struct UplinkRoute {
     /// Higher drains first after an outage. Default 0.
     #[serde(default)]
     pub priority: u8,
+    /// The topic it has in the cloud, under the edge's id: a template where `{topic}` is
+    /// the topic on the edge. Default `{topic}`: the cloud publishes `<edge-id>/<topic>`.
+    /// The cloud always puts the edge's id (from its certificate) first, so an edge cannot
+    /// write into another edge's topics.
+    #[serde(default)]
+    pub cloud_topic: Option<String>,
 }
 
 fn one() -> u8 {
@@ -135,12 +142,14 @@ pub enum UplinkError {
     BadQos { index: usize },
     #[error("[uplink] cloud is set: {0} is required too")]
     Missing(&'static str),
+    #[error("uplink route {index}: cloud_topic {template:?} does not make a topic name")]
+    BadCloudTopic { index: usize, template: String },
 }
 
 /// The compiled rules the broker applies.
 #[derive(Debug, Clone, Default)]
 pub struct UplinkRules {
-    routes: Vec<(TopicFilter, QoS, u8)>,
+    routes: Vec<Route>,
     pub max_outbox_bytes: u64,
     pub full_policy: FullPolicy,
 }
@@ -167,7 +176,20 @@ impl UplinkRules {
                 2 => QoS::ExactlyOnce,
                 _ => return Err(UplinkError::BadQos { index }),
             };
-            routes.push((filter, qos, r.priority));
+            if let Some(template) = &r.cloud_topic {
+                if render(template, "a/b").is_none() {
+                    return Err(UplinkError::BadCloudTopic {
+                        index,
+                        template: template.clone(),
+                    });
+                }
+            }
+            routes.push(Route {
+                filter,
+                qos,
+                priority: r.priority,
+                cloud_topic: r.cloud_topic.clone(),
+            });
         }
         if config.cloud.is_some() {
             for (set, name) in [
@@ -195,11 +217,36 @@ impl UplinkRules {
     /// The priority of a message that goes up, per the first matching route; None if it
     /// stays on the edge.
     pub fn priority(&self, topic: &TopicName, qos: QoS) -> Option<u8> {
-        self.routes
-            .iter()
-            .find(|(f, min, _)| qos >= *min && f.matches(topic))
-            .map(|(_, _, p)| *p)
+        self.route(topic, qos).map(|(p, _)| p)
     }
+
+    /// The priority of a message that goes up and the topic it is sent with (None: its own),
+    /// per the first matching route; None if it stays on the edge.
+    pub fn route(&self, topic: &TopicName, qos: QoS) -> Option<(u8, Option<TopicName>)> {
+        let r = self
+            .routes
+            .iter()
+            .find(|r| qos >= r.qos && r.filter.matches(topic))?;
+        let renamed = r
+            .cloud_topic
+            .as_deref()
+            .and_then(|t| render(t, topic.as_str()));
+        Some((r.priority, renamed))
+    }
+}
+
+/// A compiled `[[uplink.route]]`.
+#[derive(Debug, Clone)]
+struct Route {
+    filter: TopicFilter,
+    qos: QoS,
+    priority: u8,
+    cloud_topic: Option<String>,
+}
+
+/// `template` with `{topic}` replaced, if that is a valid topic name.
+fn render(template: &str, topic: &str) -> Option<TopicName> {
+    TopicName::new(template.replace("{topic}", topic)).ok()
 }
 
 #[cfg(test)]
@@ -226,6 +273,21 @@ mod tests {
             None,
             "QoS 0 never goes up"
         );
+        let renamed: UplinkConfig =
+            toml::from_str("[[route]]\nfilter = \"a/#\"\ncloud_topic = \"line-1/{topic}\"\n")
+                .expect("parses");
+        let rules = UplinkRules::new(&renamed).expect("valid");
+        assert_eq!(
+            rules.route(&t("a/b"), QoS::AtLeastOnce),
+            Some((0, Some(t("line-1/a/b"))))
+        );
+        let wild: UplinkConfig =
+            toml::from_str("[[route]]\nfilter = \"a/#\"\ncloud_topic = \"x/#/{topic}\"\n")
+                .expect("parses");
+        assert!(matches!(
+            UplinkRules::new(&wild),
+            Err(UplinkError::BadCloudTopic { index: 0, .. })
+        ));
         let bad: UplinkConfig =
             toml::from_str("[[route]]\nfilter = \"a\"\nqos = 0\n").expect("parses");
         assert_eq!(

@@ -338,11 +338,12 @@ async fn a_denied_edge_is_refused_until_the_deny_list_lets_it_in() {
 }
 
 /// After an outage the higher priority class drains first; order holds within each class.
+/// The alarms' route also renames them in the cloud (`cloud_topic`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_priority_drains_first_after_an_outage() {
     let site = Site::new(
         "link-priority",
-        "[[uplink.route]]\nfilter = \"alarms/#\"\npriority = 9",
+        "[[uplink.route]]\nfilter = \"alarms/#\"\npriority = 9\ncloud_topic = \"site-7/{topic}\"",
     );
     let edge = site.edge();
     assert_eq!(publish(edge.port(), 0..2000).await, 2000);
@@ -369,7 +370,7 @@ async fn a_higher_priority_drains_first_after_an_outage() {
     assert!(cloud.terminate().success());
     let got = site.cloud_records();
     let alarms: Vec<(String, String)> = (0..50)
-        .map(|i| ("gw-1/alarms/fire".to_owned(), format!("a{i}")))
+        .map(|i| ("gw-1/site-7/alarms/fire".to_owned(), format!("a{i}")))
         .collect();
     assert_eq!(got.len(), 2050);
     assert!(got[..50] == alarms[..], "the alarms first, in order");

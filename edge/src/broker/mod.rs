@@ -1156,7 +1156,7 @@ impl Broker {
         });
         // For the cloud: refused now if the outbox is full; put in it (in this batch's
         // commit, before the PUBACK) once routing took it.
-        let uplink = self.uplink.priority(&msg.topic, msg.qos);
+        let uplink = self.uplink.route(&msg.topic, msg.qos);
         let cost = outbox_cost(&msg);
         let max = self.uplink.max_outbox_bytes;
         let full = match self.uplink.full_policy {
@@ -1191,7 +1191,8 @@ impl Broker {
             }
         };
         self.stats.received_by_qos[p.qos as usize] += 1;
-        if let Some(priority) = uplink {
+        let goes_up = uplink.is_some();
+        if let Some((priority, cloud_topic)) = uplink {
             let over = (self.outbox.bytes + cost).saturating_sub(max);
             if over > 0 {
                 // drop_oldest (reject_new refused it above): room first, in the same commit.
@@ -1203,17 +1204,24 @@ impl Broker {
             self.outbox.last_seq += 1;
             self.outbox.records += 1;
             self.outbox.bytes += cost;
+            let msg = match cloud_topic {
+                Some(topic) => Arc::new(Message {
+                    topic,
+                    ..(*msg).clone()
+                }),
+                None => msg.clone(),
+            };
             self.store_ops.push(StoreOp::OutboxPut {
                 priority,
                 seq: self.outbox.last_seq,
-                msg: msg.clone(),
+                msg,
             });
         }
         if p.retain {
             self.retain(&msg);
         }
         // A message that goes up to the cloud has a destination even with no local subscriber.
-        let reason = if matched == 0 && uplink.is_none() && v5_reason_ok(self.conns.get(&conn)) {
+        let reason = if matched == 0 && !goes_up && v5_reason_ok(self.conns.get(&conn)) {
             ReasonCode::NoMatchingSubscribers
         } else {
             ReasonCode::Success
