@@ -84,12 +84,17 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// MQTT over WebSocket (plain `ws://`; put a TLS-terminating proxy in front for `wss://`).
+/// MQTT over WebSocket: `ws://` on `listen`, `wss://` on `tls_listen` (with the certificate,
+/// key and client-certificate settings of `[server.tls]`, which must be present).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketConfig {
     /// Addresses to listen on, usually port 8080 or 9001. Any path is accepted.
+    #[serde(default)]
     pub listen: Vec<SocketAddr>,
+    /// Addresses for `wss://`, usually port 8081 or 443. Default none.
+    #[serde(default)]
+    pub tls_listen: Vec<SocketAddr>,
 }
 
 /// MQTT over TLS (rustls): TLS 1.2 and 1.3, safe defaults.
@@ -218,7 +223,24 @@ impl Config {
             .as_ref()
             .is_some_and(|t| t.client_ca_file.is_some());
         let tls_listeners = self.server.tls.iter().flat_map(|t| t.listen.iter());
-        let ws_listeners = self.server.websocket.iter().flat_map(|w| w.listen.iter());
+        let ws_listeners = self
+            .server
+            .websocket
+            .iter()
+            .flat_map(|w| w.listen.iter().chain(w.tls_listen.iter()));
+        if self
+            .server
+            .websocket
+            .as_ref()
+            .is_some_and(|w| !w.tls_listen.is_empty())
+            && self.server.tls.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                field: "server.websocket.tls_listen",
+                rule: "used with [server.tls] (its certificate and key)",
+                value: "set".into(),
+            });
+        }
         let mut all = self
             .server
             .listen

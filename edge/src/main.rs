@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         addrs = ?server.local_addrs(),
         tls_addrs = ?server.tls_addrs(),
         ws_addrs = ?server.ws_addrs(),
+        wss_addrs = ?server.wss_addrs(),
         metrics_addrs = ?metrics_addr.into_iter().collect::<Vec<_>>(),
         "ferry-edge ready"
     );

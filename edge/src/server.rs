@@ -196,6 +196,7 @@ pub struct Server {
     local_addrs: Vec<SocketAddr>,
     tls_addrs: Vec<SocketAddr>,
     ws_addrs: Vec<SocketAddr>,
+    wss_addrs: Vec<SocketAddr>,
     failed: watch::Receiver<Option<String>>,
     link: Option<Arc<ferry_bridge::client::LinkStatus>>,
     outbox: Arc<crate::link::EdgeOutbox>,
@@ -315,11 +316,23 @@ impl Server {
             max_keepalive_secs: config.mqtt.max_keepalive_secs,
         });
         let mut ws_addrs = Vec::new();
+        let mut wss_addrs = Vec::new();
         if let Some(ws) = &config.server.websocket {
             for addr in &ws.listen {
                 let listener = TcpListener::bind(addr).await?;
                 ws_addrs.push(listener.local_addr()?);
                 listeners.push((listener, Transport::WebSocket));
+            }
+            if let (Some(tls), false) = (&config.server.tls, ws.tls_listen.is_empty()) {
+                let acceptor = tls::acceptor(tls)?;
+                for addr in &ws.tls_listen {
+                    let listener = TcpListener::bind(addr).await?;
+                    wss_addrs.push(listener.local_addr()?);
+                    listeners.push((
+                        listener,
+                        Transport::WebSocketTls(acceptor.clone(), tls.use_identity_as_username),
+                    ));
+                }
             }
         }
         for (listener, transport) in listeners {
@@ -341,6 +354,7 @@ impl Server {
             local_addrs,
             tls_addrs,
             ws_addrs,
+            wss_addrs,
             failed,
             link,
             outbox,
@@ -396,6 +410,11 @@ impl Server {
         &self.ws_addrs
     }
 
+    /// The MQTT over WebSocket over TLS (`wss://`) listeners' addresses.
+    pub fn wss_addrs(&self) -> &[SocketAddr] {
+        &self.wss_addrs
+    }
+
     /// Applies new password and ACL rules (SIGHUP).
     pub async fn reload_auth(&self, auth: Auth) {
         let _ = self.to_router.send(ToRouter::SetAuth(Arc::new(auth))).await;
@@ -443,8 +462,7 @@ mod websocket {
     //! frames may hold several packets; the pipe does not care.
 
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-    use tokio::net::TcpStream;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
     use tokio_tungstenite::tungstenite::http::HeaderValue;
     use tokio_tungstenite::tungstenite::Message;
@@ -454,9 +472,12 @@ mod websocket {
 
     // The callback's error type is tungstenite's HTTP response, large by its API's design.
     #[allow(clippy::result_large_err)]
-    pub(super) async fn accept(
-        stream: TcpStream,
-    ) -> Result<DuplexStream, tokio_tungstenite::tungstenite::Error> {
+    pub(super) async fn accept<S>(
+        stream: S,
+    ) -> Result<DuplexStream, tokio_tungstenite::tungstenite::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let ws =
             tokio_tungstenite::accept_hdr_async(stream, |req: &Request, mut resp: Response| {
                 let wants_mqtt = req
@@ -478,7 +499,10 @@ mod websocket {
         Ok(ours)
     }
 
-    async fn bridge(ws: tokio_tungstenite::WebSocketStream<TcpStream>, pipe: DuplexStream) {
+    async fn bridge<S>(ws: tokio_tungstenite::WebSocketStream<S>, pipe: DuplexStream)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut ws_tx, mut ws_rx) = ws.split();
         let (mut pipe_rx, mut pipe_tx) = tokio::io::split(pipe);
         let inbound = async {
@@ -601,6 +625,8 @@ enum Transport {
     Tls(tokio_rustls::TlsAcceptor, bool),
     /// MQTT over WebSocket (binary frames, subprotocol `mqtt`).
     WebSocket,
+    /// MQTT over WebSocket over TLS (`wss://`), with the TLS listener's settings.
+    WebSocketTls(tokio_rustls::TlsAcceptor, bool),
 }
 
 impl Transport {
@@ -609,6 +635,7 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Tls(..) => "tls",
             Transport::WebSocket => "websocket",
+            Transport::WebSocketTls(..) => "websocket+tls",
         }
     }
 }
@@ -665,6 +692,31 @@ async fn accept_loop(
                         }
                         Ok(Err(e)) => debug!(%peer, error = %e, "WebSocket handshake failed"),
                         Err(_) => debug!(%peer, "WebSocket handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+            Transport::WebSocketTls(acceptor, identity_as_username) => {
+                tokio::spawn(async move {
+                    // Both handshakes count against the connect timeout.
+                    let upgraded = tokio::time::timeout(settings.connect_timeout, async {
+                        let tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+                        let identity = identity_as_username
+                            .then(|| tls::peer_common_name(&tls))
+                            .flatten();
+                        let ws = websocket::accept(tls).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>((ws, identity))
+                    })
+                    .await;
+                    match upgraded {
+                        Ok(Ok((stream, identity))) => {
+                            connection(stream, identity, peer, conn, to_router, settings, stop)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS or WebSocket handshake failed")
+                        }
+                        Err(_) => debug!(%peer, "TLS or WebSocket handshake timed out"),
                     }
                     drop(permit);
                 });

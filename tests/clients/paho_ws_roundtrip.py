@@ -1,6 +1,7 @@
 """paho-mqtt over WebSocket: subscribe, publish to itself, print what arrives.
 
-Usage: python3 paho_ws_roundtrip.py PORT TOPIC PAYLOAD
+Usage: python3 paho_ws_roundtrip.py PORT TOPIC PAYLOAD [CA_FILE]
+With CA_FILE, over wss:// (TLS, the server's certificate checked against CA_FILE).
 Prints the payload received, or TIMEOUT. Used by tests/tests/edge_broker.rs.
 """
 import sys
@@ -25,6 +26,8 @@ def on_subscribe(client, userdata, mid, reason_codes, properties):
 
 
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport="websockets", protocol=mqtt.MQTTv5)
+if len(sys.argv) > 4:
+    client.tls_set(ca_certs=sys.argv[4])
 client.on_message = on_message
 client.on_subscribe = on_subscribe
 client.connect("127.0.0.1", port)

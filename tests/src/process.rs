@@ -133,7 +133,13 @@ impl Edge {
 
     /// The first WebSocket listener's address, if there is one.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
-        let at = self.ready_line.find("ws_addrs=")?;
+        let at = self.ready_line.find(" ws_addrs=")?;
+        parse_addr(&self.ready_line[at..])
+    }
+
+    /// The first WebSocket over TLS (`wss://`) listener's address, if there is one.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("wss_addrs=")?;
         parse_addr(&self.ready_line[at..])
     }
 

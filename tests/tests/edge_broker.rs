@@ -493,12 +493,11 @@ fn mosquitto_password_and_acl_files_work_and_reload_on_sighup() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// MQTT over TLS with a certificate made here (rcgen): mosquitto_pub and mosquitto_sub verify
-/// the server against its CA and exchange a message; a client that does not trust the CA is
-/// refused.
-#[test]
-fn tls_listener_works_with_mosquitto_clients() {
-    let dir = ferry_tests::process::temp_dir("tls");
+/// A CA and a server certificate for localhost and 127.0.0.1 made here (rcgen), written to
+/// `dir`: (CA, certificate, key).
+fn server_certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
@@ -522,6 +521,16 @@ fn tls_listener_works_with_mosquitto_clients() {
     std::fs::write(&ca_file, ca.pem()).expect("write");
     std::fs::write(&cert_file, server.pem()).expect("write");
     std::fs::write(&key_file, server_key.serialize_pem()).expect("write");
+    (ca_file, cert_file, key_file)
+}
+
+/// MQTT over TLS with a certificate made here (rcgen): mosquitto_pub and mosquitto_sub verify
+/// the server against its CA and exchange a message; a client that does not trust the CA is
+/// refused.
+#[test]
+fn tls_listener_works_with_mosquitto_clients() {
+    let dir = ferry_tests::process::temp_dir("tls");
+    let (ca_file, cert_file, key_file) = server_certificate(&dir);
     let config = dir.join("edge.toml");
     std::fs::write(
         &config,
@@ -623,6 +632,51 @@ fn websocket_listener_works_with_paho() {
         "over websocket",
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// MQTT over WebSocket over TLS (`wss://`): paho-mqtt checks the server's certificate
+/// against the CA made here and makes a round trip.
+#[test]
+fn wss_listener_works_with_paho() {
+    let dir = ferry_tests::process::temp_dir("wss");
+    let (ca_file, cert_file, key_file) = server_certificate(&dir);
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[server.tls]\nlisten = []\ncert_file = {cert_file:?}\nkey_file = {key_file:?}\n[server.websocket]\ntls_listen = [\"127.0.0.1:0\"]\n"
+        ),
+    )
+    .expect("write config");
+    let edge = Edge::start(&["--config", config.to_str().expect("utf8")]);
+    let wss_port = edge
+        .wss_addr()
+        .expect("a wss:// listener")
+        .port()
+        .to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/paho_ws_roundtrip.py");
+    let ca = ca_file.to_str().expect("utf8");
+    let out = Command::new("python3")
+        .args([script, &wss_port, "wss/a", "over wss", ca])
+        .output()
+        .expect("python3 runs (pip install paho-mqtt)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "over wss",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain WebSocket on the wss port is refused (no TLS handshake), so nothing arrives.
+    let plain = Command::new("python3")
+        .args([script, &wss_port, "wss/a", "in the clear"])
+        .output()
+        .expect("python3 runs");
+    assert_ne!(
+        String::from_utf8_lossy(&plain.stdout).trim(),
+        "in the clear"
     );
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
