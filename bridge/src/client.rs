@@ -28,6 +28,19 @@ pub struct OutRecord {
     pub headers: Vec<(String, Option<Bytes>)>,
 }
 
+impl OutRecord {
+    /// Its headers as a record batch takes them.
+    pub fn header_refs(&self) -> Vec<Header<'_>> {
+        self.headers
+            .iter()
+            .map(|(key, value)| Header {
+                key,
+                value: value.as_deref(),
+            })
+            .collect()
+    }
+}
+
 /// Cursor per priority class: the highest sequence sent (or committed) in it.
 pub type Cursors = [u64; 256];
 
@@ -563,14 +576,7 @@ fn batches(records: &[OutRecord], compression: Compression) -> Vec<OutBatch> {
             let Ok(delta) = i32::try_from(r.seq - first.seq) else {
                 break;
             };
-            let headers: Vec<Header<'_>> = r
-                .headers
-                .iter()
-                .map(|(key, value)| Header {
-                    key,
-                    value: value.as_deref(),
-                })
-                .collect();
+            let headers = r.header_refs();
             b.push_at(
                 delta,
                 r.timestamp_ms,

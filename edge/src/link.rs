@@ -18,7 +18,7 @@ use ferry_bridge::client::{ClientConfig, Cursors, LinkStatus, OutRecord, Outbox}
 use ferry_bridge::quic::{Timeouts, TlsFiles};
 use ferry_bridge::server::BoxFuture;
 use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
-use ferry_protocol::kafka::{Compression, Header};
+use ferry_protocol::kafka::Compression;
 use ferry_protocol::topic::TopicName;
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -98,16 +98,8 @@ impl Outbox for EdgeOutbox {
         let msgs: Vec<Arc<Message>> = messages
             .into_iter()
             .filter_map(|r| {
+                let meta = read_headers(&r.header_refs())?;
                 let topic = TopicName::new(r.topic).ok()?;
-                let headers: Vec<Header<'_>> = r
-                    .headers
-                    .iter()
-                    .map(|(key, value)| Header {
-                        key,
-                        value: value.as_deref(),
-                    })
-                    .collect();
-                let meta = read_headers(&headers)?;
                 let mut properties = meta.properties;
                 // The expiry counts from when the cloud took the message; an expired one is
                 // not published (but counts as applied).

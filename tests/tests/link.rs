@@ -415,6 +415,31 @@ async fn a_full_outbox_drops_the_oldest_and_counts_them() {
     assert!(site.cloud_log() == newest, "the newest {records}, in order");
 }
 
+/// The edge's persistent subscriber `valve-app` on `valve/#`: what it gets, `count` messages
+/// at most, waiting `secs` at most.
+fn valve_app(edge: &Edge, count: u32, secs: u32) -> String {
+    let (count, secs) = (count.to_string(), secs.to_string());
+    let out = ferry_tests::process::mosquitto_at(
+        "mosquitto_sub",
+        &edge.port().to_string(),
+        &[
+            "-c",
+            "-i",
+            "valve-app",
+            "-q",
+            "1",
+            "-t",
+            "valve/#",
+            "-v",
+            "-C",
+            &count,
+            "-W",
+            &secs,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The downlink: messages published on the cloud to `$edge/gw-1/<topic>` while the edge
 /// is down are kept, reach the edge when it returns and are published there on `<topic>`,
 /// once (not again after another restart of the edge).
@@ -463,27 +488,8 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
     );
     assert!(out.status.success());
     let edge = site.edge();
-    let port = edge.port().to_string();
-    let out = mosquitto_at(
-        "mosquitto_sub",
-        &port,
-        &[
-            "-c",
-            "-i",
-            "valve-app",
-            "-q",
-            "1",
-            "-t",
-            "valve/#",
-            "-v",
-            "-C",
-            "3",
-            "-W",
-            "30",
-        ],
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        valve_app(&edge, 3, 30),
         "valve/set open 1\nvalve/set open 2\nvalve/set open 3\n"
     );
     // Acknowledged: after another kill -9 of the edge, nothing is published again. (The
@@ -492,25 +498,8 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
     std::thread::sleep(Duration::from_secs(1));
     edge.kill();
     let edge = site.edge();
-    let out = mosquitto_at(
-        "mosquitto_sub",
-        &edge.port().to_string(),
-        &[
-            "-c",
-            "-i",
-            "valve-app",
-            "-q",
-            "1",
-            "-t",
-            "valve/#",
-            "-v",
-            "-C",
-            "1",
-            "-W",
-            "5",
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "published once");
+    let out = valve_app(&edge, 1, 5);
+    assert_eq!(out, "", "published once");
 }
 
 /// 10% packet loss both ways and a 30-second cut of the path, through the impairment proxy:
