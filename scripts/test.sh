@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v mosquitto_passwd >/dev/null 2>&1 || need+=(mosquitto)
+command -v kcat >/dev/null 2>&1 || need+=(kcat)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -17,8 +18,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# Python clients (paho-mqtt: MQTT over WebSocket interop).
+# Python clients (paho-mqtt: MQTT over WebSocket interop; confluent-kafka: librdkafka's
+# Python client against the Kafka front).
 python3 -c "import paho.mqtt" 2>/dev/null || python3 -m pip install -q paho-mqtt
+python3 -c "import confluent_kafka" 2>/dev/null || python3 -m pip install -q confluent-kafka
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod demo;
 pub mod ingest;
+pub mod kafka;
 pub mod link;
 pub mod log;
 pub mod meta;

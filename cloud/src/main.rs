@@ -165,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         addrs = ?node.mqtt_addrs(),
         admin_addrs = ?admin_addr.into_iter().collect::<Vec<_>>(),
         link_addrs = ?node.link.as_ref().map(|l| l.local_addr()).into_iter().collect::<Vec<_>>(),
+        kafka_addrs = ?node.kafka_addr.into_iter().collect::<Vec<_>>(),
         "ferry-cloud ready"
     );
     let reloader = node.clone();

@@ -63,6 +63,8 @@ pub struct CloudConfig {
     pub admin: AdminConfig,
     /// `[link]`: where edges connect (QUIC). Default none: no link listener.
     pub link: Option<crate::link::LinkConfig>,
+    /// `[kafka]`: the Kafka listener (see [`crate::kafka`]). Default none: off.
+    pub kafka: Option<crate::kafka::KafkaConfig>,
 }
 
 /// `[admin]`: the admin HTTP listener (JSON API and `/metrics`, see [`crate::admin`]).
@@ -88,6 +90,7 @@ impl Default for CloudConfig {
             routes: Vec::new(),
             admin: AdminConfig::default(),
             link: None,
+            kafka: None,
         }
     }
 }
@@ -168,6 +171,8 @@ pub struct Node {
     pub mqtt: Server,
     /// The link listener, with `[link]`.
     pub link: Option<Arc<ferry_bridge::server::LinkServer>>,
+    /// The Kafka listener's address, with `[kafka]`.
+    pub kafka_addr: Option<SocketAddr>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
 }
@@ -309,6 +314,19 @@ impl Node {
                 }
             }
         });
+        let kafka_addr = match &config.kafka {
+            Some(k) => Some(
+                crate::kafka::KafkaFront {
+                    log: log.clone(),
+                    meta: meta.clone(),
+                    config: k.clone(),
+                    stream_defaults: config.log.streams.clone(),
+                }
+                .serve()
+                .await?,
+            ),
+            None => None,
+        };
         info!(data_dir = %data.display(), streams = streams.len(), "cloud node started");
         Ok(Self {
             log,
@@ -316,6 +334,7 @@ impl Node {
             ingest,
             mqtt,
             link,
+            kafka_addr,
             routes,
             stream_defaults: config.log.streams,
         })

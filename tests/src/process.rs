@@ -137,6 +137,12 @@ impl Edge {
         parse_addr(&self.ready_line[at..])
     }
 
+    /// The Kafka listener's address (ferry-cloud with `[kafka]`), if there is one.
+    pub fn kafka_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("kafka_addrs=")?;
+        parse_addr(&self.ready_line[at..])
+    }
+
     /// The first WebSocket over TLS (`wss://`) listener's address, if there is one.
     pub fn wss_addr(&self) -> Option<SocketAddr> {
         let at = self.ready_line.find("wss_addrs=")?;

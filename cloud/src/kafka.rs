@@ -1,0 +1,625 @@
+//! The Kafka front: the Kafka wire protocol over the node's log, so that Kafka consumers
+//! (librdkafka, kcat, the Java client) read what MQTT clients and edges wrote, and Kafka
+//! producers write into the same log. Requests and responses are coded by the
+//! `kafka-protocol` crate; record batches pass through as the bytes the log stores.
+//!
+//! A stream is a Kafka topic, its partitions Kafka's partitions, on one broker (node id 0).
+//!
+//! | API | versions | what it does |
+//! |---|---|---|
+//! | ApiVersions | 0–3 | the list below; an unknown version gets the v0 answer with UNSUPPORTED_VERSION (KIP-511) |
+//! | Metadata | 0–12 | this broker, every stream (or those asked for); with `auto_create_topics`, a missing topic asked for is created (one partition) |
+//! | Produce | 3–9 | whole v2 batches, CRC checked, offsets assigned by the log; acks 0, 1 and -1 (all = this node: the append is durable before the answer) |
+//! | Fetch | 4–12 | the stored batches as they are, from the one holding the offset asked for; max_wait_ms, min_bytes, max_bytes and partition_max_bytes honoured |
+//! | ListOffsets | 1–7 | earliest (-2), latest (-1), or the first offset at or after a timestamp |
+//!
+//! Consumer groups (FindCoordinator, JoinGroup, ...) are not served yet: consumers assign
+//! partitions themselves (`kcat -C`, rdkafka `assign`). A request for an API or version not
+//! listed is answered with UNSUPPORTED_VERSION where the protocol allows, else the
+//! connection is closed; a frame over `max_request_bytes`, a truncated or undecodable one
+//! closes the connection. Nothing a client sends panics the node.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
+    RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use ferry_protocol::kafka::{records, uncompressed, BatchHeader};
+
+use crate::log::{AppendData, LogError, SegmentLog, Storage, StreamConfig};
+use crate::meta::{Command, Meta};
+
+/// `[kafka]`: the Kafka listener. Off unless the section is present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Where Kafka clients connect. Default `127.0.0.1:9092`.
+    pub listen: SocketAddr,
+    /// `host:port` clients are told to connect to (Metadata). Default: `listen`, with
+    /// `localhost` for an unspecified address.
+    pub advertised: Option<String>,
+    /// The largest request taken; a larger one closes the connection. Default 100 MiB.
+    pub max_request_bytes: usize,
+    /// Create a topic (one partition, the `[log.streams]` settings) when a client asks for a
+    /// missing one in Metadata or produces to it. Default true.
+    pub auto_create_topics: bool,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            advertised: None,
+            max_request_bytes: 100 << 20,
+            auto_create_topics: true,
+        }
+    }
+}
+
+/// The most a compressed batch may take once uncompressed, to be searched by time.
+const MAX_UNCOMPRESSED_BYTES: usize = 64 << 20;
+
+/// Kafka error codes used here.
+mod code {
+    pub(super) const NONE: i16 = 0;
+    pub(super) const OFFSET_OUT_OF_RANGE: i16 = 1;
+    pub(super) const CORRUPT_MESSAGE: i16 = 2;
+    pub(super) const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub(super) const KAFKA_STORAGE_ERROR: i16 = 56;
+    pub(super) const UNSUPPORTED_VERSION: i16 = 35;
+    pub(super) const INVALID_TOPIC_EXCEPTION: i16 = 17;
+}
+
+/// The APIs served and their version ranges (what ApiVersions advertises).
+const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+];
+
+/// What the front needs of the node.
+#[derive(Debug, Clone)]
+pub struct KafkaFront {
+    pub log: Arc<SegmentLog>,
+    pub meta: Arc<Meta>,
+    pub config: KafkaConfig,
+    /// Settings of topics it creates.
+    pub stream_defaults: StreamConfig,
+}
+
+impl KafkaFront {
+    /// Binds the listener and serves in the background; returns the bound address.
+    pub async fn serve(self) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(self.config.listen).await?;
+        let addr = listener.local_addr()?;
+        info!(%addr, "listening for Kafka clients");
+        let front = Arc::new(KafkaFront {
+            config: KafkaConfig {
+                listen: addr,
+                ..self.config.clone()
+            },
+            ..self
+        });
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "Kafka accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let front = front.clone();
+                tokio::spawn(async move {
+                    if let Err(why) = front.connection(stream).await {
+                        debug!(%peer, %why, "Kafka connection closed");
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    /// One client: requests in, responses out, in order.
+    async fn connection(&self, mut stream: TcpStream) -> Result<(), String> {
+        let _ = stream.set_nodelay(true);
+        let mut out = BytesMut::new();
+        loop {
+            let mut len = [0u8; 4];
+            if stream.read_exact(&mut len).await.is_err() {
+                return Ok(());
+            }
+            let len = i32::from_be_bytes(len);
+            let len = usize::try_from(len).map_err(|_| format!("negative frame size {len}"))?;
+            if len > self.config.max_request_bytes {
+                return Err(format!(
+                    "request of {len} bytes over max_request_bytes ({})",
+                    self.config.max_request_bytes
+                ));
+            }
+            let mut frame = vec![0u8; len];
+            stream
+                .read_exact(&mut frame)
+                .await
+                .map_err(|e| format!("truncated request: {e}"))?;
+            out.clear();
+            let Some(()) = self.handle(Bytes::from(frame), &mut out).await? else {
+                // acks=0: no response.
+                continue;
+            };
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+        }
+    }
+
+    /// Decodes one request and writes its response frame to `out`; Ok(None) when the
+    /// request takes no response.
+    async fn handle(&self, mut frame: Bytes, out: &mut BytesMut) -> Result<Option<()>, String> {
+        if frame.len() < 4 {
+            return Err("request shorter than its header".into());
+        }
+        let key = i16::from_be_bytes([frame[0], frame[1]]);
+        let version = i16::from_be_bytes([frame[2], frame[3]]);
+        let api = ApiKey::try_from(key).map_err(|_| format!("unknown API key {key}"))?;
+        let supported = SUPPORTED.iter().find(|(k, _, _)| *k == api);
+        let in_range = supported.is_some_and(|(_, lo, hi)| (*lo..=*hi).contains(&version));
+        if api == ApiKey::ApiVersions && !in_range {
+            // KIP-511: the v0 answer, UNSUPPORTED_VERSION and the full list, header v0.
+            let correlation_id = frame
+                .get(4..8)
+                .map_or(0, |b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+            let body = api_versions(code::UNSUPPORTED_VERSION);
+            write_response(out, correlation_id, 0, &ResponseKind::ApiVersions(body), 0)?;
+            return Ok(Some(()));
+        }
+        if !in_range {
+            return Err(format!("{api:?} version {version} is not served"));
+        }
+        let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
+            .map_err(|e| format!("bad request header: {e}"))?;
+        let request = RequestKind::decode(api, &mut frame, version)
+            .map_err(|e| format!("bad {api:?} v{version} request: {e}"))?;
+        let response = match request {
+            RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
+            RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
+            RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(self.list_offsets(r).await),
+            RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r).await),
+            RequestKind::Produce(r) => {
+                let acks = r.acks;
+                let response = self.produce(r).await;
+                if acks == 0 {
+                    return Ok(None);
+                }
+                ResponseKind::Produce(response)
+            }
+            _ => return Err(format!("{api:?} is not served")),
+        };
+        // ApiVersions answers with header v0 whatever its version (KIP-511).
+        let header_version = if api == ApiKey::ApiVersions {
+            0
+        } else {
+            api.response_header_version(version)
+        };
+        write_response(
+            out,
+            header.correlation_id,
+            header_version,
+            &response,
+            version,
+        )?;
+        Ok(Some(()))
+    }
+
+    fn advertised(&self) -> (String, i32) {
+        if let Some(a) = &self.config.advertised {
+            if let Some((host, port)) = a.rsplit_once(':') {
+                if let Ok(port) = port.parse() {
+                    return (host.to_owned(), port);
+                }
+            }
+        }
+        let l = self.config.listen;
+        let host = if l.ip().is_unspecified() {
+            "localhost".to_owned()
+        } else {
+            l.ip().to_string()
+        };
+        (host, i32::from(l.port()))
+    }
+
+    /// Creates `name` (one partition) if topics may be created and the name is valid.
+    fn create_topic(&self, name: &str) -> bool {
+        if !self.config.auto_create_topics || !crate::log::valid_stream_name(name) {
+            return false;
+        }
+        let config = StreamConfig {
+            partitions: 1,
+            ..self.stream_defaults.clone()
+        };
+        let created = self
+            .meta
+            .apply(&[Command::CreateStream {
+                name: name.to_owned(),
+                config: config.clone(),
+            }])
+            .is_ok()
+            && self.log.create_stream(name, &config).is_ok();
+        if created {
+            info!(topic = name, "Kafka: topic created");
+        }
+        created
+    }
+
+    fn metadata(&self, r: MetadataRequest) -> MetadataResponse {
+        let (host, port) = self.advertised();
+        let mut streams = self.log.streams();
+        let wanted: Option<Vec<String>> = r.topics.map(|ts| {
+            ts.into_iter()
+                .filter_map(|t| t.name.map(|n| n.0.as_str().to_owned()))
+                .collect()
+        });
+        if let Some(names) = &wanted {
+            if r.allow_auto_topic_creation
+                && names
+                    .iter()
+                    .any(|n| !streams.iter().any(|s| &s.name == n) && self.create_topic(n))
+            {
+                streams = self.log.streams();
+            }
+        }
+        let topic = |name: &str, error_code: i16, partitions: usize| {
+            MetadataResponseTopic::default()
+                .with_error_code(error_code)
+                .with_name(Some(TopicName(StrBytes::from_string(name.to_owned()))))
+                .with_partitions(
+                    (0..partitions as i32)
+                        .map(|p| {
+                            MetadataResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_leader_id(BrokerId(0))
+                                .with_replica_nodes(vec![BrokerId(0)])
+                                .with_isr_nodes(vec![BrokerId(0)])
+                        })
+                        .collect(),
+                )
+        };
+        let topics = match wanted {
+            None => streams
+                .iter()
+                .map(|s| topic(&s.name, code::NONE, s.partitions.len()))
+                .collect(),
+            Some(names) => names
+                .iter()
+                .map(|n| match streams.iter().find(|s| &s.name == n) {
+                    Some(s) => topic(n, code::NONE, s.partitions.len()),
+                    None if !crate::log::valid_stream_name(n) => {
+                        topic(n, code::INVALID_TOPIC_EXCEPTION, 0)
+                    }
+                    None => topic(n, code::UNKNOWN_TOPIC_OR_PARTITION, 0),
+                })
+                .collect(),
+        };
+        MetadataResponse::default()
+            .with_brokers(vec![MetadataResponseBroker::default()
+                .with_node_id(BrokerId(0))
+                .with_host(StrBytes::from_string(host))
+                .with_port(port)])
+            .with_cluster_id(Some(StrBytes::from_static_str("ferry")))
+            .with_controller_id(BrokerId(0))
+            .with_topics(topics)
+    }
+
+    async fn list_offsets(&self, r: ListOffsetsRequest) -> ListOffsetsResponse {
+        let log = self.log.clone();
+        let topics = tokio::task::spawn_blocking(move || {
+            r.topics
+                .into_iter()
+                .map(|t| {
+                    let name = t.name.0.as_str().to_owned();
+                    let partitions = t
+                        .partitions
+                        .into_iter()
+                        .map(|p| {
+                            let partition = p.partition_index;
+                            let answer = u32::try_from(partition)
+                                .map_err(|_| code::UNKNOWN_TOPIC_OR_PARTITION)
+                                .and_then(|pi| {
+                                    let offsets =
+                                        log.offsets(&name, pi).map_err(|e| log_error_code(&e))?;
+                                    Ok(match p.timestamp {
+                                        -2 => (-1, offsets.log_start),
+                                        -1 => (-1, offsets.high_watermark),
+                                        ts => match record_for_time(&log, &name, pi, ts)
+                                            .map_err(|e| log_error_code(&e))?
+                                        {
+                                            Some(found) => found,
+                                            None => (-1, -1),
+                                        },
+                                    })
+                                });
+                            let (error_code, (timestamp, offset)) = match answer {
+                                Ok(found) => (code::NONE, found),
+                                Err(error_code) => (error_code, (-1, -1)),
+                            };
+                            ListOffsetsPartitionResponse::default()
+                                .with_partition_index(partition)
+                                .with_error_code(error_code)
+                                .with_timestamp(timestamp)
+                                .with_offset(offset)
+                        })
+                        .collect();
+                    ListOffsetsTopicResponse::default()
+                        .with_name(t.name)
+                        .with_partitions(partitions)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        ListOffsetsResponse::default().with_topics(topics)
+    }
+
+    async fn fetch(&self, r: FetchRequest) -> FetchResponse {
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(r.max_wait_ms.clamp(0, 60_000) as u64);
+        let min_bytes = r.min_bytes.max(0) as usize;
+        let mut commits = self.log.watch_commits();
+        loop {
+            commits.borrow_and_update();
+            let log = self.log.clone();
+            let request = r.clone();
+            let (responses, bytes) =
+                tokio::task::spawn_blocking(move || read_fetch(&log, &request))
+                    .await
+                    .unwrap_or_default();
+            let now = tokio::time::Instant::now();
+            if bytes >= min_bytes.max(1) || now >= deadline {
+                return FetchResponse::default().with_responses(responses);
+            }
+            // Not enough yet: wait for a commit, up to max_wait_ms.
+            let _ = tokio::time::timeout_at(deadline, commits.changed()).await;
+            if tokio::time::Instant::now() >= deadline && bytes > 0 {
+                return FetchResponse::default().with_responses(responses);
+            }
+        }
+    }
+
+    async fn produce(&self, r: ProduceRequest) -> ProduceResponse {
+        let mut responses = Vec::new();
+        for t in r.topic_data {
+            let name = t.name.0.as_str().to_owned();
+            if !self.log.streams().iter().any(|s| s.name == name) {
+                self.create_topic(&name);
+            }
+            let mut partition_responses = Vec::new();
+            for p in t.partition_data {
+                let index = p.index;
+                let result = match (u32::try_from(index), p.records) {
+                    (Ok(partition), Some(records)) => {
+                        match ferry_protocol::kafka::verify_crc(&records) {
+                            Err(_) => Err(code::CORRUPT_MESSAGE),
+                            Ok(_) => self
+                                .log
+                                .append(
+                                    &name,
+                                    partition,
+                                    AppendData::Batches(BytesMut::from(&records[..])),
+                                )
+                                .await
+                                .map_err(|e| log_error_code(&e)),
+                        }
+                    }
+                    (Err(_), _) => Err(code::UNKNOWN_TOPIC_OR_PARTITION),
+                    (_, None) => Err(code::CORRUPT_MESSAGE),
+                };
+                let response = PartitionProduceResponse::default()
+                    .with_index(index)
+                    .with_log_append_time_ms(-1);
+                partition_responses.push(match result {
+                    Ok(appended) => response
+                        .with_base_offset(appended.base_offset)
+                        .with_log_start_offset(
+                            self.log
+                                .offsets(&name, index as u32)
+                                .map_or(-1, |o| o.log_start),
+                        ),
+                    Err(error_code) => response
+                        .with_error_code(error_code)
+                        .with_base_offset(-1)
+                        .with_log_start_offset(-1),
+                });
+            }
+            responses.push(
+                TopicProduceResponse::default()
+                    .with_name(t.name)
+                    .with_partition_responses(partition_responses),
+            );
+        }
+        ProduceResponse::default().with_responses(responses)
+    }
+}
+
+/// The first record at or after `timestamp`: (its timestamp, its offset). The log's time
+/// index finds the batch; its records are scanned for the record itself, as Kafka does.
+fn record_for_time(
+    log: &SegmentLog,
+    stream: &str,
+    partition: u32,
+    timestamp: i64,
+) -> Result<Option<(i64, i64)>, LogError> {
+    let Some(mut offset) = log.offset_for_time(stream, partition, timestamp)? else {
+        return Ok(None);
+    };
+    let end = log.offsets(stream, partition)?.high_watermark;
+    while offset < end {
+        let read = log.read(stream, partition, offset, 1 << 20)?;
+        if read.batches.is_empty() {
+            break;
+        }
+        let mut at = 0;
+        while at < read.batches.len() {
+            let h = BatchHeader::parse(&read.batches[at..])
+                .map_err(|e| LogError::BadBatch(e.to_string()))?;
+            let whole = &read.batches[at..at + h.total_len()];
+            at += h.total_len();
+            offset = h.last_offset() + 1;
+            if h.max_timestamp < timestamp {
+                continue;
+            }
+            let plain = uncompressed(whole, MAX_UNCOMPRESSED_BYTES)
+                .map_err(|e| LogError::BadBatch(e.to_string()))?;
+            for r in records(&plain).map_err(|e| LogError::BadBatch(e.to_string()))? {
+                let r = r.map_err(|e| LogError::BadBatch(e.to_string()))?;
+                if r.timestamp >= timestamp {
+                    return Ok(Some((r.timestamp, r.offset)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Reads what a Fetch asks for; the responses and the bytes of records in them.
+fn read_fetch(log: &SegmentLog, r: &FetchRequest) -> (Vec<FetchableTopicResponse>, usize) {
+    let mut budget = if r.max_bytes > 0 {
+        r.max_bytes as usize
+    } else {
+        usize::MAX
+    };
+    let mut total = 0;
+    let responses = r
+        .topics
+        .iter()
+        .map(|t| {
+            let name = t.topic.0.as_str();
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| {
+                    let Ok(partition) = u32::try_from(p.partition) else {
+                        return partition_error(p.partition, code::UNKNOWN_TOPIC_OR_PARTITION);
+                    };
+                    let offsets = match log.offsets(name, partition) {
+                        Ok(o) => o,
+                        Err(e) => return partition_error(p.partition, log_error_code(&e)),
+                    };
+                    let mut data = PartitionData::default()
+                        .with_partition_index(p.partition)
+                        .with_high_watermark(offsets.high_watermark)
+                        .with_last_stable_offset(offsets.high_watermark)
+                        .with_log_start_offset(offsets.log_start);
+                    if p.fetch_offset < offsets.log_start || p.fetch_offset > offsets.high_watermark
+                    {
+                        data.error_code = code::OFFSET_OUT_OF_RANGE;
+                        return data;
+                    }
+                    // Kafka returns at least one whole batch even over the limits, so that a
+                    // consumer always progresses; the first partition with data gets that.
+                    let max = (p.partition_max_bytes.max(0) as usize).min(budget);
+                    if p.fetch_offset == offsets.high_watermark || (max == 0 && total > 0) {
+                        data.records = Some(Bytes::new());
+                        return data;
+                    }
+                    match log.read(name, partition, p.fetch_offset, max.max(1)) {
+                        Ok(read) => {
+                            let n = read.batches.len();
+                            total += n;
+                            budget = budget.saturating_sub(n);
+                            data.records = Some(read.batches);
+                        }
+                        Err(e) => data.error_code = log_error_code(&e),
+                    }
+                    data
+                })
+                .collect();
+            FetchableTopicResponse::default()
+                .with_topic(t.topic.clone())
+                .with_partitions(partitions)
+        })
+        .collect();
+    (responses, total)
+}
+
+fn partition_error(partition: i32, error_code: i16) -> PartitionData {
+    PartitionData::default()
+        .with_partition_index(partition)
+        .with_error_code(error_code)
+        .with_high_watermark(-1)
+        .with_last_stable_offset(-1)
+        .with_log_start_offset(-1)
+}
+
+/// The Kafka error code for a log error.
+fn log_error_code(e: &LogError) -> i16 {
+    match e {
+        LogError::UnknownStream(_) | LogError::UnknownPartition { .. } => {
+            code::UNKNOWN_TOPIC_OR_PARTITION
+        }
+        LogError::OffsetOutOfRange { .. } => code::OFFSET_OUT_OF_RANGE,
+        LogError::BadBatch(_) => code::CORRUPT_MESSAGE,
+        _ => code::KAFKA_STORAGE_ERROR,
+    }
+}
+
+fn api_versions(error_code: i16) -> ApiVersionsResponse {
+    ApiVersionsResponse::default()
+        .with_error_code(error_code)
+        .with_api_keys(
+            SUPPORTED
+                .iter()
+                .map(|(k, lo, hi)| {
+                    ApiVersion::default()
+                        .with_api_key(*k as i16)
+                        // Produce is advertised from 0 (clients pick the highest both speak).
+                        .with_min_version(if *k == ApiKey::Produce { 0 } else { *lo })
+                        .with_max_version(*hi)
+                })
+                .collect(),
+        )
+}
+
+/// A response frame: size, header, body.
+fn write_response(
+    out: &mut BytesMut,
+    correlation_id: i32,
+    header_version: i16,
+    body: &ResponseKind,
+    version: i16,
+) -> Result<(), String> {
+    let start = out.len();
+    out.put_i32(0);
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(out, header_version)
+        .map_err(|e| format!("encode response header: {e}"))?;
+    body.encode(out, version)
+        .map_err(|e| format!("encode response: {e}"))?;
+    let size = (out.len() - start - 4) as i32;
+    out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+    Ok(())
+}

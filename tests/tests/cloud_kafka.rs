@@ -1,0 +1,183 @@
+//! ferry-cloud's Kafka front against real Kafka clients: kcat and confluent-kafka (both
+//! librdkafka), and raw bad requests.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
+
+/// A ferry-cloud with MQTT and Kafka on ephemeral ports, in `dir`.
+fn cloud(dir: &std::path::Path) -> Edge {
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("write config");
+    Edge::cloud_in(
+        &dir.join("data"),
+        &["--config", config.to_str().expect("utf8")],
+    )
+}
+
+fn kcat(bootstrap: &str, args: &[&str], input: Option<&str>) -> String {
+    let mut child = Command::new("kcat")
+        .args(["-b", bootstrap])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcat must be installed (apt-get install kcat)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    if let Some(text) = input {
+        stdin.write_all(text.as_bytes()).expect("write to kcat");
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("kcat ends");
+    assert!(out.status.success(), "kcat {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// kcat lists the streams, reads what MQTT clients published (key = topic, MQTT metadata in
+/// headers), produces to a new topic (created on the fly), and reads that back.
+#[test]
+fn kcat_lists_consumes_and_produces() {
+    let dir = temp_dir("kafka-kcat");
+    let node = cloud(&dir);
+    let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
+    let port = node.port().to_string();
+    for i in 1..=3 {
+        let out = mosquitto_at(
+            "mosquitto_pub",
+            &port,
+            &[
+                "-t",
+                &format!("sensors/t{i}"),
+                "-m",
+                &format!("reading {i}"),
+                "-q",
+                "1",
+            ],
+        );
+        assert!(out.status.success());
+    }
+    let listing = kcat(&bootstrap, &["-L"], None);
+    assert!(
+        listing.contains("topic \"mqtt\" with 1 partitions"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("broker 0 at {bootstrap}")),
+        "{listing}"
+    );
+    let got = kcat(
+        &bootstrap,
+        &[
+            "-C",
+            "-t",
+            "mqtt",
+            "-o",
+            "beginning",
+            "-e",
+            "-f",
+            "%k=%s@%o %h\n",
+        ],
+        None,
+    );
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 3, "{got}");
+    for (i, line) in lines.iter().enumerate() {
+        let n = i + 1;
+        assert!(
+            line.starts_with(&format!("sensors/t{n}=reading {n}@{i} mqtt.qos=1")),
+            "{line}"
+        );
+    }
+    kcat(
+        &bootstrap,
+        &["-P", "-t", "orders", "-K", ":"],
+        Some("k1:hello\nk2:world\n"),
+    );
+    let orders = kcat(
+        &bootstrap,
+        &[
+            "-C",
+            "-t",
+            "orders",
+            "-o",
+            "beginning",
+            "-e",
+            "-f",
+            "%k=%s@%o\n",
+        ],
+        None,
+    );
+    assert_eq!(orders, "k1=hello@0\nk2=world@1\n");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// confluent-kafka: 1,000 records produced with acks=all, consumed back in order from an
+/// assigned partition, and found again by timestamp.
+#[test]
+fn confluent_kafka_produces_consumes_and_seeks_by_time() {
+    let dir = temp_dir("kafka-python");
+    let node = cloud(&dir);
+    let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_roundtrip.py");
+    let out = Command::new("python3")
+        .args([script, &bootstrap, "py", "1000"])
+        .output()
+        .expect("python3 runs (pip install confluent-kafka)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with("OK\n"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One raw request: its bytes, then what came back before the node closed the connection
+/// (or 2 s passed).
+fn raw(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    s.write_all(request).expect("write");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+/// Bad requests get the protocol's answer or a closed connection, never a crash: an
+/// ApiVersions of an unknown version gets the v0 answer with UNSUPPORTED_VERSION (KIP-511),
+/// an unknown API key and an oversize frame close the connection; the node serves on.
+#[test]
+fn bad_requests_get_an_error_or_a_closed_connection() {
+    let dir = temp_dir("kafka-bad");
+    let node = cloud(&dir);
+    let addr = node.kafka_addr().expect("a Kafka listener");
+    // ApiVersions (18) v99, correlation id 7, client id "x".
+    let mut req = vec![0, 0, 0, 11, 0, 18, 0, 99, 0, 0, 0, 7, 0, 1, b'x'];
+    req[3] = (req.len() - 4) as u8;
+    let got = raw(addr, &req);
+    assert!(got.len() > 14, "{got:?}");
+    assert_eq!(&got[4..8], &[0, 0, 0, 7], "the correlation id");
+    assert_eq!(&got[8..10], &[0, 35], "UNSUPPORTED_VERSION");
+    // An unknown API key: closed, nothing answered.
+    assert!(raw(addr, &[0, 0, 0, 8, 0x7f, 0x7f, 0, 0, 0, 0, 0, 1]).is_empty());
+    // A frame of 2 GB announced: closed before anything is read.
+    assert!(raw(addr, &[0x7f, 0xff, 0xff, 0xff, 0, 18, 0, 0]).is_empty());
+    // A truncated Metadata request: closed.
+    assert!(raw(addr, &[0, 0, 0, 6, 0, 3, 0, 9, 0, 0]).is_empty());
+    // Still serving.
+    let listing = kcat(&addr.to_string(), &["-L"], None);
+    assert!(listing.contains("1 brokers"), "{listing}");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
