@@ -354,12 +354,9 @@ impl KafkaFront {
                                     Ok(match p.timestamp {
                                         -2 => (-1, offsets.log_start),
                                         -1 => (-1, offsets.high_watermark),
-                                        ts => match record_for_time(&log, &name, pi, ts)
+                                        ts => record_for_time(&log, &name, pi, ts)
                                             .map_err(|e| log_error_code(&e))?
-                                        {
-                                            Some(found) => found,
-                                            None => (-1, -1),
-                                        },
+                                            .unwrap_or((-1, -1)),
                                     })
                                 });
                             let (error_code, (timestamp, offset)) = match answer {
