@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! sensor ─MQTT─▶ edge 127.0.0.1:1883 ─outbox─QUIC 127.0.0.1:7883─▶ cloud log ─▶ MQTT 127.0.0.1:1884
+//!                                                                              ─▶ Kafka 127.0.0.1:9092
 //! ```
 
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ pub struct DemoOptions {
     pub cloud_listen: SocketAddr,
     pub link_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub kafka_listen: SocketAddr,
     /// Milliseconds between two sensor readings.
     pub interval_ms: u64,
 }
@@ -66,6 +68,10 @@ pub async fn run(
         cert_file: pki.join("nodes/localhost.crt"),
         key_file: pki.join("nodes/localhost.key"),
         ..LinkConfig::default()
+    });
+    cloud.kafka = Some(crate::kafka::KafkaConfig {
+        listen: opts.kafka_listen,
+        ..Default::default()
     });
     let node = Node::start(cloud, stopped(stop_rx.clone()))
         .await
@@ -98,17 +104,19 @@ pub async fn run(
         .context("cannot start the edge")?;
     let edge_addr = edge.local_addrs()[0];
     let cloud_addr = node.mqtt_addrs()[0];
+    let kafka = node.kafka_addr.context("the Kafka listener")?;
     info!(
         addrs = ?[cloud_addr],
         edge_addrs = ?[edge_addr],
         link_addrs = ?[link],
         admin_addrs = ?[admin],
+        kafka_addrs = ?[kafka],
         "ferry-cloud ready (demo)"
     );
     println!(
         "\nFerry demo: a sensor publishes {SENSOR_TOPIC} to the edge, the edge forwards it over QUIC to the cloud.\n\
          \n  edge   MQTT  {edge_addr}\n  cloud  MQTT  {cloud_addr}   link (QUIC) {link}   admin http://{admin}/api/edges\n\
-         \nWatch the data arrive in the cloud:\n\n  mosquitto_sub -h {} -p {} -t '{EDGE_ID}/#' -v\n\
+         \nWatch the data arrive in the cloud, over MQTT or Kafka (the stream \"mqtt\"):\n\n  mosquitto_sub -h {} -p {} -t '{EDGE_ID}/#' -v\n  kcat -b {kafka} -C -t mqtt -f '%k %s\\n'\n\
          \nThe edge's link and what the cloud committed of it: curl http://{admin}/api/edges\n\
          Certificates and data live in {}. Ctrl-C stops.\n",
         cloud_addr.ip(),

@@ -60,6 +60,9 @@ enum Command {
         /// The cloud's admin HTTP listener.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
         admin_listen: std::net::SocketAddr,
+        /// The cloud's Kafka listener (consume the data with kcat).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
+        kafka_listen: std::net::SocketAddr,
         /// Milliseconds between two sensor readings.
         #[arg(long, value_name = "MS", default_value_t = 1000)]
         interval_ms: u64,
@@ -110,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
             cloud_listen,
             link_listen,
             admin_listen,
+            kafka_listen,
             interval_ms,
         }) => {
             use tokio::signal::unix::{signal, SignalKind};
@@ -120,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
                 cloud_listen,
                 link_listen,
                 admin_listen,
+                kafka_listen,
                 interval_ms,
             };
             return ferry_cloud::demo::run(opts, async move {

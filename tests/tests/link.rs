@@ -607,6 +607,8 @@ fn the_demo_delivers_sensor_readings_to_the_cloud() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--kafka-listen",
+            "127.0.0.1:0",
             "--interval-ms",
             "100",
         ],
