@@ -653,6 +653,24 @@ impl Tailer {
 mod tests {
     use super::*;
 
+    /// A commented-out table of the example: from its `header` line to the next blank line,
+    /// its settings uncommented, trailing comments cut.
+    fn commented_table(text: &str, header: &str) -> String {
+        text.lines()
+            .skip_while(|l| !l.starts_with(header))
+            .take_while(|l| !l.trim().is_empty())
+            .filter(|l| l.starts_with(header) || l.contains(" = "))
+            .map(|l| {
+                l.trim_start_matches("# ")
+                    .split(" #")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+                    + "\n"
+            })
+            .collect()
+    }
+
     #[test]
     fn the_example_config_parses_and_matches_the_defaults() {
         let text = include_str!("../ferry-cloud.example.toml");
@@ -668,35 +686,11 @@ mod tests {
         assert_eq!(config.storage.cache_bytes, d.storage.cache_bytes);
         assert!(config.routes.is_empty() && config.admin.listen.is_none());
         // The commented route example is a valid route.
-        let route: String = text
-            .lines()
-            .skip_while(|l| !l.starts_with("# [[route]]"))
-            .take(5)
-            .map(|l| {
-                l.trim_start_matches("# ")
-                    .split(" #")
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-                    + "\n"
-            })
-            .collect();
+        let route = commented_table(text, "# [[route]]");
         let with_route: CloudConfig = toml::from_str(&route).expect("route example parses");
         Routes::new(&with_route.routes).expect("route example is valid");
         // The commented [link] example parses, and its numbers are the defaults.
-        let link: String = text
-            .lines()
-            .skip_while(|l| !l.starts_with("# [link]"))
-            .filter(|l| l.starts_with("# [link]") || l.contains(" = "))
-            .map(|l| {
-                l.trim_start_matches("# ")
-                    .split(" #")
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-                    + "\n"
-            })
-            .collect();
+        let link = commented_table(text, "# [link]");
         let with_link: CloudConfig = toml::from_str(&link).expect("link example parses");
         let (got, d) = (
             with_link.link.expect("[link]"),
@@ -710,5 +704,15 @@ mod tests {
             (d.keepalive_secs, d.idle_timeout_secs)
         );
         assert!(got.deny_file.is_some());
+        // And the [kafka] example, with its defaults.
+        let kafka = commented_table(text, "# [kafka]");
+        let with_kafka: CloudConfig = toml::from_str(&kafka).expect("kafka example parses");
+        let (got, d) = (
+            with_kafka.kafka.expect("[kafka]"),
+            crate::kafka::KafkaConfig::default(),
+        );
+        assert_eq!(got.listen, d.listen);
+        assert_eq!(got.max_request_bytes, d.max_request_bytes);
+        assert_eq!(got.auto_create_topics, d.auto_create_topics);
     }
 }
