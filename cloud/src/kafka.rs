@@ -4,6 +4,12 @@
 //! `kafka-protocol` crate; record batches pass through as the bytes the log stores.
 //!
 //! A stream is a Kafka topic, its partitions Kafka's partitions, on one broker (node id 0).
+//! Records that came from MQTT carry key = MQTT topic, value = payload, headers = the MQTT
+//! metadata (`docs/routes.md`). The other way, every stream is read back to MQTT: a record
+//! a Kafka client produced whose key is an MQTT topic name (UTF-8, no wildcards) reaches the
+//! cloud's MQTT subscribers of that topic (QoS 1 unless an `mqtt.qos` header says
+//! otherwise); other records are for Kafka consumers only. A record produced to the stream
+//! `downlink` with key `$edge/<edge-id>/<topic>` goes down the link to that edge.
 //!
 //! | API | versions | what it does |
 //! |---|---|---|

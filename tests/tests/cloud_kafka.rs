@@ -120,6 +120,34 @@ fn kcat_lists_consumes_and_produces() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A record produced by a Kafka client whose key is an MQTT topic name reaches the cloud's
+/// MQTT subscribers under that topic; one whose key is not stays with Kafka consumers.
+#[test]
+fn kafka_records_reach_mqtt_subscribers_under_their_key() {
+    let dir = temp_dir("kafka-to-mqtt");
+    let node = cloud(&dir);
+    let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &node.port().to_string()])
+        .args(["-t", "plant/#", "-v", "-C", "2", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    std::thread::sleep(Duration::from_secs(1));
+    kcat(
+        &bootstrap,
+        &["-P", "-t", "orders", "-K", "|"],
+        Some("plant/line1|start\nnot/a/topic/#|x\nplant/line2|stop\n"),
+    );
+    let out = sub.wait_with_output().expect("mosquitto_sub ends");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "plant/line1 start\nplant/line2 stop\n"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// confluent-kafka: 1,000 records produced with acks=all, consumed back in order from an
 /// assigned partition, and found again by timestamp.
 #[test]

@@ -60,7 +60,7 @@ impl Site {
         std::fs::write(
             &cloud_config,
             format!(
-                "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n\
                  [link]\nlisten = \"127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
                  deny_file = \"{}\"\n",
                 p("ca.crt"),
@@ -500,6 +500,23 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
     let edge = site.edge();
     let out = valve_app(&edge, 1, 5);
     assert_eq!(out, "", "published once");
+    // A Kafka producer reaches the edge the same way: a record with key
+    // `$edge/gw-1/<topic>` produced to the downlink stream.
+    let kafka = cloud.kafka_addr().expect("a Kafka listener").to_string();
+    let mut kcat = Command::new("kcat")
+        .args(["-b", &kafka, "-P", "-t", "downlink", "-K", "|"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcat must be installed (apt-get install kcat)");
+    {
+        use std::io::Write;
+        let mut stdin = kcat.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"$edge/gw-1/valve/set|close from kafka\n")
+            .expect("write");
+    }
+    assert!(kcat.wait().expect("kcat ends").success());
+    assert_eq!(valve_app(&edge, 1, 20), "valve/set close from kafka\n");
 }
 
 /// 10% packet loss both ways and a 30-second cut of the path, through the impairment proxy:
