@@ -18,6 +18,15 @@
 //! | Produce | 3–9 | whole v2 batches, CRC checked, offsets assigned by the log; acks 0, 1 and -1 (all = this node: the append is durable before the answer) |
 //! | Fetch | 4–12 | the stored batches as they are, from the one holding the offset asked for; max_wait_ms, min_bytes, max_bytes and partition_max_bytes honoured |
 //! | ListOffsets | 1–7 | earliest (-2), latest (-1), or the first offset at or after a timestamp |
+//! | InitProducerId | 0–4 | a producer id for an idempotent producer (the Java client's default); transactions are refused |
+//!
+//! Idempotent producers: per producer id and partition the front keeps the epoch and the
+//! sequence numbers of the last five batches. A batch resent after a lost answer (same
+//! sequence) is not appended again: the answer is the first append's offset. A gap in the
+//! sequence gets OUT_OF_ORDER_SEQUENCE_NUMBER, an old epoch INVALID_PRODUCER_EPOCH. Limit: the
+//! state is in memory; after a restart of the node a producer's next batch is taken as it
+//! comes (a batch resent across the restart could be appended twice). Producer ids are
+//! unique across restarts (time-based).
 //!
 //! Consumer groups (FindCoordinator, JoinGroup, ...) are not served yet: consumers assign
 //! partitions themselves (`kcat -C`, rdkafka `assign`). A request for an API or version not
@@ -40,9 +49,10 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
-    RequestHeader, RequestKind, ResponseHeader, ResponseKind, TopicName,
+    ApiKey, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse, InitProducerIdResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, ProducerId, RequestHeader, RequestKind, ResponseHeader, ResponseKind,
+    TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use serde::Deserialize;
@@ -94,6 +104,9 @@ mod code {
     pub(super) const KAFKA_STORAGE_ERROR: i16 = 56;
     pub(super) const UNSUPPORTED_VERSION: i16 = 35;
     pub(super) const INVALID_TOPIC_EXCEPTION: i16 = 17;
+    pub(super) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub(super) const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub(super) const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
 }
 
 /// The APIs served and their version ranges (what ApiVersions advertises).
@@ -103,6 +116,7 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListOffsets, 1, 7),
     (ApiKey::Metadata, 0, 12),
     (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 /// What the front needs of the node.
@@ -113,6 +127,62 @@ pub struct KafkaFront {
     pub config: KafkaConfig,
     /// Settings of topics it creates.
     pub stream_defaults: StreamConfig,
+    /// Idempotent producers' state, per (producer id, stream, partition).
+    pub producers: Arc<std::sync::Mutex<Producers>>,
+}
+
+/// Idempotent producers' recent batches.
+pub type Producers = std::collections::HashMap<(i64, String, u32), ProducerState>;
+
+/// One idempotent producer's state in one partition.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerState {
+    epoch: i16,
+    /// (first sequence, last sequence, base offset) of the last batches, oldest first.
+    recent: std::collections::VecDeque<(i32, i32, i64)>,
+}
+
+/// How many batches per producer and partition are remembered for duplicates.
+const RECENT_BATCHES: usize = 5;
+
+/// What an idempotent producer's batch is, against what was seen.
+enum Sequence {
+    /// Append it.
+    Next,
+    /// Already appended at this base offset.
+    Duplicate(i64),
+    Refused(i16),
+}
+
+impl ProducerState {
+    fn check(&self, epoch: i16, first: i32) -> Sequence {
+        if epoch < self.epoch {
+            return Sequence::Refused(code::INVALID_PRODUCER_EPOCH);
+        }
+        if epoch > self.epoch {
+            return Sequence::Next;
+        }
+        if let Some(&(_, _, offset)) = self.recent.iter().find(|(f, _, _)| *f == first) {
+            return Sequence::Duplicate(offset);
+        }
+        match self.recent.back() {
+            Some(&(_, last, _)) if first != last.wrapping_add(1) => {
+                Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
+            }
+            _ => Sequence::Next,
+        }
+    }
+
+    fn appended(&mut self, epoch: i16, first: i32, last: i32, offset: i64) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.recent.clear();
+        }
+        self.recent.push_back((first, last, offset));
+        if self.recent.len() > RECENT_BATCHES {
+            self.recent.pop_front();
+        }
+    }
 }
 
 impl KafkaFront {
@@ -213,6 +283,19 @@ impl KafkaFront {
         let response = match request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
             RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
+            RequestKind::InitProducerId(r) => {
+                let mut response = InitProducerIdResponse::default();
+                if r.transactional_id.is_some() {
+                    // Transactions are not served.
+                    response.error_code = code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+                    response.producer_id = ProducerId(-1);
+                    response.producer_epoch = -1;
+                } else {
+                    response.producer_id = ProducerId(new_producer_id());
+                    response.producer_epoch = 0;
+                }
+                ResponseKind::InitProducerId(response)
+            }
             RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(self.list_offsets(r).await),
             RequestKind::Fetch(r) => ResponseKind::Fetch(self.fetch(r).await),
             RequestKind::Produce(r) => {
@@ -424,18 +507,7 @@ impl KafkaFront {
                 let index = p.index;
                 let result = match (u32::try_from(index), p.records) {
                     (Ok(partition), Some(records)) => {
-                        match ferry_protocol::kafka::verify_crc(&records) {
-                            Err(_) => Err(code::CORRUPT_MESSAGE),
-                            Ok(_) => self
-                                .log
-                                .append(
-                                    &name,
-                                    partition,
-                                    AppendData::Batches(BytesMut::from(&records[..])),
-                                )
-                                .await
-                                .map_err(|e| log_error_code(&e)),
-                        }
+                        self.append_batches(&name, partition, records).await
                     }
                     (Err(_), _) => Err(code::UNKNOWN_TOPIC_OR_PARTITION),
                     (_, None) => Err(code::CORRUPT_MESSAGE),
@@ -444,8 +516,8 @@ impl KafkaFront {
                     .with_index(index)
                     .with_log_append_time_ms(-1);
                 partition_responses.push(match result {
-                    Ok(appended) => response
-                        .with_base_offset(appended.base_offset)
+                    Ok(base_offset) => response
+                        .with_base_offset(base_offset)
                         .with_log_start_offset(
                             self.log
                                 .offsets(&name, index as u32)
@@ -465,6 +537,63 @@ impl KafkaFront {
         }
         ProduceResponse::default().with_responses(responses)
     }
+}
+
+impl KafkaFront {
+    /// Appends a producer's batches to a partition (CRC checked); an idempotent producer's
+    /// batch is checked against its sequence first. The base offset, or an error code.
+    async fn append_batches(
+        &self,
+        stream: &str,
+        partition: u32,
+        records: Bytes,
+    ) -> Result<i64, i16> {
+        let header =
+            ferry_protocol::kafka::verify_crc(&records).map_err(|_| code::CORRUPT_MESSAGE)?;
+        // Idempotence applies to a request of one batch (what producers send per partition).
+        let idempotent = header.producer_id >= 0 && header.total_len() == records.len();
+        let key = (header.producer_id, stream.to_owned(), partition);
+        let (epoch, first) = (header.producer_epoch, header.base_sequence);
+        let last = first.wrapping_add(header.records_count.max(1) - 1);
+        if idempotent {
+            let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(state) = producers.get(&key) {
+                match state.check(epoch, first) {
+                    Sequence::Next => {}
+                    Sequence::Duplicate(offset) => return Ok(offset),
+                    Sequence::Refused(code) => return Err(code),
+                }
+            }
+        }
+        let appended = self
+            .log
+            .append(
+                stream,
+                partition,
+                AppendData::Batches(BytesMut::from(&records[..])),
+            )
+            .await
+            .map_err(|e| log_error_code(&e))?;
+        if idempotent {
+            let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            producers
+                .entry(key)
+                .or_default()
+                .appended(epoch, first, last, appended.base_offset);
+        }
+        Ok(appended.base_offset)
+    }
+}
+
+/// A producer id not given before, even across restarts: the time in ms, shifted, and a
+/// counter.
+fn new_producer_id() -> i64 {
+    static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xfff;
+    ((ms << 12) | n) & i64::MAX
 }
 
 /// The first record at or after `timestamp`: (its timestamp, its offset). The log's time
@@ -625,4 +754,36 @@ fn write_response(
     let size = (out.len() - start - 4) as i32;
     out[start..start + 4].copy_from_slice(&size.to_be_bytes());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idempotent_producers_resend_is_found_and_a_gap_or_an_old_epoch_refused() {
+        let mut s = ProducerState::default();
+        assert!(matches!(s.check(0, 0), Sequence::Next));
+        s.appended(0, 0, 9, 100);
+        s.appended(0, 10, 19, 110);
+        assert!(matches!(s.check(0, 20), Sequence::Next));
+        assert!(matches!(s.check(0, 10), Sequence::Duplicate(110)));
+        assert!(matches!(s.check(0, 0), Sequence::Duplicate(100)));
+        assert!(matches!(
+            s.check(0, 25),
+            Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
+        ));
+        // A new epoch starts over; the old one is fenced.
+        assert!(matches!(s.check(1, 0), Sequence::Next));
+        s.appended(1, 0, 4, 120);
+        assert!(matches!(
+            s.check(0, 20),
+            Sequence::Refused(code::INVALID_PRODUCER_EPOCH)
+        ));
+        // Only the last RECENT_BATCHES batches are remembered.
+        for i in 1..=RECENT_BATCHES as i32 {
+            s.appended(1, i * 5, i * 5 + 4, 120 + i64::from(i) * 5);
+        }
+        assert!(!matches!(s.check(1, 0), Sequence::Duplicate(_)));
+    }
 }

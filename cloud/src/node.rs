@@ -321,6 +321,7 @@ impl Node {
                     meta: meta.clone(),
                     config: k.clone(),
                     stream_defaults: config.log.streams.clone(),
+                    producers: Default::default(),
                 }
                 .serve()
                 .await?,

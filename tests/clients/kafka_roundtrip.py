@@ -1,7 +1,9 @@
 """confluent-kafka (librdkafka) against ferry-cloud's Kafka front.
 
-Usage: python3 kafka_roundtrip.py BOOTSTRAP TOPIC COUNT
-Produces COUNT records (acks=all) with keys k<i> and values v<i>, each delivery confirmed;
+Usage: python3 kafka_roundtrip.py BOOTSTRAP TOPIC COUNT [idempotent]
+Produces COUNT records (acks=all; with "idempotent", enable.idempotence=true: the producer
+gets a producer id from InitProducerId and numbers its batches) with keys k<i> and values
+v<i>, each delivery confirmed;
 then consumes the topic from the beginning with an assigned partition (no consumer group);
 then seeks by timestamp to the middle record. Prints one line per check, "OK" at the end.
 Used by tests/tests/cloud_kafka.rs.
@@ -12,7 +14,9 @@ import time
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 bootstrap, topic, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+idempotent = len(sys.argv) > 4 and sys.argv[4] == "idempotent"
+producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
+                     "enable.idempotence": idempotent})
 delivered = []
 base_ts = int(time.time() * 1000) - 60_000
 

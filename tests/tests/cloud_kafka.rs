@@ -149,25 +149,32 @@ fn kafka_records_reach_mqtt_subscribers_under_their_key() {
 }
 
 /// confluent-kafka: 1,000 records produced with acks=all, consumed back in order from an
-/// assigned partition, and found again by timestamp.
+/// assigned partition, and found again by timestamp; then the same with an idempotent
+/// producer (InitProducerId, sequence numbers).
 #[test]
 fn confluent_kafka_produces_consumes_and_seeks_by_time() {
     let dir = temp_dir("kafka-python");
     let node = cloud(&dir);
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
+    for (topic, mode) in [("py", "plain"), ("py-idem", "idempotent")] {
+        python_roundtrip(&bootstrap, topic, mode);
+    }
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn python_roundtrip(bootstrap: &str, topic: &str, mode: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_roundtrip.py");
     let out = Command::new("python3")
-        .args([script, &bootstrap, "py", "1000"])
+        .args([script, bootstrap, topic, "1000", mode])
         .output()
         .expect("python3 runs (pip install confluent-kafka)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.ends_with("OK\n"),
-        "{stdout}{}",
+        "{mode}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    drop(node);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One raw request: its bytes, then what came back before the node closed the connection
