@@ -322,6 +322,7 @@ impl Node {
                     config: k.clone(),
                     stream_defaults: config.log.streams.clone(),
                     producers: Default::default(),
+                    groups: Default::default(),
                 }
                 .serve()
                 .await?,

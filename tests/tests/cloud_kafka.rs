@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
 
-/// A ferry-cloud with MQTT and Kafka on ephemeral ports, in `dir`.
+/// A ferry-cloud with MQTT and Kafka on ephemeral ports, in `dir`, and a stream `grp` of
+/// three partitions.
 fn cloud(dir: &std::path::Path) -> Edge {
     let config = dir.join("cloud.toml");
     std::fs::write(
         &config,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n\
+         [[route]]\nfilter = \"grp/#\"\nstream = \"grp\"\npartitions = 3\n",
     )
     .expect("write config");
     Edge::cloud_in(
@@ -175,6 +177,35 @@ fn python_roundtrip(bootstrap: &str, topic: &str, mode: &str) {
         "{mode}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A consumer group of three (confluent-kafka) on a stream of three partitions: one member
+/// leaves, one dies; the group rebalances and consumes every record; a new member resumes
+/// after the committed offsets.
+#[test]
+fn a_consumer_group_rebalances_and_resumes_from_its_commits() {
+    let dir = temp_dir("kafka-group");
+    let node = cloud(&dir);
+    let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_group.py");
+    let out = Command::new("python3")
+        .args([script, &bootstrap, "grp", "3000"])
+        .output()
+        .expect("python3 runs (pip install confluent-kafka)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with("OK\n"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The node serves on after the group's comings and goings.
+    let listing = kcat(&bootstrap, &["-L"], None);
+    assert!(
+        listing.contains("topic \"grp\" with 3 partitions"),
+        "{listing}"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One raw request: its bytes, then what came back before the node closed the connection

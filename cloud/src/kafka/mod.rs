@@ -28,11 +28,18 @@
 //! comes (a batch resent across the restart could be appended twice). Producer ids are
 //! unique across restarts (time-based).
 //!
-//! Consumer groups (FindCoordinator, JoinGroup, ...) are not served yet: consumers assign
-//! partitions themselves (`kcat -C`, rdkafka `assign`). A request for an API or version not
+//! | FindCoordinator | 0–4 | this node, for every group |
+//! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
+//! | OffsetCommit, OffsetFetch | 2–8, 1–7 | committed offsets, durable in the metadata |
+//! | DescribeGroups, ListGroups | 0–5, 0–4 | the groups, their state and members |
+//!
+//! A request for an API or version not
 //! listed is answered with UNSUPPORTED_VERSION where the protocol allows, else the
 //! connection is closed; a frame over `max_request_bytes`, a truncated or undecodable one
 //! closes the connection. Nothing a client sends panics the node.
+
+mod group_requests;
+pub mod groups;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,6 +124,15 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Metadata, 0, 12),
     (ApiKey::ApiVersions, 0, 3),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 7),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::ListGroups, 0, 4),
 ];
 
 /// What the front needs of the node.
@@ -129,6 +145,8 @@ pub struct KafkaFront {
     pub stream_defaults: StreamConfig,
     /// Idempotent producers' state, per (producer id, stream, partition).
     pub producers: Arc<std::sync::Mutex<Producers>>,
+    /// Consumer groups.
+    pub groups: Arc<groups::Groups>,
 }
 
 /// Idempotent producers' recent batches.
@@ -191,6 +209,18 @@ impl KafkaFront {
         let listener = TcpListener::bind(self.config.listen).await?;
         let addr = listener.local_addr()?;
         info!(%addr, "listening for Kafka clients");
+        let groups = Arc::downgrade(&self.groups);
+        tokio::spawn(async move {
+            // Sessions that ran out, and rebalances whose time is up.
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let Some(groups) = groups.upgrade() else {
+                    return;
+                };
+                groups.expire(std::time::Instant::now());
+            }
+        });
         let front = Arc::new(KafkaFront {
             config: KafkaConfig {
                 listen: addr,
@@ -283,6 +313,20 @@ impl KafkaFront {
         let response = match request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
             RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
+            RequestKind::FindCoordinator(r) => {
+                ResponseKind::FindCoordinator(self.find_coordinator(r, version))
+            }
+            RequestKind::JoinGroup(r) => {
+                let client = header.client_id.as_ref().map_or("", |c| c.as_str());
+                ResponseKind::JoinGroup(self.join_group(r, version, client).await)
+            }
+            RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(self.sync_group(r).await),
+            RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(self.heartbeat(r)),
+            RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(self.leave_group(r, version)),
+            RequestKind::OffsetCommit(r) => ResponseKind::OffsetCommit(self.offset_commit(r).await),
+            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r)),
+            RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(self.describe_groups(r)),
+            RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups()),
             RequestKind::InitProducerId(r) => {
                 let mut response = InitProducerIdResponse::default();
                 if r.transactional_id.is_some() {

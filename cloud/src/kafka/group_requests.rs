@@ -1,0 +1,330 @@
+//! The consumer group requests of the Kafka front, on [`super::groups::Groups`] and the
+//! metadata's cursors (one cursor per group, stream and partition: the committed offset).
+
+use std::time::Duration;
+
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponsePartition, OffsetFetchResponseTopic,
+};
+use kafka_protocol::messages::{
+    BrokerId, DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest,
+    FindCoordinatorResponse, GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
+    JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    SyncGroupRequest, SyncGroupResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::KafkaFront;
+use crate::log::Storage;
+use crate::meta::Command;
+
+/// Error codes used here besides the group protocol's.
+const NONE: i16 = 0;
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+const GROUP_ID_NOT_FOUND: i16 = 69;
+
+fn s(text: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(text.into())
+}
+
+impl KafkaFront {
+    /// This node coordinates every group. v0-3 answer for one key in the top-level fields,
+    /// v4+ a list of coordinators (a field of the other form must stay unset).
+    pub(super) fn find_coordinator(
+        &self,
+        r: FindCoordinatorRequest,
+        version: i16,
+    ) -> FindCoordinatorResponse {
+        let (host, port) = self.advertised();
+        if version < 4 {
+            return FindCoordinatorResponse::default()
+                .with_node_id(BrokerId(0))
+                .with_host(s(host))
+                .with_port(port);
+        }
+        FindCoordinatorResponse::default().with_coordinators(
+            r.coordinator_keys
+                .into_iter()
+                .map(|key| {
+                    Coordinator::default()
+                        .with_key(key)
+                        .with_node_id(BrokerId(0))
+                        .with_host(s(host.clone()))
+                        .with_port(port)
+                })
+                .collect(),
+        )
+    }
+
+    pub(super) async fn join_group(
+        &self,
+        r: JoinGroupRequest,
+        version: i16,
+        client_id: &str,
+    ) -> JoinGroupResponse {
+        let protocols = r
+            .protocols
+            .into_iter()
+            .map(|p| (p.name.as_str().to_owned(), p.metadata))
+            .collect();
+        let session = Duration::from_millis(r.session_timeout_ms.max(1) as u64);
+        // v0 has no rebalance timeout: it is the session timeout.
+        let rebalance = if version >= 1 {
+            Duration::from_millis(r.rebalance_timeout_ms.max(1) as u64)
+        } else {
+            session
+        };
+        let joined = self
+            .groups
+            .join(
+                r.group_id.as_str(),
+                r.member_id.as_str(),
+                client_id,
+                r.protocol_type.as_str(),
+                protocols,
+                session,
+                rebalance,
+                version >= 4,
+            )
+            .await;
+        JoinGroupResponse::default()
+            .with_error_code(joined.error_code)
+            .with_generation_id(joined.generation)
+            .with_protocol_type(Some(s(joined.protocol_type)))
+            .with_protocol_name(joined.protocol.map(s))
+            .with_leader(s(joined.leader))
+            .with_member_id(s(joined.member_id))
+            .with_members(
+                joined
+                    .members
+                    .into_iter()
+                    .map(|(id, metadata)| {
+                        JoinGroupResponseMember::default()
+                            .with_member_id(s(id))
+                            .with_metadata(metadata)
+                    })
+                    .collect(),
+            )
+    }
+
+    pub(super) async fn sync_group(&self, r: SyncGroupRequest) -> SyncGroupResponse {
+        let assignments = r
+            .assignments
+            .into_iter()
+            .map(|a| (a.member_id.as_str().to_owned(), a.assignment))
+            .collect();
+        let (error_code, assignment) = self
+            .groups
+            .sync(
+                r.group_id.as_str(),
+                r.generation_id,
+                r.member_id.as_str(),
+                assignments,
+            )
+            .await;
+        SyncGroupResponse::default()
+            .with_error_code(error_code)
+            .with_protocol_type(r.protocol_type)
+            .with_protocol_name(r.protocol_name)
+            .with_assignment(assignment)
+    }
+
+    pub(super) fn heartbeat(&self, r: HeartbeatRequest) -> HeartbeatResponse {
+        HeartbeatResponse::default().with_error_code(self.groups.heartbeat(
+            r.group_id.as_str(),
+            r.generation_id,
+            r.member_id.as_str(),
+        ))
+    }
+
+    pub(super) fn leave_group(&self, r: LeaveGroupRequest, version: i16) -> LeaveGroupResponse {
+        // v0-2 name one member; v3+ a list.
+        let ids: Vec<String> = if r.members.is_empty() {
+            vec![r.member_id.as_str().to_owned()]
+        } else {
+            r.members
+                .iter()
+                .map(|m| m.member_id.as_str().to_owned())
+                .collect()
+        };
+        let codes = self.groups.leave(r.group_id.as_str(), &ids);
+        if version < 3 {
+            return LeaveGroupResponse::default().with_error_code(codes[0]);
+        }
+        LeaveGroupResponse::default().with_members(
+            ids.into_iter()
+                .zip(codes)
+                .map(|(id, code)| {
+                    MemberResponse::default()
+                        .with_member_id(s(id))
+                        .with_error_code(code)
+                })
+                .collect(),
+        )
+    }
+
+    pub(super) async fn offset_commit(&self, r: OffsetCommitRequest) -> OffsetCommitResponse {
+        let group = r.group_id.as_str().to_owned();
+        let allowed = self.groups.may_commit(
+            &group,
+            r.generation_id_or_member_epoch,
+            r.member_id.as_str(),
+        );
+        let streams = self.log.streams();
+        let mut commands = Vec::new();
+        let mut topics = Vec::new();
+        for t in r.topics {
+            let stream = streams.iter().find(|s| s.name == t.name.as_str());
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| {
+                    let exists = stream.is_some_and(|s| {
+                        usize::try_from(p.partition_index).is_ok_and(|i| i < s.partitions.len())
+                    });
+                    let code = if allowed != NONE {
+                        allowed
+                    } else if !exists {
+                        UNKNOWN_TOPIC_OR_PARTITION
+                    } else {
+                        commands.push(Command::CommitCursor {
+                            group: group.clone(),
+                            stream: t.name.as_str().to_owned(),
+                            partition: p.partition_index as u32,
+                            offset: p.committed_offset,
+                        });
+                        NONE
+                    };
+                    OffsetCommitResponsePartition::default()
+                        .with_partition_index(p.partition_index)
+                        .with_error_code(code)
+                })
+                .collect::<Vec<_>>();
+            topics.push((t.name, partitions));
+        }
+        let meta = self.meta.clone();
+        let stored = tokio::task::spawn_blocking(move || meta.apply(&commands))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        OffsetCommitResponse::default().with_topics(
+            topics
+                .into_iter()
+                .map(|(name, mut partitions)| {
+                    if !stored {
+                        for p in &mut partitions {
+                            p.error_code = COORDINATOR_NOT_AVAILABLE;
+                        }
+                    }
+                    OffsetCommitResponseTopic::default()
+                        .with_name(name)
+                        .with_partitions(partitions)
+                })
+                .collect(),
+        )
+    }
+
+    /// OffsetFetch v1-7: the committed offset of each partition asked for (every partition
+    /// of every stream with a commit when no topics are given); -1 where none.
+    pub(super) fn offset_fetch(&self, r: OffsetFetchRequest) -> OffsetFetchResponse {
+        let group = r.group_id.as_str();
+        let all = r.topics.is_none();
+        let wanted: Vec<(TopicName, Vec<i32>)> = match r.topics {
+            Some(ts) => ts
+                .into_iter()
+                .map(|t| (t.name, t.partition_indexes))
+                .collect(),
+            None => self
+                .log
+                .streams()
+                .into_iter()
+                .map(|st| {
+                    let n = st.partitions.len() as i32;
+                    (TopicName(s(st.name)), (0..n).collect())
+                })
+                .collect(),
+        };
+        let topics = wanted
+            .into_iter()
+            .map(|(name, partitions)| {
+                let partitions: Vec<_> = partitions
+                    .into_iter()
+                    .filter_map(|p| {
+                        let committed = u32::try_from(p).ok().and_then(|pi| {
+                            self.meta.cursor(group, name.as_str(), pi).ok().flatten()
+                        });
+                        // With no topics asked for, only partitions with a commit are listed.
+                        if all && committed.is_none() {
+                            return None;
+                        }
+                        Some(
+                            OffsetFetchResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(committed.unwrap_or(-1))
+                                .with_committed_leader_epoch(-1),
+                        )
+                    })
+                    .collect();
+                OffsetFetchResponseTopic::default()
+                    .with_name(name)
+                    .with_partitions(partitions)
+            })
+            .collect();
+        OffsetFetchResponse::default().with_topics(topics)
+    }
+
+    pub(super) fn describe_groups(&self, r: DescribeGroupsRequest) -> DescribeGroupsResponse {
+        DescribeGroupsResponse::default().with_groups(
+            r.groups
+                .into_iter()
+                .map(|id| match self.groups.describe(id.as_str()) {
+                    None => DescribedGroup::default()
+                        .with_group_id(id)
+                        .with_error_code(GROUP_ID_NOT_FOUND)
+                        .with_group_state(s("Dead")),
+                    Some(g) => DescribedGroup::default()
+                        .with_group_id(id)
+                        .with_group_state(s(g.state))
+                        .with_protocol_type(s(g.protocol_type))
+                        .with_protocol_data(s(g.protocol))
+                        .with_members(
+                            g.members
+                                .into_iter()
+                                .map(|(member, client, assignment)| {
+                                    DescribedGroupMember::default()
+                                        .with_member_id(s(member))
+                                        .with_client_id(s(client))
+                                        .with_member_assignment(assignment)
+                                })
+                                .collect(),
+                        ),
+                })
+                .collect(),
+        )
+    }
+
+    pub(super) fn list_groups(&self) -> ListGroupsResponse {
+        ListGroupsResponse::default().with_groups(
+            self.groups
+                .list()
+                .into_iter()
+                .map(|(id, protocol_type, state)| {
+                    ListedGroup::default()
+                        .with_group_id(GroupId(s(id)))
+                        .with_protocol_type(s(protocol_type))
+                        .with_group_state(s(state))
+                        .with_group_type(s("classic"))
+                })
+                .collect(),
+        )
+    }
+}
