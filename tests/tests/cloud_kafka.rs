@@ -208,6 +208,30 @@ fn a_consumer_group_rebalances_and_resumes_from_its_commits() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// confluent-kafka's AdminClient creates a topic of four partitions with a retention
+/// setting, reads the setting back, and is refused a setting Ferry does not have.
+#[test]
+fn the_admin_client_creates_and_describes_topics() {
+    let dir = temp_dir("kafka-admin");
+    let node = cloud(&dir);
+    let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_admin.py");
+    let out = Command::new("python3")
+        .args([script, &bootstrap])
+        .output()
+        .expect("python3 runs (pip install confluent-kafka)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with("OK\n"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("refused: INVALID_CONFIG"), "{stdout}");
+    assert!(stdout.contains("again: TOPIC_ALREADY_EXISTS"), "{stdout}");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// One raw request: its bytes, then what came back before the node closed the connection
 /// (or 2 s passed).
 fn raw(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {

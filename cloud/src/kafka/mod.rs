@@ -32,6 +32,7 @@
 //! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
 //! | OffsetCommit, OffsetFetch | 2–8, 1–7 | committed offsets, durable in the metadata |
 //! | DescribeGroups, ListGroups | 0–5, 0–4 | the groups, their state and members |
+//! | CreateTopics, DescribeConfigs | 2–7, 1–4 | streams made and described with Kafka's topic settings ([`topics`]) |
 //!
 //! A request for an API or version not
 //! listed is answered with UNSUPPORTED_VERSION where the protocol allows, else the
@@ -40,6 +41,7 @@
 
 mod group_requests;
 pub mod groups;
+mod topics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -133,6 +135,8 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::ListGroups, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DescribeConfigs, 1, 4),
 ];
 
 /// What the front needs of the node.
@@ -327,6 +331,10 @@ impl KafkaFront {
             RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r)),
             RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(self.describe_groups(r)),
             RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups()),
+            RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(self.create_topics(r)),
+            RequestKind::DescribeConfigs(r) => {
+                ResponseKind::DescribeConfigs(self.describe_configs(r))
+            }
             RequestKind::InitProducerId(r) => {
                 let mut response = InitProducerIdResponse::default();
                 if r.transactional_id.is_some() {
