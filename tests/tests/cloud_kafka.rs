@@ -166,17 +166,25 @@ fn confluent_kafka_produces_consumes_and_seeks_by_time() {
 }
 
 fn python_roundtrip(bootstrap: &str, topic: &str, mode: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_roundtrip.py");
+    python_client("kafka_roundtrip.py", &[bootstrap, topic, "1000", mode]);
+}
+
+/// Runs a Python client of `tests/clients/` with `args`; it must succeed and print "OK" last.
+/// Its output, for more checks.
+fn python_client(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("python3")
-        .args([script, bootstrap, topic, "1000", mode])
+        .arg(&path)
+        .args(args)
         .output()
         .expect("python3 runs (pip install confluent-kafka)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success() && stdout.ends_with("OK\n"),
-        "{mode}: {stdout}{}",
+        "{script} {args:?}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
 }
 
 /// A consumer group of three (confluent-kafka) on a stream of three partitions: one member
@@ -187,17 +195,7 @@ fn a_consumer_group_rebalances_and_resumes_from_its_commits() {
     let dir = temp_dir("kafka-group");
     let node = cloud(&dir);
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_group.py");
-    let out = Command::new("python3")
-        .args([script, &bootstrap, "grp", "3000"])
-        .output()
-        .expect("python3 runs (pip install confluent-kafka)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.ends_with("OK\n"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python_client("kafka_group.py", &[&bootstrap, "grp", "3000"]);
     // The node serves on after the group's comings and goings.
     let listing = kcat(&bootstrap, &["-L"], None);
     assert!(
@@ -215,17 +213,7 @@ fn the_admin_client_creates_and_describes_topics() {
     let dir = temp_dir("kafka-admin");
     let node = cloud(&dir);
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/kafka_admin.py");
-    let out = Command::new("python3")
-        .args([script, &bootstrap])
-        .output()
-        .expect("python3 runs (pip install confluent-kafka)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.ends_with("OK\n"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = python_client("kafka_admin.py", &[&bootstrap]);
     assert!(stdout.contains("refused: INVALID_CONFIG"), "{stdout}");
     assert!(stdout.contains("again: TOPIC_ALREADY_EXISTS"), "{stdout}");
     drop(node);
