@@ -415,26 +415,15 @@ async fn a_full_outbox_drops_the_oldest_and_counts_them() {
     assert!(site.cloud_log() == newest, "the newest {records}, in order");
 }
 
-/// The edge's persistent subscriber `valve-app` on `valve/#`: what it gets, `count` messages
-/// at most, waiting `secs` at most.
-fn valve_app(edge: &Edge, count: u32, secs: u32) -> String {
+/// The edge's persistent subscriber `id` on `valve/#`: what it gets, `count` messages at
+/// most, waiting `secs` at most.
+fn valve_app(edge: &Edge, id: &str, count: u32, secs: u32) -> String {
     let (count, secs) = (count.to_string(), secs.to_string());
     let out = ferry_tests::process::mosquitto_at(
         "mosquitto_sub",
         &edge.port().to_string(),
         &[
-            "-c",
-            "-i",
-            "valve-app",
-            "-q",
-            "1",
-            "-t",
-            "valve/#",
-            "-v",
-            "-C",
-            &count,
-            "-W",
-            &secs,
+            "-c", "-i", id, "-q", "1", "-t", "valve/#", "-v", "-C", &count, "-W", &secs,
         ],
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -489,16 +478,21 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
     assert!(out.status.success());
     let edge = site.edge();
     assert_eq!(
-        valve_app(&edge, 3, 30),
+        valve_app(&edge, "valve-app", 3, 30),
         "valve/set open 1\nvalve/set open 2\nvalve/set open 3\n"
     );
-    // Acknowledged: after another kill -9 of the edge, nothing is published again. (The
-    // subscriber's own PUBACKs get a moment to be committed first: that is its session's
-    // at-least-once, not the link's.)
-    std::thread::sleep(Duration::from_secs(1));
+    // Acknowledged: after another kill -9 of the edge, nothing is published again. A new
+    // persistent subscriber watches (valve-app itself may legitimately get a message again
+    // whose PUBACK the kill cut off: that is its session's at-least-once, not the link's).
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &edge.port().to_string(),
+        &["-c", "-i", "watcher", "-q", "1", "-t", "valve/#", "-E"],
+    );
+    assert!(out.status.success());
     edge.kill();
     let edge = site.edge();
-    let out = valve_app(&edge, 1, 5);
+    let out = valve_app(&edge, "watcher", 1, 5);
     assert_eq!(out, "", "published once");
     // A Kafka producer reaches the edge the same way: a record with key
     // `$edge/gw-1/<topic>` produced to the downlink stream.
@@ -516,7 +510,10 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
             .expect("write");
     }
     assert!(kcat.wait().expect("kcat ends").success());
-    assert_eq!(valve_app(&edge, 1, 20), "valve/set close from kafka\n");
+    assert_eq!(
+        valve_app(&edge, "watcher", 1, 20),
+        "valve/set close from kafka\n"
+    );
 }
 
 /// 10% packet loss both ways and a 30-second cut of the path, through the impairment proxy:
