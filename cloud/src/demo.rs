@@ -30,16 +30,29 @@ pub const EDGE_ID: &str = "demo-edge";
 /// The topic the simulated sensor publishes on (on the cloud: `demo-edge/<topic>`).
 pub const SENSOR_TOPIC: &str = "sensors/demo/temperature";
 
-/// Where the demo's parts listen, and for how long it runs.
-#[derive(Debug, Clone)]
+/// Where the demo keeps its data and where its parts listen (`ferry-cloud demo`'s flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
+    /// Where the demo keeps its certificates and data.
+    #[arg(long, value_name = "DIR", default_value = "ferry-demo")]
     pub data_dir: PathBuf,
+    /// The edge's MQTT listener (sensors publish here).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
     pub edge_listen: SocketAddr,
+    /// The cloud's MQTT listener (watch the data here).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1884")]
     pub cloud_listen: SocketAddr,
+    /// The cloud's link listener (QUIC, UDP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7883")]
     pub link_listen: SocketAddr,
+    /// The cloud's admin HTTP listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub admin_listen: SocketAddr,
+    /// The cloud's Kafka listener (consume the data with kcat).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
     pub kafka_listen: SocketAddr,
     /// Milliseconds between two sensor readings.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub interval_ms: u64,
 }
 

@@ -44,29 +44,7 @@ enum Command {
     /// The whole path in one process: a cloud node, an edge linked to it over QUIC
     /// (certificates made on first run) and a simulated sensor publishing to the edge.
     /// Prints how to watch the data arrive.
-    Demo {
-        /// Where the demo keeps its certificates and data.
-        #[arg(long, value_name = "DIR", default_value = "ferry-demo")]
-        data_dir: PathBuf,
-        /// The edge's MQTT listener (sensors publish here).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
-        edge_listen: std::net::SocketAddr,
-        /// The cloud's MQTT listener (watch the data here).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1884")]
-        cloud_listen: std::net::SocketAddr,
-        /// The cloud's link listener (QUIC, UDP).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7883")]
-        link_listen: std::net::SocketAddr,
-        /// The cloud's admin HTTP listener.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-        admin_listen: std::net::SocketAddr,
-        /// The cloud's Kafka listener (consume the data with kcat).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
-        kafka_listen: std::net::SocketAddr,
-        /// Milliseconds between two sensor readings.
-        #[arg(long, value_name = "MS", default_value_t = 1000)]
-        interval_ms: u64,
-    },
+    Demo(ferry_cloud::demo::DemoOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,26 +85,9 @@ async fn main() -> anyhow::Result<()> {
     ferry_edge::config::init_tracing();
     match args.command {
         Some(Command::Pki { action }) => return pki(action),
-        Some(Command::Demo {
-            data_dir,
-            edge_listen,
-            cloud_listen,
-            link_listen,
-            admin_listen,
-            kafka_listen,
-            interval_ms,
-        }) => {
+        Some(Command::Demo(opts)) => {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-            let opts = ferry_cloud::demo::DemoOptions {
-                data_dir,
-                edge_listen,
-                cloud_listen,
-                link_listen,
-                admin_listen,
-                kafka_listen,
-                interval_ms,
-            };
             return ferry_cloud::demo::run(opts, async move {
                 tokio::select! {
                     _ = term.recv() => {}
