@@ -323,6 +323,7 @@ impl Node {
                     stream_defaults: config.log.streams.clone(),
                     producers: Default::default(),
                     groups: Default::default(),
+                    routes: routes.clone(),
                 }
                 .serve()
                 .await?,
@@ -484,12 +485,20 @@ impl Tailer {
         loop {
             let seen = *commits.borrow_and_update();
             let mut progressed = false;
-            for stream in self.log.streams() {
+            let streams = self.log.streams();
+            // A deleted stream's positions go (a stream made again under its name starts
+            // from its own beginning).
+            let live = |(s, _): &(String, u32)| streams.iter().any(|st| st.name == *s);
+            positions.retain(|k, _| live(k));
+            committed.retain(|k, _| live(k));
+            self.lock_cursor().retain(|k, _| live(k));
+            for stream in streams {
                 for (p, info) in stream.partitions.iter().enumerate() {
                     let key = (stream.name.clone(), p as u32);
                     let pos = match positions.get(&key) {
-                        Some(&pos) => pos,
-                        None => {
+                        // (Past the end only if the stream was deleted and made again.)
+                        Some(&pos) if pos <= info.offsets.high_watermark => pos,
+                        _ => {
                             // Where the broker stopped routing last time (set at start for
                             // the streams of that time); a stream created later, from its
                             // start.

@@ -1,11 +1,14 @@
 """confluent-kafka's AdminClient against ferry-cloud's Kafka front: CreateTopics (with a
-setting), DescribeConfigs, a refused setting, and the new topic's partitions in Metadata.
+setting), DescribeConfigs, a refused setting, the new topic's partitions in Metadata;
+DeleteTopics (records and commits gone; made again it is empty), refused for a stream an MQTT
+route writes to (ROUTED) and for one that does not exist.
 
-Usage: python3 kafka_admin.py BOOTSTRAP
+Usage: python3 kafka_admin.py BOOTSTRAP ROUTED
 Prints one line per check, "OK" at the end. Used by tests/tests/cloud_kafka.rs.
 """
 import sys
 
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 admin = AdminClient({"bootstrap.servers": sys.argv[1]})
@@ -33,4 +36,38 @@ topics = admin.list_topics(timeout=10).topics
 print("partitions", len(topics["made"].partitions))
 assert len(topics["made"].partitions) == 4
 assert "bad" not in topics
+
+
+def error_name(future):
+    try:
+        future.result(10)
+        return "NO_ERROR"
+    except Exception as e:  # KafkaException
+        return e.args[0].name()
+
+
+bootstrap, routed = sys.argv[1], sys.argv[2]
+producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+for i in range(100):
+    producer.produce("made", key=f"k{i}", value=f"v{i}")
+producer.flush(10)
+consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "gone"})
+consumer.commit(offsets=[TopicPartition("made", 0, 5)], asynchronous=False)
+consumer.close()
+
+print("delete:", error_name(admin.delete_topics(["made"])["made"]))
+topics = admin.list_topics(timeout=10).topics
+assert "made" not in topics, "deleted"
+print("delete again:", error_name(admin.delete_topics(["made"])["made"]))
+print("delete routed:", error_name(admin.delete_topics([routed])[routed]))
+assert routed in admin.list_topics(timeout=10).topics, "a routed stream stays"
+
+# Made again: no records, no commits.
+admin.create_topics([NewTopic("made", 1, 1)])["made"].result(10)
+consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "gone"})
+committed = consumer.committed([TopicPartition("made", 0)], timeout=10)
+low, high = consumer.get_watermark_offsets(TopicPartition("made", 0), timeout=10)
+consumer.close()
+print("made again: committed", committed[0].offset, "watermarks", low, high)
+assert committed[0].offset < 0 and (low, high) == (0, 0)
 print("OK")

@@ -207,15 +207,26 @@ fn a_consumer_group_rebalances_and_resumes_from_its_commits() {
 }
 
 /// confluent-kafka's AdminClient creates a topic of four partitions with a retention
-/// setting, reads the setting back, and is refused a setting Ferry does not have.
+/// setting, reads the setting back, and is refused a setting Ferry does not have; it deletes
+/// the topic (made again, it has no records and no commits), and is refused the deletion of
+/// a stream an MQTT route writes to and of one that does not exist.
 #[test]
 fn the_admin_client_creates_and_describes_topics() {
     let dir = temp_dir("kafka-admin");
     let node = cloud(&dir);
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
-    let stdout = python_client("kafka_admin.py", &[&bootstrap]);
+    let stdout = python_client("kafka_admin.py", &[&bootstrap, "grp"]);
     assert!(stdout.contains("refused: INVALID_CONFIG"), "{stdout}");
     assert!(stdout.contains("again: TOPIC_ALREADY_EXISTS"), "{stdout}");
+    assert!(stdout.contains("delete: NO_ERROR"), "{stdout}");
+    assert!(
+        stdout.contains("delete again: UNKNOWN_TOPIC_OR_PART"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("delete routed: POLICY_VIOLATION"),
+        "{stdout}"
+    );
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }

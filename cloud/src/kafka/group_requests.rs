@@ -12,7 +12,8 @@ use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
 };
 use kafka_protocol::messages::offset_fetch_response::{
-    OffsetFetchResponsePartition, OffsetFetchResponseTopic,
+    OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+    OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::{
     BrokerId, DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest,
@@ -233,30 +234,95 @@ impl KafkaFront {
         )
     }
 
-    /// OffsetFetch v1-7: the committed offset of each partition asked for (every partition
-    /// of every stream with a commit when no topics are given); -1 where none.
-    pub(super) fn offset_fetch(&self, r: OffsetFetchRequest) -> OffsetFetchResponse {
-        let group = r.group_id.as_str();
-        let all = r.topics.is_none();
-        let wanted: Vec<(TopicName, Vec<i32>)> = match r.topics {
-            Some(ts) => ts
+    /// OffsetFetch v1-8: the committed offset of each partition asked for (every partition
+    /// of every stream with a commit when no topics are given); -1 where none. v8 asks for
+    /// several groups at once and is answered group by group.
+    pub(super) fn offset_fetch(&self, r: OffsetFetchRequest, version: i16) -> OffsetFetchResponse {
+        if version < 8 {
+            let wanted = r.topics.map(|ts| {
+                ts.into_iter()
+                    .map(|t| (t.name, t.partition_indexes))
+                    .collect()
+            });
+            let topics = self
+                .committed(r.group_id.as_str(), wanted)
                 .into_iter()
-                .map(|t| (t.name, t.partition_indexes))
-                .collect(),
-            None => self
-                .log
+                .map(|(name, partitions)| {
+                    OffsetFetchResponseTopic::default()
+                        .with_name(name)
+                        .with_partitions(
+                            partitions
+                                .into_iter()
+                                .map(|(p, offset)| {
+                                    OffsetFetchResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_committed_offset(offset)
+                                        .with_committed_leader_epoch(-1)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            return OffsetFetchResponse::default().with_topics(topics);
+        }
+        let groups = r
+            .groups
+            .into_iter()
+            .map(|g| {
+                let wanted = g.topics.map(|ts| {
+                    ts.into_iter()
+                        .map(|t| (t.name, t.partition_indexes))
+                        .collect()
+                });
+                let topics = self
+                    .committed(g.group_id.as_str(), wanted)
+                    .into_iter()
+                    .map(|(name, partitions)| {
+                        OffsetFetchResponseTopics::default()
+                            .with_name(name)
+                            .with_partitions(
+                                partitions
+                                    .into_iter()
+                                    .map(|(p, offset)| {
+                                        OffsetFetchResponsePartitions::default()
+                                            .with_partition_index(p)
+                                            .with_committed_offset(offset)
+                                            .with_committed_leader_epoch(-1)
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect();
+                OffsetFetchResponseGroup::default()
+                    .with_group_id(g.group_id)
+                    .with_topics(topics)
+            })
+            .collect();
+        OffsetFetchResponse::default().with_groups(groups)
+    }
+
+    /// `group`'s committed offsets (-1 where none) of the partitions in `wanted`, or, when
+    /// `wanted` is None, of every partition of every stream that has a commit.
+    fn committed(
+        &self,
+        group: &str,
+        wanted: Option<Vec<(TopicName, Vec<i32>)>>,
+    ) -> Vec<(TopicName, Vec<(i32, i64)>)> {
+        let all = wanted.is_none();
+        let wanted = wanted.unwrap_or_else(|| {
+            self.log
                 .streams()
                 .into_iter()
                 .map(|st| {
                     let n = st.partitions.len() as i32;
                     (TopicName(s(st.name)), (0..n).collect())
                 })
-                .collect(),
-        };
-        let topics = wanted
+                .collect()
+        });
+        wanted
             .into_iter()
             .map(|(name, partitions)| {
-                let partitions: Vec<_> = partitions
+                let partitions = partitions
                     .into_iter()
                     .filter_map(|p| {
                         let committed = u32::try_from(p).ok().and_then(|pi| {
@@ -266,20 +332,13 @@ impl KafkaFront {
                         if all && committed.is_none() {
                             return None;
                         }
-                        Some(
-                            OffsetFetchResponsePartition::default()
-                                .with_partition_index(p)
-                                .with_committed_offset(committed.unwrap_or(-1))
-                                .with_committed_leader_epoch(-1),
-                        )
+                        Some((p, committed.unwrap_or(-1)))
                     })
                     .collect();
-                OffsetFetchResponseTopic::default()
-                    .with_name(name)
-                    .with_partitions(partitions)
+                (name, partitions)
             })
-            .collect();
-        OffsetFetchResponse::default().with_topics(topics)
+            .filter(|(_, partitions): &(_, Vec<_>)| !all || !partitions.is_empty())
+            .collect()
     }
 
     pub(super) fn describe_groups(&self, r: DescribeGroupsRequest) -> DescribeGroupsResponse {

@@ -30,9 +30,9 @@
 //!
 //! | FindCoordinator | 0–4 | this node, for every group |
 //! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
-//! | OffsetCommit, OffsetFetch | 2–8, 1–7 | committed offsets, durable in the metadata |
+//! | OffsetCommit, OffsetFetch | 2–8, 1–8 | committed offsets, durable in the metadata (v8: several groups per request) |
 //! | DescribeGroups, ListGroups | 0–5, 0–4 | the groups, their state and members |
-//! | CreateTopics, DescribeConfigs | 2–7, 1–4 | streams made and described with Kafka's topic settings ([`topics`]) |
+//! | CreateTopics, DeleteTopics, DescribeConfigs | 2–7, 1–6, 1–4 | streams made, deleted and described with Kafka's topic settings ([`topics`]; a stream MQTT routes write to is not deleted) |
 //!
 //! A request for an API or version not
 //! listed is answered with UNSUPPORTED_VERSION where the protocol allows, else the
@@ -132,10 +132,11 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Heartbeat, 0, 4),
     (ApiKey::LeaveGroup, 0, 5),
     (ApiKey::OffsetCommit, 2, 8),
-    (ApiKey::OffsetFetch, 1, 7),
+    (ApiKey::OffsetFetch, 1, 8),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::DescribeConfigs, 1, 4),
 ];
 
@@ -151,6 +152,8 @@ pub struct KafkaFront {
     pub producers: Arc<std::sync::Mutex<Producers>>,
     /// Consumer groups.
     pub groups: Arc<groups::Groups>,
+    /// The MQTT routes in force: the streams they write to are not deleted.
+    pub routes: Arc<crate::routes::RouteTable>,
 }
 
 /// Idempotent producers' recent batches.
@@ -328,10 +331,11 @@ impl KafkaFront {
             RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(self.heartbeat(r)),
             RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(self.leave_group(r, version)),
             RequestKind::OffsetCommit(r) => ResponseKind::OffsetCommit(self.offset_commit(r).await),
-            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r)),
+            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r, version)),
             RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(self.describe_groups(r)),
             RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups()),
             RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(self.create_topics(r)),
+            RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(self.delete_topics(r)),
             RequestKind::DescribeConfigs(r) => {
                 ResponseKind::DescribeConfigs(self.describe_configs(r))
             }

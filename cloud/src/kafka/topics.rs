@@ -1,14 +1,22 @@
-//! CreateTopics and DescribeConfigs: streams made and described in Kafka's terms. A topic's
+//! CreateTopics, DeleteTopics and DescribeConfigs: streams made, deleted and described in
+//! Kafka's terms. A topic's
 //! settings map onto the stream's: `retention.ms` (-1: none), `retention.bytes` (-1: none),
 //! `segment.bytes`, `segment.ms`, `index.interval.bytes`; other settings are refused with
 //! INVALID_CONFIG. A replication factor other than -1 or 1 is refused (one node).
+//!
+//! DeleteTopics removes the stream, its records and every group's committed offsets on it.
+//! A stream the MQTT routes write to (the default stream and `downlink` among them) is not
+//! deleted: POLICY_VIOLATION, with a message naming the reason; remove the route first.
+//! Topics named by id only (v6) get UNKNOWN_TOPIC_ID: Ferry's topics have no ids.
 
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
 };
 use kafka_protocol::messages::{
-    CreateTopicsRequest, CreateTopicsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
+    CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    DescribeConfigsRequest, DescribeConfigsResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -23,6 +31,8 @@ const TOPIC_ALREADY_EXISTS: i16 = 36;
 const INVALID_PARTITIONS: i16 = 37;
 const INVALID_REPLICATION_FACTOR: i16 = 38;
 const INVALID_CONFIG: i16 = 40;
+const POLICY_VIOLATION: i16 = 44;
+const UNKNOWN_TOPIC_ID: i16 = 100;
 const KAFKA_STORAGE_ERROR: i16 = 56;
 /// DescribeConfigs resource type of a topic.
 const TOPIC_RESOURCE: i8 = 2;
@@ -112,6 +122,55 @@ impl KafkaFront {
             })
             .collect();
         CreateTopicsResponse::default().with_topics(topics)
+    }
+
+    pub(super) fn delete_topics(&self, r: DeleteTopicsRequest) -> DeleteTopicsResponse {
+        // v1-5 name topics in `topic_names`, v6 in `topics` (by name or by id).
+        let named = r.topic_names.into_iter().map(|n| (Some(n), None));
+        let stated = r.topics.into_iter().map(|t| (t.name, Some(t.topic_id)));
+        let responses = named
+            .chain(stated)
+            .map(|(name, id)| {
+                let result = DeletableTopicResult::default()
+                    .with_name(name.clone())
+                    .with_topic_id(id.unwrap_or_default());
+                let Some(name) = name else {
+                    return result.with_error_code(UNKNOWN_TOPIC_ID);
+                };
+                let (code, message) = self.delete_topic(&name);
+                result
+                    .with_error_code(code)
+                    .with_error_message(message.map(StrBytes::from_string))
+            })
+            .collect();
+        DeleteTopicsResponse::default().with_responses(responses)
+    }
+
+    /// Deletes one stream: its records first, then its settings and every group's commits
+    /// on it. (A crash between the two leaves an empty stream of that name; deleting again
+    /// removes it.)
+    fn delete_topic(&self, name: &TopicName) -> (i16, Option<String>) {
+        let name = name.as_str();
+        if self.routes.get().streams().iter().any(|(s, _)| *s == name) {
+            let why = format!("stream {name} is the destination of an MQTT route");
+            return (POLICY_VIOLATION, Some(why));
+        }
+        match self.log.delete_stream(name) {
+            Ok(false) => return (UNKNOWN_TOPIC_OR_PARTITION, None),
+            Ok(true) => {}
+            Err(e) => return (KAFKA_STORAGE_ERROR, Some(e.to_string())),
+        }
+        self.producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, stream, _), _| stream != name);
+        let forget = Command::DeleteStream {
+            name: name.to_owned(),
+        };
+        match self.meta.apply(&[forget]) {
+            Ok(()) => (NONE, None),
+            Err(e) => (KAFKA_STORAGE_ERROR, Some(e.to_string())),
+        }
     }
 
     pub(super) fn describe_configs(&self, r: DescribeConfigsRequest) -> DescribeConfigsResponse {

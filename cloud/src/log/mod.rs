@@ -207,6 +207,9 @@ pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, LogError>> 
 pub trait Storage: Send + Sync + 'static {
     /// Creates `name` with `config` if it does not exist; an existing stream is left as is.
     fn create_stream(&self, name: &str, config: &StreamConfig) -> Result<(), LogError>;
+    /// Deletes `name` and every record in it; false if there was no such stream. Appends
+    /// already queued for it are refused; its files are gone when this returns.
+    fn delete_stream(&self, name: &str) -> Result<bool, LogError>;
     /// Every stream, with its partitions' offsets and sizes.
     fn streams(&self) -> Vec<StreamInfo>;
     /// Appends to one partition; completes once the data is durable (per the fsync policy).
@@ -277,6 +280,10 @@ struct Request {
     reply: Reply,
 }
 
+/// A partition directory being deleted is renamed to this prefix + its name (`~` is not in
+/// any stream name); what a crash left of one is removed at open.
+const DELETED_PREFIX: &str = "~deleted~";
+
 /// The current time in ms since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -318,6 +325,11 @@ impl SegmentLog {
         for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, e))? {
             let entry = entry.map_err(|e| LogError::io(dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(DELETED_PREFIX) {
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(|e| LogError::io(&entry.path(), e))?;
+                continue;
+            }
             if let Some((stream, p)) = name.rsplit_once('-') {
                 if let (true, Ok(p)) = (valid_stream_name(stream), p.parse::<u32>()) {
                     found.entry(stream.to_owned()).or_default().push(p);
@@ -435,6 +447,37 @@ impl Storage for SegmentLog {
         }
         streams.insert(name.to_owned(), Arc::new(Stream { partitions }));
         Ok(())
+    }
+
+    fn delete_stream(&self, name: &str) -> Result<bool, LogError> {
+        let Some(stream) = self
+            .streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+        else {
+            return Ok(false);
+        };
+        for cell in &stream.partitions {
+            // Under the lock the appender writes under: no append lands after this.
+            cell.lock().deleted = true;
+            // Renamed first (a name no stream can have, so that a crash before the removal
+            // leaves nothing that opens as a stream), then removed.
+            let leaf = cell
+                .dir
+                .file_name()
+                .map_or_else(Default::default, |n| n.to_owned());
+            let mut doomed = std::ffi::OsString::from(DELETED_PREFIX);
+            doomed.push(&leaf);
+            let doomed = self.dir.join(doomed);
+            std::fs::rename(&cell.dir, &doomed).map_err(|e| LogError::io(&cell.dir, e))?;
+            std::fs::remove_dir_all(&doomed).map_err(|e| LogError::io(&doomed, e))?;
+        }
+        // The removal made durable: a deleted stream does not come back after a power loss.
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| LogError::io(&self.dir, e))?;
+        Ok(true)
     }
 
     fn streams(&self) -> Vec<StreamInfo> {
@@ -715,6 +758,13 @@ fn commit(mut pending: Vec<Pending>, fsync: bool, stats: &Counters) {
                 }
             }
             Ok(None) => {}
+            Err(e @ LogError::UnknownStream(_)) => {
+                // Its stream was deleted while the append waited.
+                let msg = e.to_string();
+                for (reply, _, _) in p.replies {
+                    let _ = reply.send(Err(LogError::UnknownStream(msg.clone())));
+                }
+            }
             Err(e) => {
                 // The partition's file is in an unknown state: nothing of this write is
                 // acknowledged; the next open recovers the file.

@@ -24,6 +24,8 @@ pub(crate) struct Partition {
     /// Set when a write or sync failed: the file's state is unknown, so the partition takes
     /// no more appends until the log is opened again (and recovers it), as Kafka does.
     pub(crate) failed: Option<String>,
+    /// Set when its stream is deleted: appends that were already queued are refused.
+    pub(crate) deleted: bool,
 }
 
 /// Where a read finds its bytes: a file and a range in it, read outside the partition lock.
@@ -80,6 +82,7 @@ impl Partition {
             segments,
             config,
             failed: None,
+            deleted: false,
         };
         Ok((p, damage))
     }
@@ -112,6 +115,9 @@ impl Partition {
         batches: &mut [u8],
         now_ms: i64,
     ) -> Result<(i64, i64, Arc<File>, PathBuf), LogError> {
+        if self.deleted {
+            return Err(LogError::UnknownStream(self.dir.display().to_string()));
+        }
         if let Some(why) = &self.failed {
             return Err(LogError::Failed(why.clone()));
         }
