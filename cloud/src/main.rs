@@ -134,6 +134,12 @@ async fn main() -> anyhow::Result<()> {
         kafka_addrs = ?node.kafka_addr.into_iter().collect::<Vec<_>>(),
         "ferry-cloud ready"
     );
+    ferry_edge::systemd::ready("serving");
+    let watched = node.clone();
+    ferry_edge::systemd::watchdog(move || {
+        let node = watched.clone();
+        async move { node.mqtt.stats().await.is_some() }
+    });
     let reloader = node.clone();
     let config_path = args_config;
     tokio::spawn(async move {
@@ -173,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
         e = node.mqtt.failed() => anyhow::bail!("stopped: {e}"),
     }
     info!("shutting down");
+    ferry_edge::systemd::stopping();
     if let Some(link) = &node.link {
         // Edges reconnect and resume from what is committed.
         link.close();

@@ -15,6 +15,7 @@ pub mod link;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod uplink;
 
 pub use ferry_protocol::mqtt;

@@ -88,6 +88,12 @@ async fn main() -> anyhow::Result<()> {
         metrics_addrs = ?metrics_addr.into_iter().collect::<Vec<_>>(),
         "ferry-edge ready"
     );
+    ferry_edge::systemd::ready("serving");
+    let watched = server.clone();
+    ferry_edge::systemd::watchdog(move || {
+        let server = watched.clone();
+        async move { server.stats().await.is_some() }
+    });
     let reloader = server.clone();
     let reload_config = config_for_reload;
     tokio::spawn(async move {
@@ -106,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
         e = server.failed() => anyhow::bail!("stopped: {e}"),
     }
     info!("shutting down");
+    ferry_edge::systemd::stopping();
     let _ = stop_tx.send(());
     // Give connections a moment to close cleanly.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The boards, checked on an x86_64 machine: ferry-edge built for aarch64 (static, musl) and
+# armv7 (glibc) with the `small` profile, each run under qemu-user for an MQTT round trip
+# through the ARM binary (mosquitto clients, QoS 1) and its link to an x86_64 ferry-cloud
+# (QUIC, mutual TLS: a message published on the ARM edge is read on the cloud). Then the
+# footprint: the static aarch64 binary's size (must be <= 5 MB) and idle RSS.
+#
+#   cross-targets/check.sh            # both targets
+#   cross-targets/check.sh aarch64-unknown-linux-musl
+#
+# Installs what it needs on Debian (qemu-user, the cross compilers, mosquitto-clients).
+# Run by scripts/test.sh (and so by CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf)
+
+need=()
+command -v qemu-aarch64 >/dev/null 2>&1 || need+=(qemu-user)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v musl-gcc >/dev/null 2>&1 || need+=(musl-tools)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Waits until something listens on TCP port $1 (up to 30 s: qemu starts slowly).
+wait_port() {
+  for _ in $(seq 300); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+# The x86_64 cloud, with a link listener, and the link's certificates.
+cargo build -q -p ferry-cloud --bin ferry-cloud
+cloud_bin=target/debug/ferry-cloud
+$cloud_bin pki init --dir "$work/pki" >/dev/null
+$cloud_bin pki issue-node --dir "$work/pki" localhost >/dev/null
+cat > "$work/cloud.toml" <<TOML
+[server]
+listen = ["127.0.0.1:18901"]
+data_dir = "$work/cloud"
+[link]
+listen = "127.0.0.1:18902"
+ca_file = "$work/pki/ca.crt"
+cert_file = "$work/pki/nodes/localhost.crt"
+key_file = "$work/pki/nodes/localhost.key"
+TOML
+$cloud_bin --config "$work/cloud.toml" >"$work/cloud.log" 2>&1 &
+pids+=($!)
+wait_port 18901
+
+port=18910
+for target in "${targets[@]}"; do
+  echo "== $target"
+  cross-targets/build.sh "$target" ferry-edge small
+  bin=target/$target/small/ferry-edge
+  case "$target" in
+    aarch64-*-musl) qemu=(qemu-aarch64) ;;
+    aarch64-*) qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
+    armv7-*-musl*) qemu=(qemu-arm) ;;
+    armv7-*) qemu=(qemu-arm -L /usr/arm-linux-gnueabihf) ;;
+    arm-*-musl*) qemu=(qemu-arm -cpu arm1176) ;;
+    arm-*) qemu=(qemu-arm -cpu arm1176 -L /usr/arm-linux-gnueabihf) ;;
+  esac
+  edge_id="board-${target%%-*}"
+  $cloud_bin pki issue-edge --dir "$work/pki" "$edge_id" >/dev/null
+  port=$((port + 1))
+  cat > "$work/$edge_id.toml" <<TOML
+[server]
+listen = ["127.0.0.1:$port"]
+data_dir = "$work/$edge_id"
+[uplink]
+cloud = "127.0.0.1:18902"
+server_name = "localhost"
+ca_file = "$work/pki/ca.crt"
+cert_file = "$work/pki/edges/$edge_id.crt"
+key_file = "$work/pki/edges/$edge_id.key"
+[[uplink.route]]
+filter = "up/#"
+qos = 1
+TOML
+  "${qemu[@]}" "$bin" --config "$work/$edge_id.toml" >"$work/$edge_id.log" 2>&1 &
+  pids+=($!)
+  wait_port "$port"
+
+  # The round trip through the ARM binary, and what went up, read on the cloud.
+  timeout 30 mosquitto_sub -p "$port" -t 'local/#' -C 1 -q 1 >"$work/local.out" &
+  local_sub=$!
+  timeout 30 mosquitto_sub -p 18901 -t "$edge_id/up/#" -C 1 -q 1 -v >"$work/up.out" &
+  up_sub=$!
+  sleep 1
+  mosquitto_pub -p "$port" -t local/check -m "round trip on $target" -q 1
+  mosquitto_pub -p "$port" -t up/check -m "from $target" -q 1
+  wait $local_sub || { echo "no round trip on $target"; cat "$work/$edge_id.log"; exit 1; }
+  wait $up_sub || { echo "nothing from $target reached the cloud"; cat "$work/$edge_id.log" "$work/cloud.log"; exit 1; }
+  grep -qx "round trip on $target" "$work/local.out"
+  grep -qx "$edge_id/up/check from $target" "$work/up.out"
+  echo "ok: MQTT round trip through the $target binary under qemu"
+  echo "ok: its link to the x86_64 cloud: $(cat "$work/up.out")"
+done
+
+echo "== footprint"
+static=target/aarch64-unknown-linux-musl/small/ferry-edge
+if [ -f "$static" ]; then
+  size=$(stat -c %s "$static")
+  echo "static aarch64 ferry-edge (small, stripped): $size bytes ($(awk -v s="$size" 'BEGIN { printf "%.2f", s / 1048576 }') MiB)"
+  [ "$size" -le 5000000 ] || { echo "over 5 MB"; exit 1; }
+fi
+# Idle RSS: under qemu-user the emulator's own memory is counted too, so it is measured on
+# the same code built static for x86_64 (musl, small profile, the same allocator).
+CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --profile small -p ferry-edge --target x86_64-unknown-linux-musl
+native=target/x86_64-unknown-linux-musl/small/ferry-edge
+"$native" --listen 127.0.0.1:18960 --data-dir "$work/idle" >/dev/null 2>&1 &
+idle=$!
+pids+=($idle)
+wait_port 18960
+sleep 2
+rss=$(awk '/VmRSS/ { print $2 }' /proc/$idle/status)
+echo "idle RSS (static x86_64 build of the same code): $rss KiB ($(awk -v r="$rss" 'BEGIN { printf "%.1f", r / 1024 }') MiB)"
+[ "$rss" -le 5120 ] || { echo "over 5 MiB"; exit 1; }
+echo "boards: OK"
