@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. The end-to-end tests drive real clients, so this first
 # installs the ones that come from Debian's packages when they are missing (as root, or with
-# sudo), then runs `cargo test --workspace`, and ends with one line that adds up every test
-# binary's result: "N passed, N failed".
+# sudo), then runs `cargo test --workspace`, and prints one line that adds up every test
+# binary's result: "N passed, N failed". With no arguments it then checks the boards
+# (cross-targets/check.sh: ARM builds under qemu-user, footprint) and the Debian packages
+# (scripts/check-packages.sh: built, installed with dpkg, units verified, run); with
+# arguments (passed to cargo test) only the cargo tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +32,8 @@ status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
+if [ $# -eq 0 ] && [ "$status" -eq 0 ]; then
+  cross-targets/check.sh
+  scripts/check-packages.sh
+fi
 exit "$status"

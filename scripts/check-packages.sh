@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The Debian packages, checked: builds the amd64 .debs of ferry-edge and ferry-cloud with
+# cargo-deb, installs them with dpkg, and checks what they put on the machine: the `ferry`
+# user, the units (`systemd-analyze verify`), the configuration under /etc/ferry, each
+# binary's --version, and a short MQTT round trip through each installed binary, run as the
+# `ferry` user with the installed configuration. Then packs ferry-edge for arm64 (and armhf
+# when cross-targets/check.sh built it). Purges the packages at the end.
+#
+#   scripts/check-packages.sh
+#
+# Needs root (or sudo) for dpkg; installs cargo-deb and mosquitto-clients when missing.
+# Run by scripts/test.sh (and so by CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+command -v cargo-deb >/dev/null 2>&1 || cargo install -q cargo-deb --locked --no-default-features
+command -v mosquitto_pub >/dev/null 2>&1 || {
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto-clients >/dev/null
+}
+
+work=$(mktemp -d)
+chmod 755 "$work" # the ferry user reaches its data directory inside
+pid=""
+cleanup() {
+  [ -z "$pid" ] || kill "$pid" 2>/dev/null || true
+  $sudo dpkg --purge ferry-edge ferry-cloud >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== cargo deb (amd64)"
+for p in ferry-edge ferry-cloud; do
+  cargo deb -q -p "$p" --strip --output "$work/" >/dev/null
+done
+ls -l "$work"/*.deb
+dpkg-deb --info "$work"/ferry-edge_*_amd64.deb | grep -E "Package|Architecture|Depends"
+
+echo "== dpkg -i"
+$sudo dpkg -i "$work"/ferry-edge_*_amd64.deb "$work"/ferry-cloud_*_amd64.deb >/dev/null
+getent passwd ferry
+for p in ferry-edge ferry-cloud; do
+  test -f "/etc/ferry/$p.toml"
+  dpkg-query -W -f='${Conffiles}\n' "$p" | grep -q "/etc/ferry/$p.toml"
+  "/usr/bin/$p" --version
+done
+unit_dir=$(dirname "$(dpkg -L ferry-edge | grep '/ferry-edge.service$')")
+systemd-analyze verify "$unit_dir/ferry-edge.service" "$unit_dir/ferry-cloud.service"
+echo "ok: systemd-analyze verify"
+
+# Each installed binary, as the service runs it (user ferry, the installed config, a data
+# directory of its own), answers an MQTT round trip.
+round_trip() {
+  local p=$1 port=$2 data="$work/$1-data"
+  $sudo install -d -o ferry -g ferry "$data"
+  $sudo runuser -u ferry -- "/usr/bin/$p" --config "/etc/ferry/$p.toml" --data-dir "$data" \
+    --listen "127.0.0.1:$port" >"$work/$p.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+  (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null || { echo "$p does not listen"; cat "$work/$p.log"; exit 1; }
+  timeout 10 mosquitto_sub -p "$port" -t check/# -C 1 -q 1 >"$work/$p.out" &
+  local sub=$!
+  sleep 0.5
+  mosquitto_pub -p "$port" -t check/pkg -m "from the $p package" -q 1
+  wait $sub || { cat "$work/$p.log"; exit 1; }
+  grep -qx "from the $p package" "$work/$p.out"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  pid=""
+  echo "ok: MQTT round trip through the installed $p"
+}
+round_trip ferry-edge 18941
+round_trip ferry-cloud 18942
+
+echo "== cargo deb (arm)"
+for target in aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf; do
+  [ -f "target/$target/small/ferry-edge" ] || continue
+  cargo deb -q -p ferry-edge --target "$target" --profile small --no-build --output "$work/" >/dev/null
+done
+for deb in "$work"/ferry-edge_*_arm*.deb; do
+  [ -f "$deb" ] || continue
+  echo "$(basename "$deb"): $(dpkg-deb -f "$deb" Architecture), $(stat -c %s "$deb") bytes"
+done
+echo "packages: OK"
