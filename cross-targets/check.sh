@@ -19,6 +19,7 @@ need=()
 command -v qemu-aarch64 >/dev/null 2>&1 || need+=(qemu-user)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v musl-gcc >/dev/null 2>&1 || need+=(musl-tools)
+command -v file >/dev/null 2>&1 || need+=(file)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

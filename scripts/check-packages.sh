@@ -15,10 +15,14 @@ cd "$(dirname "$0")/.."
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 command -v cargo-deb >/dev/null 2>&1 || cargo install -q cargo-deb --locked --no-default-features
-command -v mosquitto_pub >/dev/null 2>&1 || {
+need=()
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v adduser >/dev/null 2>&1 || need+=(adduser)
+if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto-clients >/dev/null
-}
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 
 work=$(mktemp -d)
 chmod 755 "$work" # the ferry user reaches its data directory inside
