@@ -3,8 +3,8 @@
 # cargo-deb, installs them with dpkg, and checks what they put on the machine: the `ferry`
 # user, the units (`systemd-analyze verify`), the configuration under /etc/ferry, each
 # binary's --version, and a short MQTT round trip through each installed binary, run as the
-# `ferry` user with the installed configuration. Then packs ferry-edge for arm64 (and armhf
-# when cross-targets/check.sh built it). Purges the packages at the end.
+# `ferry` user with the installed configuration. Then packs the static ferry-edge builds that
+# cross-targets/check.sh made for arm64 and armhf. Purges the packages at the end.
 #
 #   scripts/check-packages.sh
 #
@@ -20,7 +20,7 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v adduser >/dev/null 2>&1 || need+=(adduser)
 if [ ${#need[@]} -gt 0 ]; then
-  $sudo apt-get update -qq
+  $sudo apt-get update -qq || true  # a mirror mid-sync fails one index; the install says if it matters
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
@@ -78,7 +78,7 @@ round_trip ferry-edge 18941
 round_trip ferry-cloud 18942
 
 echo "== cargo deb (arm)"
-for target in aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf; do
+for target in aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf; do
   [ -f "target/$target/small/ferry-edge" ] || continue
   cargo deb -q -p ferry-edge --target "$target" --profile small --no-build --output "$work/" >/dev/null
 done
