@@ -17,6 +17,8 @@
 # library, builds it from source (see below). Prints the binary's path, size and file type.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Where cargo puts what it builds (CARGO_TARGET_DIR, when set, as an absolute path).
+target_dir=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 target=${1:?usage: cross-targets/build.sh TARGET [PACKAGE] [PROFILE]}
 package=${2:-ferry-edge}
 profile=${3:-small}
@@ -64,7 +66,7 @@ if ! rustup target list --installed | grep -qx "$target" && ! rustup target add 
         $sudo apt-get update -qq || true  # a mirror mid-sync fails one index; the install says if it matters
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq musl-dev:armhf >/dev/null
       fi
-      shims=$PWD/target/cross-shims/$target
+      shims=$target_dir/cross-shims/$target
       mkdir -p "$shims"
       printf '#!/bin/sh\nexec %s -specs /usr/lib/arm-linux-musleabihf/musl-gcc.specs "$@"\n' "$gcc" >"$shims/musl-gcc"
       chmod +x "$shims/musl-gcc"
@@ -84,5 +86,5 @@ export "CFLAGS_${cc_target}=$cflags"
 cargo build "${build_std[@]}" --profile "$profile" -p "$package" --bin "$package" --target "$target"
 dir=$profile
 [ "$profile" = dev ] && dir=debug
-bin=target/$target/$dir/$package
+bin=$target_dir/$target/$dir/$package
 echo "$bin: $(stat -c %s "$bin") bytes, $(file -b "$bin" | sed "s/, BuildID\[[^]]*\]=[0-9a-f]*//")"

@@ -12,6 +12,8 @@
 # Run by scripts/test.sh (and so by CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Where cargo puts what it builds (CARGO_TARGET_DIR, when set, as an absolute path).
+target_dir=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf armv7-unknown-linux-gnueabihf)
 
@@ -47,7 +49,7 @@ wait_port() {
 
 # The x86_64 cloud, with a link listener, and the link's certificates.
 cargo build -q -p ferry-cloud --bin ferry-cloud
-cloud_bin=target/debug/ferry-cloud
+cloud_bin=$target_dir/debug/ferry-cloud
 $cloud_bin pki init --dir "$work/pki" >/dev/null
 $cloud_bin pki issue-node --dir "$work/pki" localhost >/dev/null
 cat > "$work/cloud.toml" <<TOML
@@ -68,7 +70,7 @@ port=18910
 for target in "${targets[@]}"; do
   echo "== $target"
   cross-targets/build.sh "$target" ferry-edge small
-  bin=target/$target/small/ferry-edge
+  bin=$target_dir/$target/small/ferry-edge
   case "$target" in
     aarch64-*-musl) qemu=(qemu-aarch64) ;;
     aarch64-*) qemu=(qemu-aarch64 -L /usr/aarch64-linux-gnu) ;;
@@ -114,7 +116,7 @@ done
 
 echo "== footprint"
 for target in aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf; do
-  static=target/$target/small/ferry-edge
+  static=$target_dir/$target/small/ferry-edge
   [ -f "$static" ] || continue
   size=$(stat -c %s "$static")
   echo "static ${target%%-*} ferry-edge (small, stripped): $size bytes ($(awk -v s="$size" 'BEGIN { printf "%.2f", s / 1048576 }') MiB)"
@@ -123,7 +125,7 @@ done
 # Idle RSS: under qemu-user the emulator's own memory is counted too, so it is measured on
 # the same code built static for x86_64 (musl, small profile, the same allocator).
 CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --profile small -p ferry-edge --target x86_64-unknown-linux-musl
-native=target/x86_64-unknown-linux-musl/small/ferry-edge
+native=$target_dir/x86_64-unknown-linux-musl/small/ferry-edge
 "$native" --listen 127.0.0.1:18960 --data-dir "$work/idle" >/dev/null 2>&1 &
 idle=$!
 pids+=($idle)

@@ -12,6 +12,8 @@
 # Run by scripts/test.sh (and so by CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Where cargo puts what it builds (CARGO_TARGET_DIR, when set, as an absolute path).
+target_dir=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 command -v cargo-deb >/dev/null 2>&1 || cargo install -q cargo-deb --locked --no-default-features
@@ -79,7 +81,7 @@ round_trip ferry-cloud 18942
 
 echo "== cargo deb (arm)"
 for target in aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf; do
-  [ -f "target/$target/small/ferry-edge" ] || continue
+  [ -f "$target_dir/$target/small/ferry-edge" ] || continue
   cargo deb -q -p ferry-edge --target "$target" --profile small --no-build --output "$work/" >/dev/null
 done
 for deb in "$work"/ferry-edge_*_arm*.deb; do
