@@ -321,7 +321,7 @@ impl Node {
                     meta: meta.clone(),
                     config: k.clone(),
                     stream_defaults: config.log.streams.clone(),
-                    producers: Default::default(),
+                    producers: Arc::new(Mutex::new(crate::kafka::producers_from_log(&log))),
                     groups: Default::default(),
                     routes: routes.clone(),
                 }

@@ -23,10 +23,12 @@
 //! Idempotent producers: per producer id and partition the front keeps the epoch and the
 //! sequence numbers of the last five batches. A batch resent after a lost answer (same
 //! sequence) is not appended again: the answer is the first append's offset. A gap in the
-//! sequence gets OUT_OF_ORDER_SEQUENCE_NUMBER, an old epoch INVALID_PRODUCER_EPOCH. Limit: the
-//! state is in memory; after a restart of the node a producer's next batch is taken as it
-//! comes (a batch resent across the restart could be appended twice). Producer ids are
-//! unique across restarts (time-based).
+//! sequence gets OUT_OF_ORDER_SEQUENCE_NUMBER, an old epoch INVALID_PRODUCER_EPOCH. The log
+//! keeps batches as producers sent them, producer id, epoch and sequence included, so at
+//! start the state is rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of every
+//! partition ([`producers_from_log`]): a batch resent across a restart of the node is still
+//! found. Limit: a producer whose last batch lies further back starts over (its next batch
+//! is taken as it comes). Producer ids are unique across restarts (time-based).
 //!
 //! | FindCoordinator | 0–4 | this node, for every group |
 //! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
@@ -169,6 +171,48 @@ pub struct ProducerState {
 
 /// How many batches per producer and partition are remembered for duplicates.
 const RECENT_BATCHES: usize = 5;
+
+/// Offsets at the end of each partition read at start for idempotent producers' last
+/// batches: a producer retries only the few batches it had in flight, which are there.
+pub const PRODUCER_SCAN_OFFSETS: i64 = 50_000;
+
+/// Idempotent producers' state rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of
+/// every partition of `log` (Kafka rebuilds it from its log too). Blocking file IO.
+pub fn producers_from_log(log: &SegmentLog) -> Producers {
+    let mut producers = Producers::new();
+    for stream in log.streams() {
+        for (p, info) in stream.partitions.iter().enumerate() {
+            let p = p as u32;
+            let end = info.offsets.high_watermark;
+            let mut offset = (end - PRODUCER_SCAN_OFFSETS).max(info.offsets.log_start);
+            'partition: while offset < end {
+                let Ok(read) = log.read(&stream.name, p, offset, 1 << 20) else {
+                    break;
+                };
+                if read.batches.is_empty() {
+                    break;
+                }
+                let mut at = 0;
+                while at < read.batches.len() {
+                    let Ok(h) = BatchHeader::parse(&read.batches[at..]) else {
+                        break 'partition;
+                    };
+                    at += h.total_len();
+                    offset = h.last_offset() + 1;
+                    if h.producer_id < 0 {
+                        continue;
+                    }
+                    let last = h.base_sequence.wrapping_add(h.records_count.max(1) - 1);
+                    producers
+                        .entry((h.producer_id, stream.name.clone(), p))
+                        .or_default()
+                        .appended(h.producer_epoch, h.base_sequence, last, h.base_offset);
+                }
+            }
+        }
+    }
+    producers
+}
 
 /// What an idempotent producer's batch is, against what was seen.
 enum Sequence {
@@ -841,5 +885,60 @@ mod tests {
             s.appended(1, i * 5, i * 5 + 4, 120 + i64::from(i) * 5);
         }
         assert!(!matches!(s.check(1, 0), Sequence::Duplicate(_)));
+    }
+
+    /// A batch of `count` records from producer 77, epoch 3, first sequence `first`.
+    fn producer_batch(first: i32, count: i32) -> BytesMut {
+        let mut b = ferry_protocol::kafka::batch::BatchBuilder::new(1_000).producer(77, 3, first);
+        for i in 0..count {
+            b.push(
+                1_000,
+                Some(b"k"),
+                Some(format!("v{}", first + i).as_bytes()),
+                &[],
+            );
+        }
+        BytesMut::from(&b.finish(0)[..])
+    }
+
+    #[tokio::test]
+    async fn idempotent_producers_are_found_again_in_the_log_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("ferry-producers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let log = SegmentLog::open(&dir, true, 64).expect("open");
+            log.create_stream("p", &StreamConfig::default())
+                .expect("create");
+            let mqtt = vec![crate::log::NewRecord {
+                timestamp: 1_000,
+                key: None,
+                value: Some(Bytes::from_static(b"not a producer's")),
+                headers: Vec::new(),
+            }];
+            log.append("p", 0, AppendData::Records(mqtt))
+                .await
+                .expect("append");
+            for (first, count) in [(0, 10), (10, 5)] {
+                let data = AppendData::Batches(producer_batch(first, count));
+                log.append("p", 0, data).await.expect("append");
+            }
+        }
+        let log = SegmentLog::open(&dir, true, 64).expect("reopen");
+        let producers = producers_from_log(&log);
+        assert_eq!(producers.len(), 1, "one producer, one partition");
+        let state = &producers[&(77, "p".to_owned(), 0)];
+        // The resend of either batch is a duplicate, answered with its first offset.
+        assert!(matches!(state.check(3, 0), Sequence::Duplicate(1)));
+        assert!(matches!(state.check(3, 10), Sequence::Duplicate(11)));
+        assert!(matches!(state.check(3, 15), Sequence::Next));
+        assert!(matches!(
+            state.check(3, 16),
+            Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
+        ));
+        assert!(matches!(
+            state.check(2, 15),
+            Sequence::Refused(code::INVALID_PRODUCER_EPOCH)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
