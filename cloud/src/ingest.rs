@@ -13,15 +13,18 @@
 //!   partition is skipped. This covers a batch that reached some partitions but not others
 //!   (one append failed, or the node died between the appends and the metadata commit): the
 //!   resend fills in what is missing and nothing twice. Each record carries `ferry.edge`,
-//!   `ferry.seq` and (class ≠ 0) `ferry.class` headers, and at start the node rebuilds the per-partition state from the
-//!   active segments.
+//!   `ferry.seq` and (class ≠ 0) `ferry.class` headers, and at start the node rebuilds the
+//!   per-partition state by reading each partition from its *ingest point* on.
 //!
-//! Limit: the per-partition state is rebuilt from active segments only. If a partition rolls
-//! a segment after such a partial batch and the node then dies before the edge resends,
-//! records of that batch in the rolled segment could be appended twice; everything else is
-//! exactly once.
+//! The ingest point of a partition (meta `IngestFrom`) is an offset at or before every edge
+//! record in it whose sequence is not yet committed. Before the first edge append to a
+//! partition it is set to the partition's end; every commit moves it up, in the same
+//! metadata transaction, to the first offset of the appends still waiting for their commit
+//! (or past the last edge append when none wait). So however many segments roll between a
+//! half-appended batch and a crash, the restart finds its records. A partition without one
+//! (data from before ingest points existed) is read from its active segment.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -80,6 +83,8 @@ pub struct Ingest {
     state: Mutex<State>,
     /// One ingest at a time per edge: a resend racing the original is serialised.
     edge_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while new partitions get their ingest point.
+    pointing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -100,11 +105,30 @@ struct State {
     committed: HashMap<Lane, u64>,
     /// (stream, partition, lane) → highest sequence of that lane in that partition.
     partitions: HashMap<(String, u32, Lane), u64>,
+    /// Partitions whose ingest point is in the metadata.
+    pointed: HashSet<Destination>,
+    /// Where the start-up read of a partition without an ingest point began.
+    read_from: HashMap<Destination, i64>,
+    /// Edge appends durable in the log, their commit still to come: partition → (append id,
+    /// first offset).
+    waiting: HashMap<Destination, Vec<(u64, i64)>>,
+    /// Partition → the offset after the last edge append to it.
+    edge_end: HashMap<Destination, i64>,
+    next_append: u64,
+}
+
+impl State {
+    /// The ingest point of `dest` once append `id` is committed.
+    fn ingest_point(&self, dest: &Destination, id: u64) -> Option<i64> {
+        let waiting = self.waiting.get(dest).into_iter().flatten();
+        let first_waiting = waiting.filter(|(i, _)| *i != id).map(|(_, o)| *o).min();
+        first_waiting.or_else(|| self.edge_end.get(dest).copied())
+    }
 }
 
 impl Ingest {
-    /// Loads the committed sequences and rebuilds the per-partition state from the active
-    /// segments of every stream.
+    /// Loads the committed sequences and rebuilds the per-partition state from each
+    /// partition's ingest point on.
     pub fn new(
         log: Arc<dyn Storage>,
         meta: Arc<Meta>,
@@ -116,12 +140,27 @@ impl Ingest {
                 .into_iter()
                 .map(|(edge, class, seq)| ((edge, class), seq))
                 .collect(),
-            partitions: HashMap::new(),
+            ..State::default()
         };
+        let points: HashMap<Destination, i64> = meta
+            .ingest_from()?
+            .into_iter()
+            .map(|(stream, partition, offset)| ((stream, partition), offset))
+            .collect();
+        state.pointed = points.keys().cloned().collect();
         for stream in log.streams() {
             for (p, info) in stream.partitions.iter().enumerate() {
                 let p = p as u32;
-                let mut offset = info.active_base.max(info.offsets.log_start);
+                let dest = (stream.name.clone(), p);
+                let from = match points.get(&dest) {
+                    Some(&point) => point,
+                    None => {
+                        let active = info.active_base;
+                        state.read_from.insert(dest, active);
+                        active
+                    }
+                };
+                let mut offset = from.max(info.offsets.log_start);
                 while offset < info.offsets.high_watermark {
                     let r = log.read(&stream.name, p, offset, 1 << 20)?;
                     if r.batches.is_empty() {
@@ -156,6 +195,7 @@ impl Ingest {
             routes,
             state: Mutex::new(state),
             edge_locks: Mutex::new(HashMap::new()),
+            pointing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -270,12 +310,23 @@ impl Ingest {
             }
         }
         if previous == committed {
-            return Ok(Appended { lane, seq: None });
+            return Ok(Appended {
+                lane,
+                seq: None,
+                id: 0,
+                parts: Vec::new(),
+            });
         }
+        self.point_new_partitions(groups.iter().map(|(k, _)| k))
+            .await?;
         // Drop what a partition already has, then append to every partition at once.
         let mut appends = Vec::new();
+        let mut parts = Vec::new();
+        let id;
         {
-            let state = self.lock();
+            let mut state = self.lock();
+            state.next_append += 1;
+            id = state.next_append;
             for ((stream, partition), recs) in groups {
                 let have = state
                     .partitions
@@ -286,6 +337,21 @@ impl Ingest {
                 let Some(&(last, _)) = fresh.last() else {
                     continue;
                 };
+                // Waiting from before it is issued, at the partition's end now (its records
+                // land there or after): a commit meanwhile cannot move the ingest point past
+                // them. (An append whose batch then fails stays waiting: its partition's
+                // ingest point stays before it until the node restarts.)
+                let end = self
+                    .log
+                    .offsets(&stream, partition)
+                    .map_or(0, |o| o.high_watermark);
+                let dest = (stream.clone(), partition);
+                state
+                    .waiting
+                    .entry(dest.clone())
+                    .or_default()
+                    .push((id, end));
+                parts.push(dest);
                 let data = AppendData::Records(fresh.into_iter().map(|(_, r)| r).collect());
                 appends.push((
                     stream.clone(),
@@ -304,8 +370,13 @@ impl Ingest {
         let mut first_error = None;
         for ((stream, partition, last), result) in keys.into_iter().zip(results) {
             match result {
-                Ok(_) => {
+                Ok(appended) => {
                     let mut state = self.lock();
+                    let end = state
+                        .edge_end
+                        .entry((stream.clone(), partition))
+                        .or_insert(0);
+                    *end = (*end).max(appended.last_offset + 1);
                     let e = state
                         .partitions
                         .entry((stream, partition, lane.clone()))
@@ -323,7 +394,69 @@ impl Ingest {
         Ok(Appended {
             lane,
             seq: Some(previous),
+            id,
+            parts,
         })
+    }
+
+    /// Sets the ingest point of each partition in `dests` that has none, to where its edge
+    /// records will start: the partition's end (or, for one that had edge records before
+    /// ingest points existed, where the start-up read began). Once per partition.
+    async fn point_new_partitions<'a>(
+        &self,
+        dests: impl Iterator<Item = &'a Destination>,
+    ) -> Result<(), IngestError> {
+        let new: Vec<Destination> = {
+            let state = self.lock();
+            dests
+                .filter(|d| !state.pointed.contains(*d))
+                .cloned()
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        // One at a time: no edge append reaches a partition before its point is durable.
+        let _one = self.pointing.lock().await;
+        let mut commands = Vec::new();
+        for (stream, partition) in new {
+            let dest = (stream.clone(), partition);
+            let offset = {
+                let state = self.lock();
+                if state.pointed.contains(&dest) {
+                    continue;
+                }
+                state.read_from.get(&dest).copied()
+            };
+            let offset = match offset {
+                Some(o) => o,
+                None => match self.log.offsets(&stream, partition) {
+                    Ok(o) => o.high_watermark,
+                    // No such partition: the append to it fails on its own.
+                    Err(_) => continue,
+                },
+            };
+            commands.push(Command::IngestFrom {
+                stream,
+                partition,
+                offset,
+            });
+        }
+        let meta = self.meta.clone();
+        let written = commands.clone();
+        tokio::task::spawn_blocking(move || meta.apply(&written))
+            .await
+            .map_err(|e| MetaError::Corrupt(format!("metadata commit did not finish: {e}")))??;
+        let mut state = self.lock();
+        for c in commands {
+            if let Command::IngestFrom {
+                stream, partition, ..
+            } = c
+            {
+                state.pointed.insert((stream, partition));
+            }
+        }
+        Ok(())
     }
 
     /// The second half of [`Ingest::ingest`]: makes the lane's committed sequence durable
@@ -332,20 +465,40 @@ impl Ingest {
         let Appended {
             lane: (edge, class),
             seq,
+            id,
+            parts,
         } = appended;
         let Some(seq) = seq else {
             return Ok(self.committed(&edge, class));
         };
         let meta = self.meta.clone();
-        let command = Command::CommitEdge {
+        let mut commands = vec![Command::CommitEdge {
             edge: edge.clone(),
             class,
             seq,
-        };
-        tokio::task::spawn_blocking(move || meta.apply(&[command]))
+        }];
+        {
+            // With this append committed, its partitions' ingest points move up.
+            let state = self.lock();
+            for dest in &parts {
+                if let Some(offset) = state.ingest_point(dest, id) {
+                    commands.push(Command::IngestFrom {
+                        stream: dest.0.clone(),
+                        partition: dest.1,
+                        offset,
+                    });
+                }
+            }
+        }
+        tokio::task::spawn_blocking(move || meta.apply(&commands))
             .await
             .map_err(|e| MetaError::Corrupt(format!("metadata commit did not finish: {e}")))??;
         let mut state = self.lock();
+        for dest in &parts {
+            if let Some(waiting) = state.waiting.get_mut(dest) {
+                waiting.retain(|(i, _)| *i != id);
+            }
+        }
         let committed = state.committed.entry((edge, class)).or_insert(0);
         *committed = (*committed).max(seq);
         Ok(*committed)
@@ -359,6 +512,9 @@ pub struct Appended {
     lane: Lane,
     /// The highest sequence appended; None if the batch had nothing new.
     seq: Option<u64>,
+    /// This append among the waiting ones, and the partitions it reached.
+    id: u64,
+    parts: Vec<Destination>,
 }
 
 fn lane_and_seq(headers: &[ferry_protocol::kafka::Header<'_>]) -> Option<(Lane, u64)> {
@@ -420,6 +576,10 @@ mod tests {
     }
 
     fn node(dir: &std::path::Path, with_alarms: bool) -> Node {
+        node_with(dir, with_alarms, StreamConfig::default())
+    }
+
+    fn node_with(dir: &std::path::Path, with_alarms: bool, config: StreamConfig) -> Node {
         let log = SegmentLog::open(&dir.join("log"), true, 64).expect("log");
         let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
         let routes = Routes::new(&[RouteConfig {
@@ -435,7 +595,7 @@ mod tests {
                     name,
                     &StreamConfig {
                         partitions,
-                        ..StreamConfig::default()
+                        ..config.clone()
                     },
                 )
                 .expect("stream");
@@ -530,5 +690,70 @@ mod tests {
             5,
             "the committed sequence is durable"
         );
+    }
+
+    /// The edge sequences in partition 0 of `stream`, in offset order (other records
+    /// skipped).
+    fn edge_seqs(log: &SegmentLog, stream: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            // (A read ends at its segment's end.)
+            let r = log.read(stream, 0, offset, usize::MAX).expect("read");
+            if r.batches.is_empty() {
+                return out;
+            }
+            let mut at = 0;
+            while at < r.batches.len() {
+                let h = BatchHeader::parse(&r.batches[at..]).expect("header");
+                for rec in records(&r.batches[at..]).expect("records") {
+                    if let Some((_, seq)) = lane_and_seq(&rec.expect("record").headers) {
+                        out.push(seq);
+                    }
+                }
+                offset = h.last_offset() + 1;
+                at += h.total_len();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_appended_batch_is_found_after_segments_rolled_and_the_node_restarted() {
+        let dir = temp("rolled");
+        let small = StreamConfig {
+            segment_bytes: 2048,
+            index_interval_bytes: 256,
+            ..StreamConfig::default()
+        };
+        {
+            let n = node_with(&dir, false, small.clone());
+            let first: Vec<_> = (1..=3).map(|s| rec(s, "t")).collect();
+            assert_eq!(n.ingest.ingest("gw1", 0, first).await.expect("ingest"), 3);
+            // Half of the next batch reaches the log (the alarms stream is missing).
+            let half = vec![rec(4, "t"), rec(5, "alarm"), rec(6, "t")];
+            assert!(n.ingest.ingest("gw1", 0, half).await.is_err());
+            // Other clients' records roll the partition's segments well past it.
+            for i in 0..100 {
+                let other = NewRecord {
+                    timestamp: 2_000,
+                    key: Some(Bytes::from_static(b"sensors/other")),
+                    value: Some(Bytes::from(format!("other {i}"))),
+                    headers: Vec::new(),
+                };
+                n.log
+                    .append("mqtt", 0, AppendData::Records(vec![other]))
+                    .await
+                    .expect("append");
+            }
+            let streams = n.log.streams();
+            let mqtt = streams.iter().find(|s| s.name == "mqtt").expect("mqtt");
+            assert!(mqtt.partitions[0].segments > 3, "segments rolled");
+        }
+        // Restarted, the edge sends the batch again: what was there is not appended twice.
+        let n = node_with(&dir, true, small);
+        let again = vec![rec(4, "t"), rec(5, "alarm"), rec(6, "t")];
+        assert_eq!(n.ingest.ingest("gw1", 0, again).await.expect("resend"), 6);
+        assert_eq!(edge_seqs(&n.log, "mqtt"), [1, 2, 3, 4, 6]);
+        assert_eq!(edge_seqs(&n.log, "alarms"), [5]);
     }
 }

@@ -20,6 +20,9 @@ const CURSORS: TableDefinition<'_, (&str, &str, u32), i64> = TableDefinition::ne
 /// (edge id, priority class) → the highest sequence number of its records committed to the
 /// log.
 const EDGES: TableDefinition<'_, (&str, u8), u64> = TableDefinition::new("edge_seqs");
+/// (stream, partition) → the offset from which, at start, the link's ingest looks for edge
+/// records not yet committed (see `crate::ingest`).
+const INGEST_FROM: TableDefinition<'_, (&str, u32), i64> = TableDefinition::new("ingest_from");
 
 /// Why metadata could not be read or changed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,13 @@ pub enum Command {
     /// Records that an edge's records of priority class `class` up to `seq` are in the log.
     /// Never moves backwards.
     CommitEdge { edge: String, class: u8, seq: u64 },
+    /// Records that every edge record in a partition whose sequence is not yet committed
+    /// lies at or after `offset`. Never moves backwards.
+    IngestFrom {
+        stream: String,
+        partition: u32,
+        offset: i64,
+    },
 }
 
 /// The metadata database.
@@ -75,6 +85,7 @@ impl Meta {
         txn.open_table(STREAMS).map_err(dberr)?;
         txn.open_table(CURSORS).map_err(dberr)?;
         txn.open_table(EDGES).map_err(dberr)?;
+        txn.open_table(INGEST_FROM).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
         Ok(Self { db })
     }
@@ -86,6 +97,7 @@ impl Meta {
             let mut streams = txn.open_table(STREAMS).map_err(dberr)?;
             let mut cursors = txn.open_table(CURSORS).map_err(dberr)?;
             let mut edges = txn.open_table(EDGES).map_err(dberr)?;
+            let mut ingest_from = txn.open_table(INGEST_FROM).map_err(dberr)?;
             for c in commands {
                 match c {
                     Command::CreateStream { name, config } => {
@@ -99,6 +111,9 @@ impl Meta {
                         streams.remove(name.as_str()).map_err(dberr)?;
                         cursors
                             .retain(|(_, stream, _), _| stream != name)
+                            .map_err(dberr)?;
+                        ingest_from
+                            .retain(|(stream, _), _| stream != name)
                             .map_err(dberr)?;
                     }
                     Command::CommitCursor {
@@ -116,6 +131,17 @@ impl Meta {
                         let old = edges.get(key).map_err(dberr)?.map(|v| v.value());
                         if old.is_none_or(|old| *seq > old) {
                             edges.insert(key, seq).map_err(dberr)?;
+                        }
+                    }
+                    Command::IngestFrom {
+                        stream,
+                        partition,
+                        offset,
+                    } => {
+                        let key = (stream.as_str(), *partition);
+                        let old = ingest_from.get(key).map_err(dberr)?.map(|v| v.value());
+                        if old.is_none_or(|old| *offset > old) {
+                            ingest_from.insert(key, offset).map_err(dberr)?;
                         }
                     }
                 }
@@ -167,6 +193,22 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// Where the link's ingest looks for uncommitted edge records at start: (stream,
+    /// partition, offset).
+    pub fn ingest_from(&self) -> Result<Vec<(String, u32, i64)>, MetaError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(INGEST_FROM).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            let (stream, partition) = k.value();
+            out.push((stream.to_owned(), partition, v.value()));
+        }
+        Ok(out)
+    }
+}
+
 impl Command {
     /// A stable encoding, for replicating commands: a tag byte, then the fields, strings as
     /// u16 length + UTF-8, integers big-endian.
@@ -203,6 +245,16 @@ impl Command {
                 put_str(&mut out, edge);
                 out.push(*class);
                 out.extend_from_slice(&seq.to_be_bytes());
+            }
+            Command::IngestFrom {
+                stream,
+                partition,
+                offset,
+            } => {
+                out.push(5);
+                put_str(&mut out, stream);
+                out.extend_from_slice(&partition.to_be_bytes());
+                out.extend_from_slice(&offset.to_be_bytes());
             }
         }
         out
@@ -241,6 +293,11 @@ impl Command {
                 edge: string(&mut b)?,
                 class: *take(&mut b, 1)?.first()?,
                 seq: u64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?),
+            },
+            5 => Command::IngestFrom {
+                stream: string(&mut b)?,
+                partition: u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?),
+                offset: i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?),
             },
             _ => return None,
         };
@@ -306,6 +363,21 @@ mod tests {
                 stream: "gone".into(),
                 partition: 0,
                 offset: 5,
+            },
+            Command::IngestFrom {
+                stream: "gone".into(),
+                partition: 0,
+                offset: 3,
+            },
+            Command::IngestFrom {
+                stream: "sensors".into(),
+                partition: 1,
+                offset: 70,
+            },
+            Command::IngestFrom {
+                stream: "sensors".into(),
+                partition: 1,
+                offset: 60,
             },
             Command::CommitCursor {
                 group: "g".into(),
@@ -375,6 +447,11 @@ mod tests {
                 meta.edges().expect("edges"),
                 vec![("gw1".to_owned(), 0, 100), ("gw1".to_owned(), 7, 3)],
                 "never backwards"
+            );
+            assert_eq!(
+                meta.ingest_from().expect("ingest_from"),
+                vec![("sensors".to_owned(), 1, 70)],
+                "never backwards, deleted with its stream"
             );
         }
     }
