@@ -1,7 +1,8 @@
 """confluent-kafka's AdminClient against ferry-cloud's Kafka front: CreateTopics (with a
 setting), DescribeConfigs, a refused setting, the new topic's partitions in Metadata;
 DeleteTopics (records and commits gone; made again it is empty), refused for a stream an MQTT
-route writes to (ROUTED) and for one that does not exist.
+route writes to (ROUTED) and for one that does not exist; a topic made with no partition
+count (the node's default).
 
 Usage: python3 kafka_admin.py BOOTSTRAP ROUTED
 Prints one line per check, "OK" at the end. Used by tests/tests/cloud_kafka.rs.
@@ -70,4 +71,8 @@ low, high = consumer.get_watermark_offsets(TopicPartition("made", 0), timeout=10
 consumer.close()
 print("made again: committed", committed[0].offset, "watermarks", low, high)
 assert committed[0].offset < 0 and (low, high) == (0, 0)
+
+# No partition count: the node's default ([log.streams] partitions).
+admin.create_topics([NewTopic("defaulted")])["defaulted"].result(10)
+print("defaulted:", len(admin.list_topics(timeout=10).topics["defaulted"].partitions), "partitions")
 print("OK")

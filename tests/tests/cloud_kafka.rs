@@ -11,11 +11,18 @@ use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
 /// A ferry-cloud with MQTT and Kafka on ephemeral ports, in `dir`, and a stream `grp` of
 /// three partitions.
 fn cloud(dir: &std::path::Path) -> Edge {
+    cloud_with(dir, "")
+}
+
+/// As [`cloud`], with `more` added to the configuration.
+fn cloud_with(dir: &std::path::Path, more: &str) -> Edge {
     let config = dir.join("cloud.toml");
     std::fs::write(
         &config,
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n\
-         [[route]]\nfilter = \"grp/#\"\nstream = \"grp\"\npartitions = 3\n",
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n\
+             [[route]]\nfilter = \"grp/#\"\nstream = \"grp\"\npartitions = 3\n{more}"
+        ),
     )
     .expect("write config");
     Edge::cloud_in(
@@ -209,11 +216,12 @@ fn a_consumer_group_rebalances_and_resumes_from_its_commits() {
 /// confluent-kafka's AdminClient creates a topic of four partitions with a retention
 /// setting, reads the setting back, and is refused a setting Ferry does not have; it deletes
 /// the topic (made again, it has no records and no commits), and is refused the deletion of
-/// a stream an MQTT route writes to and of one that does not exist.
+/// a stream an MQTT route writes to and of one that does not exist. A topic made without a
+/// partition count gets `[log.streams] partitions`.
 #[test]
 fn the_admin_client_creates_and_describes_topics() {
     let dir = temp_dir("kafka-admin");
-    let node = cloud(&dir);
+    let node = cloud_with(&dir, "[log.streams]\npartitions = 2\n");
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
     let stdout = python_client("kafka_admin.py", &[&bootstrap, "grp"]);
     assert!(stdout.contains("refused: INVALID_CONFIG"), "{stdout}");

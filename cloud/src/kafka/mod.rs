@@ -14,7 +14,7 @@
 //! | API | versions | what it does |
 //! |---|---|---|
 //! | ApiVersions | 0–3 | the list below; an unknown version gets the v0 answer with UNSUPPORTED_VERSION (KIP-511) |
-//! | Metadata | 0–12 | this broker, every stream (or those asked for); with `auto_create_topics`, a missing topic asked for is created (one partition) |
+//! | Metadata | 0–12 | this broker, every stream (or those asked for); with `auto_create_topics`, a missing topic asked for is created (`[log.streams]` settings and partition count) |
 //! | Produce | 3–9 | whole v2 batches, CRC checked, offsets assigned by the log; acks 0, 1 and -1 (all = this node: the append is durable before the answer) |
 //! | Fetch | 4–12 | the stored batches as they are, from the one holding the offset asked for; max_wait_ms, min_bytes, max_bytes and partition_max_bytes honoured |
 //! | ListOffsets | 1–7 | earliest (-2), latest (-1), or the first offset at or after a timestamp |
@@ -87,8 +87,8 @@ pub struct KafkaConfig {
     pub advertised: Option<String>,
     /// The largest request taken; a larger one closes the connection. Default 100 MiB.
     pub max_request_bytes: usize,
-    /// Create a topic (one partition, the `[log.streams]` settings) when a client asks for a
-    /// missing one in Metadata or produces to it. Default true.
+    /// Create a topic (with the `[log.streams]` settings, its partition count included) when
+    /// a client asks for a missing one in Metadata or produces to it. Default true.
     pub auto_create_topics: bool,
 }
 
@@ -441,13 +441,14 @@ impl KafkaFront {
         (host, i32::from(l.port()))
     }
 
-    /// Creates `name` (one partition) if topics may be created and the name is valid.
+    /// Creates `name` (the `[log.streams]` settings and partition count, as Kafka's
+    /// `num.partitions`) if topics may be created and the name is valid.
     fn create_topic(&self, name: &str) -> bool {
         if !self.config.auto_create_topics || !crate::log::valid_stream_name(name) {
             return false;
         }
         let config = StreamConfig {
-            partitions: 1,
+            partitions: self.stream_defaults.partitions.max(1),
             ..self.stream_defaults.clone()
         };
         let created = self

@@ -78,9 +78,9 @@ impl KafkaFront {
             .map(|t| {
                 let name = t.name.as_str().to_owned();
                 let mut config = self.stream_defaults.clone();
-                // -1: the broker's default (one partition here).
+                // -1: the broker's default, `[log.streams] partitions`.
                 config.partitions = if t.num_partitions == -1 {
-                    1
+                    self.stream_defaults.partitions.max(1)
                 } else {
                     t.num_partitions.max(0) as u32
                 };
