@@ -28,11 +28,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use ferry_protocol::kafka::batch::{records, BatchHeader};
+use ferry_protocol::kafka::batch::records;
 use ferry_protocol::mqtt::{Properties, QoS};
 use ferry_protocol::topic::TopicName;
 
-use crate::log::{AppendData, LogError, NewRecord, Storage};
+use crate::log::{for_each_batch, AppendData, LogError, NewRecord, Storage};
 use crate::meta::{Command, Meta, MetaError};
 use crate::routes::{to_record, MqttMessage, RouteTable};
 
@@ -160,33 +160,22 @@ impl Ingest {
                         active
                     }
                 };
-                let mut offset = from.max(info.offsets.log_start);
-                while offset < info.offsets.high_watermark {
-                    let r = log.read(&stream.name, p, offset, 1 << 20)?;
-                    if r.batches.is_empty() {
-                        break;
-                    }
-                    let mut at = 0;
-                    while at < r.batches.len() {
-                        let Ok(h) = BatchHeader::parse(&r.batches[at..]) else {
-                            break;
-                        };
-                        // Compressed batches come from Kafka producers, never from an edge.
-                        if let Ok(recs) = records(&r.batches[at..]) {
-                            for rec in recs.flatten() {
-                                if let Some((lane, seq)) = lane_and_seq(&rec.headers) {
-                                    let e = state
-                                        .partitions
-                                        .entry((stream.name.clone(), p, lane))
-                                        .or_insert(0);
-                                    *e = (*e).max(seq);
-                                }
-                            }
+                let from = from.max(info.offsets.log_start);
+                for_each_batch(&*log, &stream.name, p, from, |_, batch| {
+                    // Compressed batches come from Kafka producers, never from an edge.
+                    let Ok(recs) = records(batch) else {
+                        return;
+                    };
+                    for rec in recs.flatten() {
+                        if let Some((lane, seq)) = lane_and_seq(&rec.headers) {
+                            let e = state
+                                .partitions
+                                .entry((stream.name.clone(), p, lane))
+                                .or_insert(0);
+                            *e = (*e).max(seq);
                         }
-                        offset = h.last_offset() + 1;
-                        at += h.total_len();
                     }
-                }
+                })?;
             }
         }
         Ok(Self {
@@ -527,6 +516,7 @@ mod tests {
     use super::*;
     use crate::log::{SegmentLog, StreamConfig};
     use crate::routes::{PartitionKey, RouteConfig, Routes};
+    use ferry_protocol::kafka::batch::BatchHeader;
 
     fn rec(seq: u64, topic: &str) -> EdgeRecord {
         EdgeRecord {
@@ -696,25 +686,15 @@ mod tests {
     /// skipped).
     fn edge_seqs(log: &SegmentLog, stream: &str) -> Vec<u64> {
         let mut out = Vec::new();
-        let mut offset = 0;
-        loop {
-            // (A read ends at its segment's end.)
-            let r = log.read(stream, 0, offset, usize::MAX).expect("read");
-            if r.batches.is_empty() {
-                return out;
-            }
-            let mut at = 0;
-            while at < r.batches.len() {
-                let h = BatchHeader::parse(&r.batches[at..]).expect("header");
-                for rec in records(&r.batches[at..]).expect("records") {
-                    if let Some((_, seq)) = lane_and_seq(&rec.expect("record").headers) {
-                        out.push(seq);
-                    }
+        for_each_batch(log, stream, 0, 0, |_, batch| {
+            for rec in records(batch).expect("records") {
+                if let Some((_, seq)) = lane_and_seq(&rec.expect("record").headers) {
+                    out.push(seq);
                 }
-                offset = h.last_offset() + 1;
-                at += h.total_len();
             }
-        }
+        })
+        .expect("read");
+        out
     }
 
     #[tokio::test]

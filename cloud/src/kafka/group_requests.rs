@@ -24,15 +24,12 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use super::code::{
+    COORDINATOR_NOT_AVAILABLE, GROUP_ID_NOT_FOUND, NONE, UNKNOWN_TOPIC_OR_PARTITION,
+};
 use super::KafkaFront;
 use crate::log::Storage;
 use crate::meta::Command;
-
-/// Error codes used here besides the group protocol's.
-const NONE: i16 = 0;
-const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-const COORDINATOR_NOT_AVAILABLE: i16 = 15;
-const GROUP_ID_NOT_FOUND: i16 = 69;
 
 fn s(text: impl Into<String>) -> StrBytes {
     StrBytes::from_string(text.into())

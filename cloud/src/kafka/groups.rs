@@ -17,19 +17,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::code;
+
 /// How long the first rebalance of an empty group waits for more members (Kafka's
 /// `group.initial.rebalance.delay.ms` is 3 s).
 pub const INITIAL_REBALANCE_DELAY: Duration = Duration::from_millis(1000);
-
-/// Error codes of the group protocol.
-pub mod code {
-    pub const NONE: i16 = 0;
-    pub const ILLEGAL_GENERATION: i16 = 22;
-    pub const INCONSISTENT_GROUP_PROTOCOL: i16 = 23;
-    pub const UNKNOWN_MEMBER_ID: i16 = 25;
-    pub const REBALANCE_IN_PROGRESS: i16 = 27;
-    pub const MEMBER_ID_REQUIRED: i16 = 79;
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

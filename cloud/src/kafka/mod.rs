@@ -106,18 +106,34 @@ impl Default for KafkaConfig {
 /// The most a compressed batch may take once uncompressed, to be searched by time.
 const MAX_UNCOMPRESSED_BYTES: usize = 64 << 20;
 
-/// Kafka error codes used here.
+/// Kafka error codes used by the front, by name; the numbers come from kafka-protocol's table.
 mod code {
+    use kafka_protocol::ResponseError as E;
+
     pub(super) const NONE: i16 = 0;
-    pub(super) const OFFSET_OUT_OF_RANGE: i16 = 1;
-    pub(super) const CORRUPT_MESSAGE: i16 = 2;
-    pub(super) const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-    pub(super) const KAFKA_STORAGE_ERROR: i16 = 56;
-    pub(super) const UNSUPPORTED_VERSION: i16 = 35;
-    pub(super) const INVALID_TOPIC_EXCEPTION: i16 = 17;
-    pub(super) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
-    pub(super) const INVALID_PRODUCER_EPOCH: i16 = 47;
-    pub(super) const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub(super) const OFFSET_OUT_OF_RANGE: i16 = E::OffsetOutOfRange.code();
+    pub(super) const CORRUPT_MESSAGE: i16 = E::CorruptMessage.code();
+    pub(super) const UNKNOWN_TOPIC_OR_PARTITION: i16 = E::UnknownTopicOrPartition.code();
+    pub(super) const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
+    pub(super) const INVALID_TOPIC_EXCEPTION: i16 = E::InvalidTopicException.code();
+    pub(super) const ILLEGAL_GENERATION: i16 = E::IllegalGeneration.code();
+    pub(super) const INCONSISTENT_GROUP_PROTOCOL: i16 = E::InconsistentGroupProtocol.code();
+    pub(super) const UNKNOWN_MEMBER_ID: i16 = E::UnknownMemberId.code();
+    pub(super) const REBALANCE_IN_PROGRESS: i16 = E::RebalanceInProgress.code();
+    pub(super) const UNSUPPORTED_VERSION: i16 = E::UnsupportedVersion.code();
+    pub(super) const TOPIC_ALREADY_EXISTS: i16 = E::TopicAlreadyExists.code();
+    pub(super) const INVALID_PARTITIONS: i16 = E::InvalidPartitions.code();
+    pub(super) const INVALID_REPLICATION_FACTOR: i16 = E::InvalidReplicationFactor.code();
+    pub(super) const INVALID_CONFIG: i16 = E::InvalidConfig.code();
+    pub(super) const POLICY_VIOLATION: i16 = E::PolicyViolation.code();
+    pub(super) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = E::OutOfOrderSequenceNumber.code();
+    pub(super) const INVALID_PRODUCER_EPOCH: i16 = E::InvalidProducerEpoch.code();
+    pub(super) const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 =
+        E::TransactionalIdAuthorizationFailed.code();
+    pub(super) const KAFKA_STORAGE_ERROR: i16 = E::KafkaStorageError.code();
+    pub(super) const GROUP_ID_NOT_FOUND: i16 = E::GroupIdNotFound.code();
+    pub(super) const MEMBER_ID_REQUIRED: i16 = E::MemberIdRequired.code();
+    pub(super) const UNKNOWN_TOPIC_ID: i16 = E::UnknownTopicId.code();
 }
 
 /// The APIs served and their version ranges (what ApiVersions advertises).
@@ -183,31 +199,20 @@ pub fn producers_from_log(log: &SegmentLog) -> Producers {
     for stream in log.streams() {
         for (p, info) in stream.partitions.iter().enumerate() {
             let p = p as u32;
-            let end = info.offsets.high_watermark;
-            let mut offset = (end - PRODUCER_SCAN_OFFSETS).max(info.offsets.log_start);
-            'partition: while offset < end {
-                let Ok(read) = log.read(&stream.name, p, offset, 1 << 20) else {
-                    break;
-                };
-                if read.batches.is_empty() {
-                    break;
+            let from =
+                (info.offsets.high_watermark - PRODUCER_SCAN_OFFSETS).max(info.offsets.log_start);
+            let found = crate::log::for_each_batch(log, &stream.name, p, from, |h, _| {
+                if h.producer_id < 0 {
+                    return;
                 }
-                let mut at = 0;
-                while at < read.batches.len() {
-                    let Ok(h) = BatchHeader::parse(&read.batches[at..]) else {
-                        break 'partition;
-                    };
-                    at += h.total_len();
-                    offset = h.last_offset() + 1;
-                    if h.producer_id < 0 {
-                        continue;
-                    }
-                    let last = h.base_sequence.wrapping_add(h.records_count.max(1) - 1);
-                    producers
-                        .entry((h.producer_id, stream.name.clone(), p))
-                        .or_default()
-                        .appended(h.producer_epoch, h.base_sequence, last, h.base_offset);
-                }
+                let last = h.base_sequence.wrapping_add(h.records_count.max(1) - 1);
+                producers
+                    .entry((h.producer_id, stream.name.clone(), p))
+                    .or_default()
+                    .appended(h.producer_epoch, h.base_sequence, last, h.base_offset);
+            });
+            if let Err(e) = found {
+                warn!(stream = %stream.name, partition = p, error = %e, "cannot read idempotent producers back");
             }
         }
     }

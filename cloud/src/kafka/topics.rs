@@ -20,20 +20,15 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use super::code::{
+    INVALID_CONFIG, INVALID_PARTITIONS, INVALID_REPLICATION_FACTOR, INVALID_TOPIC_EXCEPTION,
+    KAFKA_STORAGE_ERROR, NONE, POLICY_VIOLATION, TOPIC_ALREADY_EXISTS, UNKNOWN_TOPIC_ID,
+    UNKNOWN_TOPIC_OR_PARTITION,
+};
 use super::KafkaFront;
 use crate::log::{Storage, StreamConfig};
 use crate::meta::Command;
 
-const NONE: i16 = 0;
-const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
-const INVALID_TOPIC_EXCEPTION: i16 = 17;
-const TOPIC_ALREADY_EXISTS: i16 = 36;
-const INVALID_PARTITIONS: i16 = 37;
-const INVALID_REPLICATION_FACTOR: i16 = 38;
-const INVALID_CONFIG: i16 = 40;
-const POLICY_VIOLATION: i16 = 44;
-const UNKNOWN_TOPIC_ID: i16 = 100;
-const KAFKA_STORAGE_ERROR: i16 = 56;
 /// DescribeConfigs resource type of a topic.
 const TOPIC_RESOURCE: i8 = 2;
 

@@ -284,6 +284,36 @@ struct Request {
 /// any stream name); what a crash left of one is removed at open.
 const DELETED_PREFIX: &str = "~deleted~";
 
+/// Calls `f` with every whole batch of a partition, from the one holding `from` to what is
+/// durable now, in order. Stops at a batch that does not parse (the log serves only checked
+/// batches, so nothing after it can be read either). Blocking file IO.
+pub fn for_each_batch(
+    log: &dyn Storage,
+    stream: &str,
+    partition: u32,
+    from: i64,
+    mut f: impl FnMut(&BatchHeader, &[u8]),
+) -> Result<(), LogError> {
+    let end = log.offsets(stream, partition)?.high_watermark;
+    let mut offset = from;
+    while offset < end {
+        let read = log.read(stream, partition, offset, 1 << 20)?;
+        if read.batches.is_empty() {
+            break;
+        }
+        let mut at = 0;
+        while at < read.batches.len() {
+            let Ok(h) = BatchHeader::parse(&read.batches[at..]) else {
+                return Ok(());
+            };
+            f(&h, &read.batches[at..at + h.total_len()]);
+            offset = h.last_offset() + 1;
+            at += h.total_len();
+        }
+    }
+    Ok(())
+}
+
 /// The current time in ms since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
