@@ -47,6 +47,17 @@ wait_port() {
   return 1
 }
 
+# A persistent QoS 1 session for client id $2 on port $1 with the filter $3; returns once
+# the broker acknowledged the subscription.
+subscribe() {
+  timeout 30 mosquitto_sub -p "$1" -i "$2" -c -q 1 -t "$3" -E \
+    || { echo "could not subscribe to $3 on port $1" >&2; return 1; }
+}
+# The first message waiting in that session (topic and payload), within 30 s.
+read_one() {
+  timeout 30 mosquitto_sub -p "$1" -i "$2" -c -q 1 -t "$3" -C 1 -v
+}
+
 # The x86_64 cloud, with a link listener, and the link's certificates.
 cargo build -q -p ferry-cloud --bin ferry-cloud
 cloud_bin=$target_dir/debug/ferry-cloud
@@ -98,32 +109,42 @@ TOML
   pids+=($!)
   wait_port "$port"
 
-  # The round trip through the ARM binary, and what went up, read on the cloud.
-  timeout 30 mosquitto_sub -p "$port" -t 'local/#' -C 1 -q 1 >"$work/local.out" &
-  local_sub=$!
-  timeout 30 mosquitto_sub -p 18901 -t "$edge_id/up/#" -C 1 -q 1 -v >"$work/up.out" &
-  up_sub=$!
-  sleep 1
+  # The round trip through the ARM binary, and what went up, read on the cloud. Each reader
+  # first makes a persistent session (mosquitto_sub -E returns once the SUBACK is in), so
+  # what is published next waits for it however slowly qemu runs; then it reads it back.
+  subscribe "$port" "local-$edge_id" 'local/#'
+  subscribe 18901 "up-$edge_id" "$edge_id/up/#"
   mosquitto_pub -p "$port" -t local/check -m "round trip on $target" -q 1
   mosquitto_pub -p "$port" -t up/check -m "from $target" -q 1
-  wait $local_sub || { echo "no round trip on $target"; cat "$work/$edge_id.log"; exit 1; }
-  wait $up_sub || { echo "nothing from $target reached the cloud"; cat "$work/$edge_id.log" "$work/cloud.log"; exit 1; }
-  grep -qx "round trip on $target" "$work/local.out"
-  grep -qx "$edge_id/up/check from $target" "$work/up.out"
+  read_one "$port" "local-$edge_id" 'local/#' >"$work/local.out" \
+    || { echo "no round trip on $target"; cat "$work/$edge_id.log"; exit 1; }
+  read_one 18901 "up-$edge_id" "$edge_id/up/#" >"$work/up.out" \
+    || { echo "nothing from $target reached the cloud"; cat "$work/$edge_id.log" "$work/cloud.log"; exit 1; }
+  grep -qx "local/check round trip on $target" "$work/local.out" \
+    || { echo "the round trip on $target read back: $(cat "$work/local.out")"; exit 1; }
+  grep -qx "$edge_id/up/check from $target" "$work/up.out" \
+    || { echo "the cloud read from $target: $(cat "$work/up.out")"; exit 1; }
   echo "ok: MQTT round trip through the $target binary under qemu"
   echo "ok: its link to the x86_64 cloud: $(cat "$work/up.out")"
 done
 
 echo "== footprint"
-for target in aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf; do
+measured=0
+for target in "${targets[@]}"; do
+  case "$target" in *-musl*) ;; *) continue ;; esac  # the size limit is for the static builds
   static=$target_dir/$target/small/ferry-edge
-  [ -f "$static" ] || continue
+  [ -f "$static" ] || { echo "no $target build at $static to measure" >&2; exit 1; }
   size=$(stat -c %s "$static")
   echo "static ${target%%-*} ferry-edge (small, stripped): $size bytes ($(awk -v s="$size" 'BEGIN { printf "%.2f", s / 1048576 }') MiB)"
   [ "$size" -le 5000000 ] || { echo "over 5 MB"; exit 1; }
+  measured=$((measured + 1))
 done
+[ "$measured" -gt 0 ] || echo "no static (musl) target in this run: binary size not measured"
 # Idle RSS: under qemu-user the emulator's own memory is counted too, so it is measured on
-# the same code built static for x86_64 (musl, small profile, the same allocator).
+# the same code built static for x86_64 (musl, small profile, the same allocator). rustup
+# brings that target's standard library when it is missing (a fresh machine has only the
+# host's).
+rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --profile small -p ferry-edge --target x86_64-unknown-linux-musl
 native=$target_dir/x86_64-unknown-linux-musl/small/ferry-edge
 "$native" --listen 127.0.0.1:18960 --data-dir "$work/idle" >/dev/null 2>&1 &

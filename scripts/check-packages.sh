@@ -65,12 +65,15 @@ round_trip() {
   pid=$!
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
   (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null || { echo "$p does not listen"; cat "$work/$p.log"; exit 1; }
-  timeout 10 mosquitto_sub -p "$port" -t check/# -C 1 -q 1 >"$work/$p.out" &
-  local sub=$!
-  sleep 0.5
+  # A persistent session first (-E returns once the SUBACK is in), so the publish waits for
+  # the reader however slowly the binary starts; then the reader takes it.
+  timeout 30 mosquitto_sub -p "$port" -i "check-$p" -c -q 1 -t 'check/#' -E \
+    || { echo "could not subscribe on the installed $p"; cat "$work/$p.log"; exit 1; }
   mosquitto_pub -p "$port" -t check/pkg -m "from the $p package" -q 1
-  wait $sub || { cat "$work/$p.log"; exit 1; }
-  grep -qx "from the $p package" "$work/$p.out"
+  timeout 30 mosquitto_sub -p "$port" -i "check-$p" -c -q 1 -t 'check/#' -C 1 >"$work/$p.out" \
+    || { echo "nothing read back from the installed $p"; cat "$work/$p.log"; exit 1; }
+  grep -qx "from the $p package" "$work/$p.out" \
+    || { echo "the installed $p gave back: $(cat "$work/$p.out")"; exit 1; }
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   pid=""
@@ -80,12 +83,14 @@ round_trip ferry-edge 18941
 round_trip ferry-cloud 18942
 
 echo "== cargo deb (arm)"
+# The static builds that cross-targets/check.sh made (scripts/test.sh runs it first).
 for target in aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf; do
-  [ -f "$target_dir/$target/small/ferry-edge" ] || continue
+  [ -f "$target_dir/$target/small/ferry-edge" ] \
+    || { echo "no $target build to pack: run cross-targets/check.sh first"; exit 1; }
   cargo deb -q -p ferry-edge --target "$target" --profile small --no-build --output "$work/" >/dev/null
 done
-for deb in "$work"/ferry-edge_*_arm*.deb; do
-  [ -f "$deb" ] || continue
+for arch in arm64 armhf; do
+  deb=$(ls "$work"/ferry-edge_*_"$arch".deb 2>/dev/null) || { echo "cargo deb made no $arch package"; exit 1; }
   echo "$(basename "$deb"): $(dpkg-deb -f "$deb" Architecture), $(stat -c %s "$deb") bytes"
 done
 echo "packages: OK"

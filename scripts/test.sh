@@ -13,6 +13,7 @@ need=()
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v mosquitto_passwd >/dev/null 2>&1 || need+=(mosquitto)
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""

@@ -136,6 +136,9 @@ pub struct LinkStats {
     pub state: LinkState,
     /// Links established.
     pub connects: u64,
+    /// Connection attempts that ended before the cloud welcomed the link: no answer, a TLS
+    /// failure, or a refusal (a denied edge).
+    pub failed_attempts: u64,
     pub batches_sent: u64,
     pub records_sent: u64,
     /// Bytes of BATCH frames written (compressed record batches and framing).
@@ -192,6 +195,7 @@ pub async fn run(
             status: &status,
             made_progress: false,
         };
+        let connects_before = status.get().connects;
         let end = session.run(&endpoint, &quic_config, &mut stop).await;
         let progressed = session.made_progress;
         match end {
@@ -205,6 +209,9 @@ pub async fn run(
                 status.update(|s| {
                     s.state = LinkState::Down;
                     s.last_error = Some(why);
+                    if s.connects == connects_before {
+                        s.failed_attempts += 1;
+                    }
                 });
             }
         }

@@ -341,6 +341,11 @@ pub fn render_link(l: &ferry_bridge::client::LinkStats) -> String {
     for (name, help, value) in [
         ("link_connects_total", "Links established.", l.connects),
         (
+            "link_failed_attempts_total",
+            "Connection attempts that ended before the cloud welcomed the link (no answer, TLS, denied).",
+            l.failed_attempts,
+        ),
+        (
             "link_batches_sent_total",
             "Record batches sent.",
             l.batches_sent,

@@ -2,9 +2,9 @@
 setting), DescribeConfigs, a refused setting, the new topic's partitions in Metadata;
 DeleteTopics (records and commits gone; made again it is empty), refused for a stream an MQTT
 route writes to (ROUTED) and for one that does not exist; a topic made with no partition
-count (the node's default).
+count gets the node's default (DEFAULT_PARTITIONS, its [log.streams] partitions).
 
-Usage: python3 kafka_admin.py BOOTSTRAP ROUTED
+Usage: python3 kafka_admin.py BOOTSTRAP ROUTED DEFAULT_PARTITIONS
 Prints one line per check, "OK" at the end. Used by tests/tests/cloud_kafka.rs.
 """
 import sys
@@ -74,5 +74,7 @@ assert committed[0].offset < 0 and (low, high) == (0, 0)
 
 # No partition count: the node's default ([log.streams] partitions).
 admin.create_topics([NewTopic("defaulted")])["defaulted"].result(10)
-print("defaulted:", len(admin.list_topics(timeout=10).topics["defaulted"].partitions), "partitions")
+defaulted = len(admin.list_topics(timeout=10).topics["defaulted"].partitions)
+print("defaulted:", defaulted, "partitions")
+assert defaulted == int(sys.argv[3]), f"{defaulted} partitions, the node's default is {sys.argv[3]}"
 print("OK")

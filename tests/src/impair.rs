@@ -22,6 +22,9 @@ pub struct Impairment {
     pub dropped: AtomicU64,
     /// Notified to send from a new socket towards the cloud from now on.
     pub rebind: tokio::sync::Notify,
+    /// Rebinds done: sends towards the cloud come from a new socket since then. A rebind
+    /// that could not get a socket is not counted (and the old socket stays).
+    pub rebinds: AtomicU32,
 }
 
 /// A running proxy: edges connect to `addr`.
@@ -56,6 +59,7 @@ impl Proxy {
             forwarded: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             rebind: tokio::sync::Notify::new(),
+            rebinds: AtomicU32::new(0),
         });
         let c = control.clone();
         let task = tokio::spawn(async move {
@@ -95,6 +99,7 @@ impl Proxy {
                         let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else { continue };
                         if socket.connect(upstream).await.is_ok() {
                             back = socket;
+                            c.rebinds.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }

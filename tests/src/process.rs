@@ -236,3 +236,26 @@ fn parse_addr(line: &str) -> Option<SocketAddr> {
     let end = start + line[start..].find([']', ','])?;
     line[start..end].trim().parse().ok()
 }
+
+/// A UDP port on 127.0.0.1 for a process that the test starts later and that must be told
+/// its port in advance (a cloud's link, which an edge's configuration names).
+///
+/// Binding `:0` and dropping the socket would hand out a port from the kernel's ephemeral
+/// range, which any other socket bound to `:0` on the machine may take before the process
+/// binds it. The ports here come from below that range (Linux's starts at 32768), where only
+/// explicit binds go, spread by the test process's id and a counter, and each is checked
+/// free before it is handed out.
+pub fn free_udp_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000; // up to 31,999: below the ephemeral range
+    let base = std::process::id().wrapping_mul(131);
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (FIRST + base.wrapping_add(n) % SPAN) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port in {FIRST}..{}", FIRST + SPAN);
+}

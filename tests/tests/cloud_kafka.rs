@@ -223,7 +223,8 @@ fn the_admin_client_creates_and_describes_topics() {
     let dir = temp_dir("kafka-admin");
     let node = cloud_with(&dir, "[log.streams]\npartitions = 2\n");
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
-    let stdout = python_client("kafka_admin.py", &[&bootstrap, "grp"]);
+    let stdout = python_client("kafka_admin.py", &[&bootstrap, "grp", "2"]);
+    assert!(stdout.contains("defaulted: 2 partitions"), "{stdout}");
     assert!(stdout.contains("refused: INVALID_CONFIG"), "{stdout}");
     assert!(stdout.contains("again: TOPIC_ALREADY_EXISTS"), "{stdout}");
     assert!(stdout.contains("delete: NO_ERROR"), "{stdout}");
@@ -239,16 +240,36 @@ fn the_admin_client_creates_and_describes_topics() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One raw request: its bytes, then what came back before the node closed the connection
-/// (or 2 s passed).
-fn raw(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
+/// Sends one raw request and reads one response frame (its 4-byte length, then the body);
+/// panics if none comes within 10 s.
+fn raw_reply(addr: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = raw_send(addr, request);
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("a response frame's length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("a response frame's body");
+    [len.to_vec(), body].concat()
+}
+
+/// Sends one raw request and asserts that the node closes the connection without an
+/// answer: an end of stream (or a reset), not a read that times out after 10 s with the
+/// connection still open, which is what a hung node would look like.
+fn assert_closed_without_answer(addr: std::net::SocketAddr, request: &[u8]) {
+    let mut s = raw_send(addr, request);
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => assert!(got.is_empty(), "answered {got:?} to {request:?}"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the node did not close the connection after {request:?}: {e}"),
+    }
+}
+
+fn raw_send(addr: std::net::SocketAddr, request: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(2)))
+    s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     s.write_all(request).expect("write");
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    got
+    s
 }
 
 /// Bad requests get the protocol's answer or a closed connection, never a crash: an
@@ -262,16 +283,16 @@ fn bad_requests_get_an_error_or_a_closed_connection() {
     // ApiVersions (18) v99, correlation id 7, client id "x".
     let mut req = vec![0, 0, 0, 11, 0, 18, 0, 99, 0, 0, 0, 7, 0, 1, b'x'];
     req[3] = (req.len() - 4) as u8;
-    let got = raw(addr, &req);
+    let got = raw_reply(addr, &req);
     assert!(got.len() > 14, "{got:?}");
     assert_eq!(&got[4..8], &[0, 0, 0, 7], "the correlation id");
     assert_eq!(&got[8..10], &[0, 35], "UNSUPPORTED_VERSION");
     // An unknown API key: closed, nothing answered.
-    assert!(raw(addr, &[0, 0, 0, 8, 0x7f, 0x7f, 0, 0, 0, 0, 0, 1]).is_empty());
+    assert_closed_without_answer(addr, &[0, 0, 0, 8, 0x7f, 0x7f, 0, 0, 0, 0, 0, 1]);
     // A frame of 2 GB announced: closed before anything is read.
-    assert!(raw(addr, &[0x7f, 0xff, 0xff, 0xff, 0, 18, 0, 0]).is_empty());
+    assert_closed_without_answer(addr, &[0x7f, 0xff, 0xff, 0xff, 0, 18, 0, 0]);
     // A truncated Metadata request: closed.
-    assert!(raw(addr, &[0, 0, 0, 6, 0, 3, 0, 9, 0, 0]).is_empty());
+    assert_closed_without_answer(addr, &[0, 0, 0, 6, 0, 3, 0, 9, 0, 0]);
     // Still serving.
     let listing = kcat(&addr.to_string(), &["-L"], None);
     assert!(listing.contains("1 brokers"), "{listing}");

@@ -386,21 +386,21 @@ fn ferry_cloud_pki_makes_a_ca_and_certificates_that_openssl_verifies() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    // OpenSSL, when present, agrees that the chain holds.
-    if let Ok(out) = Command::new("openssl")
+    // OpenSSL agrees that the chain holds (scripts/test.sh installs it).
+    let out = Command::new("openssl")
         .arg("verify")
         .arg("-CAfile")
         .arg(dir.join("ca.crt"))
         .arg(dir.join("edges/gw-7.crt"))
         .arg(dir.join("nodes/cloud.example.crt"))
         .output()
-    {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
+        .expect("openssl must be installed (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,11 +108,14 @@ async fn concurrent_appends_are_merged_into_few_batches_and_each_gets_its_own_of
     }
     let got = values(&log, "s", 0).expect("read");
     assert_eq!(got.len(), 500);
-    for r in &results {
-        // Each request's reply points at its own record.
-        let value = &got[r.base_offset as usize].1;
+    for (i, r) in results.iter().enumerate() {
+        // Request i appended the record "i": its reply points at that record.
         assert_eq!(r.base_offset, r.last_offset);
-        assert!(value.parse::<usize>().is_ok());
+        assert_eq!(
+            got[r.base_offset as usize].1,
+            i.to_string(),
+            "reply {i}: {r:?}"
+        );
     }
     let mut offsets: Vec<_> = results.iter().map(|r| r.base_offset).collect();
     offsets.sort_unstable();
