@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_protocol::mqtt::{
-    Connect, Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, Unsubscribe, Will,
+    ConnAck, Connect, Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
+    Subscribe, Subscription, SubscriptionOptions, Unsubscribe, Will,
 };
 use ferry_protocol::topic::{TopicFilter, TopicName};
 

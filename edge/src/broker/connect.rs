@@ -1,0 +1,342 @@
+//! The life of a connection and its session: CONNECT, the end of a connection (lost,
+//! closed by us, or DISCONNECT), wills, and session expiry.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_protocol::mqtt::{ConnAck, Connect, Disconnect, Packet, ProtocolVersion, ReasonCode};
+
+use super::publish::forwarded_properties;
+use super::session::Session;
+use super::{Action, Broker, Conn, ConnId, Message, StoreOp};
+use crate::auth;
+
+impl Broker {
+    pub(super) fn connect(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        credit: usize,
+        identity_verified: bool,
+        now: Instant,
+    ) {
+        let v5 = connect.protocol == ProtocolVersion::V5;
+        let refuse = |this: &mut Self, code: ReasonCode| {
+            this.out.push(Action::Send(
+                conn,
+                Packet::ConnAck(ConnAck::new(code, false)),
+            ));
+            this.out.push(Action::Close(conn));
+        };
+        if connect.properties.authentication_method.is_some() {
+            // Enhanced authentication is not supported (MQTT-4.12.0-1 allows refusing it).
+            return refuse(self, ReasonCode::BadAuthenticationMethod);
+        }
+        let username = connect.username.as_deref();
+        if !identity_verified {
+            if let Err(code) = self
+                .auth
+                .authenticate(username, connect.password.as_deref())
+            {
+                return refuse(self, code);
+            }
+        }
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                // MQTT-3.1.3-8: a 3.1.1 client without an id must ask for a clean session.
+                return refuse(self, ReasonCode::ClientIdentifierNotValid);
+            }
+            let id = format!("ferry-auto-{}", self.next_assigned_id);
+            self.next_assigned_id += 1;
+            if v5 {
+                assigned = Some(id.clone());
+            }
+            id.into()
+        } else {
+            connect.client_id.as_str().into()
+        };
+
+        if let Some(will) = &connect.will {
+            let allowed = self.auth.allows(
+                username,
+                &client_id,
+                auth::Action::Publish,
+                will.topic.as_str(),
+            );
+            if !allowed {
+                return refuse(self, ReasonCode::NotAuthorized);
+            }
+        }
+
+        // Session takeover (MQTT-3.1.4-3): the older connection is closed.
+        if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
+            if let Some(old) = self.conns.get(&old_conn) {
+                if old.version == ProtocolVersion::V5 {
+                    self.out.push(Action::Send(
+                        old_conn,
+                        Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver)),
+                    ));
+                }
+            }
+            self.out.push(Action::Close(old_conn));
+            self.lost(old_conn, now);
+        }
+
+        let expiry_secs = if v5 {
+            connect.properties.session_expiry_interval_secs.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        }
+        .min(self.config.max_session_expiry_secs);
+
+        // A session whose expiry ran out since the last tick is gone, not resumed.
+        self.tick_session(&client_id, now);
+        if connect.clean_start {
+            self.end_session(&client_id, now);
+        }
+        let session_present = self.sessions.contains_key(&client_id);
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session::new(client_id.clone()));
+        session.conn = Some(conn);
+        session.username = connect.username.as_deref().map(Arc::from);
+        session.expiry_secs = expiry_secs;
+        session.disconnected_at = None;
+        // A pending will of an earlier connection is not sent once the session resumes.
+        session.will_due = None;
+        session.will = connect.will;
+        for inflight in &mut session.inflight {
+            inflight.sent = false;
+        }
+        self.persist_session(&client_id);
+
+        let client_window = connect
+            .properties
+            .receive_maximum
+            .map_or(u16::MAX, NonZeroU16::get);
+        self.conns.insert(
+            conn,
+            Conn {
+                client_id: client_id.clone(),
+                version: connect.protocol,
+                credit,
+                send_window: client_window.min(self.config.max_inflight_messages).max(1),
+                max_packet_bytes: connect
+                    .properties
+                    .maximum_packet_size
+                    .map_or(u32::MAX, NonZeroU32::get),
+                alias_max_out: connect.properties.topic_alias_maximum.unwrap_or(0),
+                aliases_out: HashMap::new(),
+                aliases_in: HashMap::new(),
+                held: VecDeque::new(),
+                closing: false,
+                will_suppressed: false,
+            },
+        );
+
+        let mut ack = ConnAck::new(ReasonCode::Success, session_present);
+        if v5 {
+            let p = &mut ack.properties;
+            p.receive_maximum = NonZeroU16::new(self.config.max_inflight_messages);
+            p.maximum_packet_size = NonZeroU32::new(self.config.max_packet_size_bytes);
+            p.topic_alias_maximum = Some(self.config.max_topic_alias);
+            p.assigned_client_identifier = assigned;
+            if !self.config.retain_available {
+                p.retain_available = Some(false);
+            }
+            if connect
+                .properties
+                .session_expiry_interval_secs
+                .is_some_and(|s| s != expiry_secs)
+            {
+                p.session_expiry_interval_secs = Some(expiry_secs);
+            }
+            let max_ka = self.config.max_keepalive_secs;
+            if max_ka > 0 && (connect.keep_alive_secs == 0 || connect.keep_alive_secs > max_ka) {
+                p.server_keep_alive_secs = Some(max_ka);
+            }
+        }
+        self.out.push(Action::Send(conn, Packet::ConnAck(ack)));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.credit = c.credit.saturating_sub(1);
+        }
+        self.pump(&client_id, now);
+    }
+
+    pub(super) fn disconnect(
+        &mut self,
+        conn: ConnId,
+        client_id: &Arc<str>,
+        d: Disconnect,
+        now: Instant,
+    ) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if let Some(expiry) = d.properties.session_expiry_interval_secs {
+            if session.expiry_secs == 0 && expiry != 0 {
+                // MQTT-3.14.2-2: cannot turn a session that ends into one that persists.
+                return self.protocol_error(conn, ReasonCode::ProtocolError, now);
+            }
+            session.expiry_secs = expiry.min(self.config.max_session_expiry_secs);
+            self.persist_session(client_id);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.closing = true;
+            c.will_suppressed = d.reason != ReasonCode::DisconnectWithWillMessage;
+        }
+        self.out.push(Action::Close(conn));
+        self.lost(conn, now);
+    }
+
+    /// Sends DISCONNECT with `code` (v5) and closes; the will applies.
+    pub(super) fn protocol_error(&mut self, conn: ConnId, code: ReasonCode, now: Instant) {
+        self.close_with(conn, Disconnect::new(code), now);
+    }
+
+    pub(super) fn close_with(&mut self, conn: ConnId, disconnect: Disconnect, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.closing = true;
+        c.held.clear();
+        if c.version == ProtocolVersion::V5 {
+            self.out
+                .push(Action::Send(conn, Packet::Disconnect(disconnect)));
+        }
+        self.out.push(Action::Close(conn));
+        self.lost(conn, now);
+    }
+
+    /// The connection ended without DISCONNECT, or after one: detach it from its session,
+    /// start the will and the session expiry.
+    pub(super) fn lost(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        // Held messages of a paused publisher were never acknowledged: the client resends.
+        let Some(session) = self.sessions.get_mut(&c.client_id) else {
+            return;
+        };
+        if session.conn != Some(conn) {
+            return;
+        }
+        session.conn = None;
+        session.disconnected_at = Some(now);
+        if c.will_suppressed {
+            session.will = None;
+        }
+        if let Some(will) = &session.will {
+            let delay = will.properties.will_delay_interval_secs.unwrap_or(0);
+            let delay = delay.min(session.expiry_secs);
+            session.will_due = Some(now + Duration::from_secs(delay.into()));
+        }
+        let client_id = c.client_id.clone();
+        self.tick_session(&client_id, now);
+        self.retry_held(now);
+    }
+
+    /// Sends due wills and ends expired sessions.
+    pub(super) fn tick(&mut self, now: Instant) {
+        let started = *self.started_at.get_or_insert(now);
+        let interval = self.config.sys_interval_secs;
+        if interval > 0 && self.next_sys_at.is_none_or(|at| now >= at) {
+            self.next_sys_at = Some(now + Duration::from_secs(interval.into()));
+            self.publish_sys(now, now.duration_since(started));
+        }
+        let ids: Vec<Arc<str>> = self
+            .sessions
+            .values()
+            .filter(|s| s.conn.is_none())
+            .map(|s| s.client_id.clone())
+            .collect();
+        for id in ids {
+            self.tick_session(&id, now);
+        }
+    }
+
+    fn tick_session(&mut self, client_id: &Arc<str>, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if session.will_due.is_some_and(|due| due <= now) {
+            session.will_due = None;
+            if let Some(will) = session.will.take() {
+                self.publish_will(client_id.clone(), will, now);
+            }
+        }
+        let Some(session) = self.sessions.get(client_id) else {
+            return;
+        };
+        let expired = session.conn.is_none()
+            && session.expiry_secs != u32::MAX
+            && session
+                .disconnected_at
+                .is_some_and(|at| now >= at + Duration::from_secs(session.expiry_secs.into()));
+        if expired {
+            // A will still pending goes out when its session ends (MQTT-3.1.3-9).
+            if let Some(will) = self.sessions.get_mut(client_id).and_then(|s| s.will.take()) {
+                if self
+                    .sessions
+                    .get(client_id)
+                    .is_some_and(|s| s.will_due.is_some())
+                {
+                    self.publish_will(client_id.clone(), will, now);
+                }
+            }
+            self.end_session(client_id, now);
+        }
+    }
+
+    fn publish_will(
+        &mut self,
+        client_id: Arc<str>,
+        will: ferry_protocol::mqtt::Will,
+        now: Instant,
+    ) {
+        let msg = Message {
+            expires_at: will
+                .properties
+                .message_expiry_interval_secs
+                .map(|s| now + Duration::from_secs(s.into())),
+            properties: forwarded_properties(&will.properties),
+            topic: will.topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            publisher: Some(client_id),
+        };
+        let msg = Arc::new(msg);
+        if let Some(appends) = &mut self.log {
+            appends.push(msg);
+            return;
+        }
+        if msg.retain {
+            self.retain(&msg);
+        }
+        // A will has no publisher left to pause; what does not fit is dropped and counted.
+        let _ = self.route(msg, now, true);
+    }
+
+    /// Removes a session and everything it holds.
+    fn end_session(&mut self, client_id: &Arc<str>, _now: Instant) {
+        let Some(session) = self.sessions.remove(client_id) else {
+            return;
+        };
+        for (filter, _, _) in session.subscriptions.values() {
+            self.subscriptions.remove(filter, client_id);
+        }
+        self.queued_bytes -= session.held_bytes();
+        if session.is_persistent() {
+            self.store_ops.push(StoreOp::SessionDelete {
+                client_id: client_id.clone(),
+            });
+        }
+    }
+}
