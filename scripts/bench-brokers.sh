@@ -12,9 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
 command -v mosquitto >/dev/null || { echo "install the mosquitto package first" >&2; exit 1; }
-cargo build --release -q -p ferry-edge -p ferry-tests --bin ferry-edge --bin ferry-bench
+# FERRY_BIN=DIR: the binaries in DIR (built elsewhere, e.g. an older commit), no build.
+[ -n "${FERRY_BIN:-}" ] || cargo build --release -q -p ferry-edge -p ferry-tests --bin ferry-edge --bin ferry-bench
+bin=${FERRY_BIN:-target/release}
 data=$(mktemp -d)
-target/release/ferry-edge --listen 127.0.0.1:18830 --data-dir "$data" >/dev/null 2>&1 &
+"$bin"/ferry-edge --listen 127.0.0.1:18830 --data-dir "$data" >/dev/null 2>&1 &
 ferry=$!
 mosquitto -p 18831 >/dev/null 2>&1 &
 mosq=$!
@@ -25,7 +27,7 @@ echo "idle RSS: ferry-edge $(rss $ferry), mosquitto $(rss $mosq)"
 for broker in "ferry-edge 18830 $ferry" "mosquitto 18831 $mosq"; do
   set -- $broker
   printf '%-10s ' "$1"
-  target/release/ferry-bench idle --connections 1000 --port "$2" --pid "$3" --secs 3
+  "$bin"/ferry-bench idle --connections 1000 --port "$2" --pid "$3" --secs 3
 done
 for run in "fan-in --publishers 4 --qos 0" "fan-in --publishers 16 --qos 0" "fan-in --publishers 4 --qos 1" \
            "fan-in --publishers 4 --qos 1 --persistent" \
@@ -34,7 +36,7 @@ for run in "fan-in --publishers 4 --qos 0" "fan-in --publishers 16 --qos 0" "fan
     set -- $broker
     printf '%-10s ' "$1"
     # shellcheck disable=SC2086
-    target/release/ferry-bench $run --port "$2" --secs "$secs"
+    "$bin"/ferry-bench $run --port "$2" --secs "$secs"
   done
 done
 # Memory a burst took should be given back once it is over.

@@ -12,8 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 records=${1:-9000000}
-cargo build --release -q -p ferry-cloud --bin ferry-cloud --bin ferry-log-bench
-bin=target/release
+# FERRY_BIN=DIR: the binaries in DIR (built elsewhere, e.g. an older commit), no build.
+if [ -z "${FERRY_BIN:-}" ]; then
+  cargo build --release -q -p ferry-cloud --bin ferry-cloud --bin ferry-log-bench
+fi
+bin=${FERRY_BIN:-target/release}
 work=$(mktemp -d)
 trap 'kill $cloud 2>/dev/null; rm -rf "$work"' EXIT
 $bin/ferry-log-bench append --dir "$work/data/log" --records "$records" --producers 16 --batch 100 --payload 100

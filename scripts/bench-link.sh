@@ -14,9 +14,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 backlog=${1:-1000000}
-cargo build --release -q -p ferry-edge -p ferry-cloud -p ferry-tests \
-  --bin ferry-edge --bin ferry-cloud --bin ferry-bench
-bin=target/release
+# FERRY_BIN=DIR: the binaries in DIR (built elsewhere, e.g. an older commit), no build.
+if [ -z "${FERRY_BIN:-}" ]; then
+  cargo build --release -q -p ferry-edge -p ferry-cloud -p ferry-tests \
+    --bin ferry-edge --bin ferry-cloud --bin ferry-bench
+fi
+bin=${FERRY_BIN:-target/release}
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT

@@ -340,7 +340,16 @@ async fn fan_in(args: &Args) -> Result<(), String> {
         )));
     }
     let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    // The subscriber's lag (sent or acknowledged, minus received), sampled every 100 ms.
+    let mut max_lag = 0u64;
+    let end = start + Duration::from_secs(args.secs);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100).min(end - Instant::now())).await;
+        let lag = sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(received.load(Ordering::Relaxed));
+        max_lag = max_lag.max(lag);
+    }
     stop_pub.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
     let sent_n = sent.load(Ordering::Relaxed);
@@ -358,7 +367,7 @@ async fn fan_in(args: &Args) -> Result<(), String> {
         "acknowledged"
     };
     println!(
-        "fan-in qos={} publishers={} payload={}B secs={:.1}{}: {what} {:.0} msg/s, received {:.0} msg/s during the run ({} of {} after drain){}",
+        "fan-in qos={} publishers={} payload={}B secs={:.1}{}: {what} {:.0} msg/s, received {:.0} msg/s during the run (largest lag {max_lag}; {} of {} after drain){}",
         args.qos as u8,
         args.clients,
         args.payload,
