@@ -349,7 +349,7 @@ async fn converse(
         .map_err(|e| e.to_string())?;
     info!(edge, "edge linked");
     // One task writes: ACK and CREDIT from the acker, a last GOAWAY.
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let (out, mut out_rx) = mpsc::channel::<Frame>(OUT_FRAMES);
     let writing = tokio::spawn(async move {
         while let Some(frame) = out_rx.recv().await {
             if writer.send(&frame).await.is_err() {
@@ -362,8 +362,8 @@ async fn converse(
     // closed); the ingester appends them in order, as many of a class at a time as are
     // queued; each group's metadata commit runs while the next group is appended, and the
     // acker answers them in order.
-    let (batches_tx, mut batches) = mpsc::unbounded_channel::<(u8, Bytes, u64)>();
-    let (commits_tx, mut commits) = mpsc::unbounded_channel::<Committing>();
+    let (batches_tx, mut batches) = mpsc::channel::<(u8, Bytes, u64)>(QUEUED_BATCHES);
+    let (commits_tx, mut commits) = mpsc::channel::<Committing>(QUEUED_COMMITS);
     let outstanding = Arc::new(AtomicU64::new(0));
     let ingester = {
         let (server, edge) = (server.clone(), edge.to_owned());
@@ -411,7 +411,7 @@ async fn converse(
                     returned,
                     records,
                 };
-                if commits_tx.send(committing).is_err() {
+                if commits_tx.send(committing).await.is_err() {
                     return Ok(());
                 }
             }
@@ -453,12 +453,14 @@ async fn converse(
                         .commit
                         .await
                         .map_err(|why| format!("ingest failed: {why}"))?;
-                    let _ = out.send(Frame::Ack {
-                        class: c.class,
-                        committed_seq: committed,
-                    });
+                    let _ = out
+                        .send(Frame::Ack {
+                            class: c.class,
+                            committed_seq: committed,
+                        })
+                        .await;
                 }
-                let _ = out.send(Frame::Credit { bytes: returned });
+                let _ = out.send(Frame::Credit { bytes: returned }).await;
                 outstanding.fetch_sub(returned, Ordering::Relaxed);
                 server.update(&edge, id, |e| {
                     e.records += records;
@@ -493,7 +495,7 @@ async fn converse(
                             if let Ok(h) = ferry_protocol::kafka::BatchHeader::parse(&batch) {
                                 sent_to = h.last_offset().max(0) as u64;
                             }
-                            let _ = out.send(Frame::Down { batch });
+                            let _ = out.send(Frame::Down { batch }).await;
                         }
                         continue;
                     }
@@ -515,7 +517,7 @@ async fn converse(
                     if outstanding.fetch_add(wire, Ordering::Relaxed) + wire > limit {
                         return Err("the edge sent past its credit".to_owned());
                     }
-                    if batches_tx.send((class, batch, wire)).is_err() {
+                    if batches_tx.send((class, batch, wire)).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -543,10 +545,11 @@ async fn converse(
     };
     if let Err(why) = &result {
         if why.starts_with("ingest failed") {
-            let _ = out.send(Frame::GoAway {
+            let goaway = Frame::GoAway {
                 code: GoAwayCode::Unavailable,
                 reason: why.clone(),
-            });
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), out.send(goaway)).await;
         }
     }
     drop(out);
@@ -572,3 +575,19 @@ const DOWN_WINDOW: u64 = 1024;
 
 /// Up to this many bytes of batches go to the ingest path in one call.
 const GROUP_BYTES: usize = 4 << 20;
+
+/// Batches received and not yet handed to the ingest path, per link. The edge's credit
+/// already bounds their bytes; this bounds their number (a flood of tiny batches), and when
+/// it is reached the receiver stops reading, so QUIC's flow control slows the edge. 1,024
+/// of the default 64 KiB-or-less batches stay within the 16 MiB credit.
+const QUEUED_BATCHES: usize = 1024;
+
+/// Groups appended and waiting for their metadata commit and acknowledgement, per link:
+/// the acker takes them all each round (every ACK_INTERVAL), so a few rounds' worth is
+/// enough; a full queue holds the next append back.
+const QUEUED_COMMITS: usize = 64;
+
+/// Frames waiting for the link's writer: ACK and CREDIT (one round: two per priority class
+/// in use) and DOWN (at most one per downlink read, DOWN_WINDOW sequences). A full queue
+/// makes the acker and the downlinker wait for the writer, which waits for QUIC.
+const OUT_FRAMES: usize = 256;
