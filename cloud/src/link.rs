@@ -22,13 +22,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_bridge::quic::{Timeouts, TlsFiles};
 use ferry_bridge::server::{Appended, BoxFuture, Downlink, ServerConfig, Sink};
-use ferry_protocol::kafka::batch::{records, uncompressed, BatchBuilder, BatchHeader};
+use ferry_protocol::kafka::batch::{records, uncompressed, BatchBuilder};
 use ferry_protocol::kafka::mqtt::read_headers;
 use ferry_protocol::topic::TopicName;
 use serde::Deserialize;
 
 use crate::ingest::{EdgeRecord, Ingest};
-use crate::log::{SegmentLog, Storage};
+use crate::log::{SegmentLog, Storage, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
 use crate::routes::{DOWNLINK_PREFIX, DOWNLINK_STREAM};
 
@@ -194,17 +194,14 @@ fn read_downlink(log: &SegmentLog, edge: &str, after: u64) -> Result<Downlink, S
         return Ok(none);
     }
     let r = log
-        .read(DOWNLINK_STREAM, 0, offset, 1 << 20)
+        .read(DOWNLINK_STREAM, 0, offset, READ_BUDGET_BYTES)
         .map_err(|e| e.to_string())?;
     let prefix = format!("{DOWNLINK_PREFIX}{edge}/");
     let mut read_to = after;
     let mut builder: Option<(u64, BatchBuilder)> = None;
-    let mut at = 0;
-    while at < r.batches.len() {
-        let h = BatchHeader::parse(&r.batches[at..]).map_err(|e| e.to_string())?;
-        let end = at + h.total_len();
-        let plain =
-            uncompressed(&r.batches[at..end], MAX_UNCOMPRESSED_BYTES).map_err(|e| e.to_string())?;
+    for batch in r.iter() {
+        let (_, whole) = batch.map_err(|e| e.to_string())?;
+        let plain = uncompressed(whole, MAX_UNCOMPRESSED_BYTES).map_err(|e| e.to_string())?;
         for rec in records(&plain).map_err(|e| e.to_string())? {
             let rec = rec.map_err(|e| e.to_string())?;
             let seq = rec.offset as u64 + 1;
@@ -230,7 +227,6 @@ fn read_downlink(log: &SegmentLog, edge: &str, after: u64) -> Result<Downlink, S
                 .collect();
             b.push_at(delta, rec.timestamp, Some(topic), rec.value, &headers);
         }
-        at = end;
     }
     Ok(Downlink {
         read_to,

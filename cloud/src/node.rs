@@ -23,13 +23,15 @@ use anyhow::Context;
 use ferry_edge::broker::{BrokerConfig, Message};
 use ferry_edge::config::{AuthConfig, Config as EdgeConfig, ServerConfig, StorageConfig};
 use ferry_edge::server::{AppendFuture, LogHooks, Server, StartError};
-use ferry_protocol::kafka::batch::{records, uncompressed, BatchHeader};
+use ferry_protocol::kafka::batch::{records, uncompressed};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::ingest::{Ingest, IngestError};
-use crate::log::{now_ms, AppendData, LogError, SegmentLog, Storage, StreamConfig};
+use crate::log::{
+    now_ms, AppendData, LogError, SegmentLog, Storage, StreamConfig, READ_BUDGET_BYTES,
+};
 use crate::meta::{Command, Meta, MetaError};
 use crate::routes::{
     from_record, to_record, MqttMessage, RouteConfig, RouteError, RouteTable, Routes,
@@ -592,17 +594,15 @@ impl Tailer {
     fn forward(&self, stream: &str, partition: u32, offset: i64) -> Result<i64, Option<LogError>> {
         let r = self
             .log
-            .read(stream, partition, offset, 1 << 20)
+            .read(stream, partition, offset, READ_BUDGET_BYTES)
             .map_err(Some)?;
         let mut next = offset;
-        let mut at = 0;
         let now = now_ms();
-        while at < r.batches.len() {
-            let h = BatchHeader::parse(&r.batches[at..])
-                .map_err(|e| Some(LogError::BadBatch(e.to_string())))?;
+        for batch in r.iter() {
+            let (h, whole) = batch.map_err(Some)?;
             // A Kafka producer's batch may be compressed; more than this uncompressed is not
             // delivered to MQTT (it stays in the log for Kafka consumers).
-            let open = uncompressed(&r.batches[at..], MAX_UNCOMPRESSED_BYTES);
+            let open = uncompressed(whole, MAX_UNCOMPRESSED_BYTES);
             if let Some(recs) = open.as_deref().ok().and_then(|b| records(b).ok()) {
                 for rec in recs.flatten().filter(|rec| rec.offset >= offset) {
                     let Some(view) = from_record(&rec, now) else {
@@ -628,7 +628,6 @@ impl Tailer {
                 }
             }
             next = h.last_offset() + 1;
-            at += h.total_len();
         }
         Ok(next)
     }

@@ -20,8 +20,10 @@ use std::time::Instant;
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use ferry_cloud::log::{now_ms, AppendData, NewRecord, SegmentLog, Storage, StreamConfig};
-use ferry_protocol::kafka::batch::{records, BatchHeader};
+use ferry_cloud::log::{
+    now_ms, AppendData, NewRecord, SegmentLog, Storage, StreamConfig, READ_BUDGET_BYTES,
+};
+use ferry_protocol::kafka::batch::records;
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmarks Ferry's cloud log: durable appends, then reads")]
@@ -158,14 +160,12 @@ fn read(dir: PathBuf) -> anyhow::Result<()> {
     let start = Instant::now();
     let (mut offset, mut bytes, mut count) = (offsets.log_start, 0u64, 0u64);
     while offset < offsets.high_watermark {
-        let r = log.read("bench", 0, offset, 1 << 20)?;
-        let mut at = 0;
-        while at < r.batches.len() {
-            let h = BatchHeader::parse(&r.batches[at..])?;
+        let r = log.read("bench", 0, offset, READ_BUDGET_BYTES)?;
+        for batch in r.iter() {
+            let (h, whole) = batch?;
             // Count the records by reading them, as a consumer would.
-            count += records(&r.batches[at..])?.count() as u64;
+            count += records(whole)?.count() as u64;
             offset = h.last_offset() + 1;
-            at += h.total_len();
         }
         bytes += r.batches.len() as u64;
     }

@@ -71,9 +71,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use ferry_protocol::kafka::{records, uncompressed, BatchHeader};
+use ferry_protocol::kafka::{records, uncompressed};
 
-use crate::log::{AppendData, LogError, SegmentLog, Storage, StreamConfig};
+use crate::log::{AppendData, LogError, SegmentLog, Storage, StreamConfig, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
 
 /// `[kafka]`: the Kafka listener. Off unless the section is present.
@@ -715,16 +715,12 @@ fn record_for_time(
     };
     let end = log.offsets(stream, partition)?.high_watermark;
     while offset < end {
-        let read = log.read(stream, partition, offset, 1 << 20)?;
+        let read = log.read(stream, partition, offset, READ_BUDGET_BYTES)?;
         if read.batches.is_empty() {
             break;
         }
-        let mut at = 0;
-        while at < read.batches.len() {
-            let h = BatchHeader::parse(&read.batches[at..])
-                .map_err(|e| LogError::BadBatch(e.to_string()))?;
-            let whole = &read.batches[at..at + h.total_len()];
-            at += h.total_len();
+        for batch in read.iter() {
+            let (h, whole) = batch?;
             offset = h.last_offset() + 1;
             if h.max_timestamp < timestamp {
                 continue;

@@ -154,12 +154,61 @@ pub struct Offsets {
     pub high_watermark: i64,
 }
 
+/// How many bytes of batches a front asks for in one read when it walks a partition (the
+/// MQTT tailer, the downlink, offset-by-time lookups, the ingest's start-up scan): 1 MiB.
+/// A read returns at least one whole batch even when that batch is larger, so this bounds
+/// the memory of one read, not the size of a batch.
+pub const READ_BUDGET_BYTES: usize = 1 << 20;
+
 /// The answer to a read: whole batches, each CRC-checked, starting with the one that holds
 /// the offset asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadResult {
     pub batches: Bytes,
     pub high_watermark: i64,
+}
+
+impl ReadResult {
+    /// The batches of this read, in order: each one's header and its whole bytes. A batch
+    /// whose header does not parse, or that is cut short, ends the walk with
+    /// [`LogError::BadBatch`] (a read serves only checked batches, so this is a bug or a
+    /// foreign `Storage`).
+    pub fn iter(&self) -> Batches<'_> {
+        Batches {
+            bytes: &self.batches,
+        }
+    }
+}
+
+/// The iterator of [`ReadResult::iter`].
+#[derive(Debug)]
+pub struct Batches<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Iterator for Batches<'a> {
+    type Item = Result<(BatchHeader, &'a [u8]), LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.bytes.is_empty() {
+            return None;
+        }
+        let parsed = BatchHeader::parse(self.bytes)
+            .map_err(|e| LogError::BadBatch(e.to_string()))
+            .and_then(|h| match self.bytes.get(..h.total_len()) {
+                Some(whole) => Ok((h, whole)),
+                None => Err(LogError::BadBatch(format!(
+                    "a batch of {} bytes with {} left in the read",
+                    h.total_len(),
+                    self.bytes.len()
+                ))),
+            });
+        match &parsed {
+            Ok((_, whole)) => self.bytes = &self.bytes[whole.len()..],
+            Err(_) => self.bytes = &[],
+        }
+        Some(parsed)
+    }
 }
 
 /// A stream as the admin API shows it.
@@ -297,18 +346,16 @@ pub fn for_each_batch(
     let end = log.offsets(stream, partition)?.high_watermark;
     let mut offset = from;
     while offset < end {
-        let read = log.read(stream, partition, offset, 1 << 20)?;
+        let read = log.read(stream, partition, offset, READ_BUDGET_BYTES)?;
         if read.batches.is_empty() {
             break;
         }
-        let mut at = 0;
-        while at < read.batches.len() {
-            let Ok(h) = BatchHeader::parse(&read.batches[at..]) else {
+        for batch in read.iter() {
+            let Ok((h, whole)) = batch else {
                 return Ok(());
             };
-            f(&h, &read.batches[at..at + h.total_len()]);
+            f(&h, whole);
             offset = h.last_offset() + 1;
-            at += h.total_len();
         }
     }
     Ok(())
