@@ -1,0 +1,312 @@
+//! The tokio driver around the broker core: listeners, one task pair per connection, and
+//! one router thread that owns the [`Broker`] and applies every input in order.
+//!
+//! ```text
+//! socket ─▶ reader task ──Input──▶ router thread (Broker) ──Outbound──▶ writer task ─▶ socket
+//!                ▲                        │                                   │
+//!                └──── pause / resume ────┘◀────────── Written (credit) ──────┘
+//! ```
+//!
+//! The binary runs the connections on one current-thread runtime (see `main.rs` for why);
+//! the router has a thread of its own. Every channel is bounded. The router never blocks on a connection: it emits at most the
+//! credit a writer has room for (see `broker` flow control), and a writer whose queue is full
+//! anyway (a client that sends but never reads) is closed.
+//!
+//! This file holds [`Server`], which starts everything; `listeners` has the accept loops,
+//! `tls` and `websocket` the handshakes, `connection` one connection's reader and writer,
+//! and `router` the router thread with its group commit and the [`LogHooks`] of log mode.
+
+mod connection;
+mod listeners;
+mod router;
+mod tls;
+mod websocket;
+
+pub use router::{AppendFuture, CommitStats, LogHooks};
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::info;
+
+use crate::auth::{Auth, AuthError};
+use crate::broker::{Broker, ClientInfo, Input, Stats};
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+use connection::ConnSettings;
+use listeners::{accept_loop, Transport};
+use router::{router, Lanes, ToRouter};
+
+/// Acknowledgements from subscribers waiting for the router (see `ConnSettings::acks`).
+const ACK_LANE: usize = 4096;
+
+/// A running broker: its local addresses and a way to ask for statistics.
+#[derive(Clone)]
+pub struct Server {
+    to_router: mpsc::Sender<ToRouter>,
+    local_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    ws_addrs: Vec<SocketAddr>,
+    wss_addrs: Vec<SocketAddr>,
+    failed: watch::Receiver<Option<String>>,
+    link: Option<Arc<ferry_bridge::client::LinkStatus>>,
+    outbox: Arc<crate::link::EdgeOutbox>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addrs", &self.local_addrs)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Opens the store, binds the listeners of `config` and starts serving in the
+    /// background. Serving stops when `shutdown` completes: listeners close and connections
+    /// are closed.
+    pub async fn start(
+        config: Config,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Self, StartError> {
+        Self::start_with_log(config, None, shutdown).await
+    }
+
+    /// As [`Server::start`]; with `log`, the broker works in log mode
+    /// ([`Broker::use_log`]): what clients publish is appended through `log` before it is
+    /// acknowledged, and reaches subscribers when it comes back through its deliveries.
+    pub async fn start_with_log(
+        config: Config,
+        log: Option<LogHooks>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Self, StartError> {
+        let store = Store::open(&config.server.data_dir, &config.storage)?;
+        let mut broker = Broker::new(config.mqtt.clone());
+        if log.is_some() {
+            broker.use_log();
+        }
+        broker.set_auth(Arc::new(config.load_auth()?));
+        broker.set_uplink(crate::uplink::UplinkRules::new(&config.uplink)?);
+        broker.restore(store.load()?, Instant::now());
+        let (outbox_acks_tx, outbox_acks) = mpsc::unbounded_channel();
+        let (downlink_tx, downlink) = mpsc::unbounded_channel();
+        let outbox = Arc::new(crate::link::EdgeOutbox {
+            reader: store.outbox_reader(),
+            acks: outbox_acks_tx,
+            added: Arc::new(tokio::sync::Notify::new()),
+            downlink: downlink_tx,
+        });
+        let mut listeners = Vec::new();
+        for addr in &config.server.listen {
+            listeners.push((TcpListener::bind(addr).await?, Transport::Tcp));
+        }
+        let local_addrs = listeners
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut tls_addrs = Vec::new();
+        if let Some(tls) = &config.server.tls {
+            let acceptor = tls::acceptor(tls)?;
+            for addr in &tls.listen {
+                let listener = TcpListener::bind(addr).await?;
+                tls_addrs.push(listener.local_addr()?);
+                listeners.push((
+                    listener,
+                    Transport::Tls(acceptor.clone(), tls.use_identity_as_username),
+                ));
+            }
+        }
+        let (to_router, from_conns) = mpsc::channel(4096);
+        let (failed_tx, failed) = watch::channel(None);
+        let (credit_tx, credit_rx) = mpsc::unbounded_channel();
+        let (acks_tx, acks_rx) = mpsc::channel(ACK_LANE);
+        let lanes = Lanes {
+            credit: credit_rx,
+            acks: acks_rx,
+            outbox_acks,
+            outbox_added: outbox.added.clone(),
+            downlink,
+        };
+        std::thread::Builder::new()
+            .name("ferry-router".into())
+            .spawn(move || {
+                if let Err(e) = router(broker, store, log, from_conns, lanes) {
+                    tracing::error!(error = %e, "storage failed; the broker stops");
+                    let _ = failed_tx.send(Some(e.to_string()));
+                }
+            })?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let ticker = to_router.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if ticker.send(ToRouter::Input(Input::Tick)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+
+        let next_id = Arc::new(AtomicU64::new(1));
+        let limit = Arc::new(Semaphore::new(config.server.max_connections));
+        let settings = Arc::new(ConnSettings {
+            credit: credit_tx,
+            acks: acks_tx,
+            connect_timeout: Duration::from_secs(config.server.connect_timeout_secs),
+            max_packet_size: config.mqtt.max_packet_size_bytes as usize,
+            max_keepalive_secs: config.mqtt.max_keepalive_secs,
+        });
+        let mut ws_addrs = Vec::new();
+        let mut wss_addrs = Vec::new();
+        if let Some(ws) = &config.server.websocket {
+            for addr in &ws.listen {
+                let listener = TcpListener::bind(addr).await?;
+                ws_addrs.push(listener.local_addr()?);
+                listeners.push((listener, Transport::WebSocket));
+            }
+            if let (Some(tls), false) = (&config.server.tls, ws.tls_listen.is_empty()) {
+                let acceptor = tls::acceptor(tls)?;
+                for addr in &ws.tls_listen {
+                    let listener = TcpListener::bind(addr).await?;
+                    wss_addrs.push(listener.local_addr()?);
+                    listeners.push((
+                        listener,
+                        Transport::WebSocketTls(acceptor.clone(), tls.use_identity_as_username),
+                    ));
+                }
+            }
+        }
+        for (listener, transport) in listeners {
+            info!(addr = %listener.local_addr()?, transport = transport.name(), "listening for MQTT");
+            tokio::spawn(accept_loop(
+                listener,
+                transport,
+                to_router.clone(),
+                next_id.clone(),
+                limit.clone(),
+                settings.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        let link = crate::link::client_config(&config.uplink)
+            .map(|c| crate::link::start(c, outbox.clone(), stop_rx.clone()));
+        Ok(Self {
+            to_router,
+            local_addrs,
+            tls_addrs,
+            ws_addrs,
+            wss_addrs,
+            failed,
+            link,
+            outbox,
+        })
+    }
+
+    /// How long ago the oldest record still in the outbox was accepted; zero if it is
+    /// empty, None if the store cannot be read.
+    pub async fn outbox_oldest_age(&self) -> Option<Duration> {
+        let reader = self.outbox.reader.clone();
+        let oldest = tokio::task::spawn_blocking(move || reader.oldest_accepted_unix_ms())
+            .await
+            .ok()?
+            .ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Some(Duration::from_millis(
+            oldest.map_or(0, |t| now.saturating_sub(t)),
+        ))
+    }
+
+    /// The link to the cloud, if `[uplink] cloud` is set.
+    pub fn link_status(&self) -> Option<ferry_bridge::client::LinkStats> {
+        self.link.as_ref().map(|l| l.get())
+    }
+
+    /// Completes if the broker stopped because storage failed; the error says why.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.failed.clone();
+        loop {
+            if let Some(e) = failed.borrow().clone() {
+                return e;
+            }
+            if failed.changed().await.is_err() {
+                return "the router stopped".into();
+            }
+        }
+    }
+
+    /// The plain TCP listeners' addresses.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The TLS listeners' addresses.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
+    }
+
+    /// The WebSocket listeners' addresses.
+    pub fn ws_addrs(&self) -> &[SocketAddr] {
+        &self.ws_addrs
+    }
+
+    /// The MQTT over WebSocket over TLS (`wss://`) listeners' addresses.
+    pub fn wss_addrs(&self) -> &[SocketAddr] {
+        &self.wss_addrs
+    }
+
+    /// Applies new password and ACL rules (SIGHUP).
+    pub async fn reload_auth(&self, auth: Auth) {
+        let _ = self.to_router.send(ToRouter::SetAuth(Arc::new(auth))).await;
+    }
+
+    /// The broker's counters now.
+    pub async fn stats(&self) -> Option<Stats> {
+        self.metrics().await.map(|(stats, _)| stats)
+    }
+
+    /// The connected clients.
+    pub async fn clients(&self) -> Option<Vec<ClientInfo>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.to_router.send(ToRouter::Clients(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The broker's counters and the storage commit figures.
+    pub async fn metrics(&self) -> Option<(Stats, CommitStats)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.to_router.send(ToRouter::Stats(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Uplink(#[from] crate::uplink::UplinkError),
+}

@@ -1,0 +1,289 @@
+//! The router thread: it owns the [`Broker`], applies every input in order, in batches,
+//! commits each batch's durable changes in one storage transaction (and in log mode appends
+//! what it accepted) before it sends the batch's packets (group commit).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_protocol::mqtt::Packet;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::connection::Wire;
+use crate::auth::Auth;
+use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats, StoreOp};
+use crate::store::{Store, StoreError};
+
+/// Inputs the router applies before it dispatches what they caused: a batch, so that one
+/// storage commit can later cover many messages (group commit).
+const ROUTER_BATCH: usize = 256;
+
+/// What a node whose broker works through a log (the cloud) gives the server.
+pub struct LogHooks {
+    /// Appends what one router batch accepted, durably; the batch's acknowledgements wait
+    /// for it. An error stops the broker, as a failed storage commit does.
+    pub append: Box<dyn FnMut(Vec<Arc<Message>>) -> AppendFuture + Send>,
+    /// Messages read back from the log, in log order, for delivery. The router stops taking
+    /// them while a subscriber without room holds deliveries back.
+    pub deliveries: mpsc::Receiver<Arc<Message>>,
+    /// Called after each batch with how many deliveries were routed and made durable (for
+    /// persistent sessions) in it, in the order they came: the log may move its delivery
+    /// cursor past them.
+    pub delivered: Box<dyn FnMut(usize) + Send>,
+}
+
+impl std::fmt::Debug for LogHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogHooks").finish_non_exhaustive()
+    }
+}
+
+/// A pending [`LogHooks::append`].
+pub type AppendFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The next delivery, or never without a log.
+async fn next_delivery(log: &mut Option<LogHooks>) -> Option<Arc<Message>> {
+    match log {
+        Some(l) => l.deliveries.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Messages into the router thread.
+pub(super) enum ToRouter {
+    Register {
+        conn: ConnId,
+        wire: Arc<Wire>,
+    },
+    SetAuth(Arc<Auth>),
+    Input(Input),
+    Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
+    Clients(tokio::sync::oneshot::Sender<Vec<ClientInfo>>),
+    /// The cloud has the outbox's class `priority` up to `seq`: delete it.
+    OutboxAck {
+        priority: u8,
+        seq: u64,
+    },
+    /// Downlink messages to publish (see [`crate::link`]).
+    Downlink(crate::link::Downlink),
+}
+
+/// Storage commits made by the router: how many and how long they took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    pub commits: u64,
+    pub total: Duration,
+    pub max: Duration,
+}
+
+/// The router thread: applies inputs to the broker in batches, makes the batch's durable
+/// changes durable in one commit, then dispatches the batch's actions (group commit). If a
+/// commit fails, nothing of the batch is sent and the router stops.
+pub(super) fn router(
+    broker: Broker,
+    store: Store,
+    log: Option<LogHooks>,
+    rx: mpsc::Receiver<ToRouter>,
+    lanes: Lanes,
+) -> Result<(), StoreError> {
+    // A runtime of its own, on this thread only: the router may block on a commit without
+    // holding up the connections' tasks.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| StoreError::Corrupt {
+            table: "-",
+            what: format!("cannot start the router: {e}"),
+        })?;
+    runtime.block_on(route_loop(broker, store, log, rx, lanes))
+}
+
+/// The router's inputs beside the main channel, served first.
+pub(super) struct Lanes {
+    /// Writers' credit back.
+    pub(super) credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
+    /// Subscribers' PUBACK/PUBREC/PUBCOMP.
+    pub(super) acks: mpsc::Receiver<(ConnId, Packet)>,
+    /// The cloud's acknowledgements of the outbox: (class, seq).
+    pub(super) outbox_acks: mpsc::UnboundedReceiver<(u8, u64)>,
+    /// Woken after a commit that added records to the outbox.
+    pub(super) outbox_added: Arc<tokio::sync::Notify>,
+    /// Messages from the cloud to publish here.
+    pub(super) downlink: mpsc::UnboundedReceiver<crate::link::Downlink>,
+}
+
+async fn route_loop(
+    mut broker: Broker,
+    store: Store,
+    mut log: Option<LogHooks>,
+    mut rx: mpsc::Receiver<ToRouter>,
+    lanes: Lanes,
+) -> Result<(), StoreError> {
+    let Lanes {
+        mut credit,
+        mut acks,
+        mut outbox_acks,
+        outbox_added,
+        mut downlink,
+    } = lanes;
+    // Who waits for this batch's commit to have applied downlink messages.
+    let mut downlink_done = Vec::new();
+    // Outbox deletes waiting for the next commit.
+    let mut deletes: Vec<StoreOp> = Vec::new();
+    let mut conns: HashMap<ConnId, Arc<Wire>> = HashMap::new();
+    let mut actions = Vec::new();
+    // Connections whose reader ended; their handles go after this batch's actions went out,
+    // so that a last CONNACK or DISCONNECT still reaches the writer.
+    let mut gone = Vec::new();
+    let mut commits = CommitStats::default();
+    loop {
+        // Credit first: a subscriber's writer waiting for it must not queue behind a flood
+        // of publishes.
+        let first = tokio::select! {
+            biased;
+            Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
+            Some((conn, packet)) = acks.recv() => ToRouter::Input(Input::Packet { conn, packet }),
+            Some((priority, seq)) = outbox_acks.recv() => ToRouter::OutboxAck { priority, seq },
+            Some(down) = downlink.recv() => ToRouter::Downlink(down),
+            Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
+                ToRouter::Input(Input::Deliver(msg))
+            }
+            msg = rx.recv() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        let now = Instant::now();
+        let held_before = broker.deliveries_held();
+        let mut deliveries = 0;
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(msg) = next {
+            match msg {
+                ToRouter::Register { conn, wire } => {
+                    conns.insert(conn, wire);
+                }
+                ToRouter::SetAuth(auth) => broker.set_auth(auth),
+                ToRouter::Input(input) => {
+                    deliveries += usize::from(matches!(input, Input::Deliver(_)));
+                    let lost = match &input {
+                        Input::Lost { conn } => Some(*conn),
+                        _ => None,
+                    };
+                    broker.handle(input, now, &mut actions);
+                    gone.extend(lost);
+                }
+                ToRouter::Stats(reply) => {
+                    let _ = reply.send((broker.stats(), commits));
+                }
+                ToRouter::Clients(reply) => {
+                    let _ = reply.send(broker.clients());
+                }
+                ToRouter::OutboxAck { priority, seq } => {
+                    deletes.push(StoreOp::OutboxDelete { priority, seq });
+                }
+                ToRouter::Downlink((msgs, seq, done)) => {
+                    for msg in msgs {
+                        broker.handle(Input::Deliver(msg), now, &mut actions);
+                    }
+                    deletes.push(StoreOp::DownlinkApplied { seq });
+                    downlink_done.push(done);
+                }
+            }
+            while let Ok((priority, seq)) = outbox_acks.try_recv() {
+                deletes.push(StoreOp::OutboxDelete { priority, seq });
+            }
+            while let Ok((conn, packets)) = credit.try_recv() {
+                broker.handle(Input::Written { conn, packets }, now, &mut actions);
+            }
+            while let Ok((conn, packet)) = acks.try_recv() {
+                broker.handle(Input::Packet { conn, packet }, now, &mut actions);
+            }
+            n += 1;
+            next = if n < ROUTER_BATCH {
+                let delivery = log
+                    .as_mut()
+                    .filter(|_| broker.deliveries_held() == 0)
+                    .and_then(|l| l.deliveries.try_recv().ok());
+                match delivery {
+                    Some(msg) => Some(ToRouter::Input(Input::Deliver(msg))),
+                    None => rx.try_recv().ok(),
+                }
+            } else {
+                None
+            };
+        }
+        if let Some(log) = &mut log {
+            // What this batch accepted is in the log before any of its acknowledgements.
+            let appends = broker.take_appends();
+            if !appends.is_empty() {
+                (log.append)(appends).await.map_err(StoreError::Log)?;
+            }
+        }
+        let mut ops = broker.take_store_ops();
+        ops.append(&mut deletes);
+        if !ops.is_empty() {
+            let started = Instant::now();
+            let removed = store.apply(&ops)?;
+            broker.outbox_applied(removed.acked, removed.dropped);
+            if ops.iter().any(|op| matches!(op, StoreOp::OutboxPut { .. })) {
+                outbox_added.notify_one();
+            }
+            let took = started.elapsed();
+            for done in downlink_done.drain(..) {
+                let _ = done.send(());
+            }
+            commits.commits += 1;
+            commits.total += took;
+            commits.max = commits.max.max(took);
+        }
+        if let Some(log) = &mut log {
+            let routed = held_before + deliveries - broker.deliveries_held();
+            if routed > 0 {
+                (log.delivered)(routed);
+            }
+        }
+        dispatch(&mut conns, &mut actions);
+        for conn in gone.drain(..) {
+            // The writer sends what is still queued (a last DISCONNECT), then closes.
+            if let Some(wire) = conns.remove(&conn) {
+                wire.close();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dispatch(conns: &mut HashMap<ConnId, Arc<Wire>>, actions: &mut Vec<Action>) {
+    for action in actions.drain(..) {
+        match action {
+            Action::Send(conn, packet) => {
+                let Some(wire) = conns.get(&conn) else {
+                    continue;
+                };
+                if !wire.send(packet) {
+                    // Its writer is full beyond the credit: a client that does not read.
+                    warn!(conn, "client is not reading its acknowledgements; closing");
+                    wire.abort();
+                    conns.remove(&conn);
+                }
+            }
+            Action::Close(conn) => {
+                if let Some(wire) = conns.remove(&conn) {
+                    wire.close();
+                }
+            }
+            Action::PauseReads(conn) => {
+                if let Some(wire) = conns.get(&conn) {
+                    wire.set_paused(true);
+                }
+            }
+            Action::ResumeReads(conn) => {
+                if let Some(wire) = conns.get(&conn) {
+                    wire.set_paused(false);
+                }
+            }
+        }
+    }
+}
