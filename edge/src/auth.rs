@@ -352,30 +352,18 @@ mod tests {
         path
     }
 
-    /// A PBKDF2-SHA512 line made the way mosquitto_passwd makes it.
-    fn pbkdf2_line(user: &str, password: &str) -> String {
-        let salt = b"0123456789ab";
-        let mut hash = [0u8; 64];
-        pbkdf2::pbkdf2_hmac::<Sha512>(password.as_bytes(), salt, 101, &mut hash);
-        let b64 = base64::engine::general_purpose::STANDARD;
-        format!("{user}:$7$101${}${}", b64.encode(salt), b64.encode(hash))
-    }
+    /// Lines made by Mosquitto 2.0.11's own tool, not by our formula:
+    /// `mosquitto_passwd -c -b pw alice s3cret` (PBKDF2-SHA512, `$7$`, its default) and
+    /// `mosquitto_passwd -H sha512 -b pw bob old-secret` (salted SHA-512, `$6$`, Mosquitto
+    /// 1.6 and earlier).
+    const MOSQUITTO_PASSWD_LINES: &str = "\
+alice:$7$101$gOEJ0ejUdXkha4/3$yIFSl+dXHX2zukviujMqKoSgFi9ZLP4D2XLEKuK+O5d9vGMTSEtwvwgeer8lHF3yYFEmOAfWe09/6csh5AnjRA==
+bob:$6$8V1aFukHeg0BXkcm$E/iwxQF1SctpghZCRU+ziXhJtctIMfqFAlYCXQ0JoIm/i/kgbVRTAWSEpnmKdKyphxpfj1tZ0oH6I3zWv92lXg==
+";
 
     #[test]
     fn passwords_are_checked_against_both_hash_formats() {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut sha = Sha512::new();
-        sha.update(b"old-secret");
-        sha.update(b"salty");
-        let old = format!(
-            "bob:$6${}${}",
-            b64.encode(b"salty"),
-            b64.encode(sha.finalize())
-        );
-        let path = file(
-            "pw",
-            &format!("# users\n{}\n{old}\n", pbkdf2_line("alice", "s3cret")),
-        );
+        let path = file("pw", &format!("# users\n{MOSQUITTO_PASSWD_LINES}"));
         let auth = Auth::load(Some(&path), None, false).expect("loads");
         assert_eq!(auth.authenticate(Some("alice"), Some(b"s3cret")), Ok(()));
         assert_eq!(
@@ -383,6 +371,10 @@ mod tests {
             Err(ReasonCode::BadUserNameOrPassword)
         );
         assert_eq!(auth.authenticate(Some("bob"), Some(b"old-secret")), Ok(()));
+        assert_eq!(
+            auth.authenticate(Some("bob"), Some(b"old-secreT")),
+            Err(ReasonCode::BadUserNameOrPassword)
+        );
         assert_eq!(
             auth.authenticate(Some("carol"), Some(b"x")),
             Err(ReasonCode::BadUserNameOrPassword)

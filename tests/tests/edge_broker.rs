@@ -866,6 +866,7 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
         "all of them, after kill -9"
     );
     let bytes = metric(&edge, "ferry_edge_outbox_bytes");
+    // docs/edge-storage.md: a record costs topic ("up/t") + payload ("reading 000") + 40.
     assert_eq!(bytes, 500 * (4 + 11 + 40));
     // Over the budget (60,000 bytes; 27,500 used, 55 a message): an MQTT 5 publisher is
     // refused, which mosquitto_pub reports as a failure.

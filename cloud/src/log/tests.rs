@@ -449,3 +449,76 @@ async fn a_deleted_stream_is_gone_refuses_appends_and_comes_back_empty_when_made
         "{left:?}"
     );
 }
+
+#[test]
+fn a_read_result_walks_its_batches_and_ends_at_one_cut_short() {
+    let batch = |base: i64, n: i32| {
+        let mut b = ferry_protocol::kafka::BatchBuilder::new(1_000);
+        for i in 0..n {
+            b.push(i64::from(i), Some(b"k"), Some(b"v"), &[]);
+        }
+        b.finish(base)
+    };
+    let (a, b) = (batch(0, 3), batch(3, 2));
+    let whole = ReadResult {
+        batches: Bytes::from([a.to_vec(), b.to_vec()].concat()),
+        high_watermark: 5,
+    };
+    let walked: Vec<(i64, i64, usize)> = whole
+        .iter()
+        .map(|r| r.map(|(h, bytes)| (h.base_offset, h.last_offset(), bytes.len())))
+        .collect::<Result<_, _>>()
+        .expect("whole batches");
+    assert_eq!(walked, vec![(0, 2, a.len()), (3, 4, b.len())]);
+    // The second batch cut short: the first is served, then an error, then nothing.
+    let cut = ReadResult {
+        batches: whole.batches.slice(..whole.batches.len() - 1),
+        high_watermark: 5,
+    };
+    let mut it = cut.iter();
+    assert_eq!(it.next().expect("one").expect("whole").0.base_offset, 0);
+    assert!(matches!(it.next(), Some(Err(LogError::BadBatch(_)))));
+    assert!(it.next().is_none());
+}
+
+#[tokio::test]
+async fn a_segment_older_than_segment_ms_is_rolled_at_the_next_append() {
+    let dir = temp_dir("roll-age");
+    let log = SegmentLog::open(&dir, true, 64).expect("open");
+    let config = StreamConfig {
+        segment_ms: 300,
+        ..StreamConfig::default()
+    };
+    log.create_stream("t", &config).expect("create");
+    let segments = || {
+        std::fs::read_dir(dir.join("t-0"))
+            .expect("the partition's directory")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count()
+    };
+    for i in 0..3 {
+        log.append("t", 0, AppendData::Records(vec![rec(&i.to_string())]))
+            .await
+            .expect("append");
+    }
+    assert_eq!(
+        segments(),
+        1,
+        "young and far below segment_bytes: one segment"
+    );
+    // Not a wait for something to happen: the active segment must be older than 300 ms.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    log.append("t", 0, AppendData::Records(vec![rec("3")]))
+        .await
+        .expect("append");
+    assert_eq!(segments(), 2, "the old segment rolled");
+    let got = values(&log, "t", 0).expect("read");
+    assert_eq!(
+        got,
+        (0..4).map(|i| (i, i.to_string())).collect::<Vec<_>>(),
+        "read across both segments"
+    );
+}

@@ -256,7 +256,13 @@ impl Broker {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.credit = c.credit.saturating_sub(1);
         }
-        self.out.push(Action::Send(conn, packet));
+        // What a client published is acknowledged only once the log has it (log mode).
+        let acknowledges_a_publish = matches!(packet, Packet::PubAck(_) | Packet::PubRec(_));
+        if self.log.is_some() && acknowledges_a_publish {
+            self.out.push(Action::SendWhenAppended(conn, packet));
+        } else {
+            self.out.push(Action::Send(conn, packet));
+        }
     }
 }
 

@@ -184,6 +184,12 @@ pub enum Input {
 #[derive(Debug, PartialEq)]
 pub enum Action {
     Send(ConnId, Packet),
+    /// Log mode only: send once the messages taken by the latest
+    /// [`Broker::take_appends`] (and every earlier one) are durable in the log. The
+    /// acknowledgements of client publishes (PUBACK, PUBREC) wait this way, all of them, so
+    /// that they keep the order of their publishes (MQTT-4.6.0-2) while the driver goes on
+    /// delivering and sending everything else.
+    SendWhenAppended(ConnId, Packet),
     /// Close the connection after what was sent before.
     Close(ConnId),
     /// Stop reading from this connection until [`Action::ResumeReads`].

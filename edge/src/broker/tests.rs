@@ -540,7 +540,11 @@ fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
     let a = h.packet(2, publish("t", "hello", QoS::AtLeastOnce, 7));
     assert_eq!(
         a,
-        vec![Action::Send(2, Packet::PubAck(PubResponse::new(id(7))))]
+        vec![Action::SendWhenAppended(
+            2,
+            Packet::PubAck(PubResponse::new(id(7)))
+        )],
+        "acknowledged once the log has it"
     );
     assert!(
         publishes(&a, 1).is_empty(),
@@ -589,6 +593,42 @@ fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
 }
 
 #[test]
+fn log_mode_holds_every_publish_acknowledgement_for_the_log_and_nothing_else() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.broker.use_log();
+    h.connect(1, "pub");
+    // QoS 2: the PUBREC waits for the log; the PUBCOMP that answers the PUBREL does not.
+    let a = h.packet(1, publish("t", "x", QoS::ExactlyOnce, 3));
+    assert_eq!(
+        a,
+        [Action::SendWhenAppended(
+            1,
+            Packet::PubRec(PubResponse::new(id(3)))
+        )]
+    );
+    let a = h.packet(1, Packet::PubRel(PubResponse::new(id(3))));
+    assert_eq!(
+        a,
+        [Action::Send(1, Packet::PubComp(PubResponse::new(id(3))))]
+    );
+    // A refusal waits too, so that it cannot overtake the acknowledgement of a publish
+    // before it on the same connection.
+    let a = h.packet(1, publish("$SYS/x", "x", QoS::AtLeastOnce, 4));
+    assert!(
+        matches!(&a[..], [Action::SendWhenAppended(1, Packet::PubAck(r))] if r.packet_id == id(4)),
+        "{a:?}"
+    );
+    // Without a log nothing waits.
+    let mut edge = Harness::new(BrokerConfig::default());
+    edge.connect(1, "pub");
+    let a = edge.packet(1, publish("t", "x", QoS::AtLeastOnce, 5));
+    assert!(
+        matches!(&a[..], [Action::Send(1, Packet::PubAck(r))] if r.packet_id == id(5)),
+        "{a:?}"
+    );
+}
+
+#[test]
 fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_outbox_refuses() {
     let mut h = Harness::new(BrokerConfig::default());
     let config: crate::uplink::UplinkConfig =
@@ -609,6 +649,8 @@ fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_
     h.packet(1, publish("up/t", "x", QoS::AtMostOnce, 0));
     h.packet(1, publish("local/t", "x", QoS::AtLeastOnce, 2));
     assert!(h.broker.take_store_ops().is_empty());
+    // The budget's documented cost (docs/edge-storage.md, what users size
+    // max_outbox_bytes by): topic + payload + 40 bytes a record.
     assert_eq!(
         (
             h.broker.stats().outbox_records,

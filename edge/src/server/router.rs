@@ -2,12 +2,13 @@
 //! commits each batch's durable changes in one storage transaction (and in log mode appends
 //! what it accepted) before it sends the batch's packets (group commit).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::mqtt::Packet;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -20,10 +21,19 @@ use crate::store::{Store, StoreError};
 /// storage commit can later cover many messages (group commit).
 const ROUTER_BATCH: usize = 256;
 
+/// Log mode: appends issued and not yet durable before the router waits for the oldest.
+/// The log's group commit merges what is queued for a partition, so a few appends in flight
+/// keep its disk busy while the router goes on delivering and sending; more would only let
+/// publishers run further ahead of what is durable (each holds up to one batch's
+/// acknowledgements: ROUTER_BATCH publishes).
+const APPENDS_IN_FLIGHT: usize = 4;
+
 /// What a node whose broker works through a log (the cloud) gives the server.
 pub struct LogHooks {
     /// Appends what one router batch accepted, durably; the batch's acknowledgements wait
-    /// for it. An error stops the broker, as a failed storage commit does.
+    /// for it (and for the appends before it), everything else of the batch goes out at
+    /// once. Up to APPENDS_IN_FLIGHT run at a time, and they must complete in order. An
+    /// error stops the broker, as a failed storage commit does.
     pub append: Box<dyn FnMut(Vec<Arc<Message>>) -> AppendFuture + Send>,
     /// Messages read back from the log, in log order, for delivery. The router stops taking
     /// them while a subscriber without room holds deliveries back.
@@ -137,11 +147,18 @@ async fn route_loop(
     // so that a last CONNACK or DISCONNECT still reaches the writer.
     let mut gone = Vec::new();
     let mut commits = CommitStats::default();
+    let mut appending = Appending::default();
     loop {
-        // Credit first: a subscriber's writer waiting for it must not queue behind a flood
-        // of publishes.
+        // A finished append first (its acknowledgements go out; polling this branch also
+        // starts the appends issued since). Then credit: a subscriber's writer waiting for
+        // it must not queue behind a flood of publishes.
         let first = tokio::select! {
             biased;
+            done = appending.next_done(), if appending.in_flight() > 0 => {
+                let mut acks = done?;
+                dispatch(&mut conns, &mut acks);
+                continue;
+            }
             Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
             Some((conn, packet)) = acks.recv() => ToRouter::Input(Input::Packet { conn, packet }),
             Some((priority, seq)) = outbox_acks.recv() => ToRouter::OutboxAck { priority, seq },
@@ -215,10 +232,10 @@ async fn route_loop(
             };
         }
         if let Some(log) = &mut log {
-            // What this batch accepted is in the log before any of its acknowledgements.
+            // What this batch accepted goes to the log; its acknowledgements wait for it.
             let appends = broker.take_appends();
             if !appends.is_empty() {
-                (log.append)(appends).await.map_err(StoreError::Log)?;
+                appending.start((log.append)(appends));
             }
         }
         let mut ops = broker.take_store_ops();
@@ -244,6 +261,7 @@ async fn route_loop(
                 (log.delivered)(routed);
             }
         }
+        appending.hold(&mut actions);
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {
             // The writer sends what is still queued (a last DISCONNECT), then closes.
@@ -251,14 +269,79 @@ async fn route_loop(
                 wire.close();
             }
         }
+        while appending.in_flight() > APPENDS_IN_FLIGHT {
+            let mut acks = appending.next_done().await?;
+            dispatch(&mut conns, &mut acks);
+        }
+    }
+    // What was appended before the end is acknowledged (to the connections still open).
+    while appending.in_flight() > 0 {
+        let mut acks = appending.next_done().await?;
+        dispatch(&mut conns, &mut acks);
     }
     Ok(())
+}
+
+/// Log mode: the appends issued and not yet durable, oldest first, and the
+/// acknowledgements that wait for each (see [`Action::SendWhenAppended`]).
+#[derive(Default)]
+struct Appending {
+    appends: FuturesOrdered<AppendFuture>,
+    /// One entry per append in `appends`, in the same order.
+    held: VecDeque<Vec<Action>>,
+}
+
+impl Appending {
+    fn in_flight(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Issues an append (it runs when the router next polls [`Appending::next_done`]).
+    fn start(&mut self, append: AppendFuture) {
+        self.appends.push_back(append);
+        self.held.push_back(Vec::new());
+    }
+
+    /// Takes the acknowledgements out of `actions`: they wait for the newest append in
+    /// flight, and so for every one before it; with none in flight they go now.
+    fn hold(&mut self, actions: &mut Vec<Action>) {
+        let Some(held) = self.held.back_mut() else {
+            for action in actions.iter_mut() {
+                if let Action::SendWhenAppended(conn, packet) = action {
+                    let packet = std::mem::replace(packet, Packet::PingResp);
+                    *action = Action::Send(*conn, packet);
+                }
+            }
+            return;
+        };
+        actions.retain_mut(|action| match action {
+            Action::SendWhenAppended(conn, packet) => {
+                let packet = std::mem::replace(packet, Packet::PingResp);
+                held.push(Action::Send(*conn, packet));
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Waits for the oldest append; its acknowledgements, to send. Cancel-safe: a call
+    /// dropped before the append is done leaves it where it was.
+    async fn next_done(&mut self) -> Result<Vec<Action>, StoreError> {
+        let done = self.appends.next().await;
+        let acks = self.held.pop_front().unwrap_or_default();
+        match done {
+            Some(Ok(())) => Ok(acks),
+            Some(Err(why)) => Err(StoreError::Log(why)),
+            None => Ok(acks),
+        }
+    }
 }
 
 fn dispatch(conns: &mut HashMap<ConnId, Arc<Wire>>, actions: &mut Vec<Action>) {
     for action in actions.drain(..) {
         match action {
-            Action::Send(conn, packet) => {
+            // (Log mode's SendWhenAppended waited in Appending and comes here as Send.)
+            Action::Send(conn, packet) | Action::SendWhenAppended(conn, packet) => {
                 let Some(wire) = conns.get(&conn) else {
                     continue;
                 };
