@@ -7,42 +7,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use ferry_protocol::kafka::{BatchBuilder, Compression, Header};
-use ferry_protocol::link::{Frame, GoAwayCode, VERSION};
+use ferry_protocol::kafka::Compression;
+use ferry_protocol::link::Frame;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
+pub use crate::edge_end::{Cursors, OutRecord};
+use crate::edge_end::{EdgeEnd, EdgeEndConfig, Effect, MAX_FRAME_BYTES};
+use crate::error::LinkError;
 use crate::quic::{self, FrameReader, FrameWriter, StreamError, Timeouts, TlsFiles};
-
-/// One record of the outbox, as the link sends it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutRecord {
-    /// Its sequence number: increasing within its class.
-    pub seq: u64,
-    /// When the edge accepted it (ms since the Unix epoch).
-    pub timestamp_ms: i64,
-    pub topic: String,
-    pub payload: Bytes,
-    /// The MQTT metadata as record headers (`ferry_protocol::kafka::mqtt`).
-    pub headers: Vec<(String, Option<Bytes>)>,
-}
-
-impl OutRecord {
-    /// Its headers as a record batch takes them.
-    pub fn header_refs(&self) -> Vec<Header<'_>> {
-        self.headers
-            .iter()
-            .map(|(key, value)| Header {
-                key,
-                value: value.as_deref(),
-            })
-            .collect()
-    }
-}
-
-/// Cursor per priority class: the highest sequence sent (or committed) in it.
-pub type Cursors = [u64; 256];
 
 /// The edge's durable outbox, as the link sees it.
 pub trait Outbox: Send + Sync + 'static {
@@ -185,8 +159,7 @@ pub async fn run(
             return;
         }
     };
-    let mut backoff = config.backoff_min;
-    let mut rng = seed();
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max, seed());
     loop {
         status.update(|s| s.state = LinkState::Connecting);
         let mut session = Session {
@@ -208,21 +181,14 @@ pub async fn run(
                 warn!(cloud = %config.cloud, error = %why, "link down");
                 status.update(|s| {
                     s.state = LinkState::Down;
-                    s.last_error = Some(why);
+                    s.last_error = Some(why.to_string());
                     if s.connects == connects_before {
                         s.failed_attempts += 1;
                     }
                 });
             }
         }
-        if progressed {
-            backoff = config.backoff_min;
-        }
-        // Full jitter between half the backoff and all of it: a fleet that lost its cloud
-        // at once does not come back at once.
-        let half = backoff.as_millis() as u64 / 2;
-        rng = xorshift(rng);
-        let wait = Duration::from_millis(half + rng % (half + 1));
+        let wait = backoff.next_wait(progressed);
         debug!(?wait, "reconnecting after");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -231,7 +197,6 @@ pub async fn run(
                 return;
             }
         }
-        backoff = (backoff * 2).min(config.backoff_max);
     }
 }
 
@@ -245,13 +210,6 @@ fn seed() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     (t ^ u64::from(std::process::id()).rotate_left(32)) | 1
-}
-
-fn xorshift(mut x: u64) -> u64 {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }
 
 fn now_ms() -> u64 {
@@ -275,12 +233,16 @@ impl Session<'_> {
         endpoint: &quinn::Endpoint,
         quic_config: &quinn::ClientConfig,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
+        let unresolved = |why: String| LinkError::Resolve {
+            cloud: self.config.cloud.clone(),
+            why,
+        };
         let addr = tokio::net::lookup_host(&self.config.cloud)
             .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.config.cloud))?
+            .map_err(|e| unresolved(e.to_string()))?
             .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.config.cloud))?;
+            .ok_or_else(|| unresolved("no address".to_owned()))?;
         let host = self.config.server_name.clone().unwrap_or_else(|| {
             let cloud = &self.config.cloud;
             let host = cloud.rsplit_once(':').map_or(cloud.as_str(), |(h, _)| h);
@@ -288,360 +250,179 @@ impl Session<'_> {
                 .trim_end_matches(']')
                 .to_owned()
         });
-        let connecting = endpoint
-            .connect_with(quic_config.clone(), addr, &host)
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let connecting = endpoint.connect_with(quic_config.clone(), addr, &host)?;
         // A cloud that is down does not answer at all: give up well before the idle timeout.
         let connect_timeout = self.config.timeouts.idle.min(CONNECT_TIMEOUT);
         let conn = tokio::select! {
             c = tokio::time::timeout(connect_timeout, connecting) => match c {
-                Ok(c) => c.map_err(|e| format!("cannot connect to {addr}: {e}"))?,
-                Err(_) => return Err(format!("no answer from {addr} in {connect_timeout:?}")),
+                Ok(c) => c?,
+                Err(_) => {
+                    return Err(LinkError::ConnectTimeout {
+                        ms: connect_timeout.as_millis() as u64,
+                    })
+                }
             },
             _ = stopped(stop) => return Ok(()),
         };
         let result = self.converse(&conn, stop).await;
         match &result {
             Ok(()) => conn.close(0u32.into(), b"shutdown"),
-            Err(why) => conn.close(2u32.into(), why.as_bytes()),
+            Err(why) => conn.close(2u32.into(), why.to_string().as_bytes()),
         }
         result
     }
 
+    /// Drives the link's [`EdgeEnd`]: a reader task takes frames off the stream; this task
+    /// feeds them to the end, writes what it sends, runs what it asks for (outbox reads,
+    /// deletes, downlink publishes) and sleeps until its next deadline.
     async fn converse(
         &mut self,
         conn: &quinn::Connection,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), String> {
-        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    ) -> Result<(), LinkError> {
+        let (send, recv) = conn.open_bi().await?;
         let mut writer = FrameWriter::new(send);
-        let io = |e: StreamError| e.to_string();
-        let mut down_applied = self.outbox.down_applied();
-        writer
-            .send(&Frame::Hello {
-                version: VERSION,
-                max_frame_bytes: MAX_FRAME_BYTES as u32,
-                down_acked: down_applied,
+        let mut end = EdgeEnd::new(
+            EdgeEndConfig {
+                max_batch_bytes: self.config.max_batch_bytes,
+                compression: self.config.compression,
+                stall_timeout: self.config.stall_timeout,
+                handshake_timeout: self.config.timeouts.idle,
                 software: self.config.software.clone(),
-            })
-            .await
-            .map_err(io)?;
+            },
+            Instant::now(),
+            self.outbox.down_applied(),
+        );
         let (frames_tx, mut frames) = mpsc::channel(256);
-        let mut reader = FrameReader::new(recv, MAX_FRAME_BYTES);
-        tokio::spawn(async move {
-            loop {
-                let next = reader.next().await;
-                let end = !matches!(next, Ok(Some(_)));
-                if frames_tx.send(next).await.is_err() || end {
-                    return;
-                }
+        let reading = tokio::spawn(read_frames(
+            FrameReader::new(recv, MAX_FRAME_BYTES),
+            frames_tx,
+        ));
+        let result = self.drive(&mut end, &mut writer, &mut frames, stop).await;
+        self.made_progress = end.made_progress();
+        match &result {
+            Ok(()) => writer.finish(),
+            Err(LinkError::Stalled { .. }) => {
+                self.status.update(|s| s.state = LinkState::Stalled);
             }
-        });
-        let next_frame = |f: Option<Result<Option<Frame>, StreamError>>| match f {
-            Some(Ok(Some(frame))) => Ok(frame),
-            Some(Ok(None)) | None => Err("the cloud closed the link".to_owned()),
-            Some(Err(e)) => Err(e.to_string()),
-        };
-        let welcome = tokio::time::timeout(self.config.timeouts.idle, frames.recv())
-            .await
-            .map_err(|_| "no WELCOME from the cloud".to_owned())?;
-        let (mut credit, peer_max_frame, committed) = match next_frame(welcome)? {
-            Frame::Welcome {
-                version,
-                max_frame_bytes,
-                credit_bytes,
-                committed,
-            } => {
-                if version != VERSION {
-                    return Err(format!("the cloud speaks link version {version}"));
-                }
-                (credit_bytes as i64, max_frame_bytes as usize, committed)
-            }
-            Frame::GoAway { code, reason } => {
-                return Err(format!("the cloud refused the link ({code:?}): {reason}"))
-            }
-            other => return Err(format!("expected WELCOME, got {other:?}")),
-        };
-        let mut sent: Cursors = [0; 256];
-        let mut acked: Cursors = [0; 256];
-        for (class, seq) in committed {
-            sent[class as usize] = seq;
-            acked[class as usize] = seq;
-            self.outbox.acked(class, seq);
-        }
-        info!(cloud = %self.config.cloud, "link up");
-        self.status.update(|s| {
-            s.state = LinkState::Up;
-            s.connects += 1;
-        });
-        // Records sent per class and not yet acknowledged: (last seq of a batch, records).
-        let mut unacked: Vec<std::collections::VecDeque<(u64, u64)>> =
-            vec![std::collections::VecDeque::new(); 256];
-        let mut last_progress = Instant::now();
-        let max_batch = self
-            .config
-            .max_batch_bytes
-            .min(peer_max_frame.saturating_sub(1024))
-            .max(1024);
-        let added = self.outbox.added();
-        let mut stall_check = tokio::time::interval(Duration::from_secs(1));
-        // At start there may be a backlog: read it off the runtime.
-        let mut last_read_small = false;
-        loop {
-            // Send while there is credit and something to send.
-            while credit > 0 {
-                let outbox = self.outbox.clone();
-                let after = sent;
-                let budget = (credit as usize).min(max_batch);
-                // Live traffic (the last read was small: the records are fresh, in the page
-                // cache) is read right here; a backlog off the runtime, where a read of a
-                // megabyte from disk cannot hold up the edge's clients.
-                let read = if last_read_small {
-                    outbox.read(&after, budget.min(SMALL_READ_BYTES))
-                } else {
-                    tokio::task::spawn_blocking(move || outbox.read(&after, budget))
-                        .await
-                        .map_err(|e| format!("outbox read did not finish: {e}"))?
-                }
-                .map_err(|e| format!("cannot read the outbox: {e}"))?;
-                last_read_small = match &read {
-                    Some((_, records)) => {
-                        records
-                            .iter()
-                            .map(|r| r.payload.len() + r.topic.len())
-                            .sum::<usize>()
-                            < SMALL_READ_BYTES / 2
+            // What the end still sends (a GOAWAY for a protocol error).
+            Err(_) => {
+                while let Some(frame) = end.poll_transmit() {
+                    if writer.send(&frame).await.is_err() {
+                        break;
                     }
-                    None => true,
-                };
-                let Some((class, records)) = read else {
+                }
+            }
+        }
+        reading.abort();
+        result
+    }
+
+    async fn drive(
+        &mut self,
+        end: &mut EdgeEnd,
+        writer: &mut FrameWriter,
+        frames: &mut mpsc::Receiver<Result<Option<Frame>, StreamError>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), LinkError> {
+        let added = self.outbox.added();
+        loop {
+            // Write and do what the end asks until it asks for nothing more: a read gives
+            // batches to write, which may leave credit for another read.
+            loop {
+                while let Some(frame) = end.poll_transmit() {
+                    writer.send(&frame).await?;
+                }
+                let Some(effect) = end.poll_effect() else {
                     break;
                 };
-                for batch in batches(&records, self.config.compression) {
-                    let frame = Frame::Batch {
-                        class,
-                        batch: batch.bytes,
-                    };
-                    let wire = writer.send(&frame).await.map_err(io)?;
-                    credit -= wire as i64;
-                    if unacked.iter().all(|q| q.is_empty()) {
-                        last_progress = Instant::now();
-                    }
-                    unacked[class as usize].push_back((batch.last_seq, batch.records));
-                    self.status.update(|s| {
-                        s.batches_sent += 1;
-                        s.records_sent += batch.records;
-                        s.batch_bytes_sent += wire as u64;
-                    });
-                }
-                if let Some(last) = records.last() {
-                    sent[class as usize] = last.seq;
-                }
+                self.perform(end, effect).await?;
             }
+            let deadline = end.poll_timeout();
+            let sleep = tokio::time::sleep_until(
+                deadline.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+            );
             tokio::select! {
-                frame = frames.recv() => match next_frame(frame)? {
-                    Frame::Ack { class, committed_seq } => {
-                        let c = class as usize;
-                        if committed_seq <= acked[c] {
-                            continue;
-                        }
-                        if committed_seq > sent[c] {
-                            return Err(format!(
-                                "the cloud acknowledged class {class} up to {committed_seq}, past what was sent ({})",
-                                sent[c]
-                            ));
-                        }
-                        acked[c] = committed_seq;
-                        let mut records = 0;
-                        while let Some(&(last, n)) = unacked[c].front() {
-                            if last > committed_seq {
-                                break;
-                            }
-                            records += n;
-                            unacked[c].pop_front();
-                        }
-                        self.outbox.acked(class, committed_seq);
-                        last_progress = Instant::now();
-                        self.made_progress = true;
-                        self.status.update(|s| {
-                            s.state = LinkState::Up;
-                            s.records_acked += records;
-                            s.last_ack_unix_ms = now_ms();
-                        });
-                    }
-                    Frame::Credit { bytes } => credit = credit.saturating_add(bytes as i64),
-                    Frame::Down { batch } => {
-                        let fresh = down_records(&batch, down_applied)?;
-                        if let Some(last) = fresh.last().map(|r| r.seq) {
-                            self.outbox.apply_down(last, fresh).await?;
-                            down_applied = last;
-                            self.status.update(|s| s.down_applied = last);
-                        }
-                        writer
-                            .send(&Frame::DownAck { seq: down_applied })
-                            .await
-                            .map_err(io)?;
-                    }
-                    Frame::GoAway { code, reason } => {
-                        return Err(format!("the cloud closed the link ({code:?}): {reason}"));
-                    }
-                    other => {
-                        let _ = writer
-                            .send(&Frame::GoAway {
-                                code: GoAwayCode::ProtocolError,
-                                reason: "unexpected frame".into(),
-                            })
-                            .await;
-                        return Err(format!("unexpected frame from the cloud: {other:?}"));
-                    }
+                frame = frames.recv() => match frame {
+                    Some(Ok(Some(frame))) => end.handle_frame(Instant::now(), frame)?,
+                    Some(Ok(None)) | None => return Err(LinkError::StreamClosed),
+                    Some(Err(e)) => return Err(e.into()),
                 },
-                _ = added.notified(), if credit > 0 => {}
-                _ = stall_check.tick() => {
-                    let waiting = unacked.iter().any(|q| !q.is_empty());
-                    if waiting && last_progress.elapsed() > self.config.stall_timeout {
-                        self.status.update(|s| s.state = LinkState::Stalled);
-                        return Err(format!(
-                            "stalled: nothing acknowledged for {:?}",
-                            self.config.stall_timeout
-                        ));
+                () = added.notified() => end.outbox_added(),
+                () = sleep, if deadline.is_some() => end.handle_timeout(Instant::now())?,
+                () = stopped(stop) => {
+                    end.shutdown();
+                    while let Some(frame) = end.poll_transmit() {
+                        let _ = writer.send(&frame).await;
                     }
-                }
-                _ = stopped(stop) => {
-                    let _ = writer
-                        .send(&Frame::GoAway {
-                            code: GoAwayCode::Shutdown,
-                            reason: "the edge is shutting down".into(),
-                        })
-                        .await;
-                    writer.finish();
                     return Ok(());
                 }
             }
         }
     }
-}
 
-/// The downlink messages of a DOWN batch after `applied`, in order.
-fn down_records(batch: &[u8], applied: u64) -> Result<Vec<OutRecord>, String> {
-    let plain = ferry_protocol::kafka::uncompressed(batch, MAX_FRAME_BYTES * 16)
-        .map_err(|e| format!("bad DOWN batch: {e}"))?;
-    let mut out = Vec::new();
-    for r in ferry_protocol::kafka::records(&plain).map_err(|e| format!("bad DOWN batch: {e}"))? {
-        let r = r.map_err(|e| format!("bad DOWN record: {e}"))?;
-        let seq = u64::try_from(r.offset).map_err(|_| "negative DOWN sequence".to_owned())?;
-        if seq <= applied {
-            continue;
+    async fn perform(&mut self, end: &mut EdgeEnd, effect: Effect) -> Result<(), LinkError> {
+        match effect {
+            Effect::Connected => {
+                info!(cloud = %self.config.cloud, "link up");
+                self.status.update(|s| {
+                    s.state = LinkState::Up;
+                    s.connects += 1;
+                });
+            }
+            Effect::Read {
+                after,
+                max_bytes,
+                blocking,
+            } => {
+                let read = if blocking {
+                    let outbox = self.outbox.clone();
+                    tokio::task::spawn_blocking(move || outbox.read(&after, max_bytes))
+                        .await
+                        .map_err(|e| LinkError::Outbox(format!("read did not finish: {e}")))?
+                } else {
+                    self.outbox.read(&after, max_bytes)
+                }
+                .map_err(LinkError::Outbox)?;
+                end.read_done(Instant::now(), read);
+            }
+            Effect::Delete { class, seq } => self.outbox.acked(class, seq),
+            Effect::Acknowledged { records } => self.status.update(|s| {
+                s.state = LinkState::Up;
+                s.records_acked += records;
+                s.last_ack_unix_ms = now_ms();
+            }),
+            Effect::ApplyDown { seq, messages } => {
+                self.outbox
+                    .apply_down(seq, messages)
+                    .await
+                    .map_err(LinkError::Downlink)?;
+                end.down_applied(seq);
+                self.status.update(|s| s.down_applied = seq);
+            }
+            Effect::Sent { records, bytes } => self.status.update(|s| {
+                s.batches_sent += 1;
+                s.records_sent += records;
+                s.batch_bytes_sent += bytes;
+            }),
         }
-        let topic = r
-            .key
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .ok_or_else(|| "a DOWN record without a topic".to_owned())?;
-        out.push(OutRecord {
-            seq,
-            timestamp_ms: r.timestamp,
-            topic: topic.to_owned(),
-            payload: Bytes::copy_from_slice(r.value.unwrap_or_default()),
-            headers: r
-                .headers
-                .iter()
-                .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
-                .collect(),
-        });
+        Ok(())
     }
-    Ok(out)
 }
 
-/// A read of at most this many bytes of records is done on the runtime's thread (see the
-/// send loop).
-const SMALL_READ_BYTES: usize = 64 << 10;
+/// Takes frames off the stream until it ends or fails, or the driver is gone.
+async fn read_frames(
+    mut reader: FrameReader,
+    frames: mpsc::Sender<Result<Option<Frame>, StreamError>>,
+) {
+    loop {
+        let next = reader.next().await;
+        let end = !matches!(next, Ok(Some(_)));
+        if frames.send(next).await.is_err() || end {
+            return;
+        }
+    }
+}
 
 /// The longest wait for the cloud to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The largest frame the edge takes from the cloud.
-const MAX_FRAME_BYTES: usize = 4 << 20;
-
-struct OutBatch {
-    bytes: Bytes,
-    last_seq: u64,
-    records: u64,
-}
-
-/// The records as record batches whose offsets are their sequence numbers (a new batch
-/// where a gap would not fit an offset delta).
-fn batches(records: &[OutRecord], compression: Compression) -> Vec<OutBatch> {
-    let mut out = Vec::new();
-    let mut rest = records;
-    while let Some(first) = rest.first() {
-        let size: usize = rest
-            .iter()
-            .map(|r| r.topic.len() + r.payload.len() + 32)
-            .sum();
-        let mut b = BatchBuilder::with_capacity(first.timestamp_ms, size);
-        let mut n = 0;
-        for r in rest {
-            let Ok(delta) = i32::try_from(r.seq - first.seq) else {
-                break;
-            };
-            let headers = r.header_refs();
-            b.push_at(
-                delta,
-                r.timestamp_ms,
-                Some(r.topic.as_bytes()),
-                Some(&r.payload),
-                &headers,
-            );
-            n += 1;
-        }
-        out.push(OutBatch {
-            bytes: b.finish_with(first.seq as i64, compression),
-            last_seq: rest[n - 1].seq,
-            records: n as u64,
-        });
-        rest = &rest[n..];
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_protocol::kafka::{records, uncompressed};
-
-    fn rec(seq: u64) -> OutRecord {
-        OutRecord {
-            seq,
-            timestamp_ms: 1_000 + seq as i64,
-            topic: format!("t/{seq}"),
-            payload: Bytes::from(vec![b'x'; 10]),
-            headers: vec![("mqtt.qos".into(), Some(Bytes::from_static(b"1")))],
-        }
-    }
-
-    #[test]
-    fn record_offsets_are_sequence_numbers_and_a_gap_too_wide_starts_a_new_batch() {
-        let recs = vec![
-            rec(5),
-            rec(6),
-            rec(9),
-            rec(9 + (1 << 31)),
-            rec(10 + (1 << 31)),
-        ];
-        for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
-            let out = batches(&recs, compression);
-            assert_eq!(out.len(), 2);
-            assert_eq!((out[0].last_seq, out[0].records), (9, 3));
-            assert_eq!((out[1].last_seq, out[1].records), (10 + (1 << 31), 2));
-            let mut seqs = Vec::new();
-            for b in &out {
-                let plain = uncompressed(&b.bytes, 1 << 20).expect("decompress");
-                for r in records(&plain).expect("records") {
-                    let r = r.expect("record");
-                    seqs.push(r.offset as u64);
-                    assert_eq!(r.key, Some(format!("t/{}", r.offset).as_bytes()));
-                }
-            }
-            assert_eq!(seqs, recs.iter().map(|r| r.seq).collect::<Vec<_>>());
-        }
-    }
-}

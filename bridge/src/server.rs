@@ -11,14 +11,18 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ferry_protocol::link::{Frame, GoAwayCode, VERSION};
+use ferry_protocol::link::{Frame, GoAwayCode};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::quic::{self, FrameReader, FrameWriter, PeerIdentity, SetupError, Timeouts, TlsFiles};
+use crate::cloud_end::{CloudEnd, CloudEndConfig, Effect};
+use crate::error::LinkError;
+use crate::quic::{
+    self, FrameReader, FrameWriter, PeerIdentity, SetupError, StreamError, Timeouts, TlsFiles,
+};
 
 /// A boxed future, as [`Sink`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -231,7 +235,10 @@ async fn accept_loop(server: Arc<LinkServer>) {
             };
             if let Err(why) = serve(&server, &conn, &peer).await {
                 warn!(edge = %peer.edge_id, %remote, error = %why, "link closed");
-                conn.close((GoAwayCode::ProtocolError as u32).into(), why.as_bytes());
+                conn.close(
+                    (GoAwayCode::ProtocolError as u32).into(),
+                    why.to_string().as_bytes(),
+                );
             }
         });
     }
@@ -243,351 +250,257 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One edge's link, from HELLO to its end.
+/// The handle of an appended group's metadata commit, as the [`CloudEnd`] keeps it.
+type Commit = BoxFuture<'static, Result<u64, String>>;
+
+/// How a link ended without an error.
+enum Ended {
+    /// The edge closed it, or the cloud is going away.
+    Closed,
+    /// The edge is on the deny list: GOAWAY Denied is queued.
+    Denied,
+}
+
+/// One edge's link, from HELLO to its end: the driver of its [`CloudEnd`]. A reader task
+/// takes frames off the stream, a writer task puts them on it; this task feeds the end,
+/// runs what it asks for (the ingest path, commits, the downlink) and sleeps until its
+/// next deadline.
 async fn serve(
     server: &Arc<LinkServer>,
     conn: &quinn::Connection,
     peer: &PeerIdentity,
-) -> Result<(), String> {
-    let (send, recv) = tokio::time::timeout(server.config.timeouts.idle, conn.accept_bi())
+) -> Result<(), LinkError> {
+    let idle = server.config.timeouts.idle;
+    let (send, recv) = tokio::time::timeout(idle, conn.accept_bi())
         .await
-        .map_err(|_| "no stream opened".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let mut writer = FrameWriter::new(send);
-    let mut reader = FrameReader::new(recv, server.config.max_frame_bytes);
-    let hello = tokio::time::timeout(server.config.timeouts.idle, reader.next())
-        .await
-        .map_err(|_| "no HELLO".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (software, edge_down_acked) = match hello {
-        Some(Frame::Hello {
-            version,
-            software,
-            down_acked,
-            ..
-        }) => {
-            if version != VERSION {
-                let _ = writer
-                    .send(&Frame::GoAway {
-                        code: GoAwayCode::UnsupportedVersion,
-                        reason: format!("this cloud speaks link version {VERSION}"),
-                    })
-                    .await;
-                writer.finish();
-                return Err(format!("link version {version}"));
-            }
-            (software, down_acked)
-        }
-        other => return Err(format!("expected HELLO, got {other:?}")),
-    };
-    if server.denied(&peer.edge_id, &peer.serial) {
-        let _ = writer
-            .send(&Frame::GoAway {
-                code: GoAwayCode::Denied,
-                reason: format!("edge {} is on the deny list", peer.edge_id),
-            })
-            .await;
-        writer.finish();
-        // Let the GOAWAY reach the edge before the connection goes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        conn.close((GoAwayCode::Denied as u32).into(), b"denied");
-        warn!(edge = %peer.edge_id, serial = %peer.serial, "denied edge refused");
-        return Ok(());
-    }
-    let edge = peer.edge_id.clone();
-    let id = server.next_id.fetch_add(1, Ordering::Relaxed);
-    {
-        let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
-        let info = EdgeLink {
-            edge_id: edge.clone(),
-            serial: peer.serial.clone(),
-            remote: conn.remote_address(),
-            software,
-            since_unix_ms: now_ms(),
-            records: 0,
-            batch_bytes: 0,
-            last_ack_unix_ms: 0,
-        };
-        let old = links.insert(
-            edge.clone(),
-            Live {
-                id,
-                conn: conn.clone(),
-                info,
-            },
-        );
-        if let Some(old) = old {
-            info!(edge = %edge, "a new link of the edge replaces the old one");
-            old.conn
-                .close((GoAwayCode::Replaced as u32).into(), b"replaced");
-        }
-    }
-    let result = converse(server, &edge, id, edge_down_acked, writer, reader).await;
-    let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
-    if links.get(&edge).is_some_and(|l| l.id == id) {
-        links.remove(&edge);
-    }
-    result
-}
-
-async fn converse(
-    server: &Arc<LinkServer>,
-    edge: &str,
-    id: u64,
-    edge_down_acked: u64,
-    mut writer: FrameWriter,
-    mut reader: FrameReader,
-) -> Result<(), String> {
-    writer
-        .send(&Frame::Welcome {
-            version: VERSION,
-            max_frame_bytes: server.config.max_frame_bytes as u32,
+        .map_err(|_| LinkError::NoStream {
+            secs: idle.as_secs(),
+        })??;
+    let mut end = CloudEnd::new(
+        CloudEndConfig {
             credit_bytes: server.config.credit_bytes,
-            committed: server.sink.committed(edge),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    info!(edge, "edge linked");
-    // One task writes: ACK and CREDIT from the acker, a last GOAWAY.
-    let (out, mut out_rx) = mpsc::channel::<Frame>(OUT_FRAMES);
-    let writing = tokio::spawn(async move {
-        while let Some(frame) = out_rx.recv().await {
-            if writer.send(&frame).await.is_err() {
-                return;
-            }
-        }
-        writer.finish();
-    });
-    // The receiver queues batches (bounded by the credit given: an edge that sends more is
-    // closed); the ingester appends them in order, as many of a class at a time as are
-    // queued; each group's metadata commit runs while the next group is appended, and the
-    // acker answers them in order.
-    let (batches_tx, mut batches) = mpsc::channel::<(u8, Bytes, u64)>(QUEUED_BATCHES);
-    let (commits_tx, mut commits) = mpsc::channel::<Committing>(QUEUED_COMMITS);
-    let outstanding = Arc::new(AtomicU64::new(0));
-    let ingester = {
-        let (server, edge) = (server.clone(), edge.to_owned());
-        async move {
-            let mut next = None;
-            loop {
-                let first = match next.take() {
-                    Some(item) => item,
-                    None => match batches.recv().await {
-                        Some(item) => item,
-                        None => return Ok(()),
-                    },
-                };
-                let class = first.0;
-                let mut bytes = first.1.len();
-                let mut group = vec![first];
-                while bytes < GROUP_BYTES {
-                    match batches.try_recv() {
-                        Ok(item) if item.0 == class => {
-                            bytes += item.1.len();
-                            group.push(item);
-                        }
-                        Ok(item) => {
-                            next = Some(item);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let returned = group.iter().map(|(_, _, wire)| wire).sum();
-                let records = group
-                    .iter()
-                    .filter_map(|(_, b, _)| ferry_protocol::kafka::BatchHeader::parse(b).ok())
-                    .map(|h| h.records_count.max(0) as u64)
-                    .sum();
-                let group = group.into_iter().map(|(_, b, _)| b).collect();
-                let commit = server
-                    .sink
-                    .ingest(edge.clone(), class, group)
-                    .await
-                    .map_err(|why| format!("ingest failed: {why}"))?;
-                let committing = Committing {
-                    class,
-                    commit,
-                    returned,
-                    records,
-                };
-                if commits_tx.send(committing).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-    };
-    let acker = {
-        let (server, edge, out, outstanding) = (
-            server.clone(),
-            edge.to_owned(),
-            out.clone(),
-            outstanding.clone(),
-        );
-        async move {
-            let mut last_round = tokio::time::Instant::now();
-            while let Some(first) = commits.recv().await {
-                // At most one round of metadata commits per ACK_INTERVAL: the records are
-                // durable in the log already (subscribers see them); the acknowledgement
-                // only lets the edge delete them, and fewer fsyncs leave the disk to the
-                // appends that readers wait for.
-                tokio::time::sleep_until(last_round + ACK_INTERVAL).await;
-                last_round = tokio::time::Instant::now();
-                // Everything appended meanwhile is acknowledged with one metadata commit
-                // per class: the newest one's (sequences only grow).
-                let mut ready = vec![first];
-                while let Ok(c) = commits.try_recv() {
-                    ready.push(c);
-                }
-                let returned: u64 = ready.iter().map(|c| c.returned).sum();
-                let records: u64 = ready.iter().map(|c| c.records).sum();
-                let mut newest: Vec<Committing> = Vec::new();
-                for c in ready {
-                    match newest.iter_mut().find(|n| n.class == c.class) {
-                        Some(n) => *n = c,
-                        None => newest.push(c),
-                    }
-                }
-                for c in newest {
-                    let committed = c
-                        .commit
-                        .await
-                        .map_err(|why| format!("ingest failed: {why}"))?;
-                    let _ = out
-                        .send(Frame::Ack {
-                            class: c.class,
-                            committed_seq: committed,
-                        })
-                        .await;
-                }
-                let _ = out.send(Frame::Credit { bytes: returned }).await;
-                outstanding.fetch_sub(returned, Ordering::Relaxed);
-                server.update(&edge, id, |e| {
-                    e.records += records;
-                    e.batch_bytes += returned;
-                    e.last_ack_unix_ms = now_ms();
-                });
-            }
-            Ok(())
-        }
-    };
-    // The downlink: from where the edge (or, if further, the cloud's record) says it
-    // stands, the edge's messages as they are committed to the log; at most
-    // DOWN_WINDOW unacknowledged.
-    let down_acked = Arc::new(AtomicU64::new(
-        edge_down_acked.max(server.sink.downlink_acked(edge)),
+            max_frame_bytes: server.config.max_frame_bytes,
+            handshake_timeout: idle,
+        },
+        Instant::now(),
+    );
+    // The reader stops when the driver stops taking frames (a full ingest queue): then
+    // QUIC's flow control slows the edge. One frame waits in the channel at most.
+    let (frames_tx, mut frames) = mpsc::channel(1);
+    let reading = tokio::spawn(read_frames(
+        FrameReader::new(recv, server.config.max_frame_bytes),
+        frames_tx,
     ));
-    let down_progress = Arc::new(tokio::sync::Notify::new());
-    let downlinker = {
-        let (server, edge, out) = (server.clone(), edge.to_owned(), out.clone());
-        let (acked, progress) = (down_acked.clone(), down_progress.clone());
-        async move {
-            let mut changed = server.sink.downlink_changed();
-            let mut read_to = acked.load(Ordering::Relaxed);
-            let mut sent_to = read_to;
-            loop {
-                if sent_to.saturating_sub(acked.load(Ordering::Relaxed)) < DOWN_WINDOW {
-                    changed.borrow_and_update();
-                    let d = server.sink.downlink(edge.clone(), read_to).await?;
-                    if d.read_to > read_to {
-                        read_to = d.read_to;
-                        if let Some(batch) = d.batch {
-                            if let Ok(h) = ferry_protocol::kafka::BatchHeader::parse(&batch) {
-                                sent_to = h.last_offset().max(0) as u64;
-                            }
-                            let _ = out.send(Frame::Down { batch }).await;
-                        }
-                        continue;
-                    }
-                }
-                tokio::select! {
-                    r = changed.changed() => if r.is_err() { return Ok::<(), String>(()) },
-                    _ = progress.notified() => {}
-                }
-            }
-        }
-    };
-    let limit = server.config.credit_bytes + server.config.max_frame_bytes as u64;
-    let (server2, edge2) = (server.clone(), edge.to_owned());
-    let receiver = async move {
-        loop {
-            match reader.next().await.map_err(|e| e.to_string())? {
-                Some(Frame::Batch { class, batch }) => {
-                    let wire = batch.len() as u64 + 6;
-                    if outstanding.fetch_add(wire, Ordering::Relaxed) + wire > limit {
-                        return Err("the edge sent past its credit".to_owned());
-                    }
-                    if batches_tx.send((class, batch, wire)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Some(Frame::DownAck { seq }) => {
-                    if seq > down_acked.load(Ordering::Relaxed) {
-                        server2.sink.downlink_ack(edge2.clone(), seq).await?;
-                        down_acked.store(seq, Ordering::Relaxed);
-                        down_progress.notify_one();
-                    }
-                }
-                Some(Frame::GoAway { code, reason }) => {
-                    info!(edge = %edge2, ?code, %reason, "edge closed its link");
-                    return Ok(());
-                }
-                Some(other) => return Err(format!("unexpected frame {other:?}")),
-                None => return Ok(()),
-            }
-        }
-    };
-    let result: Result<(), String> = tokio::select! {
-        r = ingester => r,
-        r = acker => r,
-        r = receiver => r,
-        r = downlinker => r,
-    };
-    if let Err(why) = &result {
-        if why.starts_with("ingest failed") {
-            let goaway = Frame::GoAway {
-                code: GoAwayCode::Unavailable,
-                reason: why.clone(),
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), out.send(goaway)).await;
+    let (out, out_rx) = mpsc::channel::<Frame>(OUT_FRAMES);
+    let writing = tokio::spawn(write_frames(FrameWriter::new(send), out_rx));
+    let mut live = None;
+    let result = drive(server, conn, peer, &mut end, &mut frames, &out, &mut live).await;
+    reading.abort();
+    // What is still queued (a last ACK, a GOAWAY) goes out before the connection closes.
+    while let Some(frame) = end.poll_transmit() {
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(1), out.send(frame)).await,
+            Ok(Ok(()))
+        ) {
+            break;
         }
     }
     drop(out);
-    // What is queued (a last ACK, the GOAWAY) goes out before the connection closes.
     let _ = tokio::time::timeout(Duration::from_secs(1), writing).await;
-    result
+    if let Some(id) = live {
+        let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.get(&peer.edge_id).is_some_and(|l| l.id == id) {
+            links.remove(&peer.edge_id);
+        }
+    }
+    match result? {
+        Ended::Closed => {}
+        Ended::Denied => {
+            // Let the GOAWAY reach the edge before the connection goes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close((GoAwayCode::Denied as u32).into(), b"denied");
+            warn!(edge = %peer.edge_id, serial = %peer.serial, "denied edge refused");
+        }
+    }
+    Ok(())
 }
 
-/// A group appended to the log, its metadata commit to run.
-struct Committing {
-    class: u8,
-    commit: BoxFuture<'static, Result<u64, String>>,
-    /// Credit to give back once acknowledged.
-    returned: u64,
-    records: u64,
+async fn drive(
+    server: &Arc<LinkServer>,
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+    end: &mut CloudEnd<Commit>,
+    frames: &mut mpsc::Receiver<Result<Option<Frame>, StreamError>>,
+    out: &mpsc::Sender<Frame>,
+    live: &mut Option<u64>,
+) -> Result<Ended, LinkError> {
+    let edge = &peer.edge_id;
+    let sink = &server.sink;
+    let mut changed = sink.downlink_changed();
+    let mut ingest: Option<BoxFuture<'static, Appended>> = None;
+    let mut commit: Option<Commit> = None;
+    let mut down_read: Option<BoxFuture<'static, Result<Downlink, String>>> = None;
+    let mut down_ack: Option<BoxFuture<'static, Result<u64, String>>> = None;
+    loop {
+        while let Some(effect) = end.poll_effect() {
+            match effect {
+                Effect::Hello { software, .. } => {
+                    if server.denied(edge, &peer.serial) {
+                        end.refuse(
+                            GoAwayCode::Denied,
+                            format!("edge {edge} is on the deny list"),
+                        );
+                        return Ok(Ended::Denied);
+                    }
+                    *live = Some(register(server, conn, peer, software));
+                    end.welcome(
+                        Instant::now(),
+                        sink.committed(edge),
+                        sink.downlink_acked(edge),
+                    );
+                    info!(edge = %edge, "edge linked");
+                }
+                Effect::Ingest { class, batches } => {
+                    debug_assert!(ingest.is_none(), "one ingest at a time");
+                    ingest = Some(sink.ingest(edge.clone(), class, batches));
+                }
+                Effect::Commit { commit: c, .. } => {
+                    debug_assert!(commit.is_none(), "one commit at a time");
+                    commit = Some(c);
+                }
+                Effect::ReadDown { after } => down_read = Some(sink.downlink(edge.clone(), after)),
+                Effect::RecordDownAck { seq } => {
+                    let recording = sink.downlink_ack(edge.clone(), seq);
+                    down_ack = Some(Box::pin(async move { recording.await.map(|()| seq) }));
+                }
+                Effect::Acknowledged { records, bytes } => {
+                    if let Some(id) = *live {
+                        server.update(edge, id, |e| {
+                            e.records += records;
+                            e.batch_bytes += bytes;
+                            e.last_ack_unix_ms = now_ms();
+                        });
+                    }
+                }
+            }
+        }
+        if end.is_closed() {
+            return Ok(Ended::Closed);
+        }
+        let deadline = end.poll_timeout();
+        let sleep = tokio::time::sleep_until(
+            deadline.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
+        );
+        tokio::select! {
+            frame = frames.recv(), if end.wants_frames() => match frame {
+                Some(Ok(Some(frame))) => end.handle_frame(Instant::now(), frame)?,
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(None)) | None if end.is_up() => return Ok(Ended::Closed),
+                Some(Ok(None)) | None => return Err(LinkError::StreamClosed),
+            },
+            r = next_of(&mut ingest), if ingest.is_some() => {
+                ingest = None;
+                end.ingest_done(r)?;
+            }
+            r = next_of(&mut commit), if commit.is_some() => {
+                commit = None;
+                end.commit_done(r)?;
+            }
+            r = next_of(&mut down_read), if down_read.is_some() => {
+                down_read = None;
+                let d = r.map_err(LinkError::Downlink)?;
+                end.downlink_read(d.read_to, d.batch);
+            }
+            r = next_of(&mut down_ack), if down_ack.is_some() => {
+                down_ack = None;
+                end.down_ack_recorded(r.map_err(LinkError::Downlink)?);
+            }
+            r = changed.changed() => match r {
+                Ok(()) => end.downlink_changed(),
+                // The cloud is going away.
+                Err(_) => return Ok(Ended::Closed),
+            },
+            permit = out.reserve(), if end.has_transmit() => match permit {
+                Ok(permit) => permit.send(end.poll_transmit().expect("has_transmit said so")),
+                // The writer is gone: the stream failed.
+                Err(_) => return Ok(Ended::Closed),
+            },
+            () = sleep, if deadline.is_some() => end.handle_timeout(Instant::now())?,
+        }
+    }
 }
 
-/// The shortest time between two rounds of acknowledgements (metadata commits) of a link.
-const ACK_INTERVAL: Duration = Duration::from_millis(10);
+/// Records the edge's link (for the admin API) and closes the link it replaces.
+fn register(
+    server: &LinkServer,
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+    software: String,
+) -> u64 {
+    let edge = &peer.edge_id;
+    let id = server.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
+    let info = EdgeLink {
+        edge_id: edge.clone(),
+        serial: peer.serial.clone(),
+        remote: conn.remote_address(),
+        software,
+        since_unix_ms: now_ms(),
+        records: 0,
+        batch_bytes: 0,
+        last_ack_unix_ms: 0,
+    };
+    let old = links.insert(
+        edge.clone(),
+        Live {
+            id,
+            conn: conn.clone(),
+            info,
+        },
+    );
+    if let Some(old) = old {
+        info!(edge = %edge, "a new link of the edge replaces the old one");
+        old.conn
+            .close((GoAwayCode::Replaced as u32).into(), b"replaced");
+    }
+    id
+}
 
-/// Downlink messages (by sequence) sent and not yet acknowledged before the cloud waits.
-const DOWN_WINDOW: u64 = 1024;
+/// The output of the future in `slot`; never, if there is none.
+async fn next_of<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
 
-/// Up to this many bytes of batches go to the ingest path in one call.
-const GROUP_BYTES: usize = 4 << 20;
+/// Takes frames off the stream until it ends or fails, or the driver is gone.
+async fn read_frames(
+    mut reader: FrameReader,
+    frames: mpsc::Sender<Result<Option<Frame>, StreamError>>,
+) {
+    loop {
+        let next = reader.next().await;
+        let end = !matches!(next, Ok(Some(_)));
+        if frames.send(next).await.is_err() || end {
+            return;
+        }
+    }
+}
 
-/// Batches received and not yet handed to the ingest path, per link. The edge's credit
-/// already bounds their bytes; this bounds their number (a flood of tiny batches), and when
-/// it is reached the receiver stops reading, so QUIC's flow control slows the edge. 1,024
-/// of the default 64 KiB-or-less batches stay within the 16 MiB credit.
-const QUEUED_BATCHES: usize = 1024;
-
-/// Groups appended and waiting for their metadata commit and acknowledgement, per link:
-/// the acker takes them all each round (every ACK_INTERVAL), so a few rounds' worth is
-/// enough; a full queue holds the next append back.
-const QUEUED_COMMITS: usize = 64;
+/// Writes the driver's frames until it is done (then finishes the stream) or a write
+/// fails.
+async fn write_frames(mut writer: FrameWriter, mut frames: mpsc::Receiver<Frame>) {
+    while let Some(frame) = frames.recv().await {
+        if writer.send(&frame).await.is_err() {
+            return;
+        }
+    }
+    writer.finish();
+}
 
 /// Frames waiting for the link's writer: ACK and CREDIT (one round: two per priority class
 /// in use) and DOWN (at most one per downlink read, DOWN_WINDOW sequences). A full queue
-/// makes the acker and the downlinker wait for the writer, which waits for QUIC.
+/// makes the acknowledgements and the downlink wait for the writer, which waits for QUIC
+/// (the [`CloudEnd`] starts no commit or downlink read while frames wait for it).
 const OUT_FRAMES: usize = 256;
