@@ -11,6 +11,8 @@
 //!   the outbox, runs an [`edge_end::EdgeEnd`] on the QUIC stream.
 //! - [`server`]: the cloud's driver: accepts edges, takes each edge's identity from its
 //!   certificate, applies the deny list, runs a [`cloud_end::CloudEnd`] per link.
+//! - [`records`]: the outbox's records as the record batches of BATCH frames, and the
+//!   records of a DOWN frame.
 //! - [`error`]: [`LinkError`], why a link ended.
 //! - [`pki`]: the link's CA, edge and node certificates (rcgen).
 //! - [`quic`]: the QUIC endpoints (quinn + rustls, mutual TLS) and the frame stream.
@@ -22,6 +24,7 @@ pub mod edge_end;
 pub mod error;
 pub mod pki;
 pub mod quic;
+pub mod records;
 pub mod server;
 
 pub use error::LinkError;
