@@ -185,7 +185,15 @@ async fn main() -> anyhow::Result<()> {
         link.close();
     }
     let _ = stop_tx.send(());
-    // Connections close; appends in flight finish (the appender answers them) meanwhile.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The MQTT front's connections close after what they are owed went out (acknowledgements
+    // wait for their appends); its router ends and closes the sessions' store.
+    if !node.mqtt.stopped(SHUTDOWN_DEADLINE).await {
+        anyhow::bail!("the MQTT front did not stop within {SHUTDOWN_DEADLINE:?}");
+    }
+    info!("stopped");
     Ok(())
 }
+
+/// How long a SIGTERM waits for the MQTT front to flush and stop: well inside systemd's
+/// default stop timeout (90 s), and far longer than a batch's append and commit take.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -12,6 +12,7 @@ use tracing::info;
 /// took back to the system about 10 ms after it is freed, where glibc keeps fragmented arenas
 /// resident for good, and it is fast where musl's allocator (the static ARM builds) is slow.
 #[global_allocator]
+#[cfg(feature = "mimalloc")]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Ferry's MQTT 3.1.1/5.0 broker for gateways.
@@ -114,7 +115,16 @@ async fn main() -> anyhow::Result<()> {
     info!("shutting down");
     ferry_edge::systemd::stopping();
     let _ = stop_tx.send(());
-    // Give connections a moment to close cleanly.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Connections close after what they are owed went out; the router commits what it
+    // holds and closes the store.
+    if !server.stopped(SHUTDOWN_DEADLINE).await {
+        anyhow::bail!("not everything stopped within {SHUTDOWN_DEADLINE:?}");
+    }
+    info!("stopped");
     Ok(())
 }
+
+/// How long a SIGTERM waits for connections to flush and the router to finish before the
+/// process gives up: well inside systemd's default stop timeout (90 s), and far longer
+/// than a batch's commit takes.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -54,6 +54,11 @@ pub struct Server {
     ws_addrs: Vec<SocketAddr>,
     wss_addrs: Vec<SocketAddr>,
     failed: watch::Receiver<Option<String>>,
+    /// True once the router thread has ended (and the store with it).
+    router_done: watch::Receiver<bool>,
+    /// One permit per open connection, `max_connections` in all.
+    connections: Arc<Semaphore>,
+    max_connections: u32,
     link: Option<Arc<ferry_bridge::client::LinkStatus>>,
     outbox: Arc<crate::link::EdgeOutbox>,
 }
@@ -123,6 +128,7 @@ impl Server {
         }
         let (to_router, from_conns) = mpsc::channel(4096);
         let (failed_tx, failed) = watch::channel(None);
+        let (router_done_tx, router_done) = watch::channel(false);
         let (credit_tx, credit_rx) = mpsc::unbounded_channel();
         let (acks_tx, acks_rx) = mpsc::channel(ACK_LANE);
         let lanes = Lanes {
@@ -139,6 +145,7 @@ impl Server {
                     tracing::error!(error = %e, "storage failed; the broker stops");
                     let _ = failed_tx.send(Some(e.to_string()));
                 }
+                let _ = router_done_tx.send(true);
             })?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -163,7 +170,10 @@ impl Server {
         });
 
         let next_id = Arc::new(AtomicU64::new(1));
-        let limit = Arc::new(Semaphore::new(config.server.max_connections));
+        let max_connections = u32::try_from(config.server.max_connections)
+            .unwrap_or(u32::MAX)
+            .min(Semaphore::MAX_PERMITS as u32);
+        let limit = Arc::new(Semaphore::new(max_connections as usize));
         let settings = Arc::new(ConnSettings {
             credit: credit_tx,
             acks: acks_tx,
@@ -212,9 +222,29 @@ impl Server {
             ws_addrs,
             wss_addrs,
             failed,
+            router_done,
+            connections: limit,
+            max_connections,
             link,
             outbox,
         })
+    }
+
+    /// After the `shutdown` future given to [`Server::start`] completed: waits until every
+    /// connection has ended (readers stop at once; each writer sends what is queued for it,
+    /// including acknowledgements still waiting for the log, then closes), then lets the
+    /// router finish its batch and its appends in flight, commit, and end, closing the
+    /// store. False if that took longer than `deadline` (what was not acknowledged by then
+    /// is not lost: it was never acknowledged, or it is durable).
+    pub async fn stopped(&self, deadline: Duration) -> bool {
+        tokio::time::timeout(deadline, async {
+            let _all_closed = self.connections.acquire_many(self.max_connections).await;
+            let _ = self.to_router.send(ToRouter::Stop).await;
+            let mut done = self.router_done.clone();
+            let _ = done.wait_for(|d| *d).await;
+        })
+        .await
+        .is_ok()
     }
 
     /// How long ago the oldest record still in the outbox was accepted; zero if it is

@@ -78,6 +78,9 @@ pub(super) enum ToRouter {
     },
     /// Downlink messages to publish (see [`crate::link`]).
     Downlink(crate::link::Downlink),
+    /// Shutdown: finish this batch and the appends in flight, send what they acknowledge,
+    /// close every connection's writer, and end the router (the store closes with it).
+    Stop,
 }
 
 /// Storage commits made by the router: how many and how long they took.
@@ -148,7 +151,8 @@ async fn route_loop(
     let mut gone = Vec::new();
     let mut commits = CommitStats::default();
     let mut appending = Appending::default();
-    loop {
+    let mut stopping = false;
+    while !stopping {
         // A finished append first (its acknowledgements go out; polling this branch also
         // starts the appends issued since). Then credit: a subscriber's writer waiting for
         // it must not queue behind a flood of publishes.
@@ -200,6 +204,7 @@ async fn route_loop(
                 ToRouter::OutboxAck { priority, seq } => {
                     deletes.push(StoreOp::OutboxDelete { priority, seq });
                 }
+                ToRouter::Stop => stopping = true,
                 ToRouter::Downlink((msgs, seq, done)) => {
                     for msg in msgs {
                         broker.handle(Input::Deliver(msg), now, &mut actions);
@@ -218,7 +223,7 @@ async fn route_loop(
                 broker.handle(Input::Packet { conn, packet }, now, &mut actions);
             }
             n += 1;
-            next = if n < ROUTER_BATCH {
+            next = if n < ROUTER_BATCH && !stopping {
                 let delivery = log
                     .as_mut()
                     .filter(|_| broker.deliveries_held() == 0)
@@ -264,10 +269,11 @@ async fn route_loop(
         appending.hold(&mut actions);
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {
-            // The writer sends what is still queued (a last DISCONNECT), then closes.
-            if let Some(wire) = conns.remove(&conn) {
-                wire.close();
-            }
+            // The writer sends what is still queued (a last DISCONNECT, and acknowledgements
+            // still waiting for the log), then closes.
+            let mut close = vec![Action::Close(conn)];
+            appending.after_held(&mut close);
+            dispatch(&mut conns, &mut close);
         }
         while appending.in_flight() > APPENDS_IN_FLIGHT {
             let mut acks = appending.next_done().await?;
@@ -278,6 +284,9 @@ async fn route_loop(
     while appending.in_flight() > 0 {
         let mut acks = appending.next_done().await?;
         dispatch(&mut conns, &mut acks);
+    }
+    for (_, wire) in conns.drain() {
+        wire.close();
     }
     Ok(())
 }
@@ -322,6 +331,15 @@ impl Appending {
             }
             _ => true,
         });
+    }
+
+    /// Puts `actions` behind the acknowledgements waiting for the newest append (so that a
+    /// connection is closed only after they went out); with none in flight they stay in
+    /// `actions`, to go now.
+    fn after_held(&mut self, actions: &mut Vec<Action>) {
+        if let Some(held) = self.held.back_mut() {
+            held.append(actions);
+        }
     }
 
     /// Waits for the oldest append; its acknowledgements, to send. Cancel-safe: a call
