@@ -471,9 +471,8 @@ def max_packet_size_alias():
     """A message dropped for the client's Maximum Packet Size must not use up a topic alias:
     the next delivery on that topic has to resolve (§3.3.2.3.4: a zero-length topic is read
     through a mapping the receiver was sent; MQTT-3.1.2-25: a message too large is discarded
-    without sending it). ferry-edge fails this today (it binds the alias before the size check
-    and drops the PUBLISH that carried the binding), so tests/tests/mqtt5_features.rs does
-    not run it."""
+    without sending it). ferry-edge failed this until the alias was bound only for what is
+    sent."""
     props = Properties(PacketTypes.CONNECT)
     props.MaximumPacketSize = 200
     props.TopicAliasMaximum = 5

@@ -147,12 +147,19 @@ impl Broker {
             }
             let packet_id = (d.qos != QoS::AtMostOnce).then(|| session.next_packet_id());
             let publish = to_publish(&d, packet_id, now, conn);
+            // A topic sent whole with an alias binds the alias at the client (§3.3.2.3.4).
+            let binds_alias = publish.properties.topic_alias.is_some() && !publish.topic.is_empty();
             let packet = Packet::Publish(publish);
             let too_large = packet
                 .encoded_len(conn.version)
                 .map_or(true, |len| len > conn.max_packet_bytes as usize);
             if too_large {
-                // MQTT-3.1.2-25: never send a client more than its Maximum Packet Size.
+                // MQTT-3.1.2-25: never send a client more than its Maximum Packet Size. What
+                // is not sent binds no alias either: the next message on the topic must
+                // carry the topic again.
+                if binds_alias {
+                    conn.aliases_out.remove(&d.msg.topic);
+                }
                 self.queued_bytes -= d.cost();
                 self.stats.dropped_too_large_for_client += 1;
                 if stored {
