@@ -5,11 +5,10 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::kafka::{records, BatchBuilder};
-use ferry_tests::process::{temp_dir, Edge};
+use ferry_tests::process::{python_client, temp_dir, Edge};
 
 /// A ferry-cloud with MQTT and Kafka on ephemeral ports, in `dir`, and a stream `grp` of
 /// three partitions. (As tests/tests/cloud_kafka.rs's `cloud`.)
@@ -25,24 +24,6 @@ fn cloud(dir: &std::path::Path) -> Edge {
         &dir.join("data"),
         &["--config", config.to_str().expect("utf8")],
     )
-}
-
-/// Runs a Python client of `tests/clients/` with `args`; it must succeed and print "OK" last.
-/// Its output, for more checks. (As tests/tests/cloud_kafka.rs's `python_client`.)
-fn python_client(script: &str, args: &[&str]) -> String {
-    let path = format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("python3")
-        .arg(&path)
-        .args(args)
-        .output()
-        .expect("python3 runs (pip install confluent-kafka)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && stdout.ends_with("OK\n"),
-        "{script} {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 /// confluent-kafka produces 500 records with acks=0 (it reads no response and so learns no
@@ -131,6 +112,16 @@ fn a_fetch_waits_for_min_bytes_up_to_max_wait() {
         [(0, "small0".to_owned()), (1, "small1".to_owned())],
         "at max_wait, what there is"
     );
+
+    // min_bytes 0: the answer comes at once, even with nothing to give ("the server will
+    // always respond immediately", the protocol guide).
+    let (took, got) = fetch(&mut conn, "grp", 0, 0, 5_000, 0);
+    assert!(got.is_empty(), "{got:?}");
+    assert!(took < Duration::from_secs(2), "min_bytes 0 waited {took:?}");
+    // An offset past the end is an error, answered at once: waiting would not change it.
+    let (took, error, _) = fetch_answer(&mut conn, "grp", 0, 1_000_000, 5_000, 1);
+    assert_eq!(error, 1, "OFFSET_OUT_OF_RANGE");
+    assert!(took < Duration::from_secs(2), "an error waited {took:?}");
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -339,6 +330,20 @@ fn fetch(
     max_wait_ms: i32,
     min_bytes: i32,
 ) -> (Duration, Vec<(i64, String)>) {
+    let (took, error, got) = fetch_answer(conn, topic, partition, offset, max_wait_ms, min_bytes);
+    assert_eq!(error, 0, "no error");
+    (took, got)
+}
+
+/// As [`fetch`], with the partition's error code (its records: none when it is not 0).
+fn fetch_answer(
+    conn: &mut Raw,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    max_wait_ms: i32,
+    min_bytes: i32,
+) -> (Duration, i16, Vec<(i64, String)>) {
     let mut body = Vec::new();
     body.extend_from_slice(&(-1i32).to_be_bytes()); // replica id: a consumer
     body.extend_from_slice(&max_wait_ms.to_be_bytes());
@@ -358,7 +363,10 @@ fn fetch(
     assert_eq!(r.string(), topic);
     assert_eq!(r.i32(), 1, "one partition");
     assert_eq!(r.i32(), partition);
-    assert_eq!(r.i16(), 0, "no error");
+    let error = r.i16();
+    if error != 0 {
+        return (took, error, Vec::new());
+    }
     r.i64(); // high watermark
     r.i64(); // last stable offset
     let aborted = r.i32();
@@ -379,7 +387,7 @@ fn fetch(
         }
         set = &set[end..];
     }
-    (took, got)
+    (took, error, got)
 }
 
 /// A STRING: i16 length, then the bytes.

@@ -25,7 +25,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 
 use super::code::{
-    COORDINATOR_NOT_AVAILABLE, GROUP_ID_NOT_FOUND, NONE, UNKNOWN_TOPIC_OR_PARTITION,
+    COORDINATOR_NOT_AVAILABLE, NONE, UNKNOWN_TOPIC_OR_PARTITION,
 };
 use super::KafkaFront;
 use crate::log::Storage;
@@ -343,9 +343,11 @@ impl KafkaFront {
             r.groups
                 .into_iter()
                 .map(|id| match self.groups.describe(id.as_str()) {
+                    // As Kafka before DescribeGroups v6 (KIP-1043): a group nobody has
+                    // joined is described as Dead, without an error.
                     None => DescribedGroup::default()
                         .with_group_id(id)
-                        .with_error_code(GROUP_ID_NOT_FOUND)
+                        .with_error_code(NONE)
                         .with_group_state(s("Dead")),
                     Some(g) => DescribedGroup::default()
                         .with_group_id(id)

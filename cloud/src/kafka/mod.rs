@@ -131,7 +131,6 @@ mod code {
     pub(super) const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 =
         E::TransactionalIdAuthorizationFailed.code();
     pub(super) const KAFKA_STORAGE_ERROR: i16 = E::KafkaStorageError.code();
-    pub(super) const GROUP_ID_NOT_FOUND: i16 = E::GroupIdNotFound.code();
     pub(super) const MEMBER_ID_REQUIRED: i16 = E::MemberIdRequired.code();
     pub(super) const UNKNOWN_TOPIC_ID: i16 = E::UnknownTopicId.code();
 }
@@ -590,7 +589,13 @@ impl KafkaFront {
                     .await
                     .unwrap_or_default();
             let now = tokio::time::Instant::now();
-            if bytes >= min_bytes.max(1) || now >= deadline {
+            // As Kafka: enough bytes (min_bytes 0 answers at once), the wait is over, or a
+            // partition's answer is an error (offset out of range, unknown partition...),
+            // which waiting would not change.
+            let failed = responses
+                .iter()
+                .any(|t| t.partitions.iter().any(|p| p.error_code != code::NONE));
+            if bytes >= min_bytes || now >= deadline || failed {
                 return FetchResponse::default().with_responses(responses);
             }
             // Not enough yet: wait for a commit, up to max_wait_ms.
