@@ -8,8 +8,10 @@
 //!   port, killed when dropped; [`process::Edge::cloud_in`] does the same for `ferry-cloud`.
 //! - [`clients`]: helpers around rumqttc.
 //! - [`impair::Proxy`]: a UDP impairment proxy (seeded loss, cuts) for the link.
+//! - [`log::records`]: a stopped ferry-cloud's log, read back.
 
 pub mod capture;
 pub mod clients;
 pub mod impair;
+pub mod log;
 pub mod process;

@@ -153,6 +153,33 @@ impl Edge {
         self.child.id()
     }
 
+    /// GET `path` from the process's HTTP listener (ferry-edge's metrics listener, or
+    /// ferry-cloud's admin listener): the whole response, headers and body.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let addr = self
+            .metrics_addr()
+            .or_else(|| self.admin_addr())
+            .expect("a metrics or admin listener");
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the response");
+        response
+    }
+
+    /// A metric without labels from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let page = self.http_get("/metrics");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {page}"))
+            .parse::<f64>()
+            .expect("a number") as u64
+    }
+
     /// Sends SIGKILL and waits for the process.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -258,4 +285,77 @@ pub fn free_udp_port() -> u16 {
         }
     }
     panic!("no free UDP port in {FIRST}..{}", FIRST + SPAN);
+}
+
+/// Waits until `f` holds, checking every 100 ms; panics after `secs` seconds. Deadlines are
+/// generous: they bound a failing test, not a working one.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A Mosquitto subscriber that cannot miss what is published after [`Subscription::open`]
+/// returns: a persistent QoS 1 session, made by `mosquitto_sub -c -E` (which exits once the
+/// SUBACK is in), read back later by resuming the session. No sleep stands in for "the
+/// subscriber is ready".
+#[derive(Debug)]
+pub struct Subscription {
+    port: String,
+    args: Vec<String>,
+}
+
+impl Subscription {
+    /// Subscribes session `client_id` to `filter` on 127.0.0.1:`port`; `extra` goes to both
+    /// runs of mosquitto_sub (TLS files, `-V mqttv5`, `-v`, ...). Panics if the broker does
+    /// not acknowledge the subscription within 30 s.
+    pub fn open(port: &str, client_id: &str, filter: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = ["-i", client_id, "-c", "-q", "1", "-t", filter]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        let mut first = args.clone();
+        first.extend(["-E", "-W", "30"].map(String::from));
+        let refs: Vec<&str> = first.iter().map(String::as_str).collect();
+        let out = mosquitto_at("mosquitto_sub", port, &refs);
+        assert!(out.status.success(), "subscribe {filter}: {out:?}");
+        args.shrink_to_fit();
+        Self {
+            port: port.to_owned(),
+            args,
+        }
+    }
+
+    /// Resumes the session and prints (mosquitto_sub's stdout) the first `count` messages
+    /// waiting or arriving, within 60 s (a bound for a failing test).
+    pub fn read(&self, count: usize) -> std::process::Output {
+        let count = count.to_string();
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend(["-C", &count, "-W", "60"]);
+        mosquitto_at("mosquitto_sub", &self.port, &args)
+    }
+}
+
+/// Runs `tests/clients/<script>` with python3 and `args`; it must exit 0 with "OK" as its
+/// last line (scripts/test.sh installs the clients it imports). Its output, for more checks.
+pub fn python_client(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3 runs (scripts/test.sh installs its clients)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.ends_with("OK\n"),
+        "{script} {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }

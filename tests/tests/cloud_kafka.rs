@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::process::{mosquitto_at, temp_dir, Edge};
+use ferry_tests::process::{mosquitto_at, python_client, temp_dir, Edge, Subscription};
 
 /// A ferry-cloud with MQTT and Kafka on ephemeral ports, in `dir`, and a stream `grp` of
 /// three partitions.
@@ -136,19 +136,13 @@ fn kafka_records_reach_mqtt_subscribers_under_their_key() {
     let dir = temp_dir("kafka-to-mqtt");
     let node = cloud(&dir);
     let bootstrap = node.kafka_addr().expect("a Kafka listener").to_string();
-    let sub = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &node.port().to_string()])
-        .args(["-t", "plant/#", "-v", "-C", "2", "-W", "20"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
-    std::thread::sleep(Duration::from_secs(1));
+    let sub = Subscription::open(&node.port().to_string(), "plant-sub", "plant/#", &["-v"]);
     kcat(
         &bootstrap,
         &["-P", "-t", "orders", "-K", "|"],
         Some("plant/line1|start\nnot/a/topic/#|x\nplant/line2|stop\n"),
     );
-    let out = sub.wait_with_output().expect("mosquitto_sub ends");
+    let out = sub.read(2);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "plant/line1 start\nplant/line2 stop\n"
@@ -174,24 +168,6 @@ fn confluent_kafka_produces_consumes_and_seeks_by_time() {
 
 fn python_roundtrip(bootstrap: &str, topic: &str, mode: &str) {
     python_client("kafka_roundtrip.py", &[bootstrap, topic, "1000", mode]);
-}
-
-/// Runs a Python client of `tests/clients/` with `args`; it must succeed and print "OK" last.
-/// Its output, for more checks.
-fn python_client(script: &str, args: &[&str]) -> String {
-    let path = format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("python3")
-        .arg(&path)
-        .args(args)
-        .output()
-        .expect("python3 runs (pip install confluent-kafka)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && stdout.ends_with("OK\n"),
-        "{script} {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 /// A consumer group of three (confluent-kafka) on a stream of three partitions: one member

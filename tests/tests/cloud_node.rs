@@ -5,47 +5,15 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_cloud::log::{SegmentLog, Storage};
+use ferry_cloud::log::Storage;
 use ferry_cloud::routes::kafka_partition;
-use ferry_protocol::kafka::batch::{records, BatchHeader};
 use ferry_tests::clients::next_incoming;
-use ferry_tests::process::{mosquitto_at, mosquitto_pub_lines, temp_dir, Edge};
-
-/// A record as text: key, value, headers.
-type Rec = (String, String, Vec<(String, String)>);
+use ferry_tests::process::{mosquitto_at, mosquitto_pub_lines, temp_dir, Edge, Subscription};
 
 /// (key, value, headers) of every record of a stream partition, in offset order. The node
 /// must be stopped: this opens its log.
-fn stream(dir: &std::path::Path, name: &str, partition: u32) -> Vec<Rec> {
-    let log = SegmentLog::open(&dir.join("log"), true, 16).expect("the log opens");
-    let hw = log
-        .offsets(name, partition)
-        .expect("stream exists")
-        .high_watermark;
-    let mut out = Vec::new();
-    let mut offset = 0;
-    while offset < hw {
-        let r = log.read(name, partition, offset, 1 << 20).expect("read");
-        let mut at = 0;
-        while at < r.batches.len() {
-            let h = BatchHeader::parse(&r.batches[at..]).expect("header");
-            for rec in records(&r.batches[at..]).expect("records") {
-                let rec = rec.expect("record");
-                let text = |b: Option<&[u8]>| {
-                    String::from_utf8(b.unwrap_or_default().to_vec()).expect("utf8")
-                };
-                let headers = rec
-                    .headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), text(h.value)))
-                    .collect();
-                out.push((text(rec.key), text(rec.value), headers));
-            }
-            offset = h.last_offset() + 1;
-            at += h.total_len();
-        }
-    }
-    out
+fn stream(dir: &std::path::Path, name: &str, partition: u32) -> Vec<ferry_tests::log::TextRecord> {
+    ferry_tests::log::records(&dir.join("log"), name, partition)
 }
 
 /// The whole answer (head and body) to `GET path`.
@@ -162,7 +130,7 @@ async fn cloud_publishes_reach_cloud_subscribers_and_the_routed_streams() {
     let out = mosquitto_at(
         "mosquitto_sub",
         &port,
-        &["-t", "plant/a/state", "-C", "1", "-W", "10", "-v"],
+        &["-t", "plant/a/state", "-C", "1", "-W", "60", "-v"],
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -211,15 +179,7 @@ async fn a_persistent_cloud_session_gets_what_was_acknowledged_before_a_kill_9()
     let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
     let port = cloud.port().to_string();
     // A persistent session subscribes, then goes away.
-    let out = mosquitto_at(
-        "mosquitto_sub",
-        &port,
-        &["-i", "keeper", "-c", "-q", "1", "-t", "x/#", "-W", "1"],
-    );
-    assert!(
-        !out.status.success() || out.stdout.is_empty(),
-        "nothing published yet"
-    );
+    Subscription::open(&port, "keeper", "x/#", &[]);
     let lines: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
     let p = port.clone();
     let l = lines.clone();
@@ -231,15 +191,29 @@ async fn a_persistent_cloud_session_gets_what_was_acknowledged_before_a_kill_9()
 
     let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
     let port = cloud.port().to_string();
-    let out = mosquitto_at(
-        "mosquitto_sub",
-        &port,
-        &["-i", "keeper", "-c", "-q", "1", "-t", "x/#", "-W", "5"],
-    );
-    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    // The session resumes; a marker published after it ends the read (it comes after
+    // everything queued before it, copies included).
+    let mut opts = rumqttc::MqttOptions::new("keeper", "127.0.0.1", cloud.port());
+    opts.set_clean_session(false);
+    let (_keeper, mut events) = rumqttc::AsyncClient::new(opts, 100);
+    while !matches!(
+        next_incoming(&mut events, "connack").await,
+        rumqttc::Incoming::ConnAck(_)
+    ) {}
+    let p = port.clone();
+    tokio::task::spawn_blocking(move || publish_lines(&p, "x/end", "1", &["end".to_owned()]))
+        .await
+        .expect("marker");
+    let mut got: Vec<String> = Vec::new();
+    loop {
+        if let rumqttc::Incoming::Publish(m) = next_incoming(&mut events, "the queue").await {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            if text == "end" {
+                break;
+            }
+            got.push(text);
+        }
+    }
     // At least once: each message is there, the first copies in order.
     let mut firsts: Vec<String> = Vec::new();
     for m in &got {
@@ -455,23 +429,12 @@ fn message_expiry_survives_the_trip_through_the_log() {
     let port = cloud.port().to_string();
     let v5 = ["-V", "mqttv5"];
     // A persistent MQTT 5 session subscribes and goes away.
-    let session = [
-        "-x",
-        "600",
-        "-i",
-        "expiry-sub",
-        "-c",
-        "-q",
-        "1",
-        "-t",
-        "exp/#",
-    ];
-    let out = mosquitto_at(
-        "mosquitto_sub",
+    let sub = Subscription::open(
         &port,
-        &[&v5[..], &session[..], &["-W", "1"]].concat(),
+        "expiry-sub",
+        "exp/#",
+        &["-V", "mqttv5", "-x", "600", "-v"],
     );
-    assert!(out.stdout.is_empty());
     for (topic, secs) in [("exp/short", "1"), ("exp/long", "60")] {
         let args = [
             "-t",
@@ -491,15 +454,111 @@ fn message_expiry_survives_the_trip_through_the_log() {
                 .success()
         );
     }
+    // Time passes (not a wait for an event): the 1 s message's life ends meanwhile.
     std::thread::sleep(Duration::from_millis(2500));
-    let out = mosquitto_at(
-        "mosquitto_sub",
-        &port,
-        &[&v5[..], &session[..], &["-W", "3", "-v"]].concat(),
-    );
+    // Messages come in order: had the expired one been kept, it would come first.
+    let out = sub.read(1);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "exp/long 60",
         "the 1 s message expired"
     );
+}
+
+/// The cloud's password and ACL files (Mosquitto's formats) are read again on SIGHUP: a user
+/// added to both can connect, subscribe and read only after the reload.
+#[test]
+fn sighup_reloads_the_password_and_acl_files() {
+    let dir = temp_dir("cloud-auth-reload");
+    let (passwd, acl, config) = (dir.join("passwd"), dir.join("acl"), dir.join("cloud.toml"));
+    let mosquitto_passwd = |args: &[&str]| {
+        let status = Command::new("mosquitto_passwd")
+            .args(args)
+            .status()
+            .expect("mosquitto_passwd must be installed (apt-get install mosquitto)");
+        assert!(status.success(), "mosquitto_passwd {args:?}");
+    };
+    let path = |p: &std::path::Path| p.to_str().expect("utf8").to_owned();
+    mosquitto_passwd(&["-c", "-b", &path(&passwd), "alice", "a-secret"]);
+    std::fs::write(&acl, "user alice\ntopic readwrite r/#\n").expect("acl");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\npassword_file = {:?}\nacl_file = {:?}\n",
+            passwd, acl
+        ),
+    )
+    .expect("config");
+    let cloud = Edge::cloud_in(
+        &dir,
+        &["--listen", "127.0.0.1:0", "--config", &path(&config)],
+    );
+    let port = cloud.port().to_string();
+    let as_user = |user: &str, pass: &str, tool: &str, args: &[&str]| {
+        let mut all = vec!["-u", user, "-P", pass];
+        all.extend_from_slice(args);
+        mosquitto_at(tool, &port, &all)
+    };
+    let bob_subscribes = || {
+        as_user(
+            "bob",
+            "b-secret",
+            "mosquitto_sub",
+            &["-i", "bob", "-c", "-q", "1", "-t", "r/#", "-E"],
+        )
+    };
+    assert!(as_user(
+        "alice",
+        "a-secret",
+        "mosquitto_pub",
+        &["-t", "r/x", "-m", "1", "-q", "1"]
+    )
+    .status
+    .success());
+    assert!(!bob_subscribes().status.success(), "bob is not a user yet");
+
+    mosquitto_passwd(&["-b", &path(&passwd), "bob", "b-secret"]);
+    std::fs::write(
+        &acl,
+        "user alice\ntopic readwrite r/#\nuser bob\ntopic read r/#\n",
+    )
+    .expect("acl");
+    assert!(Command::new("kill")
+        .args(["-HUP", &cloud.pid().to_string()])
+        .status()
+        .expect("kill")
+        .success());
+    loop {
+        let line = cloud
+            .log
+            .recv_timeout(Duration::from_secs(15))
+            .expect("a log line about the reload");
+        if line.contains("SIGHUP: password and ACL files reloaded") {
+            break;
+        }
+    }
+    let subscribed = bob_subscribes();
+    assert!(subscribed.status.success(), "{subscribed:?}");
+    assert!(as_user(
+        "alice",
+        "a-secret",
+        "mosquitto_pub",
+        &["-t", "r/x", "-m", "for bob", "-q", "1"]
+    )
+    .status
+    .success());
+    let read = as_user(
+        "bob",
+        "b-secret",
+        "mosquitto_sub",
+        &[
+            "-i", "bob", "-c", "-q", "1", "-t", "r/#", "-C", "1", "-W", "30",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout),
+        "for bob\n",
+        "{read:?}"
+    );
+    assert!(cloud.terminate().success());
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ferry_protocol::mqtt::{decode, Connect, Packet, ProtocolVersion, ReasonCode, MAX_PACKET_SIZE};
 use ferry_tests::clients::{next_incoming, WAIT};
-use ferry_tests::process::{binary, mosquitto, mosquitto_at, mosquitto_pub_lines, Edge};
+use ferry_tests::process::{
+    binary, mosquitto, mosquitto_at, mosquitto_pub_lines, Edge, Subscription,
+};
 
 const LOCAL: &[&str] = &["--listen", "127.0.0.1:0"];
 
@@ -88,10 +90,9 @@ fn mosquitto_clients_publish_and_subscribe_through_the_edge() {
                 .success(),
             "{version}"
         );
-        let messages: Vec<String> = lines
-            .try_iter()
-            .filter(|l| l.starts_with("plant/"))
-            .collect();
+        // Until the reader thread saw the end of mosquitto_sub's output: what it printed
+        // last may still be on its way.
+        let messages: Vec<String> = lines.iter().filter(|l| l.starts_with("plant/")).collect();
         assert_eq!(
             messages,
             [
@@ -379,20 +380,33 @@ async fn kill_9_mid_stream_loses_no_acknowledged_message() {
     let mut sub_opts = MqttOptions::new("durable-sub", "127.0.0.1", edge.port());
     sub_opts.set_clean_session(false);
     let (_sub, mut sub_loop) = AsyncClient::new(sub_opts, 10);
+    while !matches!(
+        next_incoming(&mut sub_loop, "connack").await,
+        Incoming::ConnAck(_)
+    ) {}
+    // A marker published now comes after everything the session had queued: the read ends
+    // with it, not with a quiet spell.
+    let port = edge.port().to_string();
+    tokio::task::spawn_blocking(move || {
+        let out = mosquitto_at(
+            "mosquitto_pub",
+            &port,
+            &["-t", "stream/end", "-m", "end", "-q", "1"],
+        );
+        assert!(out.status.success(), "{out:?}");
+    })
+    .await
+    .expect("marker");
     let mut got: Vec<usize> = Vec::new();
     loop {
-        match tokio::time::timeout(Duration::from_secs(3), sub_loop.poll()).await {
-            Err(_) => break, // quiet: the queue is drained
-            Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
-                got.push(
-                    std::str::from_utf8(&p.payload)
-                        .expect("utf8")
-                        .parse()
-                        .expect("a number"),
-                );
+        if let Incoming::Publish(p) =
+            next_incoming(&mut sub_loop, "the queue, then the marker").await
+        {
+            let text = std::str::from_utf8(&p.payload).expect("utf8");
+            if text == "end" {
+                break;
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("subscriber after restart: {e}"),
+            got.push(text.parse().expect("a number"));
         }
     }
     assert!(
@@ -543,25 +557,7 @@ fn tls_listener_works_with_mosquitto_clients() {
     let edge = Edge::start(&["--config", config.to_str().expect("utf8")]);
     let port = edge.tls_addr().expect("a TLS listener").port().to_string();
     let ca = ca_file.to_str().expect("utf8");
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "--cafile",
-            ca,
-            "-t",
-            "secure/#",
-            "-C",
-            "1",
-            "-W",
-            "10",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
-    std::thread::sleep(Duration::from_millis(500));
+    let sub = Subscription::open(&port, "tls-sub", "secure/#", &["--cafile", ca]);
     let out = mosquitto_at(
         "mosquitto_pub",
         &port,
@@ -572,7 +568,7 @@ fn tls_listener_works_with_mosquitto_clients() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let got = sub.wait_with_output().expect("mosquitto_sub ends");
+    let got = sub.read(1);
     assert_eq!(String::from_utf8_lossy(&got.stdout), "sealed\n");
 
     // A client that trusts some other CA does not get through the handshake.
@@ -699,7 +695,7 @@ fn metrics_endpoint_counts_messages() {
         &["-q", "1", "-t", "m/1", "-m", "x"],
     );
     assert!(out.status.success());
-    let get = |path: &str| http_get(&edge, path);
+    let get = |path: &str| edge.http_get(path);
     let page = get("/metrics");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
@@ -771,13 +767,8 @@ fn client_certificate_cn_is_the_username() {
         &client_key,
     ];
 
-    let sub = Command::new("mosquitto_sub")
-        .args(&tls)
-        .args(["-t", "sensors/7/#", "-C", "1", "-W", "10"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
-    std::thread::sleep(Duration::from_millis(500));
+    // (-h and -p are the Subscription's own; the rest are the TLS files.)
+    let sub = Subscription::open(&port, "sensor-7-sub", "sensors/7/#", &tls[4..]);
     let args: Vec<&str> = tls
         .iter()
         .copied()
@@ -789,10 +780,7 @@ fn client_certificate_cn_is_the_username() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&sub.wait_with_output().expect("ends").stdout),
-        "21.5\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&sub.read(1).stdout), "21.5\n");
 
     // The ACL applies to the certificate's name: other topics are not sensor-7's.
     let args: Vec<&str> = tls
@@ -814,16 +802,6 @@ fn client_certificate_cn_is_the_username() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The whole answer of the edge's metrics listener to `GET path`.
-fn http_get(edge: &Edge, path: &str) -> String {
-    let mut stream =
-        TcpStream::connect(edge.metrics_addr().expect("metrics listener")).expect("connect");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    response
-}
-
 /// The outbox: QoS 1 messages for the cloud that the edge acknowledged are on disk when it is
 /// killed with SIGKILL, and counted again after the restart; an MQTT 5 publisher over the
 /// budget is refused with 0x97.
@@ -839,14 +817,6 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
     .expect("write config");
     let data = dir.join("data");
     let args = ["--config", config.to_str().expect("utf8")];
-    let metric = |edge: &Edge, name: &str| -> u64 {
-        let page = http_get(edge, "/metrics");
-        page.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {page}"))
-            .parse()
-            .expect("a number")
-    };
     let edge = Edge::start_in(&data, &args);
     let port = edge.port().to_string();
     // 500 acknowledged QoS 1 messages for the cloud (mosquitto_pub waits for each PUBACK),
@@ -856,16 +826,16 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
         let out = mosquitto_pub_lines(&port, &["-t", topic, "-q", "1"], &lines);
         assert!(out.status.success());
     }
-    assert_eq!(metric(&edge, "ferry_edge_outbox_records"), 500);
+    assert_eq!(edge.metric("ferry_edge_outbox_records"), 500);
     edge.kill();
 
     let edge = Edge::start_in(&data, &args);
     assert_eq!(
-        metric(&edge, "ferry_edge_outbox_records"),
+        edge.metric("ferry_edge_outbox_records"),
         500,
         "all of them, after kill -9"
     );
-    let bytes = metric(&edge, "ferry_edge_outbox_bytes");
+    let bytes = edge.metric("ferry_edge_outbox_bytes");
     // docs/edge-storage.md: a record costs topic ("up/t") + payload ("reading 000") + 40.
     assert_eq!(bytes, 500 * (4 + 11 + 40));
     // Over the budget (60,000 bytes; 27,500 used, 55 a message): an MQTT 5 publisher is
@@ -873,11 +843,31 @@ fn acknowledged_messages_for_the_cloud_survive_kill_9_in_the_outbox() {
     let port = edge.port().to_string();
     let big: String = (0..700).map(|i| format!("reading {i:03}\n")).collect();
     let out = mosquitto_pub_lines(&port, &["-t", "up/t", "-q", "1", "-V", "mqttv5"], &big);
+    let rejected = edge.metric("ferry_edge_outbox_rejected_total");
+    assert!(rejected >= 1, "{out:?}");
+    assert!(edge.metric("ferry_edge_outbox_bytes") <= 60_000);
+    // MQTT 3.1.1 has no way to refuse one PUBLISH: the publisher is disconnected, and
+    // counted. (rumqttc speaks 3.1.1; mosquitto_pub would reconnect and try again.)
+    let mut opts = rumqttc::MqttOptions::new("v311-over-budget", "127.0.0.1", edge.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = rumqttc::Client::new(opts, 10);
+    client
+        .publish("up/t", rumqttc::QoS::AtLeastOnce, false, vec![b'x'; 100])
+        .expect("queue the publish");
+    let ended = loop {
+        match connection.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_)))) => break false,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break true,
+            Err(_) => panic!("neither a PUBACK nor a disconnect within 30 s"),
+        }
+    };
     assert!(
-        metric(&edge, "ferry_edge_outbox_rejected_total") >= 1,
-        "{out:?}"
+        ended,
+        "a 3.1.1 publisher over the budget is disconnected, not acknowledged"
     );
-    assert!(metric(&edge, "ferry_edge_outbox_bytes") <= 60_000);
+    assert!(edge.metric("ferry_edge_outbox_rejected_total") > rejected);
+    assert!(edge.metric("ferry_edge_outbox_bytes") <= 60_000);
     drop(edge);
     let _ = std::fs::remove_dir_all(&dir);
 }
