@@ -13,6 +13,7 @@ pub mod broker;
 pub mod config;
 pub mod link;
 pub mod metrics;
+pub mod outbox;
 pub mod server;
 pub mod store;
 pub mod systemd;

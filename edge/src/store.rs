@@ -256,7 +256,7 @@ impl Store {
                         write_message(&mut buf, msg, &clock);
                         outbox.insert((*priority, *seq), &buf[..]).map_err(dberr)?;
                         outbox_added.records += 1;
-                        outbox_added.bytes += crate::broker::outbox_cost(msg);
+                        outbox_added.bytes += crate::outbox::outbox_cost(msg);
                         outbox_added.last_seq = outbox_added.last_seq.max(*seq);
                     }
                     StoreOp::OutboxDelete { priority, seq } => {
@@ -266,7 +266,7 @@ impl Store {
                                 match read_outbox(value, &clock) {
                                     Ok((_, msg)) => {
                                         removed.acked.records += 1;
-                                        removed.acked.bytes += crate::broker::outbox_cost(&msg);
+                                        removed.acked.bytes += crate::outbox::outbox_cost(&msg);
                                     }
                                     Err(e) => bad = Some(e),
                                 }
@@ -295,7 +295,7 @@ impl Store {
                             };
                             let (_, msg) = read_outbox(value.value(), &clock)?;
                             removed.dropped.records += 1;
-                            removed.dropped.bytes += crate::broker::outbox_cost(&msg);
+                            removed.dropped.bytes += crate::outbox::outbox_cost(&msg);
                         }
                     }
                 }
@@ -424,7 +424,7 @@ impl OutboxReader {
                 {
                     let (k, v) = row.map_err(dberr)?;
                     let (accepted_unix_ms, msg) = read_outbox(v.value(), &clock)?;
-                    bytes += crate::broker::outbox_cost(&msg) as usize;
+                    bytes += crate::outbox::outbox_cost(&msg) as usize;
                     let expiry_secs = msg.expires_at.map(|at| {
                         let ends = clock.unix_ms_of(at);
                         ends.saturating_sub(accepted_unix_ms).div_ceil(1000) as u32

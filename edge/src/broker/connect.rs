@@ -10,7 +10,7 @@ use ferry_protocol::mqtt::{ConnAck, Connect, Disconnect, Packet, ProtocolVersion
 
 use super::publish::forwarded_properties;
 use super::session::Session;
-use super::{Action, Broker, Conn, ConnId, Message, StoreOp};
+use super::{Action, Broker, Conn, ConnId, Downstream, Message, StoreOp};
 use crate::auth;
 
 impl Broker {
@@ -313,7 +313,7 @@ impl Broker {
             publisher: Some(client_id),
         };
         let msg = Arc::new(msg);
-        if let Some(appends) = &mut self.log {
+        if let Downstream::Log(appends) = &mut self.downstream {
             appends.push(msg);
             return;
         }

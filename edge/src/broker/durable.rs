@@ -129,7 +129,9 @@ impl Broker {
     /// their expiry counts from `now`, their in-flight messages are resent with DUP when
     /// they reconnect.
     pub(crate) fn restore(&mut self, snapshot: Snapshot, now: Instant) {
-        self.outbox = snapshot.outbox;
+        if let super::Downstream::Edge(outbox) = &mut self.downstream {
+            outbox.restore(snapshot.outbox);
+        }
         for msg in snapshot.retained {
             self.retained.insert(msg.topic.clone(), Arc::new(msg));
         }

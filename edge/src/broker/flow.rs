@@ -265,7 +265,7 @@ impl Broker {
         }
         // What a client published is acknowledged only once the log has it (log mode).
         let acknowledges_a_publish = matches!(packet, Packet::PubAck(_) | Packet::PubRec(_));
-        if self.log.is_some() && acknowledges_a_publish {
+        if self.log_mode() && acknowledges_a_publish {
             self.out.push(Action::SendWhenAppended(conn, packet));
         } else {
             self.out.push(Action::Send(conn, packet));

@@ -23,16 +23,15 @@
 //! - `route`: matching sessions, the queue caps, retained messages.
 //! - `subscribe`: SUBSCRIBE and UNSUBSCRIBE.
 //! - `flow`: sending within the credit, acknowledgements of what we sent, held publishers.
-//! - `outbox`: the edge's outbox for the cloud and its budget.
-//! - `log_mode`: the cloud node's log mode.
+//! - `downstream`: what becomes of an accepted message: the edge's outbox
+//!   ([`crate::outbox`]) or the cloud's log (log mode).
 //! - `durable`: what goes to storage and what comes back at start-up.
 //! - `stats`: counters, connected clients, `$SYS`.
 
 mod connect;
+mod downstream;
 mod durable;
 mod flow;
-mod log_mode;
-mod outbox;
 mod publish;
 mod route;
 mod session;
@@ -41,7 +40,6 @@ mod subscribe;
 mod subscriptions;
 
 pub(crate) use durable::{OutboxTotals, QueueState, Snapshot, StoreOp, StoredSession};
-pub(crate) use outbox::outbox_cost;
 pub(crate) use session::Delivery;
 
 use std::collections::{HashMap, VecDeque};
@@ -58,7 +56,7 @@ use ferry_protocol::topic::TopicName;
 use session::Session;
 
 use crate::auth::Auth;
-use crate::uplink::UplinkRules;
+use downstream::Downstream;
 use subscriptions::SubscriptionTree;
 
 /// Identifies a connection for the life of the process; the driver picks them.
@@ -140,7 +138,7 @@ pub struct Message {
 }
 
 impl Message {
-    fn cost(&self) -> usize {
+    pub(crate) fn cost(&self) -> usize {
         self.payload.len() + self.topic.as_str().len()
     }
 
@@ -286,15 +284,10 @@ pub struct Broker {
     started_at: Option<Instant>,
     next_sys_at: Option<Instant>,
     auth: Arc<Auth>,
-    /// Log mode: messages accepted from clients, not yet appended.
-    log: Option<Vec<Arc<Message>>>,
-    /// Log mode: deliveries waiting for a full subscriber, in order.
+    /// Where accepted messages go: the edge's outbox, or the cloud's log.
+    downstream: Downstream,
+    /// Deliveries (from the log, or the downlink) waiting for a full subscriber, in order.
     held_deliveries: VecDeque<Arc<Message>>,
-    /// What goes up to the cloud; empty on the cloud itself.
-    uplink: UplinkRules,
-    outbox: OutboxTotals,
-    /// Bytes `OutboxDropOldest` ops not yet applied were to free (taken off `outbox.bytes`).
-    outbox_drop_assumed: u64,
 }
 
 impl Broker {
@@ -315,11 +308,8 @@ impl Broker {
             started_at: None,
             next_sys_at: None,
             auth: Arc::new(Auth::open()),
-            log: None,
+            downstream: Downstream::default(),
             held_deliveries: VecDeque::new(),
-            uplink: UplinkRules::default(),
-            outbox: OutboxTotals::default(),
-            outbox_drop_assumed: 0,
         }
     }
 

@@ -10,8 +10,9 @@ use ferry_protocol::mqtt::{
 };
 
 use super::route::Blocked;
-use super::{Broker, Conn, ConnId, Message, StoreOp};
+use super::{Broker, Conn, ConnId, Downstream, Message, StoreOp};
 use crate::auth;
+use crate::outbox::Admission;
 
 impl Broker {
     /// A PUBLISH from a client: checked, routed (in log mode, kept for the log instead), put
@@ -47,32 +48,40 @@ impl Broker {
             retain: p.retain,
             publisher: Some(client_id.clone()),
         });
-        // For the cloud: refused now if the outbox is full; put in it (in this batch's
-        // commit, before the PUBACK) once routing took it.
-        let uplink = self.uplink.route(&msg.topic, msg.qos);
-        let full = self.outbox_full(&msg);
-        if uplink.is_some() && full {
+        // Where it goes. For the cloud: refused now if the outbox is full; put in it (in this
+        // batch's commit, before the PUBACK) once routing took it.
+        let up = match &mut self.downstream {
+            Downstream::Log(appends) => {
+                // Routed when it comes back from the log; acknowledged once it is appended.
+                appends.push(msg);
+                self.stats.received_by_qos[p.qos as usize] += 1;
+                self.await_pubrel(client_id, &p);
+                return self.acknowledge(conn, &p, ReasonCode::Success);
+            }
+            Downstream::Edge(outbox) => outbox.admit(&msg),
+        };
+        if up == Admission::Full {
             self.stats.outbox_rejected += 1;
             if v5 {
                 return self.acknowledge(conn, &p, ReasonCode::QuotaExceeded);
             }
             return self.protocol_error(conn, ReasonCode::QuotaExceeded, now);
         }
-        if let Some(appends) = &mut self.log {
-            // Routed when it comes back from the log; acknowledged once the driver appended it.
-            appends.push(msg);
-            self.stats.received_by_qos[p.qos as usize] += 1;
-            self.await_pubrel(client_id, &p);
-            return self.acknowledge(conn, &p, ReasonCode::Success);
-        }
         let matched = match self.route(msg.clone(), now, p.qos == QoS::AtMostOnce) {
             Ok(matched) => matched,
             Err(Blocked) => return self.hold_publish(conn, p),
         };
         self.stats.received_by_qos[p.qos as usize] += 1;
-        let goes_up = uplink.is_some();
-        if let Some((priority, cloud_topic)) = uplink {
-            self.outbox_put(priority, cloud_topic, &msg);
+        let goes_up = matches!(up, Admission::Up { .. });
+        if let (
+            Admission::Up {
+                priority,
+                cloud_topic,
+            },
+            Downstream::Edge(outbox),
+        ) = (up, &mut self.downstream)
+        {
+            outbox.put(priority, cloud_topic, &msg, &mut self.store_ops);
         }
         if p.retain {
             self.retain(&msg);

@@ -11,6 +11,14 @@ use ferry_protocol::topic::TopicName;
 use super::{Broker, ClientInfo, Message, Stats};
 
 impl Broker {
+    /// Records and bytes in the edge's outbox (none in log mode).
+    fn outbox_held(&self) -> (u64, u64) {
+        match &self.downstream {
+            super::Downstream::Edge(outbox) => outbox.held(),
+            super::Downstream::Log(_) => (0, 0),
+        }
+    }
+
     pub fn stats(&self) -> Stats {
         Stats {
             connections: self.conns.len(),
@@ -18,8 +26,8 @@ impl Broker {
             subscriptions: self.subscriptions.len(),
             retained: self.retained.len(),
             queued_bytes: self.queued_bytes,
-            outbox_records: self.outbox.records,
-            outbox_bytes: self.outbox.bytes,
+            outbox_records: self.outbox_held().0,
+            outbox_bytes: self.outbox_held().1,
             ..self.stats.clone()
         }
     }

@@ -1,0 +1,71 @@
+//! What becomes of a message a client published once the MQTT rules let it in: on the
+//! edge it is routed to local subscribers and, where an uplink route matches, kept in the
+//! outbox ([`OutboxBudget`]); on the cloud (log mode) it is appended to the log first and
+//! routed when it comes back.
+
+use std::sync::Arc;
+
+use super::{Broker, Message, OutboxTotals};
+use crate::outbox::OutboxBudget;
+use crate::uplink::UplinkRules;
+
+/// Where accepted messages go; chosen at start-up.
+#[derive(Debug)]
+pub(crate) enum Downstream {
+    /// The edge: local subscribers, and the outbox for what goes up.
+    Edge(OutboxBudget),
+    /// The cloud's log mode: the messages accepted and not yet taken for appending.
+    Log(Vec<Arc<Message>>),
+}
+
+impl Default for Downstream {
+    fn default() -> Self {
+        Self::Edge(OutboxBudget::default())
+    }
+}
+
+impl Broker {
+    /// Sets what goes up to the cloud (at start-up). In log mode nothing goes further up,
+    /// and this does nothing.
+    pub fn set_uplink(&mut self, rules: UplinkRules) {
+        if let Downstream::Edge(_) = self.downstream {
+            self.downstream = Downstream::Edge(OutboxBudget::new(rules));
+        }
+    }
+
+    /// Log mode (the cloud node): a message a client publishes (or a will) is not routed but
+    /// kept for [`Broker::take_appends`]; the driver appends it to the log before it sends its
+    /// acknowledgement ([`super::Action::SendWhenAppended`]), and feeds what the log holds back
+    /// as [`Input::Deliver`](super::Input::Deliver). Every source of messages thus reaches
+    /// subscribers through the same path.
+    pub fn use_log(&mut self) {
+        self.downstream = Downstream::Log(Vec::new());
+    }
+
+    pub(super) fn log_mode(&self) -> bool {
+        matches!(self.downstream, Downstream::Log(_))
+    }
+
+    /// Log mode: the messages accepted since the last call, in order.
+    pub fn take_appends(&mut self) -> Vec<Arc<Message>> {
+        match &mut self.downstream {
+            Downstream::Log(appends) => std::mem::take(appends),
+            Downstream::Edge(_) => Vec::new(),
+        }
+    }
+
+    /// Deliveries held for a subscriber without room. While there are any, the driver
+    /// should stop reading the log.
+    pub fn deliveries_held(&self) -> usize {
+        self.held_deliveries.len()
+    }
+
+    /// What a commit deleted from the outbox: `acked` (the cloud has it) and `dropped`
+    /// (`drop_oldest`).
+    pub(crate) fn outbox_applied(&mut self, acked: OutboxTotals, dropped: OutboxTotals) {
+        if let Downstream::Edge(outbox) = &mut self.downstream {
+            outbox.applied(acked, dropped);
+        }
+        self.stats.outbox_dropped += dropped.records;
+    }
+}
