@@ -1,21 +1,31 @@
 //! `ferry-cloud`: the multi-protocol cloud node.
 //!
-//! - [`admin`]: the admin HTTP listener: a JSON API and Prometheus metrics.
-//! - [`ingest`]: an edge's records, appended exactly once by (edge, sequence).
-//! - [`log`]: the durable partitioned log of Kafka v2 record batches, group-committed.
+//! - [`node`]: a node: the log, the metadata, the routes, the link and the fronts wired
+//!   together; which threads and runtimes it runs, and why.
+//! - [`config`]: the configuration file and its defaults.
+//! - [`log`]: the durable partitioned log of Kafka v2 record batches, group-committed,
+//!   behind the [`log::Storage`] trait.
 //! - [`meta`]: streams, consumer cursors and edge sequences in redb, changed only by commands.
-//! - [`node`]: a node: the log, the metadata, the routes and the MQTT front wired together.
 //! - [`routes`]: which stream and partition an MQTT message goes to, and the record it becomes.
+//! - [`mqtt`]: the MQTT front: the broker of `ferry-edge` in log mode, and the tailer that
+//!   delivers from the log.
+//! - [`kafka`]: the Kafka front (the Kafka wire protocol over the log).
+//! - [`link`] and [`ingest`]: the link's cloud side (`ferry_bridge`'s server): an edge's
+//!   records appended exactly once by (edge, class, sequence), the downlink.
+//! - [`admin`]: the admin HTTP listener: a JSON API and Prometheus metrics.
+//! - [`demo`]: `ferry-cloud demo`, a cloud, an edge and a sensor in one process.
 //!
-//! Still to come (see the README's status table): the link (step 4), then the Kafka and
-//! AMQP fronts.
+//! Still to come (see the README's status table): the AMQP 0-9-1 front, the object-store
+//! backend, clustering.
 
 pub mod admin;
+pub mod config;
 pub mod demo;
 pub mod ingest;
 pub mod kafka;
 pub mod link;
 pub mod log;
 pub mod meta;
+pub mod mqtt;
 pub mod node;
 pub mod routes;

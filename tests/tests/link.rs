@@ -296,14 +296,20 @@ async fn kill_9_of_either_end_mid_stream_loses_and_duplicates_nothing() {
     cloud.kill();
     let edge = site.edge();
     let left = edge.metric("ferry_edge_outbox_records");
-    assert!(left > 0, "killed mid-stream: {acked} acknowledged, {left} left");
+    assert!(
+        left > 0,
+        "killed mid-stream: {acked} acknowledged, {left} left"
+    );
     // Another backlog behind what was left; the cloud dies while it takes them.
     assert_eq!(publish(edge.port(), N..2 * N).await, N);
     let cloud = site.cloud();
     let acked2 = cloud_acked_some(&cloud);
     cloud.kill();
     let left2 = edge.metric("ferry_edge_outbox_records");
-    assert!(left2 > 0, "killed mid-stream: {acked2} acknowledged, {left2} left");
+    assert!(
+        left2 > 0,
+        "killed mid-stream: {acked2} acknowledged, {left2} left"
+    );
     let cloud = site.cloud();
     wait_until(60, "the outbox is emptied", || {
         edge.metric("ferry_edge_outbox_records") == 0
@@ -329,7 +335,10 @@ fn cloud_acked_some(cloud: &Edge) -> u64 {
         if acked > 0 {
             return acked;
         }
-        assert!(Instant::now() < deadline, "no record acknowledged within 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "no record acknowledged within 60 s"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }

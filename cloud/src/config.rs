@@ -1,0 +1,180 @@
+//! `ferry-cloud`'s configuration file (`--config`, see `cloud/ferry-cloud.example.toml`):
+//! every key has a default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ferry_edge::broker::BrokerConfig;
+use ferry_edge::config::{AuthConfig, Config as EdgeConfig, ServerConfig, StorageConfig};
+use serde::Deserialize;
+
+use crate::log::StreamConfig;
+use crate::routes::RouteConfig;
+
+/// `ferry-cloud`'s configuration file. Every key has a default; see
+/// `cloud/ferry-cloud.example.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    /// MQTT listeners, limits and the data directory, as for `ferry-edge` (default data
+    /// directory `ferry-cloud-data`).
+    pub server: ServerConfig,
+    pub mqtt: BrokerConfig,
+    /// The MQTT sessions' database (`<data_dir>/ferry-edge.redb`).
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    /// `[[route]]`: MQTT topic filters to streams (see `docs/routes.md`).
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    pub admin: AdminConfig,
+    /// `[link]`: where edges connect (QUIC). Default none: no link listener.
+    pub link: Option<crate::link::LinkConfig>,
+    /// `[kafka]`: the Kafka listener (see [`crate::kafka`]). Default none: off.
+    pub kafka: Option<crate::kafka::KafkaConfig>,
+}
+
+/// `[admin]`: the admin HTTP listener (JSON API and `/metrics`, see [`crate::admin`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where it listens. Default none: off. It has no authentication; keep it on loopback or
+    /// a management network.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig {
+                data_dir: PathBuf::from("ferry-cloud-data"),
+                ..ServerConfig::default()
+            },
+            mqtt: BrokerConfig::default(),
+            storage: StorageConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+            routes: Vec::new(),
+            admin: AdminConfig::default(),
+            link: None,
+            kafka: None,
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Reads a TOML configuration file.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    /// The MQTT front's part, in `ferry-edge`'s terms.
+    pub fn edge(&self) -> EdgeConfig {
+        EdgeConfig {
+            server: self.server.clone(),
+            mqtt: self.mqtt.clone(),
+            storage: self.storage.clone(),
+            auth: self.auth.clone(),
+            // The cloud sends nothing further up.
+            uplink: Default::default(),
+        }
+    }
+}
+
+/// `[log]`: the durable log (`<data_dir>/log/`, format in `docs/log-format.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Answer producers only once their records are on disk. Default true; false answers
+    /// once written (a process crash loses nothing, a power loss may lose the last appends).
+    pub fsync: bool,
+    /// Appends waiting for the appender before producers wait too. Default 8192 (each holds
+    /// its records: ~1 MB at 100-byte records).
+    pub queue_requests: usize,
+    /// Settings of streams that routes create (partition counts come from the routes).
+    pub streams: StreamConfig,
+    /// Seconds between retention passes. Default 60.
+    pub retention_check_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            queue_requests: 8192,
+            streams: StreamConfig::default(),
+            retention_check_secs: 60,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commented-out table of the example: from its `header` line to the next blank line,
+    /// its settings uncommented, trailing comments cut.
+    fn commented_table(text: &str, header: &str) -> String {
+        text.lines()
+            .skip_while(|l| !l.starts_with(header))
+            .take_while(|l| !l.trim().is_empty())
+            .filter(|l| l.starts_with(header) || l.contains(" = "))
+            .map(|l| {
+                l.trim_start_matches("# ")
+                    .split(" #")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+                    + "\n"
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../ferry-cloud.example.toml");
+        let config: CloudConfig = toml::from_str(text).expect("example parses");
+        config.edge().validate().expect("example is valid");
+        let d = CloudConfig::default();
+        assert_eq!(config.server.listen, d.server.listen);
+        assert_eq!(config.server.data_dir, d.server.data_dir);
+        assert_eq!(config.log.fsync, d.log.fsync);
+        assert_eq!(config.log.queue_requests, d.log.queue_requests);
+        assert_eq!(config.log.retention_check_secs, d.log.retention_check_secs);
+        assert_eq!(config.log.streams, d.log.streams);
+        assert_eq!(config.storage.cache_bytes, d.storage.cache_bytes);
+        assert!(config.routes.is_empty() && config.admin.listen.is_none());
+        // The commented route example is a valid route.
+        let route = commented_table(text, "# [[route]]");
+        let with_route: CloudConfig = toml::from_str(&route).expect("route example parses");
+        crate::routes::Routes::new(&with_route.routes).expect("route example is valid");
+        // The commented [link] example parses, and its numbers are the defaults.
+        let link = commented_table(text, "# [link]");
+        let with_link: CloudConfig = toml::from_str(&link).expect("link example parses");
+        let (got, d) = (
+            with_link.link.expect("[link]"),
+            crate::link::LinkConfig::default(),
+        );
+        assert_eq!(got.listen, d.listen);
+        assert_eq!(got.credit_bytes, d.credit_bytes);
+        assert_eq!(got.max_frame_bytes, d.max_frame_bytes);
+        assert_eq!(
+            (got.keepalive_secs, got.idle_timeout_secs),
+            (d.keepalive_secs, d.idle_timeout_secs)
+        );
+        assert!(got.deny_file.is_some());
+        // And the [kafka] example, with its defaults.
+        let kafka = commented_table(text, "# [kafka]");
+        let with_kafka: CloudConfig = toml::from_str(&kafka).expect("kafka example parses");
+        let (got, d) = (
+            with_kafka.kafka.expect("[kafka]"),
+            crate::kafka::KafkaConfig::default(),
+        );
+        assert_eq!(got.listen, d.listen);
+        assert_eq!(got.max_request_bytes, d.max_request_bytes);
+        assert_eq!(got.auto_create_topics, d.auto_create_topics);
+    }
+}

@@ -1,0 +1,176 @@
+//! The cloud's MQTT front: the broker of `ferry-edge` in log mode, on a thread of its own,
+//! and the tailer that feeds it from the log.
+//!
+//! ```text
+//! MQTT client ─PUBLISH─▶ broker ─append (route)─▶ log ─▶ PUBACK
+//! link ingest, Kafka producers ─────────────────▶ log
+//!                                                  │ tailer (from the delivery cursor)
+//! MQTT subscribers ◀─ broker ◀─ Input::Deliver ◀───┘
+//! ```
+//!
+//! Every message reaches subscribers the same way, whatever wrote it. The tailer's position
+//! is the durable cursor [`MQTT_CURSOR`] in the metadata, moved only past messages the
+//! broker has routed and made durable for persistent sessions ([`cursor::DeliveryCursor`]);
+//! after a crash the messages after it are delivered again (at least once).
+
+mod cursor;
+mod tailer;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_edge::broker::Message;
+use ferry_edge::config::Config as EdgeConfig;
+use ferry_edge::server::{AppendFuture, LogHooks, Server};
+use tokio::sync::mpsc;
+
+use crate::log::{now_ms, AppendData, SegmentLog, Storage};
+use crate::meta::Meta;
+use crate::node::NodeError;
+use crate::routes::{to_record, MqttMessage, RouteTable};
+use cursor::DeliveryCursor;
+use tailer::Tailer;
+
+/// The consumer cursor under which the MQTT front's delivery position is kept.
+pub const MQTT_CURSOR: &str = "$mqtt";
+/// Messages read from the log and not yet taken by the broker; bounds the tailer's lead
+/// (at most this many messages in memory, each up to the broker's packet size).
+const DELIVERY_QUEUE: usize = 4096;
+/// The most a compressed batch may take once uncompressed to be delivered to MQTT.
+const MAX_UNCOMPRESSED_BYTES: usize = 64 * 1024 * 1024;
+/// How often the tailer makes its cursor durable (when it moved).
+const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the MQTT front over `log`: the broker on its own thread (see
+/// [`start_on_own_thread`]) appending what clients publish through `routes`, and the tailer
+/// thread delivering what the log holds. Serving stops when `shutdown` completes.
+pub(crate) async fn start(
+    config: EdgeConfig,
+    log: Arc<SegmentLog>,
+    meta: Arc<Meta>,
+    routes: Arc<RouteTable>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Server, NodeError> {
+    let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
+    let cursor = Arc::new(DeliveryCursor::default());
+    let hooks = LogHooks {
+        append: Box::new({
+            let log = log.clone();
+            move |messages| append(log.clone(), routes.clone(), messages)
+        }),
+        deliveries,
+        delivered: Box::new({
+            let cursor = cursor.clone();
+            move |n| cursor.routed(n)
+        }),
+    };
+    let server = start_on_own_thread(config, hooks, shutdown).await?;
+    let tail = Tailer {
+        log,
+        meta,
+        tx: deliveries_tx,
+        cursor,
+    };
+    std::thread::Builder::new()
+        .name("ferry-tailer".into())
+        .spawn(move || tail.run())?;
+    Ok(server)
+}
+
+/// Starts the MQTT front on a thread of its own with a current-thread runtime, as
+/// `ferry-edge` runs: one I/O thread serves packets from different connections in the order
+/// they arrived, so a PUBLISH cannot overtake another client's SUBSCRIBE sent before it.
+async fn start_on_own_thread(
+    config: EdgeConfig,
+    hooks: LogHooks,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Server, NodeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ferry-mqtt".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(NodeError::Io(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let started = Server::start_with_log(config, Some(hooks), shutdown).await;
+                let ok = started.is_ok();
+                let _ = tx.send(started.map_err(NodeError::from));
+                if ok {
+                    // The connections' tasks live on this runtime for the life of the process.
+                    std::future::pending::<()>().await;
+                }
+            });
+        })?;
+    rx.await
+        .map_err(|_| NodeError::Io(std::io::Error::other("the MQTT thread ended")))?
+}
+
+/// Appends what one broker batch accepted, each message to its route's partition, all
+/// partitions at once; done when all are durable.
+fn append(
+    log: Arc<SegmentLog>,
+    routes: Arc<RouteTable>,
+    messages: Vec<Arc<Message>>,
+) -> AppendFuture {
+    let routes = routes.get();
+    Box::pin(async move {
+        let now = now_ms();
+        let mut per_partition: Vec<((String, u32), Vec<crate::log::NewRecord>)> = Vec::new();
+        let instant = Instant::now();
+        for m in &messages {
+            // The broker keeps a message's expiry as a deadline; the record carries what is
+            // left of it, from the record's timestamp.
+            let with_expiry;
+            let properties = match m.expires_at {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(instant);
+                    let mut p = m.properties.clone();
+                    p.message_expiry_interval_secs =
+                        Some(u32::try_from(left.as_millis().div_ceil(1000)).unwrap_or(u32::MAX));
+                    with_expiry = p;
+                    &with_expiry
+                }
+                None => &m.properties,
+            };
+            let msg = MqttMessage {
+                topic: &m.topic,
+                payload: &m.payload,
+                qos: m.qos,
+                retain: m.retain,
+                properties,
+                edge: None,
+                timestamp_ms: now,
+            };
+            let dest = routes.destination(&msg);
+            let key = (dest.stream.to_owned(), dest.partition);
+            let mut record = to_record(&msg);
+            if let Some(client) = &m.publisher {
+                record.headers.push((
+                    "ferry.client".into(),
+                    Some(bytes::Bytes::copy_from_slice(client.as_bytes())),
+                ));
+            }
+            match per_partition.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(record),
+                None => per_partition.push((key, vec![record])),
+            }
+        }
+        let appends = per_partition
+            .into_iter()
+            .map(|((stream, partition), recs)| {
+                log.append(&stream, partition, AppendData::Records(recs))
+            });
+        for result in futures_util::future::join_all(appends).await {
+            result.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+}

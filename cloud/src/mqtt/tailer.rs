@@ -1,0 +1,192 @@
+//! The tailer: a thread that follows the end of every partition and hands each record that
+//! is an MQTT message to the broker, in log order, from the durable delivery cursor
+//! [`MQTT_CURSOR`]. It has a small runtime of its own only to wait for commits with a
+//! timeout; reads are blocking file IO.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_edge::broker::Message;
+use ferry_protocol::kafka::batch::{records, uncompressed};
+use tokio::sync::mpsc;
+use tracing::error;
+
+use super::cursor::DeliveryCursor;
+use super::{CURSOR_COMMIT_INTERVAL, MAX_UNCOMPRESSED_BYTES, MQTT_CURSOR};
+use crate::log::{now_ms, LogError, SegmentLog, Storage, READ_BUDGET_BYTES};
+use crate::meta::{Command, Meta};
+use crate::routes::from_record;
+
+/// Follows the end of every partition and hands each record to the broker as a message.
+pub(super) struct Tailer {
+    pub(super) log: Arc<SegmentLog>,
+    pub(super) meta: Arc<Meta>,
+    pub(super) tx: mpsc::Sender<Arc<Message>>,
+    /// Where delivery stands; the router's `delivered` callback moves it too.
+    pub(super) cursor: Arc<DeliveryCursor>,
+}
+
+impl Tailer {
+    pub(super) fn run(self) {
+        // A runtime of its own, only to wait for commits with a timeout: the node's runtime
+        // may be shutting down while this thread waits.
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        else {
+            error!("cannot start the delivery tailer");
+            return;
+        };
+        let mut commits = self.log.watch_commits();
+        let mut positions: HashMap<(String, u32), i64> = HashMap::new();
+        let mut committed: HashMap<(String, u32), i64> = HashMap::new();
+        let mut last_commit = Instant::now();
+        loop {
+            let seen = *commits.borrow_and_update();
+            let mut progressed = false;
+            let streams = self.log.streams();
+            // A deleted stream's positions go (a stream made again under its name starts
+            // from its own beginning).
+            let live = |(s, _): &(String, u32)| streams.iter().any(|st| st.name == *s);
+            positions.retain(|k, _| live(k));
+            committed.retain(|k, _| live(k));
+            self.cursor.retain(live);
+            for stream in streams {
+                for (p, info) in stream.partitions.iter().enumerate() {
+                    let key = (stream.name.clone(), p as u32);
+                    let pos = match positions.get(&key) {
+                        // (Past the end only if the stream was deleted and made again.)
+                        Some(&pos) if pos <= info.offsets.high_watermark => pos,
+                        _ => {
+                            // Where the broker stopped routing last time (set at start for
+                            // the streams of that time); a stream created later, from its
+                            // start.
+                            let stored = self
+                                .meta
+                                .cursor(MQTT_CURSOR, &stream.name, p as u32)
+                                .ok()
+                                .flatten();
+                            let pos = stored
+                                .unwrap_or(info.offsets.log_start)
+                                .max(info.offsets.log_start);
+                            if stored != Some(pos) {
+                                // Durable at once: what is appended from now on is delivered
+                                // even if the node dies before the next cursor commit.
+                                let start = Command::CommitCursor {
+                                    group: MQTT_CURSOR.into(),
+                                    stream: stream.name.clone(),
+                                    partition: p as u32,
+                                    offset: pos,
+                                };
+                                if let Err(e) = self.meta.apply(&[start]) {
+                                    error!(error = %e, "cannot record the delivery cursor");
+                                }
+                            }
+                            committed.insert(key.clone(), pos);
+                            self.cursor.start(key.clone(), pos);
+                            pos
+                        }
+                    };
+                    if pos >= info.offsets.high_watermark {
+                        positions.insert(key, pos);
+                        continue;
+                    }
+                    match self.forward(&stream.name, p as u32, pos) {
+                        Ok(next) => {
+                            progressed |= next > pos;
+                            positions.insert(key, next);
+                        }
+                        Err(None) => return,
+                        Err(Some(e)) => {
+                            error!(stream = %stream.name, partition = p, offset = pos, error = %e, "cannot read the log for delivery");
+                            positions.insert(key, pos);
+                        }
+                    }
+                }
+            }
+            if last_commit.elapsed() >= CURSOR_COMMIT_INTERVAL {
+                last_commit = Instant::now();
+                let cursor = self.cursor.positions();
+                let moved: Vec<Command> = cursor
+                    .iter()
+                    .filter(|(k, v)| committed.get(*k) != Some(*v))
+                    .map(|((stream, partition), offset)| Command::CommitCursor {
+                        group: MQTT_CURSOR.into(),
+                        stream: stream.clone(),
+                        partition: *partition,
+                        offset: *offset,
+                    })
+                    .collect();
+                if !moved.is_empty() {
+                    match self.meta.apply(&moved) {
+                        Ok(()) => committed = cursor,
+                        Err(e) => error!(error = %e, "cannot record the delivery cursor"),
+                    }
+                }
+            }
+            if !progressed {
+                // Wait for a commit, or a second (to record the cursor, find new streams).
+                let mut commits = commits.clone();
+                let changed = runtime.block_on(async move {
+                    if *commits.borrow() != seen {
+                        return true;
+                    }
+                    tokio::time::timeout(Duration::from_secs(1), commits.changed())
+                        .await
+                        .map_or(true, |r| r.is_ok())
+                });
+                if !changed {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands the records from `offset` (up to [`READ_BUDGET_BYTES`] of batches) to the
+    /// broker; the next offset. Err(None) when the broker is gone.
+    fn forward(&self, stream: &str, partition: u32, offset: i64) -> Result<i64, Option<LogError>> {
+        let r = self
+            .log
+            .read(stream, partition, offset, READ_BUDGET_BYTES)
+            .map_err(Some)?;
+        let key = (stream.to_owned(), partition);
+        let mut next = offset;
+        let now = now_ms();
+        for batch in r.iter() {
+            let (h, whole) = batch.map_err(Some)?;
+            // A Kafka producer's batch may be compressed; more than this uncompressed is not
+            // delivered to MQTT (it stays in the log for Kafka consumers).
+            let open = uncompressed(whole, MAX_UNCOMPRESSED_BYTES);
+            let Some(recs) = open.as_deref().ok().and_then(|b| records(b).ok()) else {
+                self.cursor.skipped(&key, h.last_offset());
+                next = h.last_offset() + 1;
+                continue;
+            };
+            for rec in recs.flatten().filter(|rec| rec.offset >= offset) {
+                // Not an MQTT message (no topic key, or expired): nothing to deliver, but
+                // the cursor passes it.
+                let Some(view) = from_record(&rec, now) else {
+                    self.cursor.skipped(&key, rec.offset);
+                    continue;
+                };
+                let msg = Message {
+                    topic: view.topic,
+                    payload: view.payload,
+                    qos: view.qos,
+                    retain: view.retain,
+                    properties: view.properties,
+                    expires_at: view
+                        .expiry_left_secs
+                        .map(|s| Instant::now() + Duration::from_secs(s.into())),
+                    publisher: view.client.map(Arc::from),
+                };
+                // Counted before it is sent: the broker may route it at once.
+                self.cursor.handed(&key, rec.offset);
+                self.tx.blocking_send(Arc::new(msg)).map_err(|_| None)?;
+            }
+            next = h.last_offset() + 1;
+        }
+        Ok(next)
+    }
+}
