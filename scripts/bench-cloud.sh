@@ -18,22 +18,26 @@ if [ -z "${FERRY_BIN:-}" ]; then
 fi
 bin=${FERRY_BIN:-target/release}
 work=$(mktemp -d)
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
-"$bin/ferry-cloud" --listen 127.0.0.1:18850 --data-dir "$work/cloud" >"$work/cloud.log" 2>&1 &
-pids+=($!)
-"$bin/ferry-edge" --listen 127.0.0.1:18851 --data-dir "$work/edge" >"$work/edge.log" 2>&1 &
-pids+=($!)
-for port in 18850 18851; do
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-done
-run() {
-  printf '%-11s ' "$1"
-  # shellcheck disable=SC2086
-  "$bin/ferry-bench" $3 --port "$2" --secs "$secs"
+pid=""
+trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
+wait_port() {
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "nothing listens on port $1" >&2; exit 1
 }
-run ferry-cloud 18850 "fan-in --publishers 4 --qos 1"
-run ferry-cloud 18850 "fan-in --publishers 16 --qos 1"
-run ferry-cloud 18850 "fan-out --subscribers 4 --qos 0"
-run ferry-edge 18851 "fan-out --subscribers 4 --qos 0"
-run ferry-cloud 18850 "latency --rate 5000 --qos 1"
+# Each run against a fresh broker (a new data directory): what one run left in the log does
+# not slow the next.
+run() { # run BINARY LOAD...
+  local binary=$1; shift
+  rm -rf "$work/data"
+  "$bin/$binary" --listen 127.0.0.1:18850 --data-dir "$work/data" >"$work/$binary.log" 2>&1 &
+  pid=$!
+  wait_port 18850
+  printf '%-11s ' "$binary"
+  "$bin/ferry-bench" "$@" --port 18850 --secs "$secs"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+}
+run ferry-cloud fan-in --publishers 4 --qos 1
+run ferry-cloud fan-in --publishers 16 --qos 1
+run ferry-cloud fan-out --subscribers 4 --qos 0
+run ferry-edge fan-out --subscribers 4 --qos 0
+run ferry-cloud latency --rate 5000 --qos 1

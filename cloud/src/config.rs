@@ -98,6 +98,12 @@ pub struct LogConfig {
     pub streams: StreamConfig,
     /// Seconds between retention passes. Default 60.
     pub retention_check_secs: u64,
+    /// Backpressure for MQTT publishers: while the cloud's MQTT subscribers are more than
+    /// this many records behind the log, clients that only publish are paused (they are
+    /// read again once the lag is down to half); a client that also subscribes is not.
+    /// Default 20,000 (2 MB of 100-byte records; the records wait in the log, not in
+    /// memory). 0: never paused, subscribers catch up from the log after a flood.
+    pub mqtt_max_lag_records: u64,
 }
 
 impl Default for LogConfig {
@@ -107,6 +113,7 @@ impl Default for LogConfig {
             queue_requests: 8192,
             streams: StreamConfig::default(),
             retention_check_secs: 60,
+            mqtt_max_lag_records: 20_000,
         }
     }
 }
@@ -144,6 +151,7 @@ mod tests {
         assert_eq!(config.log.fsync, d.log.fsync);
         assert_eq!(config.log.queue_requests, d.log.queue_requests);
         assert_eq!(config.log.retention_check_secs, d.log.retention_check_secs);
+        assert_eq!(config.log.mqtt_max_lag_records, d.log.mqtt_max_lag_records);
         assert_eq!(config.log.streams, d.log.streams);
         assert_eq!(config.storage.cache_bytes, d.storage.cache_bytes);
         assert!(config.routes.is_empty() && config.admin.listen.is_none());

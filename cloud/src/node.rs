@@ -153,6 +153,7 @@ impl Node {
             log.clone(),
             meta.clone(),
             routes.clone(),
+            config.log.mqtt_max_lag_records,
             shutdown,
         )
         .await?;

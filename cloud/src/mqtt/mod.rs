@@ -16,6 +16,7 @@
 mod cursor;
 mod tailer;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,16 +44,20 @@ const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Starts the MQTT front over `log`: the broker on its own thread (see
 /// [`start_on_own_thread`]) appending what clients publish through `routes`, and the tailer
-/// thread delivering what the log holds. Serving stops when `shutdown` completes.
+/// thread delivering what the log holds. While subscribers are more than `max_lag_records`
+/// behind the log, clients that only publish are paused (0: never). Serving stops when
+/// `shutdown` completes.
 pub(crate) async fn start(
     config: EdgeConfig,
     log: Arc<SegmentLog>,
     meta: Arc<Meta>,
     routes: Arc<RouteTable>,
+    max_lag_records: u64,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Server, NodeError> {
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
     let cursor = Arc::new(DeliveryCursor::default());
+    let lag = Arc::new(AtomicU64::new(0));
     let hooks = LogHooks {
         append: Box::new({
             let log = log.clone();
@@ -63,6 +68,8 @@ pub(crate) async fn start(
             let cursor = cursor.clone();
             move |n| cursor.routed(n)
         }),
+        lag: lag.clone(),
+        max_lag: max_lag_records,
     };
     let server = start_on_own_thread(config, hooks, shutdown).await?;
     let tail = Tailer {
@@ -70,6 +77,7 @@ pub(crate) async fn start(
         meta,
         tx: deliveries_tx,
         cursor,
+        lag,
     };
     std::thread::Builder::new()
         .name("ferry-tailer".into())

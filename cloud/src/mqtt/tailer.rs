@@ -4,6 +4,7 @@
 //! timeout; reads are blocking file IO.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,8 @@ pub(super) struct Tailer {
     pub(super) tx: mpsc::Sender<Arc<Message>>,
     /// Where delivery stands; the router's `delivered` callback moves it too.
     pub(super) cursor: Arc<DeliveryCursor>,
+    /// Records of the log the broker has not routed yet (as of the last pass).
+    pub(super) lag: Arc<AtomicU64>,
 }
 
 impl Tailer {
@@ -52,6 +55,15 @@ impl Tailer {
             positions.retain(|k, _| live(k));
             committed.retain(|k, _| live(k));
             self.cursor.retain(live);
+            let ends: Vec<((String, u32), i64)> = streams
+                .iter()
+                .flat_map(|st| {
+                    st.partitions
+                        .iter()
+                        .enumerate()
+                        .map(|(p, info)| ((st.name.clone(), p as u32), info.offsets.high_watermark))
+                })
+                .collect();
             for stream in streams {
                 for (p, info) in stream.partitions.iter().enumerate() {
                     let key = (stream.name.clone(), p as u32);
@@ -105,6 +117,13 @@ impl Tailer {
                     }
                 }
             }
+            // How far the broker is behind the log, for the router's pacing of publishers.
+            let routed = self.cursor.positions();
+            let behind: i64 = ends
+                .iter()
+                .map(|(key, end)| routed.get(key).map_or(0, |at| (end - at).max(0)))
+                .sum();
+            self.lag.store(behind as u64, Ordering::Relaxed);
             if last_commit.elapsed() >= CURSOR_COMMIT_INTERVAL {
                 last_commit = Instant::now();
                 let cursor = self.cursor.positions();

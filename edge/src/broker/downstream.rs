@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::{Broker, Message, OutboxTotals};
+use super::{Action, Broker, ConnId, Message, OutboxTotals};
 use crate::outbox::OutboxBudget;
 use crate::uplink::UplinkRules;
 
@@ -67,5 +67,37 @@ impl Broker {
             outbox.applied(acked, dropped);
         }
         self.stats.outbox_dropped += dropped.records;
+    }
+
+    /// [`Input::Pace`](super::Input::Pace): starts or ends pacing; ending it resumes the
+    /// paused publishers (but those the broker holds for a full subscriber of its own).
+    pub(super) fn pace(&mut self, on: bool) {
+        self.pacing = on;
+        if on {
+            return;
+        }
+        for conn in std::mem::take(&mut self.paced) {
+            if self.conns.get(&conn).is_some_and(|c| c.held.is_empty()) {
+                self.out.push(Action::ResumeReads(conn));
+            }
+        }
+    }
+
+    /// After a publish from `conn` while pacing: pauses it if it subscribes to nothing.
+    pub(super) fn pace_publisher(&mut self, conn: ConnId) {
+        if !self.pacing || self.paced.contains(&conn) {
+            return;
+        }
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let subscribes = self
+            .sessions
+            .get(&c.client_id)
+            .is_some_and(|s| !s.subscriptions.is_empty());
+        if !subscribes && !c.closing {
+            self.paced.insert(conn);
+            self.out.push(Action::PauseReads(conn));
+        }
     }
 }

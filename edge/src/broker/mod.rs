@@ -42,7 +42,7 @@ mod subscriptions;
 pub(crate) use durable::{OutboxTotals, QueueState, Snapshot, StoreOp, StoredSession};
 pub(crate) use session::Delivery;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Instant;
@@ -176,6 +176,12 @@ pub enum Input {
     /// matching sessions, and kept if retained. If a connected subscriber has no room, it
     /// and the ones after it are held until room is made ([`Broker::deliveries_held`]).
     Deliver(Arc<Message>),
+    /// Log mode: MQTT delivery lags too far behind the log (`true`), or has caught up again
+    /// (`false`). While it lags, connections that publish and subscribe to nothing are
+    /// paused as they publish ([`Action::PauseReads`]); when it has caught up they resume.
+    /// A client that also subscribes is never paused this way (its acknowledgements are what
+    /// lets delivery catch up).
+    Pace(bool),
 }
 
 /// What the broker asks of the driver.
@@ -288,6 +294,9 @@ pub struct Broker {
     downstream: Downstream,
     /// Deliveries (from the log, or the downlink) waiting for a full subscriber, in order.
     held_deliveries: VecDeque<Arc<Message>>,
+    /// Log mode: delivery lags the log ([`Input::Pace`]); the publishers paused for it.
+    pacing: bool,
+    paced: HashSet<ConnId>,
 }
 
 impl Broker {
@@ -310,6 +319,8 @@ impl Broker {
             auth: Arc::new(Auth::open()),
             downstream: Downstream::default(),
             held_deliveries: VecDeque::new(),
+            pacing: false,
+            paced: HashSet::new(),
         }
     }
 
@@ -361,6 +372,7 @@ impl Broker {
                     self.held_deliveries.push_back(msg);
                 }
             }
+            Input::Pace(on) => self.pace(on),
         }
         actions.append(&mut self.out);
     }

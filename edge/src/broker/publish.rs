@@ -56,7 +56,8 @@ impl Broker {
                 appends.push(msg);
                 self.stats.received_by_qos[p.qos as usize] += 1;
                 self.await_pubrel(client_id, &p);
-                return self.acknowledge(conn, &p, ReasonCode::Success);
+                self.acknowledge(conn, &p, ReasonCode::Success);
+                return self.pace_publisher(conn);
             }
             Downstream::Edge(outbox) => outbox.admit(&msg),
         };

@@ -629,6 +629,32 @@ fn log_mode_holds_every_publish_acknowledgement_for_the_log_and_nothing_else() {
 }
 
 #[test]
+fn pacing_pauses_pure_publishers_as_they_publish_and_resumes_them_after() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.broker.use_log();
+    h.connect(1, "publisher");
+    h.connect(2, "both");
+    h.packet(2, subscribe("cmd/#", QoS::AtLeastOnce));
+    h.run(Input::Pace(true));
+    let a = h.packet(1, publish("t", "x", QoS::AtLeastOnce, 1));
+    assert!(a.contains(&Action::PauseReads(1)), "{a:?}");
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::SendWhenAppended(1, _))),
+        "still acknowledged: {a:?}"
+    );
+    // Paused once, not at every publish; a client that subscribes is not paused.
+    let a = h.packet(1, publish("t", "y", QoS::AtLeastOnce, 2));
+    assert!(!a.contains(&Action::PauseReads(1)), "{a:?}");
+    let a = h.packet(2, publish("t", "z", QoS::AtLeastOnce, 3));
+    assert!(!a.contains(&Action::PauseReads(2)), "{a:?}");
+    assert_eq!(h.run(Input::Pace(false)), [Action::ResumeReads(1)]);
+    // Not pacing: nobody is paused.
+    let a = h.packet(1, publish("t", "w", QoS::AtLeastOnce, 4));
+    assert!(!a.contains(&Action::PauseReads(1)), "{a:?}");
+}
+
+#[test]
 fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_outbox_refuses() {
     let mut h = Harness::new(BrokerConfig::default());
     let config: crate::uplink::UplinkConfig =

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,12 @@ pub struct LogHooks {
     /// persistent sessions) in it, in the order they came: the log may move its delivery
     /// cursor past them.
     pub delivered: Box<dyn FnMut(usize) + Send>,
+    /// Records in the log that the broker has not routed yet, kept up to date by the log's
+    /// reader.
+    pub lag: Arc<AtomicU64>,
+    /// Above this `lag`, publishers are paced ([`Input::Pace`]) until it is down to half;
+    /// 0: never.
+    pub max_lag: u64,
 }
 
 impl std::fmt::Debug for LogHooks {
@@ -152,6 +159,7 @@ async fn route_loop(
     let mut commits = CommitStats::default();
     let mut appending = Appending::default();
     let mut stopping = false;
+    let mut pacing = false;
     while !stopping {
         // A finished append first (its acknowledgements go out; polling this branch also
         // starts the appends issued since). Then credit: a subscriber's writer waiting for
@@ -176,6 +184,20 @@ async fn route_loop(
             },
         };
         let now = Instant::now();
+        if let Some(log) = log.as_ref().filter(|l| l.max_lag > 0) {
+            // Publishers wait while subscribers lag far behind the log (with hysteresis, so
+            // that they are not paused and resumed at every batch).
+            let lag = log.lag.load(Ordering::Relaxed);
+            let pace = if pacing {
+                lag > log.max_lag / 2
+            } else {
+                lag > log.max_lag
+            };
+            if pace != pacing {
+                pacing = pace;
+                broker.handle(Input::Pace(pace), now, &mut actions);
+            }
+        }
         let held_before = broker.deliveries_held();
         let mut deliveries = 0;
         let mut next = Some(first);
