@@ -22,7 +22,7 @@ fi
 bin=${FERRY_BIN:-target/release}
 work=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 $bin/ferry-cloud pki init --dir "$work/pki" >/dev/null
 $bin/ferry-cloud pki issue-edge --dir "$work/pki" gw-1 >/dev/null
 $bin/ferry-cloud pki issue-node --dir "$work/pki" localhost >/dev/null

@@ -153,6 +153,26 @@ impl Edge {
         self.child.id()
     }
 
+    /// Sends SIGHUP and waits (up to 60 s) for a log line that contains `line`.
+    pub fn reload_and_wait_for(&self, line: &str) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -HUP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let got = self
+                .log
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line with {line:?} within 60 s"));
+            if got.contains(line) {
+                return;
+            }
+        }
+    }
+
     /// GET `path` from the process's HTTP listener (ferry-edge's metrics listener, or
     /// ferry-cloud's admin listener): the whole response, headers and body.
     pub fn http_get(&self, path: &str) -> String {

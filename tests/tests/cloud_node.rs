@@ -247,21 +247,7 @@ fn sighup_puts_new_routes_in_force() {
     .status
     .success());
     std::fs::write(&config, "[[route]]\nfilter = \"a/#\"\nstream = \"alpha\"\n").expect("config");
-    let pid = cloud.pid().to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill")
-        .success());
-    loop {
-        let line = cloud
-            .log
-            .recv_timeout(Duration::from_secs(15))
-            .expect("a log line about the reload");
-        if line.contains("SIGHUP: routes reloaded") {
-            break;
-        }
-    }
+    cloud.reload_and_wait_for("SIGHUP: routes reloaded");
     assert!(mosquitto_at(
         "mosquitto_pub",
         &port,
@@ -523,20 +509,7 @@ fn sighup_reloads_the_password_and_acl_files() {
         "user alice\ntopic readwrite r/#\nuser bob\ntopic read r/#\n",
     )
     .expect("acl");
-    assert!(Command::new("kill")
-        .args(["-HUP", &cloud.pid().to_string()])
-        .status()
-        .expect("kill")
-        .success());
-    loop {
-        let line = cloud
-            .log
-            .recv_timeout(Duration::from_secs(15))
-            .expect("a log line about the reload");
-        if line.contains("SIGHUP: password and ACL files reloaded") {
-            break;
-        }
-    }
+    cloud.reload_and_wait_for("SIGHUP: password and ACL files reloaded");
     let subscribed = bob_subscribes();
     assert!(subscribed.status.success(), "{subscribed:?}");
     assert!(as_user(

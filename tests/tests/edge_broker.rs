@@ -484,17 +484,7 @@ fn mosquitto_password_and_acl_files_work_and_reload_on_sighup() {
         "user alice\ntopic readwrite sensors/#\ntopic read other/#\n",
     )
     .expect("rewrite acl");
-    let pid = edge.pid().to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill")
-        .success());
-    let reloaded = (0..50).any(|_| {
-        std::thread::sleep(Duration::from_millis(100));
-        edge.log.try_iter().any(|line| line.contains("reloaded"))
-    });
-    assert!(reloaded, "the broker logs the reload");
+    edge.reload_and_wait_for("SIGHUP: password and ACL files reloaded");
     let now_ok = run(
         "mosquitto_sub",
         &["-u", "alice", "-P", "s3cret", "-t", "other/#", "-E"],

@@ -58,6 +58,20 @@ fn flood(port: u16, prefix: &'static str) -> (Vec<Arc<AtomicU64>>, Arc<AtomicBoo
     (acked, ended)
 }
 
+/// SIGTERM: the process must exit 0 within [`EXIT_WITHIN`]; then the publishers see the end.
+async fn terminate_in_time(process: Edge, ended: &AtomicBool) {
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || process.terminate())
+        .await
+        .expect("terminate");
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(took < EXIT_WITHIN, "took {took:?}");
+    wait_until(10, "the publishers see the end", || {
+        ended.load(Ordering::Relaxed)
+    });
+}
+
 fn total(acked: &[Arc<AtomicU64>]) -> u64 {
     acked.iter().map(|a| a.load(Ordering::Relaxed)).sum()
 }
@@ -79,16 +93,7 @@ async fn sigterm_during_a_flood_exits_0_and_the_edge_keeps_every_acknowledged_me
     let edge = Edge::start_in(&data, &args);
     let (acked, ended) = flood(edge.port(), "up/");
     wait_until(60, "2,000 acknowledged", || total(&acked) >= 2_000);
-    let started = Instant::now();
-    let status = tokio::task::spawn_blocking(move || edge.terminate())
-        .await
-        .expect("terminate");
-    let took = started.elapsed();
-    assert!(status.success(), "exit status {status:?}");
-    assert!(took < EXIT_WITHIN, "took {took:?}");
-    wait_until(10, "the publishers see the end", || {
-        ended.load(Ordering::Relaxed)
-    });
+    terminate_in_time(edge, &ended).await;
     let acked = total(&acked);
 
     let edge = Edge::start_in(&data, &args);
@@ -110,16 +115,7 @@ async fn sigterm_during_a_flood_exits_0_and_the_cloud_log_has_every_acknowledged
     let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
     let (acked, ended) = flood(cloud.port(), "t/");
     wait_until(60, "2,000 acknowledged", || total(&acked) >= 2_000);
-    let started = Instant::now();
-    let status = tokio::task::spawn_blocking(move || cloud.terminate())
-        .await
-        .expect("terminate");
-    let took = started.elapsed();
-    assert!(status.success(), "exit status {status:?}");
-    assert!(took < EXIT_WITHIN, "took {took:?}");
-    wait_until(10, "the publishers see the end", || {
-        ended.load(Ordering::Relaxed)
-    });
+    terminate_in_time(cloud, &ended).await;
 
     // The log, read with the node stopped (the restart recovered it, and it stopped again).
     let cloud = Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]);
