@@ -1,12 +1,19 @@
-//! `ferry-edge`: the MQTT broker for gateways.
+//! `ferry-edge`: the MQTT broker for gateways, and the library the cloud node embeds.
 //!
 //! - [`broker`]: the broker core, sans-IO (sessions, subscriptions, retained messages, wills,
-//!   QoS flows, flow control). The cloud node embeds the same core.
-//! - [`server`]: the tokio driver: listeners, connections, the router thread.
+//!   QoS flows, flow control, and where an accepted message goes: the edge's outbox or the
+//!   cloud's log).
+//! - [`outbox`]: the outbox budget, sans-IO: what goes up to the cloud and whether it fits.
+//! - [`uplink`]: the `[uplink]` configuration and its routes.
+//! - [`link`]: the link's edge side: the outbox read by `ferry_bridge`'s client, the downlink.
+//! - [`server`]: the tokio driver: listeners, connections, the router thread; graceful stop.
+//! - [`store`]: durable state in redb (sessions, queues, retained messages, the outbox).
 //! - [`auth`]: Mosquitto's password and ACL files.
 //! - [`config`]: the TOML configuration and its defaults.
-//! - [`metrics`]: Prometheus metrics over HTTP.
-//! - [`store`]: durable state in redb (sessions, queues, retained messages).
+//! - [`metrics`]: Prometheus metrics and the health API over HTTP.
+//! - [`systemd`]: systemd's notify protocol (READY, the watchdog, STOPPING).
+//!
+//! The `ferry-edge` binary's allocator (mimalloc) is the default feature `mimalloc`.
 
 pub mod auth;
 pub mod broker;
