@@ -31,10 +31,10 @@ use crate::uplink::{LinkCompression, UplinkConfig};
 pub(crate) struct EdgeOutbox {
     pub(crate) reader: OutboxReader,
     /// (class, seq) acknowledged by the cloud, to the router.
-    pub(crate) acks: mpsc::UnboundedSender<(u8, u64)>,
+    pub(crate) acks: mpsc::Sender<(u8, u64)>,
     pub(crate) added: Arc<Notify>,
     /// Downlink messages to publish, the last one's sequence, and who waits for the commit.
-    pub(crate) downlink: mpsc::UnboundedSender<Downlink>,
+    pub(crate) downlink: mpsc::Sender<Downlink>,
 }
 
 /// Downlink messages for the router: publish them, record `seq` as applied in the same
@@ -74,7 +74,8 @@ impl Outbox for EdgeOutbox {
     fn acked(&self, class: u8, seq: u64) {
         // The router is gone only when the broker stopped; the cloud resends nothing that
         // is committed, so a lost delete is redone after the next WELCOME.
-        let _ = self.acks.send((class, seq));
+        // A full lane drops this one: acknowledgements are cumulative (see OUTBOX_ACK_LANE).
+        let _ = self.acks.try_send((class, seq));
     }
 
     fn added(&self) -> Arc<Notify> {
@@ -125,9 +126,12 @@ impl Outbox for EdgeOutbox {
             })
             .collect();
         let (done, applied) = tokio::sync::oneshot::channel();
-        let sent = self.downlink.send((msgs, seq, done));
+        let downlink = self.downlink.clone();
         Box::pin(async move {
-            sent.map_err(|_| "the broker has stopped".to_owned())?;
+            downlink
+                .send((msgs, seq, done))
+                .await
+                .map_err(|_| "the broker has stopped".to_owned())?;
             applied
                 .await
                 .map_err(|_| "the broker stopped before the commit".to_owned())

@@ -57,6 +57,9 @@ pub enum StoreError {
     },
     #[error("corrupt record in {table}: {what}")]
     Corrupt { table: &'static str, what: String },
+    /// The router thread could not start its runtime.
+    #[error("cannot start the router: {0}")]
+    RouterStart(std::io::Error),
 }
 
 fn dberr(e: impl Into<redb::Error>) -> StoreError {

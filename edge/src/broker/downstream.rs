@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::{Action, Broker, ConnId, Message, OutboxTotals};
 use crate::outbox::OutboxBudget;
-use crate::uplink::UplinkRules;
 
 /// Where accepted messages go; chosen at start-up.
 #[derive(Debug)]
@@ -25,11 +24,11 @@ impl Default for Downstream {
 }
 
 impl Broker {
-    /// Sets what goes up to the cloud (at start-up). In log mode nothing goes further up,
-    /// and this does nothing.
-    pub fn set_uplink(&mut self, rules: UplinkRules) {
+    /// Sets the outbox, and with it what goes up to the cloud (at start-up, before
+    /// [`Broker::restore`]). In log mode nothing goes further up, and this does nothing.
+    pub fn set_outbox(&mut self, outbox: OutboxBudget) {
         if let Downstream::Edge(_) = self.downstream {
-            self.downstream = Downstream::Edge(OutboxBudget::new(rules));
+            self.downstream = Downstream::Edge(outbox);
         }
     }
 

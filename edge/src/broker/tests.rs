@@ -660,8 +660,9 @@ fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_
     let config: crate::uplink::UplinkConfig =
         toml::from_str("max_outbox_bytes = 120\n[[route]]\nfilter = \"up/#\"\npriority = 3\n")
             .expect("parses");
-    h.broker
-        .set_uplink(crate::uplink::UplinkRules::new(&config).expect("valid"));
+    h.broker.set_outbox(crate::outbox::OutboxBudget::new(
+        crate::uplink::UplinkRules::new(&config).expect("valid"),
+    ));
     h.connect(1, "sensor");
     h.broker.take_store_ops();
     let a = h.packet(1, publish("up/t", "21.5", QoS::AtLeastOnce, 1));

@@ -37,7 +37,7 @@ const BUFFER_KEEP: usize = 64 * 1024;
 /// from the configuration.
 pub(super) struct ConnSettings {
     /// Where writers give send credit back to the router.
-    pub(super) credit: mpsc::UnboundedSender<(ConnId, usize)>,
+    pub(super) credit: mpsc::Sender<(ConnId, usize)>,
     /// Where readers send a subscriber's acknowledgements (PUBACK, PUBREC, PUBCOMP): a lane
     /// the router serves before publishes, so that deliveries are not starved by a flood of
     /// publishers (an acknowledgement is about a message we sent; its order relative to the
@@ -289,7 +289,7 @@ async fn write_loop(
     wire: Arc<Wire>,
     conn: ConnId,
     version: ProtocolVersion,
-    credit: mpsc::UnboundedSender<(ConnId, usize)>,
+    credit: mpsc::Sender<(ConnId, usize)>,
 ) {
     let mut out = BytesMut::new();
     let mut batch = std::collections::VecDeque::new();
@@ -322,9 +322,7 @@ async fn write_loop(
         if close {
             break;
         }
-        // Unbounded by type, bounded by design: at most one message per write, and writes
-        // need credit.
-        if packets > 0 && credit.send((conn, packets)).is_err() {
+        if packets > 0 && credit.send((conn, packets)).await.is_err() {
             break;
         }
     }

@@ -45,6 +45,21 @@ use router::{router, Lanes, ToRouter};
 /// Acknowledgements from subscribers waiting for the router (see `ConnSettings::acks`).
 const ACK_LANE: usize = 4096;
 
+/// Credit coming back from writers, waiting for the router: each writer sends at most one
+/// message per write, so this is a few per connection; a full lane makes writers wait for
+/// the router, which serves this lane first.
+const CREDIT_LANE: usize = 4096;
+
+/// The cloud's acknowledgements of the outbox waiting for the router: the link sends at
+/// most one per priority class per acknowledgement round (every 10 ms). They are
+/// cumulative, so one that finds the lane full is not needed: a later one covers it, and
+/// the next link's WELCOME says what the cloud has at the latest.
+const OUTBOX_ACK_LANE: usize = 1024;
+
+/// Downlink batches waiting for the router: the link applies one at a time and waits for
+/// its commit, so a few are enough.
+const DOWNLINK_LANE: usize = 16;
+
 /// A running broker: its local addresses and a way to ask for statistics.
 #[derive(Clone)]
 pub struct Server {
@@ -96,10 +111,12 @@ impl Server {
             broker.use_log();
         }
         broker.set_auth(Arc::new(config.load_auth()?));
-        broker.set_uplink(crate::uplink::UplinkRules::new(&config.uplink)?);
+        broker.set_outbox(crate::outbox::OutboxBudget::new(
+            crate::uplink::UplinkRules::new(&config.uplink)?,
+        ));
         broker.restore(store.load()?, Instant::now());
-        let (outbox_acks_tx, outbox_acks) = mpsc::unbounded_channel();
-        let (downlink_tx, downlink) = mpsc::unbounded_channel();
+        let (outbox_acks_tx, outbox_acks) = mpsc::channel(OUTBOX_ACK_LANE);
+        let (downlink_tx, downlink) = mpsc::channel(DOWNLINK_LANE);
         let outbox = Arc::new(crate::link::EdgeOutbox {
             reader: store.outbox_reader(),
             acks: outbox_acks_tx,
@@ -129,7 +146,7 @@ impl Server {
         let (to_router, from_conns) = mpsc::channel(4096);
         let (failed_tx, failed) = watch::channel(None);
         let (router_done_tx, router_done) = watch::channel(false);
-        let (credit_tx, credit_rx) = mpsc::unbounded_channel();
+        let (credit_tx, credit_rx) = mpsc::channel(CREDIT_LANE);
         let (acks_tx, acks_rx) = mpsc::channel(ACK_LANE);
         let lanes = Lanes {
             credit: credit_rx,

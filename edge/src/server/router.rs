@@ -112,25 +112,22 @@ pub(super) fn router(
     // holding up the connections' tasks.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
-        .map_err(|e| StoreError::Corrupt {
-            table: "-",
-            what: format!("cannot start the router: {e}"),
-        })?;
+        .map_err(StoreError::RouterStart)?;
     runtime.block_on(route_loop(broker, store, log, rx, lanes))
 }
 
 /// The router's inputs beside the main channel, served first.
 pub(super) struct Lanes {
     /// Writers' credit back.
-    pub(super) credit: mpsc::UnboundedReceiver<(ConnId, usize)>,
+    pub(super) credit: mpsc::Receiver<(ConnId, usize)>,
     /// Subscribers' PUBACK/PUBREC/PUBCOMP.
     pub(super) acks: mpsc::Receiver<(ConnId, Packet)>,
     /// The cloud's acknowledgements of the outbox: (class, seq).
-    pub(super) outbox_acks: mpsc::UnboundedReceiver<(u8, u64)>,
+    pub(super) outbox_acks: mpsc::Receiver<(u8, u64)>,
     /// Woken after a commit that added records to the outbox.
     pub(super) outbox_added: Arc<tokio::sync::Notify>,
     /// Messages from the cloud to publish here.
-    pub(super) downlink: mpsc::UnboundedReceiver<crate::link::Downlink>,
+    pub(super) downlink: mpsc::Receiver<crate::link::Downlink>,
 }
 
 async fn route_loop(
