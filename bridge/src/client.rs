@@ -294,7 +294,7 @@ impl Session<'_> {
             self.outbox.down_applied(),
         );
         let (frames_tx, mut frames) = mpsc::channel(256);
-        let reading = tokio::spawn(read_frames(
+        let reading = tokio::spawn(crate::quic::read_frames(
             FrameReader::new(recv, MAX_FRAME_BYTES),
             frames_tx,
         ));
@@ -407,20 +407,6 @@ impl Session<'_> {
             }),
         }
         Ok(())
-    }
-}
-
-/// Takes frames off the stream until it ends or fails, or the driver is gone.
-async fn read_frames(
-    mut reader: FrameReader,
-    frames: mpsc::Sender<Result<Option<Frame>, StreamError>>,
-) {
-    loop {
-        let next = reader.next().await;
-        let end = !matches!(next, Ok(Some(_)));
-        if frames.send(next).await.is_err() || end {
-            return;
-        }
     }
 }
 

@@ -234,3 +234,17 @@ impl FrameWriter {
         let _ = self.send.finish();
     }
 }
+
+/// Takes frames off the stream until it ends or fails, or the driver is gone.
+pub(crate) async fn read_frames(
+    mut reader: FrameReader,
+    frames: tokio::sync::mpsc::Sender<Result<Option<Frame>, StreamError>>,
+) {
+    loop {
+        let next = reader.next().await;
+        let end = !matches!(next, Ok(Some(_)));
+        if frames.send(next).await.is_err() || end {
+            return;
+        }
+    }
+}

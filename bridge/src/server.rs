@@ -287,7 +287,7 @@ async fn serve(
     // The reader stops when the driver stops taking frames (a full ingest queue): then
     // QUIC's flow control slows the edge. One frame waits in the channel at most.
     let (frames_tx, mut frames) = mpsc::channel(1);
-    let reading = tokio::spawn(read_frames(
+    let reading = tokio::spawn(crate::quic::read_frames(
         FrameReader::new(recv, server.config.max_frame_bytes),
         frames_tx,
     ));
@@ -471,20 +471,6 @@ async fn next_of<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
     match slot {
         Some(f) => f.await,
         None => std::future::pending().await,
-    }
-}
-
-/// Takes frames off the stream until it ends or fails, or the driver is gone.
-async fn read_frames(
-    mut reader: FrameReader,
-    frames: mpsc::Sender<Result<Option<Frame>, StreamError>>,
-) {
-    loop {
-        let next = reader.next().await;
-        let end = !matches!(next, Ok(Some(_)));
-        if frames.send(next).await.is_err() || end {
-            return;
-        }
     }
 }
 
