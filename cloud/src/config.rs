@@ -30,7 +30,7 @@ pub struct CloudConfig {
     pub routes: Vec<RouteConfig>,
     pub admin: AdminConfig,
     /// `[link]`: where edges connect (QUIC). Default none: no link listener.
-    pub link: Option<crate::link::LinkConfig>,
+    pub link: Option<crate::link_sink::LinkConfig>,
     /// `[kafka]`: the Kafka listener (see [`crate::kafka`]). Default none: off.
     pub kafka: Option<crate::kafka::KafkaConfig>,
 }
@@ -164,7 +164,7 @@ mod tests {
         let with_link: CloudConfig = toml::from_str(&link).expect("link example parses");
         let (got, d) = (
             with_link.link.expect("[link]"),
-            crate::link::LinkConfig::default(),
+            crate::link_sink::LinkConfig::default(),
         );
         assert_eq!(got.listen, d.listen);
         assert_eq!(got.credit_bytes, d.credit_bytes);

@@ -22,7 +22,7 @@ use ferry_protocol::topic::TopicName;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use crate::link::LinkConfig;
+use crate::link_sink::LinkConfig;
 use crate::node::{CloudConfig, Node};
 
 /// The demo edge's id (its certificate's common name).

@@ -139,7 +139,7 @@ impl Node {
         let link = match &config.link {
             Some(c) => Some(ferry_bridge::server::LinkServer::start(
                 c.server_config(),
-                Arc::new(crate::link::IngestSink {
+                Arc::new(crate::link_sink::IngestSink {
                     ingest: ingest.clone(),
                     log: log.clone(),
                     meta: meta.clone(),
