@@ -1,5 +1,5 @@
 //! [`CloudEnd`]: the cloud's end of one link as a state machine, without I/O (the shape of
-//! quinn-proto's `Connection`; `server.rs` is its driver). It takes the edge's frames
+//! quinn-proto's `Connection`; `cloud_listener.rs` is its driver). It takes the edge's frames
 //! ([`CloudEnd::handle_frame`]), the completions of the ingest path and the downlink, and the
 //! time; it gives frames to send ([`CloudEnd::poll_transmit`]), work for the driver
 //! ([`CloudEnd::poll_effect`]) and its next deadline ([`CloudEnd::poll_timeout`]). It checks
@@ -8,14 +8,15 @@
 //! [`DOWN_WINDOW`].
 //!
 //! `C` is the driver's handle of an appended group's metadata commit (a future in
-//! `server.rs`); the machine only keeps it in order and hands back the newest per class.
+//! `cloud_listener.rs`); the machine only keeps it in order and hands back the newest per
+//! class.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_protocol::kafka::BatchHeader;
-use ferry_protocol::link::{Frame, GoAwayCode, VERSION};
+use ferry_protocol::link_frames::{Frame, GoAwayCode, VERSION};
 
 use crate::error::{frame_name, LinkError};
 

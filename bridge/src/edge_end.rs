@@ -1,5 +1,5 @@
 //! [`EdgeEnd`]: the edge's end of the link as a state machine, without I/O (the shape of
-//! quinn-proto's `Connection`; `client.rs` is its driver). It takes frames from the cloud
+//! quinn-proto's `Connection`; `edge_dialer.rs` is its driver). It takes frames from the cloud
 //! ([`EdgeEnd::handle_frame`]), the outbox's reads ([`EdgeEnd::read_done`]) and the time
 //! ([`EdgeEnd::handle_timeout`]), and gives frames to send ([`EdgeEnd::poll_transmit`]),
 //! work for the driver ([`EdgeEnd::poll_effect`]) and its next deadline
@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::kafka::Compression;
-use ferry_protocol::link::{Frame, GoAwayCode, VERSION};
+use ferry_protocol::link_frames::{Frame, GoAwayCode, VERSION};
 
 use crate::error::{frame_name, LinkError};
 use crate::records::{batches, down_records};

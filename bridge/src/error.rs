@@ -1,7 +1,7 @@
 //! [`LinkError`]: why one connection of the link ended, at either end.
 
 use ferry_protocol::kafka::BatchError;
-use ferry_protocol::link::{Frame, GoAwayCode};
+use ferry_protocol::link_frames::{Frame, GoAwayCode};
 
 use crate::quic::StreamError;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferry_protocol::link::{self, Frame, LinkError};
+use ferry_protocol::link_frames::{self, Frame, LinkError};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -115,7 +115,7 @@ pub fn server(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&files.cert_file)?, key(&files.key_file)?)?;
-    tls.alpn_protocols = vec![link::ALPN.to_vec()];
+    tls.alpn_protocols = vec![link_frames::ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| SetupError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(timeouts));
@@ -132,7 +132,7 @@ pub fn client(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(&files.ca_file)?)
         .with_client_auth_cert(certs(&files.cert_file)?, key(&files.key_file)?)?;
-    tls.alpn_protocols = vec![link::ALPN.to_vec()];
+    tls.alpn_protocols = vec![link_frames::ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| SetupError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport(timeouts));
@@ -195,7 +195,7 @@ impl FrameReader {
     /// a task of its own.
     pub async fn next(&mut self) -> Result<Option<Frame>, StreamError> {
         loop {
-            if let Some(frame) = link::decode(&mut self.buf, self.max_frame_bytes)? {
+            if let Some(frame) = link_frames::decode(&mut self.buf, self.max_frame_bytes)? {
                 return Ok(Some(frame));
             }
             match self.recv.read_chunk(256 << 10, true).await? {

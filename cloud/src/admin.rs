@@ -126,7 +126,7 @@ async fn answer(node: &Node, path: &str) -> Response {
 
 /// The log's part of `/metrics`.
 /// The link listener's metrics: edges connected, and per linked edge what it sent.
-fn render_link(edges: &[ferry_bridge::server::EdgeLink]) -> String {
+fn render_link(edges: &[ferry_bridge::cloud_listener::EdgeLink]) -> String {
     let mut out = format!(
         "# HELP ferry_cloud_link_edges Edges linked now.\n# TYPE ferry_cloud_link_edges gauge\nferry_cloud_link_edges {}\n",
         edges.len()
@@ -135,8 +135,8 @@ fn render_link(edges: &[ferry_bridge::server::EdgeLink]) -> String {
         (
             "ferry_cloud_link_records_total",
             "Records an edge's current link delivered and the cloud acknowledged.",
-            (|e: &ferry_bridge::server::EdgeLink| e.records)
-                as fn(&ferry_bridge::server::EdgeLink) -> u64,
+            (|e: &ferry_bridge::cloud_listener::EdgeLink| e.records)
+                as fn(&ferry_bridge::cloud_listener::EdgeLink) -> u64,
         ),
         (
             "ferry_cloud_link_batch_bytes_total",

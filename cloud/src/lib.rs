@@ -10,8 +10,8 @@
 //! - [`mqtt`]: the MQTT front: the broker of `ferry-edge` in log mode, and the tailer that
 //!   delivers from the log.
 //! - [`kafka`]: the Kafka front (the Kafka wire protocol over the log).
-//! - [`link_sink`] and [`ingest`]: the link's cloud side (`ferry_bridge`'s server): an edge's
-//!   records appended exactly once by (edge, class, sequence), the downlink.
+//! - [`link_sink`] and [`ingest`]: the link's cloud side (`ferry_bridge`'s cloud listener):
+//!   an edge's records appended exactly once by (edge, class, sequence), the downlink.
 //! - [`admin`]: the admin HTTP listener: a JSON API and Prometheus metrics.
 //! - [`demo`]: `ferry-cloud demo`, a cloud, an edge and a sensor in one process.
 //!

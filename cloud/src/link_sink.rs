@@ -1,4 +1,4 @@
-//! The cloud's end of the link (`ferry_bridge::server`) wired to the ingest path: `[link]`
+//! The cloud's end of the link (`ferry_bridge::cloud_listener`) wired to ingest: `[link]`
 //! in the configuration, and the [`Sink`] that turns an edge's record batches into
 //! [`EdgeRecord`]s for [`Ingest`], and reads the downlink: messages published on the cloud to
 //! `$edge/<edge-id>/<topic>` are in the `downlink` stream (see [`crate::routes`]) and go to
@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_bridge::cloud_listener::{Appended, Downlink, ServerConfig, Sink};
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_bridge::server::{Appended, BoxFuture, Downlink, ServerConfig, Sink};
+use ferry_bridge::BoxFuture;
 use ferry_protocol::kafka::batch::{records, uncompressed, BatchBuilder};
 use ferry_protocol::kafka::mqtt::read_headers;
 use ferry_protocol::topic::TopicName;

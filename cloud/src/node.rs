@@ -42,7 +42,7 @@ pub enum NodeError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("link: {0}")]
-    Link(#[from] ferry_bridge::server::StartError),
+    Link(#[from] ferry_bridge::cloud_listener::StartError),
 }
 
 /// A running node.
@@ -53,7 +53,7 @@ pub struct Node {
     pub ingest: Arc<Ingest>,
     pub mqtt: Server,
     /// The link listener, with `[link]`.
-    pub link: Option<Arc<ferry_bridge::server::LinkServer>>,
+    pub link: Option<Arc<ferry_bridge::cloud_listener::LinkServer>>,
     /// The Kafka listener's address, with `[kafka]`.
     pub kafka_addr: Option<SocketAddr>,
     routes: Arc<RouteTable>,
@@ -137,7 +137,7 @@ impl Node {
         let routes = Arc::new(RouteTable::new(routes));
         let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
         let link = match &config.link {
-            Some(c) => Some(ferry_bridge::server::LinkServer::start(
+            Some(c) => Some(ferry_bridge::cloud_listener::LinkServer::start(
                 c.server_config(),
                 Arc::new(crate::link_sink::IngestSink {
                     ingest: ingest.clone(),

@@ -5,7 +5,8 @@
 //!   cloud's log).
 //! - [`outbox`]: the outbox budget, sans-IO: what goes up to the cloud and whether it fits.
 //! - [`uplink`]: the `[uplink]` configuration and its routes.
-//! - [`link`]: the link's edge side: the outbox read by `ferry_bridge`'s client, the downlink.
+//! - [`outbox_source`]: the link's edge side: the outbox as `ferry_bridge`'s edge dialer
+//!   reads it, the downlink, the link started from `[uplink]`.
 //! - [`server`]: the tokio driver: listeners, connections, the router thread; graceful stop.
 //! - [`store`]: durable state in redb (sessions, queues, retained messages, the outbox).
 //! - [`auth`]: Mosquitto's password and ACL files.
@@ -18,12 +19,16 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
-pub mod link;
 pub mod metrics;
 pub mod outbox;
+pub mod outbox_source;
 pub mod server;
 pub mod store;
 pub mod systemd;
 pub mod uplink;
 
 pub use ferry_protocol::mqtt;
+
+// The former path of `outbox_source`, still named by `src/server/`; to go once that names
+// `outbox_source`.
+use outbox_source as link;

@@ -288,7 +288,7 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
 fn link_json(
     s: &Stats,
     oldest_age: Duration,
-    link: Option<ferry_bridge::client::LinkStats>,
+    link: Option<ferry_bridge::edge_dialer::LinkStats>,
 ) -> String {
     let mut out = format!(
         "{{\"outbox\":{{\"records\":{},\"bytes\":{},\"oldest_age_secs\":{:.3},\"rejected\":{},\"dropped\":{}}},\"link\":",
@@ -318,8 +318,8 @@ fn link_json(
 }
 
 /// The link's metrics (`[uplink] cloud` set).
-pub fn render_link(l: &ferry_bridge::client::LinkStats) -> String {
-    use ferry_bridge::client::LinkState;
+pub fn render_link(l: &ferry_bridge::edge_dialer::LinkStats) -> String {
+    use ferry_bridge::edge_dialer::LinkState;
     let mut out = String::new();
     let _ = writeln!(
         out,

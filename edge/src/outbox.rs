@@ -3,7 +3,7 @@
 //! policy, and the store operations that put them in the outbox. The broker asks it about
 //! every message it accepts (its downstream on the edge); the router tells it what each
 //! commit deleted. The records themselves live in the store
-//! (`crate::store`), which the link reads (`crate::link`).
+//! (`crate::store`), which the link reads (`crate::outbox_source`).
 
 use std::sync::Arc;
 

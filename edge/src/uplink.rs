@@ -19,8 +19,9 @@
 //!
 //! A QoS ≥ 1 message that matches a route is durable in the outbox before its PUBACK leaves
 //! (the broker emits it in the same group commit as its other durable state). The link
-//! (`ferry_bridge::client`, wired in [`crate::link`]) sends the outbox, highest priority
-//! first and in order within a priority, and deletes what the cloud acknowledged.
+//! (`ferry_bridge::edge_dialer`, wired in [`crate::outbox_source`]) sends the outbox,
+//! highest priority first and in order within a priority, and deletes what the cloud
+//! acknowledged.
 
 use ferry_protocol::mqtt::QoS;
 use ferry_protocol::topic::{TopicFilter, TopicName};

@@ -3,7 +3,7 @@
 //! that decode to the same frame.
 
 use bytes::BytesMut;
-use ferry_protocol::link::decode;
+use ferry_protocol::link_frames::decode;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,9 +7,9 @@
 //! - [`mqtt`]: the MQTT 3.1.1 and 5.0 codec (every packet, property and reason code).
 //! - [`topic`]: validated topic names and filters, matching, shared subscriptions.
 //! - [`kafka`]: the Kafka v2 record batch, the unit of the cloud's log.
-//! - [`link`]: the frames of the edge ↔ cloud link (`docs/link-protocol.md`).
+//! - [`link_frames`]: the frames of the edge ↔ cloud link (`docs/link-protocol.md`).
 
 pub mod kafka;
-pub mod link;
+pub mod link_frames;
 pub mod mqtt;
 pub mod topic;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_protocol::kafka::Compression;
-use ferry_protocol::link::Frame;
+use ferry_protocol::link_frames::Frame;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
@@ -17,6 +17,7 @@ pub use crate::edge_end::{Cursors, OutRecord};
 use crate::edge_end::{EdgeEnd, EdgeEndConfig, Effect, MAX_FRAME_BYTES};
 use crate::error::LinkError;
 use crate::quic::{self, FrameReader, FrameWriter, StreamError, Timeouts, TlsFiles};
+use crate::BoxFuture;
 
 /// The edge's durable outbox, as the link sees it.
 pub trait Outbox: Send + Sync + 'static {
@@ -40,7 +41,7 @@ pub trait Outbox: Send + Sync + 'static {
         &self,
         seq: u64,
         messages: Vec<OutRecord>,
-    ) -> crate::server::BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), String>>;
 }
 
 /// How the edge reaches the cloud.

@@ -5,16 +5,14 @@
 //! the first.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ferry_protocol::link::{Frame, GoAwayCode};
+use ferry_protocol::link_frames::{Frame, GoAwayCode};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -23,9 +21,7 @@ use crate::error::LinkError;
 use crate::quic::{
     self, FrameReader, FrameWriter, PeerIdentity, SetupError, StreamError, Timeouts, TlsFiles,
 };
-
-/// A boxed future, as [`Sink`] returns.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use crate::BoxFuture;
 
 /// Where an edge's records go: the cloud's ingest path.
 pub trait Sink: Send + Sync + 'static {

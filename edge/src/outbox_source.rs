@@ -1,5 +1,5 @@
 //! The edge's link to the cloud: its outbox (the `outbox` table of [`crate::store`]) as
-//! `ferry_bridge::client` reads it, and the link started from `[uplink]`.
+//! `ferry_bridge::edge_dialer` reads it, and the link started from `[uplink]`.
 //!
 //! The link reads committed records in its own read transactions; what the cloud
 //! acknowledged goes to the router, which deletes it in its next group commit (and takes it
@@ -14,9 +14,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_bridge::client::{ClientConfig, Cursors, LinkStatus, OutRecord, Outbox};
+use ferry_bridge::edge_dialer::{ClientConfig, Cursors, LinkStatus, OutRecord, Outbox};
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_bridge::server::BoxFuture;
+use ferry_bridge::BoxFuture;
 use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
 use ferry_protocol::kafka::Compression;
 use ferry_protocol::topic::TopicName;
@@ -170,7 +170,7 @@ pub(crate) fn start(
     stop: watch::Receiver<bool>,
 ) -> Arc<LinkStatus> {
     let status = Arc::new(LinkStatus::default());
-    tokio::spawn(ferry_bridge::client::run(
+    tokio::spawn(ferry_bridge::edge_dialer::run(
         config,
         outbox,
         status.clone(),
