@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use ferry_edge::metrics::{render, serve_http, Response};
 use serde_json::json;
 
-use crate::log::Storage;
 use crate::node::Node;
 
 /// Serves the admin API on `addr` until the process ends; returns the bound address.

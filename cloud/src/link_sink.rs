@@ -29,7 +29,7 @@ use ferry_protocol::topic::TopicName;
 use serde::Deserialize;
 
 use crate::ingest::{EdgeRecord, Ingest};
-use crate::log::{SegmentLog, Storage, READ_BUDGET_BYTES};
+use crate::log::{Storage, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
 use crate::routes::{DOWNLINK_PREFIX, DOWNLINK_STREAM};
 
@@ -103,7 +103,7 @@ impl LinkConfig {
 #[derive(Debug)]
 pub struct IngestSink {
     pub ingest: Arc<Ingest>,
-    pub log: Arc<SegmentLog>,
+    pub log: Arc<dyn Storage>,
     pub meta: Arc<Meta>,
 }
 
@@ -129,7 +129,7 @@ impl Sink for IngestSink {
     fn downlink(&self, edge: String, after: u64) -> BoxFuture<'static, Result<Downlink, String>> {
         let log = self.log.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || read_downlink(&log, &edge, after))
+            tokio::task::spawn_blocking(move || read_downlink(&*log, &edge, after))
                 .await
                 .map_err(|e| e.to_string())?
         })
@@ -175,7 +175,7 @@ impl Sink for IngestSink {
 
 /// The downlink stream after sequence `after` (sequence = offset + 1), up to about 1 MiB:
 /// `edge`'s messages, their keys stripped of `$edge/<edge>/`, as one batch.
-fn read_downlink(log: &SegmentLog, edge: &str, after: u64) -> Result<Downlink, String> {
+fn read_downlink(log: &dyn Storage, edge: &str, after: u64) -> Result<Downlink, String> {
     let none = Downlink {
         read_to: after,
         batch: None,

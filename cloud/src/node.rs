@@ -48,7 +48,7 @@ pub enum NodeError {
 /// A running node.
 #[derive(Debug, Clone)]
 pub struct Node {
-    pub log: Arc<SegmentLog>,
+    pub log: Arc<dyn Storage>,
     pub meta: Arc<Meta>,
     pub ingest: Arc<Ingest>,
     pub mqtt: Server,
@@ -80,7 +80,7 @@ fn create_commands(routes: &Routes, defaults: &StreamConfig) -> Vec<Command> {
 /// history is for Kafka consumers.
 fn add_streams(
     meta: &Meta,
-    log: &SegmentLog,
+    log: &dyn Storage,
     routes: &Routes,
     defaults: &StreamConfig,
 ) -> Result<(), NodeError> {
@@ -109,8 +109,8 @@ fn add_streams(
 }
 
 impl Node {
-    /// Opens the data directory, recovers the log, creates the routes' streams and starts
-    /// the MQTT front. Serving stops when `shutdown` completes.
+    /// Opens the data directory, recovers the log on local disk (`<data_dir>/log`), creates
+    /// the routes' streams and starts the fronts. Serving stops when `shutdown` completes.
     pub async fn start(
         config: CloudConfig,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -130,10 +130,26 @@ impl Node {
         for (path, damage) in log.damage() {
             warn!(path = %path.display(), ?damage, "log recovery");
         }
+        Self::start_on(config, meta, log, shutdown).await
+    }
+
+    /// Starts the node over `log`, any [`Storage`] backend, with the metadata `meta`: creates
+    /// the streams the metadata knows and the routes write to, then starts the link, the
+    /// MQTT front, the Kafka front and retention. Every front reads and writes through the
+    /// trait only.
+    pub async fn start_on(
+        config: CloudConfig,
+        meta: Arc<Meta>,
+        log: Arc<dyn Storage>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<Self, NodeError> {
+        let routes = Routes::new(&config.routes)?;
+        meta.apply(&create_commands(&routes, &config.log.streams))?;
+        let streams: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
         for (name, c) in &streams {
             log.create_stream(name, c)?;
         }
-        add_streams(&meta, &log, &routes, &config.log.streams)?;
+        add_streams(&meta, &*log, &routes, &config.log.streams)?;
         let routes = Arc::new(RouteTable::new(routes));
         let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
         let link = match &config.link {
@@ -178,7 +194,7 @@ impl Node {
                     meta: meta.clone(),
                     config: k.clone(),
                     stream_defaults: config.log.streams.clone(),
-                    producers: Arc::new(Mutex::new(crate::kafka::producers_from_log(&log))),
+                    producers: Arc::new(Mutex::new(crate::kafka::producers_from_log(&*log))),
                     groups: Default::default(),
                     routes: routes.clone(),
                 }
@@ -187,7 +203,7 @@ impl Node {
             ),
             None => None,
         };
-        info!(data_dir = %data.display(), streams = streams.len(), "cloud node started");
+        info!(data_dir = %config.server.data_dir.display(), streams = streams.len(), "cloud node started");
         Ok(Self {
             log,
             meta,
@@ -204,7 +220,7 @@ impl Node {
     /// are refused and the old ones stay.
     pub fn reload_routes(&self, configs: &[RouteConfig]) -> Result<(), NodeError> {
         let routes = Routes::new(configs)?;
-        add_streams(&self.meta, &self.log, &routes, &self.stream_defaults)?;
+        add_streams(&self.meta, &*self.log, &routes, &self.stream_defaults)?;
         self.routes.set(routes);
         Ok(())
     }

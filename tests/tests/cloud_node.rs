@@ -5,7 +5,6 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_cloud::log::Storage;
 use ferry_cloud::routes::kafka_partition;
 use ferry_tests::clients::next_incoming;
 use ferry_tests::process::{mosquitto_at, mosquitto_pub_lines, temp_dir, Edge, Subscription};

@@ -26,7 +26,6 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::code::{COORDINATOR_NOT_AVAILABLE, NONE, UNKNOWN_TOPIC_OR_PARTITION};
 use super::KafkaFront;
-use crate::log::Storage;
 use crate::meta::Command;
 
 fn s(text: impl Into<String>) -> StrBytes {

@@ -73,7 +73,7 @@ use tracing::{debug, info, warn};
 
 use ferry_protocol::kafka::{records, uncompressed};
 
-use crate::log::{AppendData, LogError, SegmentLog, Storage, StreamConfig, READ_BUDGET_BYTES};
+use crate::log::{AppendData, LogError, Storage, StreamConfig, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
 
 /// `[kafka]`: the Kafka listener. Off unless the section is present.
@@ -157,10 +157,35 @@ const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 1, 4),
 ];
 
+/// Why the front closed a client's connection (logged; the client sees the close).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("negative frame size {0}")]
+    NegativeSize(i32),
+    #[error("request of {len} bytes over max_request_bytes ({max})")]
+    TooLarge { len: usize, max: usize },
+    #[error("truncated request: {0}")]
+    Truncated(#[source] std::io::Error),
+    #[error("write: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("request shorter than its header")]
+    Short,
+    #[error("unknown API key {0}")]
+    UnknownApi(i16),
+    #[error("{api:?} version {version} is not served")]
+    NotServed { api: ApiKey, version: i16 },
+    /// The request did not decode (kafka-protocol's message).
+    #[error("bad {what}: {why}")]
+    Malformed { what: String, why: String },
+    /// A response did not encode: a bug, the connection cannot go on in order.
+    #[error("encode {what}: {why}")]
+    Encode { what: &'static str, why: String },
+}
+
 /// What the front needs of the node.
 #[derive(Debug, Clone)]
 pub struct KafkaFront {
-    pub log: Arc<SegmentLog>,
+    pub log: Arc<dyn Storage>,
     pub meta: Arc<Meta>,
     pub config: KafkaConfig,
     /// Settings of topics it creates.
@@ -193,7 +218,7 @@ pub const PRODUCER_SCAN_OFFSETS: i64 = 50_000;
 
 /// Idempotent producers' state rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of
 /// every partition of `log` (Kafka rebuilds it from its log too). Blocking file IO.
-pub fn producers_from_log(log: &SegmentLog) -> Producers {
+pub fn producers_from_log(log: &dyn Storage) -> Producers {
     let mut producers = Producers::new();
     for stream in log.streams() {
         for (p, info) in stream.partitions.iter().enumerate() {
@@ -305,7 +330,7 @@ impl KafkaFront {
     }
 
     /// One client: requests in, responses out, in order.
-    async fn connection(&self, mut stream: TcpStream) -> Result<(), String> {
+    async fn connection(&self, mut stream: TcpStream) -> Result<(), ConnectionError> {
         let _ = stream.set_nodelay(true);
         let mut out = BytesMut::new();
         loop {
@@ -314,18 +339,18 @@ impl KafkaFront {
                 return Ok(());
             }
             let len = i32::from_be_bytes(len);
-            let len = usize::try_from(len).map_err(|_| format!("negative frame size {len}"))?;
+            let len = usize::try_from(len).map_err(|_| ConnectionError::NegativeSize(len))?;
             if len > self.config.max_request_bytes {
-                return Err(format!(
-                    "request of {len} bytes over max_request_bytes ({})",
-                    self.config.max_request_bytes
-                ));
+                return Err(ConnectionError::TooLarge {
+                    len,
+                    max: self.config.max_request_bytes,
+                });
             }
             let mut frame = vec![0u8; len];
             stream
                 .read_exact(&mut frame)
                 .await
-                .map_err(|e| format!("truncated request: {e}"))?;
+                .map_err(ConnectionError::Truncated)?;
             out.clear();
             let Some(()) = self.handle(Bytes::from(frame), &mut out).await? else {
                 // acks=0: no response.
@@ -334,19 +359,23 @@ impl KafkaFront {
             stream
                 .write_all(&out)
                 .await
-                .map_err(|e| format!("write: {e}"))?;
+                .map_err(ConnectionError::Write)?;
         }
     }
 
     /// Decodes one request and writes its response frame to `out`; Ok(None) when the
     /// request takes no response.
-    async fn handle(&self, mut frame: Bytes, out: &mut BytesMut) -> Result<Option<()>, String> {
+    async fn handle(
+        &self,
+        mut frame: Bytes,
+        out: &mut BytesMut,
+    ) -> Result<Option<()>, ConnectionError> {
         if frame.len() < 4 {
-            return Err("request shorter than its header".into());
+            return Err(ConnectionError::Short);
         }
         let key = i16::from_be_bytes([frame[0], frame[1]]);
         let version = i16::from_be_bytes([frame[2], frame[3]]);
-        let api = ApiKey::try_from(key).map_err(|_| format!("unknown API key {key}"))?;
+        let api = ApiKey::try_from(key).map_err(|_| ConnectionError::UnknownApi(key))?;
         let supported = SUPPORTED.iter().find(|(k, _, _)| *k == api);
         let in_range = supported.is_some_and(|(_, lo, hi)| (*lo..=*hi).contains(&version));
         if api == ApiKey::ApiVersions && !in_range {
@@ -359,12 +388,19 @@ impl KafkaFront {
             return Ok(Some(()));
         }
         if !in_range {
-            return Err(format!("{api:?} version {version} is not served"));
+            return Err(ConnectionError::NotServed { api, version });
         }
         let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
-            .map_err(|e| format!("bad request header: {e}"))?;
-        let request = RequestKind::decode(api, &mut frame, version)
-            .map_err(|e| format!("bad {api:?} v{version} request: {e}"))?;
+            .map_err(|e| ConnectionError::Malformed {
+                what: "request header".into(),
+                why: e.to_string(),
+            })?;
+        let request = RequestKind::decode(api, &mut frame, version).map_err(|e| {
+            ConnectionError::Malformed {
+                what: format!("{api:?} v{version} request"),
+                why: e.to_string(),
+            }
+        })?;
         let response = match request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
             RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
@@ -410,7 +446,7 @@ impl KafkaFront {
                 }
                 ResponseKind::Produce(response)
             }
-            _ => return Err(format!("{api:?} is not served")),
+            _ => return Err(ConnectionError::NotServed { api, version }),
         };
         // ApiVersions answers with header v0 whatever its version (KIP-511).
         let header_version = if api == ApiKey::ApiVersions {
@@ -548,7 +584,7 @@ impl KafkaFront {
                                     Ok(match p.timestamp {
                                         -2 => (-1, offsets.log_start),
                                         -1 => (-1, offsets.high_watermark),
-                                        ts => record_for_time(&log, &name, pi, ts)
+                                        ts => record_for_time(&*log, &name, pi, ts)
                                             .map_err(|e| log_error_code(&e))?
                                             .unwrap_or((-1, -1)),
                                     })
@@ -585,7 +621,7 @@ impl KafkaFront {
             let log = self.log.clone();
             let request = r.clone();
             let (responses, bytes) =
-                tokio::task::spawn_blocking(move || read_fetch(&log, &request))
+                tokio::task::spawn_blocking(move || read_fetch(&*log, &request))
                     .await
                     .unwrap_or_default();
             let now = tokio::time::Instant::now();
@@ -710,7 +746,7 @@ fn new_producer_id() -> i64 {
 /// The first record at or after `timestamp`: (its timestamp, its offset). The log's time
 /// index finds the batch; its records are scanned for the record itself, as Kafka does.
 fn record_for_time(
-    log: &SegmentLog,
+    log: &dyn Storage,
     stream: &str,
     partition: u32,
     timestamp: i64,
@@ -744,7 +780,7 @@ fn record_for_time(
 }
 
 /// Reads what a Fetch asks for; the responses and the bytes of records in them.
-fn read_fetch(log: &SegmentLog, r: &FetchRequest) -> (Vec<FetchableTopicResponse>, usize) {
+fn read_fetch(log: &dyn Storage, r: &FetchRequest) -> (Vec<FetchableTopicResponse>, usize) {
     let mut budget = if r.max_bytes > 0 {
         r.max_bytes as usize
     } else {
@@ -849,15 +885,18 @@ fn write_response(
     header_version: i16,
     body: &ResponseKind,
     version: i16,
-) -> Result<(), String> {
+) -> Result<(), ConnectionError> {
     let start = out.len();
     out.put_i32(0);
+    let failed = |what| move |e: anyhow::Error| ConnectionError::Encode {
+        what,
+        why: e.to_string(),
+    };
     ResponseHeader::default()
         .with_correlation_id(correlation_id)
         .encode(out, header_version)
-        .map_err(|e| format!("encode response header: {e}"))?;
-    body.encode(out, version)
-        .map_err(|e| format!("encode response: {e}"))?;
+        .map_err(failed("response header"))?;
+    body.encode(out, version).map_err(failed("response"))?;
     let size = (out.len() - start - 4) as i32;
     out[start..start + 4].copy_from_slice(&size.to_be_bytes());
     Ok(())
@@ -866,6 +905,7 @@ fn write_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::SegmentLog;
 
     #[test]
     fn an_idempotent_producers_resend_is_found_and_a_gap_or_an_old_epoch_refused() {
@@ -931,7 +971,7 @@ mod tests {
             }
         }
         let log = SegmentLog::open(&dir, true, 64).expect("reopen");
-        let producers = producers_from_log(&log);
+        let producers = producers_from_log(&*log);
         assert_eq!(producers.len(), 1, "one producer, one partition");
         let state = &producers[&(77, "p".to_owned(), 0)];
         // The resend of either batch is a duplicate, answered with its first offset.

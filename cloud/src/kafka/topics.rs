@@ -26,7 +26,7 @@ use super::code::{
     UNKNOWN_TOPIC_OR_PARTITION,
 };
 use super::KafkaFront;
-use crate::log::{Storage, StreamConfig};
+use crate::log::StreamConfig;
 use crate::meta::Command;
 
 /// DescribeConfigs resource type of a topic.

@@ -11,9 +11,11 @@
 //! one partition become one batch), syncs each touched file once, and only then answers them
 //! all and lets readers see the new records.
 //!
-//! The fronts use the [`Storage`] trait, so that another backend (object storage) can take
-//! the place of [`SegmentLog`] without touching them.
+//! The fronts use the [`Storage`] trait only, so that another backend (object storage) can
+//! take the place of [`SegmentLog`] without touching them; [`MemoryLog`] is a second
+//! backend, for tests.
 
+mod memory;
 mod partition;
 mod segment;
 #[cfg(test)]
@@ -35,6 +37,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
+pub use memory::MemoryLog;
 use partition::Partition;
 pub use segment::Damage;
 
@@ -240,6 +243,7 @@ pub struct LogStats {
     pub sync_us_max: u64,
 }
 
+/// The live form of [`LogStats`], shared by a log's writer and its readers of metrics.
 #[derive(Debug, Default)]
 struct Counters {
     commits: AtomicU64,
@@ -249,11 +253,36 @@ struct Counters {
     sync_us_max: AtomicU64,
 }
 
+impl Counters {
+    fn load(&self) -> LogStats {
+        LogStats {
+            commits: self.commits.load(Relaxed),
+            records: self.records.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            sync_us_total: self.sync_us_total.load(Relaxed),
+            sync_us_max: self.sync_us_max.load(Relaxed),
+        }
+    }
+
+    /// One commit that took `sync_us` to make durable.
+    fn committed(&self, sync_us: u64) {
+        self.commits.fetch_add(1, Relaxed);
+        self.sync_us_total.fetch_add(sync_us, Relaxed);
+        self.sync_us_max.fetch_max(sync_us, Relaxed);
+    }
+
+    /// `records` records in `bytes` bytes of batches written.
+    fn wrote(&self, records: u64, bytes: u64) {
+        self.records.fetch_add(records, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+}
+
 /// A pending append.
 pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, LogError>> + Send>>;
 
 /// What the fronts (MQTT, Kafka, AMQP, the link's ingest) need from storage.
-pub trait Storage: Send + Sync + 'static {
+pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Creates `name` with `config` if it does not exist; an existing stream is left as is.
     fn create_stream(&self, name: &str, config: &StreamConfig) -> Result<(), LogError>;
     /// Deletes `name` and every record in it; false if there was no such stream. Appends
@@ -280,6 +309,15 @@ pub trait Storage: Send + Sync + 'static {
         partition: u32,
         timestamp: i64,
     ) -> Result<Option<i64>, LogError>;
+    /// Changes whenever appends became readable (for readers that follow the log's end: the
+    /// MQTT tailer, Kafka long polls, the downlink). A reader marks what it has seen and
+    /// waits for the next change; it then reads the offsets again.
+    fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Drops what every partition's retention no longer keeps; returns how many units
+    /// (segments, for the local log) went. Blocking IO.
+    fn enforce_retention(&self) -> Result<usize, LogError>;
+    /// What the writer did since the log was opened (for metrics).
+    fn stats(&self) -> LogStats;
 }
 
 /// The log on local disk: `<dir>/<stream>-<partition>/<base offset>.log`.
@@ -449,24 +487,6 @@ impl SegmentLog {
         }))
     }
 
-    /// Changes whenever a commit made new records readable (for readers that follow the
-    /// log's end).
-    pub fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.commits.clone()
-    }
-
-    /// What the appender did since the log was opened.
-    pub fn stats(&self) -> LogStats {
-        let c = &self.counters;
-        LogStats {
-            commits: c.commits.load(Relaxed),
-            records: c.records.load(Relaxed),
-            bytes: c.bytes.load(Relaxed),
-            sync_us_total: c.sync_us_total.load(Relaxed),
-            sync_us_max: c.sync_us_max.load(Relaxed),
-        }
-    }
-
     /// What recovery found at open.
     pub fn damage(&self) -> &[(PathBuf, Damage)] {
         &self.damage
@@ -484,23 +504,6 @@ impl SegmentLog {
                 stream: stream.to_owned(),
                 partition,
             })
-    }
-
-    /// Drops old segments in every partition per its retention; returns how many.
-    pub fn enforce_retention(&self) -> Result<usize, LogError> {
-        let now = now_ms();
-        let cells: Vec<_> = {
-            let streams = self.streams.read().unwrap_or_else(|e| e.into_inner());
-            streams
-                .values()
-                .flat_map(|s| s.partitions.clone())
-                .collect()
-        };
-        let mut removed = 0;
-        for cell in cells {
-            removed += cell.lock().enforce_retention(now)?;
-        }
-        Ok(removed)
     }
 }
 
@@ -672,32 +675,52 @@ impl Storage for SegmentLog {
             .lock()
             .offset_for_time(timestamp)
     }
+
+    fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.clone()
+    }
+
+    /// Drops whole old segments in every partition (never the active one).
+    fn enforce_retention(&self) -> Result<usize, LogError> {
+        let now = now_ms();
+        let cells: Vec<_> = {
+            let streams = self.streams.read().unwrap_or_else(|e| e.into_inner());
+            streams
+                .values()
+                .flat_map(|s| s.partitions.clone())
+                .collect()
+        };
+        let mut removed = 0;
+        for cell in cells {
+            removed += cell.lock().enforce_retention(now)?;
+        }
+        Ok(removed)
+    }
+
+    fn stats(&self) -> LogStats {
+        self.counters.load()
+    }
 }
 
-/// One partition's share of a commit: its bytes and the requests they answer.
-struct Pending {
-    cell: Arc<Cell>,
+/// Turns appends into whole v2 batches with base offset 0 (the log sets them): records of
+/// consecutive appends are merged into batches of up to [`MERGED_BATCH_BYTES`]; a
+/// producer's batches are checked (CRC) and kept as they are. Shared by every backend, so
+/// that what one accepts the others accept too.
+#[derive(Default)]
+pub(crate) struct Encoder {
     bytes: BytesMut,
-    /// Per request: its reply, and its records' position in the write as (first, last)
-    /// record index counted from the start of this partition's share.
-    replies: Vec<(Reply, u64, u64)>,
     records: u64,
     open: Option<BatchBuilder>,
 }
 
-impl Pending {
-    fn close_batch(&mut self) {
-        if let Some(b) = self.open.take() {
-            self.bytes.extend_from_slice(&b.finish(0));
-        }
-    }
-
-    fn add(&mut self, data: AppendData, reply: Reply) {
+impl Encoder {
+    /// Adds one append; its records' place as (first, last) record index counted from the
+    /// start of this encoder's output. Nothing is added when it is refused.
+    pub(crate) fn add(&mut self, data: AppendData) -> Result<(u64, u64), LogError> {
         let first = self.records;
         match data {
             AppendData::Records(records) if records.is_empty() => {
-                let _ = reply.send(Err(LogError::BadBatch("no records".into())));
-                return;
+                return Err(LogError::BadBatch("no records".into()));
             }
             AppendData::Records(records) => {
                 for r in &records {
@@ -724,31 +747,63 @@ impl Pending {
                 self.records += records.len() as u64;
             }
             AppendData::Batches(bytes) => {
-                // Check every batch before any of it is written.
+                // Check every batch before any of it is taken.
                 let mut at = 0;
                 let mut count = 0u64;
                 while at < bytes.len() {
-                    match batch::verify_crc(&bytes[at..]) {
-                        Ok(h) => {
-                            count += u64::from(h.last_offset_delta as u32) + 1;
-                            at += h.total_len();
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(LogError::BadBatch(e.to_string())));
-                            return;
-                        }
+                    let h = batch::verify_crc(&bytes[at..])
+                        .map_err(|e| LogError::BadBatch(e.to_string()))?;
+                    if h.total_len() > segment::MAX_BATCH_BYTES {
+                        return Err(LogError::BadBatch(format!(
+                            "a batch of {} bytes (at most {})",
+                            h.total_len(),
+                            segment::MAX_BATCH_BYTES
+                        )));
                     }
+                    count += u64::from(h.last_offset_delta as u32) + 1;
+                    at += h.total_len();
                 }
                 if count == 0 {
-                    let _ = reply.send(Err(LogError::BadBatch("no batches".into())));
-                    return;
+                    return Err(LogError::BadBatch("no batches".into()));
                 }
                 self.close_batch();
                 self.bytes.extend_from_slice(&bytes);
                 self.records += count;
             }
         }
-        self.replies.push((reply, first, self.records - 1));
+        Ok((first, self.records - 1))
+    }
+
+    fn close_batch(&mut self) {
+        if let Some(b) = self.open.take() {
+            self.bytes.extend_from_slice(&b.finish(0));
+        }
+    }
+
+    /// The batches of everything added, back to back, and their record count.
+    pub(crate) fn finish(mut self) -> (BytesMut, u64) {
+        self.close_batch();
+        (self.bytes, self.records)
+    }
+}
+
+/// One partition's share of a commit: its bytes and the requests they answer.
+struct Pending {
+    cell: Arc<Cell>,
+    encoder: Encoder,
+    /// Per request: its reply, and its records' position in the write as (first, last)
+    /// record index counted from the start of this partition's share.
+    replies: Vec<(Reply, u64, u64)>,
+}
+
+impl Pending {
+    fn add(&mut self, data: AppendData, reply: Reply) {
+        match self.encoder.add(data) {
+            Ok((first, last)) => self.replies.push((reply, first, last)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
     }
 }
 
@@ -769,10 +824,8 @@ fn appender(
                 None => {
                     pending.push(Pending {
                         cell: req.cell.clone(),
-                        bytes: BytesMut::new(),
+                        encoder: Encoder::default(),
                         replies: Vec::new(),
-                        records: 0,
-                        open: None,
                     });
                     pending.len() - 1
                 }
@@ -791,16 +844,22 @@ fn appender(
 }
 
 /// Writes each partition's share, syncs each file once, then publishes and answers.
-fn commit(mut pending: Vec<Pending>, fsync: bool, stats: &Counters) {
+fn commit(pending: Vec<Pending>, fsync: bool, stats: &Counters) {
     let now = now_ms();
-    let mut written = Vec::with_capacity(pending.len());
-    for p in &mut pending {
-        p.close_batch();
-        if p.bytes.is_empty() {
+    let mut shares: Vec<_> = pending
+        .into_iter()
+        .map(|p| {
+            let (bytes, _) = p.encoder.finish();
+            (p.cell, bytes, p.replies)
+        })
+        .collect();
+    let mut written = Vec::with_capacity(shares.len());
+    for (cell, bytes, _) in &mut shares {
+        if bytes.is_empty() {
             written.push(Ok(None));
             continue;
         }
-        let result = p.cell.lock().append(&mut p.bytes, now);
+        let result = cell.lock().append(bytes, now);
         written.push(result.map(Some));
     }
     // One sync per file, outside the partition locks: readers go on meanwhile.
@@ -812,22 +871,18 @@ fn commit(mut pending: Vec<Pending>, fsync: bool, stats: &Counters) {
             _ => Ok(()),
         });
     }
-    let took = started.elapsed().as_micros() as u64;
-    stats.commits.fetch_add(1, Relaxed);
-    stats.sync_us_total.fetch_add(took, Relaxed);
-    stats.sync_us_max.fetch_max(took, Relaxed);
-    for (p, w) in pending.iter().zip(&written) {
+    stats.committed(started.elapsed().as_micros() as u64);
+    for ((_, bytes, _), w) in shares.iter().zip(&written) {
         if let Ok(Some((base, last, _, _))) = w {
-            stats.records.fetch_add((last - base + 1) as u64, Relaxed);
-            stats.bytes.fetch_add(p.bytes.len() as u64, Relaxed);
+            stats.wrote((last - base + 1) as u64, bytes.len() as u64);
         }
     }
-    for ((p, w), s) in pending.into_iter().zip(written).zip(synced) {
+    for (((cell, _, replies), w), s) in shares.into_iter().zip(written).zip(synced) {
         let outcome = w.and_then(|w| s.map(|()| w));
         match outcome {
             Ok(Some((base, _, _, _))) => {
-                p.cell.lock().mark_durable();
-                for (reply, first, last) in p.replies {
+                cell.lock().mark_durable();
+                for (reply, first, last) in replies {
                     let _ = reply.send(Ok(Appended {
                         base_offset: base + first as i64,
                         last_offset: base + last as i64,
@@ -838,19 +893,19 @@ fn commit(mut pending: Vec<Pending>, fsync: bool, stats: &Counters) {
             Err(e @ LogError::UnknownStream(_)) => {
                 // Its stream was deleted while the append waited.
                 let msg = e.to_string();
-                for (reply, _, _) in p.replies {
+                for (reply, _, _) in replies {
                     let _ = reply.send(Err(LogError::UnknownStream(msg.clone())));
                 }
             }
             Err(e) => {
                 // The partition's file is in an unknown state: nothing of this write is
                 // acknowledged; the next open recovers the file.
-                error!(dir = %p.cell.dir.display(), error = %e, "append failed; the partition takes no more appends");
+                error!(dir = %cell.dir.display(), error = %e, "append failed; the partition takes no more appends");
                 let msg = e.to_string();
-                p.cell.lock().failed = Some(msg.clone());
-                for (reply, _, _) in p.replies {
+                cell.lock().failed = Some(msg.clone());
+                for (reply, _, _) in replies {
                     let _ = reply.send(Err(LogError::Io {
-                        path: p.cell.dir.clone(),
+                        path: cell.dir.clone(),
                         source: std::io::Error::other(msg.clone()),
                     }));
                 }

@@ -21,7 +21,7 @@ fn rec(value: &str) -> NewRecord {
 }
 
 /// Every record value from `from` on, in offset order, with its offset.
-fn values(log: &SegmentLog, stream: &str, from: i64) -> Result<Vec<(i64, String)>, LogError> {
+fn values(log: &dyn Storage, stream: &str, from: i64) -> Result<Vec<(i64, String)>, LogError> {
     let mut out = Vec::new();
     let mut offset = from;
     loop {
@@ -47,6 +47,13 @@ fn values(log: &SegmentLog, stream: &str, from: i64) -> Result<Vec<(i64, String)
     }
 }
 
+/// A fresh log of each backend, named for the messages of a test that runs on both: what
+/// one backend accepts and answers, the other must too.
+fn backends(test: &str) -> Vec<(&'static str, Arc<dyn Storage>)> {
+    let segment: Arc<dyn Storage> = SegmentLog::open(&temp_dir(test), true, 4096).expect("open");
+    vec![("segment", segment), ("memory", MemoryLog::new())]
+}
+
 fn small_segments() -> StreamConfig {
     StreamConfig {
         segment_bytes: 1024,
@@ -57,40 +64,44 @@ fn small_segments() -> StreamConfig {
 
 #[tokio::test]
 async fn appends_get_consecutive_offsets_and_read_back_in_order() {
-    let dir = temp_dir("order");
-    let log = SegmentLog::open(&dir, true, 64).expect("open");
-    log.create_stream("mqtt", &StreamConfig::default())
-        .expect("create");
-    let a = log
-        .append("mqtt", 0, AppendData::Records(vec![rec("a"), rec("b")]))
-        .await
-        .expect("append");
-    let b = log
-        .append("mqtt", 0, AppendData::Records(vec![rec("c")]))
-        .await
-        .expect("append");
-    assert_eq!(
-        (a.base_offset, a.last_offset, b.base_offset, b.last_offset),
-        (0, 1, 2, 2)
-    );
-    let got = values(&log, "mqtt", 0).expect("read");
-    assert_eq!(got, vec![(0, "a".into()), (1, "b".into()), (2, "c".into())]);
-    assert_eq!(values(&log, "mqtt", 1).expect("read")[0], (1, "b".into()));
-    assert_eq!(
-        log.offsets("mqtt", 0).expect("offsets"),
-        Offsets {
-            log_start: 0,
-            high_watermark: 3
-        }
-    );
-    assert!(matches!(
-        log.read("mqtt", 0, 4, 100),
-        Err(LogError::OffsetOutOfRange { .. })
-    ));
-    assert!(matches!(
-        log.read("nope", 0, 0, 100),
-        Err(LogError::UnknownStream(_))
-    ));
+    for (kind, log) in backends("order") {
+        log.create_stream("mqtt", &StreamConfig::default())
+            .expect("create");
+        let a = log
+            .append("mqtt", 0, AppendData::Records(vec![rec("a"), rec("b")]))
+            .await
+            .expect("append");
+        let b = log
+            .append("mqtt", 0, AppendData::Records(vec![rec("c")]))
+            .await
+            .expect("append");
+        assert_eq!(
+            (a.base_offset, a.last_offset, b.base_offset, b.last_offset),
+            (0, 1, 2, 2)
+        );
+        let got = values(&*log, "mqtt", 0).expect("read");
+        assert_eq!(
+            got,
+            vec![(0, "a".into()), (1, "b".into()), (2, "c".into())],
+            "{kind}"
+        );
+        assert_eq!(values(&*log, "mqtt", 1).expect("read")[0], (1, "b".into()));
+        assert_eq!(
+            log.offsets("mqtt", 0).expect("offsets"),
+            Offsets {
+                log_start: 0,
+                high_watermark: 3
+            }
+        );
+        assert!(matches!(
+            log.read("mqtt", 0, 4, 100),
+            Err(LogError::OffsetOutOfRange { .. })
+        ));
+        assert!(matches!(
+            log.read("nope", 0, 0, 100),
+            Err(LogError::UnknownStream(_))
+        ));
+    }
 }
 
 #[tokio::test]
@@ -106,7 +117,7 @@ async fn concurrent_appends_are_merged_into_few_batches_and_each_gets_its_own_of
     for t in tasks {
         results.push(t.await.expect("task").expect("append"));
     }
-    let got = values(&log, "s", 0).expect("read");
+    let got = values(&*log, "s", 0).expect("read");
     assert_eq!(got.len(), 500);
     for (i, r) in results.iter().enumerate() {
         // Request i appended the record "i": its reply points at that record.
@@ -148,14 +159,14 @@ async fn the_log_survives_a_reopen_across_many_segments() {
     }
     let log = SegmentLog::open(&dir, true, 64).expect("reopen");
     assert!(log.damage().is_empty(), "{:?}", log.damage());
-    let got = values(&log, "s", 0).expect("read");
+    let got = values(&*log, "s", 0).expect("read");
     assert_eq!(got.len(), 100);
     assert!(got
         .iter()
         .enumerate()
         .all(|(i, (o, v))| *o == i as i64 && *v == format!("{i:03}")));
     // Reads that start in an older segment, found through its reloaded index.
-    assert_eq!(values(&log, "s", 37).expect("read")[0], (37, "037".into()));
+    assert_eq!(values(&*log, "s", 37).expect("read")[0], (37, "037".into()));
     let next = log
         .append("s", 0, AppendData::Records(vec![rec("new")]))
         .await
@@ -212,7 +223,7 @@ async fn a_torn_tail_is_cut_off_and_nothing_before_it_is_lost() {
             .len(),
         whole_len
     );
-    let got = values(&log, "s", 0).expect("read");
+    let got = values(&*log, "s", 0).expect("read");
     assert_eq!(
         got.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>(),
         ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
@@ -277,7 +288,7 @@ async fn a_flipped_bit_in_the_middle_is_reported_not_served_and_not_truncated() 
         log.read("s", 0, 0, usize::MAX),
         Err(LogError::Corrupt { .. })
     ));
-    let after = values(&log, "s", 4).expect("read after the damage");
+    let after = values(&*log, "s", 4).expect("read after the damage");
     assert_eq!(after.first(), Some(&(4, "value-4".into())));
     assert_eq!(after.len(), 6);
     assert_eq!(
@@ -325,13 +336,13 @@ async fn retention_drops_whole_old_segments_by_bytes_and_by_age() {
         Err(LogError::OffsetOutOfRange { .. })
     ));
     assert_eq!(
-        values(&log, "b", b.log_start).expect("read").len() as i64,
+        values(&*log, "b", b.log_start).expect("read").len() as i64,
         100 - b.log_start
     );
     // By age: the segments holding only the hour-old records are gone, the new ones stay.
     let a = log.offsets("a", 0).expect("offsets");
     assert!(a.log_start > 0 && a.log_start <= 50, "{a:?}");
-    assert!(values(&log, "a", a.log_start)
+    assert!(values(&*log, "a", a.log_start)
         .expect("read")
         .iter()
         .any(|(o, _)| *o == 50));
@@ -339,54 +350,58 @@ async fn retention_drops_whole_old_segments_by_bytes_and_by_age() {
 
 #[tokio::test]
 async fn producer_batches_are_stored_as_they_are_and_bad_ones_refused() {
-    let dir = temp_dir("batches");
-    let log = SegmentLog::open(&dir, true, 64).expect("open");
-    log.create_stream("k", &StreamConfig::default())
-        .expect("create");
-    let mut b = BatchBuilder::new(7).producer(42, 0, 0);
-    b.push(7, Some(b"k"), Some(b"v1"), &[]);
-    b.push(8, Some(b"k"), Some(b"v2"), &[]);
-    let produced = b.finish(0);
-    let r = log
-        .append("k", 0, AppendData::Batches(BytesMut::from(&produced[..])))
-        .await
-        .expect("append");
-    assert_eq!((r.base_offset, r.last_offset), (0, 1));
-    let stored = log.read("k", 0, 0, 1 << 20).expect("read").batches;
-    // Byte for byte, but for the base offset the log assigned (0 here too).
-    assert_eq!(&stored[..], &produced[..]);
-    let mut bad = BytesMut::from(&produced[..]);
-    let last = bad.len() - 1;
-    bad[last] ^= 0xff;
-    assert!(matches!(
-        log.append("k", 0, AppendData::Batches(bad)).await,
-        Err(LogError::BadBatch(_))
-    ));
-    assert_eq!(log.offsets("k", 0).expect("offsets").high_watermark, 2);
+    for (kind, log) in backends("batches") {
+        log.create_stream("k", &StreamConfig::default())
+            .expect("create");
+        let mut b = BatchBuilder::new(7).producer(42, 0, 0);
+        b.push(7, Some(b"k"), Some(b"v1"), &[]);
+        b.push(8, Some(b"k"), Some(b"v2"), &[]);
+        let produced = b.finish(0);
+        let r = log
+            .append("k", 0, AppendData::Batches(BytesMut::from(&produced[..])))
+            .await
+            .expect("append");
+        assert_eq!((r.base_offset, r.last_offset), (0, 1));
+        let stored = log.read("k", 0, 0, 1 << 20).expect("read").batches;
+        // Byte for byte, but for the base offset the log assigned (0 here too).
+        assert_eq!(&stored[..], &produced[..], "{kind}");
+        let mut bad = BytesMut::from(&produced[..]);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        assert!(matches!(
+            log.append("k", 0, AppendData::Batches(bad)).await,
+            Err(LogError::BadBatch(_))
+        ));
+        assert_eq!(log.offsets("k", 0).expect("offsets").high_watermark, 2);
+    }
 }
 
 #[tokio::test]
 async fn offsets_are_found_by_timestamp() {
-    let dir = temp_dir("time");
-    let log = SegmentLog::open(&dir, true, 64).expect("open");
-    log.create_stream("t", &small_segments()).expect("create");
-    for i in 0..50i64 {
-        let mut r = rec(&i.to_string());
-        r.timestamp = 10_000 + i * 100;
-        log.append("t", 0, AppendData::Records(vec![r]))
-            .await
-            .expect("append");
+    for (kind, log) in backends("time") {
+        log.create_stream("t", &small_segments()).expect("create");
+        for i in 0..50i64 {
+            let mut r = rec(&i.to_string());
+            r.timestamp = 10_000 + i * 100;
+            log.append("t", 0, AppendData::Records(vec![r]))
+                .await
+                .expect("append");
+        }
+        assert_eq!(
+            log.offset_for_time("t", 0, 0).expect("lookup"),
+            Some(0),
+            "{kind}"
+        );
+        assert_eq!(
+            log.offset_for_time("t", 0, 12_000).expect("lookup"),
+            Some(20)
+        );
+        assert_eq!(
+            log.offset_for_time("t", 0, 12_050).expect("lookup"),
+            Some(21)
+        );
+        assert_eq!(log.offset_for_time("t", 0, 99_000).expect("lookup"), None);
     }
-    assert_eq!(log.offset_for_time("t", 0, 0).expect("lookup"), Some(0));
-    assert_eq!(
-        log.offset_for_time("t", 0, 12_000).expect("lookup"),
-        Some(20)
-    );
-    assert_eq!(
-        log.offset_for_time("t", 0, 12_050).expect("lookup"),
-        Some(21)
-    );
-    assert_eq!(log.offset_for_time("t", 0, 99_000).expect("lookup"), None);
 }
 
 #[tokio::test]
@@ -419,7 +434,7 @@ async fn a_deleted_stream_is_gone_refuses_appends_and_comes_back_empty_when_made
             Err(LogError::UnknownStream(_))
         ));
         assert!(matches!(
-            values(&log, "gone", 0),
+            values(&*log, "gone", 0),
             Err(LogError::UnknownStream(_))
         ));
         let names: Vec<_> = log.streams().into_iter().map(|s| s.name).collect();
@@ -438,8 +453,8 @@ async fn a_deleted_stream_is_gone_refuses_appends_and_comes_back_empty_when_made
     let log = SegmentLog::open(&dir, true, 64).expect("reopen");
     let names: Vec<_> = log.streams().into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["gone", "kept"]);
-    assert_eq!(values(&log, "gone", 0).expect("read"), [(0, "new".into())]);
-    assert_eq!(values(&log, "kept", 0).expect("read").len(), 50);
+    assert_eq!(values(&*log, "gone", 0).expect("read"), [(0, "new".into())]);
+    assert_eq!(values(&*log, "kept", 0).expect("read").len(), 50);
     let left: Vec<_> = std::fs::read_dir(&dir)
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -515,10 +530,76 @@ async fn a_segment_older_than_segment_ms_is_rolled_at_the_next_append() {
         .await
         .expect("append");
     assert_eq!(segments(), 2, "the old segment rolled");
-    let got = values(&log, "t", 0).expect("read");
+    let got = values(&*log, "t", 0).expect("read");
     assert_eq!(
         got,
         (0..4).map(|i| (i, i.to_string())).collect::<Vec<_>>(),
         "read across both segments"
     );
+}
+
+#[tokio::test]
+async fn readers_are_told_of_each_commit_and_streams_report_their_offsets() {
+    for (kind, log) in backends("watch") {
+        let two = StreamConfig {
+            partitions: 2,
+            ..StreamConfig::default()
+        };
+        log.create_stream("w", &two).expect("create");
+        let mut commits = log.watch_commits();
+        commits.borrow_and_update();
+        log.append("w", 1, AppendData::Records(vec![rec("x"), rec("y")]))
+            .await
+            .expect("append");
+        // The change is there by the time the append is answered.
+        assert!(commits.has_changed().expect("open"), "{kind}");
+        let info = log.streams();
+        assert_eq!(info.len(), 1, "{kind}");
+        let offsets: Vec<_> = info[0]
+            .partitions
+            .iter()
+            .map(|p| p.offsets.high_watermark)
+            .collect();
+        assert_eq!(offsets, [0, 2], "{kind}");
+        assert!(info[0].partitions[1].bytes > 0, "{kind}");
+        assert!(matches!(
+            log.offsets("w", 2),
+            Err(LogError::UnknownPartition { partition: 2, .. })
+        ));
+        assert!(matches!(
+            log.create_stream("no/slash", &two),
+            Err(LogError::BadStreamName(_))
+        ));
+        assert!(matches!(
+            log.append("w", 0, AppendData::Records(Vec::new())).await,
+            Err(LogError::BadBatch(_))
+        ));
+        let stats = log.stats();
+        assert_eq!(stats.records, 2, "{kind}: {stats:?}");
+        assert!(log.delete_stream("w").expect("delete"), "{kind}");
+        assert!(log.streams().is_empty(), "{kind}");
+    }
+}
+
+#[tokio::test]
+async fn memory_retention_drops_old_batches_from_the_front_and_keeps_the_newest() {
+    let log = MemoryLog::new();
+    let config = StreamConfig {
+        retention_bytes: Some(1),
+        ..StreamConfig::default()
+    };
+    log.create_stream("r", &config).expect("create");
+    for i in 0..5 {
+        log.append("r", 0, AppendData::Records(vec![rec(&i.to_string())]))
+            .await
+            .expect("append");
+    }
+    assert_eq!(log.enforce_retention().expect("retention"), 4);
+    let offsets = log.offsets("r", 0).expect("offsets");
+    assert_eq!((offsets.log_start, offsets.high_watermark), (4, 5));
+    assert_eq!(values(&*log, "r", 4).expect("read"), [(4, "4".into())]);
+    assert!(matches!(
+        log.read("r", 0, 3, 100),
+        Err(LogError::OffsetOutOfRange { start: 4, .. })
+    ));
 }

@@ -25,7 +25,7 @@ use ferry_edge::config::Config as EdgeConfig;
 use ferry_edge::server::{AppendFuture, LogHooks, Server};
 use tokio::sync::mpsc;
 
-use crate::log::{now_ms, AppendData, SegmentLog, Storage};
+use crate::log::{now_ms, AppendData, Storage};
 use crate::meta::Meta;
 use crate::node::NodeError;
 use crate::routes::{to_record, MqttMessage, RouteTable};
@@ -49,7 +49,7 @@ const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// `shutdown` completes.
 pub(crate) async fn start(
     config: EdgeConfig,
-    log: Arc<SegmentLog>,
+    log: Arc<dyn Storage>,
     meta: Arc<Meta>,
     routes: Arc<RouteTable>,
     max_lag_records: u64,
@@ -124,7 +124,7 @@ async fn start_on_own_thread(
 /// Appends what one broker batch accepted, each message to its route's partition, all
 /// partitions at once; done when all are durable.
 fn append(
-    log: Arc<SegmentLog>,
+    log: Arc<dyn Storage>,
     routes: Arc<RouteTable>,
     messages: Vec<Arc<Message>>,
 ) -> AppendFuture {

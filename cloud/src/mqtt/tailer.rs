@@ -15,13 +15,13 @@ use tracing::error;
 
 use super::cursor::DeliveryCursor;
 use super::{CURSOR_COMMIT_INTERVAL, MAX_UNCOMPRESSED_BYTES, MQTT_CURSOR};
-use crate::log::{now_ms, LogError, SegmentLog, Storage, READ_BUDGET_BYTES};
+use crate::log::{now_ms, LogError, Storage, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
 use crate::routes::from_record;
 
 /// Follows the end of every partition and hands each record to the broker as a message.
 pub(super) struct Tailer {
-    pub(super) log: Arc<SegmentLog>,
+    pub(super) log: Arc<dyn Storage>,
     pub(super) meta: Arc<Meta>,
     pub(super) tx: mpsc::Sender<Arc<Message>>,
     /// Where delivery stands; the router's `delivered` callback moves it too.

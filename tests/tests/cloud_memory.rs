@@ -1,0 +1,199 @@
+//! The cloud node's fronts over a second storage backend, the in-memory log
+//! (`ferry_cloud::log::MemoryLog`): the node started on it with `Node::start_on` serves MQTT
+//! (rumqttc) and Kafka (librdkafka) as it does on the local segment log, so the fronts
+//! depend on the `Storage` trait and nothing else. What MQTT clients publish is read by a
+//! Kafka consumer; what a Kafka producer sends reaches an MQTT subscriber through the
+//! tailer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_cloud::log::{MemoryLog, Storage};
+use ferry_cloud::meta::Meta;
+use ferry_cloud::node::{CloudConfig, Node};
+use ferry_cloud::routes::RouteConfig;
+use ferry_tests::clients::next_incoming;
+use ferry_tests::process::temp_dir;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+
+/// Records the Kafka consumer reads from `topic` (all partitions, from the start) until it
+/// has `count` or 30 s have passed: (partition, key, value).
+fn consume(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    count: usize,
+) -> Vec<(i32, String, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "memory-test")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < count && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.expect("no consumer error");
+            let text =
+                |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
+            got.push((m.partition(), text(m.key()), text(m.payload())));
+        }
+    }
+    got
+}
+
+/// Produces (key, value) pairs to `topic` with an idempotent acks=all producer; returns
+/// once all are acknowledged.
+fn produce(bootstrap: &str, topic: &str, records: &[(String, String)]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    for (key, value) in records {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .key(key.as_str())
+                    .payload(value.as_str()),
+            )
+            .map_err(|(e, _)| e)
+            .expect("queued");
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("every record acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_and_kafka_fronts_work_over_the_in_memory_log() {
+    let dir = temp_dir("cloud-memory");
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = dir.clone();
+    config.kafka = Some(ferry_cloud::kafka::KafkaConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    config.routes = vec![RouteConfig {
+        filter: "mem/#".into(),
+        stream: "mem".into(),
+        partitions: 2,
+        partition_key: Default::default(),
+    }];
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
+    let log = MemoryLog::new();
+    let node = Node::start_on(config, meta, log.clone(), std::future::pending())
+        .await
+        .expect("the node starts on the memory log");
+    let port = node.mqtt_addrs()[0].port();
+    let bootstrap = node.kafka_addr.expect("kafka listener").to_string();
+
+    // An MQTT subscriber, then 100 QoS 1 publishes: delivered through the log, in order.
+    let (sub, mut sub_events) =
+        AsyncClient::new(MqttOptions::new("mem-sub", "127.0.0.1", port), 200);
+    sub.subscribe("mem/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    while !matches!(
+        next_incoming(&mut sub_events, "SUBACK").await,
+        Incoming::SubAck(_)
+    ) {}
+    let (publisher, mut pub_events) =
+        AsyncClient::new(MqttOptions::new("mem-pub", "127.0.0.1", port), 200);
+    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+    for i in 0..100 {
+        publisher
+            .publish(
+                format!("mem/{}", i % 4),
+                QoS::AtLeastOnce,
+                false,
+                format!("m{i}"),
+            )
+            .await
+            .expect("publish");
+    }
+    let mut received = Vec::new();
+    while received.len() < 100 {
+        if let Incoming::Publish(p) = next_incoming(&mut sub_events, "a PUBLISH").await {
+            received.push((
+                p.topic.clone(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            ));
+        }
+    }
+    for topic in 0..4 {
+        // In order per topic (a topic is one partition under the route's key).
+        let per_topic: Vec<_> = received
+            .iter()
+            .filter(|(t, _)| *t == format!("mem/{topic}"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let sent: Vec<_> = (0..100)
+            .filter(|i| i % 4 == topic)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(per_topic, sent, "mem/{topic}");
+    }
+    // They are in the memory log, and nothing was written to disk as a log.
+    let kept: i64 = log
+        .streams()
+        .iter()
+        .filter(|s| s.name == "mem")
+        .flat_map(|s| s.partitions.iter().map(|p| p.offsets.high_watermark))
+        .sum();
+    assert_eq!(kept, 100);
+    assert!(!dir.join("log").exists(), "no segment log was opened");
+
+    // A Kafka consumer reads the same 100 records, topic as key.
+    let b = bootstrap.clone();
+    let consumed = tokio::task::spawn_blocking(move || consume(&b, "mem", 2, 100))
+        .await
+        .expect("consumer thread");
+    assert_eq!(consumed.len(), 100, "{consumed:?}");
+    let mut values: Vec<_> = consumed.iter().map(|(_, _, v)| v.clone()).collect();
+    values.sort();
+    let mut sent: Vec<_> = (0..100).map(|i| format!("m{i}")).collect();
+    sent.sort();
+    assert_eq!(values, sent);
+    assert!(consumed
+        .iter()
+        .all(|(_, k, v)| k == &format!("mem/{}", v[1..].parse::<u32>().expect("n") % 4)));
+
+    // What a Kafka producer sends (key = topic) reaches the MQTT subscriber.
+    let records: Vec<_> = (0..20)
+        .map(|i| ("mem/kafka".to_owned(), format!("k{i}")))
+        .collect();
+    let b = bootstrap.clone();
+    let r = records.clone();
+    tokio::task::spawn_blocking(move || produce(&b, "mem", &r))
+        .await
+        .expect("producer thread");
+    let mut from_kafka = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while from_kafka.len() < 20 && Instant::now() < deadline {
+        if let Ok(Ok(Event::Incoming(Incoming::Publish(p)))) =
+            tokio::time::timeout(Duration::from_secs(1), sub_events.poll()).await
+        {
+            assert_eq!(p.topic, "mem/kafka");
+            from_kafka.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    let expected: Vec<_> = records.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(from_kafka, expected);
+}
