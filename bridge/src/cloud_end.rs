@@ -18,7 +18,7 @@ use bytes::Bytes;
 use ferry_protocol::kafka::BatchHeader;
 use ferry_protocol::link_frames::{Frame, GoAwayCode, VERSION};
 
-use crate::error::{frame_name, LinkError};
+use crate::error::{frame_name, LinkError, SinkError};
 
 /// What the cloud's end needs to know of its configuration.
 #[derive(Debug, Clone)]
@@ -243,7 +243,7 @@ impl<C> CloudEnd<C> {
     /// An [`Effect::Ingest`] is done: the records are in the log, `commit` makes their
     /// sequence durable; or the ingest path failed, which ends the link with GOAWAY
     /// Unavailable (the edge sends the records again later).
-    pub fn ingest_done(&mut self, result: Result<C, String>) -> Result<(), LinkError> {
+    pub fn ingest_done(&mut self, result: Result<C, SinkError>) -> Result<(), LinkError> {
         let group = self
             .ingesting
             .take()
@@ -259,7 +259,7 @@ impl<C> CloudEnd<C> {
 
     /// An [`Effect::Commit`] is done: queues the class's ACK (and the round's CREDIT when
     /// it was the round's last); or the commit failed (GOAWAY Unavailable).
-    pub fn commit_done(&mut self, result: Result<u64, String>) -> Result<(), LinkError> {
+    pub fn commit_done(&mut self, result: Result<u64, SinkError>) -> Result<(), LinkError> {
         let committed_seq = match result {
             Ok(seq) => seq,
             Err(why) => return Err(self.unavailable(why)),
@@ -289,7 +289,7 @@ impl<C> CloudEnd<C> {
         Ok(())
     }
 
-    fn unavailable(&mut self, why: String) -> LinkError {
+    fn unavailable(&mut self, why: SinkError) -> LinkError {
         self.transmit.push_back(Frame::GoAway {
             code: GoAwayCode::Unavailable,
             reason: format!("ingest failed: {why}"),

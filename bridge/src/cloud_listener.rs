@@ -17,13 +17,17 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::cloud_end::{CloudEnd, CloudEndConfig, Effect};
-use crate::error::LinkError;
+use crate::error::{LinkError, SinkError};
 use crate::quic::{
     self, FrameReader, FrameWriter, PeerIdentity, SetupError, StreamError, Timeouts, TlsFiles,
 };
 use crate::BoxFuture;
 
 /// Where an edge's records go: the cloud's ingest path.
+///
+/// A failure is a [`SinkError`] of some [`FailureKind`](crate::FailureKind); whatever the
+/// kind, it ends that edge's link (GOAWAY Unavailable when the ingest path failed), and the
+/// edge sends again what was not acknowledged once it has reconnected.
 pub trait Sink: Send + Sync + 'static {
     /// Per priority class, the highest sequence of `edge` committed to the log.
     fn committed(&self, edge: &str) -> Vec<(u8, u64)>;
@@ -39,11 +43,12 @@ pub trait Sink: Send + Sync + 'static {
     /// The downlink after sequence `after`: the sequence read up to, and a record batch of
     /// `edge`'s messages among what was read (offsets = sequence numbers, keys = topics on
     /// the edge), if any. Completes without waiting for new messages.
-    fn downlink(&self, edge: String, after: u64) -> BoxFuture<'static, Result<Downlink, String>>;
+    fn downlink(&self, edge: String, after: u64)
+        -> BoxFuture<'static, Result<Downlink, SinkError>>;
     /// Changes when the downlink may have new messages.
     fn downlink_changed(&self) -> tokio::sync::watch::Receiver<u64>;
     /// `edge` applied its downlink messages up to `seq`: record it durably.
-    fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), String>>;
+    fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), SinkError>>;
 }
 
 /// What [`Sink::downlink`] read: up to which sequence, and the edge's messages among it.
@@ -54,7 +59,7 @@ pub struct Downlink {
 }
 
 /// What [`Sink::ingest`] gives: the records are in the log; the commit is to run.
-pub type Appended = Result<BoxFuture<'static, Result<u64, String>>, String>;
+pub type Appended = Result<BoxFuture<'static, Result<u64, SinkError>>, SinkError>;
 
 /// `[link]` of the cloud, as the server takes it.
 #[derive(Debug, Clone)]
@@ -247,7 +252,7 @@ fn now_ms() -> u64 {
 }
 
 /// The handle of an appended group's metadata commit, as the [`CloudEnd`] keeps it.
-type Commit = BoxFuture<'static, Result<u64, String>>;
+type Commit = BoxFuture<'static, Result<u64, SinkError>>;
 
 /// How a link ended without an error.
 enum Ended {
@@ -335,8 +340,8 @@ async fn drive(
     let mut changed = sink.downlink_changed();
     let mut ingest: Option<BoxFuture<'static, Appended>> = None;
     let mut commit: Option<Commit> = None;
-    let mut down_read: Option<BoxFuture<'static, Result<Downlink, String>>> = None;
-    let mut down_ack: Option<BoxFuture<'static, Result<u64, String>>> = None;
+    let mut down_read: Option<BoxFuture<'static, Result<Downlink, SinkError>>> = None;
+    let mut down_ack: Option<BoxFuture<'static, Result<u64, SinkError>>> = None;
     loop {
         while let Some(effect) = end.poll_effect() {
             match effect {

@@ -15,11 +15,14 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 pub use crate::edge_end::{Cursors, OutRecord};
 use crate::edge_end::{EdgeEnd, EdgeEndConfig, Effect, MAX_FRAME_BYTES};
-use crate::error::LinkError;
+use crate::error::{FailureKind, LinkError, OutboxError};
 use crate::quic::{self, FrameReader, FrameWriter, StreamError, Timeouts, TlsFiles};
 use crate::BoxFuture;
 
 /// The edge's durable outbox, as the link sees it.
+///
+/// A failure is an [`OutboxError`] of some [`FailureKind`]; whatever the kind, it ends the
+/// link, which reconnects after its backoff and reads again from what the cloud committed.
 pub trait Outbox: Send + Sync + 'static {
     /// Records of the highest class that has records after its cursor, in sequence order,
     /// about `max_bytes` of them (at least one). None if there is nothing to send. May
@@ -28,7 +31,7 @@ pub trait Outbox: Send + Sync + 'static {
         &self,
         after: &Cursors,
         max_bytes: usize,
-    ) -> Result<Option<(u8, Vec<OutRecord>)>, String>;
+    ) -> Result<Option<(u8, Vec<OutRecord>)>, OutboxError>;
     /// The cloud has every record of `class` up to `seq` durable: they may be deleted.
     fn acked(&self, class: u8, seq: u64);
     /// Notified when records were added.
@@ -41,7 +44,7 @@ pub trait Outbox: Send + Sync + 'static {
         &self,
         seq: u64,
         messages: Vec<OutRecord>,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), OutboxError>>;
 }
 
 /// How the edge reaches the cloud.
@@ -380,7 +383,12 @@ impl Session<'_> {
                     let outbox = self.outbox.clone();
                     tokio::task::spawn_blocking(move || outbox.read(&after, max_bytes))
                         .await
-                        .map_err(|e| LinkError::Outbox(format!("read did not finish: {e}")))?
+                        .map_err(|e| {
+                            LinkError::Outbox(OutboxError::new(
+                                FailureKind::Closed,
+                                ReadUnfinished(e),
+                            ))
+                        })?
                 } else {
                     self.outbox.read(&after, max_bytes)
                 }
@@ -397,7 +405,7 @@ impl Session<'_> {
                 self.outbox
                     .apply_down(seq, messages)
                     .await
-                    .map_err(LinkError::Downlink)?;
+                    .map_err(LinkError::ApplyDown)?;
                 end.down_applied(seq);
                 self.status.update(|s| s.down_applied = seq);
             }
@@ -410,6 +418,12 @@ impl Session<'_> {
         Ok(())
     }
 }
+
+/// An outbox read on the blocking pool that panicked or was cancelled (the runtime is
+/// shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the outbox read did not finish: {0}")]
+struct ReadUnfinished(tokio::task::JoinError);
 
 /// The longest wait for the cloud to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

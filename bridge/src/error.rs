@@ -1,4 +1,6 @@
-//! [`LinkError`]: why one connection of the link ended, at either end.
+//! The link's errors: [`LinkError`], why one connection of the link ended, at either end;
+//! and the errors of what the two ends call into, [`OutboxError`] (the edge's outbox) and
+//! [`SinkError`] (the cloud's ingest path), each with a [`FailureKind`].
 
 use ferry_protocol::kafka::BatchError;
 use ferry_protocol::link_frames::{Frame, GoAwayCode};
@@ -41,16 +43,19 @@ pub enum LinkError {
     /// A DOWN record without a (UTF-8) topic, or with a negative sequence.
     #[error("bad DOWN record at offset {offset}: {what}")]
     BadDownRecord { offset: i64, what: &'static str },
-    /// The edge's outbox failed (its storage's message).
+    /// The edge's outbox could not be read.
     #[error("outbox: {0}")]
-    Outbox(String),
+    Outbox(#[source] OutboxError),
+    /// The edge could not apply downlink messages (publish them, record them as applied).
+    #[error("downlink: {0}")]
+    ApplyDown(#[source] OutboxError),
     /// The cloud's ingest path (log append or metadata commit) failed: the link gets GOAWAY
     /// Unavailable and the edge sends the records again later.
     #[error("ingest failed: {0}")]
-    Ingest(String),
-    /// The downlink's storage failed (reading the downlink, recording or applying it).
+    Ingest(#[source] SinkError),
+    /// The cloud could not read the downlink or record what the edge acknowledged of it.
     #[error("downlink: {0}")]
-    Downlink(String),
+    Downlink(#[source] SinkError),
     /// `host:port` of the cloud does not resolve.
     #[error("cannot resolve {cloud}: {why}")]
     Resolve { cloud: String, why: String },
@@ -73,6 +78,105 @@ pub enum LinkError {
     Io(#[from] StreamError),
 }
 
+/// An error from behind an end of the link: the edge's store, the cloud's log or metadata.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What kind of failure an [`OutboxError`] or a [`SinkError`] is: whether the same request
+/// may succeed later ([`FailureKind::is_retryable`]). Today the link treats them alike (the
+/// link is closed and the edge sends the records again after it reconnects); the kind is
+/// what a policy or a metric can tell them apart by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Storage failed: a disk or database error, a log partition that stopped taking
+    /// appends. The same request may succeed later.
+    Storage,
+    /// The request was refused by the rules of what got it (a stream or partition that
+    /// does not exist, an offset outside the log): sending it again fails again.
+    Refused,
+    /// A record in the request cannot be taken as it is (not a record batch, no topic, a
+    /// sequence out of order): sending it again fails again.
+    BadRecord,
+    /// What serves the request has stopped or is stopping (the broker, the node, its
+    /// blocking pool). It may succeed after a restart.
+    Closed,
+}
+
+impl FailureKind {
+    /// Whether the same request may succeed later: after a storage failure or a restart,
+    /// not after a refusal or a bad record.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, FailureKind::Storage | FailureKind::Closed)
+    }
+
+    /// The kind as a short word, for messages and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Storage => "storage",
+            FailureKind::Refused => "refused",
+            FailureKind::BadRecord => "bad record",
+            FailureKind::Closed => "closed",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why the edge's outbox ([`crate::edge_dialer::Outbox`]) could not do what the link asked:
+/// read records, or apply downlink messages. The outbox converts its own error into it
+/// (`From` or [`OutboxError::new`]), which stays reachable as its
+/// [`source`](std::error::Error::source).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {source}")]
+pub struct OutboxError {
+    kind: FailureKind,
+    source: BoxError,
+}
+
+impl OutboxError {
+    /// An error of `kind` caused by `source`.
+    pub fn new(kind: FailureKind, source: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// What kind of failure it is.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+}
+
+/// Why the cloud's ingest path ([`crate::cloud_listener::Sink`]) could not do what the link
+/// asked: append an edge's records, commit their sequence, read the downlink or record its
+/// acknowledgement. The sink converts its own error into it (`From` or
+/// [`SinkError::new`]), which stays reachable as its [`source`](std::error::Error::source).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {source}")]
+pub struct SinkError {
+    kind: FailureKind,
+    source: BoxError,
+}
+
+impl SinkError {
+    /// An error of `kind` caused by `source`.
+    pub fn new(kind: FailureKind, source: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// What kind of failure it is.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+}
+
 /// The name of a frame's type, as `docs/link-protocol.md` writes it.
 pub fn frame_name(frame: &Frame) -> &'static str {
     match frame {
@@ -84,5 +188,37 @@ pub fn frame_name(frame: &Frame) -> &'static str {
         Frame::Down { .. } => "DOWN",
         Frame::DownAck { .. } => "DOWN_ACK",
         Frame::GoAway { .. } => "GOAWAY",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk full")]
+    struct DiskFull;
+
+    #[test]
+    fn a_sink_error_keeps_its_kind_and_its_source() {
+        let e = SinkError::new(FailureKind::Storage, DiskFull);
+        assert_eq!(e.kind(), FailureKind::Storage);
+        assert!(e.kind().is_retryable());
+        assert_eq!(e.to_string(), "storage: disk full");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.downcast_ref::<DiskFull>().is_some());
+    }
+
+    #[test]
+    fn refusals_and_bad_records_are_not_retryable() {
+        assert!(!FailureKind::Refused.is_retryable());
+        assert!(!FailureKind::BadRecord.is_retryable());
+        assert!(FailureKind::Closed.is_retryable());
+        let e = OutboxError::new(FailureKind::BadRecord, "no topic");
+        assert_eq!(e.kind(), FailureKind::BadRecord);
+        assert_eq!(
+            LinkError::Outbox(e).to_string(),
+            "outbox: bad record: no topic"
+        );
     }
 }

@@ -33,7 +33,7 @@ pub mod records;
 /// The former path of [`edge_dialer`], still named by `ferry-edge`'s `src/server/`; to go
 /// once that names `edge_dialer`.
 pub use edge_dialer as client;
-pub use error::LinkError;
+pub use error::{FailureKind, LinkError, OutboxError, SinkError};
 
 /// A boxed future, as the traits the two ends call into ([`edge_dialer::Outbox`],
 /// [`cloud_listener::Sink`]) return.

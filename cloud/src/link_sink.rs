@@ -22,15 +22,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_bridge::cloud_listener::{Appended, Downlink, ServerConfig, Sink};
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_bridge::BoxFuture;
-use ferry_protocol::kafka::batch::{records, uncompressed, BatchBuilder};
+use ferry_bridge::{BoxFuture, FailureKind, SinkError};
+use ferry_protocol::kafka::batch::{records, uncompressed, BatchBuilder, BatchError};
 use ferry_protocol::kafka::mqtt::read_headers;
 use ferry_protocol::topic::TopicName;
 use serde::Deserialize;
 
-use crate::ingest::{EdgeRecord, Ingest};
-use crate::log::{Storage, READ_BUDGET_BYTES};
-use crate::meta::{Command, Meta};
+use crate::ingest::{EdgeRecord, Ingest, IngestError};
+use crate::log::{LogError, Storage, READ_BUDGET_BYTES};
+use crate::meta::{Command, Meta, MetaError};
 use crate::routes::{DOWNLINK_PREFIX, DOWNLINK_STREAM};
 
 /// The link's default port (UDP).
@@ -126,12 +126,17 @@ impl Sink for IngestSink {
             .map_or(0, |o| o.max(0) as u64)
     }
 
-    fn downlink(&self, edge: String, after: u64) -> BoxFuture<'static, Result<Downlink, String>> {
+    fn downlink(
+        &self,
+        edge: String,
+        after: u64,
+    ) -> BoxFuture<'static, Result<Downlink, SinkError>> {
         let log = self.log.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || read_downlink(&*log, &edge, after))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(unfinished)?
+                .map_err(SinkError::from)
         })
     }
 
@@ -139,7 +144,7 @@ impl Sink for IngestSink {
         self.log.watch_commits()
     }
 
-    fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), String>> {
+    fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), SinkError>> {
         let meta = self.meta.clone();
         Box::pin(async move {
             let command = Command::CommitCursor {
@@ -150,8 +155,8 @@ impl Sink for IngestSink {
             };
             tokio::task::spawn_blocking(move || meta.apply(&[command]))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
+                .map_err(unfinished)?
+                .map_err(SinkError::from)
         })
     }
 
@@ -160,14 +165,14 @@ impl Sink for IngestSink {
         Box::pin(async move {
             let mut recs = Vec::new();
             for b in &batches {
-                edge_records(b, &mut recs).map_err(|e| format!("edge {edge}: {e}"))?;
+                edge_records(b, &mut recs).map_err(|record| {
+                    let edge = edge.clone();
+                    SinkError::new(FailureKind::BadRecord, BadEdgeBatch { edge, record })
+                })?;
             }
-            let appended = ingest
-                .append(&edge, class, recs)
-                .await
-                .map_err(|e| e.to_string())?;
-            let commit: BoxFuture<'static, Result<u64, String>> =
-                Box::pin(async move { ingest.commit(appended).await.map_err(|e| e.to_string()) });
+            let appended = ingest.append(&edge, class, recs).await?;
+            let commit: BoxFuture<'static, Result<u64, SinkError>> =
+                Box::pin(async move { Ok(ingest.commit(appended).await?) });
             Ok(commit)
         })
     }
@@ -175,7 +180,7 @@ impl Sink for IngestSink {
 
 /// The downlink stream after sequence `after` (sequence = offset + 1), up to about 1 MiB:
 /// `edge`'s messages, their keys stripped of `$edge/<edge>/`, as one batch.
-fn read_downlink(log: &dyn Storage, edge: &str, after: u64) -> Result<Downlink, String> {
+fn read_downlink(log: &dyn Storage, edge: &str, after: u64) -> Result<Downlink, DownlinkError> {
     let none = Downlink {
         read_to: after,
         batch: None,
@@ -194,17 +199,15 @@ fn read_downlink(log: &dyn Storage, edge: &str, after: u64) -> Result<Downlink, 
     if offset >= p.offsets.high_watermark {
         return Ok(none);
     }
-    let r = log
-        .read(DOWNLINK_STREAM, 0, offset, READ_BUDGET_BYTES)
-        .map_err(|e| e.to_string())?;
+    let r = log.read(DOWNLINK_STREAM, 0, offset, READ_BUDGET_BYTES)?;
     let prefix = format!("{DOWNLINK_PREFIX}{edge}/");
     let mut read_to = after;
     let mut builder: Option<(u64, BatchBuilder)> = None;
     for batch in r.iter() {
-        let (_, whole) = batch.map_err(|e| e.to_string())?;
-        let plain = uncompressed(whole, MAX_UNCOMPRESSED_BYTES).map_err(|e| e.to_string())?;
-        for rec in records(&plain).map_err(|e| e.to_string())? {
-            let rec = rec.map_err(|e| e.to_string())?;
+        let (_, whole) = batch?;
+        let plain = uncompressed(whole, MAX_UNCOMPRESSED_BYTES)?;
+        for rec in records(&plain)? {
+            let rec = rec?;
             let seq = rec.offset as u64 + 1;
             if seq <= after {
                 continue;
@@ -238,18 +241,19 @@ fn read_downlink(log: &dyn Storage, edge: &str, after: u64) -> Result<Downlink, 
 /// The records of one batch from an edge: key = topic on the edge, value = payload, offset
 /// = sequence number, headers = MQTT metadata (any `ferry.*` header is the cloud's own and
 /// is ignored).
-fn edge_records(batch: &[u8], out: &mut Vec<EdgeRecord>) -> Result<(), String> {
-    let plain = uncompressed(batch, MAX_UNCOMPRESSED_BYTES).map_err(|e| e.to_string())?;
-    for r in records(&plain).map_err(|e| e.to_string())? {
-        let r = r.map_err(|e| e.to_string())?;
-        let key = r.key.ok_or("a record without a key (topic)")?;
+fn edge_records(batch: &[u8], out: &mut Vec<EdgeRecord>) -> Result<(), BadRecord> {
+    let plain = uncompressed(batch, MAX_UNCOMPRESSED_BYTES)?;
+    for r in records(&plain)? {
+        let r = r?;
+        let offset = r.offset;
+        let key = r.key.ok_or(BadRecord::NoKey { offset })?;
         let topic = std::str::from_utf8(key)
             .ok()
             .and_then(|t| TopicName::new(t.to_owned()).ok())
-            .ok_or("a record whose key is not a topic name")?;
-        let meta = read_headers(&r.headers).ok_or("a record with malformed MQTT headers")?;
+            .ok_or(BadRecord::NotATopic { offset })?;
+        let meta = read_headers(&r.headers).ok_or(BadRecord::BadHeaders { offset })?;
         out.push(EdgeRecord {
-            seq: u64::try_from(r.offset).map_err(|_| "a negative sequence number")?,
+            seq: u64::try_from(offset).map_err(|_| BadRecord::NegativeSeq { offset })?,
             topic,
             payload: Bytes::copy_from_slice(r.value.unwrap_or_default()),
             qos: meta.qos,
@@ -259,4 +263,173 @@ fn edge_records(batch: &[u8], out: &mut Vec<EdgeRecord>) -> Result<(), String> {
         });
     }
     Ok(())
+}
+
+/// A batch from an edge that is not a batch of MQTT records: the link refuses the whole
+/// group it came in.
+#[derive(Debug, thiserror::Error)]
+#[error("edge {edge}: {record}")]
+struct BadEdgeBatch {
+    edge: String,
+    record: BadRecord,
+}
+
+/// What is wrong with a batch from an edge, or with the record at `offset` in it (its
+/// sequence number).
+#[derive(Debug, thiserror::Error)]
+enum BadRecord {
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("a record without a key (topic) at offset {offset}")]
+    NoKey { offset: i64 },
+    #[error("a record whose key is not a topic name at offset {offset}")]
+    NotATopic { offset: i64 },
+    #[error("a record with malformed MQTT headers at offset {offset}")]
+    BadHeaders { offset: i64 },
+    #[error("a negative sequence number: {offset}")]
+    NegativeSeq { offset: i64 },
+}
+
+/// Why the downlink stream could not be read.
+#[derive(Debug, thiserror::Error)]
+enum DownlinkError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A stored batch of the downlink stream that does not read.
+    #[error("a downlink batch does not read: {0}")]
+    Batch(#[from] BatchError),
+}
+
+impl From<DownlinkError> for SinkError {
+    fn from(e: DownlinkError) -> Self {
+        match e {
+            DownlinkError::Log(e) => e.into(),
+            DownlinkError::Batch(_) => SinkError::new(FailureKind::Storage, e),
+        }
+    }
+}
+
+/// What kind of failure a log error is to the link.
+fn log_failure(e: &LogError) -> FailureKind {
+    match e {
+        LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Failed(_) => {
+            FailureKind::Storage
+        }
+        LogError::OffsetOutOfRange { .. }
+        | LogError::UnknownStream(_)
+        | LogError::UnknownPartition { .. }
+        | LogError::BadStreamName(_) => FailureKind::Refused,
+        LogError::BadBatch(_) => FailureKind::BadRecord,
+        LogError::Closed => FailureKind::Closed,
+    }
+}
+
+impl From<LogError> for SinkError {
+    fn from(e: LogError) -> Self {
+        SinkError::new(log_failure(&e), e)
+    }
+}
+
+/// The metadata's database failed: a storage failure.
+impl From<MetaError> for SinkError {
+    fn from(e: MetaError) -> Self {
+        SinkError::new(FailureKind::Storage, e)
+    }
+}
+
+impl From<IngestError> for SinkError {
+    fn from(e: IngestError) -> Self {
+        let kind = match &e {
+            IngestError::Log(l) => log_failure(l),
+            IngestError::Meta(_) => FailureKind::Storage,
+            IngestError::BadTopic { .. } | IngestError::OutOfOrder { .. } => FailureKind::BadRecord,
+        };
+        SinkError::new(kind, e)
+    }
+}
+
+/// A blocking task of the sink that panicked or was cancelled (the runtime is shutting
+/// down).
+fn unfinished(e: tokio::task::JoinError) -> SinkError {
+    SinkError::new(FailureKind::Closed, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One batch of records from an edge, with base offset (first sequence) `first`.
+    fn batch(first: i64, keys: &[Option<&[u8]>]) -> Bytes {
+        let mut b = BatchBuilder::new(1_000);
+        for key in keys {
+            b.push(1_000, *key, Some(b"21.5"), &[]);
+        }
+        b.finish(first)
+    }
+
+    #[test]
+    fn an_edge_batch_reads_as_records_numbered_by_offset() {
+        let mut out = Vec::new();
+        edge_records(
+            &batch(7, &[Some(b"sensors/t1"), Some(b"sensors/t2")]),
+            &mut out,
+        )
+        .expect("reads");
+        let got: Vec<_> = out.iter().map(|r| (r.seq, r.topic.as_str())).collect();
+        assert_eq!(got, [(7, "sensors/t1"), (8, "sensors/t2")]);
+    }
+
+    #[test]
+    fn a_record_the_cloud_cannot_take_is_a_bad_record_with_its_offset() {
+        let no_key = edge_records(&batch(5, &[Some(b"a/b"), None]), &mut Vec::new());
+        assert!(matches!(no_key, Err(BadRecord::NoKey { offset: 6 })));
+        let wildcard = edge_records(&batch(5, &[Some(b"a/+/b")]), &mut Vec::new());
+        assert!(matches!(wildcard, Err(BadRecord::NotATopic { offset: 5 })));
+        let negative = edge_records(&batch(-2, &[Some(b"a/b")]), &mut Vec::new());
+        assert!(matches!(
+            negative,
+            Err(BadRecord::NegativeSeq { offset: -2 })
+        ));
+        let whole = batch(5, &[Some(b"a/b")]);
+        let cut = edge_records(&whole[..whole.len() - 1], &mut Vec::new());
+        assert!(matches!(cut, Err(BadRecord::Batch(_))));
+
+        let e = SinkError::new(
+            FailureKind::BadRecord,
+            BadEdgeBatch {
+                edge: "gw-1".into(),
+                record: BadRecord::NoKey { offset: 6 },
+            },
+        );
+        assert_eq!(
+            e.to_string(),
+            "bad record: edge gw-1: a record without a key (topic) at offset 6"
+        );
+    }
+
+    #[test]
+    fn the_sink_says_which_kind_of_failure_an_ingest_error_is() {
+        let kind = |e: IngestError| SinkError::from(e).kind();
+        let out_of_order = IngestError::OutOfOrder {
+            edge: "gw-1".into(),
+            seq: 3,
+            previous: 9,
+        };
+        assert_eq!(kind(out_of_order), FailureKind::BadRecord);
+        assert_eq!(kind(LogError::Closed.into()), FailureKind::Closed);
+        assert_eq!(
+            kind(LogError::Failed("disk full".into()).into()),
+            FailureKind::Storage
+        );
+        assert_eq!(
+            kind(MetaError::Corrupt("edges".into()).into()),
+            FailureKind::Storage
+        );
+        assert_eq!(
+            SinkError::from(LogError::UnknownStream("mqtt".into())).kind(),
+            FailureKind::Refused
+        );
+        let corrupt = DownlinkError::Batch(BatchError::Compressed(7));
+        assert_eq!(SinkError::from(corrupt).kind(), FailureKind::Storage);
+    }
 }

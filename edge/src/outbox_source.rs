@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 
 use ferry_bridge::edge_dialer::{ClientConfig, Cursors, LinkStatus, OutRecord, Outbox};
 use ferry_bridge::quic::{Timeouts, TlsFiles};
-use ferry_bridge::BoxFuture;
+use ferry_bridge::{BoxFuture, FailureKind, OutboxError};
 use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
 use ferry_protocol::kafka::Compression;
 use ferry_protocol::topic::TopicName;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::broker::Message;
-use crate::store::OutboxReader;
+use crate::store::{OutboxReader, StoreError};
 use crate::uplink::{LinkCompression, UplinkConfig};
 
 /// The outbox as the link sees it.
@@ -46,12 +46,8 @@ impl Outbox for EdgeOutbox {
         &self,
         after: &Cursors,
         max_bytes: usize,
-    ) -> Result<Option<(u8, Vec<OutRecord>)>, String> {
-        let Some((class, entries)) = self
-            .reader
-            .read(after, max_bytes)
-            .map_err(|e| e.to_string())?
-        else {
+    ) -> Result<Option<(u8, Vec<OutRecord>)>, OutboxError> {
+        let Some((class, entries)) = self.reader.read(after, max_bytes)? else {
             return Ok(None);
         };
         let records = entries
@@ -91,7 +87,7 @@ impl Outbox for EdgeOutbox {
         &self,
         seq: u64,
         messages: Vec<OutRecord>,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), OutboxError>> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -128,15 +124,33 @@ impl Outbox for EdgeOutbox {
         let (done, applied) = tokio::sync::oneshot::channel();
         let downlink = self.downlink.clone();
         Box::pin(async move {
+            let stopped = |why| OutboxError::new(FailureKind::Closed, why);
             downlink
                 .send((msgs, seq, done))
                 .await
-                .map_err(|_| "the broker has stopped".to_owned())?;
+                .map_err(|_| stopped(BrokerStopped::BeforeTaking))?;
             applied
                 .await
-                .map_err(|_| "the broker stopped before the commit".to_owned())
+                .map_err(|_| stopped(BrokerStopped::BeforeCommit))
         })
     }
+}
+
+/// The outbox's storage failed: to the link, any [`StoreError`] is a storage failure.
+impl From<StoreError> for OutboxError {
+    fn from(e: StoreError) -> Self {
+        OutboxError::new(FailureKind::Storage, e)
+    }
+}
+
+/// Why downlink messages were not applied: the router, which publishes them and records
+/// them as applied, is gone.
+#[derive(Debug, thiserror::Error)]
+enum BrokerStopped {
+    #[error("the broker has stopped")]
+    BeforeTaking,
+    #[error("the broker stopped before the commit")]
+    BeforeCommit,
 }
 
 /// The link's settings from `[uplink]`; None without `cloud`.

@@ -1,6 +1,7 @@
 //! Tests of [`CloudEnd`]: frame sequences with a fake clock, no sockets.
 
 use super::*;
+use crate::error::FailureKind;
 use ferry_protocol::kafka::{BatchBuilder, Compression};
 
 const CREDIT: u64 = 10_000;
@@ -301,14 +302,16 @@ fn a_failed_append_or_commit_gets_goaway_unavailable() {
     let mut end = up(t0, 0, 0);
     end.handle_frame(t0, batch_frame(0, 4, 4)).expect("batch");
     let _ = effects(&mut end);
-    let err = end.ingest_done(Err("disk full".into())).expect_err("fails");
-    assert!(matches!(err, LinkError::Ingest(ref why) if why == "disk full"));
+    let err = end
+        .ingest_done(Err(SinkError::new(FailureKind::Storage, "disk full")))
+        .expect_err("fails");
+    assert!(matches!(err, LinkError::Ingest(ref why) if why.kind() == FailureKind::Storage));
     assert!(matches!(
-        frames(&mut end)[..],
+        &frames(&mut end)[..],
         [Frame::GoAway {
             code: GoAwayCode::Unavailable,
-            ..
-        }]
+            reason,
+        }] if reason == "ingest failed: storage: disk full"
     ));
 
     let mut end = up(t0, 0, 0);
@@ -317,7 +320,9 @@ fn a_failed_append_or_commit_gets_goaway_unavailable() {
     end.ingest_done(Ok(4)).expect("ingest");
     end.handle_timeout(t0 + ACK_INTERVAL).expect("round");
     let _ = effects(&mut end);
-    assert!(end.commit_done(Err("meta".into())).is_err());
+    assert!(end
+        .commit_done(Err(SinkError::new(FailureKind::Storage, "meta")))
+        .is_err());
     // No ACK for what did not commit.
     assert!(matches!(
         frames(&mut end)[..],
