@@ -1,5 +1,5 @@
-//! The life of a connection and its session: CONNECT, the end of a connection (lost,
-//! closed by us, or DISCONNECT), wills, and session expiry.
+//! The life of a connection and its session: CONNECT, keep alive, the end of a connection
+//! (lost, closed by us, or DISCONNECT), wills, and session expiry.
 
 use std::collections::{HashMap, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
@@ -10,8 +10,12 @@ use ferry_protocol::mqtt::{ConnAck, Connect, Disconnect, Packet, ProtocolVersion
 
 use super::publish::forwarded_properties;
 use super::session::Session;
-use super::{Action, Broker, Conn, ConnId, Downstream, Message, StoreOp};
+use super::{Action, Broker, Conn, ConnId, Downstream, Message, StoreOp, Timer};
 use crate::auth;
+
+/// Keep alive (MQTT-3.1.2-22): a client may be silent for 1.5 times its interval, in
+/// thousandths, before it is closed.
+const KEEPALIVE_GRACE_PERMILLE: u64 = 1500;
 
 impl Broker {
     pub(super) fn connect(
@@ -94,7 +98,7 @@ impl Broker {
         }
         .min(self.config.max_session_expiry_secs);
 
-        // A session whose expiry ran out since the last tick is gone, not resumed.
+        // A session whose expiry ran out before its timer was handled is gone, not resumed.
         self.tick_session(&client_id, now);
         if connect.clean_start {
             self.end_session(&client_id, now);
@@ -114,7 +118,21 @@ impl Broker {
         for inflight in &mut session.inflight {
             inflight.sent = false;
         }
+        self.timers.cancel(&Timer::Session(client_id.clone()));
         self.persist_session(&client_id);
+
+        // The keep alive in force: the Server Keep Alive (below) for a v5 client that asked
+        // for none or for more, the client's own otherwise.
+        let max_ka = self.config.max_keepalive_secs;
+        let keepalive_secs = match connect.keep_alive_secs {
+            ka if v5 && max_ka > 0 && (ka == 0 || ka > max_ka) => max_ka,
+            ka => ka,
+        };
+        let keepalive_limit = (keepalive_secs > 0)
+            .then(|| Duration::from_millis(u64::from(keepalive_secs) * KEEPALIVE_GRACE_PERMILLE));
+        if let Some(limit) = keepalive_limit {
+            self.timers.set(Timer::KeepAlive(conn), now + limit);
+        }
 
         let client_window = connect
             .properties
@@ -137,6 +155,8 @@ impl Broker {
                 held: VecDeque::new(),
                 closing: false,
                 will_suppressed: false,
+                keepalive_limit,
+                last_seen: now,
             },
         );
 
@@ -157,9 +177,8 @@ impl Broker {
             {
                 p.session_expiry_interval_secs = Some(expiry_secs);
             }
-            let max_ka = self.config.max_keepalive_secs;
-            if max_ka > 0 && (connect.keep_alive_secs == 0 || connect.keep_alive_secs > max_ka) {
-                p.server_keep_alive_secs = Some(max_ka);
+            if keepalive_secs != connect.keep_alive_secs {
+                p.server_keep_alive_secs = Some(keepalive_secs);
             }
         }
         self.out.push(Action::Send(conn, Packet::ConnAck(ack)));
@@ -220,6 +239,7 @@ impl Broker {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.timers.cancel(&Timer::KeepAlive(conn));
         // Held messages of a paused publisher were never acknowledged: the client resends.
         let Some(session) = self.sessions.get_mut(&c.client_id) else {
             return;
@@ -242,25 +262,59 @@ impl Broker {
         self.retry_held(now);
     }
 
-    /// Sends due wills and ends expired sessions.
-    pub(super) fn tick(&mut self, now: Instant) {
-        let started = *self.started_at.get_or_insert(now);
-        let interval = self.config.sys_interval_secs;
-        if interval > 0 && self.next_sys_at.is_none_or(|at| now >= at) {
-            self.next_sys_at = Some(now + Duration::from_secs(interval.into()));
-            self.publish_sys(now, now.duration_since(started));
-        }
-        let ids: Vec<Arc<str>> = self
-            .sessions
-            .values()
-            .filter(|s| s.conn.is_none())
-            .map(|s| s.client_id.clone())
-            .collect();
-        for id in ids {
-            self.tick_session(&id, now);
+    /// [`Input::Timeout`](super::Input::Timeout): does what is due at `now`: closes the
+    /// connections whose keep alive ran out, sends due wills, ends expired sessions,
+    /// publishes `$SYS`.
+    pub(super) fn timeout(&mut self, now: Instant) {
+        for timer in self.timers.take_due(now) {
+            match timer {
+                Timer::Sys => {
+                    let started = *self.started_at.get_or_insert(now);
+                    let interval = Duration::from_secs(self.config.sys_interval_secs.into());
+                    if !interval.is_zero() {
+                        self.timers.set(Timer::Sys, now + interval);
+                        self.publish_sys(now, now.duration_since(started));
+                    }
+                }
+                Timer::KeepAlive(conn) => self.check_keepalive(conn, now),
+                Timer::Session(client_id) => self.tick_session(&client_id, now),
+            }
         }
     }
 
+    /// MQTT-3.1.2-22: a client that sent nothing for 1.5 times its keep alive is closed as
+    /// if the network had failed (no DISCONNECT; its will applies). A connection the broker
+    /// paused is not read from, so its client cannot be heard: its keep alive counts again
+    /// from when reading resumes.
+    fn check_keepalive(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let Some(limit) = c.keepalive_limit else {
+            return;
+        };
+        let paused = !c.held.is_empty() || self.paced.contains(&conn);
+        let due = c.last_seen + limit;
+        if paused {
+            self.timers.set(Timer::KeepAlive(conn), now + limit);
+        } else if due > now {
+            self.timers.set(Timer::KeepAlive(conn), due);
+        } else {
+            self.out.push(Action::Close(conn));
+            self.lost(conn, now);
+        }
+    }
+
+    /// Resumes reading from a paused connection; its keep alive counts from now.
+    pub(super) fn resume_reads(&mut self, conn: ConnId, now: Instant) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.last_seen = now;
+        }
+        self.out.push(Action::ResumeReads(conn));
+    }
+
+    /// Sends the session's will if it is due, ends the session if it expired, and arms its
+    /// timer for what comes next.
     fn tick_session(&mut self, client_id: &Arc<str>, now: Instant) {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
@@ -291,6 +345,29 @@ impl Broker {
                 }
             }
             self.end_session(client_id, now);
+            return;
+        }
+        self.arm_session(client_id);
+    }
+
+    /// Arms an offline session's timer at its will delay or its expiry, whichever comes
+    /// first; disarms it if it has neither, or is connected.
+    pub(super) fn arm_session(&mut self, client_id: &Arc<str>) {
+        let timer = Timer::Session(client_id.clone());
+        let Some(session) = self.sessions.get(client_id).filter(|s| s.conn.is_none()) else {
+            return self.timers.cancel(&timer);
+        };
+        let expires_at = (session.expiry_secs != u32::MAX)
+            .then_some(session.disconnected_at)
+            .flatten()
+            .and_then(|at| at.checked_add(Duration::from_secs(session.expiry_secs.into())));
+        let next = match (session.will_due, expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match next {
+            Some(at) => self.timers.set(timer, at),
+            None => self.timers.cancel(&timer),
         }
     }
 
@@ -329,6 +406,7 @@ impl Broker {
         let Some(session) = self.sessions.remove(client_id) else {
             return;
         };
+        self.timers.cancel(&Timer::Session(client_id.clone()));
         for (filter, _, _) in session.subscriptions.values() {
             self.subscriptions.remove(filter, client_id);
         }

@@ -4,6 +4,7 @@
 //! routed when it comes back.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::{Action, Broker, ConnId, Message, OutboxTotals};
 use crate::outbox::OutboxBudget;
@@ -70,14 +71,14 @@ impl Broker {
 
     /// [`Input::Pace`](super::Input::Pace): starts or ends pacing; ending it resumes the
     /// paused publishers (but those the broker holds for a full subscriber of its own).
-    pub(super) fn pace(&mut self, on: bool) {
+    pub(super) fn pace(&mut self, on: bool, now: Instant) {
         self.pacing = on;
         if on {
             return;
         }
         for conn in std::mem::take(&mut self.paced) {
             if self.conns.get(&conn).is_some_and(|c| c.held.is_empty()) {
-                self.out.push(Action::ResumeReads(conn));
+                self.resume_reads(conn, now);
             }
         }
     }

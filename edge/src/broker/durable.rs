@@ -129,6 +129,7 @@ impl Broker {
     /// their expiry counts from `now`, their in-flight messages are resent with DUP when
     /// they reconnect.
     pub(crate) fn restore(&mut self, snapshot: Snapshot, now: Instant) {
+        self.start_clock(now);
         if let super::Downstream::Edge(outbox) = &mut self.downstream {
             outbox.restore(snapshot.outbox);
         }
@@ -177,7 +178,8 @@ impl Broker {
                 }
             }
             session.awaiting_pubrel.extend(stored.awaiting_pubrel);
-            self.sessions.insert(stored.client_id, session);
+            self.sessions.insert(stored.client_id.clone(), session);
+            self.arm_session(&stored.client_id);
         }
     }
 

@@ -237,7 +237,7 @@ impl Broker {
             loop {
                 let Some(packet) = self.conns.get_mut(&conn).and_then(|c| c.held.pop_front())
                 else {
-                    self.out.push(Action::ResumeReads(conn));
+                    self.resume_reads(conn, now);
                     break;
                 };
                 let was_publish = matches!(packet, Packet::Publish(_));

@@ -15,10 +15,22 @@
 //!   acknowledged message is dropped for a connected subscriber. For a subscriber that is
 //!   offline, or for QoS 0, a message that does not fit is dropped and counted.
 //!
+//! Time comes in and timers go out, as in quinn-proto: every input carries `now`, and
+//! [`Broker::poll_timeout`] says when the broker next needs to be called if nothing else
+//! happens. The driver waits for input or that instant, whichever comes first, and then
+//! hands in [`Input::Timeout`]. The deadlines are: each connection's keep alive (closed as
+//! if the network had failed when the client sent nothing for 1.5 times its interval,
+//! MQTT-3.1.2-22), each offline session's will delay and expiry, and the next `$SYS`
+//! update. Nothing else is timed: an unacknowledged QoS 1/2 delivery is resent only when
+//! its session reconnects (MQTT 5.0 §4.4 allows no other resend), an expired message is
+//! dropped when its turn to be sent comes, and held publishers and deliveries are retried
+//! when room is made (credit back, an acknowledgement, a connection gone).
+//!
 //! This file holds the types a driver uses and [`Broker::handle`], which dispatches each
 //! input; the rest of `impl Broker` is split by concern:
 //!
-//! - `connect`: CONNECT, DISCONNECT and lost connections, wills, session expiry.
+//! - `connect`: CONNECT, DISCONNECT and lost connections, keep alive, wills, session expiry.
+//! - `timers`: the deadlines behind [`Broker::poll_timeout`].
 //! - `publish`: an incoming PUBLISH (MQTT rules, ACL, acknowledgement, QoS 2 receipt).
 //! - `route`: matching sessions, the queue caps, retained messages.
 //! - `subscribe`: SUBSCRIBE and UNSUBSCRIBE.
@@ -38,6 +50,7 @@ mod session;
 mod stats;
 mod subscribe;
 mod subscriptions;
+mod timers;
 
 pub(crate) use durable::{OutboxTotals, QueueState, Snapshot, StoreOp, StoredSession};
 pub(crate) use session::Delivery;
@@ -45,7 +58,7 @@ pub(crate) use session::Delivery;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU16;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_protocol::mqtt::{
@@ -58,6 +71,7 @@ use session::Session;
 use crate::auth::Auth;
 use downstream::Downstream;
 use subscriptions::SubscriptionTree;
+use timers::{Timer, Timers};
 
 /// Identifies a connection for the life of the process; the driver picks them.
 pub type ConnId = u64;
@@ -170,8 +184,10 @@ pub enum Input {
     /// The connection sent bytes that do not decode: the broker answers with DISCONNECT
     /// (v5, with the error's reason code) and closes; the will applies.
     Malformed { conn: ConnId, error: DecodeError },
-    /// Time passed: wills with a delay, session expiry, message expiry.
-    Tick,
+    /// The deadline [`Broker::poll_timeout`] gave has come: the broker does what is due at
+    /// `now` (keep alive, wills with a delay, session expiry, `$SYS`). Early or extra calls
+    /// are harmless: what is not due yet is left as it is.
+    Timeout,
     /// A message read back from the log (log mode, see [`Broker::use_log`]): routed to the
     /// matching sessions, and kept if retained. If a connected subscriber has no room, it
     /// and the ones after it are held until room is made ([`Broker::deliveries_held`]).
@@ -266,6 +282,11 @@ struct Conn {
     closing: bool,
     /// Set by a DISCONNECT without "with will": the will is not sent.
     will_suppressed: bool,
+    /// 1.5 times the keep alive in force (the client's, or the Server Keep Alive we gave a
+    /// v5 client); None for a keep alive of 0.
+    keepalive_limit: Option<Duration>,
+    /// When the broker last got a packet from this client, or resumed reading from it.
+    last_seen: Instant,
 }
 
 /// The broker core. See the module documentation.
@@ -288,7 +309,8 @@ pub struct Broker {
     store_ops: Vec<StoreOp>,
     /// When the broker saw its first input, for `$SYS/broker/uptime`.
     started_at: Option<Instant>,
-    next_sys_at: Option<Instant>,
+    /// Keep alive, offline sessions and `$SYS`: see [`Broker::poll_timeout`].
+    timers: Timers,
     auth: Arc<Auth>,
     /// Where accepted messages go: the edge's outbox, or the cloud's log.
     downstream: Downstream,
@@ -315,7 +337,7 @@ impl Broker {
             retrying: false,
             store_ops: Vec::new(),
             started_at: None,
-            next_sys_at: None,
+            timers: Timers::default(),
             auth: Arc::new(Auth::open()),
             downstream: Downstream::default(),
             held_deliveries: VecDeque::new(),
@@ -337,7 +359,7 @@ impl Broker {
 
     /// Handles one input; the actions it causes are appended to `actions` in order.
     pub fn handle(&mut self, input: Input, now: Instant, actions: &mut Vec<Action>) {
-        self.started_at.get_or_insert(now);
+        self.start_clock(now);
         match input {
             Input::Connect {
                 conn,
@@ -345,11 +367,16 @@ impl Broker {
                 credit,
                 identity_verified,
             } => self.connect(conn, *connect, credit, identity_verified, now),
-            Input::Packet { conn, packet } => match self.conns.get_mut(&conn) {
-                None => {}
-                Some(c) if !c.held.is_empty() => c.held.push_back(packet),
-                Some(_) => self.packet(conn, packet, now),
-            },
+            Input::Packet { conn, packet } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.last_seen = now;
+                    if c.held.is_empty() {
+                        self.packet(conn, packet, now);
+                    } else {
+                        c.held.push_back(packet);
+                    }
+                }
+            }
             Input::Written { conn, packets } => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.credit += packets;
@@ -364,7 +391,7 @@ impl Broker {
                 d.properties.reason_string = Some(error.to_string());
                 self.close_with(conn, d, now);
             }
-            Input::Tick => self.tick(now),
+            Input::Timeout => self.timeout(now),
             Input::Deliver(msg) => {
                 if self.held_deliveries.is_empty() {
                     self.deliver(msg, now);
@@ -372,9 +399,33 @@ impl Broker {
                     self.held_deliveries.push_back(msg);
                 }
             }
-            Input::Pace(on) => self.pace(on),
+            Input::Pace(on) => self.pace(on, now),
         }
         actions.append(&mut self.out);
+    }
+
+    /// When the broker next needs [`Input::Timeout`] if no other input comes: the earliest
+    /// keep alive, will delay, session expiry or `$SYS` update; None if nothing is timed
+    /// (no connection with a keep alive, no offline session that expires or has a will
+    /// pending, `$SYS` off). Call it after every [`Broker::handle`]; a driver that waits
+    /// for input or this instant, whichever comes first, needs no periodic tick.
+    ///
+    /// Never later than what is due, but it may be earlier: a keep alive that traffic has
+    /// since renewed is re-armed, not acted on, when its old deadline comes (so that a
+    /// packet costs no timer update). O(log n) in the number of timers.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// The first input starts the clock: `$SYS` uptime counts from it, and the first
+    /// statistics are due at once.
+    pub(super) fn start_clock(&mut self, now: Instant) {
+        if self.started_at.is_none() {
+            self.started_at = Some(now);
+            if self.config.sys_interval_secs > 0 {
+                self.timers.set(Timer::Sys, now);
+            }
+        }
     }
 
     /// Dispatches a packet after CONNECT.

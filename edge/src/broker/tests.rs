@@ -13,6 +13,8 @@ use ferry_protocol::topic::{TopicFilter, TopicName};
 
 use super::*;
 
+mod timeouts;
+
 struct Harness {
     broker: Broker,
     now: Instant,
@@ -224,14 +226,14 @@ fn will_delay_is_cancelled_by_reconnect() {
     assert!(matches!(&a[0], Action::Send(3, Packet::ConnAck(ack)) if ack.session_present));
     h.now += Duration::from_secs(20);
     assert!(
-        publishes(&h.run(Input::Tick), 1).is_empty(),
+        publishes(&h.run(Input::Timeout), 1).is_empty(),
         "session resumed: will cancelled"
     );
 
     h.run(Input::Lost { conn: 3 });
     h.now += Duration::from_secs(11);
     assert_eq!(
-        publishes(&h.run(Input::Tick), 1).len(),
+        publishes(&h.run(Input::Timeout), 1).len(),
         1,
         "delay passed: will sent"
     );
@@ -430,11 +432,11 @@ fn assigned_client_identifier_for_empty_v5_id() {
 }
 
 #[test]
-fn sys_topics_are_published_on_tick_and_retained() {
+fn sys_topics_are_published_on_timeout_and_retained() {
     let mut h = Harness::new(BrokerConfig::default());
     h.connect(1, "ops");
     h.packet(1, subscribe("$SYS/broker/clients/#", QoS::AtMostOnce));
-    let a = h.run(Input::Tick);
+    let a = h.run(Input::Timeout);
     let got = publishes(&a, 1);
     let connected = got
         .iter()
@@ -443,9 +445,9 @@ fn sys_topics_are_published_on_tick_and_retained() {
     assert_eq!(&connected.payload[..], b"1");
     // Not again before the interval; again after it.
     h.now += Duration::from_secs(5);
-    assert!(publishes(&h.run(Input::Tick), 1).is_empty());
+    assert!(publishes(&h.run(Input::Timeout), 1).is_empty());
     h.now += Duration::from_secs(6);
-    assert!(!publishes(&h.run(Input::Tick), 1).is_empty());
+    assert!(!publishes(&h.run(Input::Timeout), 1).is_empty());
     // A later subscriber gets the values at once (retained), and `#` does not match $SYS.
     h.connect(2, "late");
     let a = h.packet(2, subscribe("#", QoS::AtMostOnce));

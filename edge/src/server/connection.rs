@@ -1,6 +1,7 @@
-//! One connection: its reader (CONNECT, then packets to the router, paused by flow control,
-//! keep alive) and its writer (what the router queued on its [`Wire`], with the send credit
-//! given back).
+//! One connection: its reader (CONNECT, then packets to the router, paused by flow control)
+//! and its writer (what the router queued on its [`Wire`], with the send credit given
+//! back). Keep alive is the broker's (`Broker::poll_timeout`): it closes a silent client
+//! through the router like any other close.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,7 +46,6 @@ pub(super) struct ConnSettings {
     pub(super) acks: mpsc::Sender<(ConnId, Packet)>,
     pub(super) connect_timeout: Duration,
     pub(super) max_packet_size: usize,
-    pub(super) max_keepalive_secs: u16,
 }
 
 /// Serves one connection: CONNECT, then reading and writing until either side ends it.
@@ -103,14 +103,6 @@ pub(super) async fn connection<S>(
         connect.password = None;
     }
     let version = connect.protocol;
-    // The broker tells a v5 client the Server Keep Alive in CONNACK; 3.1.1 keeps its own.
-    let max_ka = settings.max_keepalive_secs;
-    let keepalive_secs = match connect.keep_alive_secs {
-        ka if connect.protocol == ProtocolVersion::V5 && max_ka > 0 && (ka == 0 || ka > max_ka) => {
-            max_ka
-        }
-        ka => ka,
-    };
     debug!(%peer, conn, client_id = %connect.client_id, ?version, "CONNECT");
 
     let wire = Wire::new();
@@ -145,9 +137,6 @@ pub(super) async fn connection<S>(
         settings.credit.clone(),
     ));
 
-    // Keep alive: the client must send something within 1.5 times its interval (MQTT-3.1.2-22).
-    let idle_limit =
-        (keepalive_secs > 0).then(|| Duration::from_millis(u64::from(keepalive_secs) * 1500));
     loop {
         // A paused publisher is not read from until the broker resumes it.
         let paused = {
@@ -176,21 +165,12 @@ pub(super) async fn connection<S>(
         // A wake-up for the reader (paused, or the writer gone) abandons the read, which
         // loses nothing: what was read stays in `buf`.
         let next = tokio::select! {
-            r = async {
-                match idle_limit {
-                    Some(limit) => tokio::time::timeout(limit, read).await.ok(),
-                    None => Some(read.await),
-                }
-            } => r,
+            r = read => r,
             _ = wire.to_reader.notified() => continue,
             _ = stop.changed() => break,
         };
         match next {
-            None => {
-                debug!(%peer, conn, "keep alive expired");
-                break;
-            }
-            Some(Ok(Some(packet))) => {
+            Ok(Some(packet)) => {
                 let sent = match packet {
                     Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => {
                         settings.acks.send((conn, packet)).await.is_ok()
@@ -204,12 +184,12 @@ pub(super) async fn connection<S>(
                     break;
                 }
             }
-            Some(Ok(None)) => break,
-            Some(Err(ReadError::Io(error))) => {
+            Ok(None) => break,
+            Err(ReadError::Io(error)) => {
                 debug!(%peer, conn, %error, "read failed");
                 break;
             }
-            Some(Err(ReadError::Decode(error))) => {
+            Err(ReadError::Decode(error)) => {
                 debug!(%peer, conn, %error, "malformed packet; closing");
                 // The broker sends the DISCONNECT, after what it already queued.
                 let _ = to_router

@@ -10,7 +10,9 @@
 //! The binary runs the connections on one current-thread runtime (see `main.rs` for why);
 //! the router has a thread of its own. Every channel is bounded. The router never blocks on a connection: it emits at most the
 //! credit a writer has room for (see `broker` flow control), and a writer whose queue is full
-//! anyway (a client that sends but never reads) is closed.
+//! anyway (a client that sends but never reads) is closed. Nothing ticks: the router sleeps
+//! until its next input or the broker's next deadline ([`Broker::poll_timeout`]), and the
+//! broker, not the connection, decides when a client's keep alive ran out.
 //!
 //! This file holds [`Server`], which starts everything; `listeners` has the accept loops,
 //! `tls` and `websocket` the handshakes, `connection` one connection's reader and writer,
@@ -35,7 +37,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::info;
 
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Broker, ClientInfo, Input, Stats};
+use crate::broker::{Broker, ClientInfo, Stats};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 use connection::ConnSettings;
@@ -170,22 +172,6 @@ impl Server {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let ticker = to_router.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => {
-                        if ticker.send(ToRouter::Input(Input::Tick)).await.is_err() {
-                            return;
-                        }
-                    }
-                    _ = stop.changed() => return,
-                }
-            }
-        });
-
         let next_id = Arc::new(AtomicU64::new(1));
         let max_connections = u32::try_from(config.server.max_connections)
             .unwrap_or(u32::MAX)
@@ -196,7 +182,6 @@ impl Server {
             acks: acks_tx,
             connect_timeout: Duration::from_secs(config.server.connect_timeout_secs),
             max_packet_size: config.mqtt.max_packet_size_bytes as usize,
-            max_keepalive_secs: config.mqtt.max_keepalive_secs,
         });
         let mut ws_addrs = Vec::new();
         let mut wss_addrs = Vec::new();

@@ -1,6 +1,11 @@
 //! The router thread: it owns the [`Broker`], applies every input in order, in batches,
 //! commits each batch's durable changes in one storage transaction (and in log mode appends
 //! what it accepted) before it sends the batch's packets (group commit).
+//!
+//! It has no periodic tick: it waits for input or for the broker's next deadline
+//! ([`Broker::poll_timeout`]: keep alive, wills, session expiry, `$SYS`), whichever comes
+//! first, and after each batch hands the broker [`Input::Timeout`] if that deadline has
+//! passed, so that a busy router still acts on time and an idle one sleeps.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -28,6 +33,12 @@ const ROUTER_BATCH: usize = 256;
 /// publishers run further ahead of what is durable (each holds up to one batch's
 /// acknowledgements: ROUTER_BATCH publishes).
 const APPENDS_IN_FLIGHT: usize = 4;
+
+/// Log mode, while publishers are paced: how long the router may sleep before it reads the
+/// log's lag again. The lag is a counter the log's reader keeps, not an input, so without
+/// this an idle router would keep publishers paused after delivery caught up. One second,
+/// the period of the tick that woke the router before it slept until deadlines.
+const PACE_RECHECK: Duration = Duration::from_secs(1);
 
 /// What a node whose broker works through a log (the cloud) gives the server.
 pub struct LogHooks {
@@ -111,6 +122,7 @@ pub(super) fn router(
     // A runtime of its own, on this thread only: the router may block on a commit without
     // holding up the connections' tasks.
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .map_err(StoreError::RouterStart)?;
     runtime.block_on(route_loop(broker, store, log, rx, lanes))
@@ -157,10 +169,23 @@ async fn route_loop(
     let mut appending = Appending::default();
     let mut stopping = false;
     let mut pacing = false;
+    let mut lag_read_at = Instant::now();
+    // Fires at the broker's next deadline (or the next read of the lag while pacing).
+    let wake = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(wake);
     while !stopping {
+        let wake_at = earliest(
+            broker.poll_timeout(),
+            pacing.then(|| lag_read_at + PACE_RECHECK),
+        )
+        .map(tokio::time::Instant::from_std);
+        if let Some(at) = wake_at.filter(|at| *at != wake.deadline()) {
+            wake.as_mut().reset(at);
+        }
         // A finished append first (its acknowledgements go out; polling this branch also
         // starts the appends issued since). Then credit: a subscriber's writer waiting for
-        // it must not queue behind a flood of publishes.
+        // it must not queue behind a flood of publishes. A deadline last: under load the
+        // check after each batch meets it.
         let first = tokio::select! {
             biased;
             done = appending.next_done(), if appending.in_flight() > 0 => {
@@ -168,20 +193,24 @@ async fn route_loop(
                 dispatch(&mut conns, &mut acks);
                 continue;
             }
-            Some((conn, packets)) = credit.recv() => ToRouter::Input(Input::Written { conn, packets }),
-            Some((conn, packet)) = acks.recv() => ToRouter::Input(Input::Packet { conn, packet }),
-            Some((priority, seq)) = outbox_acks.recv() => ToRouter::OutboxAck { priority, seq },
-            Some(down) = downlink.recv() => ToRouter::Downlink(down),
+            Some((conn, packets)) = credit.recv() => {
+                Some(ToRouter::Input(Input::Written { conn, packets }))
+            }
+            Some((conn, packet)) = acks.recv() => Some(ToRouter::Input(Input::Packet { conn, packet })),
+            Some((priority, seq)) = outbox_acks.recv() => Some(ToRouter::OutboxAck { priority, seq }),
+            Some(down) = downlink.recv() => Some(ToRouter::Downlink(down)),
             Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
-                ToRouter::Input(Input::Deliver(msg))
+                Some(ToRouter::Input(Input::Deliver(msg)))
             }
             msg = rx.recv() => match msg {
-                Some(msg) => msg,
+                Some(msg) => Some(msg),
                 None => break,
             },
+            () = &mut wake, if wake_at.is_some() => None,
         };
         let now = Instant::now();
         if let Some(log) = log.as_ref().filter(|l| l.max_lag > 0) {
+            lag_read_at = now;
             // Publishers wait while subscribers lag far behind the log (with hysteresis, so
             // that they are not paused and resumed at every batch).
             let lag = log.lag.load(Ordering::Relaxed);
@@ -197,7 +226,7 @@ async fn route_loop(
         }
         let held_before = broker.deliveries_held();
         let mut deliveries = 0;
-        let mut next = Some(first);
+        let mut next = first;
         let mut n = 0;
         while let Some(msg) = next {
             match msg {
@@ -255,6 +284,11 @@ async fn route_loop(
                 None
             };
         }
+        // Deadlines after the batch's inputs: a packet in this batch renews its client's
+        // keep alive before that is checked.
+        if broker.poll_timeout().is_some_and(|at| at <= now) {
+            broker.handle(Input::Timeout, now, &mut actions);
+        }
         if let Some(log) = &mut log {
             // What this batch accepted goes to the log; its acknowledgements wait for it.
             let appends = broker.take_appends();
@@ -308,6 +342,14 @@ async fn route_loop(
         wire.close();
     }
     Ok(())
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Log mode: the appends issued and not yet durable, oldest first, and the
