@@ -16,7 +16,7 @@
 
 use bytes::Bytes;
 use ferry_protocol::mqtt::{Properties, QoS};
-use ferry_protocol::topic::{TopicFilter, TopicName};
+use ferry_protocol::topic::{TopicError, TopicFilter, TopicName};
 use serde::Deserialize;
 
 use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
@@ -66,7 +66,8 @@ pub enum RouteError {
     BadFilter {
         index: usize,
         filter: String,
-        why: String,
+        #[source]
+        why: TopicError,
     },
     #[error("route {index}: invalid stream name {0:?}", .stream)]
     BadStream { index: usize, stream: String },
@@ -145,18 +146,12 @@ impl Routes {
     pub fn new(configs: &[RouteConfig]) -> Result<Self, RouteError> {
         let mut routes = Vec::with_capacity(configs.len());
         for (index, c) in configs.iter().enumerate() {
-            let filter = TopicFilter::new(c.filter.clone()).map_err(|e| RouteError::BadFilter {
-                index,
-                filter: c.filter.clone(),
-                why: e.to_string(),
-            })?;
-            if filter.is_shared() {
-                return Err(RouteError::BadFilter {
+            let filter =
+                TopicFilter::new_route(c.filter.clone()).map_err(|why| RouteError::BadFilter {
                     index,
                     filter: c.filter.clone(),
-                    why: "a route cannot be a shared subscription".into(),
-                });
-            }
+                    why,
+                })?;
             if !crate::log::valid_stream_name(&c.stream) {
                 return Err(RouteError::BadStream {
                     index,
@@ -446,7 +441,10 @@ mod tests {
         ));
         assert!(matches!(
             Routes::new(&[route("$share/g/a", "s", 1, PartitionKey::Topic)]),
-            Err(RouteError::BadFilter { .. })
+            Err(RouteError::BadFilter {
+                why: TopicError::SharedRoute { .. },
+                ..
+            })
         ));
         assert!(matches!(
             Routes::new(&[route("a", "bad name", 1, PartitionKey::Topic)]),

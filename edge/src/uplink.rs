@@ -24,7 +24,7 @@
 //! acknowledged.
 
 use ferry_protocol::mqtt::QoS;
-use ferry_protocol::topic::{TopicFilter, TopicName};
+use ferry_protocol::topic::{TopicError, TopicFilter, TopicName};
 use serde::Deserialize;
 
 /// `[uplink]`.
@@ -137,7 +137,8 @@ pub enum UplinkError {
     BadFilter {
         index: usize,
         filter: String,
-        why: String,
+        #[source]
+        why: TopicError,
     },
     #[error("uplink route {index}: qos must be 1 or 2 (QoS 0 is never stored)")]
     BadQos { index: usize },
@@ -160,18 +161,11 @@ impl UplinkRules {
         let mut routes = Vec::new();
         for (index, r) in config.route.iter().enumerate() {
             let filter =
-                TopicFilter::new(r.filter.clone()).map_err(|e| UplinkError::BadFilter {
+                TopicFilter::new_route(r.filter.clone()).map_err(|why| UplinkError::BadFilter {
                     index,
                     filter: r.filter.clone(),
-                    why: e.to_string(),
+                    why,
                 })?;
-            if filter.is_shared() {
-                return Err(UplinkError::BadFilter {
-                    index,
-                    filter: r.filter.clone(),
-                    why: "not a shared subscription".into(),
-                });
-            }
             let qos = match r.qos {
                 1 => QoS::AtLeastOnce,
                 2 => QoS::ExactlyOnce,
@@ -288,6 +282,16 @@ mod tests {
         assert!(matches!(
             UplinkRules::new(&wild),
             Err(UplinkError::BadCloudTopic { index: 0, .. })
+        ));
+        let shared: UplinkConfig =
+            toml::from_str("[[route]]\nfilter = \"$share/g/a/#\"\n").expect("parses");
+        assert!(matches!(
+            UplinkRules::new(&shared),
+            Err(UplinkError::BadFilter {
+                index: 0,
+                why: TopicError::SharedRoute { .. },
+                ..
+            })
         ));
         let bad: UplinkConfig =
             toml::from_str("[[route]]\nfilter = \"a\"\nqos = 0\n").expect("parses");

@@ -26,6 +26,8 @@ pub enum TopicError {
     InvalidShareName { filter: String },
     #[error("shared subscription {filter:?} has no topic filter after the share name")]
     EmptySharedFilter { filter: String },
+    #[error("{filter:?} is a shared subscription, which a route cannot be")]
+    SharedRoute { filter: String },
 }
 
 /// A topic name that a PUBLISH is sent to: no wildcards, no U+0000, at most 65535 bytes.
@@ -173,6 +175,20 @@ impl TopicFilter {
         })
     }
 
+    /// Validates `filter` as the filter of a route: the cloud's `[[route]]` (MQTT topic →
+    /// stream) and the edge's `[[uplink.route]]` (what goes up to the cloud). A route takes
+    /// every message that matches, so it is a valid topic filter and never a shared
+    /// subscription ([`TopicError::SharedRoute`]).
+    pub fn new_route(filter: impl Into<ByteString>) -> Result<Self, TopicError> {
+        let filter = Self::new(filter)?;
+        if filter.is_shared() {
+            return Err(TopicError::SharedRoute {
+                filter: filter.full.to_string(),
+            });
+        }
+        Ok(filter)
+    }
+
     /// The filter as subscribed, with any `$share/{group}/` prefix.
     pub fn as_str(&self) -> &str {
         &self.full
@@ -274,6 +290,29 @@ mod tests {
 
     fn filter(s: &str) -> TopicFilter {
         TopicFilter::new(s).expect("valid test filter")
+    }
+
+    #[test]
+    fn a_route_filter_is_a_valid_filter_that_is_not_shared() {
+        let route = TopicFilter::new_route("sensors/+/temp").expect("a route");
+        assert_eq!(route, filter("sensors/+/temp"));
+        assert!(TopicFilter::new_route("#").is_ok());
+        assert_eq!(
+            TopicFilter::new_route("$share/g/sensors/#"),
+            Err(TopicError::SharedRoute {
+                filter: "$share/g/sensors/#".into()
+            })
+        );
+        assert!(matches!(
+            TopicFilter::new_route("a/#/b"),
+            Err(TopicError::MisplacedWildcard { .. })
+        ));
+        assert_eq!(TopicFilter::new_route(""), Err(TopicError::Empty));
+        // A shared filter that is itself invalid says what is wrong with it first.
+        assert!(matches!(
+            TopicFilter::new_route("$share//a"),
+            Err(TopicError::InvalidShareName { .. })
+        ));
     }
 
     #[test]
