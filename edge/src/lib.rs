@@ -28,7 +28,3 @@ pub mod systemd;
 pub mod uplink;
 
 pub use ferry_protocol::mqtt;
-
-// The former path of `outbox_source`, still named by `src/server/`; to go once that names
-// `outbox_source`.
-use outbox_source as link;

@@ -76,8 +76,8 @@ pub struct Server {
     /// One permit per open connection, `max_connections` in all.
     connections: Arc<Semaphore>,
     max_connections: u32,
-    link: Option<Arc<ferry_bridge::client::LinkStatus>>,
-    outbox: Arc<crate::link::EdgeOutbox>,
+    link: Option<Arc<ferry_bridge::edge_dialer::LinkStatus>>,
+    outbox: Arc<crate::outbox_source::EdgeOutbox>,
 }
 
 impl std::fmt::Debug for Server {
@@ -119,7 +119,7 @@ impl Server {
         broker.restore(store.load()?, Instant::now());
         let (outbox_acks_tx, outbox_acks) = mpsc::channel(OUTBOX_ACK_LANE);
         let (downlink_tx, downlink) = mpsc::channel(DOWNLINK_LANE);
-        let outbox = Arc::new(crate::link::EdgeOutbox {
+        let outbox = Arc::new(crate::outbox_source::EdgeOutbox {
             reader: store.outbox_reader(),
             acks: outbox_acks_tx,
             added: Arc::new(tokio::sync::Notify::new()),
@@ -215,8 +215,8 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
-        let link = crate::link::client_config(&config.uplink)
-            .map(|c| crate::link::start(c, outbox.clone(), stop_rx.clone()));
+        let link = crate::outbox_source::client_config(&config.uplink)
+            .map(|c| crate::outbox_source::start(c, outbox.clone(), stop_rx.clone()));
         Ok(Self {
             to_router,
             local_addrs,
@@ -266,7 +266,7 @@ impl Server {
     }
 
     /// The link to the cloud, if `[uplink] cloud` is set.
-    pub fn link_status(&self) -> Option<ferry_bridge::client::LinkStats> {
+    pub fn link_status(&self) -> Option<ferry_bridge::edge_dialer::LinkStats> {
         self.link.as_ref().map(|l| l.get())
     }
 

@@ -94,8 +94,8 @@ pub(super) enum ToRouter {
         priority: u8,
         seq: u64,
     },
-    /// Downlink messages to publish (see [`crate::link`]).
-    Downlink(crate::link::Downlink),
+    /// Downlink messages to publish (see [`crate::outbox_source`]).
+    Downlink(crate::outbox_source::Downlink),
     /// Shutdown: finish this batch and the appends in flight, send what they acknowledge,
     /// close every connection's writer, and end the router (the store closes with it).
     Stop,
@@ -139,7 +139,7 @@ pub(super) struct Lanes {
     /// Woken after a commit that added records to the outbox.
     pub(super) outbox_added: Arc<tokio::sync::Notify>,
     /// Messages from the cloud to publish here.
-    pub(super) downlink: mpsc::Receiver<crate::link::Downlink>,
+    pub(super) downlink: mpsc::Receiver<crate::outbox_source::Downlink>,
 }
 
 async fn route_loop(
