@@ -13,28 +13,43 @@
 //!   its certificate, applies the deny list, runs a [`cloud_end::CloudEnd`] per link.
 //! - [`records`]: the outbox's records as the record batches of BATCH frames, and the
 //!   records of a DOWN frame.
-//! - [`error`]: [`LinkError`], why a link ended.
-//! - [`pki`]: the link's CA, edge and node certificates (rcgen).
+//! - [`error`]: [`LinkError`], why a link ended; [`OutboxError`] and [`SinkError`], what
+//!   the edge's outbox and the cloud's ingest path fail with.
+//! - [`pki`]: the link's CA, edge and node certificates (rcgen), and an edge's identity
+//!   read from its certificate.
 //! - [`quic`]: the QUIC endpoints (quinn + rustls, mutual TLS) and the frame stream.
+//!
+//! Features (both on by default), so that each binary builds only its own end:
+//! - `client`, the edge's side: [`edge_end`], [`edge_dialer`], [`backoff`], [`records`]
+//!   and the edge's endpoint [`quic::client`]. ferry-edge takes only this one.
+//! - `server`, the cloud's side: [`cloud_end`], [`cloud_listener`], [`pki`] (with rcgen and
+//!   x509-cert) and the cloud's endpoint [`quic::server`]. ferry-cloud takes this one, and
+//!   gets `client` too through ferry-edge, whose server starts the edge's link.
+//!
+//! The frames, the errors and the frame stream are in both.
 
 use std::future::Future;
 use std::pin::Pin;
 
+#[cfg(feature = "client")]
 pub mod backoff;
+#[cfg(feature = "server")]
 pub mod cloud_end;
+#[cfg(feature = "server")]
 pub mod cloud_listener;
+#[cfg(feature = "client")]
 pub mod edge_dialer;
+#[cfg(feature = "client")]
 pub mod edge_end;
 pub mod error;
+#[cfg(feature = "server")]
 pub mod pki;
 pub mod quic;
+#[cfg(feature = "client")]
 pub mod records;
 
-/// The former path of [`edge_dialer`], still named by `ferry-edge`'s `src/server/`; to go
-/// once that names `edge_dialer`.
-pub use edge_dialer as client;
 pub use error::{FailureKind, LinkError, OutboxError, SinkError};
 
-/// A boxed future, as the traits the two ends call into ([`edge_dialer::Outbox`],
-/// [`cloud_listener::Sink`]) return.
+/// A boxed future, as the traits the two ends call into (`edge_dialer::Outbox`,
+/// `cloud_listener::Sink`) return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,6 +1,11 @@
 //! The link's QUIC endpoints, both ends: TLS 1.3 with certificates from the link's CA on
-//! both sides (see [`crate::pki`]), ALPN `ferry-link/1`, keepalive and idle timeout, and
-//! the frames read and written on the link's one bidirectional stream.
+//! both sides (made by `pki`), ALPN `ferry-link/1`, keepalive and idle timeout, and the
+//! frames read and written on the link's one bidirectional stream. The edge's endpoint
+//! ([`client`]) comes with the feature `client`, the cloud's ([`server`], [`peer_identity`])
+//! with `server`.
+
+// Without either end, the helpers that set up an endpoint have no caller.
+#![cfg_attr(not(any(feature = "client", feature = "server")), allow(dead_code))]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +13,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ferry_protocol::link_frames::{self, Frame, LinkError};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+#[cfg(feature = "client")]
+use quinn::crypto::rustls::QuicClientConfig;
+#[cfg(feature = "server")]
+use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -101,6 +109,7 @@ fn transport(t: Timeouts) -> Arc<quinn::TransportConfig> {
 
 /// The cloud's endpoint on `listen`: it requires a client certificate from the CA (the
 /// edge's identity, read with [`peer_identity`]).
+#[cfg(feature = "server")]
 pub fn server(
     listen: std::net::SocketAddr,
     files: &TlsFiles,
@@ -124,6 +133,7 @@ pub fn server(
 
 /// The edge's endpoint (an ephemeral UDP port) and the configuration to connect with: the
 /// cloud's certificate must come from the CA and name the host connected to.
+#[cfg(feature = "client")]
 pub fn client(
     files: &TlsFiles,
     timeouts: Timeouts,
@@ -143,6 +153,7 @@ pub fn client(
 
 /// Who is at the other end: the edge id (the certificate's common name) and the
 /// certificate's serial number (lowercase hex), as the TLS handshake verified them.
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
     pub edge_id: String,
@@ -151,6 +162,7 @@ pub struct PeerIdentity {
 
 /// The verified identity of the peer of `conn`; None if it has no certificate or one
 /// without a common name.
+#[cfg(feature = "server")]
 pub fn peer_identity(conn: &quinn::Connection) -> Option<PeerIdentity> {
     let chain = conn
         .peer_identity()?
