@@ -33,6 +33,8 @@ pub struct CloudConfig {
     pub link: Option<crate::link_sink::LinkConfig>,
     /// `[kafka]`: the Kafka listener (see [`crate::kafka`]). Default none: off.
     pub kafka: Option<crate::kafka::KafkaConfig>,
+    /// `[amqp]`: the AMQP 0-9-1 listener (see `docs/amqp.md`). Default none: off.
+    pub amqp: Option<crate::amqp::AmqpConfig>,
 }
 
 /// `[admin]`: the admin HTTP listener (JSON API and `/metrics`, see [`crate::admin`]).
@@ -59,6 +61,7 @@ impl Default for CloudConfig {
             admin: AdminConfig::default(),
             link: None,
             kafka: None,
+            amqp: None,
         }
     }
 }

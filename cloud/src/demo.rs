@@ -51,6 +51,9 @@ pub struct DemoOptions {
     /// The cloud's Kafka listener (consume the data with kcat).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
     pub kafka_listen: SocketAddr,
+    /// The cloud's AMQP listener (consume the data with any RabbitMQ client).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5672")]
+    pub amqp_listen: SocketAddr,
     /// Milliseconds between two sensor readings.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub interval_ms: u64,
@@ -86,6 +89,10 @@ pub async fn run(
         listen: opts.kafka_listen,
         ..Default::default()
     });
+    cloud.amqp = Some(crate::amqp::AmqpConfig {
+        listen: opts.amqp_listen,
+        ..Default::default()
+    });
     let node = Node::start(cloud, stopped(stop_rx.clone()))
         .await
         .context("cannot start the cloud node")?;
@@ -118,12 +125,14 @@ pub async fn run(
     let edge_addr = edge.local_addrs()[0];
     let cloud_addr = node.mqtt_addrs()[0];
     let kafka = node.kafka_addr.context("the Kafka listener")?;
+    let amqp = node.amqp_addr.context("the AMQP listener")?;
     info!(
         addrs = ?[cloud_addr],
         edge_addrs = ?[edge_addr],
         link_addrs = ?[link],
         admin_addrs = ?[admin],
         kafka_addrs = ?[kafka],
+        amqp_addrs = ?[amqp],
         "ferry-cloud ready (demo)"
     );
     println!(

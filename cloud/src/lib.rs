@@ -19,6 +19,7 @@
 //! backend, clustering.
 
 pub mod admin;
+pub mod amqp;
 pub mod config;
 pub mod demo;
 pub mod ingest;

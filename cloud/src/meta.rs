@@ -23,6 +23,9 @@ const EDGES: TableDefinition<'_, (&str, u8), u64> = TableDefinition::new("edge_s
 /// (stream, partition) → the offset from which, at start, the link's ingest looks for edge
 /// records not yet committed (see `crate::ingest`).
 const INGEST_FROM: TableDefinition<'_, (&str, u32), i64> = TableDefinition::new("ingest_from");
+/// The AMQP front's durable state by key (exchanges, queues, bindings, queue cursors; the
+/// keys and values are the front's, see `crate::amqp`).
+const AMQP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("amqp");
 
 /// Why metadata could not be read or changed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,10 @@ pub enum Command {
         partition: u32,
         offset: i64,
     },
+    /// Sets one entry of the AMQP front's state.
+    AmqpPut { key: String, value: Vec<u8> },
+    /// Removes one entry of the AMQP front's state (nothing if there is none).
+    AmqpDelete { key: String },
 }
 
 /// The metadata database.
@@ -86,6 +93,7 @@ impl Meta {
         txn.open_table(CURSORS).map_err(dberr)?;
         txn.open_table(EDGES).map_err(dberr)?;
         txn.open_table(INGEST_FROM).map_err(dberr)?;
+        txn.open_table(AMQP).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
         Ok(Self { db })
     }
@@ -98,6 +106,7 @@ impl Meta {
             let mut cursors = txn.open_table(CURSORS).map_err(dberr)?;
             let mut edges = txn.open_table(EDGES).map_err(dberr)?;
             let mut ingest_from = txn.open_table(INGEST_FROM).map_err(dberr)?;
+            let mut amqp = txn.open_table(AMQP).map_err(dberr)?;
             for c in commands {
                 match c {
                     Command::CreateStream { name, config } => {
@@ -143,6 +152,12 @@ impl Meta {
                         if old.is_none_or(|old| *offset > old) {
                             ingest_from.insert(key, offset).map_err(dberr)?;
                         }
+                    }
+                    Command::AmqpPut { key, value } => {
+                        amqp.insert(key.as_str(), value.as_slice()).map_err(dberr)?;
+                    }
+                    Command::AmqpDelete { key } => {
+                        amqp.remove(key.as_str()).map_err(dberr)?;
                     }
                 }
             }
@@ -194,6 +209,21 @@ impl Meta {
 }
 
 impl Meta {
+    /// The AMQP front's entries whose key starts with `prefix`, in key order.
+    pub fn amqp_entries(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(AMQP).map_err(dberr)?;
+        let mut out = Vec::new();
+        for row in table.range(prefix..).map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Where the link's ingest looks for uncommitted edge records at start: (stream,
     /// partition, offset).
     pub fn ingest_from(&self) -> Result<Vec<(String, u32, i64)>, MetaError> {
@@ -256,6 +286,16 @@ impl Command {
                 out.extend_from_slice(&partition.to_be_bytes());
                 out.extend_from_slice(&offset.to_be_bytes());
             }
+            Command::AmqpPut { key, value } => {
+                out.push(6);
+                put_str(&mut out, key);
+                out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                out.extend_from_slice(value);
+            }
+            Command::AmqpDelete { key } => {
+                out.push(7);
+                put_str(&mut out, key);
+            }
         }
         out
     }
@@ -298,6 +338,17 @@ impl Command {
                 stream: string(&mut b)?,
                 partition: u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?),
                 offset: i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?),
+            },
+            6 => {
+                let key = string(&mut b)?;
+                let n = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
+                Command::AmqpPut {
+                    key,
+                    value: take(&mut b, n)?.to_vec(),
+                }
+            }
+            7 => Command::AmqpDelete {
+                key: string(&mut b)?,
             },
             _ => return None,
         };
@@ -403,6 +454,21 @@ mod tests {
                 class: 7,
                 seq: 3,
             },
+            Command::AmqpPut {
+                key: "q/%2F/orders".into(),
+                value: b"{}".to_vec(),
+            },
+            Command::AmqpPut {
+                key: "q/%2F/gone".into(),
+                value: b"old".to_vec(),
+            },
+            Command::AmqpPut {
+                key: "x/%2F/e".into(),
+                value: Vec::new(),
+            },
+            Command::AmqpDelete {
+                key: "q/%2F/gone".into(),
+            },
         ]
     }
 
@@ -452,6 +518,11 @@ mod tests {
                 meta.ingest_from().expect("ingest_from"),
                 vec![("sensors".to_owned(), 1, 70)],
                 "never backwards, deleted with its stream"
+            );
+            assert_eq!(
+                meta.amqp_entries("q/").expect("amqp"),
+                vec![("q/%2F/orders".to_owned(), b"{}".to_vec())],
+                "put, and deleted"
             );
         }
     }

@@ -41,6 +41,8 @@ pub enum NodeError {
     Server(#[from] StartError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Amqp(#[from] crate::amqp::AmqpError),
     #[error("link: {0}")]
     Link(#[from] ferry_bridge::cloud_listener::StartError),
 }
@@ -56,6 +58,8 @@ pub struct Node {
     pub link: Option<Arc<ferry_bridge::cloud_listener::LinkServer>>,
     /// The Kafka listener's address, with `[kafka]`.
     pub kafka_addr: Option<SocketAddr>,
+    /// The AMQP listener's address, with `[amqp]`.
+    pub amqp_addr: Option<SocketAddr>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
 }
@@ -203,6 +207,22 @@ impl Node {
             ),
             None => None,
         };
+        let amqp_addr = match &config.amqp {
+            Some(a) => Some(
+                crate::amqp::start(
+                    a,
+                    (
+                        config.auth.password_file.clone(),
+                        config.auth.acl_file.clone(),
+                    ),
+                    log.clone(),
+                    meta.clone(),
+                    routes.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         info!(data_dir = %config.server.data_dir.display(), streams = streams.len(), "cloud node started");
         Ok(Self {
             log,
@@ -211,6 +231,7 @@ impl Node {
             mqtt,
             link,
             kafka_addr,
+            amqp_addr,
             routes,
             stream_defaults: config.log.streams,
         })

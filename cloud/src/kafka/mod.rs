@@ -888,9 +888,11 @@ fn write_response(
 ) -> Result<(), ConnectionError> {
     let start = out.len();
     out.put_i32(0);
-    let failed = |what| move |e: anyhow::Error| ConnectionError::Encode {
-        what,
-        why: e.to_string(),
+    let failed = |what| {
+        move |e: anyhow::Error| ConnectionError::Encode {
+            what,
+            why: e.to_string(),
+        }
     };
     ResponseHeader::default()
         .with_correlation_id(correlation_id)

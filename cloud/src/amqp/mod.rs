@@ -1,0 +1,451 @@
+//! The AMQP 0-9-1 front: RabbitMQ clients (pika, lapin, kombu, amqplib…) publish to and
+//! consume from the cloud's log. See `docs/amqp.md` for what is served, what a publish
+//! becomes in the log and what is refused.
+//!
+//! ```text
+//! connection tasks ──frames──▶ broker thread (broker.rs, sans-IO core) ──bytes──▶ writers
+//!                               │  reads the log (follow new records, fetch deliveries)
+//!                               ├─ appends publishes, confirms when durable
+//!                               └─ queue state and topology to the metadata (redb)
+//! ```
+//!
+//! - `codec`: frames in and out (amq-protocol parses and writes methods).
+//! - `broker`: connections, channels, exchanges, queues, consumers; publish and deliver.
+//! - `queue`: a queue as a cursor over the log, never a copy of its messages.
+//! - `topology`: exchanges, bindings and routing.
+//! - `message`: what a publish becomes in the log, and a record to an AMQP consumer.
+
+mod broker;
+mod codec;
+mod message;
+mod queue;
+mod topology;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ferry_edge::auth::Auth;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::log::{AppendData, Storage};
+use crate::meta::{Command, Meta};
+use crate::routes::RouteTable;
+use broker::{Action, Broker, Input, Settings};
+pub use message::AMQP_STREAM;
+
+/// A connection, as the broker knows it.
+pub(crate) type ConnId = u64;
+
+/// `[amqp]`: the AMQP listener. Off unless present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// Where AMQP clients connect. Default `127.0.0.1:5672`.
+    pub listen: SocketAddr,
+    /// Virtual hosts. Default `["/"]`.
+    pub vhosts: Vec<String>,
+    /// The largest frame, header and end included, either side may send. Default 131,072
+    /// (RabbitMQ's); at least 4,096.
+    pub frame_max: u32,
+    /// Channels per connection. Default 2,047 (RabbitMQ's).
+    pub channel_max: u16,
+    /// The heartbeat the server proposes, in seconds (0: none); a peer silent for two
+    /// intervals is closed. Default 60.
+    pub heartbeat_secs: u16,
+    /// A delivery unacknowledged this long closes its channel with PRECONDITION_FAILED
+    /// (RabbitMQ's `consumer_timeout`). Default 1,800 s (30 minutes).
+    pub ack_timeout_secs: u64,
+    /// Users and ACLs: Mosquitto-format files, as for MQTT. Default: those of `[auth]`.
+    pub password_file: Option<PathBuf>,
+    pub acl_file: Option<PathBuf>,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5672)),
+            vhosts: vec!["/".into()],
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat_secs: 60,
+            ack_timeout_secs: 1800,
+            password_file: None,
+            acl_file: None,
+        }
+    }
+}
+
+/// Frames read from connections and not yet taken by the broker thread; a full queue makes
+/// the readers wait (TCP pushes back to the clients).
+const INPUT_QUEUE: usize = 4096;
+/// Writes queued for one connection; the broker delivers no more to a connection whose
+/// queue is full until it drains.
+const WRITE_QUEUE: usize = 64;
+/// How often the broker's timers run (acknowledgement timeout, TTL, x-expires).
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the connection tasks send the broker thread.
+enum Event {
+    Open {
+        conn: ConnId,
+        writer: mpsc::Sender<Out>,
+        heartbeat: Arc<AtomicU16>,
+    },
+    Input(Input),
+}
+
+/// What the broker thread sends a connection's writer.
+#[derive(Debug)]
+enum Out {
+    Bytes(Vec<u8>),
+    Close,
+}
+
+/// Why the AMQP front could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("AMQP listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("AMQP users: {0}")]
+    Auth(#[from] ferry_edge::auth::AuthError),
+    #[error("AMQP state: {0}")]
+    Meta(#[from] crate::meta::MetaError),
+    #[error("[amqp] frame_max must be at least 4096")]
+    FrameMax,
+    #[error(
+        "[amqp] a listener on {0} needs a password_file: AMQP clients would get in without one"
+    )]
+    Open(SocketAddr),
+}
+
+/// Starts the AMQP front: the listener and the broker thread. Returns the bound address.
+pub async fn start(
+    config: &AmqpConfig,
+    auth_files: (Option<PathBuf>, Option<PathBuf>),
+    log: Arc<dyn Storage>,
+    meta: Arc<Meta>,
+    routes: Arc<RouteTable>,
+) -> Result<SocketAddr, AmqpError> {
+    if config.frame_max < codec::FRAME_MIN_SIZE {
+        return Err(AmqpError::FrameMax);
+    }
+    let password_file = config.password_file.clone().or(auth_files.0);
+    let acl_file = config.acl_file.clone().or(auth_files.1);
+    if password_file.is_none() && !config.listen.ip().is_loopback() {
+        return Err(AmqpError::Open(config.listen));
+    }
+    let auth = Arc::new(Auth::load(
+        password_file.as_deref(),
+        acl_file.as_deref(),
+        password_file.is_none(),
+    )?);
+    log.create_stream(AMQP_STREAM, &crate::log::StreamConfig::default())
+        .map_err(|e| AmqpError::Io(std::io::Error::other(e.to_string())))?;
+    let state = meta.amqp_entries("")?;
+    let settings = Settings {
+        vhosts: config.vhosts.clone(),
+        frame_max: config.frame_max,
+        channel_max: config.channel_max,
+        heartbeat_secs: config.heartbeat_secs,
+        ack_timeout: Duration::from_secs(config.ack_timeout_secs),
+    };
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let (events, rx) = mpsc::channel(INPUT_QUEUE);
+    let broker = Broker::new(settings, auth, routes, log.clone(), state);
+    std::thread::Builder::new()
+        .name("ferry-amqp".into())
+        .spawn(move || run_broker(broker, rx, log, meta))?;
+    info!(%addr, "listening for AMQP clients");
+    let frame_max = config.frame_max;
+    tokio::spawn(async move {
+        let next = AtomicU64::new(1);
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "AMQP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let conn = next.fetch_add(1, Ordering::Relaxed);
+            let events = events.clone();
+            tokio::spawn(async move {
+                debug!(%peer, conn, "AMQP connection");
+                connection(stream, conn, events, frame_max).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One client: checks its protocol header, then reads frames for the broker while a
+/// writer task sends what the broker gives it, with heartbeats when idle.
+async fn connection(
+    mut stream: TcpStream,
+    conn: ConnId,
+    events: mpsc::Sender<Event>,
+    frame_max: u32,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut header = [0u8; 8];
+    if stream.read_exact(&mut header).await.is_err() {
+        return;
+    }
+    if &header != codec::PROTOCOL_HEADER {
+        // The spec: answer with the protocol we speak, then close.
+        let _ = stream.write_all(codec::PROTOCOL_HEADER).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(WRITE_QUEUE);
+    let heartbeat = Arc::new(AtomicU16::new(0));
+    if events
+        .send(Event::Open {
+            conn,
+            writer: out_tx,
+            heartbeat: heartbeat.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let beat = heartbeat.clone();
+    let write = tokio::spawn(async move {
+        let mut heartbeat_frame = Vec::new();
+        codec::put_frame(
+            &mut heartbeat_frame,
+            &amq_protocol::frame::AMQPFrame::Heartbeat,
+        );
+        loop {
+            let secs = beat.load(Ordering::Relaxed);
+            let next = if secs == 0 {
+                out_rx.recv().await
+            } else {
+                // Something at least every half interval.
+                match tokio::time::timeout(
+                    Duration::from_millis(u64::from(secs) * 500),
+                    out_rx.recv(),
+                )
+                .await
+                {
+                    Ok(x) => x,
+                    Err(_) => Some(Out::Bytes(heartbeat_frame.clone())),
+                }
+            };
+            match next {
+                Some(Out::Bytes(b)) => {
+                    if writer.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Out::Close) | None => {
+                    let _ = writer.shutdown().await;
+                    return;
+                }
+            }
+        }
+    });
+    let _ = events.send(Event::Input(Input::Connected { conn })).await;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let secs = heartbeat.load(Ordering::Relaxed);
+        let read = if secs == 0 {
+            reader.read_buf(&mut buf).await
+        } else {
+            match tokio::time::timeout(
+                Duration::from_secs(u64::from(secs) * 2),
+                reader.read_buf(&mut buf),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(conn, "AMQP peer silent for two heartbeats");
+                    break;
+                }
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        loop {
+            match codec::take_frame(&mut buf, frame_max) {
+                Ok(Some(frame)) => {
+                    if events
+                        .send(Event::Input(Input::Frame { conn, frame }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    let _ = events.send(Event::Input(Input::Bad { conn, error })).await;
+                    // The broker sends connection.close and closes; what the peer sends
+                    // after a bad frame is not read.
+                    let _ = write.await;
+                    let _ = events.send(Event::Input(Input::Lost { conn })).await;
+                    return;
+                }
+            }
+        }
+    }
+    let _ = events.send(Event::Input(Input::Lost { conn })).await;
+    write.abort();
+}
+
+/// The broker thread: a current-thread runtime that waits for frames, appends, log
+/// commits and the tick; after each round of inputs it applies the metadata, starts the
+/// appends and hands each connection its bytes.
+fn run_broker(
+    mut broker: Broker,
+    mut rx: mpsc::Receiver<Event>,
+    log: Arc<dyn Storage>,
+    meta: Arc<Meta>,
+) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        error!("cannot start the AMQP broker thread");
+        return;
+    };
+    runtime.block_on(async move {
+        let mut writers: HashMap<ConnId, mpsc::Sender<Out>> = HashMap::new();
+        let mut heartbeats: HashMap<ConnId, Arc<AtomicU16>> = HashMap::new();
+        let mut appends = FuturesUnordered::new();
+        let mut commits = log.watch_commits();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                event = rx.recv() => {
+                    let Some(event) = event else { return };
+                    let now = Instant::now();
+                    let mut next = Some(event);
+                    let mut n = 0;
+                    while let Some(event) = next {
+                        match event {
+                            Event::Open { conn, writer, heartbeat } => {
+                                writers.insert(conn, writer);
+                                heartbeats.insert(conn, heartbeat);
+                            }
+                            Event::Input(input) => {
+                                if let Input::Lost { conn } = &input {
+                                    writers.remove(conn);
+                                    heartbeats.remove(conn);
+                                }
+                                broker.handle(input, now);
+                            }
+                        }
+                        n += 1;
+                        next = if n < 1024 { rx.try_recv().ok() } else { None };
+                    }
+                }
+                Some(done) = appends.next(), if !appends.is_empty() => {
+                    let (tokens, ok): (Vec<u64>, bool) = done;
+                    let now = Instant::now();
+                    for token in tokens {
+                        broker.handle(Input::Appended { token, ok }, now);
+                    }
+                }
+                changed = commits.changed() => {
+                    if changed.is_err() { return; }
+                    commits.borrow_and_update();
+                    broker.handle(Input::LogChanged, Instant::now());
+                }
+                _ = tick.tick() => broker.handle(Input::Tick, Instant::now()),
+                // Deliveries left from the last round: go on at once, or in a moment if a
+                // writer is full.
+                _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() => {}
+            }
+            let full: HashSet<ConnId> = writers
+                .iter()
+                .filter(|(_, w)| w.capacity() == 0)
+                .map(|(c, _)| *c)
+                .collect();
+            broker.set_blocked(full);
+            let actions = broker.take_actions(Instant::now());
+            let mut metadata: Vec<Command> = Vec::new();
+            let mut grouped: Vec<((String, u32), Vec<u64>, Vec<crate::log::NewRecord>)> =
+                Vec::new();
+            let mut rest = Vec::new();
+            for a in actions {
+                match a {
+                    Action::Meta(c) => metadata.push(c),
+                    Action::Append {
+                        token,
+                        stream,
+                        partition,
+                        record,
+                    } => {
+                        let key = (stream, partition);
+                        match grouped.iter_mut().find(|(k, _, _)| *k == key) {
+                            Some((_, tokens, records)) => {
+                                tokens.push(token);
+                                records.push(record);
+                            }
+                            None => grouped.push((key, vec![token], vec![record])),
+                        }
+                    }
+                    other => rest.push(other),
+                }
+            }
+            if !metadata.is_empty() {
+                if let Err(e) = meta.apply(&metadata) {
+                    error!(error = %e, "cannot write the AMQP state");
+                }
+            }
+            for ((stream, partition), tokens, records) in grouped {
+                let append = log.append(&stream, partition, AppendData::Records(records));
+                appends.push(async move { (tokens, append.await.is_ok()) });
+            }
+            for a in rest {
+                match a {
+                    Action::Send { conn, bytes } => {
+                        if let Some(w) = writers.get(&conn) {
+                            if w.try_send(Out::Bytes(bytes)).is_err() {
+                                // Full (the broker stops delivering to a full writer, so
+                                // this is replies piling up on a peer that does not
+                                // read): it is dropped.
+                                warn!(conn, "AMQP connection not reading; closed");
+                                let _ = w.try_send(Out::Close);
+                                writers.remove(&conn);
+                                broker.handle(Input::Lost { conn }, Instant::now());
+                            }
+                        }
+                    }
+                    Action::Tuned {
+                        conn,
+                        heartbeat_secs,
+                    } => {
+                        if let Some(h) = heartbeats.get(&conn) {
+                            h.store(heartbeat_secs, Ordering::Relaxed);
+                        }
+                    }
+                    Action::Close { conn } => {
+                        if let Some(w) = writers.remove(&conn) {
+                            let _ = w.send(Out::Close).await;
+                        }
+                    }
+                    Action::Meta(_) | Action::Append { .. } => {}
+                }
+            }
+        }
+    });
+}
