@@ -324,6 +324,22 @@ impl Store {
     }
 }
 
+/// What the router needs of storage: one batch's changes made durable in one commit (group
+/// commit). [`Store`] is the real one; the router's tests give it stores that fail or take
+/// their time on purpose.
+pub(crate) trait CommitStore {
+    /// Applies `ops` in order in one durable commit and returns what it deleted from the
+    /// outbox. The router sends none of the batch's packets before this returns, and stops
+    /// on an error: nothing it could not keep is acknowledged.
+    fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError>;
+}
+
+impl CommitStore for Store {
+    fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError> {
+        Store::apply(self, ops)
+    }
+}
+
 /// What one commit deleted from the outbox.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OutboxRemoved {

@@ -339,7 +339,7 @@ struct WireState {
 const QUEUE_KEEP: usize = 64;
 
 impl Wire {
-    fn new() -> Arc<Self> {
+    pub(super) fn new() -> Arc<Self> {
         Arc::new(Self {
             state: std::sync::Mutex::new(WireState::default()),
             to_writer: tokio::sync::Notify::new(),
@@ -385,5 +385,21 @@ impl Wire {
     pub(super) fn set_paused(&self, paused: bool) {
         self.lock().paused = paused;
         self.to_reader.notify_one();
+    }
+}
+
+/// What the router's tests read of a wire that has no writer behind it.
+#[cfg(test)]
+impl Wire {
+    /// The packets the router queued, in order, and whether it asked to close.
+    pub(super) fn queued(&self) -> (Vec<Packet>, bool) {
+        let state = self.lock();
+        (state.queue.iter().cloned().collect(), state.close)
+    }
+
+    /// Waits until the router queues a packet or closes the wire (at once if it did since
+    /// the last wait).
+    pub(super) async fn changed(&self) {
+        self.to_writer.notified().await;
     }
 }

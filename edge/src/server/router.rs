@@ -21,7 +21,7 @@ use tracing::warn;
 use super::connection::Wire;
 use crate::auth::Auth;
 use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats, StoreOp};
-use crate::store::{Store, StoreError};
+use crate::store::{CommitStore, StoreError};
 
 /// Inputs the router applies before it dispatches what they caused: a batch, so that one
 /// storage commit can later cover many messages (group commit).
@@ -111,10 +111,14 @@ pub struct CommitStats {
 
 /// The router thread: applies inputs to the broker in batches, makes the batch's durable
 /// changes durable in one commit, then dispatches the batch's actions (group commit). If a
-/// commit fails, nothing of the batch is sent and the router stops.
+/// commit fails, nothing of the batch is sent and the router stops, returning the error;
+/// the connections' inputs are refused from then on. `store` is the real [`Store`] but in
+/// tests.
+///
+/// [`Store`]: crate::store::Store
 pub(super) fn router(
     broker: Broker,
-    store: Store,
+    store: impl CommitStore,
     log: Option<LogHooks>,
     rx: mpsc::Receiver<ToRouter>,
     lanes: Lanes,
@@ -144,7 +148,7 @@ pub(super) struct Lanes {
 
 async fn route_loop(
     mut broker: Broker,
-    store: Store,
+    store: impl CommitStore,
     mut log: Option<LogHooks>,
     mut rx: mpsc::Receiver<ToRouter>,
     lanes: Lanes,
@@ -449,3 +453,6 @@ fn dispatch(conns: &mut HashMap<ConnId, Arc<Wire>>, actions: &mut Vec<Action>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
