@@ -223,6 +223,64 @@ fn malformed_packet_gets_a_reason_code_and_a_clean_close() {
     );
 }
 
+/// Keep alive (MQTT-3.1.2-22): a client that says nothing for 1.5 times its keep alive is
+/// closed as if the network had failed (no DISCONNECT) and its will is published. The
+/// broker decides this on its own deadline (`Broker::poll_timeout`): no input wakes it.
+#[test]
+fn a_silent_client_is_closed_after_one_and_a_half_keep_alives_and_its_will_is_sent() {
+    use ferry_protocol::mqtt::{QoS, Will};
+
+    let edge = Edge::start(LOCAL);
+    let port = edge.port().to_string();
+    let watcher = Subscription::open(&port, "will-watcher", "wills/#", &[]);
+
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(edge.addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut connect = Connect::new(ProtocolVersion::V5, "quiet");
+    connect.keep_alive_secs = 1;
+    connect.will = Some(Will {
+        topic: ferry_protocol::topic::TopicName::new("wills/quiet").expect("valid"),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let mut out = BytesMut::new();
+    Packet::Connect(Box::new(connect))
+        .encode(ProtocolVersion::V5, &mut out)
+        .expect("encode");
+    stream.write_all(&out).expect("write");
+
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 256];
+    let mut packets = Vec::new();
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("the broker closes a silent client: {e}"),
+        }
+        while let Some(p) = decode(&mut buf, ProtocolVersion::V5, MAX_PACKET_SIZE)
+            .expect("broker sends valid packets")
+        {
+            packets.push(p);
+        }
+    }
+    // Not before 1.5 s (a lower bound only: when it closes after that is up to the machine).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(&packets[..], [Packet::ConnAck(a)] if a.code == ReasonCode::Success),
+        "CONNACK, then a close without DISCONNECT: {packets:?}"
+    );
+    let out = watcher.read(1);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "gone\n", "{out:?}");
+}
+
 /// Unsupported protocol level: the 3.1.1 CONNACK return code 1, then close (MQTT-3.1.2-2).
 #[test]
 fn mqtt31_client_is_refused_with_return_code_1() {
