@@ -167,6 +167,8 @@ struct Channel {
     closing: bool,
     incoming: Option<Incoming>,
     confirm: bool,
+    /// tx.select: publishes and acknowledgements wait for tx.commit.
+    tx: Option<Tx>,
     next_seq: u64,
     /// Publish sequence numbers answered, not yet confirmed to the client (in order).
     answered: BTreeMap<u64, bool>,
@@ -186,12 +188,21 @@ struct VHost {
     queues: BTreeMap<String, Queue>,
 }
 
-/// A pending append: who to confirm.
+/// A pending append: who to confirm, or which commit waits for it.
 #[derive(Debug)]
 struct Pending {
     conn: ConnId,
     channel: u16,
     seq: Option<u64>,
+    commit: Option<u64>,
+}
+
+/// What a transactional channel did since its last commit or rollback.
+#[derive(Debug, Default)]
+struct Tx {
+    publishes: Vec<(String, u32, NewRecord)>,
+    /// (delivery tag, multiple, requeue: None for an ack).
+    settles: Vec<(u64, bool, Option<bool>)>,
 }
 
 /// The core; see the module docs.
@@ -208,6 +219,8 @@ pub(crate) struct Broker {
     cache: HashMap<SourceKey, (i64, i64, Bytes)>,
     out: Vec<Action>,
     next_queue_name: u64,
+    /// Commits waiting for their appends: id → (connection, channel, appends left, all ok).
+    commits: HashMap<u64, (ConnId, u16, usize, bool)>,
     /// Connections whose write queue is full: nothing more is delivered to them now.
     blocked: std::collections::HashSet<ConnId>,
     /// The last round left deliverable messages for later (a write was full or its
@@ -279,6 +292,7 @@ impl Broker {
             cache: HashMap::new(),
             out: Vec::new(),
             next_queue_name: 1,
+            commits: HashMap::new(),
             blocked: Default::default(),
             more: false,
         };
@@ -804,6 +818,15 @@ impl Broker {
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 let c = self.conns.get_mut(&conn).expect("checked");
                 let ch = c.channels.get_mut(&id).expect("open");
+                if ch.tx.is_some() {
+                    return self.close_channel(
+                        conn,
+                        id,
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - cannot switch from tx to confirm mode",
+                        ids,
+                    );
+                }
                 if !ch.confirm {
                     ch.confirm = true;
                     ch.next_seq = 1;
@@ -818,10 +841,7 @@ impl Broker {
                 }
                 Ok(())
             }
-            AMQPClass::Tx(_) => Err((
-                code::NOT_IMPLEMENTED,
-                "NOT_IMPLEMENTED - transactions are not supported; use publisher confirms".into(),
-            )),
+            AMQPClass::Tx(m) => self.tx_method(conn, id, m),
             AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
                 let c = self.conns.get_mut(&conn).expect("checked");
                 send(
@@ -1517,9 +1537,13 @@ impl Broker {
                     }
                 }
             }
-            M::Ack(a) => self.settle(conn, id, a.delivery_tag, a.multiple, None)?,
-            M::Nack(n) => self.settle(conn, id, n.delivery_tag, n.multiple, Some(n.requeue))?,
-            M::Reject(r) => self.settle(conn, id, r.delivery_tag, false, Some(r.requeue))?,
+            M::Ack(a) => self.settle_or_hold(conn, id, a.delivery_tag, a.multiple, None)?,
+            M::Nack(n) => {
+                self.settle_or_hold(conn, id, n.delivery_tag, n.multiple, Some(n.requeue))?
+            }
+            M::Reject(r) => {
+                self.settle_or_hold(conn, id, r.delivery_tag, false, Some(r.requeue))?
+            }
             M::Recover(_) | M::RecoverAsync(_) => {
                 let c = self.conns.get_mut(&conn).expect("checked");
                 let ch = c.channels.get_mut(&id).expect("open");
@@ -1806,6 +1830,11 @@ impl Broker {
             body,
             now_ms(),
         );
+        let c = self.conns.get_mut(&conn).expect("present");
+        if let Some(tx) = c.channels.get_mut(&id).and_then(|ch| ch.tx.as_mut()) {
+            tx.publishes.push((stream, partition, record));
+            return;
+        }
         let token = self.next_token;
         self.next_token += 1;
         self.appends.insert(
@@ -1814,6 +1843,7 @@ impl Broker {
                 conn,
                 channel: id,
                 seq,
+                commit: None,
             },
         );
         self.out.push(Action::Append {
@@ -1834,6 +1864,140 @@ impl Broker {
         if let Some(seq) = p.seq {
             self.answer(p.conn, p.channel, seq, ok);
         }
+        if let Some(id) = p.commit {
+            let Some(entry) = self.commits.get_mut(&id) else {
+                return;
+            };
+            entry.2 -= 1;
+            entry.3 &= ok;
+            if entry.2 == 0 {
+                let (conn, channel, _, all_ok) = entry.clone();
+                self.commits.remove(&id);
+                self.committed(conn, channel, all_ok);
+            }
+        }
+    }
+
+    /// tx.select, tx.commit, tx.rollback. A commit appends what the channel published
+    /// since the last one and answers commit-ok once all of it is durable; its
+    /// acknowledgements take effect at the commit.
+    fn tx_method(
+        &mut self,
+        conn: ConnId,
+        id: u16,
+        m: amq_protocol::protocol::tx::AMQPMethod,
+    ) -> Reply {
+        use amq_protocol::protocol::tx::{self, AMQPMethod as M};
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let ch = c.channels.get_mut(&id).expect("open");
+        match m {
+            M::Select(_) => {
+                if ch.confirm {
+                    return Err((
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - cannot switch from confirm to tx mode".into(),
+                    ));
+                }
+                ch.tx.get_or_insert_with(Tx::default);
+                send(c, id, AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
+            }
+            M::Rollback(_) => {
+                let Some(t) = ch.tx.as_mut() else {
+                    return Err((
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - channel is not transactional".into(),
+                    ));
+                };
+                *t = Tx::default();
+                send(c, id, AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
+            }
+            M::Commit(_) => {
+                let Some(t) = ch.tx.as_mut() else {
+                    return Err((
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - channel is not transactional".into(),
+                    ));
+                };
+                let Tx { publishes, settles } = std::mem::take(t);
+                for (tag, multiple, requeue) in settles {
+                    // Tags were checked when they came; one settled since is skipped.
+                    let _ = self.settle(conn, id, tag, multiple, requeue);
+                }
+                if publishes.is_empty() {
+                    self.committed(conn, id, true);
+                    return Ok(());
+                }
+                let commit = self.next_token;
+                self.next_token += 1;
+                self.commits
+                    .insert(commit, (conn, id, publishes.len(), true));
+                for (stream, partition, record) in publishes {
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    self.appends.insert(
+                        token,
+                        Pending {
+                            conn,
+                            channel: id,
+                            seq: None,
+                            commit: Some(commit),
+                        },
+                    );
+                    self.out.push(Action::Append {
+                        token,
+                        stream,
+                        partition,
+                        record,
+                    });
+                }
+            }
+            _ => {
+                return Err((
+                    code::COMMAND_INVALID,
+                    "COMMAND_INVALID - not a client method".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn committed(&mut self, conn: ConnId, id: u16, ok: bool) {
+        use amq_protocol::protocol::tx::{self, AMQPMethod as M};
+        if !ok {
+            let text = "INTERNAL_ERROR - the commit could not be stored";
+            return self.close_connection(conn, 541, text, 90, 20);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.channels.contains_key(&id) {
+                send(c, id, AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+            }
+        }
+    }
+
+    /// An acknowledgement now, or at the commit on a transactional channel.
+    fn settle_or_hold(
+        &mut self,
+        conn: ConnId,
+        id: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Reply {
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let ch = c.channels.get_mut(&id).expect("open");
+        if let Some(tx) = ch.tx.as_mut() {
+            let known = ch.unacked.contains_key(&tag)
+                || (multiple && (tag == 0 || ch.unacked.range(..=tag).next().is_some()));
+            if !known {
+                return Err((
+                    code::PRECONDITION_FAILED,
+                    format!("PRECONDITION_FAILED - unknown delivery tag {tag}"),
+                ));
+            }
+            tx.settles.push((tag, multiple, requeue));
+            return Ok(());
+        }
+        self.settle(conn, id, tag, multiple, requeue)
     }
 
     /// Publish `seq` on a confirm channel is stored (`ok`) or not: confirms go out in

@@ -1,0 +1,436 @@
+//! ferry-cloud's AMQP front against lapin (the Rust AMQP client): publisher confirms,
+//! manual acks with prefetch, every basic property kept, redelivery of what a closed
+//! channel left unacked, refusals with RabbitMQ's reply codes, and the one log seen three
+//! ways (MQTT → AMQP through amq.topic, AMQP → MQTT).
+
+use std::time::Duration;
+
+use ferry_cloud::node::{CloudConfig, Node};
+use ferry_tests::clients::next_incoming;
+use ferry_tests::process::temp_dir;
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// A node in this process with MQTT and AMQP on ephemeral ports: (node, AMQP URI).
+async fn node(name: &str) -> (Node, String) {
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = temp_dir(name);
+    config.amqp = Some(ferry_cloud::amqp::AmqpConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    let node = Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts");
+    let uri = format!(
+        "amqp://127.0.0.1:{}/%2f",
+        node.amqp_addr.expect("amqp").port()
+    );
+    (node, uri)
+}
+
+async fn channel(uri: &str) -> (Connection, Channel) {
+    let conn = Connection::connect(uri, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+/// Waits for the next delivery of `consumer`, at most 10 s.
+async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the consumer is open")
+        .expect("a delivery")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_publishes_are_consumed_in_order_with_their_properties_and_acks() {
+    let (_node, uri) = node("amqp-confirm").await;
+    let (_conn, ch) = channel(&uri).await;
+    let q = ch
+        .queue_declare(
+            "orders".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    assert_eq!(q.message_count(), 0);
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut headers = FieldTable::default();
+    headers.insert("site".into(), AMQPValue::LongString("plant-1".into()));
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_correlation_id("corr-1".into())
+        .with_message_id("m-0".into())
+        .with_app_id("test".into())
+        .with_headers(headers);
+    let mut confirms = Vec::new();
+    for i in 0..500 {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "orders".into(),
+                BasicPublishOptions::default(),
+                format!("order {i}").as_bytes(),
+                props.clone(),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for c in confirms {
+        assert!(
+            c.await.expect("confirm").is_ack(),
+            "every publish is acked once durable"
+        );
+    }
+    let q = ch
+        .queue_declare(
+            "orders".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    assert_eq!(q.message_count(), 500, "the queue counts what reached it");
+
+    ch.basic_qos(50, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            "orders".into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    for i in 0..500 {
+        let d = next(&mut consumer).await;
+        assert_eq!(String::from_utf8_lossy(&d.data), format!("order {i}"));
+        assert_eq!(d.properties, props, "message {i} keeps its properties");
+        assert!(!d.redelivered);
+        assert_eq!(d.routing_key.as_str(), "orders");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    // Nothing more: a get finds the queue empty.
+    let (_c2, ch2) = channel(&uri).await;
+    assert!(ch2
+        .basic_get("orders".into(), BasicGetOptions::default())
+        .await
+        .expect("get")
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_closed_channel_left_unacked_is_redelivered_and_nack_requeues() {
+    let (_node, uri) = node("amqp-redeliver").await;
+    let (conn, ch) = channel(&uri).await;
+    ch.queue_declare(
+        "jobs".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for i in 0..10 {
+        ch.basic_publish(
+            "".into(),
+            "jobs".into(),
+            BasicPublishOptions::default(),
+            format!("job {i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    // A consumer takes five (prefetch 5) and acks none; its channel closes.
+    let c1 = conn.create_channel().await.expect("channel");
+    c1.basic_qos(5, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut first = c1
+        .basic_consume(
+            "jobs".into(),
+            "first".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    for i in 0..5 {
+        let d = next(&mut first).await;
+        assert_eq!(String::from_utf8_lossy(&d.data), format!("job {i}"));
+    }
+    c1.close(200, "bye".into()).await.expect("close");
+    // Another gets all ten: the first five again, marked redelivered; a nack with requeue
+    // brings one back once more.
+    let c2 = conn.create_channel().await.expect("channel");
+    let mut second = c2
+        .basic_consume(
+            "jobs".into(),
+            "second".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let d = next(&mut second).await;
+        got.push((String::from_utf8_lossy(&d.data).into_owned(), d.redelivered));
+        if got.len() == 10 {
+            d.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("nack");
+        } else {
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+    }
+    let expected: Vec<_> = (0..10).map(|i| (format!("job {i}"), i < 5)).collect();
+    assert_eq!(got, expected);
+    let again = next(&mut second).await;
+    assert_eq!(
+        (
+            String::from_utf8_lossy(&again.data).into_owned(),
+            again.redelivered
+        ),
+        ("job 9".to_owned(), true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_carry_rabbitmqs_reply_codes() {
+    let (_node, uri) = node("amqp-refusals").await;
+    let (conn, ch) = channel(&uri).await;
+    // A passive declare of a missing queue: 404, the channel closes.
+    let e = ch
+        .queue_declare(
+            "missing".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("no such queue");
+    assert!(
+        format!("{e:?}").contains("NOT_FOUND") || format!("{e}").contains("404"),
+        "{e}"
+    );
+    // An unknown argument: 406 PRECONDITION_FAILED.
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert("x-no-such-thing".into(), AMQPValue::Boolean(true));
+    let e = ch
+        .queue_declare("q".into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect_err("unknown argument");
+    assert!(format!("{e:?}").contains("PRECONDITION_FAILED"), "{e:?}");
+    // Publishing to a missing exchange: 404 on the channel.
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let published = ch
+        .basic_publish(
+            "nope".into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await;
+    let failed = match published {
+        Err(_) => true,
+        Ok(confirm) => confirm.await.is_err() || !ch.status().connected(),
+    };
+    assert!(failed, "a publish to a missing exchange fails its channel");
+    // The connection survived the channel errors.
+    let ch = conn
+        .create_channel()
+        .await
+        .expect("the connection is still open");
+    ch.queue_declare(
+        "fine".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_and_amqp_see_each_others_messages_through_amq_topic() {
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+    let (node, uri) = node("amqp-mqtt").await;
+    let port = node.mqtt_addrs()[0].port();
+    let (_conn, ch) = channel(&uri).await;
+    ch.queue_declare(
+        "temps".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.queue_bind(
+        "temps".into(),
+        "amq.topic".into(),
+        "gw-7.sensors.*.temp".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    let mut consumer = ch
+        .basic_consume(
+            "temps".into(),
+            "t".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+
+    let (mqtt, mut events) =
+        AsyncClient::new(MqttOptions::new("amqp-mqtt", "127.0.0.1", port), 100);
+    mqtt.subscribe("plant/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    while !matches!(
+        next_incoming(&mut events, "SUBACK").await,
+        Incoming::SubAck(_)
+    ) {}
+    // MQTT → AMQP: only the matching topic reaches the queue.
+    let (publisher, mut pub_events) =
+        AsyncClient::new(MqttOptions::new("amqp-mqtt-pub", "127.0.0.1", port), 100);
+    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+    publisher
+        .publish("gw-7/sensors/s1/humidity", QoS::AtLeastOnce, false, "55")
+        .await
+        .expect("publish");
+    publisher
+        .publish("gw-7/sensors/s1/temp", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .expect("publish");
+    let d = next(&mut consumer).await;
+    assert_eq!(
+        (d.exchange.as_str(), d.routing_key.as_str()),
+        ("amq.topic", "gw-7.sensors.s1.temp")
+    );
+    assert_eq!(&d.data[..], b"21.5");
+    assert_eq!(
+        *d.properties.delivery_mode(),
+        Some(2),
+        "QoS 1 is persistent"
+    );
+
+    // AMQP → MQTT: a publish to amq.topic is an MQTT message under the mapped topic.
+    ch.exchange_declare(
+        "unused".into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    ch.basic_publish(
+        "amq.topic".into(),
+        "plant.line1.speed".into(),
+        BasicPublishOptions::default(),
+        b"7",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish");
+    loop {
+        if let Incoming::Publish(p) = next_incoming(&mut events, "the AMQP publish over MQTT").await
+        {
+            assert_eq!(
+                (p.topic.as_str(), &p.payload[..]),
+                ("plant/line1/speed", &b"7"[..])
+            );
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_publishes_and_acks_at_commit_and_nothing_at_rollback() {
+    let (_node, uri) = node("amqp-tx").await;
+    let (_conn, ch) = channel(&uri).await;
+    ch.queue_declare(
+        "tx".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.tx_select().await.expect("tx.select");
+    let publish = |body: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                "tx".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        }
+    };
+    publish("rolled back").await;
+    ch.tx_rollback().await.expect("rollback");
+    publish("one").await;
+    publish("two").await;
+    ch.tx_commit().await.expect("commit");
+    let (_c2, reader) = channel(&uri).await;
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        match reader
+            .basic_get("tx".into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+        {
+            Some(m) => got.push(String::from_utf8_lossy(&m.delivery.data).into_owned()),
+            None if got.len() == 2 => break,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert_eq!(
+        got,
+        ["one", "two"],
+        "what was committed, nothing rolled back"
+    );
+}
