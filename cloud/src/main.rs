@@ -132,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         admin_addrs = ?admin_addr.into_iter().collect::<Vec<_>>(),
         link_addrs = ?node.link.as_ref().map(|l| l.local_addr()).into_iter().collect::<Vec<_>>(),
         kafka_addrs = ?node.kafka_addr.into_iter().collect::<Vec<_>>(),
+        amqp_addrs = ?node.amqp_addr.into_iter().collect::<Vec<_>>(),
         "ferry-cloud ready"
     );
     ferry_edge::systemd::ready("serving");

@@ -143,6 +143,12 @@ impl Edge {
         parse_addr(&self.ready_line[at..])
     }
 
+    /// The AMQP listener's address (ferry-cloud with `[amqp]`), if there is one.
+    pub fn amqp_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("amqp_addrs=")?;
+        parse_addr(&self.ready_line[at..])
+    }
+
     /// The first WebSocket over TLS (`wss://`) listener's address, if there is one.
     pub fn wss_addr(&self) -> Option<SocketAddr> {
         let at = self.ready_line.find("wss_addrs=")?;
