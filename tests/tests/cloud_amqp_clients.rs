@@ -181,15 +181,11 @@ async fn kill_9_loses_no_confirmed_message_and_redelivers_no_acked_one() {
         .await
         .expect("consume");
     let mut rest = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(3), consumer.next()).await {
-            Ok(Some(Ok(d))) => rest.push(
-                String::from_utf8_lossy(&d.data)
-                    .parse::<usize>()
-                    .expect("a number"),
-            ),
-            _ => break,
-        }
+    // Until nothing more comes for 3 s.
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+    {
+        let i = String::from_utf8_lossy(&d.data).parse::<usize>();
+        rest.push(i.expect("a number"));
     }
     let again: Vec<_> = rest.iter().filter(|i| acked.contains(i)).collect();
     assert!(

@@ -62,6 +62,8 @@ pub(crate) struct Settings {
 }
 
 /// What comes in.
+// A frame is what comes in most; boxing it would cost an allocation per frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Input {
     /// A client sent a valid protocol header.
@@ -1871,7 +1873,7 @@ impl Broker {
             entry.2 -= 1;
             entry.3 &= ok;
             if entry.2 == 0 {
-                let (conn, channel, _, all_ok) = entry.clone();
+                let (conn, channel, _, all_ok) = *entry;
                 self.commits.remove(&id);
                 self.committed(conn, channel, all_ok);
             }
@@ -2471,10 +2473,7 @@ impl Broker {
                 .args
                 .message_ttl_ms
                 .unwrap_or(i64::MAX);
-            loop {
-                let Some(q) = self.vhosts.get_mut(&v).and_then(|vh| vh.queues.get_mut(&n)) else {
-                    break;
-                };
+            while let Some(q) = self.vhosts.get_mut(&v).and_then(|vh| vh.queues.get_mut(&n)) {
                 let Some(head) = q.ready.front().cloned() else {
                     break;
                 };

@@ -95,6 +95,8 @@ const WRITE_QUEUE: usize = 64;
 const TICK: Duration = Duration::from_secs(1);
 
 /// What the connection tasks send the broker thread.
+// Frames are the common case (see `Input`): not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Open {
         conn: ConnId,
@@ -103,6 +105,9 @@ enum Event {
     },
     Input(Input),
 }
+
+/// Appends of one round to one partition: (stream, partition), their tokens, records.
+type Grouped = ((String, u32), Vec<u64>, Vec<crate::log::NewRecord>);
 
 /// What the broker thread sends a connection's writer.
 #[derive(Debug)]
@@ -382,8 +387,7 @@ fn run_broker(
             broker.set_blocked(full);
             let actions = broker.take_actions(Instant::now());
             let mut metadata: Vec<Command> = Vec::new();
-            let mut grouped: Vec<((String, u32), Vec<u64>, Vec<crate::log::NewRecord>)> =
-                Vec::new();
+            let mut grouped: Vec<Grouped> = Vec::new();
             let mut rest = Vec::new();
             for a in actions {
                 match a {
