@@ -23,9 +23,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Python clients (paho-mqtt: MQTT over WebSocket interop; confluent-kafka: librdkafka's
-# Python client against the Kafka front).
+# Python client against the Kafka front; pika: the RabbitMQ client against the AMQP front).
 python3 -c "import paho.mqtt" 2>/dev/null || python3 -m pip install -q paho-mqtt
 python3 -c "import confluent_kafka" 2>/dev/null || python3 -m pip install -q confluent-kafka
+python3 -c "import pika" 2>/dev/null || python3 -m pip install -q pika
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

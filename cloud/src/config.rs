@@ -187,5 +187,19 @@ mod tests {
         assert_eq!(got.listen, d.listen);
         assert_eq!(got.max_request_bytes, d.max_request_bytes);
         assert_eq!(got.auto_create_topics, d.auto_create_topics);
+        // And the [amqp] example, with its defaults.
+        let amqp = commented_table(text, "# [amqp]");
+        let with_amqp: CloudConfig = toml::from_str(&amqp).expect("amqp example parses");
+        let (got, d) = (
+            with_amqp.amqp.expect("[amqp]"),
+            crate::amqp::AmqpConfig::default(),
+        );
+        assert_eq!((got.listen, got.vhosts.clone()), (d.listen, d.vhosts.clone()));
+        assert_eq!((got.frame_max, got.channel_max), (d.frame_max, d.channel_max));
+        assert_eq!(
+            (got.heartbeat_secs, got.ack_timeout_secs),
+            (d.heartbeat_secs, d.ack_timeout_secs)
+        );
+        assert!(got.password_file.is_some() && got.acl_file.is_some());
     }
 }
