@@ -27,6 +27,11 @@ fi
 python3 -c "import paho.mqtt" 2>/dev/null || python3 -m pip install -q paho-mqtt
 python3 -c "import confluent_kafka" 2>/dev/null || python3 -m pip install -q confluent-kafka
 python3 -c "import pika" 2>/dev/null || python3 -m pip install -q pika
+python3 -c "import aio_pika" 2>/dev/null || python3 -m pip install -q aio-pika
+python3 -c "import kombu, celery" 2>/dev/null || python3 -m pip install -q kombu celery
+# amqplib (Node.js) for the AMQP front, into tests/clients/node_modules (not committed).
+[ -d tests/clients/node_modules/amqplib ] ||
+  npm install --no-save --no-package-lock --silent --prefix tests/clients amqplib@0.10
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -44,6 +44,42 @@ fn pika_publishes_consumes_dead_letters_and_is_refused_as_by_rabbitmq() {
     python_client("amqp_pika.py", &[&port]);
 }
 
+#[test]
+fn aio_pika_publishes_to_a_topic_exchange_and_consumes_what_its_binding_matches() {
+    let dir = temp_dir("amqp-aio-pika");
+    let cloud = cloud(&dir);
+    let port = cloud.amqp_addr().expect("amqp").port().to_string();
+    python_client("amqp_aio_pika.py", &[&port]);
+}
+
+#[test]
+fn kombu_simple_queue_and_a_celery_worker_run_tasks_sent_with_delay() {
+    let dir = temp_dir("amqp-celery");
+    let cloud = cloud(&dir);
+    let port = cloud.amqp_addr().expect("amqp").port().to_string();
+    let work = dir.join("celery");
+    python_client("amqp_kombu_celery.py", &[&port, work.to_str().expect("utf8")]);
+}
+
+#[test]
+fn amqplib_fans_out_to_two_queues_and_routes_by_headers() {
+    let dir = temp_dir("amqp-amqplib");
+    let cloud = cloud(&dir);
+    let port = cloud.amqp_addr().expect("amqp").port().to_string();
+    let script = format!("{}/clients/amqp_amqplib.js", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .arg(&port)
+        .output()
+        .expect("node runs (scripts/test.sh installs amqplib)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with("OK\n"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_confirmed_message_and_redelivers_no_acked_one() {
     const FLOOD: usize = 20_000;
