@@ -194,8 +194,14 @@ mod tests {
             with_amqp.amqp.expect("[amqp]"),
             crate::amqp::AmqpConfig::default(),
         );
-        assert_eq!((got.listen, got.vhosts.clone()), (d.listen, d.vhosts.clone()));
-        assert_eq!((got.frame_max, got.channel_max), (d.frame_max, d.channel_max));
+        assert_eq!(
+            (got.listen, got.vhosts.clone()),
+            (d.listen, d.vhosts.clone())
+        );
+        assert_eq!(
+            (got.frame_max, got.channel_max),
+            (d.frame_max, d.channel_max)
+        );
         assert_eq!(
             (got.heartbeat_secs, got.ack_timeout_secs),
             (d.heartbeat_secs, d.ack_timeout_secs)
