@@ -58,7 +58,10 @@ fn kombu_simple_queue_and_a_celery_worker_run_tasks_sent_with_delay() {
     let cloud = cloud(&dir);
     let port = cloud.amqp_addr().expect("amqp").port().to_string();
     let work = dir.join("celery");
-    python_client("amqp_kombu_celery.py", &[&port, work.to_str().expect("utf8")]);
+    python_client(
+        "amqp_kombu_celery.py",
+        &[&port, work.to_str().expect("utf8")],
+    );
 }
 
 #[test]
