@@ -6,7 +6,8 @@
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
-//! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets; with `[link]`, `ferry_cloud_link_edges` and per linked edge `ferry_cloud_link_records_total`, `ferry_cloud_link_batch_bytes_total`, `ferry_cloud_link_last_ack_timestamp_ms` |
+//! | `GET /api/amqp` | with `[amqp]`: connections (user, vhost, channels, consumers, unacked), queues (ready, ready bytes, unacked, consumers, deliveries and settlements since start), exchanges, bindings; refreshed about once a second |
+//! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets; with `[amqp]`, `ferry_cloud_amqp_connections`, `ferry_cloud_amqp_channels`, `ferry_cloud_amqp_published_total` and per queue `ferry_cloud_amqp_queue_{ready,ready_bytes,unacked,consumers,delivered_total,settled_total}`; with `[link]`, `ferry_cloud_link_edges` and per linked edge `ferry_cloud_link_records_total`, `ferry_cloud_link_batch_bytes_total`, `ferry_cloud_link_last_ack_timestamp_ms` |
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -108,6 +109,13 @@ async fn answer(node: &Node, path: &str) -> Response {
             }
             Err(_) => Response::status("500 Internal Server Error"),
         },
+        "/api/amqp" => match &node.amqp {
+            Some(a) => match serde_json::to_string(&a.overview()) {
+                Ok(body) => Response::json(body),
+                Err(_) => Response::status("500 Internal Server Error"),
+            },
+            None => Response::status("404 Not Found"),
+        },
         "/metrics" => {
             let Some((stats, commits)) = node.mqtt.metrics().await else {
                 return Response::status("503 Service Unavailable");
@@ -117,13 +125,92 @@ async fn answer(node: &Node, path: &str) -> Response {
             if let Some(link) = &node.link {
                 page.push_str(&render_link(&link.edges()));
             }
+            if let Some(amqp) = &node.amqp {
+                page.push_str(&render_amqp(&amqp.overview()));
+            }
             Response::metrics(page)
         }
         _ => Response::status("404 Not Found"),
     }
 }
 
-/// The log's part of `/metrics`.
+/// The AMQP front's part of `/metrics`.
+fn render_amqp(o: &crate::amqp::Overview) -> String {
+    let mut out = String::new();
+    let channels: usize = o.connections.iter().map(|c| c.channels).sum();
+    for (name, kind, help, value) in [
+        (
+            "ferry_cloud_amqp_connections",
+            "gauge",
+            "AMQP connections open.",
+            o.connections.len() as u64,
+        ),
+        (
+            "ferry_cloud_amqp_channels",
+            "gauge",
+            "AMQP channels open.",
+            channels as u64,
+        ),
+        (
+            "ferry_cloud_amqp_published_total",
+            "counter",
+            "Messages AMQP clients published.",
+            o.published_total,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    type Field = fn(&crate::amqp::QueueInfo) -> u64;
+    let fields: [(&str, &str, &str, Field); 6] = [
+        ("ready", "gauge", "Messages waiting for a consumer.", |q| {
+            q.ready
+        }),
+        (
+            "ready_bytes",
+            "gauge",
+            "Bytes of the messages waiting for a consumer.",
+            |q| q.ready_bytes,
+        ),
+        (
+            "unacked",
+            "gauge",
+            "Deliveries waiting for an acknowledgement.",
+            |q| q.unacked,
+        ),
+        ("consumers", "gauge", "Consumers.", |q| q.consumers),
+        (
+            "delivered_total",
+            "counter",
+            "Deliveries since the node started.",
+            |q| q.delivered_total,
+        ),
+        (
+            "settled_total",
+            "counter",
+            "Messages acknowledged, dropped or expired since the node started.",
+            |q| q.settled_total,
+        ),
+    ];
+    for (field, kind, help, value) in fields {
+        let name = format!("ferry_cloud_amqp_queue_{field}");
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for q in &o.queues {
+            let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
+                esc(&q.vhost),
+                esc(&q.name),
+                value(q)
+            );
+        }
+    }
+    out
+}
+
 /// The link listener's metrics: edges connected, and per linked edge what it sent.
 fn render_link(edges: &[ferry_bridge::cloud_listener::EdgeLink]) -> String {
     let mut out = format!(

@@ -60,6 +60,8 @@ pub struct Node {
     pub kafka_addr: Option<SocketAddr>,
     /// The AMQP listener's address, with `[amqp]`.
     pub amqp_addr: Option<SocketAddr>,
+    /// The AMQP front, with `[amqp]`.
+    pub amqp: Option<crate::amqp::AmqpFront>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
 }
@@ -207,7 +209,7 @@ impl Node {
             ),
             None => None,
         };
-        let amqp_addr = match &config.amqp {
+        let amqp = match &config.amqp {
             Some(a) => Some(
                 crate::amqp::start(
                     a,
@@ -223,6 +225,7 @@ impl Node {
             ),
             None => None,
         };
+        let amqp_addr = amqp.as_ref().map(|a| a.addr);
         info!(data_dir = %config.server.data_dir.display(), streams = streams.len(), "cloud node started");
         Ok(Self {
             log,
@@ -232,6 +235,7 @@ impl Node {
             link,
             kafka_addr,
             amqp_addr,
+            amqp,
             routes,
             stream_defaults: config.log.streams,
         })

@@ -434,3 +434,89 @@ async fn a_transaction_publishes_and_acks_at_commit_and_nothing_at_rollback() {
         "what was committed, nothing rolled back"
     );
 }
+
+/// The whole answer (head and body) to `GET path`.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_and_metrics_show_queues_connections_and_bindings() {
+    let (node, uri) = node("amqp-admin").await;
+    let admin = ferry_cloud::admin::serve("127.0.0.1:0".parse().expect("addr"), node.clone())
+        .await
+        .expect("admin");
+    let (_conn, ch) = channel(&uri).await;
+    ch.queue_declare(
+        "watched".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.queue_bind(
+        "watched".into(),
+        "amq.direct".into(),
+        "w".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for _ in 0..7 {
+        ch.basic_publish(
+            "amq.direct".into(),
+            "w".into(),
+            BasicPublishOptions::default(),
+            b"1234567890",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    let mut body = String::new();
+    ferry_tests::process::wait_until(10, "the overview shows 7 ready", || {
+        body = http_get(admin, "/api/amqp");
+        body.contains("\"ready\":7")
+    });
+    let json: serde_json::Value =
+        serde_json::from_str(body.split("\r\n\r\n").nth(1).expect("a body")).expect("json");
+    let q = json["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["name"] == "watched")
+        .expect("the queue")
+        .clone();
+    assert_eq!((q["ready"].as_u64(), q["ready_bytes"].as_u64()), (Some(7), Some(70)));
+    assert_eq!(json["connections"].as_array().map(Vec::len), Some(1));
+    assert!(json["bindings"]
+        .as_array()
+        .expect("bindings")
+        .iter()
+        .any(|b| b["source"] == "amq.direct" && b["destination"] == "watched"));
+    assert!(json["exchanges"]
+        .as_array()
+        .expect("exchanges")
+        .iter()
+        .any(|x| x["name"] == "amq.topic" && x["kind"] == "topic"));
+    let metrics = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("ferry_cloud_amqp_queue_ready{vhost=\"/\",queue=\"watched\"} 7"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ferry_cloud_amqp_published_total 7"), "{metrics}");
+}

@@ -221,6 +221,8 @@ pub(crate) struct Broker {
     cache: HashMap<SourceKey, (i64, i64, Bytes)>,
     out: Vec<Action>,
     next_queue_name: u64,
+    /// Messages published and appended (or handed to a transaction) since start.
+    published_total: u64,
     /// Commits waiting for their appends: id → (connection, channel, appends left, all ok).
     commits: HashMap<u64, (ConnId, u16, usize, bool)>,
     /// Connections whose write queue is full: nothing more is delivered to them now.
@@ -295,6 +297,7 @@ impl Broker {
             out: Vec::new(),
             next_queue_name: 1,
             commits: HashMap::new(),
+            published_total: 0,
             blocked: Default::default(),
             more: false,
         };
@@ -1832,6 +1835,7 @@ impl Broker {
             body,
             now_ms(),
         );
+        self.published_total += 1;
         let c = self.conns.get_mut(&conn).expect("present");
         if let Some(tx) = c.channels.get_mut(&id).and_then(|ch| ch.tx.as_mut()) {
             tx.publishes.push((stream, partition, record));
@@ -2411,6 +2415,68 @@ impl Broker {
             partition,
             record,
         });
+    }
+
+    /// What the admin API shows: connections, queues, exchanges, bindings.
+    pub(crate) fn overview(&self) -> super::Overview {
+        use super::{BindingInfo, ConnectionInfo, ExchangeInfo, Overview, QueueInfo};
+        let mut o = Overview {
+            published_total: self.published_total,
+            ..Overview::default()
+        };
+        let mut conns: Vec<_> = self.conns.iter().collect();
+        conns.sort_by_key(|(id, _)| **id);
+        for (id, c) in conns {
+            o.connections.push(ConnectionInfo {
+                id: *id,
+                user: c.user.clone(),
+                vhost: c.vhost.clone(),
+                channels: c.channels.len(),
+                consumers: c.channels.values().map(|ch| ch.consumers.len()).sum(),
+                unacked: c.channels.values().map(|ch| ch.unacked.len()).sum(),
+            });
+        }
+        for (v, vh) in &self.vhosts {
+            for (n, q) in &vh.queues {
+                o.queues.push(QueueInfo {
+                    vhost: v.clone(),
+                    name: n.clone(),
+                    durable: q.def.durable,
+                    exclusive: q.def.exclusive,
+                    auto_delete: q.def.auto_delete,
+                    ready: q.ready.len() as u64,
+                    ready_bytes: q.ready_bytes,
+                    unacked: q.unacked as u64,
+                    consumers: q.consumers.len() as u64,
+                    delivered_total: q.delivered_total,
+                    settled_total: q.settled_total,
+                });
+            }
+            for (n, x) in &vh.topology.exchanges {
+                o.exchanges.push(ExchangeInfo {
+                    vhost: v.clone(),
+                    name: n.clone(),
+                    kind: x.kind.name().to_owned(),
+                    durable: x.durable,
+                    auto_delete: x.auto_delete,
+                    internal: x.internal,
+                });
+            }
+            for b in &vh.topology.bindings {
+                let (kind, name) = match &b.destination {
+                    Destination::Queue(q) => ("queue", q.clone()),
+                    Destination::Exchange(x) => ("exchange", x.clone()),
+                };
+                o.bindings.push(BindingInfo {
+                    vhost: v.clone(),
+                    source: b.source.clone(),
+                    destination: name,
+                    destination_kind: kind.to_owned(),
+                    routing_key: b.key.clone(),
+                });
+            }
+        }
+        o
     }
 
     fn tick(&mut self, now: Instant) {

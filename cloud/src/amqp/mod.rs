@@ -116,6 +116,84 @@ enum Out {
     Close,
 }
 
+/// What the admin API shows of the AMQP front (a snapshot the broker thread refreshes about
+/// once a second).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Overview {
+    pub connections: Vec<ConnectionInfo>,
+    pub queues: Vec<QueueInfo>,
+    pub exchanges: Vec<ExchangeInfo>,
+    pub bindings: Vec<BindingInfo>,
+    /// Messages published since the node started.
+    pub published_total: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub user: Option<String>,
+    pub vhost: String,
+    pub channels: usize,
+    pub consumers: usize,
+    /// Deliveries waiting for an acknowledgement on its channels.
+    pub unacked: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueInfo {
+    pub vhost: String,
+    pub name: String,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    /// Messages waiting for a consumer, and their bytes.
+    pub ready: u64,
+    pub ready_bytes: u64,
+    pub unacked: u64,
+    pub consumers: u64,
+    /// Deliveries and settlements (acks, drops, expiries) since the node started: their
+    /// rates are the queue's delivery and acknowledgement rates.
+    pub delivered_total: u64,
+    pub settled_total: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExchangeInfo {
+    pub vhost: String,
+    pub name: String,
+    pub kind: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BindingInfo {
+    pub vhost: String,
+    pub source: String,
+    pub destination: String,
+    /// `queue` or `exchange`.
+    pub destination_kind: String,
+    pub routing_key: String,
+}
+
+/// A running AMQP front.
+#[derive(Debug, Clone)]
+pub struct AmqpFront {
+    pub addr: SocketAddr,
+    overview: Arc<std::sync::Mutex<Overview>>,
+}
+
+impl AmqpFront {
+    /// The latest snapshot (at most about a second old).
+    pub fn overview(&self) -> Overview {
+        self.overview
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+}
+
 /// Why the AMQP front could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -133,14 +211,14 @@ pub enum AmqpError {
     Open(SocketAddr),
 }
 
-/// Starts the AMQP front: the listener and the broker thread. Returns the bound address.
+/// Starts the AMQP front: the listener and the broker thread.
 pub async fn start(
     config: &AmqpConfig,
     auth_files: (Option<PathBuf>, Option<PathBuf>),
     log: Arc<dyn Storage>,
     meta: Arc<Meta>,
     routes: Arc<RouteTable>,
-) -> Result<SocketAddr, AmqpError> {
+) -> Result<AmqpFront, AmqpError> {
     if config.frame_max < codec::FRAME_MIN_SIZE {
         return Err(AmqpError::FrameMax);
     }
@@ -168,9 +246,11 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let (events, rx) = mpsc::channel(INPUT_QUEUE);
     let broker = Broker::new(settings, auth, routes, log.clone(), state);
+    let overview = Arc::new(std::sync::Mutex::new(broker.overview()));
+    let shared = overview.clone();
     std::thread::Builder::new()
         .name("ferry-amqp".into())
-        .spawn(move || run_broker(broker, rx, log, meta))?;
+        .spawn(move || run_broker(broker, rx, log, meta, shared))?;
     info!(%addr, "listening for AMQP clients");
     let frame_max = config.frame_max;
     tokio::spawn(async move {
@@ -192,7 +272,7 @@ pub async fn start(
             });
         }
     });
-    Ok(addr)
+    Ok(AmqpFront { addr, overview })
 }
 
 /// One client: checks its protocol header, then reads frames for the broker while a
@@ -323,6 +403,7 @@ fn run_broker(
     mut rx: mpsc::Receiver<Event>,
     log: Arc<dyn Storage>,
     meta: Arc<Meta>,
+    overview: Arc<std::sync::Mutex<Overview>>,
 ) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -374,7 +455,12 @@ fn run_broker(
                     commits.borrow_and_update();
                     broker.handle(Input::LogChanged, Instant::now());
                 }
-                _ = tick.tick() => broker.handle(Input::Tick, Instant::now()),
+                _ = tick.tick() => {
+                    broker.handle(Input::Tick, Instant::now());
+                    if let Ok(mut o) = overview.lock() {
+                        *o = broker.overview();
+                    }
+                }
                 // Deliveries left from the last round: go on at once, or in a moment if a
                 // writer is full.
                 _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() => {}

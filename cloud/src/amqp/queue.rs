@@ -181,6 +181,9 @@ pub(crate) struct Queue {
     pub(crate) dirty: bool,
     /// When it was last used (for `x-expires`), ms since the epoch.
     pub(crate) used_ms: i64,
+    /// Deliveries (get included) and settlements since the node started, for metrics.
+    pub(crate) delivered_total: u64,
+    pub(crate) settled_total: u64,
 }
 
 impl Queue {
@@ -218,6 +221,8 @@ impl Queue {
             had_consumer: false,
             dirty: true,
             used_ms: now_ms,
+            delivered_total: 0,
+            settled_total: 0,
         }
     }
 
@@ -294,6 +299,7 @@ impl Queue {
     /// A delivered message is now unacked; `delivered_to` moves past it.
     pub(crate) fn delivered(&mut self, r: &Ready) {
         self.unacked += 1;
+        self.delivered_total += 1;
         if let Some(s) = self.sources.get_mut(&r.source) {
             if r.offset >= s.delivered_to {
                 s.delivered_to = r.offset + 1;
@@ -306,6 +312,7 @@ impl Queue {
     pub(crate) fn settle(&mut self, source: &SourceKey, offset: i64) {
         if let Some(s) = self.sources.get_mut(source) {
             if s.pending.remove(&offset) {
+                self.settled_total += 1;
                 s.acked.insert(offset);
                 let settled = s.settled();
                 s.acked = s.acked.split_off(&settled);
