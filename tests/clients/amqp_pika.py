@@ -187,7 +187,38 @@ def server_named_and_properties():
     conn.close()
 
 
+def direct_reply_to():
+    server = connect()
+    sch = server.channel()
+    sch.queue_declare("pika-rpc")
+    client = connect()
+    cch = client.channel()
+    replies = []
+    cch.basic_consume("amq.rabbitmq.reply-to",
+                      lambda ch, m, p, body: replies.append((p.correlation_id, body)),
+                      auto_ack=True)
+    cch.basic_publish("", "pika-rpc", b"2+2", pika.BasicProperties(
+        reply_to="amq.rabbitmq.reply-to", correlation_id="q-1"))
+    method = None
+    deadline = time.time() + 10
+    while method is None and time.time() < deadline:
+        method, props, body = sch.basic_get("pika-rpc", auto_ack=True)
+        if method is None:
+            time.sleep(0.02)
+    assert method is not None and body == b"2+2"
+    assert props.reply_to.startswith("amq.rabbitmq.reply-to."), props.reply_to
+    sch.basic_publish("", props.reply_to, b"4",
+                      pika.BasicProperties(correlation_id=props.correlation_id))
+    deadline = time.time() + 10
+    while not replies and time.time() < deadline:
+        client.process_data_events(time_limit=0.1)
+    assert replies == [("q-1", b"4")], replies
+    server.close()
+    client.close()
+
+
 confirms_and_prefetch()
+direct_reply_to()
 reject_requeue_and_dead_letter()
 ttl_and_max_length()
 exclusive_and_cancel_on_delete()

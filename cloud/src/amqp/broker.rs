@@ -32,6 +32,9 @@ use crate::routes::{RouteTable, DOWNLINK_STREAM};
 /// round, so that one consumer without prefetch does not build one huge write.
 const ROUND_BYTES: usize = 256 * 1024;
 
+/// The pseudo-queue of direct reply-to (RabbitMQ's RPC shortcut).
+const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// AMQP reply codes (the spec's constants).
 pub(crate) mod code {
     pub(crate) const CONTENT_TOO_LARGE: u16 = 311;
@@ -171,6 +174,8 @@ struct Channel {
     confirm: bool,
     /// tx.select: publishes and acknowledgements wait for tx.commit.
     tx: Option<Tx>,
+    /// The tag of its consumer of `amq.rabbitmq.reply-to` (direct reply-to), if any.
+    reply_consumer: Option<String>,
     next_seq: u64,
     /// Publish sequence numbers answered, not yet confirmed to the client (in order).
     answered: BTreeMap<u64, bool>,
@@ -428,12 +433,12 @@ impl Broker {
             "consumer_cancel_notify",
             "authentication_failure_close",
             "per_consumer_qos",
+            "direct_reply_to",
         ] {
             caps.insert(ss(cap), AMQPValue::Boolean(true));
         }
-        for cap in ["connection.blocked", "direct_reply_to"] {
-            caps.insert(ss(cap), AMQPValue::Boolean(false));
-        }
+        // Not served yet (docs/amqp.md): said so.
+        caps.insert(ss("connection.blocked"), AMQPValue::Boolean(false));
         let mut props = FieldTable::default();
         props.insert(ss("product"), AMQPValue::LongString("Ferry".into()));
         props.insert(
@@ -1398,6 +1403,39 @@ impl Broker {
                     body: Vec::new(),
                 });
             }
+            M::Consume(cm) if cm.queue.as_str() == REPLY_TO => {
+                // Direct reply-to: a pseudo-queue; replies go straight to this channel.
+                if !cm.no_ack {
+                    return Err((
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - reply consumer cannot acknowledge".into(),
+                    ));
+                }
+                let c = self.conns.get_mut(&conn).expect("checked");
+                let mut tag = cm.consumer_tag.as_str().to_owned();
+                if tag.is_empty() {
+                    tag = format!("amq.ctag-{conn:x}-{}", c.next_ctag);
+                    c.next_ctag += 1;
+                }
+                let ch = c.channels.get_mut(&id).expect("open");
+                if ch.reply_consumer.is_some() {
+                    return Err((
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - a reply consumer already exists on this channel"
+                            .into(),
+                    ));
+                }
+                ch.reply_consumer = Some(tag.clone());
+                if !cm.nowait {
+                    send(
+                        c,
+                        id,
+                        AMQPClass::Basic(M::ConsumeOk(basic::ConsumeOk {
+                            consumer_tag: ss(&tag),
+                        })),
+                    );
+                }
+            }
             M::Consume(cm) => {
                 let name = cm.queue.as_str().to_owned();
                 self.check_queue(conn, &vhost, &name)?;
@@ -1463,6 +1501,9 @@ impl Broker {
                 let c = self.conns.get_mut(&conn).expect("checked");
                 let ch = c.channels.get_mut(&id).expect("open");
                 let tag = cn.consumer_tag.as_str().to_owned();
+                if ch.reply_consumer.as_deref() == Some(tag.as_str()) {
+                    ch.reply_consumer = None;
+                }
                 let gone = ch.consumers.remove(&tag);
                 if !cn.nowait {
                     send(
@@ -1757,7 +1798,30 @@ impl Broker {
         });
         let exchange = publish.exchange.as_str().to_owned();
         let routing_key = publish.routing_key.as_str().to_owned();
-        let properties = header.properties;
+        let mut properties = header.properties;
+        if properties.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
+            // A request that wants a direct reply: its reply-to names this channel.
+            let has_consumer = self
+                .conns
+                .get(&conn)
+                .and_then(|c| c.channels.get(&id))
+                .is_some_and(|ch| ch.reply_consumer.is_some());
+            if !has_consumer {
+                let text = "PRECONDITION_FAILED - fast reply consumer does not exist";
+                return self.close_channel(conn, id, code::PRECONDITION_FAILED, text, (60, 40));
+            }
+            properties = properties.with_reply_to(ss(&format!("{REPLY_TO}.{conn}.{id}")));
+        }
+        if exchange.is_empty() {
+            if let Some(to) = routing_key.strip_prefix(&format!("{REPLY_TO}.")) {
+                // A direct reply: to the requester's channel, not through the log.
+                self.direct_reply(to, &routing_key, properties, Bytes::from(body));
+                if let Some(seq) = seq {
+                    self.answer(conn, id, seq, true);
+                }
+                return;
+            }
+        }
         if let Some(claimed) = properties.user_id() {
             if user.as_deref() != Some(claimed.as_str()) {
                 let text = format!(
@@ -1858,6 +1922,53 @@ impl Broker {
             partition,
             record,
         });
+    }
+
+    /// Delivers a reply to the channel named by `to` (`<connection>.<channel>`) if its reply
+    /// consumer is still there; dropped otherwise, as RabbitMQ does.
+    fn direct_reply(
+        &mut self,
+        to: &str,
+        routing_key: &str,
+        properties: AMQPProperties,
+        body: Bytes,
+    ) {
+        let Some((conn, id)) = to
+            .split_once('.')
+            .and_then(|(c, ch)| Some((c.parse::<ConnId>().ok()?, ch.parse::<u16>().ok()?)))
+        else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(ch) = c.channels.get_mut(&id) else {
+            return;
+        };
+        let Some(tag) = ch.reply_consumer.clone() else {
+            return;
+        };
+        ch.next_tag += 1;
+        let deliver = basic::Deliver {
+            consumer_tag: ss(&tag),
+            delivery_tag: ch.next_tag,
+            redelivered: false,
+            exchange: ss(""),
+            routing_key: ss(routing_key),
+        };
+        let msg = Message {
+            exchange: String::new(),
+            routing_key: routing_key.to_owned(),
+            properties,
+            body,
+            timestamp_ms: now_ms(),
+        };
+        send_content(
+            c,
+            id,
+            AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)),
+            &msg,
+        );
     }
 
     fn appended(&mut self, token: u64, ok: bool) {
