@@ -207,5 +207,11 @@ mod tests {
             (d.heartbeat_secs, d.ack_timeout_secs)
         );
         assert!(got.password_file.is_some() && got.acl_file.is_some());
+        assert!(got.tls.is_none(), "[amqp.tls] is its own table");
+        let tls = commented_table(text, "# [amqp.tls]");
+        let with_tls: CloudConfig = toml::from_str(&tls).expect("amqp.tls example parses");
+        let tls = with_tls.amqp.and_then(|a| a.tls).expect("[amqp.tls]");
+        assert_eq!(tls.listen.len(), 1);
+        assert!(tls.cert_file.ends_with("cloud.example.com.crt"));
     }
 }

@@ -133,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         link_addrs = ?node.link.as_ref().map(|l| l.local_addr()).into_iter().collect::<Vec<_>>(),
         kafka_addrs = ?node.kafka_addr.into_iter().collect::<Vec<_>>(),
         amqp_addrs = ?node.amqp_addr.into_iter().collect::<Vec<_>>(),
+        amqps_addrs = ?node.amqp.as_ref().map(|a| a.tls_addrs.clone()).unwrap_or_default(),
         "ferry-cloud ready"
     );
     ferry_edge::systemd::ready("serving");

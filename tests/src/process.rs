@@ -145,7 +145,13 @@ impl Edge {
 
     /// The AMQP listener's address (ferry-cloud with `[amqp]`), if there is one.
     pub fn amqp_addr(&self) -> Option<SocketAddr> {
-        let at = self.ready_line.find("amqp_addrs=")?;
+        let at = self.ready_line.find(" amqp_addrs=")?;
+        parse_addr(&self.ready_line[at..])
+    }
+
+    /// The first AMQP-over-TLS listener's address (`[amqp.tls]`), if there is one.
+    pub fn amqps_addr(&self) -> Option<SocketAddr> {
+        let at = self.ready_line.find("amqps_addrs=")?;
         parse_addr(&self.ready_line[at..])
     }
 

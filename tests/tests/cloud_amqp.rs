@@ -501,7 +501,10 @@ async fn the_admin_api_and_metrics_show_queues_connections_and_bindings() {
         .find(|q| q["name"] == "watched")
         .expect("the queue")
         .clone();
-    assert_eq!((q["ready"].as_u64(), q["ready_bytes"].as_u64()), (Some(7), Some(70)));
+    assert_eq!(
+        (q["ready"].as_u64(), q["ready_bytes"].as_u64()),
+        (Some(7), Some(70))
+    );
     assert_eq!(json["connections"].as_array().map(Vec::len), Some(1));
     assert!(json["bindings"]
         .as_array()
@@ -518,5 +521,8 @@ async fn the_admin_api_and_metrics_show_queues_connections_and_bindings() {
         metrics.contains("ferry_cloud_amqp_queue_ready{vhost=\"/\",queue=\"watched\"} 7"),
         "{metrics}"
     );
-    assert!(metrics.contains("ferry_cloud_amqp_published_total 7"), "{metrics}");
+    assert!(
+        metrics.contains("ferry_cloud_amqp_published_total 7"),
+        "{metrics}"
+    );
 }

@@ -45,6 +45,39 @@ fn pika_publishes_consumes_dead_letters_and_is_refused_as_by_rabbitmq() {
 }
 
 #[test]
+fn amqp_over_tls_with_the_clouds_certificate_and_a_client_that_verifies_it() {
+    let dir = temp_dir("amqp-tls");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pki = dir.join("pki");
+    let bin = ferry_tests::process::binary("ferry-cloud", "ferry-cloud");
+    for args in [&["init"][..], &["issue-node", "localhost"][..]] {
+        let out = std::process::Command::new(&bin)
+            .arg("pki")
+            .args(args)
+            .arg("--dir")
+            .arg(&pki)
+            .output()
+            .expect("ferry-cloud pki runs");
+        assert!(out.status.success(), "pki {args:?}: {out:?}");
+    }
+    let p = |rel: &str| pki.join(rel).display().to_string();
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[amqp]\nlisten = \"127.0.0.1:0\"\n\
+             [amqp.tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            p("nodes/localhost.crt"),
+            p("nodes/localhost.key")
+        ),
+    )
+    .expect("config");
+    let cloud = Edge::cloud_in(&dir.join("data"), &["--config", config.to_str().expect("utf8")]);
+    let port = cloud.amqps_addr().expect("an amqps listener").port().to_string();
+    python_client("amqp_tls.py", &[&port, &p("ca.crt")]);
+}
+
+#[test]
 fn aio_pika_publishes_to_a_topic_exchange_and_consumes_what_its_binding_matches() {
     let dir = temp_dir("amqp-aio-pika");
     let cloud = cloud(&dir);

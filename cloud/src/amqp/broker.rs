@@ -95,6 +95,9 @@ pub(crate) enum Input {
     LogChanged,
     /// Time passed (the driver calls this about once a second).
     Tick,
+    /// The node cannot take more (`true`: appends waiting for the log are over their
+    /// budget) or can again (`false`).
+    Pressure(bool),
 }
 
 /// What must happen.
@@ -104,6 +107,9 @@ pub(crate) enum Action {
     Send { conn: ConnId, bytes: Vec<u8> },
     /// The connection was tuned: the heartbeat interval it agreed to (0: none).
     Tuned { conn: ConnId, heartbeat_secs: u16 },
+    /// Stop reading from the connection (it publishes while the node is under pressure),
+    /// or read again.
+    PauseReads { conn: ConnId, paused: bool },
     /// Close the connection once what was sent before is written.
     Close { conn: ConnId },
     /// Append a record; answer [`Input::Appended`] with `token` when it is durable.
@@ -138,6 +144,12 @@ struct Conn {
     frame_max: u32,
     channel_max: u16,
     cancel_notify: bool,
+    /// The client takes connection.blocked/unblocked.
+    blocked_notify: bool,
+    /// It published since it connected: pressure pauses its reads.
+    publishes: bool,
+    /// Its reads are paused by pressure.
+    paused: bool,
     channels: BTreeMap<u16, Channel>,
     out: Vec<u8>,
     next_ctag: u64,
@@ -226,6 +238,8 @@ pub(crate) struct Broker {
     cache: HashMap<SourceKey, (i64, i64, Bytes)>,
     out: Vec<Action>,
     next_queue_name: u64,
+    /// The node cannot take more now (see [`Input::Pressure`]).
+    pressure: bool,
     /// Messages published and appended (or handed to a transaction) since start.
     published_total: u64,
     /// Commits waiting for their appends: id → (connection, channel, appends left, all ok).
@@ -303,6 +317,7 @@ impl Broker {
             next_queue_name: 1,
             commits: HashMap::new(),
             published_total: 0,
+            pressure: false,
             blocked: Default::default(),
             more: false,
         };
@@ -382,6 +397,7 @@ impl Broker {
             Input::Appended { token, ok } => self.appended(token, ok),
             Input::LogChanged => {}
             Input::Tick => self.tick(now),
+            Input::Pressure(on) => self.pressure(on),
         }
     }
 
@@ -421,6 +437,9 @@ impl Broker {
             frame_max: self.settings.frame_max,
             channel_max: self.settings.channel_max,
             cancel_notify: false,
+            blocked_notify: false,
+            publishes: false,
+            paused: false,
             channels: BTreeMap::new(),
             out: Vec::new(),
             next_ctag: 1,
@@ -437,8 +456,7 @@ impl Broker {
         ] {
             caps.insert(ss(cap), AMQPValue::Boolean(true));
         }
-        // Not served yet (docs/amqp.md): said so.
-        caps.insert(ss("connection.blocked"), AMQPValue::Boolean(false));
+        caps.insert(ss("connection.blocked"), AMQPValue::Boolean(true));
         let mut props = FieldTable::default();
         props.insert(ss("product"), AMQPValue::LongString("Ferry".into()));
         props.insert(
@@ -595,10 +613,10 @@ impl Broker {
             (Stage::Start, M::StartOk(ok)) => {
                 let caps = ok.client_properties.inner().get("capabilities");
                 if let Some(AMQPValue::FieldTable(caps)) = caps {
-                    c.cancel_notify = matches!(
-                        caps.inner().get("consumer_cancel_notify"),
-                        Some(AMQPValue::Boolean(true))
-                    );
+                    let has =
+                        |k: &str| matches!(caps.inner().get(k), Some(AMQPValue::Boolean(true)));
+                    c.cancel_notify = has("consumer_cancel_notify");
+                    c.blocked_notify = has("connection.blocked");
                 }
                 let creds = match ok.mechanism.as_str() {
                     "PLAIN" => plain(ok.response.as_bytes()),
@@ -1901,6 +1919,16 @@ impl Broker {
         );
         self.published_total += 1;
         let c = self.conns.get_mut(&conn).expect("present");
+        if !c.publishes {
+            c.publishes = true;
+            if self.pressure && !c.paused {
+                c.paused = true;
+                if c.blocked_notify {
+                    send(c, 0, blocked_frame());
+                }
+                self.out.push(Action::PauseReads { conn, paused: true });
+            }
+        }
         if let Some(tx) = c.channels.get_mut(&id).and_then(|ch| ch.tx.as_mut()) {
             tx.publishes.push((stream, partition, record));
             return;
@@ -2528,6 +2556,36 @@ impl Broker {
         });
     }
 
+    /// Pressure on or off: connections that publish are paused (and told with
+    /// connection.blocked, if they take it) until it is off again (connection.unblocked).
+    /// Consumers on other connections go on, so the backlog drains.
+    fn pressure(&mut self, on: bool) {
+        if self.pressure == on {
+            return;
+        }
+        self.pressure = on;
+        for (id, c) in self.conns.iter_mut() {
+            if !c.publishes || c.paused == on || c.stage != Stage::Ready {
+                continue;
+            }
+            c.paused = on;
+            if c.blocked_notify {
+                let m = if on {
+                    blocked_frame()
+                } else {
+                    AMQPClass::Connection(connection::AMQPMethod::Unblocked(
+                        connection::Unblocked {},
+                    ))
+                };
+                send(c, 0, m);
+            }
+            self.out.push(Action::PauseReads {
+                conn: *id,
+                paused: on,
+            });
+        }
+    }
+
     /// What the admin API shows: connections, queues, exchanges, bindings.
     pub(crate) fn overview(&self) -> super::Overview {
         use super::{BindingInfo, ConnectionInfo, ExchangeInfo, Overview, QueueInfo};
@@ -2724,6 +2782,12 @@ fn strip_expiration(p: AMQPProperties) -> AMQPProperties {
     out
 }
 
+fn blocked_frame() -> AMQPClass {
+    AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+        reason: ss("low on resources: appends waiting for the log are over their budget"),
+    }))
+}
+
 fn locked(name: &str, vhost: &str) -> (u16, String) {
     (
         code::RESOURCE_LOCKED,
@@ -2777,3 +2841,6 @@ fn amqplain(response: &[u8]) -> Option<(String, String)> {
     };
     Some((get("LOGIN")?, get("PASSWORD")?))
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,6 +17,8 @@
 
 mod broker;
 mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 mod message;
 mod queue;
 mod topology;
@@ -33,7 +35,7 @@ use ferry_edge::auth::Auth;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
@@ -68,6 +70,13 @@ pub struct AmqpConfig {
     /// Users and ACLs: Mosquitto-format files, as for MQTT. Default: those of `[auth]`.
     pub password_file: Option<PathBuf>,
     pub acl_file: Option<PathBuf>,
+    /// Bytes of publishes waiting for the log above which connections that publish are
+    /// blocked (connection.blocked, and their reads paused) until half of it is left.
+    /// Default 64 MiB.
+    pub max_appending_bytes: usize,
+    /// `[amqp.tls]`: AMQP over TLS (`amqps://`, usually port 5671) with these PEM files, as
+    /// `[server.tls]` (`client_ca_file` makes clients present a certificate). Default none.
+    pub tls: Option<ferry_edge::config::TlsConfig>,
 }
 
 impl Default for AmqpConfig {
@@ -81,6 +90,8 @@ impl Default for AmqpConfig {
             ack_timeout_secs: 1800,
             password_file: None,
             acl_file: None,
+            max_appending_bytes: 64 << 20,
+            tls: None,
         }
     }
 }
@@ -91,6 +102,8 @@ const INPUT_QUEUE: usize = 4096;
 /// Writes queued for one connection; the broker delivers no more to a connection whose
 /// queue is full until it drains.
 const WRITE_QUEUE: usize = 64;
+/// A TLS handshake that takes longer is dropped.
+const HANDSHAKE: Duration = Duration::from_secs(10);
 /// How often the broker's timers run (acknowledgement timeout, TTL, x-expires).
 const TICK: Duration = Duration::from_secs(1);
 
@@ -102,6 +115,7 @@ enum Event {
         conn: ConnId,
         writer: mpsc::Sender<Out>,
         heartbeat: Arc<AtomicU16>,
+        paused: tokio::sync::watch::Sender<bool>,
     },
     Input(Input),
 }
@@ -181,6 +195,8 @@ pub struct BindingInfo {
 #[derive(Debug, Clone)]
 pub struct AmqpFront {
     pub addr: SocketAddr,
+    /// The `[amqp.tls]` listeners' addresses.
+    pub tls_addrs: Vec<SocketAddr>,
     overview: Arc<std::sync::Mutex<Overview>>,
 }
 
@@ -209,6 +225,10 @@ pub enum AmqpError {
         "[amqp] a listener on {0} needs a password_file: AMQP clients would get in without one"
     )]
     Open(SocketAddr),
+    #[error("[amqp.tls] {0}")]
+    Tls(#[from] ferry_edge::server::StartError),
+    #[error("[amqp.tls] use_identity_as_username is not served for AMQP (no EXTERNAL mechanism)")]
+    Identity,
 }
 
 /// Starts the AMQP front: the listener and the broker thread.
@@ -244,46 +264,97 @@ pub async fn start(
     };
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    let mut tls = Vec::new();
+    if let Some(t) = &config.tls {
+        if t.use_identity_as_username {
+            return Err(AmqpError::Identity);
+        }
+        let acceptor = ferry_edge::server::tls::acceptor(t)?;
+        for a in &t.listen {
+            tls.push((TcpListener::bind(a).await?, acceptor.clone()));
+        }
+    }
     let (events, rx) = mpsc::channel(INPUT_QUEUE);
     let broker = Broker::new(settings, auth, routes, log.clone(), state);
+    let budget = config.max_appending_bytes.max(1);
     let overview = Arc::new(std::sync::Mutex::new(broker.overview()));
     let shared = overview.clone();
     std::thread::Builder::new()
         .name("ferry-amqp".into())
-        .spawn(move || run_broker(broker, rx, log, meta, shared))?;
+        .spawn(move || run_broker(broker, rx, log, meta, shared, budget))?;
     info!(%addr, "listening for AMQP clients");
+    let ids = Arc::new(AtomicU64::new(1));
     let frame_max = config.frame_max;
-    tokio::spawn(async move {
-        let next = AtomicU64::new(1);
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "AMQP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+    tokio::spawn(accept(
+        listener,
+        None,
+        ids.clone(),
+        events.clone(),
+        frame_max,
+    ));
+    let mut tls_addrs = Vec::new();
+    for (listener, acceptor) in tls {
+        let a = listener.local_addr()?;
+        info!(addr = %a, "listening for AMQP clients over TLS");
+        tls_addrs.push(a);
+        tokio::spawn(accept(
+            listener,
+            Some(acceptor),
+            ids.clone(),
+            events.clone(),
+            frame_max,
+        ));
+    }
+    Ok(AmqpFront {
+        addr,
+        tls_addrs,
+        overview,
+    })
+}
+
+/// Takes the connections of one listener (over TLS with `tls`) until the process ends.
+async fn accept(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ids: Arc<AtomicU64>,
+    events: mpsc::Sender<Event>,
+    frame_max: u32,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "AMQP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ids.fetch_add(1, Ordering::Relaxed);
+        let events = events.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            debug!(%peer, conn, "AMQP connection");
+            match tls {
+                None => connection(stream, conn, events, frame_max).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => connection(s, conn, events, frame_max).await,
+                        Ok(Err(e)) => debug!(%peer, error = %e, "AMQP TLS handshake failed"),
+                        Err(_) => debug!(%peer, "AMQP TLS handshake timed out"),
+                    }
                 }
-            };
-            let conn = next.fetch_add(1, Ordering::Relaxed);
-            let events = events.clone();
-            tokio::spawn(async move {
-                debug!(%peer, conn, "AMQP connection");
-                connection(stream, conn, events, frame_max).await;
-            });
-        }
-    });
-    Ok(AmqpFront { addr, overview })
+            }
+        });
+    }
 }
 
 /// One client: checks its protocol header, then reads frames for the broker while a
 /// writer task sends what the broker gives it, with heartbeats when idle.
-async fn connection(
-    mut stream: TcpStream,
-    conn: ConnId,
-    events: mpsc::Sender<Event>,
-    frame_max: u32,
-) {
-    let _ = stream.set_nodelay(true);
+async fn connection<S>(mut stream: S, conn: ConnId, events: mpsc::Sender<Event>, frame_max: u32)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut header = [0u8; 8];
     if stream.read_exact(&mut header).await.is_err() {
         return;
@@ -294,14 +365,16 @@ async fn connection(
         let _ = stream.shutdown().await;
         return;
     }
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(WRITE_QUEUE);
     let heartbeat = Arc::new(AtomicU16::new(0));
+    let (paused, mut paused_rx) = tokio::sync::watch::channel(false);
     if events
         .send(Event::Open {
             conn,
             writer: out_tx,
             heartbeat: heartbeat.clone(),
+            paused,
         })
         .await
         .is_err()
@@ -347,6 +420,10 @@ async fn connection(
     let _ = events.send(Event::Input(Input::Connected { conn })).await;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
+        // Paused while the node is under pressure and this connection publishes.
+        if paused_rx.wait_for(|p| !*p).await.is_err() {
+            break;
+        }
         let secs = heartbeat.load(Ordering::Relaxed);
         let read = if secs == 0 {
             reader.read_buf(&mut buf).await
@@ -404,6 +481,7 @@ fn run_broker(
     log: Arc<dyn Storage>,
     meta: Arc<Meta>,
     overview: Arc<std::sync::Mutex<Overview>>,
+    budget: usize,
 ) {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -415,6 +493,10 @@ fn run_broker(
     runtime.block_on(async move {
         let mut writers: HashMap<ConnId, mpsc::Sender<Out>> = HashMap::new();
         let mut heartbeats: HashMap<ConnId, Arc<AtomicU16>> = HashMap::new();
+        let mut pauses: HashMap<ConnId, tokio::sync::watch::Sender<bool>> = HashMap::new();
+        // Bytes of records handed to the log and not yet durable.
+        let mut appending = 0usize;
+        let mut pressure = false;
         let mut appends = FuturesUnordered::new();
         let mut commits = log.watch_commits();
         let mut tick = tokio::time::interval(TICK);
@@ -427,14 +509,16 @@ fn run_broker(
                     let mut n = 0;
                     while let Some(event) = next {
                         match event {
-                            Event::Open { conn, writer, heartbeat } => {
+                            Event::Open { conn, writer, heartbeat, paused } => {
                                 writers.insert(conn, writer);
                                 heartbeats.insert(conn, heartbeat);
+                                pauses.insert(conn, paused);
                             }
                             Event::Input(input) => {
                                 if let Input::Lost { conn } = &input {
                                     writers.remove(conn);
                                     heartbeats.remove(conn);
+                                    pauses.remove(conn);
                                 }
                                 broker.handle(input, now);
                             }
@@ -444,7 +528,8 @@ fn run_broker(
                     }
                 }
                 Some(done) = appends.next(), if !appends.is_empty() => {
-                    let (tokens, ok): (Vec<u64>, bool) = done;
+                    let (tokens, ok, bytes): (Vec<u64>, bool, usize) = done;
+                    appending -= bytes;
                     let now = Instant::now();
                     for token in tokens {
                         broker.handle(Input::Appended { token, ok }, now);
@@ -464,6 +549,13 @@ fn run_broker(
                 // Deliveries left from the last round: go on at once, or in a moment if a
                 // writer is full.
                 _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() => {}
+            }
+            // The log's backlog is the node's limit: over budget, publishers wait.
+            let over = appending > budget;
+            let under = appending <= budget / 2;
+            if (over && !pressure) || (under && pressure) {
+                pressure = over;
+                broker.handle(Input::Pressure(pressure), Instant::now());
             }
             let full: HashSet<ConnId> = writers
                 .iter()
@@ -502,8 +594,16 @@ fn run_broker(
                 }
             }
             for ((stream, partition), tokens, records) in grouped {
+                let bytes: usize = records
+                    .iter()
+                    .map(|r| {
+                        r.value.as_ref().map_or(0, |v| v.len())
+                            + r.key.as_ref().map_or(0, |k| k.len())
+                    })
+                    .sum();
+                appending += bytes;
                 let append = log.append(&stream, partition, AppendData::Records(records));
-                appends.push(async move { (tokens, append.await.is_ok()) });
+                appends.push(async move { (tokens, append.await.is_ok(), bytes) });
             }
             for a in rest {
                 match a {
@@ -518,6 +618,11 @@ fn run_broker(
                                 writers.remove(&conn);
                                 broker.handle(Input::Lost { conn }, Instant::now());
                             }
+                        }
+                    }
+                    Action::PauseReads { conn, paused } => {
+                        if let Some(p) = pauses.get(&conn) {
+                            let _ = p.send(paused);
                         }
                     }
                     Action::Tuned {

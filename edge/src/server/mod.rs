@@ -21,7 +21,7 @@
 mod connection;
 mod listeners;
 mod router;
-mod tls;
+pub mod tls;
 mod websocket;
 
 pub use router::{AppendFuture, CommitStats, LogHooks};

@@ -18,7 +18,9 @@ pub(super) fn peer_common_name<S>(stream: &tokio_rustls::server::TlsStream<S>) -
     Some(cn.value().into_owned())
 }
 
-pub(super) fn acceptor(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+/// A TLS acceptor for `config`'s certificate and key (and client CA, if set), with
+/// rustls's safe defaults on ring. ferry-cloud's AMQP listener uses it too.
+pub fn acceptor(config: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
     let err = |what: &str, e: &dyn std::fmt::Display| StartError::Tls(format!("{what}: {e}"));
     let certs = CertificateDer::pem_file_iter(&config.cert_file)
         .map_err(|e| err(&format!("{}", config.cert_file.display()), &e))?

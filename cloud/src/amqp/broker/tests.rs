@@ -1,0 +1,330 @@
+//! The broker core on frame sequences, without sockets: a client is connected by feeding it
+//! the frames a client sends, and what the broker answers is read back from its actions.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::{basic, channel, confirm, connection, queue, AMQPClass};
+use amq_protocol::types::{AMQPValue, FieldTable};
+use bytes::BytesMut;
+use ferry_edge::auth::Auth;
+
+use super::*;
+use crate::amqp::codec::take_frame;
+use crate::log::{MemoryLog, StreamConfig};
+use crate::routes::{RouteTable, Routes};
+
+fn broker() -> Broker {
+    let log = MemoryLog::new();
+    log.create_stream(super::super::AMQP_STREAM, &StreamConfig::default())
+        .expect("stream");
+    let settings = Settings {
+        vhosts: vec!["/".into()],
+        frame_max: 131_072,
+        channel_max: 16,
+        heartbeat_secs: 0,
+        ack_timeout: Duration::from_secs(1800),
+    };
+    let routes = Arc::new(RouteTable::new(Routes::new(&[]).expect("routes")));
+    Broker::new(settings, Arc::new(Auth::open()), routes, log, Vec::new())
+}
+
+/// What one round sent to `conn`, as frames, and the other actions.
+fn round(b: &mut Broker, conn: ConnId) -> (Vec<AMQPFrame>, Vec<Action>) {
+    let mut frames = Vec::new();
+    let mut rest = Vec::new();
+    for a in b.take_actions(Instant::now()) {
+        match a {
+            Action::Send { conn: c, bytes } if c == conn => {
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Some(f) = take_frame(&mut buf, 0).expect("the broker writes frames") {
+                    frames.push(f);
+                }
+            }
+            other => rest.push(other),
+        }
+    }
+    (frames, rest)
+}
+
+fn method(b: &mut Broker, conn: ConnId, channel: u16, m: AMQPClass) {
+    b.handle(
+        Input::Frame {
+            conn,
+            frame: AMQPFrame::Method(channel, m),
+        },
+        Instant::now(),
+    );
+}
+
+/// Connects `conn` as a client that takes connection.blocked, and opens channel 1.
+fn open(b: &mut Broker, conn: ConnId) {
+    b.handle(Input::Connected { conn }, Instant::now());
+    let mut caps = FieldTable::default();
+    caps.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+    caps.insert("consumer_cancel_notify".into(), AMQPValue::Boolean(true));
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    method(
+        b,
+        conn,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: props,
+            mechanism: "PLAIN".into(),
+            response: "\0guest\0guest".into(),
+            locale: "en_US".into(),
+        })),
+    );
+    method(
+        b,
+        conn,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 16,
+            frame_max: 131_072,
+            heartbeat: 0,
+        })),
+    );
+    method(
+        b,
+        conn,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        })),
+    );
+    method(
+        b,
+        conn,
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    );
+    let (frames, _) = round(b, conn);
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            AMQPFrame::Method(1, AMQPClass::Channel(channel::AMQPMethod::OpenOk(_)))
+        )),
+        "{frames:?}"
+    );
+}
+
+fn publish(b: &mut Broker, conn: ConnId, key: &str, body: &[u8]) {
+    method(
+        b,
+        conn,
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    b.handle(
+        Input::Frame {
+            conn,
+            frame: AMQPFrame::Header(
+                1,
+                AMQPContentHeader {
+                    class_id: 60,
+                    body_size: body.len() as u64,
+                    properties: AMQPProperties::default(),
+                },
+            ),
+        },
+        Instant::now(),
+    );
+    b.handle(
+        Input::Frame {
+            conn,
+            frame: AMQPFrame::Body(1, body.to_vec()),
+        },
+        Instant::now(),
+    );
+}
+
+fn declare(b: &mut Broker, conn: ConnId, name: &str) {
+    method(
+        b,
+        conn,
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: name.into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    );
+}
+
+#[test]
+fn confirms_wait_for_the_log_and_go_out_in_order_as_one_multiple_ack() {
+    let mut b = broker();
+    open(&mut b, 1);
+    declare(&mut b, 1, "q");
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+            nowait: false,
+        })),
+    );
+    for i in 0..3 {
+        publish(&mut b, 1, "q", format!("m{i}").as_bytes());
+    }
+    let (frames, actions) = round(&mut b, 1);
+    let tokens: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Append { token, .. } => Some(*token),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tokens.len(), 3, "{actions:?}");
+    assert!(
+        !frames.iter().any(|f| matches!(
+            f,
+            AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Ack(_)))
+        )),
+        "no confirm before the log answered"
+    );
+    // The second and third are durable before the first: nothing yet; then the first.
+    b.handle(
+        Input::Appended {
+            token: tokens[1],
+            ok: true,
+        },
+        Instant::now(),
+    );
+    b.handle(
+        Input::Appended {
+            token: tokens[2],
+            ok: true,
+        },
+        Instant::now(),
+    );
+    let (frames, _) = round(&mut b, 1);
+    assert!(frames.is_empty(), "{frames:?}");
+    b.handle(
+        Input::Appended {
+            token: tokens[0],
+            ok: true,
+        },
+        Instant::now(),
+    );
+    let (frames, _) = round(&mut b, 1);
+    assert_eq!(
+        frames,
+        vec![AMQPFrame::Method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: 3,
+                multiple: true
+            }))
+        )]
+    );
+}
+
+#[test]
+fn pressure_blocks_publishing_connections_and_lets_consumers_go_on() {
+    let mut b = broker();
+    open(&mut b, 1);
+    open(&mut b, 2);
+    declare(&mut b, 1, "q");
+    publish(&mut b, 1, "q", b"x");
+    round(&mut b, 1);
+    b.handle(Input::Pressure(true), Instant::now());
+    let (frames, actions) = round(&mut b, 1);
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(_)))
+        )),
+        "{frames:?}"
+    );
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::PauseReads {
+            conn: 1,
+            paused: true
+        }
+    )));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::PauseReads { conn: 2, .. })),
+        "a connection that only consumes is not paused"
+    );
+    b.handle(Input::Pressure(false), Instant::now());
+    let (frames, actions) = round(&mut b, 1);
+    assert!(frames.iter().any(|f| matches!(
+        f,
+        AMQPFrame::Method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Unblocked(_))
+        )
+    )));
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::PauseReads {
+            conn: 1,
+            paused: false
+        }
+    )));
+}
+
+#[test]
+fn frames_out_of_place_close_the_connection_with_their_reply_code() {
+    for (what, frame, code) in [
+        (
+            "a body without publish",
+            AMQPFrame::Body(1, b"x".to_vec()),
+            code::UNEXPECTED_FRAME,
+        ),
+        (
+            "a method on a channel that is not open",
+            AMQPFrame::Method(
+                5,
+                AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                    prefetch_count: 1,
+                    global: false,
+                })),
+            ),
+            code::CHANNEL_ERROR,
+        ),
+        (
+            "a channel over channel_max",
+            AMQPFrame::Method(
+                99,
+                AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+            ),
+            code::CHANNEL_ERROR,
+        ),
+    ] {
+        let mut b = broker();
+        open(&mut b, 1);
+        b.handle(Input::Frame { conn: 1, frame }, Instant::now());
+        let (frames, actions) = round(&mut b, 1);
+        let closed = frames.iter().find_map(|f| match f {
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                Some(c.reply_code)
+            }
+            _ => None,
+        });
+        assert_eq!(closed, Some(code), "{what}: {frames:?}");
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Close { conn: 1 })),
+            "{what}"
+        );
+    }
+}
