@@ -72,8 +72,15 @@ fn amqp_over_tls_with_the_clouds_certificate_and_a_client_that_verifies_it() {
         ),
     )
     .expect("config");
-    let cloud = Edge::cloud_in(&dir.join("data"), &["--config", config.to_str().expect("utf8")]);
-    let port = cloud.amqps_addr().expect("an amqps listener").port().to_string();
+    let cloud = Edge::cloud_in(
+        &dir.join("data"),
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let port = cloud
+        .amqps_addr()
+        .expect("an amqps listener")
+        .port()
+        .to_string();
     python_client("amqp_tls.py", &[&port, &p("ca.crt")]);
 }
 
