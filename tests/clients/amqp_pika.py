@@ -217,7 +217,23 @@ def direct_reply_to():
     client.close()
 
 
+def silent_peer_is_closed():
+    # A 1 s heartbeat, then silence (no process_data_events): the server closes the
+    # connection after two intervals.
+    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", PORT, heartbeat=1))
+    conn.channel()
+    time.sleep(4)
+    try:
+        conn.process_data_events(time_limit=1)
+        conn.channel()
+        raise AssertionError("a peer silent for two heartbeats is closed")
+    except (pika.exceptions.StreamLostError, pika.exceptions.ConnectionClosed,
+            pika.exceptions.AMQPConnectionError):
+        pass
+
+
 confirms_and_prefetch()
+silent_peer_is_closed()
 direct_reply_to()
 reject_requeue_and_dead_letter()
 ttl_and_max_length()

@@ -526,3 +526,88 @@ async fn the_admin_api_and_metrics_show_queues_connections_and_bindings() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumers_read_what_amqp_clients_published() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = temp_dir("amqp-kafka");
+    config.amqp = Some(ferry_cloud::amqp::AmqpConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    config.kafka = Some(ferry_cloud::kafka::KafkaConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    let node = Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts");
+    let uri = format!(
+        "amqp://127.0.0.1:{}/%2f",
+        node.amqp_addr.expect("amqp").port()
+    );
+    let (_conn, ch) = channel(&uri).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for i in 0..5 {
+        ch.basic_publish(
+            "amq.direct".into(),
+            "orders.new".into(),
+            BasicPublishOptions::default(),
+            format!("order {i}").as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    let bootstrap = node.kafka_addr.expect("kafka").to_string();
+    let got = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "amqp-readers")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        consumer
+            .subscribe(&[ferry_cloud::amqp::AMQP_STREAM])
+            .expect("subscribe");
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while got.len() < 5 && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let exchange = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "amqp.exchange")
+                        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                });
+                got.push((
+                    String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                    exchange,
+                ));
+            }
+        }
+        got
+    })
+    .await
+    .expect("consumer thread");
+    let expected: Vec<_> = (0..5)
+        .map(|i| {
+            (
+                "orders.new".to_owned(),
+                format!("order {i}"),
+                Some("amq.direct".to_owned()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "key = routing key, value = body, the exchange as a header"
+    );
+}

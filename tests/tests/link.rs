@@ -57,7 +57,7 @@ impl Site {
             &cloud_config,
             format!(
                 "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-                 [kafka]\nlisten = \"127.0.0.1:0\"\n\
+                 [kafka]\nlisten = \"127.0.0.1:0\"\n[amqp]\nlisten = \"127.0.0.1:0\"\n\
                  [link]\nlisten = \"127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
                  deny_file = \"{}\"\n",
                 p("ca.crt"),
@@ -553,6 +553,18 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
         valve_app(&edge, "watcher", 1, 60),
         "valve/set close from kafka\n",
         "published once, then the Kafka record"
+    );
+    // And an AMQP client's: a publish to amq.topic with routing key
+    // `$edge.gw-1.<topic with . for />` goes down the link too.
+    let amqp = cloud.amqp_addr().expect("an AMQP listener").port().to_string();
+    ferry_tests::process::python_client(
+        "amqp_publish.py",
+        &[&amqp, "amq.topic", "$edge.gw-1.valve.set", "open from amqp"],
+    );
+    assert_eq!(
+        valve_app(&edge, "watcher", 1, 60),
+        "valve/set open from amqp\n",
+        "the AMQP publish, on the edge"
     );
 }
 
