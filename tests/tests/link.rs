@@ -556,7 +556,11 @@ fn messages_for_an_edge_wait_for_it_and_are_published_there_once() {
     );
     // And an AMQP client's: a publish to amq.topic with routing key
     // `$edge.gw-1.<topic with . for />` goes down the link too.
-    let amqp = cloud.amqp_addr().expect("an AMQP listener").port().to_string();
+    let amqp = cloud
+        .amqp_addr()
+        .expect("an AMQP listener")
+        .port()
+        .to_string();
     ferry_tests::process::python_client(
         "amqp_publish.py",
         &[&amqp, "amq.topic", "$edge.gw-1.valve.set", "open from amqp"],
