@@ -75,14 +75,16 @@ impl CloudConfig {
     }
 
     /// The MQTT front's part, in `ferry-edge`'s terms.
+    // Without `demo`, ferry-edge has no `[uplink]` and every field is given here.
+    #[cfg_attr(not(feature = "demo"), allow(clippy::needless_update))]
     pub fn edge(&self) -> EdgeConfig {
         EdgeConfig {
             server: self.server.clone(),
             mqtt: self.mqtt.clone(),
             storage: self.storage.clone(),
             auth: self.auth.clone(),
-            // The cloud sends nothing further up.
-            uplink: Default::default(),
+            // The cloud sends nothing further up (no `[uplink]`).
+            ..EdgeConfig::default()
         }
     }
 }

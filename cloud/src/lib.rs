@@ -13,7 +13,9 @@
 //! - [`link_sink`] and [`ingest`]: the link's cloud side (`ferry_bridge`'s cloud listener):
 //!   an edge's records appended exactly once by (edge, class, sequence), the downlink.
 //! - [`admin`]: the admin HTTP listener: a JSON API and Prometheus metrics.
-//! - [`demo`]: `ferry-cloud demo`, a cloud, an edge and a sensor in one process.
+//! - `demo` (feature `demo`, default): `ferry-cloud demo`, a cloud, an edge and a sensor in
+//!   one process; the only part of the node that builds ferry-edge's edge parts (the outbox,
+//!   the link's edge end).
 //!
 //! Still to come (see the README's status table): the AMQP 0-9-1 front, the object-store
 //! backend, clustering.
@@ -21,6 +23,7 @@
 pub mod admin;
 pub mod amqp;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod ingest;
 pub mod kafka;

@@ -44,6 +44,7 @@ enum Command {
     /// The whole path in one process: a cloud node, an edge linked to it over QUIC
     /// (certificates made on first run) and a simulated sensor publishing to the edge.
     /// Prints how to watch the data arrive.
+    #[cfg(feature = "demo")]
     Demo(ferry_cloud::demo::DemoOptions),
 }
 
@@ -85,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
     ferry_edge::config::init_tracing();
     match args.command {
         Some(Command::Pki { action }) => return pki(action),
+        #[cfg(feature = "demo")]
         Some(Command::Demo(opts)) => {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;

@@ -18,7 +18,8 @@ pub struct Config {
     pub mqtt: BrokerConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
-    /// What goes up to the cloud (`[uplink]`, see [`crate::uplink`]).
+    /// What goes up to the cloud (`[uplink]`, see [`crate::uplink`]; feature `edge`).
+    #[cfg(feature = "edge")]
     pub uplink: crate::uplink::UplinkConfig,
 }
 
@@ -291,7 +292,9 @@ impl Config {
 mod tests {
     use super::*;
 
+    // The example is the ferry-edge binary's, which has `[uplink]`.
     #[test]
+    #[cfg(feature = "edge")]
     fn the_example_config_parses_and_matches_the_defaults() {
         let text = include_str!("../ferry-edge.example.toml");
         let config: Config = toml::from_str(text).expect("example parses");

@@ -2,6 +2,8 @@
 //! `GET /api/link`: the outbox and the link to the cloud as JSON (`outbox`: records, bytes,
 //! oldest_age_secs, rejected, dropped; `link`: null without `[uplink] cloud`, else state,
 //! connects, records_sent, records_acked, batch_bytes_sent, last_ack_unix_ms, down_applied).
+//! Those pages ([`serve`]) are the ferry-edge binary's (feature `edge`); the broker's part of
+//! them ([`render`]) is shared.
 //!
 //! The need is a few fixed pages, so [`serve_http`] answers them directly rather than carrying
 //! an HTTP framework; the cloud's admin API uses it too.
@@ -15,13 +17,14 @@ use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use crate::broker::Stats;
-use crate::server::{CommitStats, Server};
+use crate::server::CommitStats;
 
 /// A request head longer than this is refused: the page needs only a request line.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 /// Serves metrics on `addr` until the process ends; returns the bound address.
-pub async fn serve(addr: SocketAddr, server: Server) -> std::io::Result<SocketAddr> {
+#[cfg(feature = "edge")]
+pub async fn serve(addr: SocketAddr, server: crate::server::Server) -> std::io::Result<SocketAddr> {
     serve_http(addr, move |path| {
         let server = server.clone();
         async move {
@@ -285,6 +288,7 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
 }
 
 /// `/api/link`: the outbox and the link as one JSON document.
+#[cfg(feature = "edge")]
 fn link_json(
     s: &Stats,
     oldest_age: Duration,
@@ -318,6 +322,7 @@ fn link_json(
 }
 
 /// The link's metrics (`[uplink] cloud` set).
+#[cfg(feature = "edge")]
 pub fn render_link(l: &ferry_bridge::edge_dialer::LinkStats) -> String {
     use ferry_bridge::edge_dialer::LinkState;
     let mut out = String::new();

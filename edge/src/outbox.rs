@@ -2,22 +2,54 @@
 //! [`UplinkRules`]), whether there is room for them under `max_outbox_bytes` and the full
 //! policy, and the store operations that put them in the outbox. The broker asks it about
 //! every message it accepts (its downstream on the edge); the router tells it what each
-//! commit deleted. The records themselves live in the store
-//! (`crate::store`), which the link reads (`crate::outbox_source`).
+//! commit deleted. The records themselves live in the store (its outbox tables,
+//! `crate::store::outbox_tables`), which the link reads (`crate::outbox_source`).
+//!
+//! Feature `edge` only, as is everything that knows of the outbox.
 
 use std::sync::Arc;
 
 use ferry_protocol::topic::TopicName;
 
-use crate::broker::{Message, OutboxTotals, StoreOp};
+use crate::broker::{Message, StoreOp};
 use crate::uplink::{FullPolicy, UplinkRules};
+
+/// A change to the outbox's tables: the broker's [`StoreOp::Outbox`], applied in the same
+/// commit as the batch's other operations.
+#[derive(Debug, Clone)]
+pub(crate) enum OutboxOp {
+    /// A message for the cloud, durable before its PUBACK (see [`crate::uplink`]).
+    Put {
+        priority: u8,
+        seq: u64,
+        msg: Arc<Message>,
+    },
+    /// The cloud has every record of class `priority` up to `seq`: delete them (the store
+    /// reports what it removed, for [`OutboxBudget::applied`]).
+    Delete { priority: u8, seq: u64 },
+    /// The outbox is full under `drop_oldest`: delete records, lowest class first and oldest
+    /// first within it, until at least `bytes` are freed.
+    DropOldest { bytes: u64 },
+    /// Downlink messages up to `seq` were published on the edge (in this commit).
+    DownlinkApplied { seq: u64 },
+}
+
+/// What the outbox holds (counted by the store, read at start-up), or what a commit took
+/// out of it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OutboxTotals {
+    pub(crate) records: u64,
+    pub(crate) bytes: u64,
+    /// The highest sequence number ever given (0: none).
+    pub(crate) last_seq: u64,
+}
 
 /// What the outbox holds and may hold.
 #[derive(Debug, Default)]
 pub struct OutboxBudget {
     rules: UplinkRules,
     totals: OutboxTotals,
-    /// Bytes `OutboxDropOldest` ops not yet applied were to free (taken off `totals.bytes`).
+    /// Bytes `OutboxOp::DropOldest` ops not yet applied were to free (taken off `totals.bytes`).
     drop_assumed: u64,
 }
 
@@ -43,7 +75,8 @@ impl OutboxBudget {
         }
     }
 
-    /// What the outbox held at start-up.
+    /// What the outbox held at start-up (before the broker takes it,
+    /// [`crate::broker::Broker::set_outbox`]).
     pub(crate) fn restore(&mut self, totals: OutboxTotals) {
         self.totals = totals;
     }
@@ -83,7 +116,7 @@ impl OutboxBudget {
         let cost = outbox_cost(msg);
         let over = (self.totals.bytes + cost).saturating_sub(self.rules.max_outbox_bytes);
         if over > 0 {
-            ops.push(StoreOp::OutboxDropOldest { bytes: over });
+            ops.push(StoreOp::Outbox(OutboxOp::DropOldest { bytes: over }));
             self.totals.bytes -= over;
             self.drop_assumed += over;
         }
@@ -97,11 +130,11 @@ impl OutboxBudget {
             }),
             None => msg.clone(),
         };
-        ops.push(StoreOp::OutboxPut {
+        ops.push(StoreOp::Outbox(OutboxOp::Put {
             priority,
             seq: self.totals.last_seq,
             msg,
-        });
+        }));
     }
 
     /// What a commit deleted: `acked` (the cloud has it) and `dropped` (`drop_oldest`);
@@ -184,8 +217,10 @@ mod tests {
         assert_eq!(b.admit(&msg("up/t", "123456")), Admission::Full);
         assert!(matches!(
             &ops[..],
-            [StoreOp::OutboxPut { seq: 1, msg: a, .. }, StoreOp::OutboxPut { seq: 2, .. }]
-                if a.topic.as_str() == "site/up/t"
+            [
+                StoreOp::Outbox(OutboxOp::Put { seq: 1, msg: a, .. }),
+                StoreOp::Outbox(OutboxOp::Put { seq: 2, .. })
+            ] if a.topic.as_str() == "site/up/t"
         ));
         // The cloud acknowledged the first: room again.
         let one = OutboxTotals {
@@ -216,10 +251,10 @@ mod tests {
         assert!(matches!(
             &ops[..],
             [
-                StoreOp::OutboxPut { seq: 1, .. },
-                StoreOp::OutboxPut { seq: 2, .. },
-                StoreOp::OutboxDropOldest { bytes: 50 },
-                StoreOp::OutboxPut { seq: 3, .. }
+                StoreOp::Outbox(OutboxOp::Put { seq: 1, .. }),
+                StoreOp::Outbox(OutboxOp::Put { seq: 2, .. }),
+                StoreOp::Outbox(OutboxOp::DropOldest { bytes: 50 }),
+                StoreOp::Outbox(OutboxOp::Put { seq: 3, .. })
             ]
         ));
         assert_eq!(b.held().1, 100, "the bytes to be dropped are off already");

@@ -1,5 +1,6 @@
-//! The edge's link to the cloud: its outbox (the `outbox` table of [`crate::store`]) as
-//! `ferry_bridge::edge_dialer` reads it, and the link started from `[uplink]`.
+//! The edge's link to the cloud (feature `edge`): its outbox (the `outbox` table of
+//! [`crate::store`]) as `ferry_bridge::edge_dialer` reads it, and the link started from
+//! `[uplink]`.
 //!
 //! The link reads committed records in its own read transactions; what the cloud
 //! acknowledged goes to the router, which deletes it in its next group commit (and takes it
@@ -23,7 +24,8 @@ use ferry_protocol::topic::TopicName;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::broker::Message;
-use crate::store::{OutboxReader, StoreError};
+use crate::store::outbox_tables::OutboxReader;
+use crate::store::StoreError;
 use crate::uplink::{LinkCompression, UplinkConfig};
 
 /// The outbox as the link sees it.

@@ -1,9 +1,13 @@
 //! Durable state of the edge broker in one redb database: persistent sessions with their
 //! subscriptions, queued and in-flight QoS 1/2 messages and unreleased QoS 2 ids, and retained
-//! messages. The broker core emits [`StoreOp`]s; the router applies each batch of them in one
-//! write transaction (one fsync) before the batch's acknowledgements go out.
+//! messages; on the edge (feature `edge`) the outbox too, in tables of its own
+//! (`outbox_tables`). The broker core emits [`StoreOp`]s; the router applies each batch of
+//! them in one write transaction (one fsync) before the batch's acknowledgements go out.
 //!
 //! The record formats are written down in `docs/edge-storage.md`.
+
+#[cfg(feature = "edge")]
+pub(crate) mod outbox_tables;
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -18,9 +22,7 @@ use ferry_protocol::mqtt::{
 use ferry_protocol::topic::{TopicFilter, TopicName};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::broker::{
-    Delivery, Message, OutboxTotals, QueueState, Snapshot, StoreOp, StoredSession,
-};
+use crate::broker::{Delivery, Message, QueueState, Snapshot, StoreOp, StoredSession};
 use crate::config::StorageConfig;
 
 /// client id → session record.
@@ -31,12 +33,6 @@ const QUEUE: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("que
 const QOS2: TableDefinition<'_, (&str, u16), ()> = TableDefinition::new("qos2_in");
 /// topic → message record.
 const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retained");
-/// (priority, seq) → when it was accepted (u64 Unix ms) and the message for the cloud (as
-/// in `retained`), in sending order within a priority class.
-const OUTBOX: TableDefinition<'_, (u8, u64), &[u8]> = TableDefinition::new("outbox");
-/// The outbox's totals, kept with it so that start-up need not read it: "records",
-/// "bytes", "last_seq"; and "down_applied", the last downlink sequence published here.
-const OUTBOX_TOTALS: TableDefinition<'_, &str, u64> = TableDefinition::new("outbox_totals");
 
 /// The first byte of every record, so that a later format can be told apart.
 const FORMAT: u8 = 1;
@@ -97,20 +93,13 @@ impl Store {
         txn.open_table(QUEUE).map_err(dberr)?;
         txn.open_table(QOS2).map_err(dberr)?;
         txn.open_table(RETAINED).map_err(dberr)?;
-        txn.open_table(OUTBOX).map_err(dberr)?;
-        txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
+        #[cfg(feature = "edge")]
+        outbox_tables::create(&txn)?;
         txn.commit().map_err(dberr)?;
         Ok(Self {
             db: Arc::new(database),
             fsync,
         })
-    }
-
-    /// A handle that reads the outbox for the link, beside the router's commits.
-    pub(crate) fn outbox_reader(&self) -> OutboxReader {
-        OutboxReader {
-            db: self.db.clone(),
-        }
     }
 
     /// Everything stored, for [`crate::broker::Broker`] to restore at start-up.
@@ -122,14 +111,6 @@ impl Store {
         let qos2 = txn.open_table(QOS2).map_err(dberr)?;
         let retained = txn.open_table(RETAINED).map_err(dberr)?;
         let mut snapshot = Snapshot::default();
-        // The outbox stays on disk until the link sends it; only its totals are read.
-        let totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
-        let total = |key: &str| -> Result<u64, StoreError> {
-            Ok(totals.get(key).map_err(dberr)?.map_or(0, |v| v.value()))
-        };
-        snapshot.outbox.records = total("records")?;
-        snapshot.outbox.bytes = total("bytes")?;
-        snapshot.outbox.last_seq = total("last_seq")?;
         for row in sessions.iter().map_err(dberr)? {
             let (key, value) = row.map_err(dberr)?;
             let client_id: Arc<str> = key.value().into();
@@ -175,10 +156,9 @@ impl Store {
 
     /// Applies `ops` in order in one write transaction; returns what it deleted from the
     /// outbox.
-    pub(crate) fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError> {
-        let mut removed = OutboxRemoved::default();
+    pub(crate) fn apply(&self, ops: &[StoreOp]) -> Result<Committed, StoreError> {
         if ops.is_empty() {
-            return Ok(removed);
+            return Ok(Committed::default());
         }
         let clock = Clock::now();
         let mut txn = self.db.begin_write().map_err(dberr)?;
@@ -189,13 +169,13 @@ impl Store {
                     what: e.to_string(),
                 })?;
         }
-        {
+        let committed = {
             let mut sessions = txn.open_table(SESSIONS).map_err(dberr)?;
             let mut queue = txn.open_table(QUEUE).map_err(dberr)?;
             let mut qos2 = txn.open_table(QOS2).map_err(dberr)?;
             let mut retained = txn.open_table(RETAINED).map_err(dberr)?;
-            let mut outbox = txn.open_table(OUTBOX).map_err(dberr)?;
-            let mut outbox_added = OutboxTotals::default();
+            #[cfg(feature = "edge")]
+            let mut outbox = outbox_tables::Writer::open(&txn)?;
             let mut buf = BytesMut::new();
             for op in ops {
                 buf.clear();
@@ -254,73 +234,17 @@ impl Store {
                         qos2.remove((&**client_id, packet_id.get()))
                             .map_err(dberr)?;
                     }
-                    StoreOp::OutboxPut { priority, seq, msg } => {
-                        buf.put_u64(clock.unix_ms);
-                        write_message(&mut buf, msg, &clock);
-                        outbox.insert((*priority, *seq), &buf[..]).map_err(dberr)?;
-                        outbox_added.records += 1;
-                        outbox_added.bytes += crate::outbox::outbox_cost(msg);
-                        outbox_added.last_seq = outbox_added.last_seq.max(*seq);
-                    }
-                    StoreOp::OutboxDelete { priority, seq } => {
-                        let mut bad = None;
-                        outbox
-                            .retain_in((*priority, 0)..=(*priority, *seq), |_, value| {
-                                match read_outbox(value, &clock) {
-                                    Ok((_, msg)) => {
-                                        removed.acked.records += 1;
-                                        removed.acked.bytes += crate::outbox::outbox_cost(&msg);
-                                    }
-                                    Err(e) => bad = Some(e),
-                                }
-                                false
-                            })
-                            .map_err(dberr)?;
-                        if let Some(e) = bad {
-                            return Err(e);
-                        }
-                    }
-                    StoreOp::DownlinkApplied { seq } => {
-                        let mut totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
-                        let old = totals
-                            .get("down_applied")
-                            .map_err(dberr)?
-                            .map_or(0, |v| v.value());
-                        totals
-                            .insert("down_applied", old.max(*seq))
-                            .map_err(dberr)?;
-                    }
-                    StoreOp::OutboxDropOldest { bytes } => {
-                        let goal = removed.dropped.bytes + bytes;
-                        while removed.dropped.bytes < goal {
-                            let Some((_, value)) = outbox.pop_first().map_err(dberr)? else {
-                                break;
-                            };
-                            let (_, msg) = read_outbox(value.value(), &clock)?;
-                            removed.dropped.records += 1;
-                            removed.dropped.bytes += crate::outbox::outbox_cost(&msg);
-                        }
-                    }
+                    #[cfg(feature = "edge")]
+                    StoreOp::Outbox(op) => outbox.apply(op, &clock, &mut buf)?,
                 }
             }
-            let gone = removed.total();
-            if outbox_added.records > 0 || gone.records > 0 {
-                let mut totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
-                let get = |t: &redb::Table<'_, &str, u64>, k: &str| -> Result<u64, StoreError> {
-                    Ok(t.get(k).map_err(dberr)?.map_or(0, |v| v.value()))
-                };
-                let records =
-                    (get(&totals, "records")? + outbox_added.records).saturating_sub(gone.records);
-                let bytes =
-                    (get(&totals, "bytes")? + outbox_added.bytes).saturating_sub(gone.bytes);
-                let last_seq = get(&totals, "last_seq")?.max(outbox_added.last_seq);
-                totals.insert("records", records).map_err(dberr)?;
-                totals.insert("bytes", bytes).map_err(dberr)?;
-                totals.insert("last_seq", last_seq).map_err(dberr)?;
+            Committed {
+                #[cfg(feature = "edge")]
+                outbox: outbox.finish()?,
             }
-        }
+        };
         txn.commit().map_err(dberr)?;
-        Ok(removed)
+        Ok(committed)
     }
 }
 
@@ -331,149 +255,21 @@ pub(crate) trait CommitStore {
     /// Applies `ops` in order in one durable commit and returns what it deleted from the
     /// outbox. The router sends none of the batch's packets before this returns, and stops
     /// on an error: nothing it could not keep is acknowledged.
-    fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError>;
+    fn apply(&self, ops: &[StoreOp]) -> Result<Committed, StoreError>;
 }
 
 impl CommitStore for Store {
-    fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError> {
+    fn apply(&self, ops: &[StoreOp]) -> Result<Committed, StoreError> {
         Store::apply(self, ops)
     }
 }
 
-/// What one commit deleted from the outbox.
+/// What a commit reports beside having made its operations durable.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct OutboxRemoved {
-    /// Acknowledged by the cloud.
-    pub(crate) acked: OutboxTotals,
-    /// Dropped to make room (`drop_oldest`).
-    pub(crate) dropped: OutboxTotals,
-}
-
-impl OutboxRemoved {
-    fn total(&self) -> OutboxTotals {
-        OutboxTotals {
-            records: self.acked.records + self.dropped.records,
-            bytes: self.acked.bytes + self.dropped.bytes,
-            last_seq: 0,
-        }
-    }
-}
-
-/// Reads the outbox for the link, in its own read transactions (they see only committed
-/// records and never block the router's commits).
-#[derive(Clone)]
-pub(crate) struct OutboxReader {
-    db: Arc<Database>,
-}
-
-impl std::fmt::Debug for OutboxReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboxReader").finish_non_exhaustive()
-    }
-}
-
-/// A message of the outbox as the link sends it.
-#[derive(Debug)]
-pub(crate) struct OutboxEntry {
-    pub(crate) seq: u64,
-    pub(crate) accepted_unix_ms: u64,
-    pub(crate) msg: Message,
-    /// The Message Expiry Interval it was published with, counted from `accepted_unix_ms`.
-    pub(crate) expiry_secs: Option<u32>,
-}
-
-impl OutboxReader {
-    /// When the oldest record still in the outbox was accepted (ms since the Unix epoch):
-    /// the first record of each class, the earliest of them. None if it is empty.
-    pub(crate) fn oldest_accepted_unix_ms(&self) -> Result<Option<u64>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let outbox = txn.open_table(OUTBOX).map_err(dberr)?;
-        let mut oldest: Option<u64> = None;
-        let mut next = outbox.first().map_err(dberr)?;
-        while let Some((key, value)) = next {
-            let (class, _) = key.value();
-            let accepted = value
-                .value()
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| corrupt("outbox", "record too short"))?;
-            oldest = Some(oldest.map_or(accepted, |o| o.min(accepted)));
-            let Some(up) = class.checked_add(1) else {
-                break;
-            };
-            next = match outbox.range((up, 0)..).map_err(dberr)?.next() {
-                Some(row) => Some(row.map_err(dberr)?),
-                None => None,
-            };
-        }
-        Ok(oldest)
-    }
-
-    /// The last downlink sequence applied on this edge (0: none).
-    pub(crate) fn down_applied(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let totals = txn.open_table(OUTBOX_TOTALS).map_err(dberr)?;
-        Ok(totals
-            .get("down_applied")
-            .map_err(dberr)?
-            .map_or(0, |v| v.value()))
-    }
-
-    /// Records of the highest priority class that has any after its cursor in `after`, in
-    /// sequence order, about `max_bytes` of them (at least one).
-    pub(crate) fn read(
-        &self,
-        after: &[u64; 256],
-        max_bytes: usize,
-    ) -> Result<Option<(u8, Vec<OutboxEntry>)>, StoreError> {
-        let clock = Clock::now();
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let outbox = txn.open_table(OUTBOX).map_err(dberr)?;
-        // Walk down the classes present, from the highest, to one with records to send.
-        let mut last = outbox.last().map_err(dberr)?.map(|(k, _)| k.value());
-        while let Some((class, seq)) = last {
-            let cursor = after[class as usize];
-            if seq > cursor {
-                let mut out = Vec::new();
-                let mut bytes = 0;
-                for row in outbox
-                    .range((class, cursor + 1)..=(class, u64::MAX))
-                    .map_err(dberr)?
-                {
-                    let (k, v) = row.map_err(dberr)?;
-                    let (accepted_unix_ms, msg) = read_outbox(v.value(), &clock)?;
-                    bytes += crate::outbox::outbox_cost(&msg) as usize;
-                    let expiry_secs = msg.expires_at.map(|at| {
-                        let ends = clock.unix_ms_of(at);
-                        ends.saturating_sub(accepted_unix_ms).div_ceil(1000) as u32
-                    });
-                    out.push(OutboxEntry {
-                        seq: k.value().1,
-                        accepted_unix_ms,
-                        msg,
-                        expiry_secs,
-                    });
-                    if bytes >= max_bytes {
-                        break;
-                    }
-                }
-                return Ok(Some((class, out)));
-            }
-            last = match outbox.range(..(class, 0)).map_err(dberr)?.next_back() {
-                Some(row) => Some(row.map_err(dberr)?.0.value()),
-                None => None,
-            };
-        }
-        Ok(None)
-    }
-}
-
-fn read_outbox(value: &[u8], clock: &Clock) -> Result<(u64, Message), StoreError> {
-    let mut r = Bytes::copy_from_slice(value);
-    need(&r, 8, "outbox")?;
-    let accepted = r.get_u64();
-    Ok((accepted, read_message(&mut r, clock, "outbox")?))
+pub(crate) struct Committed {
+    /// What it deleted from the outbox (for the outbox's budget).
+    #[cfg(feature = "edge")]
+    pub(crate) outbox: outbox_tables::OutboxRemoved,
 }
 
 /// Instants do not survive a restart; expiry times are stored as Unix milliseconds.
@@ -866,45 +662,5 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         dir
-    }
-
-    #[test]
-    fn the_outbox_is_counted_again_at_start_up() {
-        let dir = std::env::temp_dir().join(format!("ferry-store-outbox-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let msg = |payload: &'static [u8]| {
-            Arc::new(Message {
-                topic: TopicName::new("up/t").expect("topic"),
-                payload: Bytes::from_static(payload),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: ferry_protocol::mqtt::Properties::default(),
-                expires_at: None,
-                publisher: None,
-            })
-        };
-        {
-            let store = Store::open(&dir, &StorageConfig::default()).expect("open");
-            store
-                .apply(&[
-                    StoreOp::OutboxPut {
-                        priority: 0,
-                        seq: 1,
-                        msg: msg(b"a"),
-                    },
-                    StoreOp::OutboxPut {
-                        priority: 5,
-                        seq: 2,
-                        msg: msg(b"bb"),
-                    },
-                ])
-                .expect("apply");
-        }
-        let store = Store::open(&dir, &StorageConfig::default()).expect("reopen");
-        let totals = store.load().expect("load").outbox;
-        assert_eq!(
-            (totals.records, totals.bytes, totals.last_seq),
-            (2, (4 + 1 + 40) + (4 + 2 + 40), 2)
-        );
     }
 }

@@ -1,38 +1,89 @@
-//! What becomes of a message a client published once the MQTT rules let it in: on the
-//! edge it is routed to local subscribers and, where an uplink route matches, kept in the
-//! outbox ([`OutboxBudget`]); on the cloud (log mode) it is appended to the log first and
-//! routed when it comes back.
+//! What becomes of a message a client published once the MQTT rules let it in: it is
+//! routed to local subscribers, and on the edge (feature `edge`), where an uplink route
+//! matches, kept in the outbox ([`crate::outbox::OutboxBudget`]); on the cloud (log mode)
+//! it is appended to the log first and routed when it comes back.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Action, Broker, ConnId, Message, OutboxTotals};
-use crate::outbox::OutboxBudget;
+use super::{Action, Broker, ConnId, Message};
 
 /// Where accepted messages go; chosen at start-up.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) enum Downstream {
+    /// Local subscribers only (until [`Broker::set_outbox`] or [`Broker::use_log`]).
+    #[default]
+    Local,
     /// The edge: local subscribers, and the outbox for what goes up.
-    Edge(OutboxBudget),
+    #[cfg(feature = "edge")]
+    Edge(crate::outbox::OutboxBudget),
     /// The cloud's log mode: the messages accepted and not yet taken for appending.
     Log(Vec<Arc<Message>>),
 }
 
-impl Default for Downstream {
-    fn default() -> Self {
-        Self::Edge(OutboxBudget::default())
+impl Downstream {
+    /// Records and bytes in the edge's outbox (none elsewhere).
+    pub(super) fn outbox_held(&self) -> (u64, u64) {
+        match self {
+            #[cfg(feature = "edge")]
+            Downstream::Edge(outbox) => outbox.held(),
+            _ => (0, 0),
+        }
     }
 }
 
+/// The edge's outbox as the broker's downstream.
+#[cfg(feature = "edge")]
 impl Broker {
-    /// Sets the outbox, and with it what goes up to the cloud (at start-up, before
-    /// [`Broker::restore`]). In log mode nothing goes further up, and this does nothing.
-    pub fn set_outbox(&mut self, outbox: OutboxBudget) {
-        if let Downstream::Edge(_) = self.downstream {
+    /// Sets the outbox, and with it what goes up to the cloud (at start-up, with what it
+    /// held restored: [`crate::outbox::OutboxBudget::restore`]). In log mode nothing goes
+    /// further up, and this does nothing.
+    pub fn set_outbox(&mut self, outbox: crate::outbox::OutboxBudget) {
+        if !self.log_mode() {
             self.downstream = Downstream::Edge(outbox);
         }
     }
 
+    /// Whether `msg` goes up to the cloud, and if it does whether the outbox has room.
+    pub(super) fn outbox_admit(&self, msg: &Message) -> crate::outbox::Admission {
+        match &self.downstream {
+            Downstream::Edge(outbox) => outbox.admit(msg),
+            _ => crate::outbox::Admission::Local,
+        }
+    }
+
+    /// Puts `msg`, which [`Broker::outbox_admit`] sent up and routing took, in the outbox
+    /// (in this batch's commit, before its PUBACK). Whether it goes up.
+    pub(super) fn outbox_put(&mut self, up: crate::outbox::Admission, msg: &Arc<Message>) -> bool {
+        let (
+            crate::outbox::Admission::Up {
+                priority,
+                cloud_topic,
+            },
+            Downstream::Edge(outbox),
+        ) = (up, &mut self.downstream)
+        else {
+            return false;
+        };
+        outbox.put(priority, cloud_topic, msg, &mut self.store_ops);
+        true
+    }
+
+    /// What a commit deleted from the outbox: `acked` (the cloud has it) and `dropped`
+    /// (`drop_oldest`).
+    pub(crate) fn outbox_applied(
+        &mut self,
+        acked: crate::outbox::OutboxTotals,
+        dropped: crate::outbox::OutboxTotals,
+    ) {
+        if let Downstream::Edge(outbox) = &mut self.downstream {
+            outbox.applied(acked, dropped);
+        }
+        self.stats.outbox_dropped += dropped.records;
+    }
+}
+
+impl Broker {
     /// Log mode (the cloud node): a message a client publishes (or a will) is not routed but
     /// kept for [`Broker::take_appends`]; the driver appends it to the log before it sends its
     /// acknowledgement ([`super::Action::SendWhenAppended`]), and feeds what the log holds back
@@ -50,7 +101,7 @@ impl Broker {
     pub fn take_appends(&mut self) -> Vec<Arc<Message>> {
         match &mut self.downstream {
             Downstream::Log(appends) => std::mem::take(appends),
-            Downstream::Edge(_) => Vec::new(),
+            _ => Vec::new(),
         }
     }
 
@@ -58,15 +109,6 @@ impl Broker {
     /// should stop reading the log.
     pub fn deliveries_held(&self) -> usize {
         self.held_deliveries.len()
-    }
-
-    /// What a commit deleted from the outbox: `acked` (the cloud has it) and `dropped`
-    /// (`drop_oldest`).
-    pub(crate) fn outbox_applied(&mut self, acked: OutboxTotals, dropped: OutboxTotals) {
-        if let Downstream::Edge(outbox) = &mut self.downstream {
-            outbox.applied(acked, dropped);
-        }
-        self.stats.outbox_dropped += dropped.records;
     }
 
     /// [`Input::Pace`](super::Input::Pace): starts or ends pacing; ending it resumes the

@@ -19,7 +19,7 @@ use super::{Broker, Delivery, Message};
 ///
 /// Persisted: sessions that outlive their connection (expiry > 0) with their subscriptions,
 /// their queued and in-flight QoS 1/2 messages and their unreleased incoming QoS 2 ids; and
-/// retained messages.
+/// retained messages; on the edge, the outbox and where the downlink stands.
 #[derive(Debug, Clone)]
 pub(crate) enum StoreOp {
     SessionPut {
@@ -57,27 +57,9 @@ pub(crate) enum StoreOp {
         client_id: Arc<str>,
         packet_id: PacketId,
     },
-    /// A message for the cloud, durable before its PUBACK (see [`crate::uplink`]).
-    OutboxPut {
-        priority: u8,
-        seq: u64,
-        msg: Arc<Message>,
-    },
-    /// The cloud has every record of class `priority` up to `seq`: delete them (the store
-    /// reports what it removed, for [`Broker::outbox_applied`]).
-    OutboxDelete {
-        priority: u8,
-        seq: u64,
-    },
-    /// The outbox is full under `drop_oldest`: delete records, lowest class first and oldest
-    /// first within it, until at least `bytes` are freed.
-    OutboxDropOldest {
-        bytes: u64,
-    },
-    /// Downlink messages up to `seq` were published on the edge (in this commit).
-    DownlinkApplied {
-        seq: u64,
-    },
+    /// The edge's outbox and downlink (feature `edge`): see [`crate::outbox::OutboxOp`].
+    #[cfg(feature = "edge")]
+    Outbox(crate::outbox::OutboxOp),
 }
 
 /// Where a stored delivery stands.
@@ -90,21 +72,12 @@ pub(crate) enum QueueState {
     Released(PacketId),
 }
 
-/// Durable state read back at start-up.
+/// Durable state the broker reads back at start-up (the outbox is not the broker's: its
+/// budget is restored with it, before `Broker::set_outbox`).
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     pub(crate) sessions: Vec<StoredSession>,
     pub(crate) retained: Vec<Message>,
-    pub(crate) outbox: OutboxTotals,
-}
-
-/// What the outbox holds, counted at start-up.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct OutboxTotals {
-    pub(crate) records: u64,
-    pub(crate) bytes: u64,
-    /// The highest sequence number ever given (0: none).
-    pub(crate) last_seq: u64,
 }
 
 #[derive(Debug)]
@@ -130,9 +103,6 @@ impl Broker {
     /// they reconnect.
     pub(crate) fn restore(&mut self, snapshot: Snapshot, now: Instant) {
         self.start_clock(now);
-        if let super::Downstream::Edge(outbox) = &mut self.downstream {
-            outbox.restore(snapshot.outbox);
-        }
         for msg in snapshot.retained {
             self.retained.insert(msg.topic.clone(), Arc::new(msg));
         }

@@ -35,8 +35,8 @@
 //! - `route`: matching sessions, the queue caps, retained messages.
 //! - `subscribe`: SUBSCRIBE and UNSUBSCRIBE.
 //! - `flow`: sending within the credit, acknowledgements of what we sent, held publishers.
-//! - `downstream`: what becomes of an accepted message: the edge's outbox
-//!   ([`crate::outbox`]) or the cloud's log (log mode).
+//! - `downstream`: what becomes of an accepted message: local subscribers only, the edge's
+//!   outbox (`crate::outbox`, feature `edge`) or the cloud's log (log mode).
 //! - `durable`: what goes to storage and what comes back at start-up.
 //! - `stats`: counters, connected clients, `$SYS`.
 
@@ -52,7 +52,7 @@ mod subscribe;
 mod subscriptions;
 mod timers;
 
-pub(crate) use durable::{OutboxTotals, QueueState, Snapshot, StoreOp, StoredSession};
+pub(crate) use durable::{QueueState, Snapshot, StoreOp, StoredSession};
 pub(crate) use session::Delivery;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -252,7 +252,8 @@ pub struct Stats {
     pub dropped_not_authorized: u64,
     /// Times a publisher was paused because a subscriber's queue was full.
     pub publishers_paused: u64,
-    /// Messages and bytes waiting in the outbox for the cloud.
+    /// Messages and bytes waiting in the outbox for the cloud (always 0 without an outbox:
+    /// in log mode, or without the `edge` feature; so are the two below).
     pub outbox_records: u64,
     pub outbox_bytes: u64,
     /// Messages for the cloud refused because the outbox was full (`reject_new`).
@@ -312,7 +313,8 @@ pub struct Broker {
     /// Keep alive, offline sessions and `$SYS`: see [`Broker::poll_timeout`].
     timers: Timers,
     auth: Arc<Auth>,
-    /// Where accepted messages go: the edge's outbox, or the cloud's log.
+    /// Where accepted messages go: local subscribers only, the edge's outbox, or the cloud's
+    /// log.
     downstream: Downstream,
     /// Deliveries (from the log, or the downlink) waiting for a full subscriber, in order.
     held_deliveries: VecDeque<Arc<Message>>,

@@ -12,12 +12,11 @@ use ferry_protocol::mqtt::{
 use super::route::Blocked;
 use super::{Broker, Conn, ConnId, Downstream, Message, StoreOp};
 use crate::auth;
-use crate::outbox::Admission;
 
 impl Broker {
     /// A PUBLISH from a client: checked, routed (in log mode, kept for the log instead), put
-    /// in the outbox if it goes up to the cloud, and acknowledged. If a connected subscriber
-    /// has no room, it is held and its publisher paused instead.
+    /// in the outbox if it goes up to the cloud (feature `edge`), and acknowledged. If a
+    /// connected subscriber has no room, it is held and its publisher paused instead.
     pub(super) fn publish(
         &mut self,
         conn: ConnId,
@@ -48,47 +47,39 @@ impl Broker {
             retain: p.retain,
             publisher: Some(client_id.clone()),
         });
-        // Where it goes. For the cloud: refused now if the outbox is full; put in it (in this
-        // batch's commit, before the PUBACK) once routing took it.
-        let up = match &mut self.downstream {
-            Downstream::Log(appends) => {
-                // Routed when it comes back from the log; acknowledged once it is appended.
-                appends.push(msg);
-                self.stats.received_by_qos[p.qos as usize] += 1;
-                self.await_pubrel(client_id, &p);
-                self.acknowledge(conn, &p, ReasonCode::Success);
-                return self.pace_publisher(conn);
-            }
-            Downstream::Edge(outbox) => outbox.admit(&msg),
-        };
-        if up == Admission::Full {
-            self.stats.outbox_rejected += 1;
-            if v5 {
-                return self.acknowledge(conn, &p, ReasonCode::QuotaExceeded);
-            }
-            return self.protocol_error(conn, ReasonCode::QuotaExceeded, now);
+        if let Downstream::Log(appends) = &mut self.downstream {
+            // Routed when it comes back from the log; acknowledged once it is appended.
+            appends.push(msg);
+            self.stats.received_by_qos[p.qos as usize] += 1;
+            self.await_pubrel(client_id, &p);
+            self.acknowledge(conn, &p, ReasonCode::Success);
+            return self.pace_publisher(conn);
         }
-        let matched = match self.route(msg.clone(), now, p.qos == QoS::AtMostOnce) {
+        // For the cloud: refused now if the outbox is full; put in it (in this batch's
+        // commit, before the PUBACK) once routing took it.
+        #[cfg(feature = "edge")]
+        let up = match self.outbox_admit(&msg) {
+            crate::outbox::Admission::Full => {
+                self.stats.outbox_rejected += 1;
+                if v5 {
+                    return self.acknowledge(conn, &p, ReasonCode::QuotaExceeded);
+                }
+                return self.protocol_error(conn, ReasonCode::QuotaExceeded, now);
+            }
+            up => up,
+        };
+        let destinations = match self.route(msg.clone(), now, p.qos == QoS::AtMostOnce) {
             Ok(matched) => matched,
             Err(Blocked) => return self.hold_publish(conn, p),
         };
         self.stats.received_by_qos[p.qos as usize] += 1;
-        let goes_up = matches!(up, Admission::Up { .. });
-        if let (
-            Admission::Up {
-                priority,
-                cloud_topic,
-            },
-            Downstream::Edge(outbox),
-        ) = (up, &mut self.downstream)
-        {
-            outbox.put(priority, cloud_topic, &msg, &mut self.store_ops);
-        }
+        // A message that goes up to the cloud has a destination even with no local subscriber.
+        #[cfg(feature = "edge")]
+        let destinations = destinations + usize::from(self.outbox_put(up, &msg));
         if p.retain {
             self.retain(&msg);
         }
-        // A message that goes up to the cloud has a destination even with no local subscriber.
-        let reason = if matched == 0 && !goes_up && v5_reason_ok(self.conns.get(&conn)) {
+        let reason = if destinations == 0 && v5_reason_ok(self.conns.get(&conn)) {
             ReasonCode::NoMatchingSubscribers
         } else {
             ReasonCode::Success

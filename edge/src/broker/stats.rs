@@ -11,14 +11,6 @@ use ferry_protocol::topic::TopicName;
 use super::{Broker, ClientInfo, Message, Stats};
 
 impl Broker {
-    /// Records and bytes in the edge's outbox (none in log mode).
-    fn outbox_held(&self) -> (u64, u64) {
-        match &self.downstream {
-            super::Downstream::Edge(outbox) => outbox.held(),
-            super::Downstream::Log(_) => (0, 0),
-        }
-    }
-
     pub fn stats(&self) -> Stats {
         Stats {
             connections: self.conns.len(),
@@ -26,8 +18,8 @@ impl Broker {
             subscriptions: self.subscriptions.len(),
             retained: self.retained.len(),
             queued_bytes: self.queued_bytes,
-            outbox_records: self.outbox_held().0,
-            outbox_bytes: self.outbox_held().1,
+            outbox_records: self.downstream.outbox_held().0,
+            outbox_bytes: self.downstream.outbox_held().1,
             ..self.stats.clone()
         }
     }

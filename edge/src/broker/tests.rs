@@ -657,6 +657,7 @@ fn pacing_pauses_pure_publishers_as_they_publish_and_resumes_them_after() {
 }
 
 #[test]
+#[cfg(feature = "edge")]
 fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_outbox_refuses() {
     let mut h = Harness::new(BrokerConfig::default());
     let config: crate::uplink::UplinkConfig =
@@ -671,7 +672,11 @@ fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_
     assert!(a.contains(&Action::Send(1, Packet::PubAck(PubResponse::new(id(1))))));
     let ops = h.broker.take_store_ops();
     assert!(
-        matches!(&ops[..], [StoreOp::OutboxPut { priority: 3, seq: 1, msg }] if &msg.payload[..] == b"21.5"),
+        matches!(
+            &ops[..],
+            [StoreOp::Outbox(crate::outbox::OutboxOp::Put { priority: 3, seq: 1, msg })]
+                if &msg.payload[..] == b"21.5"
+        ),
         "{ops:?}"
     );
     // QoS 0 and other topics stay on the edge.

@@ -388,8 +388,8 @@ impl Wire {
     }
 }
 
-/// What the router's tests read of a wire that has no writer behind it.
-#[cfg(test)]
+/// What the router's tests (feature `edge`) read of a wire that has no writer behind it.
+#[cfg(all(test, feature = "edge"))]
 impl Wire {
     /// The packets the router queued, in order, and whether it asked to close.
     pub(super) fn queued(&self) -> (Vec<Packet>, bool) {

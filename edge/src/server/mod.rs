@@ -16,9 +16,13 @@
 //!
 //! This file holds [`Server`], which starts everything; `listeners` has the accept loops,
 //! `tls` and `websocket` the handshakes, `connection` one connection's reader and writer,
-//! and `router` the router thread with its group commit and the [`LogHooks`] of log mode.
+//! `router` the router thread with its group commit and the [`LogHooks`] of log mode, and
+//! `edge_side` (feature `edge`) what only the edge runs: the outbox, the link's lanes into
+//! the router, the link.
 
 mod connection;
+#[cfg(feature = "edge")]
+mod edge_side;
 mod listeners;
 mod router;
 pub mod tls;
@@ -52,16 +56,6 @@ const ACK_LANE: usize = 4096;
 /// the router, which serves this lane first.
 const CREDIT_LANE: usize = 4096;
 
-/// The cloud's acknowledgements of the outbox waiting for the router: the link sends at
-/// most one per priority class per acknowledgement round (every 10 ms). They are
-/// cumulative, so one that finds the lane full is not needed: a later one covers it, and
-/// the next link's WELCOME says what the cloud has at the latest.
-const OUTBOX_ACK_LANE: usize = 1024;
-
-/// Downlink batches waiting for the router: the link applies one at a time and waits for
-/// its commit, so a few are enough.
-const DOWNLINK_LANE: usize = 16;
-
 /// A running broker: its local addresses and a way to ask for statistics.
 #[derive(Clone)]
 pub struct Server {
@@ -76,8 +70,9 @@ pub struct Server {
     /// One permit per open connection, `max_connections` in all.
     connections: Arc<Semaphore>,
     max_connections: u32,
-    link: Option<Arc<ferry_bridge::edge_dialer::LinkStatus>>,
-    outbox: Arc<crate::outbox_source::EdgeOutbox>,
+    /// The outbox and the link.
+    #[cfg(feature = "edge")]
+    edge: edge_side::EdgeSide,
 }
 
 impl std::fmt::Debug for Server {
@@ -113,18 +108,12 @@ impl Server {
             broker.use_log();
         }
         broker.set_auth(Arc::new(config.load_auth()?));
-        broker.set_outbox(crate::outbox::OutboxBudget::new(
-            crate::uplink::UplinkRules::new(&config.uplink)?,
-        ));
+        #[cfg(feature = "edge")]
+        let (mut edge, cloud_lanes) =
+            edge_side::EdgeSide::open(&config.uplink, &store, &mut broker)?;
+        #[cfg(not(feature = "edge"))]
+        let cloud_lanes = router::cloud_lanes::CloudLanes;
         broker.restore(store.load()?, Instant::now());
-        let (outbox_acks_tx, outbox_acks) = mpsc::channel(OUTBOX_ACK_LANE);
-        let (downlink_tx, downlink) = mpsc::channel(DOWNLINK_LANE);
-        let outbox = Arc::new(crate::outbox_source::EdgeOutbox {
-            reader: store.outbox_reader(),
-            acks: outbox_acks_tx,
-            added: Arc::new(tokio::sync::Notify::new()),
-            downlink: downlink_tx,
-        });
         let mut listeners = Vec::new();
         for addr in &config.server.listen {
             listeners.push((TcpListener::bind(addr).await?, Transport::Tcp));
@@ -153,9 +142,7 @@ impl Server {
         let lanes = Lanes {
             credit: credit_rx,
             acks: acks_rx,
-            outbox_acks,
-            outbox_added: outbox.added.clone(),
-            downlink,
+            cloud: cloud_lanes,
         };
         std::thread::Builder::new()
             .name("ferry-router".into())
@@ -215,8 +202,8 @@ impl Server {
                 stop_rx.clone(),
             ));
         }
-        let link = crate::outbox_source::client_config(&config.uplink)
-            .map(|c| crate::outbox_source::start(c, outbox.clone(), stop_rx.clone()));
+        #[cfg(feature = "edge")]
+        edge.start_link(&config.uplink, stop_rx.clone());
         Ok(Self {
             to_router,
             local_addrs,
@@ -227,8 +214,8 @@ impl Server {
             router_done,
             connections: limit,
             max_connections,
-            link,
-            outbox,
+            #[cfg(feature = "edge")]
+            edge,
         })
     }
 
@@ -247,27 +234,6 @@ impl Server {
         })
         .await
         .is_ok()
-    }
-
-    /// How long ago the oldest record still in the outbox was accepted; zero if it is
-    /// empty, None if the store cannot be read.
-    pub async fn outbox_oldest_age(&self) -> Option<Duration> {
-        let reader = self.outbox.reader.clone();
-        let oldest = tokio::task::spawn_blocking(move || reader.oldest_accepted_unix_ms())
-            .await
-            .ok()?
-            .ok()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Some(Duration::from_millis(
-            oldest.map_or(0, |t| now.saturating_sub(t)),
-        ))
-    }
-
-    /// The link to the cloud, if `[uplink] cloud` is set.
-    pub fn link_status(&self) -> Option<ferry_bridge::edge_dialer::LinkStats> {
-        self.link.as_ref().map(|l| l.get())
     }
 
     /// Completes if the broker stopped because storage failed; the error says why.
@@ -339,6 +305,7 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[cfg(feature = "edge")]
     #[error(transparent)]
     Uplink(#[from] crate::uplink::UplinkError),
 }

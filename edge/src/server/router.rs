@@ -6,6 +6,10 @@
 //! ([`Broker::poll_timeout`]: keep alive, wills, session expiry, `$SYS`), whichever comes
 //! first, and after each batch hands the broker [`Input::Timeout`] if that deadline has
 //! passed, so that a busy router still acts on time and an idle one sleeps.
+//!
+//! On the edge (feature `edge`) the link has lanes of its own into the router
+//! (`cloud_lanes`: the cloud's acknowledgements of the outbox, the downlink) and a part in
+//! each commit; without the feature they are a stub that never yields.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -20,8 +24,12 @@ use tracing::warn;
 
 use super::connection::Wire;
 use crate::auth::Auth;
-use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats, StoreOp};
+use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats};
 use crate::store::{CommitStore, StoreError};
+use cloud_lanes::{CloudLanes, FromCloud};
+
+#[cfg(feature = "edge")]
+pub(super) mod cloud_lanes;
 
 /// Inputs the router applies before it dispatches what they caused: a batch, so that one
 /// storage commit can later cover many messages (group commit).
@@ -89,13 +97,9 @@ pub(super) enum ToRouter {
     Input(Input),
     Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
     Clients(tokio::sync::oneshot::Sender<Vec<ClientInfo>>),
-    /// The cloud has the outbox's class `priority` up to `seq`: delete it.
-    OutboxAck {
-        priority: u8,
-        seq: u64,
-    },
-    /// Downlink messages to publish (see [`crate::outbox_source`]).
-    Downlink(crate::outbox_source::Downlink),
+    /// From the link's lanes ([`CloudLanes`]): the cloud's acknowledgements of the outbox,
+    /// downlink messages.
+    Cloud(FromCloud),
     /// Shutdown: finish this batch and the appends in flight, send what they acknowledge,
     /// close every connection's writer, and end the router (the store closes with it).
     Stop,
@@ -138,12 +142,8 @@ pub(super) struct Lanes {
     pub(super) credit: mpsc::Receiver<(ConnId, usize)>,
     /// Subscribers' PUBACK/PUBREC/PUBCOMP.
     pub(super) acks: mpsc::Receiver<(ConnId, Packet)>,
-    /// The cloud's acknowledgements of the outbox: (class, seq).
-    pub(super) outbox_acks: mpsc::Receiver<(u8, u64)>,
-    /// Woken after a commit that added records to the outbox.
-    pub(super) outbox_added: Arc<tokio::sync::Notify>,
-    /// Messages from the cloud to publish here.
-    pub(super) downlink: mpsc::Receiver<crate::outbox_source::Downlink>,
+    /// The link's (on the edge): the cloud's acknowledgements of the outbox, the downlink.
+    pub(super) cloud: CloudLanes,
 }
 
 async fn route_loop(
@@ -156,14 +156,8 @@ async fn route_loop(
     let Lanes {
         mut credit,
         mut acks,
-        mut outbox_acks,
-        outbox_added,
-        mut downlink,
+        mut cloud,
     } = lanes;
-    // Who waits for this batch's commit to have applied downlink messages.
-    let mut downlink_done = Vec::new();
-    // Outbox deletes waiting for the next commit.
-    let mut deletes: Vec<StoreOp> = Vec::new();
     let mut conns: HashMap<ConnId, Arc<Wire>> = HashMap::new();
     let mut actions = Vec::new();
     // Connections whose reader ended; their handles go after this batch's actions went out,
@@ -201,8 +195,7 @@ async fn route_loop(
                 Some(ToRouter::Input(Input::Written { conn, packets }))
             }
             Some((conn, packet)) = acks.recv() => Some(ToRouter::Input(Input::Packet { conn, packet })),
-            Some((priority, seq)) = outbox_acks.recv() => Some(ToRouter::OutboxAck { priority, seq }),
-            Some(down) = downlink.recv() => Some(ToRouter::Downlink(down)),
+            Some(input) = cloud.next() => Some(ToRouter::Cloud(input)),
             Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
                 Some(ToRouter::Input(Input::Deliver(msg)))
             }
@@ -253,20 +246,8 @@ async fn route_loop(
                 ToRouter::Clients(reply) => {
                     let _ = reply.send(broker.clients());
                 }
-                ToRouter::OutboxAck { priority, seq } => {
-                    deletes.push(StoreOp::OutboxDelete { priority, seq });
-                }
+                ToRouter::Cloud(input) => cloud.take(input, &mut broker, now, &mut actions),
                 ToRouter::Stop => stopping = true,
-                ToRouter::Downlink((msgs, seq, done)) => {
-                    for msg in msgs {
-                        broker.handle(Input::Deliver(msg), now, &mut actions);
-                    }
-                    deletes.push(StoreOp::DownlinkApplied { seq });
-                    downlink_done.push(done);
-                }
-            }
-            while let Ok((priority, seq)) = outbox_acks.try_recv() {
-                deletes.push(StoreOp::OutboxDelete { priority, seq });
             }
             while let Ok((conn, packets)) = credit.try_recv() {
                 broker.handle(Input::Written { conn, packets }, now, &mut actions);
@@ -301,18 +282,12 @@ async fn route_loop(
             }
         }
         let mut ops = broker.take_store_ops();
-        ops.append(&mut deletes);
+        cloud.before_commit(&mut ops);
         if !ops.is_empty() {
             let started = Instant::now();
-            let removed = store.apply(&ops)?;
-            broker.outbox_applied(removed.acked, removed.dropped);
-            if ops.iter().any(|op| matches!(op, StoreOp::OutboxPut { .. })) {
-                outbox_added.notify_one();
-            }
+            let committed = store.apply(&ops)?;
             let took = started.elapsed();
-            for done in downlink_done.drain(..) {
-                let _ = done.send(());
-            }
+            cloud.committed(&mut broker, committed, &ops);
             commits.commits += 1;
             commits.total += took;
             commits.max = commits.max.max(took);
@@ -454,5 +429,44 @@ fn dispatch(conns: &mut HashMap<ConnId, Arc<Wire>>, actions: &mut Vec<Action>) {
     }
 }
 
-#[cfg(test)]
+/// Without the `edge` feature no link feeds the router: its lane never yields, and it has
+/// no part in a commit.
+#[cfg(not(feature = "edge"))]
+pub(super) mod cloud_lanes {
+    use std::time::Instant;
+
+    use crate::broker::{Action, Broker, StoreOp};
+    use crate::store::Committed;
+
+    /// No lanes from a link.
+    #[derive(Debug, Default)]
+    pub(in crate::server) struct CloudLanes;
+
+    /// Nothing comes from a link.
+    #[derive(Debug)]
+    pub(in crate::server) enum FromCloud {}
+
+    impl CloudLanes {
+        pub(super) async fn next(&mut self) -> Option<FromCloud> {
+            std::future::pending().await
+        }
+
+        pub(super) fn take(
+            &mut self,
+            input: FromCloud,
+            _: &mut Broker,
+            _: Instant,
+            _: &mut Vec<Action>,
+        ) {
+            match input {}
+        }
+
+        pub(super) fn before_commit(&mut self, _: &mut Vec<StoreOp>) {}
+
+        pub(super) fn committed(&mut self, _: &mut Broker, _: Committed, _: &[StoreOp]) {}
+    }
+}
+
+// The tests drive an edge broker (its outbox makes every publish on `up/#` a commit).
+#[cfg(all(test, feature = "edge"))]
 mod tests;

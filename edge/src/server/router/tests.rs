@@ -17,8 +17,9 @@ use ferry_protocol::topic::{TopicFilter, TopicName};
 use tokio::sync::{oneshot, Notify};
 
 use super::*;
-use crate::broker::BrokerConfig;
-use crate::store::OutboxRemoved;
+use crate::broker::{BrokerConfig, StoreOp};
+use crate::outbox::OutboxOp;
+use crate::store::Committed;
 
 /// How long a test waits for something the router must do before it fails. Never reached
 /// when the router works; it only turns a hang into a failure.
@@ -33,7 +34,7 @@ struct TestStore {
 }
 
 impl CommitStore for TestStore {
-    fn apply(&self, ops: &[StoreOp]) -> Result<OutboxRemoved, StoreError> {
+    fn apply(&self, ops: &[StoreOp]) -> Result<Committed, StoreError> {
         let _ = self.commits.send(ops.to_vec());
         if self.gated.load(Ordering::SeqCst) {
             match self.verdicts.recv() {
@@ -41,7 +42,7 @@ impl CommitStore for TestStore {
                 Err(_) => return Err(StoreError::Log("the test has gone".into())),
             }
         }
-        Ok(OutboxRemoved::default())
+        Ok(Committed::default())
     }
 }
 
@@ -91,9 +92,7 @@ impl Rig {
         let lanes = Lanes {
             credit,
             acks,
-            outbox_acks,
-            outbox_added: Arc::new(Notify::new()),
-            downlink,
+            cloud: CloudLanes::new(outbox_acks, Arc::new(Notify::new()), downlink),
         };
         let router = std::thread::spawn(move || router(broker, store, None, rx, lanes));
         Self {
@@ -251,7 +250,7 @@ fn publishes(sent: &[Packet]) -> usize {
 fn outbox_puts(ops: &[StoreOp]) -> Vec<u64> {
     ops.iter()
         .filter_map(|op| match op {
-            StoreOp::OutboxPut { seq, .. } => Some(*seq),
+            StoreOp::Outbox(OutboxOp::Put { seq, .. }) => Some(*seq),
             _ => None,
         })
         .collect()
@@ -389,7 +388,7 @@ fn a_downlink_batch_is_reported_applied_only_after_its_commit() {
     let ops = rig.next_commit();
     assert!(
         ops.iter()
-            .any(|op| matches!(op, StoreOp::DownlinkApplied { seq: 42 })),
+            .any(|op| matches!(op, StoreOp::Outbox(OutboxOp::DownlinkApplied { seq: 42 }))),
         "the applied sequence is in the commit: {ops:?}"
     );
     // Inside the commit: the link is not told yet (it would let the cloud forget the
