@@ -234,8 +234,9 @@ pub(crate) struct Broker {
     vhosts: BTreeMap<String, VHost>,
     appends: HashMap<u64, Pending>,
     next_token: u64,
-    /// The last batch read for delivery, per partition: (first offset, last offset, bytes).
-    cache: HashMap<SourceKey, (i64, i64, Bytes)>,
+    /// Per partition, the messages of the last read for delivery not delivered yet (None:
+    /// a record that is no message), so that a backlog is read and decoded once.
+    cache: HashMap<SourceKey, BTreeMap<i64, Option<Message>>>,
     out: Vec<Action>,
     next_queue_name: u64,
     /// The node cannot take more now (see [`Input::Pressure`]).
@@ -2263,19 +2264,15 @@ impl Broker {
         ts: i64,
     ) {
         let mut dead = Vec::new();
+        let headers = msg.map(Message::headers).unwrap_or_default();
         for (vname, vh) in self.vhosts.iter_mut() {
-            let names: Vec<String> = vh
-                .queues
-                .iter()
-                .filter(|(_, q)| q.read_to(source) <= offset)
-                .map(|(n, _)| n.clone())
-                .collect();
-            for name in names {
-                let reached = msg.is_some_and(|m| {
-                    vh.topology
-                        .reaches(&m.exchange, &m.routing_key, &m.headers(), &name)
-                });
-                let q = vh.queues.get_mut(&name).expect("listed");
+            let VHost { topology, queues } = vh;
+            for (name, q) in queues.iter_mut() {
+                if q.read_to(source) > offset {
+                    continue;
+                }
+                let reached = msg
+                    .is_some_and(|m| topology.reaches(&m.exchange, &m.routing_key, &headers, name));
                 let dropped = q.matched(source, offset, reached.then_some((size, ts)));
                 if q.def.args.dead_letter_exchange.is_some() {
                     dead.extend(
@@ -2343,44 +2340,35 @@ impl Broker {
     /// The message at `offset` of `source`, from the log (the last batch read per
     /// partition is kept, so a backlog is read once).
     fn fetch(&mut self, source: &SourceKey, offset: i64, now: i64) -> Option<Message> {
-        let hit = self
-            .cache
-            .get(source)
-            .is_some_and(|(first, last, _)| (*first..=*last).contains(&offset));
-        if !hit {
-            let read = self
-                .log
-                .read(&source.0, source.1, offset, READ_BUDGET_BYTES)
-                .ok()?;
-            let mut first = None;
-            let mut last = None;
-            for b in read.iter() {
-                let (h, _) = b.ok()?;
-                first.get_or_insert(h.base_offset);
-                last = Some(h.last_offset());
-            }
-            self.cache
-                .insert(source.clone(), (first?, last?, read.batches.clone()));
+        if let Some(hit) = self.cache.get_mut(source).and_then(|c| c.remove(&offset)) {
+            return hit;
         }
-        let (_, _, bytes) = self.cache.get(source)?;
-        let read = crate::log::ReadResult {
-            batches: bytes.clone(),
-            high_watermark: 0,
-        };
+        // One read from `offset` on, decoded once: the deliveries that follow take their
+        // messages from it in turn.
+        let read = self
+            .log
+            .read(&source.0, source.1, offset, READ_BUDGET_BYTES)
+            .ok()?;
+        let mut decoded = BTreeMap::new();
         for b in read.iter() {
-            let (h, whole) = b.ok()?;
-            if h.last_offset() < offset {
+            let Ok((_, whole)) = b else {
+                break;
+            };
+            let Ok(plain) = uncompressed(whole, 64 * 1024 * 1024) else {
                 continue;
-            }
-            let plain = uncompressed(whole, 64 * 1024 * 1024).ok()?;
-            for rec in records(&plain).ok()?.flatten() {
-                if rec.offset == offset {
-                    return from_log(&rec, now);
+            };
+            let Ok(recs) = records(&plain) else {
+                continue;
+            };
+            for rec in recs.flatten() {
+                if rec.offset >= offset {
+                    decoded.insert(rec.offset, from_log(&rec, now));
                 }
             }
-            return None;
         }
-        None
+        let found = decoded.remove(&offset).flatten();
+        self.cache.insert(source.clone(), decoded);
+        found
     }
 
     /// Delivers to every consumer with room.
