@@ -2197,7 +2197,7 @@ impl Broker {
                 continue;
             }
             for (p, info) in s.partitions.iter().enumerate() {
-                let source: SourceKey = (s.name.clone(), p as u32);
+                let source: Arc<SourceKey> = Arc::new((s.name.clone(), p as u32));
                 let end = info.offsets.high_watermark;
                 let start = info.offsets.log_start;
                 let from = self
@@ -2257,7 +2257,7 @@ impl Broker {
     /// One record of `source` to every queue that has not seen it.
     fn offer(
         &mut self,
-        source: &SourceKey,
+        source: &Arc<SourceKey>,
         offset: i64,
         msg: Option<&Message>,
         size: u64,
@@ -2293,8 +2293,7 @@ impl Broker {
         for vh in self.vhosts.values_mut() {
             for q in vh.queues.values_mut() {
                 if q.read_to(source) < to {
-                    let s = q.sources.entry(source.clone()).or_default();
-                    s.read_to = to;
+                    q.source_mut(source).read_to = to;
                 }
             }
         }

@@ -10,6 +10,7 @@
 //! what is in `acked`, and marks what lies below `delivered_to` as redelivered.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use serde::{Deserialize, Serialize};
@@ -141,10 +142,10 @@ impl Source {
     }
 }
 
-/// A message waiting for a consumer.
+/// A message waiting for a consumer (the partition is shared by all of its messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ready {
-    pub(crate) source: SourceKey,
+    pub(crate) source: Arc<SourceKey>,
     pub(crate) offset: i64,
     pub(crate) bytes: u64,
     pub(crate) timestamp_ms: i64,
@@ -226,6 +227,14 @@ impl Queue {
         }
     }
 
+    /// Its position in `source`, made on first use (without cloning the key each time).
+    pub(crate) fn source_mut(&mut self, source: &SourceKey) -> &mut Source {
+        if !self.sources.contains_key(source) {
+            self.sources.insert(source.clone(), Source::default());
+        }
+        self.sources.get_mut(source).expect("inserted above")
+    }
+
     /// Where the queue reads `source` next: a partition it has not seen from its start.
     pub(crate) fn read_to(&self, source: &SourceKey) -> i64 {
         self.sources.get(source).map_or(0, |s| s.read_to)
@@ -235,11 +244,11 @@ impl Queue {
     /// not. Returns the messages that overflow pushed out (to dead-letter), if any.
     pub(crate) fn matched(
         &mut self,
-        source: &SourceKey,
+        source: &Arc<SourceKey>,
         offset: i64,
         reached: Option<(u64, i64)>,
     ) -> Vec<Ready> {
-        let s = self.sources.entry(source.clone()).or_default();
+        let s = self.source_mut(source);
         s.read_to = offset + 1;
         let Some((bytes, timestamp_ms)) = reached else {
             return Vec::new();
@@ -253,8 +262,7 @@ impl Queue {
             self.dirty = true;
             return Vec::new();
         }
-        let s = self.sources.entry(source.clone()).or_default();
-        s.pending.insert(offset);
+        self.source_mut(source).pending.insert(offset);
         self.ready.push_back(Ready {
             source: source.clone(),
             offset,
@@ -390,7 +398,7 @@ mod tests {
     fn out_of_order_acks_keep_the_settled_point_at_the_lowest_unacked() {
         let mut q = Queue::new(def(QueueArgs::default()), None, [(src(), 10)].into(), 0);
         for o in 10..15 {
-            q.matched(&src(), o, Some((100, 0)));
+            q.matched(&Arc::new(src()), o, Some((100, 0)));
         }
         let mut taken = Vec::new();
         while let Some(r) = q.pop_ready() {
@@ -415,7 +423,7 @@ mod tests {
         let from = again.read_to(&src());
         assert_eq!(from, 12);
         for o in 12..16 {
-            again.matched(&src(), o, Some((100, 0)));
+            again.matched(&Arc::new(src()), o, Some((100, 0)));
         }
         let got: Vec<_> = again
             .ready
@@ -434,7 +442,7 @@ mod tests {
         let mut q = Queue::new(def(drop_head), None, [(src(), 0)].into(), 0);
         let mut dropped = Vec::new();
         for o in 0..4 {
-            dropped.extend(q.matched(&src(), o, Some((10, 0))));
+            dropped.extend(q.matched(&Arc::new(src()), o, Some((10, 0))));
         }
         assert_eq!(dropped.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1]);
         assert_eq!(q.ready.iter().map(|r| r.offset).collect::<Vec<_>>(), [2, 3]);
@@ -446,7 +454,7 @@ mod tests {
         };
         let mut q = Queue::new(def(reject), None, [(src(), 0)].into(), 0);
         for o in 0..4 {
-            assert!(q.matched(&src(), o, Some((10, 0))).is_empty());
+            assert!(q.matched(&Arc::new(src()), o, Some((10, 0))).is_empty());
         }
         assert_eq!(q.ready.iter().map(|r| r.offset).collect::<Vec<_>>(), [0, 1]);
         assert_eq!(q.read_to(&src()), 4);
