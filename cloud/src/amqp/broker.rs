@@ -188,6 +188,8 @@ struct Channel {
     tx: Option<Tx>,
     /// The tag of its consumer of `amq.rabbitmq.reply-to` (direct reply-to), if any.
     reply_consumer: Option<String>,
+    /// The queue it declared last: what an empty queue name means.
+    last_queue: Option<String>,
     next_seq: u64,
     /// Publish sequence numbers answered, not yet confirmed to the client (in order).
     answered: BTreeMap<u64, bool>,
@@ -1218,6 +1220,13 @@ impl Broker {
                         }
                     }
                 }
+                if let Some(ch) = self
+                    .conns
+                    .get_mut(&conn)
+                    .and_then(|c| c.channels.get_mut(&id))
+                {
+                    ch.last_queue = Some(name.clone());
+                }
                 let vh = self.vhosts.get(&vhost).expect("open vhost");
                 let q = &vh.queues[&name];
                 let ok = queue::DeclareOk {
@@ -1307,10 +1316,16 @@ impl Broker {
         Ok(())
     }
 
-    /// An empty queue name means the channel's last declared queue in RabbitMQ; here it
-    /// is taken as given (clients name the queue).
-    fn queue_name(&self, _conn: ConnId, _id: u16, name: &str) -> String {
-        name.to_owned()
+    /// An empty queue name is the channel's last declared queue (as in RabbitMQ).
+    fn queue_name(&self, conn: ConnId, id: u16, name: &str) -> String {
+        if !name.is_empty() {
+            return name.to_owned();
+        }
+        self.conns
+            .get(&conn)
+            .and_then(|c| c.channels.get(&id))
+            .and_then(|ch| ch.last_queue.clone())
+            .unwrap_or_default()
     }
 
     fn check_queue(&self, conn: ConnId, vhost: &str, name: &str) -> Reply {
@@ -1456,7 +1471,7 @@ impl Broker {
                 }
             }
             M::Consume(cm) => {
-                let name = cm.queue.as_str().to_owned();
+                let name = self.queue_name(conn, id, cm.queue.as_str());
                 self.check_queue(conn, &vhost, &name)?;
                 if !self.allowed(conn, AclAction::Receive, &format!("amqp/queue/{name}")) {
                     return Err((
@@ -1550,7 +1565,7 @@ impl Broker {
                 }
             }
             M::Get(g) => {
-                let name = g.queue.as_str().to_owned();
+                let name = self.queue_name(conn, id, g.queue.as_str());
                 self.check_queue(conn, &vhost, &name)?;
                 if !self.allowed(conn, AclAction::Receive, &format!("amqp/queue/{name}")) {
                     return Err((

@@ -328,3 +328,50 @@ fn frames_out_of_place_close_the_connection_with_their_reply_code() {
         );
     }
 }
+
+#[test]
+fn an_empty_queue_name_is_the_channels_last_declared_queue() {
+    let mut b = broker();
+    open(&mut b, 1);
+    declare(&mut b, 1, "last");
+    publish(&mut b, 1, "last", b"hi");
+    let (_, actions) = round(&mut b, 1);
+    // The append lands in the log (the memory log answers at once) and is read back.
+    for a in actions {
+        if let Action::Append {
+            token,
+            stream,
+            partition,
+            record,
+        } = a
+        {
+            let done = futures_util::FutureExt::now_or_never(b.log.append(
+                &stream,
+                partition,
+                crate::log::AppendData::Records(vec![record]),
+            ));
+            assert!(matches!(done, Some(Ok(_))));
+            b.handle(Input::Appended { token, ok: true }, Instant::now());
+        }
+    }
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: "".into(),
+            no_ack: true,
+        })),
+    );
+    let (frames, _) = round(&mut b, 1);
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) if ok.message_count == 0
+        )),
+        "{frames:?}"
+    );
+    assert!(frames
+        .iter()
+        .any(|f| matches!(f, AMQPFrame::Body(1, body) if body == b"hi")));
+}
