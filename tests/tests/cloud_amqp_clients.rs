@@ -85,6 +85,44 @@ fn amqp_over_tls_with_the_clouds_certificate_and_a_client_that_verifies_it() {
 }
 
 #[test]
+fn users_and_acls_from_the_mosquitto_files_apply_to_amqp() {
+    let dir = temp_dir("amqp-auth");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let passwd = dir.join("passwd");
+    let status = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwd)
+        .args(["alice", "secret"])
+        .status()
+        .expect("mosquitto_passwd must be installed (apt-get install mosquitto)");
+    assert!(status.success());
+    let acl = dir.join("acl");
+    std::fs::write(
+        &acl,
+        "user alice\ntopic read amqp/queue/allowed\ntopic write amqp/exchange/amq.direct\n\
+         topic write alice/#\n",
+    )
+    .expect("acl");
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[auth]\npassword_file = \"{}\"\n\
+             acl_file = \"{}\"\n[amqp]\nlisten = \"127.0.0.1:0\"\n",
+            passwd.display(),
+            acl.display()
+        ),
+    )
+    .expect("config");
+    let cloud = Edge::cloud_in(
+        &dir.join("data"),
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let port = cloud.amqp_addr().expect("amqp").port().to_string();
+    python_client("amqp_auth.py", &[&port]);
+}
+
+#[test]
 fn aio_pika_publishes_to_a_topic_exchange_and_consumes_what_its_binding_matches() {
     let dir = temp_dir("amqp-aio-pika");
     let cloud = cloud(&dir);
