@@ -38,8 +38,13 @@ pub trait Outbox: Send + Sync + 'static {
     fn added(&self) -> Arc<Notify>;
     /// The highest downlink sequence applied on the edge, durably (0: none).
     fn down_applied(&self) -> u64;
-    /// Publishes downlink messages on the edge; completes once they are taken and `seq` (the
-    /// last one's) is durable as applied.
+    /// Publishes downlink messages on the edge; completes once every one of them (and of
+    /// the calls before) is routed to the edge's subscribers, durably where they are
+    /// persistent, and `seq` (the last one's) is durable as applied. That may take as long
+    /// as a subscriber has no room: the link goes on meanwhile, and makes the next call
+    /// only after this one completed. Messages the edge still holds from a call of an
+    /// earlier link (whose future was dropped) may come again: they must not be published
+    /// twice.
     fn apply_down(
         &self,
         seq: u64,
@@ -171,6 +176,7 @@ pub async fn run(
             outbox: &outbox,
             status: &status,
             made_progress: false,
+            applying: None,
         };
         let connects_before = status.get().connects;
         let end = session.run(&endpoint, &quic_config, &mut stop).await;
@@ -228,6 +234,24 @@ struct Session<'a> {
     status: &'a LinkStatus,
     /// The cloud acknowledged something on this connection.
     made_progress: bool,
+    /// The [`Effect::ApplyDown`] the edge is applying (at most one: the end gives the next
+    /// after [`EdgeEnd::down_applied`]): its sequence and its completion.
+    applying: Option<Applying>,
+}
+
+/// A pending [`Outbox::apply_down`]: its sequence and its completion.
+type Applying = (u64, BoxFuture<'static, Result<(), OutboxError>>);
+
+/// Completes when the pending apply does, with its sequence; never without one.
+/// Cancel-safe: the apply stays pending if this is dropped first.
+async fn applied(applying: &mut Option<Applying>) -> (u64, Result<(), OutboxError>) {
+    let Some((seq, apply)) = applying else {
+        return std::future::pending().await;
+    };
+    let result = apply.await;
+    let seq = *seq;
+    *applying = None;
+    (seq, result)
 }
 
 impl Session<'_> {
@@ -278,7 +302,9 @@ impl Session<'_> {
 
     /// Drives the link's [`EdgeEnd`]: a reader task takes frames off the stream; this task
     /// feeds them to the end, writes what it sends, runs what it asks for (outbox reads,
-    /// deletes, downlink publishes) and sleeps until its next deadline.
+    /// deletes, downlink publishes) and sleeps until its next deadline. A downlink publish
+    /// is awaited beside the rest, not before it: while a local subscriber holds it up, the
+    /// outbox is still sent and acknowledged.
     async fn converse(
         &mut self,
         conn: &quinn::Connection,
@@ -347,11 +373,16 @@ impl Session<'_> {
                 deadline.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std),
             );
             tokio::select! {
-                frame = frames.recv() => match frame {
+                frame = frames.recv(), if end.wants_frames() => match frame {
                     Some(Ok(Some(frame))) => end.handle_frame(Instant::now(), frame)?,
                     Some(Ok(None)) | None => return Err(LinkError::StreamClosed),
                     Some(Err(e)) => return Err(e.into()),
                 },
+                (seq, result) = applied(&mut self.applying) => {
+                    result.map_err(LinkError::ApplyDown)?;
+                    end.down_applied(seq);
+                    self.status.update(|s| s.down_applied = seq);
+                }
                 () = added.notified() => end.outbox_added(),
                 () = sleep, if deadline.is_some() => end.handle_timeout(Instant::now())?,
                 () = stopped(stop) => {
@@ -402,12 +433,9 @@ impl Session<'_> {
                 s.last_ack_unix_ms = now_ms();
             }),
             Effect::ApplyDown { seq, messages } => {
-                self.outbox
-                    .apply_down(seq, messages)
-                    .await
-                    .map_err(LinkError::ApplyDown)?;
-                end.down_applied(seq);
-                self.status.update(|s| s.down_applied = seq);
+                // Completed in `drive`, beside everything else.
+                debug_assert!(self.applying.is_none(), "the end applies one at a time");
+                self.applying = Some((seq, self.outbox.apply_down(seq, messages)));
             }
             Effect::Sent { records, bytes } => self.status.update(|s| {
                 s.batches_sent += 1;

@@ -51,7 +51,10 @@ pub enum Effect {
     /// [`Effect::Delete`] of an ACK.
     Acknowledged { records: u64 },
     /// Publish these downlink messages on the edge and record `seq` (the last one's) as
-    /// applied, durably; then call [`EdgeEnd::down_applied`].
+    /// applied, durably; then call [`EdgeEnd::down_applied`]. One at a time: what DOWN
+    /// frames bring meanwhile waits in the end and comes as the next ApplyDown. Applying may
+    /// take long (a local subscriber without room holds it back): the driver goes on
+    /// meanwhile with everything else, frames included (see [`EdgeEnd::wants_frames`]).
     ApplyDown { seq: u64, messages: Vec<OutRecord> },
     /// A BATCH frame was queued (for metrics): its records and its bytes on the wire.
     Sent { records: u64, bytes: u64 },
@@ -82,8 +85,15 @@ pub struct EdgeEnd {
     last_read_small: bool,
     /// The highest downlink sequence applied, durably.
     down_applied: u64,
-    /// The highest downlink sequence handed to [`Effect::ApplyDown`].
+    /// The highest downlink sequence taken from DOWN frames (applied, being applied, or
+    /// queued).
     down_taken: u64,
+    /// The [`Effect::ApplyDown`] being applied: its sequence.
+    down_applying: Option<u64>,
+    /// Downlink messages that came while one was being applied, in order, and their bytes
+    /// (topic and payload).
+    down_queued: Vec<OutRecord>,
+    down_queued_bytes: usize,
     made_progress: bool,
 }
 
@@ -127,6 +137,9 @@ impl EdgeEnd {
             last_read_small: false,
             down_applied,
             down_taken: down_applied,
+            down_applying: None,
+            down_queued: Vec::new(),
+            down_queued_bytes: 0,
             made_progress: false,
         }
     }
@@ -225,10 +238,12 @@ impl EdgeEnd {
                 match fresh.last().map(|r| r.seq) {
                     Some(last) => {
                         self.down_taken = last;
-                        self.effects.push_back(Effect::ApplyDown {
-                            seq: last,
-                            messages: fresh,
-                        });
+                        self.down_queued_bytes += fresh
+                            .iter()
+                            .map(|r| r.topic.len() + r.payload.len())
+                            .sum::<usize>();
+                        self.down_queued.extend(fresh);
+                        self.apply_queued_down();
                     }
                     // Nothing new: acknowledge again what is applied.
                     None => self.transmit.push_back(Frame::DownAck {
@@ -299,11 +314,37 @@ impl EdgeEnd {
     }
 
     /// An [`Effect::ApplyDown`] is done: its messages are published and `seq` is durable.
+    /// The downlink that came meanwhile is the next ApplyDown.
     pub fn down_applied(&mut self, seq: u64) {
         self.down_applied = self.down_applied.max(seq);
         self.transmit.push_back(Frame::DownAck {
             seq: self.down_applied,
         });
+        self.down_applying = None;
+        self.apply_queued_down();
+    }
+
+    /// The queued downlink as the next [`Effect::ApplyDown`], unless one is being applied.
+    fn apply_queued_down(&mut self) {
+        if self.down_applying.is_some() {
+            return;
+        }
+        let Some(last) = self.down_queued.last().map(|r| r.seq) else {
+            return;
+        };
+        self.down_applying = Some(last);
+        self.down_queued_bytes = 0;
+        self.effects.push_back(Effect::ApplyDown {
+            seq: last,
+            messages: std::mem::take(&mut self.down_queued),
+        });
+    }
+
+    /// Whether the driver should read the cloud's next frame: not while more than
+    /// [`MAX_DOWN_QUEUED_BYTES`] of downlink wait behind the one being applied (then the
+    /// link waits for the edge, as QUIC's flow control makes the cloud wait for it).
+    pub fn wants_frames(&self) -> bool {
+        self.down_queued_bytes <= MAX_DOWN_QUEUED_BYTES
     }
 
     /// The edge is shutting down: queues GOAWAY; nothing more happens on this link.
@@ -398,6 +439,13 @@ const SMALL_READ_BYTES: usize = 64 << 10;
 /// The largest frame the edge takes from the cloud (4 MiB; the reader's buffer may grow to
 /// this).
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// Downlink bytes (topics and payloads) that may wait in the end behind the one being
+/// applied before the driver stops reading frames (and so stops taking ACKs too) until it
+/// is applied: 4 MiB, one full frame. The cloud sends at most 1,024 sequences
+/// unacknowledged, so this is reached only by large downlink messages for a subscriber
+/// that has had no room for long; memory stays at this plus a frame.
+pub const MAX_DOWN_QUEUED_BYTES: usize = 4 << 20;
 
 #[cfg(test)]
 mod tests;

@@ -7,10 +7,12 @@
 //! off the outbox's budget). The router wakes the link when a commit added records.
 //!
 //! Downlink messages from the cloud go to the router too: it publishes them to the edge's
-//! subscribers (as messages without a publisher) and records their sequence as applied in
-//! the same commit, before the link acknowledges them; after a restart the edge tells the
-//! cloud where it stands, so each is published once. They are not sent back up, whatever
-//! the uplink routes say.
+//! subscribers (as messages without a publisher) and records a batch's sequence as applied
+//! in the commit that routes the last of its messages (a subscriber without room holds them
+//! until it has room), and only then does the link acknowledge it; after a restart the edge
+//! tells the cloud where it stands, and a batch the cloud sends again while the router still
+//! holds it (a new link) is not published twice, so each is published once. They are not
+//! sent back up, whatever the uplink routes say.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,9 +41,18 @@ pub(crate) struct EdgeOutbox {
     pub(crate) downlink: mpsc::Sender<Downlink>,
 }
 
-/// Downlink messages for the router: publish them, record `seq` as applied in the same
-/// commit, then answer.
-pub(crate) type Downlink = (Vec<Arc<Message>>, u64, tokio::sync::oneshot::Sender<()>);
+/// Downlink messages for the router: publish them, record `seq` as applied in the commit
+/// that routes the last of them (and of every batch before), then answer `done`.
+#[derive(Debug)]
+pub(crate) struct Downlink {
+    /// The messages to publish, in order, each with its downlink sequence (expired ones are
+    /// left out). The router skips those it has already taken, from an earlier link.
+    pub(crate) messages: Vec<(u64, Arc<Message>)>,
+    /// The batch's last sequence.
+    pub(crate) seq: u64,
+    /// Answered once `seq` is durable as applied.
+    pub(crate) done: tokio::sync::oneshot::Sender<()>,
+}
 
 impl Outbox for EdgeOutbox {
     fn read(
@@ -94,9 +105,10 @@ impl Outbox for EdgeOutbox {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let now = Instant::now();
-        let msgs: Vec<Arc<Message>> = messages
+        let msgs: Vec<(u64, Arc<Message>)> = messages
             .into_iter()
             .filter_map(|r| {
+                let seq = r.seq;
                 let meta = read_headers(&r.header_refs())?;
                 let topic = TopicName::new(r.topic).ok()?;
                 let mut properties = meta.properties;
@@ -112,7 +124,7 @@ impl Outbox for EdgeOutbox {
                     }
                     None => None,
                 };
-                Some(Arc::new(Message {
+                let msg = Message {
                     topic,
                     payload: r.payload,
                     qos: meta.qos,
@@ -120,15 +132,21 @@ impl Outbox for EdgeOutbox {
                     properties,
                     expires_at,
                     publisher: None,
-                }))
+                };
+                Some((seq, Arc::new(msg)))
             })
             .collect();
         let (done, applied) = tokio::sync::oneshot::channel();
         let downlink = self.downlink.clone();
         Box::pin(async move {
             let stopped = |why| OutboxError::new(FailureKind::Closed, why);
+            let down = Downlink {
+                messages: msgs,
+                seq,
+                done,
+            };
             downlink
-                .send((msgs, seq, done))
+                .send(down)
                 .await
                 .map_err(|_| stopped(BrokerStopped::BeforeTaking))?;
             applied

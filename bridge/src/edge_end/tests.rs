@@ -467,6 +467,85 @@ fn the_downlink_is_applied_once_and_acknowledged_after_it_is_durable() {
     assert_eq!(frames(&mut end), vec![Frame::DownAck { seq: 5 }]);
 }
 
+/// The ApplyDown effects among `effects`: (seq, the messages' sequences).
+fn applies(effects: &[Effect]) -> Vec<(u64, Vec<u64>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::ApplyDown { seq, messages } => {
+                Some((*seq, messages.iter().map(|m| m.seq).collect()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn one_downlink_apply_at_a_time_and_the_link_goes_on_while_it_waits() {
+    let now = Instant::now();
+    let (mut end, _) = up(now, 1 << 20, vec![]);
+    let down = |end: &mut EdgeEnd, seqs: &[u64]| {
+        end.handle_frame(
+            now,
+            Frame::Down {
+                batch: down_batch(seqs),
+            },
+        )
+        .expect("down");
+    };
+    down(&mut end, &[1, 2]);
+    assert_eq!(applies(&effects(&mut end)), vec![(2, vec![1, 2])]);
+    // While the edge applies it (a local subscriber may have no room for a long time), the
+    // uplink goes on: records are sent and acknowledged, and deleted.
+    send(&mut end, now, 0, 1..=3);
+    assert_eq!(batch_seqs(&frames(&mut end)), vec![(0, vec![1, 2, 3])]);
+    end.handle_frame(
+        now,
+        Frame::Ack {
+            class: 0,
+            committed_seq: 3,
+        },
+    )
+    .expect("ack");
+    assert_eq!(deletes(&effects(&mut end)), vec![(0, 3)]);
+    // More downlink meanwhile waits for the apply before it: one at a time, in order.
+    down(&mut end, &[3, 4]);
+    down(&mut end, &[5]);
+    assert_eq!(applies(&effects(&mut end)), vec![]);
+    assert_eq!(frames(&mut end), vec![]);
+    end.down_applied(2);
+    assert_eq!(frames(&mut end), vec![Frame::DownAck { seq: 2 }]);
+    assert_eq!(applies(&effects(&mut end)), vec![(5, vec![3, 4, 5])]);
+    end.down_applied(5);
+    assert_eq!(frames(&mut end), vec![Frame::DownAck { seq: 5 }]);
+    assert_eq!(applies(&effects(&mut end)), vec![]);
+}
+
+#[test]
+fn the_driver_stops_taking_frames_while_too_much_downlink_waits_behind_an_apply() {
+    let now = Instant::now();
+    let (mut end, _) = up(now, 1 << 20, vec![]);
+    let big = |seq: u64| {
+        let mut b = BatchBuilder::with_capacity(0, 1 << 20);
+        let value = vec![b'x'; MAX_DOWN_QUEUED_BYTES / 2];
+        b.push_at(0, 7, Some(b"d/big"), Some(&value), &[]);
+        Frame::Down {
+            batch: b.finish_with(seq as i64, Compression::None),
+        }
+    };
+    end.handle_frame(now, big(1)).expect("down");
+    assert_eq!(applies(&effects(&mut end)), vec![(1, vec![1])]);
+    // Two more wait behind it: together past the bound.
+    end.handle_frame(now, big(2)).expect("down");
+    assert!(end.wants_frames(), "one waiting is within the bound");
+    end.handle_frame(now, big(3)).expect("down");
+    assert!(!end.wants_frames());
+    // The apply is done: what waited is the next one, and frames are read again.
+    end.down_applied(1);
+    assert_eq!(applies(&effects(&mut end)), vec![(3, vec![2, 3])]);
+    assert!(end.wants_frames());
+}
+
 #[test]
 fn shutdown_sends_goaway_and_stops_reading() {
     let now = Instant::now();

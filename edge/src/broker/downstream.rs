@@ -111,6 +111,16 @@ impl Broker {
         self.held_deliveries.len()
     }
 
+    /// Deliveries ([`Input::Deliver`](super::Input::Deliver)) done with since start: routed
+    /// to the matching sessions (stored, for persistent ones, in the store operations of
+    /// the input that routed them), or dropped as expired. They are done with in the order
+    /// they came, and every one handed in is done or held: once this reaches the count
+    /// handed in up to some delivery, that one and all before it are routed. (How the edge
+    /// records a downlink sequence as applied only when it is.)
+    pub fn deliveries_done(&self) -> u64 {
+        self.deliveries_done
+    }
+
     /// [`Input::Pace`](super::Input::Pace): starts or ends pacing; ending it resumes the
     /// paused publishers (but those the broker holds for a full subscriber of its own).
     pub(super) fn pace(&mut self, on: bool, now: Instant) {

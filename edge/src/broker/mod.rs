@@ -318,6 +318,9 @@ pub struct Broker {
     downstream: Downstream,
     /// Deliveries (from the log, or the downlink) waiting for a full subscriber, in order.
     held_deliveries: VecDeque<Arc<Message>>,
+    /// Deliveries routed (or dropped as expired) since start; see
+    /// [`Broker::deliveries_done`].
+    deliveries_done: u64,
     /// Log mode: delivery lags the log ([`Input::Pace`]); the publishers paused for it.
     pacing: bool,
     paced: HashSet<ConnId>,
@@ -343,6 +346,7 @@ impl Broker {
             auth: Arc::new(Auth::open()),
             downstream: Downstream::default(),
             held_deliveries: VecDeque::new(),
+            deliveries_done: 0,
             pacing: false,
             paced: HashSet::new(),
         }

@@ -117,14 +117,16 @@ impl Broker {
         Ok(matched)
     }
 
-    /// Log mode: routes a message read back from the log; holds it (and what follows) if a
-    /// connected subscriber has no room.
+    /// Routes a message read back from the log (log mode) or from the downlink (the edge);
+    /// holds it (and what follows) if a connected subscriber has no room.
     pub(super) fn deliver(&mut self, msg: Arc<Message>, now: Instant) {
         if msg.expired(now) {
+            self.deliveries_done += 1;
             return;
         }
         match self.route(msg.clone(), now, false) {
             Ok(_) => {
+                self.deliveries_done += 1;
                 if msg.retain {
                     self.retain(&msg);
                 }

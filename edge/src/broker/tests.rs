@@ -574,6 +574,7 @@ fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
         2,
         "three fit in 30 bytes, the rest wait"
     );
+    assert_eq!(h.broker.deliveries_done(), 3, "every one is done or held");
     assert_eq!(h.broker.stats().dropped_offline_queue_full, 0);
     // Acknowledgements make room; held deliveries go on in order.
     let mut got = Vec::new();
@@ -587,11 +588,17 @@ fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
             .map(|s| Bytes::from_static(s.as_bytes()))
     );
     assert_eq!(h.broker.deliveries_held(), 0);
+    assert_eq!(h.broker.deliveries_done(), 5);
     assert_eq!(
         h.broker.stats().retained,
         1,
         "a retained message is kept when it comes back"
     );
+    // An expired one is done with too (dropped, not held).
+    let mut expired = (*appended[0]).clone();
+    expired.expires_at = Some(h.now);
+    h.run(Input::Deliver(Arc::new(expired)));
+    assert_eq!(h.broker.deliveries_done(), 6);
 }
 
 #[test]

@@ -22,8 +22,9 @@ use crate::uplink::{UplinkConfig, UplinkRules};
 /// the next link's WELCOME says what the cloud has at the latest.
 const OUTBOX_ACK_LANE: usize = 1024;
 
-/// Downlink batches waiting for the router: the link applies one at a time and waits for
-/// its commit, so a few are enough.
+/// Downlink batches waiting for the router: a link hands over the next only once the
+/// router has applied the last (and one the link before it dropped may still be here), so
+/// a few are enough.
 const DOWNLINK_LANE: usize = 16;
 
 /// The edge's side of a running server.

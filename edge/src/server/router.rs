@@ -9,7 +9,11 @@
 //!
 //! On the edge (feature `edge`) the link has lanes of its own into the router
 //! (`cloud_lanes`: the cloud's acknowledgements of the outbox, the downlink) and a part in
-//! each commit; without the feature they are a stub that never yields.
+//! each commit; without the feature they are a stub that never yields. The downlink's rule:
+//! a downlink sequence is recorded as applied, and the link told, only in the commit that
+//! routes (into the sessions' queues, durably for persistent ones) the last message up to
+//! it; a message the broker holds for a subscriber without room holds its sequence back,
+//! not the router nor the link.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -282,7 +286,7 @@ async fn route_loop(
             }
         }
         let mut ops = broker.take_store_ops();
-        cloud.before_commit(&mut ops);
+        cloud.before_commit(&broker, &mut ops);
         if !ops.is_empty() {
             let started = Instant::now();
             let committed = store.apply(&ops)?;
@@ -461,7 +465,7 @@ pub(super) mod cloud_lanes {
             match input {}
         }
 
-        pub(super) fn before_commit(&mut self, _: &mut Vec<StoreOp>) {}
+        pub(super) fn before_commit(&mut self, _: &Broker, _: &mut Vec<StoreOp>) {}
 
         pub(super) fn committed(&mut self, _: &mut Broker, _: Committed, _: &[StoreOp]) {}
     }

@@ -2,7 +2,21 @@
 //! outbox and the downlink, served after the connections' credit and acknowledgements and
 //! before new publishes; and their part in each commit (the outbox's deletes, the downlink's
 //! applied sequence, the outbox's budget and the link's wake-up after it).
+//!
+//! A downlink sequence is applied once every message up to it is routed: in the sessions'
+//! queues, durably for persistent sessions, in the same commit that records the sequence.
+//! A message a connected subscriber has no room for is held by the broker (in memory,
+//! [`Broker::deliveries_held`]); the batch's sequence, and every later one, then waits in
+//! [`CloudLanes`] until the broker has routed it ([`Broker::deliveries_done`]), and its
+//! `done` with it: a crash meanwhile loses nothing the cloud was told the edge has, since
+//! the cloud sends again what the edge did not acknowledge. The link does not wait for
+//! `done` to go on (it sends and acknowledges the uplink meanwhile); the cloud's downlink
+//! window (1,024 sequences unacknowledged) bounds what waits here. A batch that comes again
+//! while its messages are still held here (the link went and the next one got them from
+//! the cloud again) is not published twice: messages at or below the highest sequence
+//! taken are skipped.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,10 +36,24 @@ pub(in crate::server) struct CloudLanes {
     outbox_added: Arc<Notify>,
     /// Messages from the cloud to publish here.
     downlink: mpsc::Receiver<Downlink>,
-    /// Outbox deletes and downlink sequences for the next commit.
+    /// Outbox deletes for the next commit.
     ops: Vec<StoreOp>,
-    /// Who waits for the next commit to have applied downlink messages.
+    /// Downlink batches taken and not applied yet, in order.
+    pending: VecDeque<PendingDown>,
+    /// The highest downlink sequence given to the broker in this process.
+    down_taken: u64,
+    /// Who waits for the next commit, which applies their sequences.
     downlink_done: Vec<oneshot::Sender<()>>,
+}
+
+/// A downlink batch whose messages the broker may still hold.
+#[derive(Debug)]
+struct PendingDown {
+    seq: u64,
+    /// Applied once [`Broker::deliveries_done`] reaches this: its last message, and every
+    /// delivery before it, is routed.
+    routed_at: u64,
+    done: oneshot::Sender<()>,
 }
 
 /// An input from the link.
@@ -50,6 +78,8 @@ impl CloudLanes {
             outbox_added,
             downlink,
             ops: Vec::new(),
+            pending: VecDeque::new(),
+            down_taken: 0,
             downlink_done: Vec::new(),
         }
     }
@@ -67,8 +97,8 @@ impl CloudLanes {
     }
 
     /// An input in the router's batch: an acknowledgement waits for the commit; downlink
-    /// messages go to the broker now, and their sequence is recorded as applied in the
-    /// commit.
+    /// messages go to the broker now (but those taken before), and their sequence waits
+    /// until they are routed.
     pub(super) fn take(
         &mut self,
         input: FromCloud,
@@ -81,25 +111,50 @@ impl CloudLanes {
                 self.ops
                     .push(StoreOp::Outbox(OutboxOp::Delete { priority, seq }));
             }
-            FromCloud::Downlink((msgs, seq, done)) => {
-                for msg in msgs {
-                    broker.handle(Input::Deliver(msg), now, actions);
+            FromCloud::Downlink(Downlink {
+                messages,
+                seq,
+                done,
+            }) => {
+                for (msg_seq, msg) in messages {
+                    if msg_seq > self.down_taken {
+                        broker.handle(Input::Deliver(msg), now, actions);
+                    }
                 }
-                self.ops
-                    .push(StoreOp::Outbox(OutboxOp::DownlinkApplied { seq }));
-                self.downlink_done.push(done);
+                self.down_taken = self.down_taken.max(seq);
+                // Everything handed to the broker so far is done with or held, in order.
+                let routed_at = broker.deliveries_done() + broker.deliveries_held() as u64;
+                self.pending.push_back(PendingDown {
+                    seq,
+                    routed_at,
+                    done,
+                });
             }
         }
     }
 
     /// Before the batch's commit: its outbox deletes (with every acknowledgement that has
-    /// arrived meanwhile) and downlink sequences go into it.
-    pub(super) fn before_commit(&mut self, ops: &mut Vec<StoreOp>) {
+    /// arrived meanwhile) go into it, and the highest downlink sequence whose messages (and
+    /// all before them) the broker has routed, in this batch or before.
+    pub(super) fn before_commit(&mut self, broker: &Broker, ops: &mut Vec<StoreOp>) {
         while let Ok((priority, seq)) = self.outbox_acks.try_recv() {
             self.ops
                 .push(StoreOp::Outbox(OutboxOp::Delete { priority, seq }));
         }
         ops.append(&mut self.ops);
+        let routed = broker.deliveries_done();
+        let mut applied: Option<u64> = None;
+        while self.pending.front().is_some_and(|p| p.routed_at <= routed) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            // A batch sent again by a later link may end below one taken before it.
+            applied = Some(applied.map_or(p.seq, |a| a.max(p.seq)));
+            self.downlink_done.push(p.done);
+        }
+        if let Some(seq) = applied {
+            ops.push(StoreOp::Outbox(OutboxOp::DownlinkApplied { seq }));
+        }
     }
 
     /// After the commit of `ops`: what it deleted leaves the outbox's budget, the link is

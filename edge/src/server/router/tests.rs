@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use ferry_protocol::mqtt::{
-    Connect, Properties, ProtocolVersion, Publish, QoS, Subscribe, Subscription,
+    Connect, Properties, ProtocolVersion, PubResponse, Publish, QoS, Subscribe, Subscription,
     SubscriptionOptions,
 };
 use ferry_protocol::topic::{TopicFilter, TopicName};
@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, Notify};
 use super::*;
 use crate::broker::{BrokerConfig, StoreOp};
 use crate::outbox::OutboxOp;
+use crate::outbox_source::Downlink;
 use crate::store::Committed;
 
 /// How long a test waits for something the router must do before it fails. Never reached
@@ -49,7 +50,7 @@ impl CommitStore for TestStore {
 /// A running router with its store under the test's control.
 struct Rig {
     to_router: mpsc::Sender<ToRouter>,
-    downlink: mpsc::Sender<crate::outbox_source::Downlink>,
+    downlink: mpsc::Sender<Downlink>,
     commits: std_mpsc::Receiver<Vec<StoreOp>>,
     verdicts: std_mpsc::Sender<Result<(), StoreError>>,
     gated: Arc<AtomicBool>,
@@ -67,9 +68,14 @@ impl Rig {
     /// it is a store operation) behind a router whose store lets every commit through until
     /// [`Rig::gate`].
     fn start() -> Self {
+        Self::start_with(BrokerConfig::default())
+    }
+
+    /// As [`Rig::start`], with the broker's limits of `config` (and no `$SYS`).
+    fn start_with(config: BrokerConfig) -> Self {
         let mut broker = Broker::new(BrokerConfig {
             sys_interval_secs: 0,
-            ..BrokerConfig::default()
+            ..config
         });
         let uplink: crate::uplink::UplinkConfig =
             toml::from_str("[[route]]\nfilter = \"up/#\"\n").expect("parses");
@@ -128,6 +134,28 @@ impl Rig {
             wire: wire.clone(),
         });
         self.send(connect(conn, client_id, ProtocolVersion::V311, 0));
+        self.wait_for(&wire, "CONNACK", |sent, _| {
+            sent.iter().any(|p| matches!(p, Packet::ConnAck(_)))
+        });
+        wire
+    }
+
+    /// As [`Rig::connect`], for a session that outlives its connection (3.1.1, clean session
+    /// off): what is queued for it is stored.
+    fn connect_persistent(&self, conn: ConnId, client_id: &str) -> Arc<Wire> {
+        let wire = Wire::new();
+        self.send(ToRouter::Register {
+            conn,
+            wire: wire.clone(),
+        });
+        let mut c = Connect::new(ProtocolVersion::V311, client_id);
+        c.clean_start = false;
+        self.send(ToRouter::Input(Input::Connect {
+            conn,
+            connect: Box::new(c),
+            credit: 100,
+            identity_verified: false,
+        }));
         self.wait_for(&wire, "CONNACK", |sent, _| {
             sent.iter().any(|p| matches!(p, Packet::ConnAck(_)))
         });
@@ -220,14 +248,70 @@ fn publish(id: u16) -> Packet {
 }
 
 fn subscribe(filter: &str) -> Packet {
+    subscribe_at(filter, QoS::AtMostOnce)
+}
+
+fn subscribe_at(filter: &str, qos: QoS) -> Packet {
     Packet::Subscribe(Subscribe {
         packet_id: std::num::NonZeroU16::MIN,
         properties: Properties::default(),
         subscriptions: vec![Subscription {
             filter: TopicFilter::new(filter).expect("valid"),
-            options: SubscriptionOptions::new(QoS::AtMostOnce),
+            options: SubscriptionOptions::new(qos),
         }],
     })
+}
+
+/// A QoS 1 downlink message on `cmd/valve`: 13 bytes of a subscriber's queue.
+fn command(payload: &'static str) -> Arc<Message> {
+    Arc::new(Message {
+        topic: topic("cmd/valve"),
+        payload: Bytes::from_static(payload.as_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    })
+}
+
+/// A downlink batch of [`command`]s with their sequences, up to `seq`.
+fn commands(messages: &[(u64, &'static str)], seq: u64, done: oneshot::Sender<()>) -> Downlink {
+    Downlink {
+        messages: messages.iter().map(|&(s, p)| (s, command(p))).collect(),
+        seq,
+        done,
+    }
+}
+
+/// The payloads a commit queues for subscribers (newly queued, not yet sent).
+fn queued(ops: &[StoreOp]) -> Vec<String> {
+    ops.iter()
+        .filter_map(|op| match op {
+            StoreOp::QueuePut {
+                delivery,
+                state: crate::broker::QueueState::Queued,
+                ..
+            } => Some(String::from_utf8_lossy(&delivery.msg.payload).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a commit records the downlink applied up to `seq`.
+fn applies(ops: &[StoreOp], seq: u64) -> bool {
+    ops.iter()
+        .any(|op| matches!(op, StoreOp::Outbox(OutboxOp::DownlinkApplied { seq: s }) if *s == seq))
+}
+
+/// The packet ids of the PUBLISHes among `sent`, in order.
+fn publish_ids(sent: &[Packet]) -> Vec<std::num::NonZeroU16> {
+    sent.iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => p.packet_id,
+            _ => None,
+        })
+        .collect()
 }
 
 /// The packet ids of the PUBACKs among `sent`, in order.
@@ -384,7 +468,12 @@ fn a_downlink_batch_is_reported_applied_only_after_its_commit() {
         publisher: None,
     });
     let (done, mut applied) = oneshot::channel();
-    assert!(rig.downlink.blocking_send((vec![msg], 42, done)).is_ok());
+    let down = Downlink {
+        messages: vec![(42, msg)],
+        seq: 42,
+        done,
+    };
+    assert!(rig.downlink.blocking_send(down).is_ok());
     let ops = rig.next_commit();
     assert!(
         ops.iter()
@@ -401,6 +490,116 @@ fn a_downlink_batch_is_reported_applied_only_after_its_commit() {
         .block_on(async { tokio::time::timeout(PATIENCE, applied).await });
     assert!(matches!(told, Ok(Ok(()))), "{told:?}");
     rig.wait_for(&app, "the downlink message", |sent, _| publishes(sent) == 1);
+    rig.send(ToRouter::Stop);
+    assert!(rig.join().is_ok());
+}
+
+#[test]
+fn a_downlink_sequence_is_applied_only_once_every_message_up_to_it_is_routed() {
+    // A subscriber with room for one command (13 bytes) in its queue.
+    let mut rig = Rig::start_with(BrokerConfig {
+        max_queued_bytes_per_session: 20,
+        ..BrokerConfig::default()
+    });
+    let app = rig.connect_persistent(2, "app");
+    rig.send(packet(2, subscribe_at("cmd/#", QoS::AtLeastOnce)));
+    rig.wait_for(&app, "SUBACK", |sent, _| {
+        sent.iter().any(|p| matches!(p, Packet::SubAck(_)))
+    });
+    rig.gate();
+
+    let (done, mut applied) = oneshot::channel();
+    assert!(rig
+        .downlink
+        .blocking_send(commands(&[(41, "open"), (42, "shut")], 42, done))
+        .is_ok());
+    // The first is routed (stored in the persistent session's queue, in this commit); the
+    // second finds no room and is held, in memory only: 42 is not applied yet, or a crash
+    // now would lose "shut" although the cloud was told the edge has it.
+    let ops = rig.next_commit();
+    assert_eq!(queued(&ops), ["open"], "{ops:?}");
+    assert!(
+        !applies(&ops, 42),
+        "applied while a message is held: {ops:?}"
+    );
+    rig.decide(Ok(()));
+    let sent = rig.wait_for(&app, "the first command", |sent, _| publishes(sent) == 1);
+    assert_eq!(applied.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+
+    // Its acknowledgement makes room: the second is routed, and 42 applied in that commit.
+    let first = publish_ids(&sent)[0];
+    rig.send(packet(2, Packet::PubAck(PubResponse::new(first))));
+    let ops = rig.next_commit();
+    assert_eq!(queued(&ops), ["shut"], "{ops:?}");
+    assert!(applies(&ops, 42), "{ops:?}");
+    assert_eq!(
+        applied.try_recv(),
+        Err(oneshot::error::TryRecvError::Empty),
+        "not before the commit"
+    );
+    rig.decide(Ok(()));
+    let told = rig
+        .runtime
+        .block_on(async { tokio::time::timeout(PATIENCE, applied).await });
+    assert!(matches!(told, Ok(Ok(()))), "{told:?}");
+    rig.wait_for(&app, "the second command", |sent, _| publishes(sent) == 2);
+    rig.send(ToRouter::Stop);
+    assert!(rig.join().is_ok());
+}
+
+#[test]
+fn a_resend_of_downlink_messages_the_router_still_holds_is_not_published_twice() {
+    let mut rig = Rig::start_with(BrokerConfig {
+        max_queued_bytes_per_session: 20,
+        ..BrokerConfig::default()
+    });
+    let app = rig.connect_persistent(2, "app");
+    rig.send(packet(2, subscribe_at("cmd/#", QoS::AtLeastOnce)));
+    rig.wait_for(&app, "SUBACK", |sent, _| {
+        sent.iter().any(|p| matches!(p, Packet::SubAck(_)))
+    });
+    rig.gate();
+    let (done, _gone) = oneshot::channel();
+    assert!(rig
+        .downlink
+        .blocking_send(commands(&[(41, "open"), (42, "shut")], 42, done))
+        .is_ok());
+    assert_eq!(queued(&rig.next_commit()), ["open"]);
+    rig.decide(Ok(()));
+    let sent = rig.wait_for(&app, "the first command", |sent, _| publishes(sent) == 1);
+    // The link went while "shut" waited (its wait for 42 dropped); the next link resumes
+    // from what is durable and gets both again from the cloud.
+    let (done, applied) = oneshot::channel();
+    assert!(rig
+        .downlink
+        .blocking_send(commands(&[(41, "open"), (42, "shut")], 42, done))
+        .is_ok());
+    // Room for "shut" only when "open" is acknowledged; the resend adds nothing.
+    rig.send(packet(
+        2,
+        Packet::PubAck(PubResponse::new(publish_ids(&sent)[0])),
+    ));
+    let ops = rig.next_commit();
+    assert_eq!(queued(&ops), ["shut"], "{ops:?}");
+    assert!(applies(&ops, 42), "{ops:?}");
+    rig.decide(Ok(()));
+    let told = rig
+        .runtime
+        .block_on(async { tokio::time::timeout(PATIENCE, applied).await });
+    assert!(
+        matches!(told, Ok(Ok(()))),
+        "the resend is answered: {told:?}"
+    );
+    let sent = rig.wait_for(&app, "the second command", |sent, _| publishes(sent) == 2);
+    rig.send(packet(
+        2,
+        Packet::PubAck(PubResponse::new(publish_ids(&sent)[1])),
+    ));
+    let ops = rig.next_commit();
+    assert!(queued(&ops).is_empty(), "nothing again: {ops:?}");
+    rig.decide(Ok(()));
+    let _ = rig.stats();
+    assert_eq!(publishes(&app.queued().0), 2, "each command once");
     rig.send(ToRouter::Stop);
     assert!(rig.join().is_ok());
 }
