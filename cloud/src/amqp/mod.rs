@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use ferry_edge::auth::Auth;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -104,6 +105,9 @@ const INPUT_QUEUE: usize = 4096;
 const WRITE_QUEUE: usize = 64;
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Bytes waiting for one connection's writer (it had no room) before the connection is
+/// taken for one that does not read and is closed: far more than a round's replies.
+const MAX_UNSENT_BYTES: usize = 16 << 20;
 /// How often the broker's timers run (acknowledgement timeout, TTL, x-expires).
 const TICK: Duration = Duration::from_secs(1);
 
@@ -405,8 +409,23 @@ where
                 }
             };
             match next {
-                Some(Out::Bytes(b)) => {
+                Some(Out::Bytes(mut b)) => {
+                    // Whatever else is queued goes in the same write.
+                    let mut close = false;
+                    while let Ok(more) = out_rx.try_recv() {
+                        match more {
+                            Out::Bytes(m) => b.extend_from_slice(&m),
+                            Out::Close => {
+                                close = true;
+                                break;
+                            }
+                        }
+                    }
                     if writer.write_all(&b).await.is_err() {
+                        return;
+                    }
+                    if close {
+                        let _ = writer.shutdown().await;
                         return;
                     }
                 }
@@ -494,6 +513,8 @@ fn run_broker(
         let mut writers: HashMap<ConnId, mpsc::Sender<Out>> = HashMap::new();
         let mut heartbeats: HashMap<ConnId, Arc<AtomicU16>> = HashMap::new();
         let mut pauses: HashMap<ConnId, tokio::sync::watch::Sender<bool>> = HashMap::new();
+        // Bytes for a connection whose writer had no room yet.
+        let mut unsent: HashMap<ConnId, Vec<u8>> = HashMap::new();
         // Bytes of records handed to the log and not yet durable.
         let mut appending = 0usize;
         let mut pressure = false;
@@ -528,11 +549,16 @@ fn run_broker(
                     }
                 }
                 Some(done) = appends.next(), if !appends.is_empty() => {
-                    let (tokens, ok, bytes): (Vec<u64>, bool, usize) = done;
-                    appending -= bytes;
+                    // Every append that is done by now, in one round.
                     let now = Instant::now();
-                    for token in tokens {
-                        broker.handle(Input::Appended { token, ok }, now);
+                    let mut next = Some(done);
+                    while let Some(done) = next {
+                        let (tokens, ok, bytes): (Vec<u64>, bool, usize) = done;
+                        appending -= bytes;
+                        for token in tokens {
+                            broker.handle(Input::Appended { token, ok }, now);
+                        }
+                        next = appends.next().now_or_never().flatten();
                     }
                 }
                 changed = commits.changed() => {
@@ -548,7 +574,7 @@ fn run_broker(
                 }
                 // Deliveries left from the last round: go on at once, or in a moment if a
                 // writer is full.
-                _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() || !unsent.is_empty() => {}
             }
             // The log's backlog is the node's limit: over budget, publishers wait.
             let over = appending > budget;
@@ -559,7 +585,7 @@ fn run_broker(
             }
             let full: HashSet<ConnId> = writers
                 .iter()
-                .filter(|(_, w)| w.capacity() == 0)
+                .filter(|(c, w)| w.capacity() == 0 || unsent.contains_key(*c))
                 .map(|(c, _)| *c)
                 .collect();
             broker.set_blocked(full);
@@ -608,16 +634,18 @@ fn run_broker(
             for a in rest {
                 match a {
                     Action::Send { conn, bytes } => {
-                        if let Some(w) = writers.get(&conn) {
-                            if w.try_send(Out::Bytes(bytes)).is_err() {
-                                // Full (the broker stops delivering to a full writer, so
-                                // this is replies piling up on a peer that does not
-                                // read): it is dropped.
-                                warn!(conn, "AMQP connection not reading; closed");
+                        // Behind what already waits for this writer, if anything.
+                        let waiting = unsent.entry(conn).or_default();
+                        waiting.extend_from_slice(&bytes);
+                        if waiting.len() > MAX_UNSENT_BYTES {
+                            // The broker delivers nothing to a full writer, so this is
+                            // replies piling up on a peer that does not read.
+                            warn!(conn, "AMQP connection not reading; closed");
+                            unsent.remove(&conn);
+                            if let Some(w) = writers.remove(&conn) {
                                 let _ = w.try_send(Out::Close);
-                                writers.remove(&conn);
-                                broker.handle(Input::Lost { conn }, Instant::now());
                             }
+                            broker.handle(Input::Lost { conn }, Instant::now());
                         }
                     }
                     Action::PauseReads { conn, paused } => {
@@ -635,12 +663,29 @@ fn run_broker(
                     }
                     Action::Close { conn } => {
                         if let Some(w) = writers.remove(&conn) {
+                            if let Some(b) = unsent.remove(&conn) {
+                                let _ = w.send(Out::Bytes(b)).await;
+                            }
                             let _ = w.send(Out::Close).await;
                         }
                     }
                     Action::Meta(_) | Action::Append { .. } => {}
                 }
             }
+            // What each connection has waiting goes to its writer as one entry, if it has
+            // room; otherwise it waits for the next round.
+            unsent.retain(|conn, bytes| {
+                let Some(w) = writers.get(conn) else {
+                    return false;
+                };
+                match w.try_reserve() {
+                    Ok(permit) => {
+                        permit.send(Out::Bytes(std::mem::take(bytes)));
+                        false
+                    }
+                    Err(_) => true,
+                }
+            });
         }
     });
 }
