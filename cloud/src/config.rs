@@ -209,6 +209,7 @@ mod tests {
             (d.heartbeat_secs, d.ack_timeout_secs)
         );
         assert!(got.password_file.is_some() && got.acl_file.is_some());
+        assert_eq!(got.max_appending_bytes, d.max_appending_bytes);
         assert!(got.tls.is_none(), "[amqp.tls] is its own table");
         let tls = commented_table(text, "# [amqp.tls]");
         let with_tls: CloudConfig = toml::from_str(&tls).expect("amqp.tls example parses");
