@@ -9,6 +9,9 @@
 //!   its connections (one I/O thread keeps packets of different clients in the order they
 //!   arrived), the broker's router thread (it may block on a commit), and the tailer thread
 //!   that reads the log for delivery (blocking file IO);
+//! - the AMQP front ([`crate::amqp`], with `[amqp]`): its broker thread (a current-thread
+//!   runtime: every queue, consumer and confirm without locks; it reads the log itself) and
+//!   the state writer thread that commits queue positions to the metadata off it;
 //! - the log's appender thread ([`crate::log`]): its single writer, with group commit.
 
 use std::collections::HashMap;

@@ -121,6 +121,14 @@ pub(crate) enum Action {
     },
     /// Make this metadata durable before anything after it is sent.
     Meta(Command),
+    /// A queue's position (its cursor state): make it durable once the appends of the same
+    /// round are (a dead-lettered message is in the log before its queue lets go of it);
+    /// nothing waits for it. Written in order with [`Action::Meta`].
+    Position(Command),
+    /// Every position sent before must be durable before anything after it is sent (a
+    /// client that acknowledged sent a synchronous method: its reply tells it the
+    /// acknowledgements count).
+    Barrier,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +260,16 @@ pub(crate) struct Broker {
     /// The last round left deliverable messages for later (a write was full or its
     /// round's share was used).
     more: bool,
+    /// This round's positions go out as [`Action::Meta`]: a reply waits for them
+    /// (queue.purge-ok, tx.commit-ok after acknowledgements).
+    sync_positions: bool,
+    /// Connections that acknowledged since their last synchronous method: the next one's
+    /// reply waits until those positions are durable ([`Action::Barrier`]).
+    unsynced: std::collections::HashSet<ConnId>,
+    barrier: bool,
+    /// The log may hold records the queues have not read: set by [`Input::LogChanged`],
+    /// kept while a pass stops at its budget, so a round without news reads nothing.
+    behind: bool,
 }
 
 impl std::fmt::Debug for Broker {
@@ -323,6 +341,10 @@ impl Broker {
             pressure: false,
             blocked: Default::default(),
             more: false,
+            sync_positions: false,
+            unsynced: Default::default(),
+            barrier: false,
+            behind: true,
         };
         b.load(state);
         b
@@ -382,9 +404,10 @@ impl Broker {
         self.blocked = blocked;
     }
 
-    /// Whether the last [`Broker::take_actions`] left deliveries for another round.
+    /// Whether the last [`Broker::take_actions`] left deliveries, or records to read, for
+    /// another round.
     pub(crate) fn more(&self) -> bool {
-        self.more
+        self.more || self.behind
     }
 
     /// Handles one input; the actions are in [`Broker::take_actions`].
@@ -398,7 +421,7 @@ impl Broker {
             }
             Input::Lost { conn } => self.lost(conn),
             Input::Appended { token, ok } => self.appended(token, ok),
-            Input::LogChanged => {}
+            Input::LogChanged => self.behind = true,
             Input::Tick => self.tick(now),
             Input::Pressure(on) => self.pressure(on),
         }
@@ -407,7 +430,9 @@ impl Broker {
     /// What the inputs since the last call made necessary, in order: metadata first,
     /// then, per connection, its frames of this round as one write.
     pub(crate) fn take_actions(&mut self, now: Instant) -> Vec<Action> {
-        self.follow();
+        if self.behind {
+            self.follow();
+        }
         self.pump(now);
         self.persist();
         let mut out = std::mem::take(&mut self.out);
@@ -485,6 +510,7 @@ impl Broker {
     }
 
     fn lost(&mut self, conn: ConnId) {
+        self.unsynced.remove(&conn);
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -579,8 +605,12 @@ impl Broker {
             AMQPFrame::ProtocolHeader(_) | AMQPFrame::InvalidHeartbeat(_) => {
                 self.close_connection(conn, code::FRAME_ERROR, "unexpected frame", 0, 0)
             }
-            AMQPFrame::Method(0, m) => self.connection_method(conn, m),
+            AMQPFrame::Method(0, m) => {
+                self.sync_point(conn, &m);
+                self.connection_method(conn, m)
+            }
             AMQPFrame::Method(id, m) => {
+                self.sync_point(conn, &m);
                 if stage != Stage::Ready {
                     return self.close_connection(
                         conn,
@@ -594,6 +624,21 @@ impl Broker {
             }
             AMQPFrame::Header(id, header) => self.content_header(conn, id, header, now),
             AMQPFrame::Body(id, body) => self.content_body(conn, id, body, now),
+        }
+    }
+
+    /// A method other than publish and the acknowledgements, from a connection that
+    /// acknowledged since its last one: its reply (or anything after) waits for the
+    /// positions those acknowledgements moved.
+    fn sync_point(&mut self, conn: ConnId, m: &AMQPClass) {
+        use basic::AMQPMethod as B;
+        let asynchronous = matches!(
+            m,
+            AMQPClass::Basic(B::Publish(_) | B::Ack(_) | B::Nack(_) | B::Reject(_))
+        );
+        if !asynchronous && self.unsynced.remove(&conn) {
+            self.sync_positions = true;
+            self.barrier = true;
         }
     }
 
@@ -1267,6 +1312,7 @@ impl Broker {
                 self.check_queue(conn, &vhost, &name)?;
                 let vh = self.vhosts.get_mut(&vhost).expect("open vhost");
                 let n = vh.queues.get_mut(&name).map_or(0, Queue::purge);
+                self.sync_positions = true;
                 (
                     AMQPClass::Queue(M::PurgeOk(queue::PurgeOk {
                         message_count: n as u32,
@@ -2080,6 +2126,7 @@ impl Broker {
                     ));
                 };
                 let Tx { publishes, settles } = std::mem::take(t);
+                self.sync_positions |= !settles.is_empty();
                 for (tag, multiple, requeue) in settles {
                     // Tags were checked when they came; one settled since is skipped.
                     let _ = self.settle(conn, id, tag, multiple, requeue);
@@ -2158,6 +2205,7 @@ impl Broker {
             tx.settles.push((tag, multiple, requeue));
             return Ok(());
         }
+        self.unsynced.insert(conn);
         self.settle(conn, id, tag, multiple, requeue)
     }
 
@@ -2206,6 +2254,7 @@ impl Broker {
 
     /// Reads what is new in the log and gives each queue the records that reach it.
     fn follow(&mut self) {
+        self.behind = false;
         let streams = self.log.streams();
         for s in &streams {
             if s.name == DOWNLINK_STREAM {
@@ -2263,6 +2312,9 @@ impl Broker {
                 }
                 if at >= end {
                     self.advance(&source, end);
+                } else if budget == 0 {
+                    // Another pass next round (a failed read waits for the next commit).
+                    self.behind = true;
                 }
             }
         }
@@ -2728,13 +2780,22 @@ impl Broker {
 
     /// Durable queues whose position moved: their cursor to the metadata.
     fn persist(&mut self) {
+        let sync = std::mem::take(&mut self.sync_positions);
+        if std::mem::take(&mut self.barrier) {
+            self.out.push(Action::Barrier);
+        }
         for (v, vh) in self.vhosts.iter_mut() {
             for (n, q) in vh.queues.iter_mut() {
                 if q.dirty && q.def.durable {
-                    self.out.push(Action::Meta(Command::AmqpPut {
+                    let put = Command::AmqpPut {
                         key: key("c", v, n),
                         value: serde_json::to_vec(&q.cursor_state()).unwrap_or_default(),
-                    }));
+                    };
+                    self.out.push(if sync {
+                        Action::Meta(put)
+                    } else {
+                        Action::Position(put)
+                    });
                 }
                 q.dirty = false;
             }

@@ -6,13 +6,14 @@
 //! connection tasks ──frames──▶ broker thread (broker.rs, sans-IO core) ──bytes──▶ writers
 //!                               │  reads the log (follow new records, fetch deliveries)
 //!                               ├─ appends publishes, confirms when durable
-//!                               └─ queue state and topology to the metadata (redb)
+//!                               └─ queue state and topology ──▶ state writer thread (redb)
 //! ```
 //!
 //! - `codec`: frames in and out (amq-protocol parses and writes methods).
 //! - `broker`: connections, channels, exchanges, queues, consumers; publish and deliver.
 //! - `queue`: a queue as a cursor over the log, never a copy of its messages.
 //! - `topology`: exchanges, bindings and routing.
+//! - `state_writer`: the thread that commits queue positions and topology to the metadata.
 //! - `message`: what a publish becomes in the log, and a record to an AMQP consumer.
 
 mod broker;
@@ -21,9 +22,10 @@ mod codec;
 pub mod fuzzing;
 mod message;
 mod queue;
+mod state_writer;
 mod topology;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -45,6 +47,7 @@ use crate::meta::{Command, Meta};
 use crate::routes::RouteTable;
 use broker::{Action, Broker, Input, Settings};
 pub use message::AMQP_STREAM;
+use state_writer::StateWriter;
 
 /// A connection, as the broker knows it.
 pub(crate) type ConnId = u64;
@@ -283,9 +286,10 @@ pub async fn start(
     let budget = config.max_appending_bytes.max(1);
     let overview = Arc::new(std::sync::Mutex::new(broker.overview()));
     let shared = overview.clone();
+    let state = StateWriter::start(meta)?;
     std::thread::Builder::new()
         .name("ferry-amqp".into())
-        .spawn(move || run_broker(broker, rx, log, meta, shared, budget))?;
+        .spawn(move || run_broker(broker, rx, log, state, shared, budget))?;
     info!(%addr, "listening for AMQP clients");
     let ids = Arc::new(AtomicU64::new(1));
     let frame_max = config.frame_max;
@@ -492,13 +496,14 @@ where
 }
 
 /// The broker thread: a current-thread runtime that waits for frames, appends, log
-/// commits and the tick; after each round of inputs it applies the metadata, starts the
-/// appends and hands each connection its bytes.
+/// commits and the tick; after each round of inputs it commits the metadata a reply waits
+/// for, starts the appends, hands each connection its bytes, and passes queue positions to
+/// the state writer once the appends of their round are durable.
 fn run_broker(
     mut broker: Broker,
     mut rx: mpsc::Receiver<Event>,
     log: Arc<dyn Storage>,
-    meta: Arc<Meta>,
+    state: StateWriter,
     overview: Arc<std::sync::Mutex<Overview>>,
     budget: usize,
 ) {
@@ -519,6 +524,11 @@ fn run_broker(
         let mut appending = 0usize;
         let mut pressure = false;
         let mut appends = FuturesUnordered::new();
+        // Rounds are numbered; those with appends not yet done: round → appends left.
+        let mut round: u64 = 0;
+        let mut open_rounds: BTreeMap<u64, usize> = BTreeMap::new();
+        // Queue positions waiting for the appends of their round and of those before.
+        let mut held: VecDeque<(u64, Vec<Command>)> = VecDeque::new();
         let mut commits = log.watch_commits();
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -553,8 +563,14 @@ fn run_broker(
                     let now = Instant::now();
                     let mut next = Some(done);
                     while let Some(done) = next {
-                        let (tokens, ok, bytes): (Vec<u64>, bool, usize) = done;
+                        let (tokens, ok, bytes, of): (Vec<u64>, bool, usize, u64) = done;
                         appending -= bytes;
+                        if let Some(left) = open_rounds.get_mut(&of) {
+                            *left -= 1;
+                            if *left == 0 {
+                                open_rounds.remove(&of);
+                            }
+                        }
                         for token in tokens {
                             broker.handle(Input::Appended { token, ok }, now);
                         }
@@ -590,12 +606,17 @@ fn run_broker(
                 .collect();
             broker.set_blocked(full);
             let actions = broker.take_actions(Instant::now());
+            round += 1;
             let mut metadata: Vec<Command> = Vec::new();
+            let mut positions: Vec<Command> = Vec::new();
+            let mut barrier = false;
             let mut grouped: Vec<Grouped> = Vec::new();
             let mut rest = Vec::new();
             for a in actions {
                 match a {
                     Action::Meta(c) => metadata.push(c),
+                    Action::Position(c) => positions.push(c),
+                    Action::Barrier => barrier = true,
                     Action::Append {
                         token,
                         stream,
@@ -614,8 +635,11 @@ fn run_broker(
                     other => rest.push(other),
                 }
             }
-            if !metadata.is_empty() {
-                if let Err(e) = meta.apply(&metadata) {
+            if !metadata.is_empty() || barrier {
+                // Held positions first: the state is written in the order it was made.
+                let mut all: Vec<Command> = held.drain(..).flat_map(|(_, c)| c).collect();
+                all.extend(metadata);
+                if let Err(e) = state.write(all) {
                     error!(error = %e, "cannot write the AMQP state");
                 }
             }
@@ -628,9 +652,19 @@ fn run_broker(
                     })
                     .sum();
                 appending += bytes;
+                *open_rounds.entry(round).or_default() += 1;
                 let append = log.append(&stream, partition, AppendData::Records(records));
-                appends.push(async move { (tokens, append.await.is_ok(), bytes) });
+                appends.push(async move { (tokens, append.await.is_ok(), bytes, round) });
             }
+            if !positions.is_empty() {
+                held.push_back((round, positions));
+            }
+            let oldest_open = open_rounds.keys().next().copied().unwrap_or(u64::MAX);
+            let mut durable_now = Vec::new();
+            while held.front().is_some_and(|(r, _)| *r < oldest_open) {
+                durable_now.extend(held.pop_front().map(|(_, c)| c).unwrap_or_default());
+            }
+            state.send(durable_now);
             for a in rest {
                 match a {
                     Action::Send { conn, bytes } => {
@@ -669,7 +703,10 @@ fn run_broker(
                             let _ = w.send(Out::Close).await;
                         }
                     }
-                    Action::Meta(_) | Action::Append { .. } => {}
+                    Action::Meta(_)
+                    | Action::Position(_)
+                    | Action::Barrier
+                    | Action::Append { .. } => {}
                 }
             }
             // What each connection has waiting goes to its writer as one entry, if it has

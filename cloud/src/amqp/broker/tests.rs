@@ -148,14 +148,18 @@ fn publish(b: &mut Broker, conn: ConnId, key: &str, body: &[u8]) {
 }
 
 fn declare(b: &mut Broker, conn: ConnId, name: &str) {
+    declare_as(b, conn, name, false, false);
+}
+
+fn declare_as(b: &mut Broker, conn: ConnId, name: &str, durable: bool, passive: bool) {
     method(
         b,
         conn,
         1,
         AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
             queue: name.into(),
-            passive: false,
-            durable: false,
+            passive,
+            durable,
             exclusive: false,
             auto_delete: false,
             nowait: false,
@@ -337,6 +341,36 @@ fn an_empty_queue_name_is_the_channels_last_declared_queue() {
     publish(&mut b, 1, "last", b"hi");
     let (_, actions) = round(&mut b, 1);
     // The append lands in the log (the memory log answers at once) and is read back.
+    append_all(&mut b, actions);
+    let frames = get(&mut b, "", true);
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) if ok.message_count == 0
+        )),
+        "{frames:?}"
+    );
+    assert!(frames
+        .iter()
+        .any(|f| matches!(f, AMQPFrame::Body(1, body) if body == b"hi")));
+}
+
+/// basic.get on channel 1 of connection 1: what the round answered.
+fn get(b: &mut Broker, queue: &str, no_ack: bool) -> Vec<AMQPFrame> {
+    method(
+        b,
+        1,
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
+            queue: queue.into(),
+            no_ack,
+        })),
+    );
+    round(b, 1).0
+}
+
+/// Makes every append among `actions` in the (memory) log and answers the broker.
+fn append_all(b: &mut Broker, actions: Vec<Action>) {
     for a in actions {
         if let Action::Append {
             token,
@@ -354,24 +388,129 @@ fn an_empty_queue_name_is_the_channels_last_declared_queue() {
             b.handle(Input::Appended { token, ok: true }, Instant::now());
         }
     }
+}
+
+fn cursor_writes(actions: &[Action]) -> (usize, usize) {
+    let is_cursor =
+        |c: &Command| matches!(c, Command::AmqpPut { key, .. } if key.starts_with("c/"));
+    let sync = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Meta(c) if is_cursor(c)))
+        .count();
+    let lazy = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Position(c) if is_cursor(c)))
+        .count();
+    (sync, lazy)
+}
+
+#[test]
+fn an_ack_moves_the_position_without_a_reply_waiting_and_a_purge_waits_for_it() {
+    let mut b = broker();
+    open(&mut b, 1);
+    declare_as(&mut b, 1, "dq", true, false);
+    let (_, actions) = round(&mut b, 1);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Meta(Command::AmqpPut { key, .. }) if key == "q/%2F/dq")),
+        "a durable queue's definition is stored before declare-ok: {actions:?}"
+    );
+    publish(&mut b, 1, "dq", b"one");
+    publish(&mut b, 1, "dq", b"two");
+    let (_, actions) = round(&mut b, 1);
+    append_all(&mut b, actions);
+    b.handle(Input::LogChanged, Instant::now());
+    round(&mut b, 1);
+    let frames = get(&mut b, "dq", false);
+    let tag = frames
+        .iter()
+        .find_map(|f| match f {
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) => {
+                Some(ok.delivery_tag)
+            }
+            _ => None,
+        })
+        .expect("get-ok");
     method(
         &mut b,
         1,
         1,
-        AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
-            queue: "".into(),
-            no_ack: true,
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple: false,
         })),
     );
-    let (frames, _) = round(&mut b, 1);
+    let (_, actions) = round(&mut b, 1);
+    assert_eq!(cursor_writes(&actions), (0, 1), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Barrier)));
+    // A synchronous method after the ack: its reply waits for the position.
+    declare_as(&mut b, 1, "dq", true, true);
+    let (_, actions) = round(&mut b, 1);
     assert!(
-        frames.iter().any(|f| matches!(
-            f,
-            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) if ok.message_count == 0
-        )),
-        "{frames:?}"
+        actions.iter().any(|a| matches!(a, Action::Barrier)),
+        "{actions:?}"
     );
-    assert!(frames
-        .iter()
-        .any(|f| matches!(f, AMQPFrame::Body(1, body) if body == b"hi")));
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Purge(queue::Purge {
+            queue: "dq".into(),
+            nowait: false,
+        })),
+    );
+    let (frames, actions) = round(&mut b, 1);
+    assert!(frames.iter().any(|f| matches!(
+        f,
+        AMQPFrame::Method(1, AMQPClass::Queue(queue::AMQPMethod::PurgeOk(ok))) if ok.message_count == 1
+    )));
+    assert_eq!(cursor_writes(&actions), (1, 0), "{actions:?}");
+}
+
+#[test]
+fn records_appended_by_others_are_read_when_the_log_says_it_changed() {
+    let mut b = broker();
+    open(&mut b, 1);
+    declare(&mut b, 1, "q");
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "q".into(),
+            consumer_tag: "c1".into(),
+            no_local: false,
+            no_ack: true,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    );
+    round(&mut b, 1);
+    // Another front (or node part) appends to the stream this exchange writes to.
+    let (stream, partition, record) = crate::amqp::message::to_log(
+        &b.routes.get(),
+        "",
+        "q",
+        &AMQPProperties::default(),
+        bytes::Bytes::from_static(b"from elsewhere"),
+        1_000,
+    );
+    let done = futures_util::FutureExt::now_or_never(b.log.append(
+        &stream,
+        partition,
+        crate::log::AppendData::Records(vec![record]),
+    ));
+    assert!(matches!(done, Some(Ok(_))));
+    let body = |frames: &[AMQPFrame]| {
+        frames
+            .iter()
+            .any(|f| matches!(f, AMQPFrame::Body(1, body) if body == b"from elsewhere"))
+    };
+    let (frames, _) = round(&mut b, 1);
+    assert!(!body(&frames), "a round without news reads nothing");
+    b.handle(Input::LogChanged, Instant::now());
+    let (frames, _) = round(&mut b, 1);
+    assert!(body(&frames), "{frames:?}");
 }
