@@ -28,7 +28,7 @@ mod topology;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,9 +100,17 @@ impl Default for AmqpConfig {
     }
 }
 
-/// Frames read from connections and not yet taken by the broker thread; a full queue makes
-/// the readers wait (TCP pushes back to the clients).
+/// Connections opened and connections with frames, not yet taken by the broker thread (at
+/// most one entry per connection with frames): a full queue makes readers wait.
 const INPUT_QUEUE: usize = 4096;
+/// Frames read from one connection and not yet taken by the broker thread; a full lane makes
+/// its reader wait (TCP pushes back to the client).
+const LANE: usize = 256;
+/// Frames the broker thread takes from one connection before the next one's turn, so a
+/// consumer's acknowledgements do not queue behind other clients' publishes.
+const TURN: usize = 32;
+/// Frames taken in one round (then the round's actions go out).
+const ROUND_FRAMES: usize = 1024;
 /// Writes queued for one connection; the broker delivers no more to a connection whose
 /// queue is full until it drains.
 const WRITE_QUEUE: usize = 64;
@@ -114,17 +122,50 @@ const MAX_UNSENT_BYTES: usize = 16 << 20;
 /// How often the broker's timers run (acknowledgement timeout, TTL, x-expires).
 const TICK: Duration = Duration::from_secs(1);
 
-/// What the connection tasks send the broker thread.
-// Frames are the common case (see `Input`): not boxed.
-#[allow(clippy::large_enum_variant)]
+/// What the connection tasks send the broker thread; their frames go in their own lane.
 enum Event {
     Open {
         conn: ConnId,
         writer: mpsc::Sender<Out>,
         heartbeat: Arc<AtomicU16>,
         paused: tokio::sync::watch::Sender<bool>,
+        lane: Lane,
     },
-    Input(Input),
+    /// The connection's lane has inputs (sent once until the broker took its turn).
+    Ready(ConnId),
+}
+
+/// One connection's inputs, in order, for the broker thread. `queued` is set while the
+/// connection is in the broker's turns or a [`Event::Ready`] for it is on its way.
+struct Lane {
+    inputs: mpsc::Receiver<Input>,
+    queued: Arc<AtomicBool>,
+}
+
+/// The reader's end of its lane.
+struct LaneSender {
+    conn: ConnId,
+    inputs: mpsc::Sender<Input>,
+    queued: Arc<AtomicBool>,
+    events: mpsc::Sender<Event>,
+}
+
+impl LaneSender {
+    /// Queues `input`, and tells the broker thread if the lane was idle. Err: the broker
+    /// thread is gone.
+    async fn send(&self, input: Input) -> Result<(), ()> {
+        self.inputs.send(input).await.map_err(|_| ())?;
+        // Against the broker's store-then-look (see `run_broker`): one of the two sees the
+        // other, so a lane with inputs is never left out of the turns.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.queued.swap(true, Ordering::SeqCst) {
+            self.events
+                .send(Event::Ready(self.conn))
+                .await
+                .map_err(|_| ())?;
+        }
+        Ok(())
+    }
 }
 
 /// Appends of one round to one partition: (stream, partition), their tokens, records.
@@ -377,18 +418,30 @@ where
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(WRITE_QUEUE);
     let heartbeat = Arc::new(AtomicU16::new(0));
     let (paused, mut paused_rx) = tokio::sync::watch::channel(false);
+    let (inputs, lane_rx) = mpsc::channel(LANE);
+    let queued = Arc::new(AtomicBool::new(false));
     if events
         .send(Event::Open {
             conn,
             writer: out_tx,
             heartbeat: heartbeat.clone(),
             paused,
+            lane: Lane {
+                inputs: lane_rx,
+                queued: queued.clone(),
+            },
         })
         .await
         .is_err()
     {
         return;
     }
+    let lane = LaneSender {
+        conn,
+        inputs,
+        queued,
+        events,
+    };
     let beat = heartbeat.clone();
     let write = tokio::spawn(async move {
         let mut heartbeat_frame = Vec::new();
@@ -440,7 +493,7 @@ where
             }
         }
     });
-    let _ = events.send(Event::Input(Input::Connected { conn })).await;
+    let _ = lane.send(Input::Connected { conn }).await;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         // Paused while the node is under pressure and this connection publishes.
@@ -471,27 +524,23 @@ where
         loop {
             match codec::take_frame(&mut buf, frame_max) {
                 Ok(Some(frame)) => {
-                    if events
-                        .send(Event::Input(Input::Frame { conn, frame }))
-                        .await
-                        .is_err()
-                    {
+                    if lane.send(Input::Frame { conn, frame }).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    let _ = events.send(Event::Input(Input::Bad { conn, error })).await;
+                    let _ = lane.send(Input::Bad { conn, error }).await;
                     // The broker sends connection.close and closes; what the peer sends
                     // after a bad frame is not read.
                     let _ = write.await;
-                    let _ = events.send(Event::Input(Input::Lost { conn })).await;
+                    let _ = lane.send(Input::Lost { conn }).await;
                     return;
                 }
             }
         }
     }
-    let _ = events.send(Event::Input(Input::Lost { conn })).await;
+    let _ = lane.send(Input::Lost { conn }).await;
     write.abort();
 }
 
@@ -518,6 +567,9 @@ fn run_broker(
         let mut writers: HashMap<ConnId, mpsc::Sender<Out>> = HashMap::new();
         let mut heartbeats: HashMap<ConnId, Arc<AtomicU16>> = HashMap::new();
         let mut pauses: HashMap<ConnId, tokio::sync::watch::Sender<bool>> = HashMap::new();
+        let mut lanes: HashMap<ConnId, Lane> = HashMap::new();
+        // Connections with inputs waiting, in turn.
+        let mut turns: VecDeque<ConnId> = VecDeque::new();
         // Bytes for a connection whose writer had no room yet.
         let mut unsent: HashMap<ConnId, Vec<u8>> = HashMap::new();
         // Bytes of records handed to the log and not yet durable.
@@ -535,29 +587,22 @@ fn run_broker(
             tokio::select! {
                 event = rx.recv() => {
                     let Some(event) = event else { return };
-                    let now = Instant::now();
                     let mut next = Some(event);
-                    let mut n = 0;
                     while let Some(event) = next {
                         match event {
-                            Event::Open { conn, writer, heartbeat, paused } => {
+                            Event::Open { conn, writer, heartbeat, paused, lane } => {
                                 writers.insert(conn, writer);
                                 heartbeats.insert(conn, heartbeat);
                                 pauses.insert(conn, paused);
+                                lanes.insert(conn, lane);
                             }
-                            Event::Input(input) => {
-                                if let Input::Lost { conn } = &input {
-                                    writers.remove(conn);
-                                    heartbeats.remove(conn);
-                                    pauses.remove(conn);
-                                }
-                                broker.handle(input, now);
-                            }
+                            Event::Ready(conn) => turns.push_back(conn),
                         }
-                        n += 1;
-                        next = if n < 1024 { rx.try_recv().ok() } else { None };
+                        next = rx.try_recv().ok();
                     }
                 }
+                // Inputs left from the last round: go on at once.
+                _ = std::future::ready(()), if !turns.is_empty() => {}
                 Some(done) = appends.next(), if !appends.is_empty() => {
                     // Every append that is done by now, in one round.
                     let now = Instant::now();
@@ -591,6 +636,41 @@ fn run_broker(
                 // Deliveries left from the last round: go on at once, or in a moment if a
                 // writer is full.
                 _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() || !unsent.is_empty() => {}
+            }
+            // Each connection with inputs in turn, up to TURN of its frames, until the
+            // round's share is taken.
+            let now = Instant::now();
+            let mut frames_left = ROUND_FRAMES;
+            while frames_left > 0 {
+                let Some(conn) = turns.pop_front() else { break };
+                let Some(lane) = lanes.get_mut(&conn) else { continue };
+                let mut took = 0;
+                let mut lost = false;
+                while took < TURN {
+                    let Ok(input) = lane.inputs.try_recv() else { break };
+                    took += 1;
+                    lost = matches!(input, Input::Lost { .. });
+                    broker.handle(input, now);
+                    if lost {
+                        break;
+                    }
+                }
+                frames_left = frames_left.saturating_sub(took.max(1));
+                if lost {
+                    lanes.remove(&conn);
+                    writers.remove(&conn);
+                    heartbeats.remove(&conn);
+                    pauses.remove(&conn);
+                } else if took == TURN {
+                    turns.push_back(conn);
+                } else {
+                    // Idle now, unless the reader queued more since the last look.
+                    lane.queued.store(false, Ordering::SeqCst);
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if !lane.inputs.is_empty() && !lane.queued.swap(true, Ordering::SeqCst) {
+                        turns.push_back(conn);
+                    }
+                }
             }
             // The log's backlog is the node's limit: over budget, publishers wait.
             let over = appending > budget;
