@@ -3,12 +3,15 @@
 //! milliseconds) does not hold the broker thread's next round of appends and confirms.
 //!
 //! Jobs are committed in the order they were sent; whatever queued up while a commit ran
-//! goes in the next one (one commit in flight). A job sent with [`StateWriter::write`]
-//! returns once it is durable (a reply follows it: declare-ok, purge-ok, tx.commit-ok);
+//! goes in the next one (one commit in flight), and positions nobody waits for gather for
+//! up to 10 ms after the last commit. A job sent with [`StateWriter::write`] returns once it
+//! is durable (a reply follows it: declare-ok, purge-ok, tx.commit-ok), at once if need be;
 //! one sent with [`StateWriter::send`] returns at once.
 
+use std::collections::BTreeMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::error;
 
@@ -17,6 +20,10 @@ use crate::meta::{Command, Meta, MetaError};
 /// Jobs waiting for the writer; a full queue makes the broker thread wait (the metadata
 /// store is then the limit, as it was when the broker committed itself).
 const QUEUE: usize = 64;
+/// The least time between two commits of positions that nobody waits for: a crash may
+/// bring back, marked redelivered, what was acknowledged in the last GATHER (at most
+/// 1 / GATHER fsyncs a second for acknowledgements).
+const GATHER: Duration = Duration::from_millis(10);
 
 struct Job {
     commands: Vec<Command>,
@@ -71,25 +78,71 @@ impl StateWriter {
 }
 
 fn run(meta: &Meta, rx: &Receiver<Job>) {
+    let mut last_commit = Instant::now();
     while let Ok(first) = rx.recv() {
-        let mut commands = first.commands;
-        let mut waiting: Vec<SyncSender<Result<(), String>>> = first.done.into_iter().collect();
-        while let Ok(next) = rx.try_recv() {
-            commands.extend(next.commands);
-            waiting.extend(next.done);
+        let mut batch = Batch::default();
+        batch.add(first);
+        // Positions nobody waits for gather until GATHER after the last commit (a job that
+        // is waited for ends the wait), so a stream of acknowledgements costs a bounded
+        // number of fsyncs, not one per round, and leaves the disk to the log's appends.
+        let deadline = last_commit + GATHER;
+        loop {
+            while let Ok(next) = rx.try_recv() {
+                batch.add(next);
+            }
+            let now = Instant::now();
+            if !batch.waiting.is_empty() || now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(next) => batch.add(next),
+                Err(_) => break,
+            }
         }
+        let commands = batch.commands();
         // An empty job is a barrier: what came before it is durable once it is answered.
         let result = if commands.is_empty() {
             Ok(())
         } else {
             meta.apply(&commands).map_err(|e: MetaError| e.to_string())
         };
+        last_commit = Instant::now();
         if let Err(e) = &result {
             error!(error = %e, "cannot write the AMQP state");
         }
-        for w in waiting {
+        for w in batch.waiting {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+/// The jobs of one commit: per key only the last command counts (they are applied in one
+/// transaction), so a queue's position written in many rounds is written once.
+#[derive(Default)]
+struct Batch {
+    keyed: BTreeMap<String, Command>,
+    /// Commands without a key of the AMQP front's (it sends none today), in order.
+    other: Vec<Command>,
+    waiting: Vec<SyncSender<Result<(), String>>>,
+}
+
+impl Batch {
+    fn add(&mut self, job: Job) {
+        for c in job.commands {
+            match &c {
+                Command::AmqpPut { key, .. } | Command::AmqpDelete { key } => {
+                    self.keyed.insert(key.clone(), c);
+                }
+                _ => self.other.push(c),
+            }
+        }
+        self.waiting.extend(job.done);
+    }
+
+    fn commands(&mut self) -> Vec<Command> {
+        let mut all = std::mem::take(&mut self.other);
+        all.extend(std::mem::take(&mut self.keyed).into_values());
+        all
     }
 }
 
