@@ -38,6 +38,9 @@ impl FrameError {
     }
 }
 
+/// The most [`take_frame`] reserves ahead for a frame that is not all there yet.
+const RESERVE_MAX: usize = 128 * 1024;
+
 /// Takes one whole frame off the front of `buf`, if it holds one. `frame_max` bounds the
 /// whole frame, header and frame-end included (0: the spec's 2^32-1, i.e. no bound).
 pub(crate) fn take_frame(
@@ -66,7 +69,9 @@ pub(crate) fn take_frame(
         });
     }
     if buf.len() < whole {
-        buf.reserve(whole - buf.len());
+        // Room for the rest, but not what a size field alone claims (up to 4 GiB without a
+        // bound): the reader grows the buffer as the bytes come.
+        buf.reserve((whole - buf.len()).min(RESERVE_MAX));
         return Ok(None);
     }
     if buf[whole - 1] != constants::FRAME_END {
@@ -125,6 +130,14 @@ mod tests {
         }
         assert_eq!(got, vec![a, b]);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_size_field_alone_does_not_reserve_its_size() {
+        // A method frame header claiming 4 GiB, with no bound.
+        let mut buf = BytesMut::from(&[1u8, 0, 1, 0xFF, 0xFF, 0xFF, 0xFF, 0][..]);
+        assert_eq!(take_frame(&mut buf, 0), Ok(None));
+        assert!(buf.capacity() <= RESERVE_MAX + 8, "{}", buf.capacity());
     }
 
     #[test]
