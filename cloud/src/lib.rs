@@ -10,6 +10,7 @@
 //! - [`mqtt`]: the MQTT front: the broker of `ferry-edge` in log mode, and the tailer that
 //!   delivers from the log.
 //! - [`kafka`]: the Kafka front (the Kafka wire protocol over the log).
+//! - [`amqp`]: the AMQP 0-9-1 front (RabbitMQ clients; queues are cursors over the log).
 //! - [`link_sink`] and [`ingest`]: the link's cloud side (`ferry_bridge`'s cloud listener):
 //!   an edge's records appended exactly once by (edge, class, sequence), the downlink.
 //! - [`admin`]: the admin HTTP listener: a JSON API and Prometheus metrics.
@@ -17,8 +18,7 @@
 //!   one process; the only part of the node that builds ferry-edge's edge parts (the outbox,
 //!   the link's edge end).
 //!
-//! Still to come (see the README's status table): the AMQP 0-9-1 front, the object-store
-//! backend, clustering.
+//! Still to come (see the README's status table): the object-store backend, clustering.
 
 pub mod admin;
 pub mod amqp;
