@@ -611,3 +611,127 @@ async fn kafka_consumers_read_what_amqp_clients_published() {
         "key = routing key, value = body, the exchange as a header"
     );
 }
+
+/// One AMQP frame as bytes: a method (class, method, arguments) on `channel`.
+fn method_frame(channel: u16, class: u16, method: u16, args: &[u8]) -> Vec<u8> {
+    let mut f = vec![1u8];
+    f.extend_from_slice(&channel.to_be_bytes());
+    f.extend_from_slice(&(4 + args.len() as u32).to_be_bytes());
+    f.extend_from_slice(&class.to_be_bytes());
+    f.extend_from_slice(&method.to_be_bytes());
+    f.extend_from_slice(args);
+    f.push(0xCE);
+    f
+}
+
+/// A client's handshake up to channel 1 open, as guest, sent in one go without reading.
+fn raw_handshake() -> Vec<u8> {
+    let mut out = b"AMQP\x00\x00\x09\x01".to_vec();
+    let mut start_ok = 0u32.to_be_bytes().to_vec(); // client properties: an empty table
+    start_ok.extend_from_slice(b"\x05PLAIN");
+    let response = b"\0guest\0guest";
+    start_ok.extend_from_slice(&(response.len() as u32).to_be_bytes());
+    start_ok.extend_from_slice(response);
+    start_ok.extend_from_slice(b"\x05en_US");
+    out.extend(method_frame(0, 10, 11, &start_ok));
+    let mut tune_ok = 16u16.to_be_bytes().to_vec();
+    tune_ok.extend_from_slice(&131_072u32.to_be_bytes());
+    tune_ok.extend_from_slice(&0u16.to_be_bytes());
+    out.extend(method_frame(0, 10, 31, &tune_ok));
+    out.extend(method_frame(0, 10, 40, b"\x01/\x00\x00"));
+    out.extend(method_frame(1, 20, 10, b"\x00"));
+    out
+}
+
+/// Reads until the peer ends the connection (EOF or reset), at most `secs`: true if it did.
+async fn ends_within(stream: &mut tokio::net::TcpStream, secs: u64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), read_all)
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_stalls_nobody_and_silent_sockets_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let (node, uri) = node("amqp-stuck").await;
+    let addr = node.amqp_addr.expect("amqp");
+    // A socket that sends nothing, and one that sends only its protocol header.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut header_only = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    header_only
+        .write_all(b"AMQP\x00\x00\x09\x01")
+        .await
+        .expect("header");
+    // A client that never reads, with a small receive buffer: its replies back up into the
+    // server's writer queue.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stuck = socket.connect(addr).await.expect("connect");
+    let mut flood = raw_handshake();
+    // basic.qos (prefetch 10) many times: each is answered with qos-ok, none is read.
+    let qos = method_frame(1, 60, 10, &[0, 0, 0, 0, 0, 10, 0]);
+    for _ in 0..800_000 {
+        flood.extend_from_slice(&qos);
+    }
+    stuck.write_all(&flood).await.expect("flood");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Then a frame with a broken end: the server closes the connection, with its close
+    // queued behind what the client did not read.
+    let mut bad = method_frame(1, 60, 10, &[0, 0, 0, 0, 0, 10, 0]);
+    *bad.last_mut().expect("end") = 0x00;
+    stuck.write_all(&bad).await.expect("bad frame");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everyone else is still served.
+    let served = async {
+        let (conn, ch) = channel(&uri).await;
+        ch.queue_declare(
+            "still-served".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        ch.basic_publish(
+            "".into(),
+            "still-served".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+        conn
+    };
+    let _conn = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("another client is served while one does not read");
+    // The one that does not read is let go after the send timeout (15 s), without reading
+    // a byte of it; the silent ones after the handshake timeout (10 s).
+    let amqp = node.amqp.clone().expect("the AMQP front");
+    ferry_tests::process::wait_until(30, "only the lapin connection is left", || {
+        amqp.overview().connections.len() == 1
+    });
+    assert!(
+        ends_within(&mut silent, 5).await,
+        "the silent socket is closed"
+    );
+    assert!(
+        ends_within(&mut header_only, 5).await,
+        "the socket that sent only its header is closed"
+    );
+}

@@ -37,6 +37,7 @@ const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// AMQP reply codes (the spec's constants).
 pub(crate) mod code {
+    pub(crate) const CONNECTION_FORCED: u16 = 320;
     pub(crate) const CONTENT_TOO_LARGE: u16 = 311;
     pub(crate) const NO_ROUTE: u16 = 312;
     pub(crate) const ACCESS_REFUSED: u16 = 403;
@@ -62,6 +63,9 @@ pub(crate) struct Settings {
     /// A delivery unacknowledged this long closes its channel (RabbitMQ's
     /// `consumer_timeout`, 30 minutes by default).
     pub(crate) ack_timeout: Duration,
+    /// A connection not open (connection.open answered) this long after its protocol
+    /// header is closed (RabbitMQ's `handshake_timeout`, 10 s by default).
+    pub(crate) handshake_timeout: Duration,
 }
 
 /// What comes in.
@@ -118,12 +122,17 @@ pub(crate) enum Action {
         stream: String,
         partition: u32,
         record: NewRecord,
+        /// A dead-lettered copy: its source queue let go of the message in this round,
+        /// so the round's positions (and every later one) wait until it is durable,
+        /// even those a reply waits for.
+        dead_letter: bool,
     },
     /// Make this metadata durable before anything after it is sent.
     Meta(Command),
-    /// A queue's position (its cursor state): make it durable once the appends of the same
-    /// round are (a dead-lettered message is in the log before its queue lets go of it);
-    /// nothing waits for it. Written in order with [`Action::Meta`].
+    /// A queue's position (its cursor state): make it durable once the dead-lettered
+    /// copies of its round and of those before are (a dead-lettered message is in the log
+    /// before its queue lets go of it); nothing waits for it. Written in order with
+    /// [`Action::Meta`].
     Position(Command),
     /// Every position sent before must be durable before anything after it is sent (a
     /// client that acknowledged sent a synchronous method: its reply tells it the
@@ -161,6 +170,9 @@ struct Conn {
     channels: BTreeMap<u16, Channel>,
     out: Vec<u8>,
     next_ctag: u64,
+    /// When its protocol header came: the handshake must be done by this plus the
+    /// handshake timeout.
+    since: Instant,
 }
 
 /// A message being received: publish, then its header, then its body.
@@ -413,7 +425,7 @@ impl Broker {
     /// Handles one input; the actions are in [`Broker::take_actions`].
     pub(crate) fn handle(&mut self, input: Input, now: Instant) {
         match input {
-            Input::Connected { conn } => self.connected(conn),
+            Input::Connected { conn } => self.connected(conn, now),
             Input::Frame { conn, frame } => self.frame(conn, frame, now),
             Input::Bad { conn, error } => {
                 let code = error.reply_code();
@@ -457,7 +469,7 @@ impl Broker {
 
     // ---- connections ----
 
-    fn connected(&mut self, conn: ConnId) {
+    fn connected(&mut self, conn: ConnId, now: Instant) {
         let mut c = Conn {
             stage: Stage::Start,
             user: None,
@@ -471,6 +483,7 @@ impl Broker {
             channels: BTreeMap::new(),
             out: Vec::new(),
             next_ctag: 1,
+            since: now,
         };
         let mut caps = FieldTable::default();
         for cap in [
@@ -2011,6 +2024,7 @@ impl Broker {
             stream,
             partition,
             record,
+            dead_letter: false,
         });
     }
 
@@ -2156,6 +2170,7 @@ impl Broker {
                         stream,
                         partition,
                         record,
+                        dead_letter: false,
                     });
                 }
             }
@@ -2607,6 +2622,7 @@ impl Broker {
             stream,
             partition,
             record,
+            dead_letter: true,
         });
     }
 
@@ -2703,6 +2719,27 @@ impl Broker {
     }
 
     fn tick(&mut self, now: Instant) {
+        // A handshake not done in time ends its connection (a peer that opened a socket
+        // and went quiet holds nothing for long).
+        let limit = self.settings.handshake_timeout;
+        let slow: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.stage, Stage::Start | Stage::Tune | Stage::Open)
+                    && now.duration_since(c.since) > limit
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in slow {
+            self.close_connection(
+                conn,
+                code::CONNECTION_FORCED,
+                "CONNECTION_FORCED - handshake timed out",
+                0,
+                0,
+            );
+        }
         // Deliveries unacknowledged past the timeout close their channel (RabbitMQ's
         // consumer_timeout).
         let timeout = self.settings.ack_timeout;

@@ -48,6 +48,7 @@ pub fn session(data: &[u8]) {
         channel_max: 8,
         heartbeat_secs: 0,
         ack_timeout: Duration::from_secs(1800),
+        handshake_timeout: Duration::from_secs(10),
     };
     let routes = match Routes::new(&[]) {
         Ok(r) => Arc::new(RouteTable::new(r)),
@@ -145,6 +146,7 @@ fn drive(b: &mut Broker, log: &dyn Storage, now: Instant) -> bool {
                     stream,
                     partition,
                     record,
+                    ..
                 } => {
                     let done = log
                         .append(&stream, partition, AppendData::Records(vec![record]))

@@ -114,8 +114,15 @@ const ROUND_FRAMES: usize = 1024;
 /// Writes queued for one connection; the broker delivers no more to a connection whose
 /// queue is full until it drains.
 const WRITE_QUEUE: usize = 64;
-/// A TLS handshake that takes longer is dropped.
+/// A TLS handshake, a protocol header or an AMQP handshake (up to connection.open) that
+/// takes longer ends its connection (RabbitMQ's `handshake_timeout`).
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// A write the peer takes nothing of for this long ends its connection (RabbitMQ's
+/// `send_timeout`), and so does a close whose bytes cannot be queued for its writer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+/// After the server's connection.close went out, how long the peer's close-ok (or its
+/// closing the socket) is waited for while what it sends is read and dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Bytes waiting for one connection's writer (it had no room) before the connection is
 /// taken for one that does not read and is closed: far more than a round's replies.
 const MAX_UNSENT_BYTES: usize = 16 << 20;
@@ -171,11 +178,69 @@ impl LaneSender {
 /// Appends of one round to one partition: (stream, partition), their tokens, records.
 type Grouped = ((String, u32), Vec<u64>, Vec<crate::log::NewRecord>);
 
+/// An append done: its tokens, whether it is durable, its bytes, its round.
+type Done = (Vec<u64>, bool, usize, u64);
+
+/// The broker thread's rounds with appends not yet done: round → (appends left, whether
+/// any is a dead-lettered copy).
+#[derive(Default)]
+struct OpenRounds(BTreeMap<u64, (usize, bool)>);
+
+impl OpenRounds {
+    /// An append of `round` started.
+    fn started(&mut self, round: u64, dead_letters: bool) {
+        let e = self.0.entry(round).or_default();
+        e.0 += 1;
+        e.1 |= dead_letters;
+    }
+
+    /// An append finished: tells the broker, and returns its bytes.
+    fn done(&mut self, done: &Done, broker: &mut Broker, now: Instant) -> usize {
+        let (tokens, ok, bytes, of) = done;
+        if let Some(e) = self.0.get_mut(of) {
+            e.0 -= 1;
+            if e.0 == 0 {
+                self.0.remove(of);
+            }
+        }
+        for token in tokens {
+            broker.handle(
+                Input::Appended {
+                    token: *token,
+                    ok: *ok,
+                },
+                now,
+            );
+        }
+        *bytes
+    }
+
+    /// The oldest round whose dead-lettered copies are not all durable (`u64::MAX`: none):
+    /// positions from it on wait.
+    fn oldest_dead_letters(&self) -> u64 {
+        self.0
+            .iter()
+            .find(|(_, (_, dl))| *dl)
+            .map_or(u64::MAX, |(r, _)| *r)
+    }
+}
+
 /// What the broker thread sends a connection's writer.
 #[derive(Debug)]
 enum Out {
     Bytes(Vec<u8>),
-    Close,
+    /// The last bytes (the connection.close, and what preceded it): written, then the
+    /// socket is shut for writing.
+    Last(Vec<u8>),
+}
+
+/// How a connection's writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterEnd {
+    /// It wrote its last bytes (or the broker let it go) and shut the socket for writing.
+    Closed,
+    /// A write failed or the peer took nothing for [`SEND_TIMEOUT`].
+    Failed,
 }
 
 /// What the admin API shows of the AMQP front (a snapshot the broker thread refreshes about
@@ -309,6 +374,7 @@ pub async fn start(
         channel_max: config.channel_max,
         heartbeat_secs: config.heartbeat_secs,
         ack_timeout: Duration::from_secs(config.ack_timeout_secs),
+        handshake_timeout: HANDSHAKE,
     };
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -405,8 +471,13 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut header = [0u8; 8];
-    if stream.read_exact(&mut header).await.is_err() {
-        return;
+    match tokio::time::timeout(HANDSHAKE, stream.read_exact(&mut header)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return,
+        Err(_) => {
+            debug!(conn, "AMQP protocol header timed out");
+            return;
+        }
     }
     if &header != codec::PROTOCOL_HEADER {
         // The spec: answer with the protocol we speak, then close.
@@ -443,7 +514,7 @@ where
         events,
     };
     let beat = heartbeat.clone();
-    let write = tokio::spawn(async move {
+    let mut write = tokio::spawn(async move {
         let mut heartbeat_frame = Vec::new();
         codec::put_frame(
             &mut heartbeat_frame,
@@ -465,61 +536,93 @@ where
                     Err(_) => Some(Out::Bytes(heartbeat_frame.clone())),
                 }
             };
-            match next {
-                Some(Out::Bytes(mut b)) => {
-                    // Whatever else is queued goes in the same write.
-                    let mut close = false;
-                    while let Ok(more) = out_rx.try_recv() {
-                        match more {
-                            Out::Bytes(m) => b.extend_from_slice(&m),
-                            Out::Close => {
-                                close = true;
-                                break;
-                            }
-                        }
+            let (mut b, mut last) = match next {
+                Some(Out::Bytes(b)) => (b, false),
+                Some(Out::Last(b)) => (b, true),
+                None => (Vec::new(), true),
+            };
+            // Whatever else is queued goes in the same write.
+            while !last {
+                match out_rx.try_recv() {
+                    Ok(Out::Bytes(m)) => b.extend_from_slice(&m),
+                    Ok(Out::Last(m)) => {
+                        b.extend_from_slice(&m);
+                        last = true;
                     }
-                    if writer.write_all(&b).await.is_err() {
-                        return;
-                    }
-                    if close {
-                        let _ = writer.shutdown().await;
-                        return;
+                    Err(_) => break,
+                }
+            }
+            if !b.is_empty() {
+                match tokio::time::timeout(SEND_TIMEOUT, writer.write_all(&b)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return WriterEnd::Failed,
+                    Err(_) => {
+                        debug!(conn, "AMQP peer took nothing for the send timeout");
+                        return WriterEnd::Failed;
                     }
                 }
-                Some(Out::Close) | None => {
-                    let _ = writer.shutdown().await;
-                    return;
-                }
+            }
+            if last {
+                let _ = tokio::time::timeout(SEND_TIMEOUT, writer.shutdown()).await;
+                return WriterEnd::Closed;
             }
         }
     });
     let _ = lane.send(Input::Connected { conn }).await;
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Set once the writer ended after a close: what the peer sends until then is read and
+    // dropped (the broker takes nothing of a closing connection).
+    let mut closed_at: Option<tokio::time::Instant> = None;
+    let mut writer_done = false;
     loop {
-        // Paused while the node is under pressure and this connection publishes.
-        if paused_rx.wait_for(|p| !*p).await.is_err() {
-            break;
-        }
-        let secs = heartbeat.load(Ordering::Relaxed);
-        let read = if secs == 0 {
-            reader.read_buf(&mut buf).await
-        } else {
-            match tokio::time::timeout(
-                Duration::from_secs(u64::from(secs) * 2),
-                reader.read_buf(&mut buf),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => {
-                    debug!(conn, "AMQP peer silent for two heartbeats");
-                    break;
+        let limit = match closed_at {
+            Some(at) => Some(at + CLOSE_GRACE),
+            None => match heartbeat.load(Ordering::Relaxed) {
+                0 => None,
+                secs => {
+                    Some(tokio::time::Instant::now() + Duration::from_secs(u64::from(secs) * 2))
                 }
+            },
+        };
+        let read = async {
+            // Paused while the node is under pressure and this connection publishes.
+            if paused_rx.wait_for(|p| !*p).await.is_err() {
+                return None;
+            }
+            Some(reader.read_buf(&mut buf).await)
+        };
+        let timed = async {
+            match limit {
+                None => Ok(read.await),
+                Some(at) => tokio::time::timeout_at(at, read).await,
             }
         };
+        let read = tokio::select! {
+            end = &mut write, if !writer_done => {
+                writer_done = true;
+                match end {
+                    Ok(WriterEnd::Closed) => {
+                        closed_at = Some(tokio::time::Instant::now());
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+            r = timed => r,
+        };
         match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            Ok(Some(Ok(n))) if n > 0 => {}
+            Ok(_) => break,
+            Err(_) => {
+                if closed_at.is_none() {
+                    debug!(conn, "AMQP peer silent for two heartbeats");
+                }
+                break;
+            }
+        }
+        if closed_at.is_some() {
+            buf.clear();
+            continue;
         }
         loop {
             match codec::take_frame(&mut buf, frame_max) {
@@ -533,7 +636,9 @@ where
                     let _ = lane.send(Input::Bad { conn, error }).await;
                     // The broker sends connection.close and closes; what the peer sends
                     // after a bad frame is not read.
-                    let _ = write.await;
+                    if !writer_done {
+                        let _ = write.await;
+                    }
                     let _ = lane.send(Input::Lost { conn }).await;
                     return;
                 }
@@ -541,7 +646,9 @@ where
         }
     }
     let _ = lane.send(Input::Lost { conn }).await;
-    write.abort();
+    if !writer_done {
+        write.abort();
+    }
 }
 
 /// The broker thread: a current-thread runtime that waits for frames, appends, log
@@ -572,14 +679,17 @@ fn run_broker(
         let mut turns: VecDeque<ConnId> = VecDeque::new();
         // Bytes for a connection whose writer had no room yet.
         let mut unsent: HashMap<ConnId, Vec<u8>> = HashMap::new();
+        // Closed connections whose last bytes wait for room in their writer, until when.
+        let mut closing: Vec<(mpsc::Sender<Out>, Vec<u8>, Instant)> = Vec::new();
         // Bytes of records handed to the log and not yet durable.
         let mut appending = 0usize;
         let mut pressure = false;
         let mut appends = FuturesUnordered::new();
-        // Rounds are numbered; those with appends not yet done: round → appends left.
+        // Rounds are numbered; those with appends not yet done.
         let mut round: u64 = 0;
-        let mut open_rounds: BTreeMap<u64, usize> = BTreeMap::new();
-        // Queue positions waiting for the appends of their round and of those before.
+        let mut open_rounds = OpenRounds::default();
+        // Queue positions waiting for the dead-lettered copies of their round and of those
+        // before.
         let mut held: VecDeque<(u64, Vec<Command>)> = VecDeque::new();
         let mut commits = log.watch_commits();
         let mut tick = tokio::time::interval(TICK);
@@ -608,17 +718,7 @@ fn run_broker(
                     let now = Instant::now();
                     let mut next = Some(done);
                     while let Some(done) = next {
-                        let (tokens, ok, bytes, of): (Vec<u64>, bool, usize, u64) = done;
-                        appending -= bytes;
-                        if let Some(left) = open_rounds.get_mut(&of) {
-                            *left -= 1;
-                            if *left == 0 {
-                                open_rounds.remove(&of);
-                            }
-                        }
-                        for token in tokens {
-                            broker.handle(Input::Appended { token, ok }, now);
-                        }
+                        appending -= open_rounds.done(&done, &mut broker, now);
                         next = appends.next().now_or_never().flatten();
                     }
                 }
@@ -635,7 +735,7 @@ fn run_broker(
                 }
                 // Deliveries left from the last round: go on at once, or in a moment if a
                 // writer is full.
-                _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() || !unsent.is_empty() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1)), if broker.more() || !unsent.is_empty() || !closing.is_empty() => {}
             }
             // Each connection with inputs in turn, up to TURN of its frames, until the
             // round's share is taken.
@@ -691,6 +791,7 @@ fn run_broker(
             let mut positions: Vec<Command> = Vec::new();
             let mut barrier = false;
             let mut grouped: Vec<Grouped> = Vec::new();
+            let mut dead_letters = false;
             let mut rest = Vec::new();
             for a in actions {
                 match a {
@@ -702,7 +803,9 @@ fn run_broker(
                         stream,
                         partition,
                         record,
+                        dead_letter,
                     } => {
+                        dead_letters |= dead_letter;
                         let key = (stream, partition);
                         match grouped.iter_mut().find(|(k, _, _)| *k == key) {
                             Some((_, tokens, records)) => {
@@ -715,14 +818,6 @@ fn run_broker(
                     other => rest.push(other),
                 }
             }
-            if !metadata.is_empty() || barrier {
-                // Held positions first: the state is written in the order it was made.
-                let mut all: Vec<Command> = held.drain(..).flat_map(|(_, c)| c).collect();
-                all.extend(metadata);
-                if let Err(e) = state.write(all) {
-                    error!(error = %e, "cannot write the AMQP state");
-                }
-            }
             for ((stream, partition), tokens, records) in grouped {
                 let bytes: usize = records
                     .iter()
@@ -732,16 +827,31 @@ fn run_broker(
                     })
                     .sum();
                 appending += bytes;
-                *open_rounds.entry(round).or_default() += 1;
+                open_rounds.started(round, dead_letters);
                 let append = log.append(&stream, partition, AppendData::Records(records));
                 appends.push(async move { (tokens, append.await.is_ok(), bytes, round) });
+            }
+            if !metadata.is_empty() || barrier {
+                // A reply waits for this: first the dead-lettered copies of this round and
+                // of those before must be durable (their queues let go of them), then the
+                // held positions and this round's metadata are written, in the order they
+                // were made.
+                while open_rounds.oldest_dead_letters() <= round {
+                    let Some(done) = appends.next().await else { break };
+                    appending -= open_rounds.done(&done, &mut broker, Instant::now());
+                }
+                let mut all: Vec<Command> = held.drain(..).flat_map(|(_, c)| c).collect();
+                all.extend(metadata);
+                if let Err(e) = state.write(all) {
+                    error!(error = %e, "cannot write the AMQP state");
+                }
             }
             if !positions.is_empty() {
                 held.push_back((round, positions));
             }
-            let oldest_open = open_rounds.keys().next().copied().unwrap_or(u64::MAX);
+            let waiting_for = open_rounds.oldest_dead_letters();
             let mut durable_now = Vec::new();
-            while held.front().is_some_and(|(r, _)| *r < oldest_open) {
+            while held.front().is_some_and(|(r, _)| *r < waiting_for) {
                 durable_now.extend(held.pop_front().map(|(_, c)| c).unwrap_or_default());
             }
             state.send(durable_now);
@@ -755,10 +865,10 @@ fn run_broker(
                             // The broker delivers nothing to a full writer, so this is
                             // replies piling up on a peer that does not read.
                             warn!(conn, "AMQP connection not reading; closed");
+                            // Its writer, let go, ends when the peer takes what it holds,
+                            // or after the send timeout.
                             unsent.remove(&conn);
-                            if let Some(w) = writers.remove(&conn) {
-                                let _ = w.try_send(Out::Close);
-                            }
+                            writers.remove(&conn);
                             broker.handle(Input::Lost { conn }, Instant::now());
                         }
                     }
@@ -776,11 +886,11 @@ fn run_broker(
                         }
                     }
                     Action::Close { conn } => {
+                        // Never waited on here: a writer with no room gets its last bytes
+                        // in a later round.
                         if let Some(w) = writers.remove(&conn) {
-                            if let Some(b) = unsent.remove(&conn) {
-                                let _ = w.send(Out::Bytes(b)).await;
-                            }
-                            let _ = w.send(Out::Close).await;
+                            let last = unsent.remove(&conn).unwrap_or_default();
+                            closing.push((w, last, Instant::now() + SEND_TIMEOUT));
                         }
                     }
                     Action::Meta(_)
@@ -789,6 +899,17 @@ fn run_broker(
                     | Action::Append { .. } => {}
                 }
             }
+            // Closes whose writer has room now go; one that found no room in time lets its
+            // writer go (it ends once the peer took what it holds, or on its own timeout).
+            let now = Instant::now();
+            closing.retain_mut(|(w, last, until)| match w.try_reserve() {
+                Ok(permit) => {
+                    permit.send(Out::Last(std::mem::take(last)));
+                    false
+                }
+                Err(mpsc::error::TrySendError::Full(())) => now < *until,
+                Err(mpsc::error::TrySendError::Closed(())) => false,
+            });
             // What each connection has waiting goes to its writer as one entry, if it has
             // room; otherwise it waits for the next round.
             unsent.retain(|conn, bytes| {
@@ -805,4 +926,53 @@ fn run_broker(
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_wait_only_for_rounds_with_dead_lettered_copies_not_yet_durable() {
+        let mut rounds = OpenRounds::default();
+        let log = crate::log::MemoryLog::new();
+        let mut broker = Broker::new(
+            Settings {
+                vhosts: vec!["/".into()],
+                frame_max: 131_072,
+                channel_max: 16,
+                heartbeat_secs: 0,
+                ack_timeout: Duration::from_secs(1800),
+                handshake_timeout: HANDSHAKE,
+            },
+            Arc::new(Auth::open()),
+            Arc::new(RouteTable::new(
+                crate::routes::Routes::new(&[]).expect("routes"),
+            )),
+            log,
+            Vec::new(),
+        );
+        let now = Instant::now();
+        assert_eq!(rounds.oldest_dead_letters(), u64::MAX, "nothing open");
+        rounds.started(1, false);
+        rounds.started(2, true);
+        rounds.started(2, true);
+        rounds.started(3, false);
+        assert_eq!(
+            rounds.oldest_dead_letters(),
+            2,
+            "publishes alone hold nothing"
+        );
+        assert_eq!(rounds.done(&(vec![], true, 10, 2), &mut broker, now), 10);
+        assert_eq!(
+            rounds.oldest_dead_letters(),
+            2,
+            "one of round 2's two is left"
+        );
+        rounds.done(&(vec![], true, 5, 2), &mut broker, now);
+        assert_eq!(rounds.oldest_dead_letters(), u64::MAX);
+        rounds.done(&(vec![], true, 1, 1), &mut broker, now);
+        rounds.done(&(vec![], true, 1, 3), &mut broker, now);
+        assert!(rounds.0.is_empty());
+    }
 }

@@ -26,6 +26,7 @@ fn broker() -> Broker {
         channel_max: 16,
         heartbeat_secs: 0,
         ack_timeout: Duration::from_secs(1800),
+        handshake_timeout: Duration::from_secs(10),
     };
     let routes = Arc::new(RouteTable::new(Routes::new(&[]).expect("routes")));
     Broker::new(settings, Arc::new(Auth::open()), routes, log, Vec::new())
@@ -334,6 +335,43 @@ fn frames_out_of_place_close_the_connection_with_their_reply_code() {
 }
 
 #[test]
+fn a_handshake_not_done_in_time_closes_the_connection_and_an_open_one_stays() {
+    let mut b = broker();
+    let start = Instant::now();
+    open(&mut b, 1);
+    // Conn 2 sends its header and nothing more.
+    b.handle(Input::Connected { conn: 2 }, start);
+    let _ = b.take_actions(start);
+    b.handle(Input::Tick, start + Duration::from_secs(5));
+    let (_, actions) = round(&mut b, 2);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Close { .. })),
+        "within the timeout: {actions:?}"
+    );
+    b.handle(Input::Tick, start + Duration::from_secs(11));
+    let (frames, actions) = round(&mut b, 2);
+    let closed = frames.iter().find_map(|f| match f {
+        AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+            Some(c.reply_code)
+        }
+        _ => None,
+    });
+    assert_eq!(closed, Some(code::CONNECTION_FORCED), "{frames:?}");
+    let closes: Vec<ConnId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Close { conn } => Some(*conn),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        closes,
+        vec![2],
+        "only the connection still in its handshake"
+    );
+}
+
+#[test]
 fn an_empty_queue_name_is_the_channels_last_declared_queue() {
     let mut b = broker();
     open(&mut b, 1);
@@ -377,6 +415,7 @@ fn append_all(b: &mut Broker, actions: Vec<Action>) {
             stream,
             partition,
             record,
+            ..
         } = a
         {
             let done = futures_util::FutureExt::now_or_never(b.log.append(
@@ -513,4 +552,84 @@ fn records_appended_by_others_are_read_when_the_log_says_it_changed() {
     b.handle(Input::LogChanged, Instant::now());
     let (frames, _) = round(&mut b, 1);
     assert!(body(&frames), "{frames:?}");
+}
+
+#[test]
+fn a_dead_lettered_copy_is_marked_so_its_round_positions_wait_for_it() {
+    let mut b = broker();
+    open(&mut b, 1);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("dlq".into()),
+    );
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "src".into(),
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: args,
+        })),
+    );
+    declare_as(&mut b, 1, "dlq", true, false);
+    round(&mut b, 1);
+    publish(&mut b, 1, "src", b"doomed");
+    let (_, actions) = round(&mut b, 1);
+    assert!(
+        actions.iter().all(|a| !matches!(
+            a,
+            Action::Append {
+                dead_letter: true,
+                ..
+            }
+        )),
+        "a client's publish is no dead-lettered copy"
+    );
+    append_all(&mut b, actions);
+    b.handle(Input::LogChanged, Instant::now());
+    round(&mut b, 1);
+    let tag = get(&mut b, "src", false)
+        .iter()
+        .find_map(|f| match f {
+            AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))) => {
+                Some(ok.delivery_tag)
+            }
+            _ => None,
+        })
+        .expect("get-ok");
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+            delivery_tag: tag,
+            requeue: false,
+        })),
+    );
+    let (_, actions) = round(&mut b, 1);
+    let copies = actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Append {
+                    dead_letter: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(copies, 1, "{actions:?}");
+    // The source queue let go of it in the same round: its position comes with the copy.
+    assert_eq!(cursor_writes(&actions), (0, 1), "{actions:?}");
 }
