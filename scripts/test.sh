@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace. The end-to-end tests drive real clients, so this first
 # installs the ones that come from Debian's packages when they are missing (as root, or with
-# sudo), then runs `cargo test --workspace`, and prints one line that adds up every test
+# sudo), starts PostgreSQL and SeaweedFS for the object backend (scripts/services.sh), then
+# runs `cargo test --workspace`, and prints one line that adds up every test
 # binary's result: "N passed, N failed". With no arguments it then checks the boards
 # (cross-targets/check.sh: ARM builds under qemu-user, footprint) and the Debian packages
 # (scripts/check-packages.sh: built, installed with dpkg, units verified, run); with
@@ -33,8 +34,11 @@ python3 -c "import kombu, celery" 2>/dev/null || python3 -m pip install -q kombu
 [ -d tests/clients/node_modules/amqplib ] ||
   npm install --no-save --no-package-lock --silent --prefix tests/clients amqplib@0.10
 
+# PostgreSQL and SeaweedFS (S3) for the object-storage backend's tests, for this run only.
+source scripts/services.sh
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'services_stop; rm -f "$log"' EXIT
+services_start
 status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

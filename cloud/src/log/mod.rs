@@ -16,8 +16,6 @@
 //! backend, for tests.
 
 mod memory;
-// The object-storage backend, being built (docs/object-log.md): nothing calls it yet.
-#[allow(dead_code)]
 mod object;
 mod partition;
 mod segment;
@@ -41,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 pub use memory::MemoryLog;
+pub use object::{ObjectConfig, ObjectLog, S3Config};
 use partition::Partition;
 pub use segment::Damage;
 
@@ -94,7 +93,7 @@ impl LogError {
 }
 
 /// How a stream's partitions are kept. Every field has a default (see each).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamConfig {
     /// Partitions of a stream created with this configuration. Default 1.

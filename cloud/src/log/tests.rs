@@ -51,7 +51,16 @@ fn values(log: &dyn Storage, stream: &str, from: i64) -> Result<Vec<(i64, String
 /// one backend accepts and answers, the other must too.
 fn backends(test: &str) -> Vec<(&'static str, Arc<dyn Storage>)> {
     let segment: Arc<dyn Storage> = SegmentLog::open(&temp_dir(test), true, 4096).expect("open");
-    vec![("segment", segment), ("memory", MemoryLog::new())]
+    let object: Arc<dyn Storage> = ObjectLog::open(&object::tests::config(
+        test,
+        &temp_dir(&format!("{test}-objects")),
+    ))
+    .expect("open the object log");
+    vec![
+        ("segment", segment),
+        ("memory", MemoryLog::new()),
+        ("object", object),
+    ]
 }
 
 fn small_segments() -> StreamConfig {

@@ -1,4 +1,941 @@
-//! The log on object storage, its metadata in PostgreSQL (`docs/object-log.md`): being
-//! built. So far the object format.
+//! The log on object storage, its metadata in PostgreSQL (`docs/object-log.md`).
+//!
+//! ```text
+//! append ──▶ flusher (one task) ──one object per flush──▶ object store
+//!                │ ──one transaction: offsets, runs──▶ PostgreSQL
+//!                └─ then answers, updates the partitions and the cache, tells readers
+//! read ──▶ partition's runs (memory, else PostgreSQL) ──▶ cache, else a ranged GET
+//! ```
+//!
+//! The backend runs its own tokio runtime (two threads) for the store and the database, so
+//! that the `Storage` methods that are synchronous (`read`, `create_stream`…) can wait on it
+//! from any thread, the fronts' runtimes included, as they wait on a file read.
+//!
+//! Built so far: appends (one object and one commit per flush, idempotent by flush id),
+//! reads with a bounded cache, streams, offsets, offsets by time, retention by bytes and age
+//! (rows first; objects no row refers to are marked for the collector). Not yet: the
+//! collector, compaction, the metadata (`MetaStore`) in PostgreSQL, commits of other nodes.
 
 pub(crate) mod format;
+pub(crate) mod pg;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ferry_protocol::kafka::batch::BatchHeader;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tracing::{error, warn};
+
+use super::{
+    now_ms, valid_stream_name, AppendData, AppendFuture, Appended, Counters, Encoder, LogError,
+    LogStats, Offsets, PartitionInfo, ReadResult, Storage, StreamConfig, StreamInfo,
+};
+use format::RunStats;
+use pg::RunRow;
+
+/// `[storage]` for `backend = "object"` (see `docs/object-log.md`, "Configuration").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObjectConfig {
+    /// `s3://bucket/prefix` or `file:///dir`.
+    pub object_url: String,
+    /// A `postgres://` URL or a libpq connection string.
+    pub postgres_url: String,
+    /// A flush at least this often while appends wait (ms). Default 100.
+    pub flush_ms: u64,
+    /// Or as soon as this many bytes wait. Default 4 MiB.
+    pub flush_bytes: usize,
+    /// Bytes of appends not yet committed above which `append` waits. Default 64 MiB.
+    pub buffer_bytes: usize,
+    /// An append not committed by then fails (ms). Default 30,000.
+    pub append_timeout_ms: u64,
+    /// Bytes of runs this node keeps in memory for reads. Default 64 MiB.
+    pub cache_bytes: usize,
+    /// Connections to PostgreSQL at most. Default 8.
+    pub postgres_pool: usize,
+    /// This node's name in object keys. Default: a random one per start.
+    pub node: Option<String>,
+    /// `[storage.s3]`: for `s3://` URLs.
+    pub s3: S3Config,
+}
+
+impl Default for ObjectConfig {
+    fn default() -> Self {
+        Self {
+            object_url: String::new(),
+            postgres_url: String::new(),
+            flush_ms: 100,
+            flush_bytes: 4 << 20,
+            buffer_bytes: 64 << 20,
+            append_timeout_ms: 30_000,
+            cache_bytes: 64 << 20,
+            postgres_pool: 8,
+            node: None,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// `[storage.s3]`: an S3 endpoint; unset fields come from the usual `AWS_*` environment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// An S3-compatible server (path-style requests), e.g. `http://127.0.0.1:8333`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Plain HTTP to the endpoint. Default false.
+    pub allow_http: bool,
+}
+
+/// Runs of a partition kept in memory (the newest, and those read lately); older ones are
+/// asked of PostgreSQL again.
+const RUNS_IN_MEMORY: usize = 4096;
+/// Runs asked of PostgreSQL in one query.
+const RUNS_PER_QUERY: i64 = 64;
+
+/// The log on object storage; see the module docs.
+pub struct ObjectLog {
+    runtime: Option<tokio::runtime::Runtime>,
+    io: tokio::runtime::Handle,
+    pool: deadpool_postgres::Pool,
+    store: Arc<dyn ObjectStore>,
+    state: Arc<RwLock<HashMap<String, Arc<StreamState>>>>,
+    cache: Arc<Mutex<Cache>>,
+    to_flusher: mpsc::UnboundedSender<Request>,
+    budget: Arc<Semaphore>,
+    buffer_bytes: usize,
+    commits: watch::Receiver<u64>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for ObjectLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectLog").finish_non_exhaustive()
+    }
+}
+
+impl Drop for ObjectLog {
+    fn drop(&mut self) {
+        // Never blocks (this may be dropped inside another runtime).
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct StreamState {
+    config: StreamConfig,
+    parts: Vec<Mutex<PartState>>,
+}
+
+#[derive(Debug, Default)]
+struct PartState {
+    next: i64,
+    start: i64,
+    bytes: u64,
+    /// Runs known here, by first offset (the newest, and those read lately).
+    runs: BTreeMap<i64, RunRow>,
+    deleted: bool,
+}
+
+impl PartState {
+    fn remember(&mut self, run: RunRow) {
+        self.runs.insert(run.first_offset, run);
+        while self.runs.len() > RUNS_IN_MEMORY {
+            self.runs.pop_first();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs' bytes as stored (relative offsets), least recently used first out.
+#[derive(Debug, Default)]
+struct Cache {
+    runs: HashMap<(String, u64), Bytes>,
+    order: VecDeque<(String, u64)>,
+    bytes: usize,
+    max: usize,
+}
+
+impl Cache {
+    fn get(&mut self, key: &(String, u64)) -> Option<Bytes> {
+        let hit = self.runs.get(key).cloned();
+        if hit.is_some() {
+            if let Some(i) = self.order.iter().position(|k| k == key) {
+                if let Some(k) = self.order.remove(i) {
+                    self.order.push_back(k);
+                }
+            }
+        }
+        hit
+    }
+
+    fn put(&mut self, key: (String, u64), bytes: Bytes) {
+        if bytes.len() > self.max || self.runs.contains_key(&key) {
+            return;
+        }
+        self.bytes += bytes.len();
+        self.runs.insert(key.clone(), bytes);
+        self.order.push_back(key);
+        while self.bytes > self.max {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.runs.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+    }
+}
+
+struct Request {
+    stream: String,
+    partition: u32,
+    data: AppendData,
+    reply: oneshot::Sender<Result<Appended, LogError>>,
+    /// Its share of the byte budget, given back when it is answered.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Failed(format!("{what}: {e}"))
+}
+
+impl ObjectLog {
+    /// Connects to the store and the database (applying the schema's migrations), loads the
+    /// streams, and starts the flusher.
+    pub fn open(config: &ObjectConfig) -> Result<Arc<Self>, LogError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-object-log")
+            .enable_all()
+            .build()
+            .map_err(|e| failed("object log runtime", e))?;
+        let io = runtime.handle().clone();
+        let store = open_store(config)?;
+        let pool = pg::pool(
+            &config.postgres_url,
+            config.postgres_pool.max(2),
+            Duration::from_millis(config.append_timeout_ms.max(1000)),
+        )
+        .map_err(|e| failed("PostgreSQL", e))?;
+        let state: Arc<RwLock<HashMap<String, Arc<StreamState>>>> = Arc::default();
+        {
+            let pool = pool.clone();
+            let loaded = wait(&io, async move {
+                pg::migrate(&pool).await?;
+                pg::streams(&pool).await
+            })?
+            .map_err(|e| failed("PostgreSQL", e))?;
+            let mut s = state.write().unwrap_or_else(|e| e.into_inner());
+            for (name, config_json, parts) in loaded {
+                let config: StreamConfig = serde_json::from_str(&config_json).unwrap_or_default();
+                s.insert(
+                    name,
+                    Arc::new(StreamState {
+                        config,
+                        parts: parts
+                            .iter()
+                            .map(|p| {
+                                Mutex::new(PartState {
+                                    next: p.next_offset,
+                                    start: p.log_start,
+                                    bytes: p.bytes.max(0) as u64,
+                                    ..PartState::default()
+                                })
+                            })
+                            .collect(),
+                    }),
+                );
+            }
+        }
+        let cache = Arc::new(Mutex::new(Cache {
+            max: config.cache_bytes,
+            ..Cache::default()
+        }));
+        let (to_flusher, rx) = mpsc::unbounded_channel();
+        let (commits_tx, commits) = watch::channel(0u64);
+        let counters = Arc::new(Counters::default());
+        let node = config
+            .node
+            .clone()
+            .unwrap_or_else(|| random_id()[..12].to_owned());
+        let flusher = Flusher {
+            store: store.clone(),
+            pool: pool.clone(),
+            state: state.clone(),
+            cache: cache.clone(),
+            commits: commits_tx,
+            counters: counters.clone(),
+            node,
+            flush_every: Duration::from_millis(config.flush_ms.max(1)),
+            flush_bytes: config.flush_bytes.max(1),
+            timeout: Duration::from_millis(config.append_timeout_ms.max(1)),
+        };
+        io.spawn(flusher.run(rx));
+        let buffer_bytes = config.buffer_bytes.max(1);
+        Ok(Arc::new(Self {
+            runtime: Some(runtime),
+            io,
+            pool,
+            store,
+            state,
+            cache,
+            to_flusher,
+            budget: Arc::new(Semaphore::new(buffer_bytes)),
+            buffer_bytes,
+            commits,
+            counters,
+        }))
+    }
+
+    fn stream(&self, name: &str) -> Result<Arc<StreamState>, LogError> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownStream(name.to_owned()))
+    }
+
+    fn with_part<T>(
+        &self,
+        stream: &str,
+        partition: u32,
+        f: impl FnOnce(&mut PartState) -> T,
+    ) -> Result<T, LogError> {
+        let s = self.stream(stream)?;
+        let p = s
+            .parts
+            .get(partition as usize)
+            .ok_or_else(|| LogError::UnknownPartition {
+                stream: stream.to_owned(),
+                partition,
+            })?;
+        let out = f(&mut lock(p));
+        Ok(out)
+    }
+
+    /// The runs of a partition that hold `offset` and after, as far as memory knows them
+    /// without a gap; else asked of PostgreSQL (and remembered).
+    fn runs_from(
+        &self,
+        stream: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Vec<RunRow>, LogError> {
+        let known = self.with_part(stream, partition, |p| {
+            let first = p.runs.range(..=offset).next_back().map(|(_, r)| r.clone());
+            match first {
+                Some(r) if r.last_offset >= offset => {
+                    let mut out = vec![r];
+                    for (_, next) in p.runs.range(offset + 1..) {
+                        if out
+                            .last()
+                            .is_some_and(|l| l.last_offset + 1 != next.first_offset)
+                        {
+                            break;
+                        }
+                        out.push(next.clone());
+                        if out.len() >= RUNS_PER_QUERY as usize {
+                            break;
+                        }
+                    }
+                    Some(out)
+                }
+                _ => None,
+            }
+        })?;
+        if let Some(runs) = known {
+            return Ok(runs);
+        }
+        let pool = self.pool.clone();
+        let s = stream.to_owned();
+        let rows = wait(&self.io, async move {
+            let client = pool.get().await.map_err(pg::PgError::from)?;
+            pg::runs_from(&client, &s, partition, offset, RUNS_PER_QUERY).await
+        })?
+        .map_err(|e| failed("PostgreSQL", e))?;
+        self.with_part(stream, partition, |p| {
+            for r in &rows {
+                p.remember(r.clone());
+            }
+        })?;
+        Ok(rows)
+    }
+
+    /// A run's bytes as stored: from the cache, else a ranged GET (then cached).
+    fn run_bytes(&self, run: &RunRow) -> Result<Bytes, LogError> {
+        let key = (run.object_key.clone(), run.byte_start);
+        if let Some(b) = lock(&self.cache).get(&key) {
+            return Ok(b);
+        }
+        let store = self.store.clone();
+        let path = ObjectPath::from(run.object_key.as_str());
+        let range = run.byte_start..run.byte_start + run.byte_len;
+        let bytes = wait(&self.io, async move { store.get_range(&path, range).await })?
+            .map_err(|e| failed("object store", e))?;
+        lock(&self.cache).put(key, bytes.clone());
+        Ok(bytes)
+    }
+}
+
+/// Runs `fut` on the backend's runtime and waits for it from this thread.
+fn wait<T: Send + 'static>(
+    io: &tokio::runtime::Handle,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, LogError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    io.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| LogError::Closed)
+}
+
+/// 128 random bits in hex: a flush's id.
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: time and a counter are unique enough for one node.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        b[..8].copy_from_slice(&now_ms().to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The store named by `object_url`, with its key prefix.
+fn open_store(config: &ObjectConfig) -> Result<Arc<dyn ObjectStore>, LogError> {
+    let url = config.object_url.as_str();
+    if let Some(dir) = url.strip_prefix("file://") {
+        std::fs::create_dir_all(dir).map_err(|e| LogError::io(std::path::Path::new(dir), e))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| failed("object store", e))?;
+        return Ok(Arc::new(fs));
+    }
+    let Some(rest) = url.strip_prefix("s3://") else {
+        return Err(LogError::Failed(format!(
+            "[storage] object_url {url:?}: s3://bucket/prefix or file:///dir"
+        )));
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    // reqwest's TLS needs a process-wide provider: rustls' ring, as everywhere in Ferry.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let s3 = &config.s3;
+    if let Some(e) = &s3.endpoint {
+        b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+    }
+    if let Some(r) = &s3.region {
+        b = b.with_region(r);
+    }
+    if let Some(k) = &s3.access_key_id {
+        b = b.with_access_key_id(k);
+    }
+    if let Some(k) = &s3.secret_access_key {
+        b = b.with_secret_access_key(k);
+    }
+    let store = b
+        .with_allow_http(s3.allow_http)
+        .build()
+        .map_err(|e| failed("object store", e))?;
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        Ok(Arc::new(store))
+    } else {
+        Ok(Arc::new(object_store::prefix::PrefixStore::new(
+            store, prefix,
+        )))
+    }
+}
+
+/// The task that turns waiting appends into one object and one commit at a time.
+struct Flusher {
+    store: Arc<dyn ObjectStore>,
+    pool: deadpool_postgres::Pool,
+    state: Arc<RwLock<HashMap<String, Arc<StreamState>>>>,
+    cache: Arc<Mutex<Cache>>,
+    commits: watch::Sender<u64>,
+    counters: Arc<Counters>,
+    node: String,
+    flush_every: Duration,
+    flush_bytes: usize,
+    timeout: Duration,
+}
+
+/// One partition's share of a flush: its encoder, and per request its reply and its
+/// records' place as (first, last) record index in the share.
+struct Share {
+    stream: String,
+    partition: u32,
+    encoder: Encoder,
+    replies: Vec<(Request, u64, u64)>,
+}
+
+impl Flusher {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        while let Some(first) = rx.recv().await {
+            let deadline = tokio::time::Instant::now() + self.flush_every;
+            let mut shares: Vec<Share> = Vec::new();
+            let mut bytes = 0usize;
+            let mut next = Some(first);
+            loop {
+                let Some(mut req) = next.take() else { break };
+                bytes += match &req.data {
+                    AppendData::Records(r) => r
+                        .iter()
+                        .map(|r| {
+                            r.value.as_ref().map_or(0, |v| v.len())
+                                + r.key.as_ref().map_or(0, |k| k.len())
+                                + 16
+                        })
+                        .sum(),
+                    AppendData::Batches(b) => b.len(),
+                };
+                let i = match shares
+                    .iter()
+                    .position(|s| s.stream == req.stream && s.partition == req.partition)
+                {
+                    Some(i) => i,
+                    None => {
+                        shares.push(Share {
+                            stream: req.stream.clone(),
+                            partition: req.partition,
+                            encoder: Encoder::default(),
+                            replies: Vec::new(),
+                        });
+                        shares.len() - 1
+                    }
+                };
+                let data = std::mem::replace(&mut req.data, AppendData::Records(Vec::new()));
+                match shares[i].encoder.add(data) {
+                    Ok((a, b)) => shares[i].replies.push((req, a, b)),
+                    Err(e) => {
+                        let _ = req.reply.send(Err(e));
+                    }
+                }
+                if bytes >= self.flush_bytes {
+                    break;
+                }
+                next = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(r)) => Some(r),
+                    _ => None,
+                };
+            }
+            self.flush(shares).await;
+        }
+    }
+
+    /// Writes one object of `shares`, commits it, and answers every request.
+    async fn flush(&self, shares: Vec<Share>) {
+        let started = std::time::Instant::now();
+        let mut runs = Vec::new();
+        let mut waiting = Vec::new();
+        for share in shares {
+            if share.replies.is_empty() {
+                continue;
+            }
+            let (mut bytes, _) = share.encoder.finish();
+            let stats: RunStats = match format::relativize(&mut bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    // The encoder checked every batch: this is a bug; refuse, lose nothing.
+                    error!(error = %e, "a run the encoder made does not check");
+                    for (req, ..) in share.replies {
+                        let _ = req.reply.send(Err(failed("run", &e)));
+                    }
+                    continue;
+                }
+            };
+            runs.push((share.stream.clone(), share.partition, bytes.freeze(), stats));
+            waiting.push(share.replies);
+        }
+        if runs.is_empty() {
+            return;
+        }
+        let result = self.write_and_commit(runs).await;
+        let elapsed = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(done) => {
+                self.counters.committed(elapsed);
+                for (run, _) in &done {
+                    self.counters.wrote(run.records, run.data_len);
+                }
+                // Readers are told before any append is answered.
+                self.commits.send_modify(|n| *n += 1);
+                for ((_, row), replies) in done.into_iter().zip(waiting) {
+                    for (req, a, b) in replies {
+                        let _ = req.reply.send(Ok(Appended {
+                            base_offset: row.first_offset + a as i64,
+                            last_offset: row.first_offset + b as i64,
+                        }));
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "a flush failed; its appends are refused");
+                for replies in waiting {
+                    for (req, ..) in replies {
+                        let _ = req.reply.send(Err(LogError::Failed(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The object written (retried until the timeout), then the commit (retried with the
+    /// same id: idempotent), then the partitions and the cache updated.
+    async fn write_and_commit(
+        &self,
+        runs: Vec<(String, u32, Bytes, RunStats)>,
+    ) -> Result<Vec<(format::Run, RunRow)>, LogError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let payloads: Vec<Bytes> = runs.iter().map(|(_, _, b, _)| b.clone()).collect();
+        let (object, index) = format::encode(runs, now_ms()).map_err(|e| failed("object", e))?;
+        let id = random_id();
+        let key = format!("data/{}/{id}.fob", self.node);
+        let path = ObjectPath::from(key.as_str());
+        let size = object.len() as u64;
+        let payload = PutPayload::from(object);
+        retry(deadline, "object store PUT", || {
+            let store = self.store.clone();
+            let path = path.clone();
+            let payload = payload.clone();
+            async move { store.put(&path, payload).await.map(|_| ()) }
+        })
+        .await?;
+        let firsts = retry(deadline, "PostgreSQL commit", || {
+            pg::commit_flush(&self.pool, &id, &key, size, &index)
+        })
+        .await?;
+        let mut done = Vec::with_capacity(index.len());
+        let streams = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for ((run, first), bytes) in index.into_iter().zip(firsts).zip(payloads) {
+            let row = RunRow {
+                first_offset: first,
+                last_offset: first + run.records as i64 - 1,
+                object_key: key.clone(),
+                byte_start: run.data_offset,
+                byte_len: run.data_len,
+                crc: run.crc,
+                first_timestamp: run.first_timestamp,
+                max_timestamp: run.max_timestamp,
+            };
+            lock(&self.cache).put((key.clone(), run.data_offset), bytes);
+            if let Some(p) = streams
+                .get(&run.stream)
+                .and_then(|s| s.parts.get(run.partition as usize))
+            {
+                let mut p = lock(p);
+                p.next = p.next.max(row.last_offset + 1);
+                p.bytes += run.data_len;
+                p.remember(row.clone());
+            }
+            done.push((run, row));
+        }
+        Ok(done)
+    }
+}
+
+/// Tries `op` until it succeeds or `deadline` passes, waiting a little longer each time.
+async fn retry<T, E, F, Fut>(
+    deadline: tokio::time::Instant,
+    what: &str,
+    mut op: F,
+) -> Result<T, LogError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let e = match tokio::time::timeout(left, op()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(LogError::Failed(format!("{what}: {e}")));
+        }
+        warn!(error = %e, "{what} failed; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+impl Storage for ObjectLog {
+    fn create_stream(&self, name: &str, config: &StreamConfig) -> Result<(), LogError> {
+        if !valid_stream_name(name) {
+            return Err(LogError::BadStreamName(name.to_owned()));
+        }
+        if self.stream(name).is_ok() {
+            return Ok(());
+        }
+        let partitions = config.partitions.max(1);
+        let json = serde_json::to_value(config).map_err(|e| failed("stream config", e))?;
+        let pool = self.pool.clone();
+        let n = name.to_owned();
+        wait(&self.io, async move {
+            pg::create_stream(&pool, &n, partitions, &json).await
+        })?
+        .map_err(|e| failed("PostgreSQL", e))?;
+        // Another node may have made it first, with its settings: those are the stream's.
+        let pool = self.pool.clone();
+        let all = wait(&self.io, async move { pg::streams(&pool).await })?
+            .map_err(|e| failed("PostgreSQL", e))?;
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, json, parts)) = all.into_iter().find(|(n, ..)| n == name) {
+            let config = serde_json::from_str(&json).unwrap_or_else(|_| config.clone());
+            state.entry(name.to_owned()).or_insert_with(|| {
+                Arc::new(StreamState {
+                    config,
+                    parts: parts
+                        .iter()
+                        .map(|p| {
+                            Mutex::new(PartState {
+                                next: p.next_offset,
+                                start: p.log_start,
+                                bytes: p.bytes.max(0) as u64,
+                                ..PartState::default()
+                            })
+                        })
+                        .collect(),
+                })
+            });
+        }
+        Ok(())
+    }
+
+    fn delete_stream(&self, name: &str) -> Result<bool, LogError> {
+        let pool = self.pool.clone();
+        let n = name.to_owned();
+        let existed = wait(&self.io, async move { pg::delete_stream(&pool, &n).await })?
+            .map_err(|e| failed("PostgreSQL", e))?;
+        if let Some(s) = self
+            .state
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+        {
+            for p in &s.parts {
+                lock(p).deleted = true;
+            }
+        }
+        Ok(existed)
+    }
+
+    fn streams(&self) -> Vec<StreamInfo> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<StreamInfo> = state
+            .iter()
+            .map(|(name, s)| StreamInfo {
+                name: name.clone(),
+                partitions: s
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        let p = lock(p);
+                        PartitionInfo {
+                            offsets: Offsets {
+                                log_start: p.start,
+                                high_watermark: p.next,
+                            },
+                            bytes: p.bytes,
+                            segments: p.runs.len(),
+                            active_base: p.start,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn append(&self, stream: &str, partition: u32, data: AppendData) -> AppendFuture {
+        let known = self.with_part(stream, partition, |p| !p.deleted);
+        let tx = self.to_flusher.clone();
+        let budget = self.budget.clone();
+        let size = match &data {
+            AppendData::Records(r) => r
+                .iter()
+                .map(|r| r.value.as_ref().map_or(0, |v| v.len()) + 16)
+                .sum(),
+            AppendData::Batches(b) => b.len(),
+        };
+        let permits = size.clamp(1, self.buffer_bytes) as u32;
+        let stream = stream.to_owned();
+        Box::pin(async move {
+            if !known? {
+                return Err(LogError::UnknownStream(stream));
+            }
+            // Over the budget of bytes not yet committed, the append waits: the fronts
+            // slow their publishers down, nothing is dropped.
+            let permit = budget
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| LogError::Closed)?;
+            let (reply, answer) = oneshot::channel();
+            tx.send(Request {
+                stream,
+                partition,
+                data,
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| LogError::Closed)?;
+            answer.await.map_err(|_| LogError::Closed)?
+        })
+    }
+
+    fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, LogError> {
+        let (start, next) = self.with_part(stream, partition, |p| (p.start, p.next))?;
+        if offset < start || offset > next {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start,
+                end: next,
+            });
+        }
+        let mut out = BytesMut::new();
+        if offset < next {
+            'runs: for run in self.runs_from(stream, partition, offset)? {
+                let stored = self.run_bytes(&run)?;
+                let served = format::serve_run(&stored, run.crc, run.first_offset)
+                    .map_err(|e| failed(&format!("run at offset {}", run.first_offset), e))?;
+                let mut at = 0;
+                while at < served.len() {
+                    let h = BatchHeader::parse(&served[at..])
+                        .map_err(|e| LogError::BadBatch(e.to_string()))?;
+                    let len = h.total_len();
+                    if h.last_offset() >= offset {
+                        if !out.is_empty() && out.len() + len > max_bytes {
+                            break 'runs;
+                        }
+                        out.extend_from_slice(&served[at..at + len]);
+                    }
+                    at += len;
+                }
+                if out.len() >= max_bytes {
+                    break;
+                }
+            }
+        }
+        Ok(ReadResult {
+            batches: out.freeze(),
+            high_watermark: next,
+        })
+    }
+
+    fn offsets(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
+        self.with_part(stream, partition, |p| Offsets {
+            log_start: p.start,
+            high_watermark: p.next,
+        })
+    }
+
+    fn offset_for_time(
+        &self,
+        stream: &str,
+        partition: u32,
+        timestamp: i64,
+    ) -> Result<Option<i64>, LogError> {
+        let start = self.with_part(stream, partition, |p| p.start)?;
+        let pool = self.pool.clone();
+        let s = stream.to_owned();
+        let run = wait(&self.io, async move {
+            let client = pool.get().await.map_err(pg::PgError::from)?;
+            pg::run_for_time(&client, &s, partition, timestamp).await
+        })?
+        .map_err(|e| failed("PostgreSQL", e))?;
+        let Some(run) = run.filter(|r| r.last_offset >= start) else {
+            return Ok(None);
+        };
+        let stored = self.run_bytes(&run)?;
+        let served =
+            format::serve_run(&stored, run.crc, run.first_offset).map_err(|e| failed("run", e))?;
+        let found = crate::log::ReadResult {
+            batches: served.freeze(),
+            high_watermark: run.last_offset + 1,
+        }
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(h, _)| h.max_timestamp >= timestamp && h.last_offset() >= start)
+        .map(|(h, _)| h.base_offset.max(start));
+        Ok(found)
+    }
+
+    fn watch_commits(&self) -> watch::Receiver<u64> {
+        self.commits.clone()
+    }
+
+    /// Drops whole runs from the front of every partition while over its byte budget or
+    /// older than its retention (the newest run stays); returns how many went.
+    fn enforce_retention(&self) -> Result<usize, LogError> {
+        let streams: Vec<(String, Arc<StreamState>)> = self
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let now = now_ms();
+        let mut removed = 0;
+        for (name, s) in streams {
+            if s.config.retention_bytes.is_none() && s.config.retention_ms.is_none() {
+                continue;
+            }
+            for (i, p) in s.parts.iter().enumerate() {
+                let pool = self.pool.clone();
+                let n = name.clone();
+                let config = s.config.clone();
+                let result = wait(&self.io, async move {
+                    pg::enforce_retention(
+                        &pool,
+                        &n,
+                        i as u32,
+                        config.retention_bytes,
+                        config.retention_ms.map(|ms| now - ms),
+                    )
+                    .await
+                })?
+                .map_err(|e| failed("PostgreSQL", e))?;
+                if let Some((dropped, log_start, bytes)) = result {
+                    let mut p = lock(p);
+                    p.start = p.start.max(log_start);
+                    p.bytes = bytes.max(0) as u64;
+                    let keep = p.runs.split_off(&log_start);
+                    p.runs = keep;
+                    removed += dropped;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn stats(&self) -> LogStats {
+        self.counters.load()
+    }
+}

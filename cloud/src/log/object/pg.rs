@@ -1,0 +1,411 @@
+//! The object backend's metadata in PostgreSQL (`docs/object-log.md`, "The schema" and
+//! "The commit"): schema migrations, streams and partitions, and the one transaction that
+//! makes a flush durable.
+
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Pool};
+use tokio_postgres::NoTls;
+
+use super::format::Run;
+
+/// The migrations, in order: (version, SQL). A database at a version above the last one
+/// here was made by a newer Ferry and is refused.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("sql/001_init.sql"))];
+/// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
+const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;
+/// The channel commits are announced on; the payload is the partitions touched.
+pub(crate) const CHANNEL: &str = "ferry_log";
+
+/// Why a metadata operation failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PgError {
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL pool: {0}")]
+    Pool(String),
+    #[error("the database's schema is version {found}; this Ferry knows up to {known}")]
+    Newer { found: i32, known: i32 },
+    #[error("no partition {partition} of stream {stream} in the database")]
+    NoPartition { stream: String, partition: u32 },
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Pool(e.to_string())
+    }
+}
+
+/// A bounded pool of connections to `url` (a `postgres://` URL or a libpq string).
+pub(crate) fn pool(url: &str, size: usize, wait: Duration) -> Result<Pool, PgError> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .build()
+        .map_err(|e| PgError::Pool(e.to_string()))
+}
+
+/// Brings the schema to the newest version, in one transaction under an advisory lock (two
+/// nodes starting at once migrate once). Returns the version.
+pub(crate) async fn migrate(pool: &Pool) -> Result<i32, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version int PRIMARY KEY, \
+         applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let current: Option<i32> = tx
+        .query_one("SELECT max(version) FROM schema_version", &[])
+        .await?
+        .get(0);
+    let current = current.unwrap_or(0);
+    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > known {
+        return Err(PgError::Newer {
+            found: current,
+            known,
+        });
+    }
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(known)
+}
+
+/// A partition as the database has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PartitionRow {
+    pub(crate) next_offset: i64,
+    pub(crate) log_start: i64,
+    pub(crate) bytes: i64,
+}
+
+/// Creates `name` with `partitions` partitions and `config` (JSON) unless it exists; true
+/// if it was created.
+pub(crate) async fn create_stream(
+    pool: &Pool,
+    name: &str,
+    partitions: u32,
+    config: &serde_json::Value,
+) -> Result<bool, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
+        .execute(
+            "INSERT INTO streams (name, partitions, config) VALUES ($1, $2, $3::text::jsonb) \
+             ON CONFLICT (name) DO NOTHING",
+            &[&name, &(partitions as i32), &config.to_string()],
+        )
+        .await?;
+    if n == 1 {
+        tx.execute(
+            "INSERT INTO partitions (stream, partition) \
+             SELECT $1, p FROM generate_series(0, $2 - 1) AS p",
+            &[&name, &(partitions as i32)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(n == 1)
+}
+
+/// Deletes `name`, its partitions and its runs (their objects are left to the collector);
+/// true if there was such a stream.
+pub(crate) async fn delete_stream(pool: &Pool, name: &str) -> Result<bool, PgError> {
+    let client = pool.get().await?;
+    let n = client
+        .execute("DELETE FROM streams WHERE name = $1", &[&name])
+        .await?;
+    Ok(n == 1)
+}
+
+/// Every stream: (name, config JSON, its partitions in order).
+pub(crate) async fn streams(
+    pool: &Pool,
+) -> Result<Vec<(String, String, Vec<PartitionRow>)>, PgError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT s.name, s.config::text, p.next_offset, p.log_start, p.bytes \
+             FROM streams s JOIN partitions p ON p.stream = s.name \
+             ORDER BY s.name, p.partition",
+            &[],
+        )
+        .await?;
+    let mut out: Vec<(String, String, Vec<PartitionRow>)> = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        let row = PartitionRow {
+            next_offset: r.get(2),
+            log_start: r.get(3),
+            bytes: r.get(4),
+        };
+        match out.last_mut() {
+            Some((n, _, parts)) if *n == name => parts.push(row),
+            _ => out.push((name, r.get(1), vec![row])),
+        }
+    }
+    Ok(out)
+}
+
+/// One run's row: where a partition's batches from `first_offset` to `last_offset` are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunRow {
+    pub(crate) first_offset: i64,
+    pub(crate) last_offset: i64,
+    pub(crate) object_key: String,
+    pub(crate) byte_start: u64,
+    pub(crate) byte_len: u64,
+    pub(crate) crc: u32,
+    pub(crate) first_timestamp: i64,
+    pub(crate) max_timestamp: i64,
+}
+
+/// The runs of one partition holding `from` and after, in order, at most `limit`.
+pub(crate) async fn runs_from(
+    client: &impl GenericClient,
+    stream: &str,
+    partition: u32,
+    from: i64,
+    limit: i64,
+) -> Result<Vec<RunRow>, PgError> {
+    let rows = client
+        .query(
+            "SELECT r.first_offset, r.last_offset, o.key, r.byte_start, r.byte_len, r.crc, \
+                    r.first_timestamp, r.max_timestamp \
+             FROM runs r JOIN objects o ON o.id = r.object \
+             WHERE r.stream = $1 AND r.partition = $2 AND r.last_offset >= $3 \
+             ORDER BY r.first_offset LIMIT $4",
+            &[&stream, &(partition as i32), &from, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(run_row).collect())
+}
+
+/// The first run of a partition whose newest record is at or after `timestamp`.
+pub(crate) async fn run_for_time(
+    client: &impl GenericClient,
+    stream: &str,
+    partition: u32,
+    timestamp: i64,
+) -> Result<Option<RunRow>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT r.first_offset, r.last_offset, o.key, r.byte_start, r.byte_len, r.crc, \
+                    r.first_timestamp, r.max_timestamp \
+             FROM runs r JOIN objects o ON o.id = r.object \
+             WHERE r.stream = $1 AND r.partition = $2 AND r.max_timestamp >= $3 \
+             ORDER BY r.first_offset LIMIT 1",
+            &[&stream, &(partition as i32), &timestamp],
+        )
+        .await?;
+    Ok(row.as_ref().map(run_row))
+}
+
+fn run_row(r: &tokio_postgres::Row) -> RunRow {
+    RunRow {
+        first_offset: r.get(0),
+        last_offset: r.get(1),
+        object_key: r.get(2),
+        byte_start: r.get::<_, i64>(3) as u64,
+        byte_len: r.get::<_, i64>(4) as u64,
+        crc: r.get::<_, i64>(5) as u32,
+        first_timestamp: r.get(6),
+        max_timestamp: r.get(7),
+    }
+}
+
+/// Commits a flush written as object `key` (id `id`, `size` bytes) holding `runs`: assigns
+/// each run its offsets and records where it lives, in one transaction, and announces the
+/// partitions touched. Returns each run's first offset, in the order of `runs`.
+///
+/// Idempotent by `id`: a flush whose commit went through but whose answer was lost finds
+/// its own rows when it tries again, and gets the same offsets.
+pub(crate) async fn commit_flush(
+    pool: &Pool,
+    id: &str,
+    key: &str,
+    size: u64,
+    runs: &[Run],
+) -> Result<Vec<i64>, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let new = tx
+        .execute(
+            "INSERT INTO objects (id, key, size) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+            &[&id, &key, &(size as i64)],
+        )
+        .await?;
+    if new == 0 {
+        // Committed before: its rows say where each run went.
+        let rows = tx
+            .query(
+                "SELECT stream, partition, first_offset FROM runs WHERE object = $1",
+                &[&id],
+            )
+            .await?;
+        let found: Vec<(String, i32, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        tx.commit().await?;
+        return runs
+            .iter()
+            .map(|run| {
+                found
+                    .iter()
+                    .find(|(s, p, _)| *s == run.stream && *p == run.partition as i32)
+                    .map(|(_, _, first)| *first)
+                    .ok_or_else(|| PgError::NoPartition {
+                        stream: run.stream.clone(),
+                        partition: run.partition,
+                    })
+            })
+            .collect();
+    }
+    // Partitions in one order for every commit: two never wait on each other in a cycle.
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|a, b| {
+        (&runs[*a].stream, runs[*a].partition).cmp(&(&runs[*b].stream, runs[*b].partition))
+    });
+    let mut firsts = vec![0i64; runs.len()];
+    let mut touched = Vec::with_capacity(runs.len());
+    for i in order {
+        let run = &runs[i];
+        let n = run.records as i64;
+        let row = tx
+            .query_opt(
+                "UPDATE partitions SET next_offset = next_offset + $3, bytes = bytes + $4 \
+                 WHERE stream = $1 AND partition = $2 RETURNING next_offset - $3",
+                &[
+                    &run.stream,
+                    &(run.partition as i32),
+                    &n,
+                    &(run.data_len as i64),
+                ],
+            )
+            .await?
+            .ok_or_else(|| PgError::NoPartition {
+                stream: run.stream.clone(),
+                partition: run.partition,
+            })?;
+        let first: i64 = row.get(0);
+        tx.execute(
+            "INSERT INTO runs (stream, partition, first_offset, last_offset, object, byte_start, \
+             byte_len, crc, first_timestamp, max_timestamp) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &run.stream,
+                &(run.partition as i32),
+                &first,
+                &(first + n - 1),
+                &id,
+                &(run.data_offset as i64),
+                &(run.data_len as i64),
+                &i64::from(run.crc),
+                &run.first_timestamp,
+                &run.max_timestamp,
+            ],
+        )
+        .await?;
+        firsts[i] = first;
+        touched.push(format!("{}/{}", run.stream, run.partition));
+    }
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &touched.join(" ")])
+        .await?;
+    tx.commit().await?;
+    Ok(firsts)
+}
+
+/// Drops whole runs from the front of a partition while it holds more than
+/// `retention_bytes` without them, or while their newest record is older than
+/// `older_than` (ms since the epoch); the newest run always stays. Objects left with no run
+/// are given to the collector. Returns (runs dropped, the new log start, bytes left), or
+/// None if nothing went.
+pub(crate) async fn enforce_retention(
+    pool: &Pool,
+    stream: &str,
+    partition: u32,
+    retention_bytes: Option<u64>,
+    older_than: Option<i64>,
+) -> Result<Option<(usize, i64, i64)>, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let p = partition as i32;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT bytes FROM partitions WHERE stream = $1 AND partition = $2 FOR UPDATE",
+            &[&stream, &p],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut bytes: i64 = row.get(0);
+    let runs = tx
+        .query(
+            "SELECT first_offset, last_offset, byte_len, max_timestamp, object FROM runs \
+             WHERE stream = $1 AND partition = $2 ORDER BY first_offset LIMIT 1001",
+            &[&stream, &p],
+        )
+        .await?;
+    let mut dropped = 0;
+    let mut new_start = None;
+    let mut objects: Vec<String> = Vec::new();
+    // The last row stays: it may be the partition's newest run.
+    for r in runs.iter().take(runs.len().saturating_sub(1)) {
+        let len: i64 = r.get(2);
+        let max_ts: i64 = r.get(3);
+        let over = retention_bytes.is_some_and(|max| bytes - len >= max as i64);
+        let old = older_than.is_some_and(|t| max_ts < t);
+        if !(over || old) {
+            break;
+        }
+        bytes -= len;
+        dropped += 1;
+        new_start = Some(r.get::<_, i64>(1) + 1);
+        objects.push(r.get(4));
+    }
+    let Some(start) = new_start else {
+        return Ok(None);
+    };
+    tx.execute(
+        "DELETE FROM runs WHERE stream = $1 AND partition = $2 AND first_offset < $3",
+        &[&stream, &p, &start],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE partitions SET log_start = $3, bytes = $4 WHERE stream = $1 AND partition = $2",
+        &[&stream, &p, &start, &bytes],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE objects SET deleted_after = now() + interval '10 minutes' \
+         WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
+        &[&objects],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some((dropped, start, bytes)))
+}
