@@ -9,7 +9,7 @@ use ferry_edge::broker::BrokerConfig;
 use ferry_edge::config::{AuthConfig, Config as EdgeConfig, ServerConfig, StorageConfig};
 use serde::Deserialize;
 
-use crate::log::StreamConfig;
+use crate::log::{ObjectConfig, StreamConfig};
 use crate::routes::RouteConfig;
 
 /// `ferry-cloud`'s configuration file. Every key has a default; see
@@ -89,10 +89,27 @@ impl CloudConfig {
     }
 }
 
+/// `[log] backend`: which storage holds the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// Segment files on local disk (`docs/log-format.md`).
+    #[default]
+    Local,
+    /// An object store, its index in PostgreSQL (`docs/object-log.md`).
+    Object,
+}
+
 /// `[log]`: the durable log (`<data_dir>/log/`, format in `docs/log-format.md`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    /// Where the log lives: `local` (default), segment files under `<data_dir>/log`, or
+    /// `object`, an object store with its index in PostgreSQL (`[log.object]`, see
+    /// `docs/object-log.md`).
+    pub backend: LogBackend,
+    /// `[log.object]`: the object store and the database, for `backend = "object"`.
+    pub object: Option<ObjectConfig>,
     /// Answer producers only once their records are on disk. Default true; false answers
     /// once written (a process crash loses nothing, a power loss may lose the last appends).
     pub fsync: bool,
@@ -114,6 +131,8 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
+            backend: LogBackend::Local,
+            object: None,
             fsync: true,
             queue_requests: 8192,
             streams: StreamConfig::default(),
@@ -164,6 +183,37 @@ mod tests {
         let route = commented_table(text, "# [[route]]");
         let with_route: CloudConfig = toml::from_str(&route).expect("route example parses");
         crate::routes::Routes::new(&with_route.routes).expect("route example is valid");
+        assert_eq!(config.log.backend, LogBackend::Local);
+        // The commented [log.object] example parses, and its numbers are the defaults.
+        let object = commented_table(text, "# [log.object]");
+        let with_object: CloudConfig = toml::from_str(&object).expect("object example parses");
+        let (got, d) = (
+            with_object.log.object.expect("[log.object]"),
+            ObjectConfig::default(),
+        );
+        assert!(got.object_url.starts_with("s3://") && got.postgres_url.starts_with("postgres://"));
+        assert_eq!(
+            (
+                got.flush_ms,
+                got.flush_bytes,
+                got.buffer_bytes,
+                got.append_timeout_ms
+            ),
+            (
+                d.flush_ms,
+                d.flush_bytes,
+                d.buffer_bytes,
+                d.append_timeout_ms
+            )
+        );
+        assert_eq!(
+            (got.cache_bytes, got.postgres_pool),
+            (d.cache_bytes, d.postgres_pool)
+        );
+        let s3 = commented_table(text, "# [log.object.s3]");
+        let with_s3: CloudConfig = toml::from_str(&s3).expect("s3 example parses");
+        let s3 = with_s3.log.object.expect("[log.object]").s3;
+        assert!(s3.endpoint.is_some() && !s3.allow_http);
         // The commented [link] example parses, and its numbers are the defaults.
         let link = commented_table(text, "# [link]");
         let with_link: CloudConfig = toml::from_str(&link).expect("link example parses");

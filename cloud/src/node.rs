@@ -22,9 +22,10 @@ use std::time::Duration;
 use ferry_edge::server::{Server, StartError};
 use tracing::{error, info, warn};
 
+use crate::config::LogBackend;
 pub use crate::config::{AdminConfig, CloudConfig, LogConfig};
 use crate::ingest::{Ingest, IngestError};
-use crate::log::{LogError, SegmentLog, Storage, StreamConfig};
+use crate::log::{LogError, ObjectLog, SegmentLog, Storage, StreamConfig};
 use crate::meta::{Command, Meta, MetaError};
 pub use crate::mqtt::MQTT_CURSOR;
 use crate::routes::{RouteConfig, RouteError, RouteTable, Routes};
@@ -130,15 +131,28 @@ impl Node {
         let routes = Routes::new(&config.routes)?;
         meta.apply(&create_commands(&routes, &config.log.streams))?;
         let streams: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
-        let log = SegmentLog::open_with(
-            &data.join("log"),
-            config.log.fsync,
-            config.log.queue_requests,
-            &streams,
-        )?;
-        for (path, damage) in log.damage() {
-            warn!(path = %path.display(), ?damage, "log recovery");
-        }
+        let log: Arc<dyn Storage> = match config.log.backend {
+            LogBackend::Local => {
+                let log = SegmentLog::open_with(
+                    &data.join("log"),
+                    config.log.fsync,
+                    config.log.queue_requests,
+                    &streams,
+                )?;
+                for (path, damage) in log.damage() {
+                    warn!(path = %path.display(), ?damage, "log recovery");
+                }
+                log
+            }
+            LogBackend::Object => {
+                let object = config.log.object.clone().ok_or_else(|| {
+                    LogError::Failed("[log] backend = \"object\" needs a [log.object] table".into())
+                })?;
+                tokio::task::spawn_blocking(move || ObjectLog::open(&object))
+                    .await
+                    .map_err(|e| LogError::Failed(e.to_string()))??
+            }
+        };
         Self::start_on(config, meta, log, shutdown).await
     }
 

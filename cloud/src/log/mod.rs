@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 pub use memory::MemoryLog;
-pub use object::{ObjectConfig, ObjectLog, S3Config};
+pub use object::{testing as object_testing, ObjectConfig, ObjectLog, S3Config};
 use partition::Partition;
 pub use segment::Damage;
 

@@ -21,6 +21,53 @@ pub(crate) mod pg;
 #[cfg(test)]
 pub(crate) mod tests;
 
+/// For tests of the object backend, here and in `tests/`: not part of the API.
+#[doc(hidden)]
+pub mod testing {
+    /// A fresh, empty database for `test` on the PostgreSQL server named by `FERRY_TEST_PG`
+    /// (a libpq connection string; `scripts/test.sh` starts a server and sets it): its
+    /// connection string. Panics with what to do when there is none.
+    pub fn database(test: &str) -> String {
+        let server = std::env::var("FERRY_TEST_PG").unwrap_or_else(|_| {
+            panic!(
+                "the object backend's tests need PostgreSQL: run scripts/test.sh (it starts \
+                 one) or set FERRY_TEST_PG to a libpq connection string"
+            )
+        });
+        let name = format!(
+            "t_{}_{}",
+            test.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            std::process::id()
+        );
+        let create = server.clone();
+        let db = name.clone();
+        // A thread and a runtime of its own: the caller may be inside a runtime.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&create, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to FERRY_TEST_PG");
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+                    .await
+                    .expect("drop the test database");
+                client
+                    .batch_execute(&format!("CREATE DATABASE {db}"))
+                    .await
+                    .expect("create the test database");
+            });
+        })
+        .join()
+        .expect("create the test database");
+        format!("{server} dbname={name}")
+    }
+}
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;

@@ -6,54 +6,13 @@
 use super::*;
 use crate::log::NewRecord;
 
-/// A fresh database on the test server for `test`: its connection string.
-pub(crate) fn database(test: &str) -> String {
-    let server = std::env::var("FERRY_TEST_PG").unwrap_or_else(|_| {
-        panic!(
-            "the object backend's tests need PostgreSQL: run scripts/test.sh (it starts one) \
-             or set FERRY_TEST_PG to a libpq connection string"
-        )
-    });
-    let name = format!(
-        "t_{}_{}",
-        test.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
-        std::process::id()
-    );
-    let create = server.clone();
-    let db = name.clone();
-    // Its own thread and runtime: the caller may be inside one.
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let (client, conn) = tokio_postgres::connect(&create, tokio_postgres::NoTls)
-                .await
-                .expect("connect to FERRY_TEST_PG");
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
-                .await
-                .expect("drop");
-            client
-                .batch_execute(&format!("CREATE DATABASE {db}"))
-                .await
-                .expect("create database");
-        });
-    })
-    .join()
-    .expect("create the test database");
-    format!("{server} dbname={name}")
-}
-
 /// An object log's settings for `test`: its own database, objects under `dir`, flushes
 /// every 5 ms.
 pub(crate) fn config(test: &str, dir: &std::path::Path) -> ObjectConfig {
     let _ = std::fs::remove_dir_all(dir);
     ObjectConfig {
         object_url: format!("file://{}", dir.display()),
-        postgres_url: database(test),
+        postgres_url: super::testing::database(test),
         flush_ms: 5,
         ..ObjectConfig::default()
     }

@@ -1,14 +1,16 @@
-//! The cloud node's fronts over a second storage backend, the in-memory log
-//! (`ferry_cloud::log::MemoryLog`): the node started on it with `Node::start_on` serves MQTT
-//! (rumqttc) and Kafka (librdkafka) as it does on the local segment log, so the fronts
-//! depend on the `Storage` trait and nothing else. What MQTT clients publish is read by a
-//! Kafka consumer; what a Kafka producer sends reaches an MQTT subscriber through the
-//! tailer.
+//! The cloud node's fronts over its other storage backends: the in-memory log
+//! (`ferry_cloud::log::MemoryLog`, the node started on it with `Node::start_on`) and the log
+//! on object storage (`[log] backend = "object"`: SeaweedFS as the S3 server, PostgreSQL for
+//! the index, both started by `scripts/test.sh`). On each the node serves MQTT (rumqttc)
+//! and Kafka (librdkafka) as it does on the local segment log, so the fronts depend on the
+//! `Storage` trait and nothing else. What MQTT clients publish is read by a Kafka consumer;
+//! what a Kafka producer sends reaches an MQTT subscriber through the tailer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_cloud::log::{MemoryLog, Storage};
+use ferry_cloud::config::LogBackend;
+use ferry_cloud::log::{MemoryLog, ObjectConfig, S3Config};
 use ferry_cloud::meta::Meta;
 use ferry_cloud::node::{CloudConfig, Node};
 use ferry_cloud::routes::RouteConfig;
@@ -81,7 +83,50 @@ fn produce(bootstrap: &str, topic: &str, records: &[(String, String)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_and_kafka_fronts_work_over_the_in_memory_log() {
-    let dir = temp_dir("cloud-memory");
+    fronts_over(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_and_kafka_fronts_work_over_the_log_on_s3_and_postgresql() {
+    fronts_over(Backend::Object).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Object,
+}
+
+/// `[log.object]` on the S3 server and PostgreSQL of `scripts/test.sh`, under a key prefix
+/// and in a database of this test's own.
+fn object_config(test: &str) -> ObjectConfig {
+    let need = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run scripts/test.sh (it starts PostgreSQL and SeaweedFS)")
+        })
+    };
+    let prefix = format!(
+        "{test}-{}-{}",
+        std::process::id(),
+        ferry_cloud::log::now_ms()
+    );
+    ObjectConfig {
+        object_url: format!("s3://{}/{prefix}", need("FERRY_TEST_S3_BUCKET")),
+        postgres_url: ferry_cloud::log::object_testing::database(test),
+        flush_ms: 10,
+        s3: S3Config {
+            endpoint: Some(need("FERRY_TEST_S3_ENDPOINT")),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(need("FERRY_TEST_S3_KEY")),
+            secret_access_key: Some(need("FERRY_TEST_S3_SECRET")),
+            allow_http: true,
+        },
+        ..ObjectConfig::default()
+    }
+}
+
+async fn fronts_over(backend: Backend) {
+    let dir = temp_dir(&format!("cloud-{backend:?}"));
     let mut config = CloudConfig::default();
     config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
     config.server.data_dir = dir.clone();
@@ -96,11 +141,22 @@ async fn mqtt_and_kafka_fronts_work_over_the_in_memory_log() {
         partition_key: Default::default(),
     }];
     std::fs::create_dir_all(&dir).expect("data dir");
-    let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
-    let log = MemoryLog::new();
-    let node = Node::start_on(config, meta, log.clone(), std::future::pending())
-        .await
-        .expect("the node starts on the memory log");
+    let node = match backend {
+        Backend::Memory => {
+            let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
+            Node::start_on(config, meta, MemoryLog::new(), std::future::pending())
+                .await
+                .expect("the node starts on the memory log")
+        }
+        Backend::Object => {
+            config.log.backend = LogBackend::Object;
+            config.log.object = Some(object_config("fronts"));
+            Node::start(config, std::future::pending())
+                .await
+                .expect("the node starts on the object log")
+        }
+    };
+    let log = node.log.clone();
     let port = node.mqtt_addrs()[0].port();
     let bootstrap = node.kafka_addr.expect("kafka listener").to_string();
 
@@ -150,7 +206,7 @@ async fn mqtt_and_kafka_fronts_work_over_the_in_memory_log() {
             .collect();
         assert_eq!(per_topic, sent, "mem/{topic}");
     }
-    // They are in the memory log, and nothing was written to disk as a log.
+    // They are in the node's log, and nothing was written to disk as a log.
     let kept: i64 = log
         .streams()
         .iter()
