@@ -94,6 +94,7 @@ async fn mqtt_and_kafka_fronts_work_over_the_log_on_s3_and_postgresql() {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Memory,
+    Local,
     Object,
 }
 
@@ -148,6 +149,9 @@ async fn fronts_over(backend: Backend) {
                 .await
                 .expect("the node starts on the memory log")
         }
+        Backend::Local => Node::start(config, std::future::pending())
+            .await
+            .expect("the node starts on the local log"),
         Backend::Object => {
             config.log.backend = LogBackend::Object;
             config.log.object = Some(object_config("fronts"));
@@ -252,4 +256,167 @@ async fn fronts_over(backend: Backend) {
     }
     let expected: Vec<_> = records.into_iter().map(|(_, v)| v).collect();
     assert_eq!(from_kafka, expected);
+}
+
+/// `[log.object]` and `[log.object.s3]` of `object_config` as TOML.
+fn object_toml(c: &ObjectConfig) -> String {
+    format!(
+        "[log]\nbackend = \"object\"\n[log.object]\nobject_url = {:?}\npostgres_url = {:?}\n\
+         flush_ms = {}\n[log.object.s3]\nendpoint = {:?}\nregion = \"us-east-1\"\n\
+         access_key_id = {:?}\nsecret_access_key = {:?}\nallow_http = true\n",
+        c.object_url,
+        c.postgres_url,
+        c.flush_ms,
+        c.s3.endpoint.clone().unwrap_or_default(),
+        c.s3.access_key_id.clone().unwrap_or_default(),
+        c.s3.secret_access_key.clone().unwrap_or_default(),
+    )
+}
+
+/// Every (offset, value) of partition 0 of `topic`, from the start to its end.
+fn read_all(bootstrap: &str, topic: &str) -> Vec<(i64, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "kill9-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&assignment).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => got.push((
+                m.offset(),
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return got,
+            Some(Err(e)) => panic!("consumer: {e}"),
+            None => {}
+        }
+    }
+    panic!(
+        "the end of {topic} not reached in 60 s ({} records)",
+        got.len()
+    );
+}
+
+#[test]
+fn kill_9_mid_produce_loses_no_acknowledged_record_on_local_disk() {
+    kill_9_mid_produce(Backend::Local);
+}
+
+#[test]
+fn kill_9_mid_produce_loses_no_acknowledged_record_on_s3_and_postgresql() {
+    kill_9_mid_produce(Backend::Object);
+}
+
+/// A ferry-cloud process (on the local segment log, or on the object log on SeaweedFS and
+/// PostgreSQL) takes an idempotent acks=all
+/// flood and is killed with SIGKILL after 2,000 acknowledgements; started again on the same
+/// storage, it serves every acknowledged record once, in the order acknowledged, and goes on
+/// at the next offset.
+fn kill_9_mid_produce(backend: Backend) {
+    use rdkafka::producer::{BaseProducer, ProducerContext};
+    let name = format!("kill9-{backend:?}").to_lowercase();
+    let dir = temp_dir(&name);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let storage = match backend {
+        Backend::Memory | Backend::Local => String::new(),
+        Backend::Object => object_toml(&object_config(&name)),
+    };
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[kafka]\nlisten = \"127.0.0.1:0\"\n{storage}"
+        ),
+    )
+    .expect("config");
+    let args = ["--config", config.to_str().expect("utf8")];
+    let cloud = ferry_tests::process::Edge::cloud_in(&dir.join("data"), &args);
+    let bootstrap = cloud.kafka_addr().expect("kafka").to_string();
+
+    /// The values whose delivery report said "stored", with their offsets.
+    struct Acks(std::sync::Mutex<Vec<(i64, String)>>);
+    impl rdkafka::client::ClientContext for Acks {}
+    impl ProducerContext for Acks {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {
+            if let Ok(m) = result {
+                let v = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+                self.0.lock().expect("acks").push((m.offset(), v));
+            }
+        }
+    }
+    let producer: BaseProducer<Acks> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", "5000")
+        .create_with_context(Acks(std::sync::Mutex::new(Vec::new())))
+        .expect("producer");
+    let acked = |p: &BaseProducer<Acks>| p.context().0.lock().expect("acks").len();
+    let mut i = 0;
+    while acked(&producer) < 2_000 {
+        let value = format!("v{i:06}");
+        match producer.send(BaseRecord::<str, str>::to("k9").payload(&value)) {
+            Ok(()) => i += 1,
+            Err(_) => {
+                producer.poll(Duration::from_millis(5));
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    // Killed with appends in flight.
+    cloud.kill();
+    producer.poll(Duration::from_millis(100));
+    let acks: Vec<(i64, String)> = producer.context().0.lock().expect("acks").clone();
+    drop(producer);
+    assert!(
+        acks.len() >= 2_000 && i > acks.len(),
+        "sent {i}, acked {}",
+        acks.len()
+    );
+
+    let cloud = ferry_tests::process::Edge::cloud_in(&dir.join("data"), &args);
+    let bootstrap = cloud.kafka_addr().expect("kafka").to_string();
+    let log = read_all(&bootstrap, "k9");
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        log.iter().all(|(_, v)| seen.insert(v.clone())),
+        "a record twice in the log"
+    );
+    for (offset, value) in &acks {
+        assert!(
+            log.contains(&(*offset, value.clone())),
+            "acknowledged {value} at {offset} is not there after the restart"
+        );
+    }
+    let order: Vec<&String> = log.iter().map(|(_, v)| v).collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "in the order sent");
+    // And the log goes on after what it kept.
+    let after: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    after
+        .send(BaseRecord::<str, str>::to("k9").payload("after"))
+        .map_err(|(e, _)| e)
+        .expect("queued");
+    after.flush(Duration::from_secs(30)).expect("acknowledged");
+    let log2 = read_all(&bootstrap, "k9");
+    assert_eq!(
+        log2.last().map(|(o, v)| (*o, v.as_str())),
+        Some((log.len() as i64, "after"))
+    );
 }

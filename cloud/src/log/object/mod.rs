@@ -13,8 +13,9 @@
 //!
 //! Built so far: appends (one object and one commit per flush, idempotent by flush id),
 //! reads with a bounded cache, streams, offsets, offsets by time, retention by bytes and age
-//! (rows first; objects no row refers to are marked for the collector). Not yet: the
-//! collector, compaction, the metadata (`MetaStore`) in PostgreSQL, commits of other nodes.
+//! (rows first, then the objects no row refers to, after a grace), the collector of objects a
+//! crashed flush left. Not yet: compaction, the metadata (`MetaStore`) in PostgreSQL,
+//! commits of other nodes.
 
 pub(crate) mod format;
 pub(crate) mod pg;
@@ -74,6 +75,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferry_protocol::kafka::batch::BatchHeader;
+use futures_util::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Deserialize;
@@ -109,6 +111,10 @@ pub struct ObjectConfig {
     pub postgres_pool: usize,
     /// This node's name in object keys. Default: a random one per start.
     pub node: Option<String>,
+    /// An object no database row refers to (a flush that crashed before its commit), or one
+    /// retention let go of, is deleted after this long (s): far longer than any commit or
+    /// read in progress. Default 600.
+    pub orphan_grace_secs: u64,
     /// `[storage.s3]`: for `s3://` URLs.
     pub s3: S3Config,
 }
@@ -125,6 +131,7 @@ impl Default for ObjectConfig {
             cache_bytes: 64 << 20,
             postgres_pool: 8,
             node: None,
+            orphan_grace_secs: 600,
             s3: S3Config::default(),
         }
     }
@@ -162,6 +169,7 @@ pub struct ObjectLog {
     buffer_bytes: usize,
     commits: watch::Receiver<u64>,
     counters: Arc<Counters>,
+    grace: Duration,
 }
 
 impl std::fmt::Debug for ObjectLog {
@@ -183,6 +191,26 @@ impl Drop for ObjectLog {
 struct StreamState {
     config: StreamConfig,
     parts: Vec<Mutex<PartState>>,
+}
+
+impl StreamState {
+    /// A stream as the database has it.
+    fn new(config: StreamConfig, parts: &[pg::PartitionRow]) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            parts: parts
+                .iter()
+                .map(|p| {
+                    Mutex::new(PartState {
+                        next: p.next_offset,
+                        start: p.log_start,
+                        bytes: p.bytes.max(0) as u64,
+                        ..PartState::default()
+                    })
+                })
+                .collect(),
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -290,23 +318,7 @@ impl ObjectLog {
             let mut s = state.write().unwrap_or_else(|e| e.into_inner());
             for (name, config_json, parts) in loaded {
                 let config: StreamConfig = serde_json::from_str(&config_json).unwrap_or_default();
-                s.insert(
-                    name,
-                    Arc::new(StreamState {
-                        config,
-                        parts: parts
-                            .iter()
-                            .map(|p| {
-                                Mutex::new(PartState {
-                                    next: p.next_offset,
-                                    start: p.log_start,
-                                    bytes: p.bytes.max(0) as u64,
-                                    ..PartState::default()
-                                })
-                            })
-                            .collect(),
-                    }),
-                );
+                s.insert(name, StreamState::new(config, &parts));
             }
         }
         let cache = Arc::new(Mutex::new(Cache {
@@ -346,7 +358,53 @@ impl ObjectLog {
             buffer_bytes,
             commits,
             counters,
+            grace: Duration::from_secs(config.orphan_grace_secs),
         }))
+    }
+
+    /// Deletes the objects whose time came (retention let go of them) and the orphans (no
+    /// row refers to them, older than the grace); returns how many went.
+    fn collect(&self) -> Result<usize, LogError> {
+        let pool = self.pool.clone();
+        let store = self.store.clone();
+        let grace = self.grace;
+        wait(&self.io, async move {
+            let mut n = 0;
+            for (id, key) in pg::collectable(&pool).await.map_err(|e| e.to_string())? {
+                match store.delete(&ObjectPath::from(key.as_str())).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                pg::forget_object(&pool, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            let cutoff = cutoff_ms(grace);
+            let listed: Vec<object_store::ObjectMeta> = store
+                .list(Some(&ObjectPath::from("data")))
+                .try_collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            let old: Vec<String> = listed
+                .into_iter()
+                .filter(|m| m.last_modified.timestamp_millis() < cutoff)
+                .map(|m| m.location.to_string())
+                .collect();
+            for keys in old.chunks(500) {
+                let known = pg::known_keys(&pool, keys)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for k in keys.iter().filter(|k| !known.contains(*k)) {
+                    match store.delete(&ObjectPath::from(k.as_str())).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            }
+            Ok(n)
+        })?
+        .map_err(|e| failed("collecting objects", e))
     }
 
     fn stream(&self, name: &str) -> Result<Arc<StreamState>, LogError> {
@@ -438,6 +496,11 @@ impl ObjectLog {
         lock(&self.cache).put(key, bytes.clone());
         Ok(bytes)
     }
+}
+
+/// Milliseconds since the epoch `grace` ago.
+fn cutoff_ms(grace: Duration) -> i64 {
+    now_ms() - grace.as_millis() as i64
 }
 
 /// Runs `fut` on the backend's runtime and waits for it from this thread.
@@ -749,22 +812,9 @@ impl Storage for ObjectLog {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         if let Some((_, json, parts)) = all.into_iter().find(|(n, ..)| n == name) {
             let config = serde_json::from_str(&json).unwrap_or_else(|_| config.clone());
-            state.entry(name.to_owned()).or_insert_with(|| {
-                Arc::new(StreamState {
-                    config,
-                    parts: parts
-                        .iter()
-                        .map(|p| {
-                            Mutex::new(PartState {
-                                next: p.next_offset,
-                                start: p.log_start,
-                                bytes: p.bytes.max(0) as u64,
-                                ..PartState::default()
-                            })
-                        })
-                        .collect(),
-                })
-            });
+            state
+                .entry(name.to_owned())
+                .or_insert_with(|| StreamState::new(config, &parts));
         }
         Ok(())
     }
@@ -939,7 +989,8 @@ impl Storage for ObjectLog {
     }
 
     /// Drops whole runs from the front of every partition while over its byte budget or
-    /// older than its retention (the newest run stays); returns how many went.
+    /// older than its retention (the newest run stays), then deletes the objects nothing
+    /// refers to any more (see [`ObjectLog::collect`]); returns how many runs went.
     fn enforce_retention(&self) -> Result<usize, LogError> {
         let streams: Vec<(String, Arc<StreamState>)> = self
             .state
@@ -949,6 +1000,7 @@ impl Storage for ObjectLog {
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         let now = now_ms();
+        let grace_secs = self.grace.as_secs_f64();
         let mut removed = 0;
         for (name, s) in streams {
             if s.config.retention_bytes.is_none() && s.config.retention_ms.is_none() {
@@ -965,6 +1017,7 @@ impl Storage for ObjectLog {
                         i as u32,
                         config.retention_bytes,
                         config.retention_ms.map(|ms| now - ms),
+                        grace_secs,
                     )
                     .await
                 })?
@@ -979,6 +1032,8 @@ impl Storage for ObjectLog {
                 }
             }
         }
+        // Then the objects nothing refers to any more, and those a crashed flush left.
+        self.collect()?;
         Ok(removed)
     }
 

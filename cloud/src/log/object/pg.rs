@@ -182,6 +182,10 @@ pub(crate) struct RunRow {
     pub(crate) max_timestamp: i64,
 }
 
+/// The columns of a [`RunRow`], in the order [`run_row`] reads them.
+const RUN_COLUMNS: &str = "r.first_offset, r.last_offset, o.key, r.byte_start, r.byte_len, \
+     r.crc, r.first_timestamp, r.max_timestamp FROM runs r JOIN objects o ON o.id = r.object";
+
 /// The runs of one partition holding `from` and after, in order, at most `limit`.
 pub(crate) async fn runs_from(
     client: &impl GenericClient,
@@ -192,11 +196,10 @@ pub(crate) async fn runs_from(
 ) -> Result<Vec<RunRow>, PgError> {
     let rows = client
         .query(
-            "SELECT r.first_offset, r.last_offset, o.key, r.byte_start, r.byte_len, r.crc, \
-                    r.first_timestamp, r.max_timestamp \
-             FROM runs r JOIN objects o ON o.id = r.object \
-             WHERE r.stream = $1 AND r.partition = $2 AND r.last_offset >= $3 \
-             ORDER BY r.first_offset LIMIT $4",
+            &format!(
+                "SELECT {RUN_COLUMNS} WHERE r.stream = $1 AND r.partition = $2 \
+                 AND r.last_offset >= $3 ORDER BY r.first_offset LIMIT $4"
+            ),
             &[&stream, &(partition as i32), &from, &limit],
         )
         .await?;
@@ -212,11 +215,10 @@ pub(crate) async fn run_for_time(
 ) -> Result<Option<RunRow>, PgError> {
     let row = client
         .query_opt(
-            "SELECT r.first_offset, r.last_offset, o.key, r.byte_start, r.byte_len, r.crc, \
-                    r.first_timestamp, r.max_timestamp \
-             FROM runs r JOIN objects o ON o.id = r.object \
-             WHERE r.stream = $1 AND r.partition = $2 AND r.max_timestamp >= $3 \
-             ORDER BY r.first_offset LIMIT 1",
+            &format!(
+                "SELECT {RUN_COLUMNS} WHERE r.stream = $1 AND r.partition = $2 \
+                 AND r.max_timestamp >= $3 ORDER BY r.first_offset LIMIT 1"
+            ),
             &[&stream, &(partition as i32), &timestamp],
         )
         .await?;
@@ -342,13 +344,15 @@ pub(crate) async fn commit_flush(
 /// `retention_bytes` without them, or while their newest record is older than
 /// `older_than` (ms since the epoch); the newest run always stays. Objects left with no run
 /// are given to the collector. Returns (runs dropped, the new log start, bytes left), or
-/// None if nothing went.
+/// None if nothing went. Their objects may be deleted `grace_secs` from now (readers that
+/// found a run before it went have that long to read it).
 pub(crate) async fn enforce_retention(
     pool: &Pool,
     stream: &str,
     partition: u32,
     retention_bytes: Option<u64>,
     older_than: Option<i64>,
+    grace_secs: f64,
 ) -> Result<Option<(usize, i64, i64)>, PgError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -401,11 +405,49 @@ pub(crate) async fn enforce_retention(
     )
     .await?;
     tx.execute(
-        "UPDATE objects SET deleted_after = now() + interval '10 minutes' \
+        "UPDATE objects SET deleted_after = now() + make_interval(secs => $2) \
          WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
-        &[&objects],
+        &[&objects, &grace_secs],
     )
     .await?;
     tx.commit().await?;
     Ok(Some((dropped, start, bytes)))
+}
+
+/// Objects whose time to go came: (id, key).
+pub(crate) async fn collectable(pool: &Pool) -> Result<Vec<(String, String)>, PgError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, key FROM objects WHERE deleted_after < now() \
+             AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id) LIMIT 1000",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Forgets an object once it is deleted from the store (never one a run refers to).
+pub(crate) async fn forget_object(pool: &Pool, id: &str) -> Result<(), PgError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "DELETE FROM objects WHERE id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
+            &[&id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Which of `keys` the database knows as objects.
+pub(crate) async fn known_keys(
+    pool: &Pool,
+    keys: &[String],
+) -> Result<std::collections::HashSet<String>, PgError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query("SELECT key FROM objects WHERE key = ANY($1)", &[&keys])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
