@@ -9,9 +9,11 @@
 //! - [`clients`]: helpers around rumqttc.
 //! - [`impair::Proxy`]: a UDP impairment proxy (seeded loss, cuts) for the link.
 //! - [`log::records`]: a stopped ferry-cloud's log, read back.
+//! - [`tcp_cut::TcpCut`]: a TCP forwarder that can be cut (a service going down).
 
 pub mod capture;
 pub mod clients;
 pub mod impair;
 pub mod log;
 pub mod process;
+pub mod tcp_cut;

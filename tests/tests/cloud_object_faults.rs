@@ -1,0 +1,151 @@
+//! The object backend when its services fail: the S3 server (SeaweedFS) and PostgreSQL, both
+//! started by `scripts/test.sh`, are reached through forwarders that the test cuts
+//! (`ferry_tests::tcp_cut`). An append waits out a short outage and is answered when the
+//! service returns; an outage longer than `append_timeout_ms` fails the append with an error
+//! that names the service, and takes no offset; the log goes on by itself afterwards, and
+//! holds exactly what was acknowledged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_cloud::log::{
+    object_testing, AppendData, LogError, NewRecord, ObjectConfig, ObjectLog, S3Config, Storage,
+    StreamConfig,
+};
+use ferry_tests::tcp_cut::TcpCut;
+
+fn need(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run scripts/test.sh (it starts PostgreSQL and SeaweedFS)")
+    })
+}
+
+/// The `host` and `port` of a libpq connection string.
+fn pg_addr(conn: &str) -> SocketAddr {
+    let get = |key: &str| {
+        conn.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in FERRY_TEST_PG"))
+            .to_owned()
+    };
+    format!("{}:{}", get("host"), get("port"))
+        .parse()
+        .expect("FERRY_TEST_PG's host and port")
+}
+
+/// `conn` with its port replaced by `port`.
+fn with_port(conn: &str, port: u16) -> String {
+    conn.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("port=") {
+                format!("port={port}")
+            } else {
+                kv.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn rec(v: &str) -> NewRecord {
+    NewRecord {
+        timestamp: 1_000,
+        key: None,
+        value: Some(Bytes::copy_from_slice(v.as_bytes())),
+        headers: Vec::new(),
+    }
+}
+
+/// Runs a blocking `Storage` call off the runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking call")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
+    let endpoint = need("FERRY_TEST_S3_ENDPOINT");
+    let s3_target: SocketAddr = endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("FERRY_TEST_S3_ENDPOINT is http://host:port");
+    let s3 = TcpCut::start(s3_target).await;
+    let db = object_testing::database("faults");
+    let pg = TcpCut::start(pg_addr(&db)).await;
+    let config = ObjectConfig {
+        object_url: format!(
+            "s3://{}/faults-{}",
+            need("FERRY_TEST_S3_BUCKET"),
+            std::process::id()
+        ),
+        postgres_url: with_port(&db, pg.addr.port()),
+        flush_ms: 10,
+        append_timeout_ms: 4_000,
+        s3: S3Config {
+            endpoint: Some(format!("http://{}", s3.addr)),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(need("FERRY_TEST_S3_KEY")),
+            secret_access_key: Some(need("FERRY_TEST_S3_SECRET")),
+            allow_http: true,
+        },
+        ..ObjectConfig::default()
+    };
+    let log: Arc<ObjectLog> = blocking(move || ObjectLog::open(&config))
+        .await
+        .expect("open");
+    let l = log.clone();
+    blocking(move || l.create_stream("f", &StreamConfig::default()))
+        .await
+        .expect("create");
+    let append = |v: &str| log.append("f", 0, AppendData::Records(vec![rec(v)]));
+    assert_eq!(append("a").await.expect("append").base_offset, 0);
+
+    for (service, name) in [(&s3, "object store"), (&pg, "PostgreSQL")] {
+        // Down for a moment: the append waits, and is answered once the service is back.
+        service.cut();
+        let pending = tokio::spawn(append(&format!("short {name}")));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!pending.is_finished(), "{name} down: no answer yet");
+        service.restore();
+        let done = pending
+            .await
+            .expect("task")
+            .expect("answered after the outage");
+        assert_eq!(done.base_offset, done.last_offset);
+        // Down for longer than the timeout: refused, with the service named.
+        service.cut();
+        let refused = append(&format!("long {name}")).await;
+        service.restore();
+        match refused {
+            Err(LogError::Failed(why)) => assert!(why.contains(name), "{why}"),
+            other => panic!("{name} down past the timeout: {other:?}"),
+        }
+    }
+    // Back: the log goes on at the next offset; it holds exactly what was acknowledged.
+    assert_eq!(append("z").await.expect("append").base_offset, 3);
+    let l = log.clone();
+    let read = blocking(move || l.read("f", 0, 0, 1 << 20))
+        .await
+        .expect("read");
+    let mut values = Vec::new();
+    for b in read.iter() {
+        let (_, whole) = b.expect("batch");
+        for r in ferry_protocol::kafka::batch::records(whole).expect("records") {
+            let r = r.expect("record");
+            values.push((
+                r.offset,
+                String::from_utf8_lossy(&r.value.expect("value")).into_owned(),
+            ));
+        }
+    }
+    assert_eq!(
+        values,
+        vec![
+            (0, "a".to_owned()),
+            (1, "short object store".to_owned()),
+            (2, "short PostgreSQL".to_owned()),
+            (3, "z".to_owned()),
+        ]
+    );
+}
