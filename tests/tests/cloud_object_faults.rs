@@ -135,7 +135,7 @@ async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
             let r = r.expect("record");
             values.push((
                 r.offset,
-                String::from_utf8_lossy(&r.value.expect("value")).into_owned(),
+                String::from_utf8_lossy(r.value.expect("value")).into_owned(),
             ));
         }
     }
