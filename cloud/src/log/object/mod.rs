@@ -281,6 +281,8 @@ struct Request {
     partition: u32,
     data: AppendData,
     reply: oneshot::Sender<Result<Appended, LogError>>,
+    /// About how many bytes it adds to a flush (measured once, in `append`).
+    bytes: usize,
     /// Its share of the byte budget, given back when it is answered.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -605,17 +607,7 @@ impl Flusher {
             let mut next = Some(first);
             loop {
                 let Some(mut req) = next.take() else { break };
-                bytes += match &req.data {
-                    AppendData::Records(r) => r
-                        .iter()
-                        .map(|r| {
-                            r.value.as_ref().map_or(0, |v| v.len())
-                                + r.key.as_ref().map_or(0, |k| k.len())
-                                + 16
-                        })
-                        .sum(),
-                    AppendData::Batches(b) => b.len(),
-                };
+                bytes += req.bytes;
                 let i = match shares
                     .iter()
                     .position(|s| s.stream == req.stream && s.partition == req.partition)
@@ -869,10 +861,15 @@ impl Storage for ObjectLog {
         let known = self.with_part(stream, partition, |p| !p.deleted);
         let tx = self.to_flusher.clone();
         let budget = self.budget.clone();
-        let size = match &data {
+        // About what it adds to a flush: keys, values and a little for each record's framing.
+        let size: usize = match &data {
             AppendData::Records(r) => r
                 .iter()
-                .map(|r| r.value.as_ref().map_or(0, |v| v.len()) + 16)
+                .map(|r| {
+                    r.value.as_ref().map_or(0, |v| v.len())
+                        + r.key.as_ref().map_or(0, |k| k.len())
+                        + 16
+                })
                 .sum(),
             AppendData::Batches(b) => b.len(),
         };
@@ -894,6 +891,7 @@ impl Storage for ObjectLog {
                 partition,
                 data,
                 reply,
+                bytes: size,
                 _permit: permit,
             })
             .map_err(|_| LogError::Closed)?;
