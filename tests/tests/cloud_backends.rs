@@ -420,3 +420,140 @@ fn kill_9_mid_produce(backend: Backend) {
         Some((log.len() as i64, "after"))
     );
 }
+
+/// A node on the object log with `[log.object]` `object` (its name `name`), MQTT and Kafka
+/// on free ports, and the route `two/#` → stream `two` (2 partitions).
+async fn object_node(name: &str, mut object: ObjectConfig) -> Node {
+    let dir = temp_dir(&format!("cloud-two-{name}"));
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = dir;
+    config.kafka = Some(ferry_cloud::kafka::KafkaConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    config.routes = vec![RouteConfig {
+        filter: "two/#".into(),
+        stream: "two".into(),
+        partitions: 2,
+        partition_key: Default::default(),
+    }];
+    object.node = Some(name.to_owned());
+    config.log.backend = LogBackend::Object;
+    config.log.object = Some(object);
+    Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts on the object log")
+}
+
+/// Two nodes on one S3 bucket and one database (not a cluster yet: each serves its own
+/// clients, Step 10): what is published on one is delivered by the other, because each
+/// follows the other's commits (PostgreSQL `LISTEN`). An MQTT subscriber on `b` gets what
+/// an MQTT publisher on `a` sent, in order per topic; a Kafka consumer on `a`, already
+/// waiting in a long poll, gets what a Kafka producer sent to `b`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
+    let object = object_config("two-nodes");
+    let a = object_node("a", object.clone()).await;
+    let b = object_node("b", object).await;
+
+    let (sub, mut sub_events) = AsyncClient::new(
+        MqttOptions::new("two-sub", "127.0.0.1", b.mqtt_addrs()[0].port()),
+        200,
+    );
+    sub.subscribe("two/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    while !matches!(
+        next_incoming(&mut sub_events, "SUBACK").await,
+        Incoming::SubAck(_)
+    ) {}
+    let (publisher, mut pub_events) = AsyncClient::new(
+        MqttOptions::new("two-pub", "127.0.0.1", a.mqtt_addrs()[0].port()),
+        200,
+    );
+    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+    for i in 0..60 {
+        publisher
+            .publish(
+                format!("two/{}", i % 3),
+                QoS::AtLeastOnce,
+                false,
+                format!("m{i}"),
+            )
+            .await
+            .expect("publish");
+    }
+    let mut received = Vec::new();
+    while received.len() < 60 {
+        if let Incoming::Publish(p) = next_incoming(&mut sub_events, "a PUBLISH on b").await {
+            received.push((
+                p.topic.clone(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            ));
+        }
+    }
+    for topic in 0..3 {
+        let got: Vec<_> = received
+            .iter()
+            .filter(|(t, _)| *t == format!("two/{topic}"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let sent: Vec<_> = (0..60)
+            .filter(|i| i % 3 == topic)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(got, sent, "two/{topic} on b");
+    }
+
+    // A consumer on a waits at the end of partition 0; a producer on b sends.
+    let on_a = a.kafka_addr.expect("kafka on a").to_string();
+    let on_b = b.kafka_addr.expect("kafka on b").to_string();
+    let waiting = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &on_a)
+            .set("group.id", "two-nodes")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5000")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset("two", 0, Offset::End)
+            .expect("partition");
+        consumer.assign(&assignment).expect("assign");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = Vec::new();
+        while got.len() < 10 && Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                let m = m.expect("no consumer error");
+                got.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+            }
+        }
+        got
+    });
+    // Long enough for the consumer to be in its long poll at the end.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let records: Vec<_> = (0..10)
+        .map(|i| ("kafka".to_owned(), format!("k{i}")))
+        .collect();
+    let producer = tokio::task::spawn_blocking(move || {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &on_b)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .expect("producer");
+        for (k, v) in &records {
+            p.send(BaseRecord::to("two").partition(0).key(k).payload(v))
+                .map_err(|(e, _)| e)
+                .expect("queued");
+        }
+        p.flush(Duration::from_secs(30)).expect("acknowledged by b");
+    });
+    producer.await.expect("producer thread");
+    let got = waiting.await.expect("consumer thread");
+    let sent: Vec<_> = (0..10).map(|i| format!("k{i}")).collect();
+    assert_eq!(got, sent, "what b took, a served");
+}

@@ -14,10 +14,11 @@
 //! Built so far: appends (one object and one commit per flush, idempotent by flush id),
 //! reads with a bounded cache, streams, offsets, offsets by time, retention by bytes and age
 //! (rows first, then the objects no row refers to, after a grace), the collector of objects a
-//! crashed flush left. Not yet: compaction, the metadata (`MetaStore`) in PostgreSQL,
-//! commits of other nodes.
+//! crashed flush left, other nodes' commits followed (`listen.rs`). Not yet: compaction, the
+//! metadata (`MetaStore`) in PostgreSQL.
 
 pub(crate) mod format;
+mod listen;
 pub(crate) mod pg;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -70,7 +71,7 @@ pub mod testing {
 }
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -87,6 +88,7 @@ use super::{
     LogStats, Offsets, PartitionInfo, ReadResult, Storage, StreamConfig, StreamInfo,
 };
 use format::RunStats;
+use listen::Streams;
 use pg::RunRow;
 
 /// `[storage]` for `backend = "object"` (see `docs/object-log.md`, "Configuration").
@@ -162,7 +164,10 @@ pub struct ObjectLog {
     io: tokio::runtime::Handle,
     pool: deadpool_postgres::Pool,
     store: Arc<dyn ObjectStore>,
-    state: Arc<RwLock<HashMap<String, Arc<StreamState>>>>,
+    state: Streams,
+    /// Held while the set of streams changes (see [`listen::Listener`]).
+    streams_lock: Arc<tokio::sync::Mutex<()>>,
+    node: String,
     cache: Arc<Mutex<Cache>>,
     to_flusher: mpsc::UnboundedSender<Request>,
     budget: Arc<Semaphore>,
@@ -224,6 +229,19 @@ struct PartState {
 }
 
 impl PartState {
+    /// What the database says of this partition now that another node moved it: offsets
+    /// only ever move up, and runs before a new log start are forgotten.
+    fn catch_up(&mut self, row: &pg::PartitionRow) {
+        if row.next_offset >= self.next {
+            self.bytes = row.bytes.max(0) as u64;
+        }
+        self.next = self.next.max(row.next_offset);
+        if row.log_start > self.start {
+            self.start = row.log_start;
+            self.runs = self.runs.split_off(&row.log_start);
+        }
+    }
+
     fn remember(&mut self, run: RunRow) {
         self.runs.insert(run.first_offset, run);
         while self.runs.len() > RUNS_IN_MEMORY {
@@ -309,12 +327,12 @@ impl ObjectLog {
             Duration::from_millis(config.append_timeout_ms.max(1000)),
         )
         .map_err(|e| failed("PostgreSQL", e))?;
-        let state: Arc<RwLock<HashMap<String, Arc<StreamState>>>> = Arc::default();
+        let state: Streams = Arc::default();
         {
             let pool = pool.clone();
             let loaded = wait(&io, async move {
                 pg::migrate(&pool).await?;
-                pg::streams(&pool).await
+                pg::streams(&pool.get().await?).await
             })?
             .map_err(|e| failed("PostgreSQL", e))?;
             let mut s = state.write().unwrap_or_else(|e| e.into_inner());
@@ -329,11 +347,31 @@ impl ObjectLog {
         }));
         let (to_flusher, rx) = mpsc::unbounded_channel();
         let (commits_tx, commits) = watch::channel(0u64);
+        let commits_tx = Arc::new(commits_tx);
         let counters = Arc::new(Counters::default());
         let node = config
             .node
             .clone()
             .unwrap_or_else(|| random_id()[..12].to_owned());
+        let streams_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let mut listen_config: tokio_postgres::Config = config
+            .postgres_url
+            .parse()
+            .map_err(|e| failed("PostgreSQL", e))?;
+        listen_config
+            .application_name("ferry-log-listen")
+            .connect_timeout(Duration::from_secs(10));
+        io.spawn(
+            listen::Listener {
+                config: listen_config,
+                node: node.clone(),
+                pool: pool.clone(),
+                state: state.clone(),
+                streams_lock: streams_lock.clone(),
+                commits: commits_tx.clone(),
+            }
+            .run(),
+        );
         let flusher = Flusher {
             store: store.clone(),
             pool: pool.clone(),
@@ -341,7 +379,7 @@ impl ObjectLog {
             cache: cache.clone(),
             commits: commits_tx,
             counters: counters.clone(),
-            node,
+            node: node.clone(),
             flush_every: Duration::from_millis(config.flush_ms.max(1)),
             flush_bytes: config.flush_bytes.max(1),
             timeout: Duration::from_millis(config.append_timeout_ms.max(1)),
@@ -354,6 +392,8 @@ impl ObjectLog {
             pool,
             store,
             state,
+            streams_lock,
+            node,
             cache,
             to_flusher,
             budget: Arc::new(Semaphore::new(buffer_bytes)),
@@ -407,6 +447,24 @@ impl ObjectLog {
             Ok(n)
         })?
         .map_err(|e| failed("collecting objects", e))
+    }
+
+    /// What a change to the set of streams needs, to move into a task.
+    #[allow(clippy::type_complexity)]
+    fn for_streams(
+        &self,
+    ) -> (
+        deadpool_postgres::Pool,
+        String,
+        Streams,
+        Arc<tokio::sync::Mutex<()>>,
+    ) {
+        (
+            self.pool.clone(),
+            self.node.clone(),
+            self.state.clone(),
+            self.streams_lock.clone(),
+        )
     }
 
     fn stream(&self, name: &str) -> Result<Arc<StreamState>, LogError> {
@@ -579,9 +637,9 @@ fn open_store(config: &ObjectConfig) -> Result<Arc<dyn ObjectStore>, LogError> {
 struct Flusher {
     store: Arc<dyn ObjectStore>,
     pool: deadpool_postgres::Pool,
-    state: Arc<RwLock<HashMap<String, Arc<StreamState>>>>,
+    state: Streams,
     cache: Arc<Mutex<Cache>>,
-    commits: watch::Sender<u64>,
+    commits: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
     node: String,
     flush_every: Duration,
@@ -721,7 +779,7 @@ impl Flusher {
         })
         .await?;
         let firsts = retry(deadline, "PostgreSQL commit", || {
-            pg::commit_flush(&self.pool, &id, &key, size, &index)
+            pg::commit_flush(&self.pool, &self.node, &id, &key, size, &index)
         })
         .await?;
         let mut done = Vec::with_capacity(index.len());
@@ -791,42 +849,44 @@ impl Storage for ObjectLog {
         }
         let partitions = config.partitions.max(1);
         let json = serde_json::to_value(config).map_err(|e| failed("stream config", e))?;
-        let pool = self.pool.clone();
-        let n = name.to_owned();
+        let (pool, node, state, changing) = self.for_streams();
+        let name = name.to_owned();
+        let config = config.clone();
         wait(&self.io, async move {
-            pg::create_stream(&pool, &n, partitions, &json).await
+            let _changing = changing.lock().await;
+            pg::create_stream(&pool, &node, &name, partitions, &json).await?;
+            // Another node may have made it first, with its settings: those are the stream's.
+            let all = pg::streams(&pool.get().await?).await?;
+            let mut state = state.write().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, json, parts)) = all.into_iter().find(|(n, ..)| *n == name) {
+                let config = serde_json::from_str(&json).unwrap_or(config);
+                state
+                    .entry(name)
+                    .or_insert_with(|| StreamState::new(config, &parts));
+            }
+            Ok::<_, pg::PgError>(())
         })?
-        .map_err(|e| failed("PostgreSQL", e))?;
-        // Another node may have made it first, with its settings: those are the stream's.
-        let pool = self.pool.clone();
-        let all = wait(&self.io, async move { pg::streams(&pool).await })?
-            .map_err(|e| failed("PostgreSQL", e))?;
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, json, parts)) = all.into_iter().find(|(n, ..)| n == name) {
-            let config = serde_json::from_str(&json).unwrap_or_else(|_| config.clone());
-            state
-                .entry(name.to_owned())
-                .or_insert_with(|| StreamState::new(config, &parts));
-        }
-        Ok(())
+        .map_err(|e| failed("PostgreSQL", e))
     }
 
     fn delete_stream(&self, name: &str) -> Result<bool, LogError> {
-        let pool = self.pool.clone();
-        let n = name.to_owned();
-        let existed = wait(&self.io, async move { pg::delete_stream(&pool, &n).await })?
-            .map_err(|e| failed("PostgreSQL", e))?;
-        if let Some(s) = self
-            .state
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-        {
-            for p in &s.parts {
-                lock(p).deleted = true;
+        let (pool, node, state, changing) = self.for_streams();
+        let name = name.to_owned();
+        wait(&self.io, async move {
+            let _changing = changing.lock().await;
+            let existed = pg::delete_stream(&pool, &node, &name).await?;
+            if let Some(s) = state
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name)
+            {
+                for p in &s.parts {
+                    lock(p).deleted = true;
+                }
             }
-        }
-        Ok(existed)
+            Ok::<_, pg::PgError>(existed)
+        })?
+        .map_err(|e| failed("PostgreSQL", e))
     }
 
     fn streams(&self) -> Vec<StreamInfo> {
@@ -1006,11 +1066,13 @@ impl Storage for ObjectLog {
             }
             for (i, p) in s.parts.iter().enumerate() {
                 let pool = self.pool.clone();
+                let node = self.node.clone();
                 let n = name.clone();
                 let config = s.config.clone();
                 let result = wait(&self.io, async move {
                     pg::enforce_retention(
                         &pool,
+                        &node,
                         &n,
                         i as u32,
                         config.retention_bytes,

@@ -14,8 +14,74 @@ use super::format::Run;
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("sql/001_init.sql"))];
 /// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;
-/// The channel commits are announced on; the payload is the partitions touched.
+/// The channel changes are announced on, as a [`Notice`].
 pub(crate) const CHANNEL: &str = "ferry_log";
+/// A notice longer than this names no partitions but says "everything" (PostgreSQL's limit
+/// on a payload is 8,000 bytes).
+const NOTICE_MAX: usize = 7_000;
+
+/// What a node tells the others on [`CHANNEL`] in the transaction of a change: the node that
+/// made it (so it skips its own) and what moved. Payload: the node, then space-separated
+/// tokens: `<stream>/<partition>` (its offsets, start or bytes moved), `+` (streams were made
+/// or deleted), `*` (too much to name: read everything again). Unknown tokens are ignored, so
+/// a newer node may add some.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Notice {
+    pub(crate) node: String,
+    pub(crate) partitions: Vec<(String, u32)>,
+    pub(crate) streams: bool,
+    pub(crate) everything: bool,
+}
+
+impl Notice {
+    pub(crate) fn encode(&self) -> String {
+        let mut out = self.node.clone();
+        if self.everything {
+            out.push_str(" *");
+            return out;
+        }
+        if self.streams {
+            out.push_str(" +");
+        }
+        for (s, p) in &self.partitions {
+            out.push_str(&format!(" {s}/{p}"));
+            if out.len() > NOTICE_MAX {
+                return format!("{} *", self.node);
+            }
+        }
+        out
+    }
+
+    /// None for a payload with no node (not one of ours).
+    pub(crate) fn parse(payload: &str) -> Option<Self> {
+        let mut tokens = payload.split(' ').filter(|t| !t.is_empty());
+        let mut n = Self {
+            node: tokens.next()?.to_owned(),
+            ..Self::default()
+        };
+        for t in tokens {
+            match t {
+                "*" => n.everything = true,
+                "+" => n.streams = true,
+                _ => {
+                    if let Some((s, p)) = t.rsplit_once('/') {
+                        if let Ok(p) = p.parse() {
+                            n.partitions.push((s.to_owned(), p));
+                        }
+                    }
+                }
+            }
+        }
+        Some(n)
+    }
+
+    /// Sends it in `tx` (delivered to listeners when, and only if, `tx` commits).
+    async fn send(&self, tx: &impl GenericClient) -> Result<(), PgError> {
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &self.encode()])
+            .await?;
+        Ok(())
+    }
+}
 
 /// Why a metadata operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +92,8 @@ pub(crate) enum PgError {
     Pool(String),
     #[error("the database's schema is version {found}; this Ferry knows up to {known}")]
     Newer { found: i32, known: i32 },
+    #[error("PostgreSQL: {0}")]
+    Lost(String),
     #[error("no partition {partition} of stream {stream} in the database")]
     NoPartition { stream: String, partition: u32 },
 }
@@ -102,9 +170,10 @@ pub(crate) struct PartitionRow {
 }
 
 /// Creates `name` with `partitions` partitions and `config` (JSON) unless it exists; true
-/// if it was created.
+/// if it was created (and the other nodes told, as from `node`).
 pub(crate) async fn create_stream(
     pool: &Pool,
+    node: &str,
     name: &str,
     partitions: u32,
     config: &serde_json::Value,
@@ -125,26 +194,39 @@ pub(crate) async fn create_stream(
             &[&name, &(partitions as i32)],
         )
         .await?;
+        streams_changed(node).send(&tx).await?;
     }
     tx.commit().await?;
     Ok(n == 1)
 }
 
+fn streams_changed(node: &str) -> Notice {
+    Notice {
+        node: node.to_owned(),
+        streams: true,
+        ..Notice::default()
+    }
+}
+
 /// Deletes `name`, its partitions and its runs (their objects are left to the collector);
-/// true if there was such a stream.
-pub(crate) async fn delete_stream(pool: &Pool, name: &str) -> Result<bool, PgError> {
-    let client = pool.get().await?;
-    let n = client
+/// true if there was such a stream (and the other nodes were told, as from `node`).
+pub(crate) async fn delete_stream(pool: &Pool, node: &str, name: &str) -> Result<bool, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
         .execute("DELETE FROM streams WHERE name = $1", &[&name])
         .await?;
+    if n == 1 {
+        streams_changed(node).send(&tx).await?;
+    }
+    tx.commit().await?;
     Ok(n == 1)
 }
 
 /// Every stream: (name, config JSON, its partitions in order).
 pub(crate) async fn streams(
-    pool: &Pool,
+    client: &impl GenericClient,
 ) -> Result<Vec<(String, String, Vec<PartitionRow>)>, PgError> {
-    let client = pool.get().await?;
     let rows = client
         .query(
             "SELECT s.name, s.config::text, p.next_offset, p.log_start, p.bytes \
@@ -167,6 +249,36 @@ pub(crate) async fn streams(
         }
     }
     Ok(out)
+}
+
+/// The rows of the partitions named, those that exist: ((stream, partition), row).
+pub(crate) async fn partitions(
+    client: &impl GenericClient,
+    which: &[(String, u32)],
+) -> Result<Vec<((String, u32), PartitionRow)>, PgError> {
+    let streams: Vec<&str> = which.iter().map(|(s, _)| s.as_str()).collect();
+    let parts: Vec<i32> = which.iter().map(|(_, p)| *p as i32).collect();
+    let rows = client
+        .query(
+            "SELECT p.stream, p.partition, p.next_offset, p.log_start, p.bytes \
+             FROM partitions p JOIN unnest($1::text[], $2::int[]) AS w(s, n) \
+             ON p.stream = w.s AND p.partition = w.n",
+            &[&streams, &parts],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                (r.get(0), r.get::<_, i32>(1) as u32),
+                PartitionRow {
+                    next_offset: r.get(2),
+                    log_start: r.get(3),
+                    bytes: r.get(4),
+                },
+            )
+        })
+        .collect())
 }
 
 /// One run's row: where a partition's batches from `first_offset` to `last_offset` are.
@@ -240,12 +352,14 @@ fn run_row(r: &tokio_postgres::Row) -> RunRow {
 
 /// Commits a flush written as object `key` (id `id`, `size` bytes) holding `runs`: assigns
 /// each run its offsets and records where it lives, in one transaction, and announces the
-/// partitions touched. Returns each run's first offset, in the order of `runs`.
+/// partitions touched (as from `node`). Returns each run's first offset, in the order of
+/// `runs`.
 ///
 /// Idempotent by `id`: a flush whose commit went through but whose answer was lost finds
 /// its own rows when it tries again, and gets the same offsets.
 pub(crate) async fn commit_flush(
     pool: &Pool,
+    node: &str,
     id: &str,
     key: &str,
     size: u64,
@@ -332,10 +446,15 @@ pub(crate) async fn commit_flush(
         )
         .await?;
         firsts[i] = first;
-        touched.push(format!("{}/{}", run.stream, run.partition));
+        touched.push((run.stream.clone(), run.partition));
     }
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &touched.join(" ")])
-        .await?;
+    Notice {
+        node: node.to_owned(),
+        partitions: touched,
+        ..Notice::default()
+    }
+    .send(&tx)
+    .await?;
     tx.commit().await?;
     Ok(firsts)
 }
@@ -345,9 +464,11 @@ pub(crate) async fn commit_flush(
 /// `older_than` (ms since the epoch); the newest run always stays. Objects left with no run
 /// are given to the collector. Returns (runs dropped, the new log start, bytes left), or
 /// None if nothing went. Their objects may be deleted `grace_secs` from now (readers that
-/// found a run before it went have that long to read it).
+/// found a run before it went have that long to read it). The other nodes are told, as
+/// from `node`.
 pub(crate) async fn enforce_retention(
     pool: &Pool,
+    node: &str,
     stream: &str,
     partition: u32,
     retention_bytes: Option<u64>,
@@ -409,6 +530,13 @@ pub(crate) async fn enforce_retention(
          WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
         &[&objects, &grace_secs],
     )
+    .await?;
+    Notice {
+        node: node.to_owned(),
+        partitions: vec![(stream.to_owned(), partition)],
+        ..Notice::default()
+    }
+    .send(&tx)
     .await?;
     tx.commit().await?;
     Ok(Some((dropped, start, bytes)))

@@ -123,6 +123,7 @@ async fn a_commit_tried_again_with_its_id_assigns_its_offsets_once() {
     };
     let first = pg::commit_flush(
         &log.pool,
+        "n",
         "abc",
         "data/x/abc.fob",
         136,
@@ -133,6 +134,7 @@ async fn a_commit_tried_again_with_its_id_assigns_its_offsets_once() {
     // The answer was lost: the same flush commits again.
     let again = pg::commit_flush(
         &log.pool,
+        "n",
         "abc",
         "data/x/abc.fob",
         136,
@@ -141,7 +143,7 @@ async fn a_commit_tried_again_with_its_id_assigns_its_offsets_once() {
     .await
     .expect("commit again");
     assert_eq!(first, again);
-    let other = pg::commit_flush(&log.pool, "def", "data/x/def.fob", 136, &[run])
+    let other = pg::commit_flush(&log.pool, "n", "def", "data/x/def.fob", 136, &[run])
         .await
         .expect("another commit");
     assert_eq!(other, vec![first[0] + 5], "the retry took no offsets");
@@ -215,4 +217,167 @@ async fn a_damaged_object_is_refused_not_served() {
     std::fs::write(&object, bytes).expect("write");
     let err = log.read("s", 0, 0, 1 << 20).expect_err("a damaged run");
     assert!(err.to_string().contains("CRC"), "{err}");
+}
+
+/// Waits (on `watch_commits`, up to 10 s) until `done` holds for `log`.
+async fn until(log: &ObjectLog, what: &str, mut done: impl FnMut(&ObjectLog) -> bool) {
+    let mut commits = log.watch_commits();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(log) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(!left.is_zero(), "not seen within 10 s: {what}");
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), commits.changed()).await;
+    }
+}
+
+/// Two nodes on one database and one store: `a` and `b`.
+fn two_nodes(test: &str) -> (Arc<ObjectLog>, Arc<ObjectLog>) {
+    let d = dir(test);
+    let mut config = config(test, &d);
+    config.node = Some("a".into());
+    let a = ObjectLog::open(&config).expect("open a");
+    config.node = Some("b".into());
+    let b = ObjectLog::open(&config).expect("open b");
+    (a, b)
+}
+
+#[tokio::test]
+async fn another_nodes_streams_commits_and_retention_are_followed() {
+    let (a, b) = two_nodes("follow");
+    let small = StreamConfig {
+        retention_bytes: Some(1),
+        retention_ms: None,
+        ..StreamConfig::default()
+    };
+    a.create_stream("s", &small).expect("create");
+    until(&b, "the stream a made", |b| b.stream("s").is_ok()).await;
+    let woken = b.watch_commits();
+    for v in ["one", "two", "three"] {
+        a.append("s", 0, AppendData::Records(vec![rec(v)]))
+            .await
+            .expect("append on a");
+    }
+    until(&b, "a's commits", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 3)
+    })
+    .await;
+    assert!(
+        woken.has_changed().expect("watch"),
+        "b's readers were woken"
+    );
+    assert_eq!(
+        values(&b, "s", 0),
+        vec![(0, "one".into()), (1, "two".into()), (2, "three".into())]
+    );
+    // b writes after a, and a reads both, in one order.
+    let appended = b
+        .append("s", 0, AppendData::Records(vec![rec("four")]))
+        .await
+        .expect("append on b");
+    assert_eq!(appended.base_offset, 3, "offsets follow on across nodes");
+    until(&a, "b's commit", |a| {
+        a.offsets("s", 0).is_ok_and(|o| o.high_watermark == 4)
+    })
+    .await;
+    assert_eq!(
+        values(&a, "s", 1)
+            .iter()
+            .map(|(o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(values(&a, "s", 3), vec![(3, "four".into())]);
+    // Retention on a moves b's start.
+    assert_eq!(a.enforce_retention().expect("retention"), 3);
+    until(&b, "a's retention", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.log_start == 3)
+    })
+    .await;
+    assert!(matches!(
+        b.read("s", 0, 0, 100),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    // A stream a deletes is gone on b too.
+    assert!(a.delete_stream("s").expect("delete"));
+    until(&b, "a's delete", |b| b.streams().is_empty()).await;
+    assert!(matches!(
+        b.append("s", 0, AppendData::Records(vec![rec("late")]))
+            .await,
+        Err(LogError::UnknownStream(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_lost_listening_connection_is_replaced_and_what_it_missed_caught_up() {
+    let (a, b) = two_nodes("relisten");
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    until(&b, "the stream a made", |b| b.stream("s").is_ok()).await;
+    let admin = a.pool.get().await.expect("client");
+    let listeners = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'ferry-log-listen' AND datname = current_database()";
+    let cut = admin.query(listeners, &[]).await.expect("terminate");
+    assert_eq!(cut.len(), 2, "both nodes listen");
+    // Written while b is not listening (it waits before connecting again): caught up with
+    // when it is back.
+    a.append("s", 0, AppendData::Records(vec![rec("missed")]))
+        .await
+        .expect("append");
+    until(&b, "the commit made while b was not listening", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 1)
+    })
+    .await;
+    // And b listens again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
+                 'ferry-log-listen' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if n == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} listeners");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.append("s", 0, AppendData::Records(vec![rec("heard")]))
+        .await
+        .expect("append");
+    until(&b, "a's commit after b listens again", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 2)
+    })
+    .await;
+    assert_eq!(
+        values(&b, "s", 0),
+        vec![(0, "missed".into()), (1, "heard".into())]
+    );
+}
+
+#[test]
+fn a_notice_names_its_node_and_what_moved_or_says_everything_when_too_long() {
+    let n = pg::Notice {
+        node: "n1".into(),
+        partitions: vec![("s.a-b_c".into(), 0), ("t".into(), 12)],
+        streams: true,
+        everything: false,
+    };
+    assert_eq!(n.encode(), "n1 + s.a-b_c/0 t/12");
+    assert_eq!(pg::Notice::parse(&n.encode()), Some(n));
+    // Tokens a newer node may add are skipped; an empty payload is not ours.
+    let odd = pg::Notice::parse("n2 ?x t/1 t/x").expect("parsed");
+    assert_eq!(odd.partitions, vec![("t".to_owned(), 1)]);
+    assert_eq!(pg::Notice::parse(""), None);
+    let many = pg::Notice {
+        node: "n1".into(),
+        partitions: (0..2000).map(|p| ("stream".to_owned(), p)).collect(),
+        ..pg::Notice::default()
+    };
+    let payload = many.encode();
+    assert!(payload.len() < 8000, "{}", payload.len());
+    assert!(pg::Notice::parse(&payload).expect("parsed").everything);
 }
