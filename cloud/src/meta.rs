@@ -1,5 +1,7 @@
 //! The node's metadata (streams and their settings, consumer cursors, the highest committed
-//! sequence of each edge) in redb, `<data_dir>/meta.redb`.
+//! sequence of each edge) in redb, `<data_dir>/meta.redb`; on the object backend in its
+//! PostgreSQL database ([`Meta::shared`]), but for the MQTT delivery cursor, which stays in
+//! `meta.redb` beside the MQTT sessions of this node it belongs to (`[storage]`).
 //!
 //! Metadata changes only through [`Command`]s applied by [`Meta::apply`], a deterministic
 //! state machine: the result depends on the current state and the commands alone (no clock,
@@ -11,7 +13,9 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::log::object::meta::PgMeta;
 use crate::log::StreamConfig;
+use crate::mqtt::MQTT_CURSOR;
 
 /// Stream name → its settings (see `encode_config`).
 const STREAMS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("streams");
@@ -34,6 +38,8 @@ pub enum MetaError {
     Db(#[from] redb::Error),
     #[error("metadata: {0}")]
     Corrupt(String),
+    #[error("metadata in PostgreSQL: {0}")]
+    Shared(String),
 }
 
 fn dberr(e: impl Into<redb::Error>) -> MetaError {
@@ -73,6 +79,14 @@ pub enum Command {
 /// The metadata database.
 pub struct Meta {
     db: Database,
+    /// On the object backend: all but the MQTT delivery cursor.
+    shared: Option<PgMeta>,
+}
+
+/// Kept in `meta.redb` even with shared metadata: the MQTT delivery cursor, which says how
+/// far this node's MQTT sessions were given the log.
+fn node_local(c: &Command) -> bool {
+    matches!(c, Command::CommitCursor { group, .. } if group == MQTT_CURSOR)
 }
 
 impl std::fmt::Debug for Meta {
@@ -95,11 +109,44 @@ impl Meta {
         txn.open_table(INGEST_FROM).map_err(dberr)?;
         txn.open_table(AMQP).map_err(dberr)?;
         txn.commit().map_err(dberr)?;
-        Ok(Self { db })
+        Ok(Self { db, shared: None })
     }
 
-    /// Applies `commands` in order, in one durable transaction: all or none.
+    /// `path` for what is this node's own, and `shared` (the object backend's database) for
+    /// the rest.
+    pub fn shared(path: &Path, shared: PgMeta) -> Result<Self, MetaError> {
+        let mut meta = Self::open(path)?;
+        meta.shared = Some(shared);
+        Ok(meta)
+    }
+
+    /// Applies `commands` in order, in one durable transaction: all or none. With shared
+    /// metadata, one transaction in PostgreSQL, then one here for the MQTT delivery cursor
+    /// (and a stream's delete, which drops its cursor here too).
     pub fn apply(&self, commands: &[Command]) -> Result<(), MetaError> {
+        let Some(shared) = &self.shared else {
+            return self.apply_here(commands);
+        };
+        let there: Vec<Command> = commands
+            .iter()
+            .filter(|c| !node_local(c))
+            .cloned()
+            .collect();
+        if !there.is_empty() {
+            shared.apply(&there).map_err(MetaError::Shared)?;
+        }
+        let here: Vec<Command> = commands
+            .iter()
+            .filter(|c| node_local(c) || matches!(c, Command::DeleteStream { .. }))
+            .cloned()
+            .collect();
+        if here.is_empty() {
+            return Ok(());
+        }
+        self.apply_here(&here)
+    }
+
+    fn apply_here(&self, commands: &[Command]) -> Result<(), MetaError> {
         let txn = self.db.begin_write().map_err(dberr)?;
         {
             let mut streams = txn.open_table(STREAMS).map_err(dberr)?;
@@ -167,6 +214,9 @@ impl Meta {
 
     /// Every stream and its settings, by name.
     pub fn streams(&self) -> Result<Vec<(String, StreamConfig)>, MetaError> {
+        if let Some(shared) = &self.shared {
+            return shared.streams().map_err(MetaError::Shared);
+        }
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(STREAMS).map_err(dberr)?;
         let mut out = Vec::new();
@@ -186,6 +236,11 @@ impl Meta {
         stream: &str,
         partition: u32,
     ) -> Result<Option<i64>, MetaError> {
+        if let Some(shared) = self.shared.as_ref().filter(|_| group != MQTT_CURSOR) {
+            return shared
+                .cursor(group, stream, partition)
+                .map_err(MetaError::Shared);
+        }
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(CURSORS).map_err(dberr)?;
         Ok(table
@@ -196,6 +251,9 @@ impl Meta {
 
     /// Every edge's highest committed sequence per priority class: (edge, class, seq).
     pub fn edges(&self) -> Result<Vec<(String, u8, u64)>, MetaError> {
+        if let Some(shared) = &self.shared {
+            return shared.edges().map_err(MetaError::Shared);
+        }
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(EDGES).map_err(dberr)?;
         let mut out = Vec::new();
@@ -211,6 +269,9 @@ impl Meta {
 impl Meta {
     /// The AMQP front's entries whose key starts with `prefix`, in key order.
     pub fn amqp_entries(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        if let Some(shared) = &self.shared {
+            return shared.amqp_entries(prefix).map_err(MetaError::Shared);
+        }
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(AMQP).map_err(dberr)?;
         let mut out = Vec::new();
@@ -227,6 +288,9 @@ impl Meta {
     /// Where the link's ingest looks for uncommitted edge records at start: (stream,
     /// partition, offset).
     pub fn ingest_from(&self) -> Result<Vec<(String, u32, i64)>, MetaError> {
+        if let Some(shared) = &self.shared {
+            return shared.ingest_from().map_err(MetaError::Shared);
+        }
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(INGEST_FROM).map_err(dberr)?;
         let mut out = Vec::new();
@@ -360,7 +424,7 @@ const CONFIG_LEN: usize = 4 + 8 + 8 + 8 + 8 + 8;
 
 /// partitions u32, segment_bytes u64, segment_ms i64, retention_bytes u64 (MAX: none),
 /// retention_ms i64 (-1: none), index_interval_bytes u64; big-endian.
-fn encode_config(c: &StreamConfig) -> Vec<u8> {
+pub(crate) fn encode_config(c: &StreamConfig) -> Vec<u8> {
     let mut out = Vec::with_capacity(CONFIG_LEN);
     out.extend_from_slice(&c.partitions.to_be_bytes());
     out.extend_from_slice(&c.segment_bytes.to_be_bytes());
@@ -371,7 +435,7 @@ fn encode_config(c: &StreamConfig) -> Vec<u8> {
     out
 }
 
-fn decode_config(b: &[u8]) -> Option<StreamConfig> {
+pub(crate) fn decode_config(b: &[u8]) -> Option<StreamConfig> {
     if b.len() != CONFIG_LEN {
         return None;
     }
@@ -388,7 +452,10 @@ fn decode_config(b: &[u8]) -> Option<StreamConfig> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::log::ObjectLog;
 
     fn commands() -> Vec<Command> {
         vec![
@@ -436,6 +503,12 @@ mod tests {
                 partition: 3,
                 offset: 42,
             },
+            Command::CommitCursor {
+                group: MQTT_CURSOR.into(),
+                stream: "sensors".into(),
+                partition: 0,
+                offset: 9,
+            },
             Command::DeleteStream {
                 name: "gone".into(),
             },
@@ -474,25 +547,59 @@ mod tests {
 
     #[test]
     fn commands_change_state_deterministically_and_survive_a_reopen() {
-        let dir = std::env::temp_dir().join(format!("ferry-meta-{}", std::process::id()));
+        let dir = temp("redb");
+        commands_change_state(&|name: &str| Meta::open(&dir.join(format!("{name}.redb"))));
+    }
+
+    /// The same on the object backend's PostgreSQL (`FERRY_TEST_PG`, as `scripts/test.sh`
+    /// sets it), but for the MQTT delivery cursor, which another node on the database does
+    /// not see.
+    #[test]
+    fn shared_metadata_in_postgresql_gives_the_same_state_but_the_node_local_cursor() {
+        let dir = temp("shared");
+        let mut configs = HashMap::new();
+        for name in ["a", "b"] {
+            let objects = dir.join(format!("{name}-objects"));
+            let config = crate::log::object::tests::config(&format!("meta_{name}"), &objects);
+            configs.insert(name.to_owned(), config);
+        }
+        let open = |name: &str| {
+            let log = ObjectLog::open(&configs[name]).expect("object log");
+            Meta::shared(&dir.join(format!("{name}.redb")), PgMeta::new(log))
+        };
+        commands_change_state(&open);
+        let log = ObjectLog::open(&configs["a"]).expect("object log");
+        let elsewhere =
+            Meta::shared(&dir.join("another-node.redb"), PgMeta::new(log)).expect("open");
+        assert_eq!(
+            elsewhere.cursor("g", "sensors", 3).expect("cursor"),
+            Some(42)
+        );
+        assert_eq!(
+            elsewhere.cursor(MQTT_CURSOR, "sensors", 0).expect("cursor"),
+            None,
+            "the MQTT delivery cursor is the node's own"
+        );
+    }
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferry-meta-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        // The same commands, applied one by one or all at once, give the same state.
-        let (a, b) = (dir.join("a.redb"), dir.join("b.redb"));
+        dir
+    }
+
+    /// The commands applied one by one to `open("a")` and all at once to `open("b")` give
+    /// the same state, and it survives a reopen.
+    fn commands_change_state(open: &dyn Fn(&str) -> Result<Meta, MetaError>) {
         {
-            let meta = Meta::open(&a).expect("open");
+            let meta = open("a").expect("open");
             for c in commands() {
                 meta.apply(&[c]).expect("apply");
             }
-            Meta::open(&b)
-                .expect("open")
-                .apply(&commands())
-                .expect("apply");
+            open("b").expect("open").apply(&commands()).expect("apply");
         }
-        let (a, b) = (
-            Meta::open(&a).expect("reopen"),
-            Meta::open(&b).expect("reopen"),
-        );
+        let (a, b) = (open("a").expect("reopen"), open("b").expect("reopen"));
         for meta in [&a, &b] {
             let streams = meta.streams().expect("streams");
             assert_eq!(streams.len(), 1);
@@ -504,6 +611,10 @@ mod tests {
             assert_eq!(streams[0].1.retention_bytes, Some(1 << 30));
             assert_eq!(streams[0].1.retention_ms, None);
             assert_eq!(meta.cursor("g", "sensors", 3).expect("cursor"), Some(42));
+            assert_eq!(
+                meta.cursor(MQTT_CURSOR, "sensors", 0).expect("cursor"),
+                Some(9)
+            );
             assert_eq!(
                 meta.cursor("g", "gone", 0).expect("cursor"),
                 None,

@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::config::LogBackend;
 pub use crate::config::{AdminConfig, CloudConfig, LogConfig};
 use crate::ingest::{Ingest, IngestError};
-use crate::log::{LogError, ObjectLog, SegmentLog, Storage, StreamConfig};
+use crate::log::{LogError, ObjectLog, PgMeta, SegmentLog, Storage, StreamConfig};
 use crate::meta::{Command, Meta, MetaError};
 pub use crate::mqtt::MQTT_CURSOR;
 use crate::routes::{RouteConfig, RouteError, RouteTable, Routes};
@@ -127,12 +127,12 @@ impl Node {
     ) -> Result<Self, NodeError> {
         let data = config.server.data_dir.clone();
         std::fs::create_dir_all(&data)?;
-        let meta = Arc::new(Meta::open(&data.join("meta.redb"))?);
         let routes = Routes::new(&config.routes)?;
-        meta.apply(&create_commands(&routes, &config.log.streams))?;
-        let streams: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
-        let log: Arc<dyn Storage> = match config.log.backend {
+        let (meta, log): (Arc<Meta>, Arc<dyn Storage>) = match config.log.backend {
             LogBackend::Local => {
+                let meta = Arc::new(Meta::open(&data.join("meta.redb"))?);
+                meta.apply(&create_commands(&routes, &config.log.streams))?;
+                let streams: HashMap<String, StreamConfig> = meta.streams()?.into_iter().collect();
                 let log = SegmentLog::open_with(
                     &data.join("log"),
                     config.log.fsync,
@@ -142,15 +142,18 @@ impl Node {
                 for (path, damage) in log.damage() {
                     warn!(path = %path.display(), ?damage, "log recovery");
                 }
-                log
+                (meta, log)
             }
             LogBackend::Object => {
                 let object = config.log.object.clone().ok_or_else(|| {
                     LogError::Failed("[log] backend = \"object\" needs a [log.object] table".into())
                 })?;
-                tokio::task::spawn_blocking(move || ObjectLog::open(&object))
+                let log = tokio::task::spawn_blocking(move || ObjectLog::open(&object))
                     .await
-                    .map_err(|e| LogError::Failed(e.to_string()))??
+                    .map_err(|e| LogError::Failed(e.to_string()))??;
+                // The metadata beside the log's index, in PostgreSQL.
+                let meta = Meta::shared(&data.join("meta.redb"), PgMeta::new(log.clone()))?;
+                (Arc::new(meta), log)
             }
         };
         Self::start_on(config, meta, log, shutdown).await

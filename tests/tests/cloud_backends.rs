@@ -451,7 +451,8 @@ async fn object_node(name: &str, mut object: ObjectConfig) -> Node {
 /// clients, Step 10): what is published on one is delivered by the other, because each
 /// follows the other's commits (PostgreSQL `LISTEN`). An MQTT subscriber on `b` gets what
 /// an MQTT publisher on `a` sent, in order per topic; a Kafka consumer on `a`, already
-/// waiting in a long poll, gets what a Kafka producer sent to `b`.
+/// waiting in a long poll, gets what a Kafka producer sent to `b`; the offsets a group
+/// committed on `a` are served by `b` (the metadata is in PostgreSQL too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
     let object = object_config("two-nodes");
@@ -531,7 +532,15 @@ async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
                 got.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
             }
         }
-        got
+        consumer
+            .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+            .expect("offsets committed on a");
+        let position = consumer.position().expect("position");
+        let at = position
+            .find_partition("two", 0)
+            .expect("partition 0")
+            .offset();
+        (got, at)
     });
     // Long enough for the consumer to be in its long poll at the end.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -553,7 +562,29 @@ async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
         p.flush(Duration::from_secs(30)).expect("acknowledged by b");
     });
     producer.await.expect("producer thread");
-    let got = waiting.await.expect("consumer thread");
+    let (got, at) = waiting.await.expect("consumer thread");
     let sent: Vec<_> = (0..10).map(|i| format!("k{i}")).collect();
     assert_eq!(got, sent, "what b took, a served");
+
+    // The group's offsets, committed on a, are in PostgreSQL: b serves them.
+    let on_b = b.kafka_addr.expect("kafka on b").to_string();
+    let committed = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &on_b)
+            .set("group.id", "two-nodes")
+            .create()
+            .expect("consumer");
+        let mut wanted = TopicPartitionList::new();
+        wanted.add_partition("two", 0);
+        consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .expect("committed offsets from b")
+            .find_partition("two", 0)
+            .expect("partition 0")
+            .offset()
+    })
+    .await
+    .expect("thread");
+    assert!(matches!(at, Offset::Offset(n) if n > 10), "{at:?}");
+    assert_eq!(committed, at, "b knows what was committed on a");
 }

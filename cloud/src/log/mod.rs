@@ -16,7 +16,7 @@
 //! backend, for tests.
 
 mod memory;
-mod object;
+pub(crate) mod object;
 mod partition;
 mod segment;
 #[cfg(test)]
@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 pub use memory::MemoryLog;
+pub use object::meta::PgMeta;
 pub use object::{testing as object_testing, ObjectConfig, ObjectLog, S3Config};
 use partition::Partition;
 pub use segment::Damage;

@@ -19,6 +19,7 @@
 
 pub(crate) mod format;
 mod listen;
+pub(crate) mod meta;
 pub(crate) mod pg;
 #[cfg(test)]
 pub(crate) mod tests;

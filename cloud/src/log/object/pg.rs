@@ -11,7 +11,10 @@ use super::format::Run;
 
 /// The migrations, in order: (version, SQL). A database at a version above the last one
 /// here was made by a newer Ferry and is refused.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("sql/001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("sql/001_init.sql")),
+    (2, include_str!("sql/002_meta.sql")),
+];
 /// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;
 /// The channel changes are announced on, as a [`Notice`].
