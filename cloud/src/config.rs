@@ -210,6 +210,11 @@ mod tests {
             (got.cache_bytes, got.postgres_pool),
             (d.cache_bytes, d.postgres_pool)
         );
+        assert_eq!(
+            (got.orphan_grace_secs, got.compact_bytes),
+            (d.orphan_grace_secs, d.compact_bytes)
+        );
+        assert_eq!(got.node.as_deref(), Some("cloud-1"));
         let s3 = commented_table(text, "# [log.object.s3]");
         let with_s3: CloudConfig = toml::from_str(&s3).expect("s3 example parses");
         let s3 = with_s3.log.object.expect("[log.object]").s3;

@@ -106,10 +106,15 @@ impl Listener {
                             merged.everything |= n.everything;
                             merged.streams |= n.streams;
                             merged.partitions.extend(n.partitions);
+                            merged.rewritten.extend(n.rewritten);
                         }
                         next = notices.try_recv().ok();
                     }
-                    if merged.everything || merged.streams || !merged.partitions.is_empty() {
+                    if merged.everything
+                        || merged.streams
+                        || !merged.partitions.is_empty()
+                        || !merged.rewritten.is_empty()
+                    {
                         self.catch_up(&merged).await?;
                     }
                 }
@@ -126,12 +131,21 @@ impl Listener {
     async fn catch_up(&self, notice: &Notice) -> Result<(), PgError> {
         let known = {
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            notice.partitions.iter().all(|(s, _)| state.contains_key(s))
+            notice
+                .partitions
+                .iter()
+                .chain(&notice.rewritten)
+                .all(|(s, _)| state.contains_key(s))
         };
         if notice.everything || notice.streams || !known {
             self.reload_streams().await?;
         } else {
-            let mut which = notice.partitions.clone();
+            let mut which: Vec<(String, u32)> = notice
+                .partitions
+                .iter()
+                .chain(&notice.rewritten)
+                .cloned()
+                .collect();
             which.sort();
             which.dedup();
             let client = self.pool.get().await?;
@@ -140,6 +154,16 @@ impl Listener {
             for ((s, p), row) in rows {
                 if let Some(part) = state.get(&s).and_then(|s| s.parts.get(p as usize)) {
                     lock(part).catch_up(&row);
+                }
+            }
+        }
+        // Runs another node's compaction replaced: asked of the database again when read.
+        // (Everything else that may be stale is found out by a read, which then asks again.)
+        if !notice.rewritten.is_empty() {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            for (s, p) in &notice.rewritten {
+                if let Some(part) = state.get(s).and_then(|s| s.parts.get(*p as usize)) {
+                    lock(part).runs.clear();
                 }
             }
         }

@@ -14,9 +14,10 @@
 //! Built so far: appends (one object and one commit per flush, idempotent by flush id),
 //! reads with a bounded cache, streams, offsets, offsets by time, retention by bytes and age
 //! (rows first, then the objects no row refers to, after a grace), the collector of objects a
-//! crashed flush left, other nodes' commits followed (`listen.rs`). Not yet: compaction, the
-//! metadata (`MetaStore`) in PostgreSQL.
+//! crashed flush left, other nodes' commits followed (`listen.rs`), compaction
+//! (`compact.rs`), and the node's metadata in the same database (`meta.rs`).
 
+mod compact;
 pub(crate) mod format;
 mod listen;
 pub(crate) mod meta;
@@ -118,6 +119,9 @@ pub struct ObjectConfig {
     /// retention let go of, is deleted after this long (s): far longer than any commit or
     /// read in progress. Default 600.
     pub orphan_grace_secs: u64,
+    /// What compaction aims at: a partition's runs smaller than half of this are rewritten
+    /// together into runs of up to this many bytes. Default 64 MiB.
+    pub compact_bytes: u64,
     /// `[storage.s3]`: for `s3://` URLs.
     pub s3: S3Config,
 }
@@ -135,6 +139,7 @@ impl Default for ObjectConfig {
             postgres_pool: 8,
             node: None,
             orphan_grace_secs: 600,
+            compact_bytes: 64 << 20,
             s3: S3Config::default(),
         }
     }
@@ -176,6 +181,7 @@ pub struct ObjectLog {
     commits: watch::Receiver<u64>,
     counters: Arc<Counters>,
     grace: Duration,
+    compact_bytes: u64,
 }
 
 impl std::fmt::Debug for ObjectLog {
@@ -402,6 +408,7 @@ impl ObjectLog {
             commits,
             counters,
             grace: Duration::from_secs(config.orphan_grace_secs),
+            compact_bytes: config.compact_bytes.max(1),
         }))
     }
 
@@ -556,6 +563,52 @@ impl ObjectLog {
             .map_err(|e| failed("object store", e))?;
         lock(&self.cache).put(key, bytes.clone());
         Ok(bytes)
+    }
+
+    /// A read of `Storage::read` with the runs known here (else asked of the database).
+    fn read_once(
+        &self,
+        stream: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, LogError> {
+        let (start, next) = self.with_part(stream, partition, |p| (p.start, p.next))?;
+        if offset < start || offset > next {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start,
+                end: next,
+            });
+        }
+        let mut out = BytesMut::new();
+        if offset < next {
+            'runs: for run in self.runs_from(stream, partition, offset)? {
+                let stored = self.run_bytes(&run)?;
+                let served = format::serve_run(&stored, run.crc, run.first_offset)
+                    .map_err(|e| failed(&format!("run at offset {}", run.first_offset), e))?;
+                let mut at = 0;
+                while at < served.len() {
+                    let h = BatchHeader::parse(&served[at..])
+                        .map_err(|e| LogError::BadBatch(e.to_string()))?;
+                    let len = h.total_len();
+                    if h.last_offset() >= offset {
+                        if !out.is_empty() && out.len() + len > max_bytes {
+                            break 'runs;
+                        }
+                        out.extend_from_slice(&served[at..at + len]);
+                    }
+                    at += len;
+                }
+                if out.len() >= max_bytes {
+                    break;
+                }
+            }
+        }
+        Ok(ReadResult {
+            batches: out.freeze(),
+            high_watermark: next,
+        })
     }
 }
 
@@ -960,6 +1013,9 @@ impl Storage for ObjectLog {
         })
     }
 
+    /// Reads as [`ObjectLog::read_once`]; when that fails for want of an object or a row (a
+    /// compaction or retention elsewhere made the runs known here stale), the partition's
+    /// runs are forgotten and asked of the database once more.
     fn read(
         &self,
         stream: &str,
@@ -967,42 +1023,14 @@ impl Storage for ObjectLog {
         offset: i64,
         max_bytes: usize,
     ) -> Result<ReadResult, LogError> {
-        let (start, next) = self.with_part(stream, partition, |p| (p.start, p.next))?;
-        if offset < start || offset > next {
-            return Err(LogError::OffsetOutOfRange {
-                offset,
-                start,
-                end: next,
-            });
-        }
-        let mut out = BytesMut::new();
-        if offset < next {
-            'runs: for run in self.runs_from(stream, partition, offset)? {
-                let stored = self.run_bytes(&run)?;
-                let served = format::serve_run(&stored, run.crc, run.first_offset)
-                    .map_err(|e| failed(&format!("run at offset {}", run.first_offset), e))?;
-                let mut at = 0;
-                while at < served.len() {
-                    let h = BatchHeader::parse(&served[at..])
-                        .map_err(|e| LogError::BadBatch(e.to_string()))?;
-                    let len = h.total_len();
-                    if h.last_offset() >= offset {
-                        if !out.is_empty() && out.len() + len > max_bytes {
-                            break 'runs;
-                        }
-                        out.extend_from_slice(&served[at..at + len]);
-                    }
-                    at += len;
-                }
-                if out.len() >= max_bytes {
-                    break;
-                }
+        match self.read_once(stream, partition, offset, max_bytes) {
+            Err(LogError::Failed(e)) => {
+                warn!(error = %e, stream, partition, offset, "a read failed; asking the database again");
+                self.with_part(stream, partition, |p| p.runs.clear())?;
+                self.read_once(stream, partition, offset, max_bytes)
             }
+            other => other,
         }
-        Ok(ReadResult {
-            batches: out.freeze(),
-            high_watermark: next,
-        })
     }
 
     fn offsets(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
@@ -1048,8 +1076,9 @@ impl Storage for ObjectLog {
     }
 
     /// Drops whole runs from the front of every partition while over its byte budget or
-    /// older than its retention (the newest run stays), then deletes the objects nothing
-    /// refers to any more (see [`ObjectLog::collect`]); returns how many runs went.
+    /// older than its retention (the newest run stays), compacts small runs (`compact.rs`),
+    /// then deletes the objects nothing refers to any more (see [`ObjectLog::collect`]);
+    /// returns how many runs retention dropped.
     fn enforce_retention(&self) -> Result<usize, LogError> {
         let streams: Vec<(String, Arc<StreamState>)> = self
             .state
@@ -1093,7 +1122,9 @@ impl Storage for ObjectLog {
                 }
             }
         }
-        // Then the objects nothing refers to any more, and those a crashed flush left.
+        // Then small runs rewritten together, and the objects nothing refers to any more
+        // (and those a crashed flush left).
+        self.compact()?;
         self.collect()?;
         Ok(removed)
     }

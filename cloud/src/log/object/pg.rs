@@ -25,13 +25,15 @@ const NOTICE_MAX: usize = 7_000;
 
 /// What a node tells the others on [`CHANNEL`] in the transaction of a change: the node that
 /// made it (so it skips its own) and what moved. Payload: the node, then space-separated
-/// tokens: `<stream>/<partition>` (its offsets, start or bytes moved), `+` (streams were made
-/// or deleted), `*` (too much to name: read everything again). Unknown tokens are ignored, so
-/// a newer node may add some.
+/// tokens: `<stream>/<partition>` (its offsets, start or bytes moved), `=<stream>/<partition>`
+/// (its runs were rewritten by a compaction: forget those known), `+` (streams were made or
+/// deleted), `*` (too much to name: read everything again). Unknown tokens are ignored, so a
+/// newer node may add some.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Notice {
     pub(crate) node: String,
     pub(crate) partitions: Vec<(String, u32)>,
+    pub(crate) rewritten: Vec<(String, u32)>,
     pub(crate) streams: bool,
     pub(crate) everything: bool,
 }
@@ -46,8 +48,10 @@ impl Notice {
         if self.streams {
             out.push_str(" +");
         }
-        for (s, p) in &self.partitions {
-            out.push_str(&format!(" {s}/{p}"));
+        let named = self.partitions.iter().map(|(s, p)| format!(" {s}/{p}"));
+        let rewritten = self.rewritten.iter().map(|(s, p)| format!(" ={s}/{p}"));
+        for token in named.chain(rewritten) {
+            out.push_str(&token);
             if out.len() > NOTICE_MAX {
                 return format!("{} *", self.node);
             }
@@ -67,9 +71,13 @@ impl Notice {
                 "*" => n.everything = true,
                 "+" => n.streams = true,
                 _ => {
+                    let (list, t) = match t.strip_prefix('=') {
+                        Some(t) => (&mut n.rewritten, t),
+                        None => (&mut n.partitions, t),
+                    };
                     if let Some((s, p)) = t.rsplit_once('/') {
                         if let Ok(p) = p.parse() {
-                            n.partitions.push((s.to_owned(), p));
+                            list.push((s.to_owned(), p));
                         }
                     }
                 }
@@ -581,4 +589,93 @@ pub(crate) async fn known_keys(
         .query("SELECT key FROM objects WHERE key = ANY($1)", &[&keys])
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What a compaction puts in place of a partition's runs: the new object and its one run.
+pub(crate) struct Compacted<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) size: u64,
+    pub(crate) run: &'a Run,
+    /// The first offsets of the runs it replaces, in order; its own first offset is the
+    /// first of them.
+    pub(crate) replaces: &'a [i64],
+}
+
+/// Swaps a partition's runs `c.replaces` for the one run of `c`, in one transaction under the
+/// partition's lock, if every one of them is still there (retention or another node's
+/// compaction may have been first: then nothing changes and false is returned). Objects left
+/// with no run may be deleted `grace_secs` from now; the other nodes are told, as from
+/// `node`, to forget the runs they knew.
+pub(crate) async fn swap_runs(
+    pool: &Pool,
+    node: &str,
+    c: &Compacted<'_>,
+    grace_secs: f64,
+) -> Result<bool, PgError> {
+    let (stream, p) = (&c.run.stream, c.run.partition as i32);
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.query_opt(
+        "SELECT 1 FROM partitions WHERE stream = $1 AND partition = $2 FOR UPDATE",
+        &[stream, &p],
+    )
+    .await?;
+    let gone = tx
+        .query(
+            "DELETE FROM runs WHERE stream = $1 AND partition = $2 AND first_offset = ANY($3) \
+             RETURNING object, byte_len",
+            &[stream, &p, &c.replaces],
+        )
+        .await?;
+    if gone.len() != c.replaces.len() {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let old_bytes: i64 = gone.iter().map(|r| r.get::<_, i64>(1)).sum();
+    let objects: Vec<String> = gone.iter().map(|r| r.get(0)).collect();
+    let first = c.replaces[0];
+    tx.execute(
+        "INSERT INTO objects (id, key, size) VALUES ($1, $2, $3)",
+        &[&c.id, &c.key, &(c.size as i64)],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO runs (stream, partition, first_offset, last_offset, object, byte_start, \
+         byte_len, crc, first_timestamp, max_timestamp) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            stream,
+            &p,
+            &first,
+            &(first + c.run.records as i64 - 1),
+            &c.id,
+            &(c.run.data_offset as i64),
+            &(c.run.data_len as i64),
+            &i64::from(c.run.crc),
+            &c.run.first_timestamp,
+            &c.run.max_timestamp,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE partitions SET bytes = bytes - $3 + $4 WHERE stream = $1 AND partition = $2",
+        &[stream, &p, &old_bytes, &(c.run.data_len as i64)],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE objects SET deleted_after = now() + make_interval(secs => $2) \
+         WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
+        &[&objects, &grace_secs],
+    )
+    .await?;
+    Notice {
+        node: node.to_owned(),
+        rewritten: vec![(stream.clone(), c.run.partition)],
+        ..Notice::default()
+    }
+    .send(&tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }

@@ -363,10 +363,11 @@ fn a_notice_names_its_node_and_what_moved_or_says_everything_when_too_long() {
     let n = pg::Notice {
         node: "n1".into(),
         partitions: vec![("s.a-b_c".into(), 0), ("t".into(), 12)],
+        rewritten: vec![("t".into(), 3)],
         streams: true,
         everything: false,
     };
-    assert_eq!(n.encode(), "n1 + s.a-b_c/0 t/12");
+    assert_eq!(n.encode(), "n1 + s.a-b_c/0 t/12 =t/3");
     assert_eq!(pg::Notice::parse(&n.encode()), Some(n));
     // Tokens a newer node may add are skipped; an empty payload is not ours.
     let odd = pg::Notice::parse("n2 ?x t/1 t/x").expect("parsed");
@@ -380,4 +381,164 @@ fn a_notice_names_its_node_and_what_moved_or_says_everything_when_too_long() {
     let payload = many.encode();
     assert!(payload.len() < 8000, "{}", payload.len());
     assert!(pg::Notice::parse(&payload).expect("parsed").everything);
+}
+
+fn row(first: i64, last: i64, len: u64) -> RunRow {
+    RunRow {
+        first_offset: first,
+        last_offset: last,
+        object_key: format!("o{first}"),
+        byte_start: 36,
+        byte_len: len,
+        crc: 0,
+        first_timestamp: 0,
+        max_timestamp: 0,
+    }
+}
+
+/// Runs of `lens` bytes, one record each, offsets following on from 0.
+fn rows(lens: &[u64]) -> Vec<RunRow> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, len)| row(i as i64, i as i64, *len))
+        .collect()
+}
+
+#[test]
+fn compaction_takes_windows_of_small_runs_that_follow_on() {
+    use super::compact::{windows, COMPACT_RUNS};
+    // Enough small runs are rewritten together; a few are left.
+    assert_eq!(
+        windows(&rows(&[10; COMPACT_RUNS]), 1000),
+        vec![0..COMPACT_RUNS]
+    );
+    assert!(windows(&rows(&[10; COMPACT_RUNS - 1]), 1000).is_empty());
+    // Or half the target in bytes; never more than the target in one.
+    assert_eq!(
+        windows(&rows(&[100; 30]), 1000),
+        vec![0..10, 10..20, 20..30]
+    );
+    // A big run is left alone and splits windows.
+    let mut lens = vec![300, 300, 600, 300, 300];
+    assert_eq!(windows(&rows(&lens), 1000), vec![0..2, 3..5]);
+    // A run bigger than all the rest of its window is not rewritten for them.
+    lens = vec![450];
+    lens.extend([10; COMPACT_RUNS]);
+    assert_eq!(windows(&rows(&lens), 1000), vec![1..COMPACT_RUNS + 1]);
+    // Offsets that do not follow on (retention, or a gap) split windows.
+    let mut gap = rows(&[300, 300, 300]);
+    gap[2].first_offset = 5;
+    gap[2].last_offset = 5;
+    assert_eq!(windows(&gap, 1000), vec![0..2]);
+}
+
+/// How many rows of `table` the log's database holds.
+async fn count(log: &ObjectLog, table: &str) -> i64 {
+    let client = log.pool.get().await.expect("client");
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test]
+async fn compaction_rewrites_small_runs_and_every_node_reads_the_same_records() {
+    let d = dir("compact");
+    let mut config = config("compact", &d);
+    config.compact_bytes = 4096;
+    config.orphan_grace_secs = 0;
+    config.node = Some("a".into());
+    let a = ObjectLog::open(&config).expect("open a");
+    config.node = Some("b".into());
+    let b = ObjectLog::open(&config).expect("open b");
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    let sent: Vec<(i64, String)> = (0..100).map(|i| (i, format!("record {i}"))).collect();
+    for (_, v) in &sent {
+        a.append("s", 0, AppendData::Records(vec![rec(v)]))
+            .await
+            .expect("append");
+    }
+    until(&b, "a's appends", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 100)
+    })
+    .await;
+    // b knows the runs as they were.
+    assert_eq!(values(&b, "s", 0), sent);
+    let runs_before = count(&a, "runs").await;
+    assert_eq!(runs_before, 100, "one run per flush");
+    let rewritten = a.compact().expect("compact");
+    assert!(rewritten >= 1);
+    let runs_after = count(&a, "runs").await;
+    assert!(runs_after <= 10, "{runs_after} runs after compaction");
+    // Nothing moved: the same records at the same offsets, on both nodes, from anywhere.
+    assert_eq!(values(&a, "s", 0), sent);
+    assert_eq!(values(&b, "s", 0), sent);
+    assert_eq!(values(&b, "s", 57), sent[57..].to_vec());
+    // The old objects go (grace 0); both nodes still read everything.
+    a.collect().expect("collect");
+    assert_eq!(count(&a, "objects").await, runs_after);
+    let files = std::fs::read_dir(d.join("data/a"))
+        .expect("objects")
+        .count() as i64;
+    assert_eq!(files, runs_after, "only the objects rows refer to are left");
+    lock(&b.cache).runs.clear();
+    assert_eq!(values(&b, "s", 0), sent);
+    assert_eq!(values(&a, "s", 30), sent[30..].to_vec());
+    // And the log goes on after it.
+    let next = b
+        .append("s", 0, AppendData::Records(vec![rec("after")]))
+        .await
+        .expect("append");
+    assert_eq!(next.base_offset, 100);
+}
+
+#[tokio::test]
+async fn two_nodes_compacting_one_partition_at_once_rewrite_it_once() {
+    let d = dir("compact2");
+    let mut config = config("compact2", &d);
+    config.compact_bytes = 1 << 20;
+    config.node = Some("a".into());
+    let a = ObjectLog::open(&config).expect("open a");
+    config.node = Some("b".into());
+    let b = ObjectLog::open(&config).expect("open b");
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    let sent: Vec<(i64, String)> = (0..40).map(|i| (i, format!("v{i}"))).collect();
+    for (_, v) in &sent {
+        a.append("s", 0, AppendData::Records(vec![rec(v)]))
+            .await
+            .expect("append");
+    }
+    until(&b, "a's appends", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 40)
+    })
+    .await;
+    let (a2, b2) = (a.clone(), b.clone());
+    let ta = std::thread::spawn(move || a2.compact().expect("compact on a"));
+    let tb = std::thread::spawn(move || b2.compact().expect("compact on b"));
+    let (na, nb) = (ta.join().expect("a"), tb.join().expect("b"));
+    assert!(na + nb >= 1, "someone compacted");
+    // Rows never overlap and cover every offset once.
+    let client = a.pool.get().await.expect("client");
+    let spans: Vec<(i64, i64)> = client
+        .query(
+            "SELECT first_offset, last_offset FROM runs ORDER BY first_offset",
+            &[],
+        )
+        .await
+        .expect("runs")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut expect = 0;
+    for (first, last) in &spans {
+        assert_eq!(*first, expect, "{spans:?}");
+        expect = last + 1;
+    }
+    assert_eq!(expect, 40);
+    assert!(spans.len() < 40, "{spans:?}");
+    assert_eq!(values(&a, "s", 0), sent);
+    assert_eq!(values(&b, "s", 0), sent);
 }
