@@ -40,7 +40,7 @@ use tracing::error;
 
 pub use memory::MemoryLog;
 pub use object::meta::PgMeta;
-pub use object::{testing as object_testing, ObjectConfig, ObjectLog, S3Config};
+pub use object::{testing as object_testing, ObjectConfig, ObjectLog, RequestCounts, S3Config};
 use partition::Partition;
 pub use segment::Damage;
 

@@ -130,6 +130,7 @@ impl ObjectLog {
         let store = self.store.clone();
         let path = ObjectPath::from(key.as_str());
         let put = path.clone();
+        super::count(&self.requests.put, 1);
         wait(&self.io, async move {
             store.put(&put, PutPayload::from(object)).await.map(|_| ())
         })?
@@ -159,6 +160,7 @@ impl ObjectLog {
         };
         if !swapped {
             let store = self.store.clone();
+            super::count(&self.requests.delete, 1);
             if let Err(e) = wait(&self.io, async move { store.delete(&path).await })? {
                 warn!(error = %e, "a compaction's unused object is left to the collector");
             }

@@ -72,7 +72,8 @@ pub mod testing {
     }
 }
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -158,6 +159,30 @@ pub struct S3Config {
     pub allow_http: bool,
 }
 
+/// Requests made of the object store since start, by kind: what a deployment pays for
+/// (S3 bills PUT and LIST by the thousand, GET likewise, DELETE not at all).
+#[derive(Debug, Default)]
+struct Requests {
+    put: AtomicU64,
+    get: AtomicU64,
+    delete: AtomicU64,
+    list: AtomicU64,
+}
+
+/// [`ObjectLog::requests`]: counts since the log was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub put: u64,
+    pub get: u64,
+    pub delete: u64,
+    /// List requests (one per page of 1,000 keys).
+    pub list: u64,
+}
+
+fn count(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
 /// Runs of a partition kept in memory (the newest, and those read lately); older ones are
 /// asked of PostgreSQL again.
 const RUNS_IN_MEMORY: usize = 4096;
@@ -180,6 +205,7 @@ pub struct ObjectLog {
     buffer_bytes: usize,
     commits: watch::Receiver<u64>,
     counters: Arc<Counters>,
+    requests: Arc<Requests>,
     grace: Duration,
     compact_bytes: u64,
 }
@@ -264,37 +290,39 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Runs' bytes as stored (relative offsets), least recently used first out.
 #[derive(Debug, Default)]
 struct Cache {
-    runs: HashMap<(String, u64), Bytes>,
-    order: VecDeque<(String, u64)>,
+    /// Each run's bytes and when it was last used.
+    runs: HashMap<(String, u64), (Bytes, u64)>,
+    /// The runs by when they were last used, oldest first.
+    order: BTreeMap<u64, (String, u64)>,
+    tick: u64,
     bytes: usize,
     max: usize,
 }
 
 impl Cache {
     fn get(&mut self, key: &(String, u64)) -> Option<Bytes> {
-        let hit = self.runs.get(key).cloned();
-        if hit.is_some() {
-            if let Some(i) = self.order.iter().position(|k| k == key) {
-                if let Some(k) = self.order.remove(i) {
-                    self.order.push_back(k);
-                }
-            }
-        }
-        hit
+        self.tick += 1;
+        let tick = self.tick;
+        let (bytes, used) = self.runs.get_mut(key)?;
+        let k = self.order.remove(used)?;
+        *used = tick;
+        self.order.insert(tick, k);
+        Some(bytes.clone())
     }
 
     fn put(&mut self, key: (String, u64), bytes: Bytes) {
         if bytes.len() > self.max || self.runs.contains_key(&key) {
             return;
         }
+        self.tick += 1;
         self.bytes += bytes.len();
-        self.runs.insert(key.clone(), bytes);
-        self.order.push_back(key);
+        self.runs.insert(key.clone(), (bytes, self.tick));
+        self.order.insert(self.tick, key);
         while self.bytes > self.max {
-            let Some(old) = self.order.pop_front() else {
+            let Some((_, old)) = self.order.pop_first() else {
                 break;
             };
-            if let Some(b) = self.runs.remove(&old) {
+            if let Some((b, _)) = self.runs.remove(&old) {
                 self.bytes -= b.len();
             }
         }
@@ -356,6 +384,7 @@ impl ObjectLog {
         let (commits_tx, commits) = watch::channel(0u64);
         let commits_tx = Arc::new(commits_tx);
         let counters = Arc::new(Counters::default());
+        let requests = Arc::new(Requests::default());
         let node = config
             .node
             .clone()
@@ -386,6 +415,7 @@ impl ObjectLog {
             cache: cache.clone(),
             commits: commits_tx,
             counters: counters.clone(),
+            requests: requests.clone(),
             node: node.clone(),
             flush_every: Duration::from_millis(config.flush_ms.max(1)),
             flush_bytes: config.flush_bytes.max(1),
@@ -407,6 +437,7 @@ impl ObjectLog {
             buffer_bytes,
             commits,
             counters,
+            requests,
             grace: Duration::from_secs(config.orphan_grace_secs),
             compact_bytes: config.compact_bytes.max(1),
         }))
@@ -418,9 +449,11 @@ impl ObjectLog {
         let pool = self.pool.clone();
         let store = self.store.clone();
         let grace = self.grace;
+        let requests = self.requests.clone();
         wait(&self.io, async move {
             let mut n = 0;
             for (id, key) in pg::collectable(&pool).await.map_err(|e| e.to_string())? {
+                count(&requests.delete, 1);
                 match store.delete(&ObjectPath::from(key.as_str())).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e.to_string()),
@@ -436,6 +469,7 @@ impl ObjectLog {
                 .try_collect()
                 .await
                 .map_err(|e| e.to_string())?;
+            count(&requests.list, 1 + listed.len() as u64 / 1000);
             let old: Vec<String> = listed
                 .into_iter()
                 .filter(|m| m.last_modified.timestamp_millis() < cutoff)
@@ -446,6 +480,7 @@ impl ObjectLog {
                     .await
                     .map_err(|e| e.to_string())?;
                 for k in keys.iter().filter(|k| !known.contains(*k)) {
+                    count(&requests.delete, 1);
                     match store.delete(&ObjectPath::from(k.as_str())).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => n += 1,
                         Err(e) => return Err(e.to_string()),
@@ -473,6 +508,26 @@ impl ObjectLog {
             self.state.clone(),
             self.streams_lock.clone(),
         )
+    }
+
+    /// Requests made of the object store since the log was opened.
+    pub fn requests(&self) -> RequestCounts {
+        let r = &self.requests;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RequestCounts {
+            put: load(&r.put),
+            get: load(&r.get),
+            delete: load(&r.delete),
+            list: load(&r.list),
+        }
+    }
+
+    /// Forgets the runs' bytes this node keeps for readers (for cold-read benchmarks).
+    pub fn drop_cache(&self) {
+        let mut c = lock(&self.cache);
+        c.runs.clear();
+        c.order.clear();
+        c.bytes = 0;
     }
 
     fn stream(&self, name: &str) -> Result<Arc<StreamState>, LogError> {
@@ -559,6 +614,7 @@ impl ObjectLog {
         let store = self.store.clone();
         let path = ObjectPath::from(run.object_key.as_str());
         let range = run.byte_start..run.byte_start + run.byte_len;
+        count(&self.requests.get, 1);
         let bytes = wait(&self.io, async move { store.get_range(&path, range).await })?
             .map_err(|e| failed("object store", e))?;
         lock(&self.cache).put(key, bytes.clone());
@@ -695,6 +751,7 @@ struct Flusher {
     cache: Arc<Mutex<Cache>>,
     commits: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
+    requests: Arc<Requests>,
     node: String,
     flush_every: Duration,
     flush_bytes: usize,
@@ -829,6 +886,7 @@ impl Flusher {
             let store = self.store.clone();
             let path = path.clone();
             let payload = payload.clone();
+            count(&self.requests.put, 1);
             async move { store.put(&path, payload).await.map(|_| ()) }
         })
         .await?;

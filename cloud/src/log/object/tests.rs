@@ -483,7 +483,7 @@ async fn compaction_rewrites_small_runs_and_every_node_reads_the_same_records() 
         .expect("objects")
         .count() as i64;
     assert_eq!(files, runs_after, "only the objects rows refer to are left");
-    lock(&b.cache).runs.clear();
+    b.drop_cache();
     assert_eq!(values(&b, "s", 0), sent);
     assert_eq!(values(&a, "s", 30), sent[30..].to_vec());
     // And the log goes on after it.
@@ -541,4 +541,22 @@ async fn two_nodes_compacting_one_partition_at_once_rewrite_it_once() {
     assert!(spans.len() < 40, "{spans:?}");
     assert_eq!(values(&a, "s", 0), sent);
     assert_eq!(values(&b, "s", 0), sent);
+}
+
+#[test]
+fn the_cache_lets_the_least_recently_used_run_go_first() {
+    let mut c = Cache {
+        max: 20,
+        ..Cache::default()
+    };
+    let key = |n: u64| ("o".to_owned(), n);
+    c.put(key(1), Bytes::from(vec![1; 10]));
+    c.put(key(2), Bytes::from(vec![2; 10]));
+    assert!(c.get(&key(1)).is_some(), "1 used last");
+    c.put(key(3), Bytes::from(vec![3; 10]));
+    assert!(c.get(&key(2)).is_none(), "2 went first");
+    assert!(c.get(&key(1)).is_some() && c.get(&key(3)).is_some());
+    assert_eq!(c.bytes, 20);
+    c.put(key(4), Bytes::from(vec![4; 21]));
+    assert!(c.get(&key(4)).is_none(), "bigger than the cache: not kept");
 }
