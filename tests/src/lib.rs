@@ -10,10 +10,13 @@
 //! - [`impair::Proxy`]: a UDP impairment proxy (seeded loss, cuts) for the link.
 //! - [`log::records`]: a stopped ferry-cloud's log, read back.
 //! - [`tcp_cut::TcpCut`]: a TCP forwarder that can be cut (a service going down).
+//! - [`services`]: where the PostgreSQL and S3 servers of `scripts/test.sh` are, and a
+//!   `[log.object]` on them.
 
 pub mod capture;
 pub mod clients;
 pub mod impair;
 pub mod log;
 pub mod process;
+pub mod services;
 pub mod tcp_cut;

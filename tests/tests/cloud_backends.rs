@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_cloud::config::LogBackend;
-use ferry_cloud::log::{MemoryLog, ObjectConfig, S3Config};
+use ferry_cloud::log::{MemoryLog, ObjectConfig};
 use ferry_cloud::meta::Meta;
 use ferry_cloud::node::{CloudConfig, Node};
 use ferry_cloud::routes::RouteConfig;
 use ferry_tests::clients::next_incoming;
 use ferry_tests::process::temp_dir;
+use ferry_tests::services::object_config;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -96,34 +97,6 @@ enum Backend {
     Memory,
     Local,
     Object,
-}
-
-/// `[log.object]` on the S3 server and PostgreSQL of `scripts/test.sh`, under a key prefix
-/// and in a database of this test's own.
-fn object_config(test: &str) -> ObjectConfig {
-    let need = |name: &str| {
-        std::env::var(name).unwrap_or_else(|_| {
-            panic!("{name} is not set: run scripts/test.sh (it starts PostgreSQL and SeaweedFS)")
-        })
-    };
-    let prefix = format!(
-        "{test}-{}-{}",
-        std::process::id(),
-        ferry_cloud::log::now_ms()
-    );
-    ObjectConfig {
-        object_url: format!("s3://{}/{prefix}", need("FERRY_TEST_S3_BUCKET")),
-        postgres_url: ferry_cloud::log::object_testing::database(test),
-        flush_ms: 10,
-        s3: S3Config {
-            endpoint: Some(need("FERRY_TEST_S3_ENDPOINT")),
-            region: Some("us-east-1".into()),
-            access_key_id: Some(need("FERRY_TEST_S3_KEY")),
-            secret_access_key: Some(need("FERRY_TEST_S3_SECRET")),
-            allow_http: true,
-        },
-        ..ObjectConfig::default()
-    }
 }
 
 async fn fronts_over(backend: Backend) {

@@ -14,13 +14,8 @@ use ferry_cloud::log::{
     object_testing, AppendData, LogError, NewRecord, ObjectConfig, ObjectLog, S3Config, Storage,
     StreamConfig,
 };
+use ferry_tests::services::need;
 use ferry_tests::tcp_cut::TcpCut;
-
-fn need(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run scripts/test.sh (it starts PostgreSQL and SeaweedFS)")
-    })
-}
 
 /// The `host` and `port` of a libpq connection string.
 fn pg_addr(conn: &str) -> SocketAddr {
@@ -63,19 +58,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking call")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
+/// An object log for `test` whose S3 server and PostgreSQL are reached through forwarders
+/// the test cuts (returned with it), with stream `f`; appends time out after 4 s.
+async fn log_through_cuts(test: &str) -> (Arc<ObjectLog>, TcpCut, TcpCut) {
     let endpoint = need("FERRY_TEST_S3_ENDPOINT");
     let s3_target: SocketAddr = endpoint
         .trim_start_matches("http://")
         .parse()
         .expect("FERRY_TEST_S3_ENDPOINT is http://host:port");
     let s3 = TcpCut::start(s3_target).await;
-    let db = object_testing::database("faults");
+    let db = object_testing::database(test);
     let pg = TcpCut::start(pg_addr(&db)).await;
     let config = ObjectConfig {
         object_url: format!(
-            "s3://{}/faults-{}",
+            "s3://{}/{test}-{}",
             need("FERRY_TEST_S3_BUCKET"),
             std::process::id()
         ),
@@ -98,6 +94,32 @@ async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
     blocking(move || l.create_stream("f", &StreamConfig::default()))
         .await
         .expect("create");
+    (log, s3, pg)
+}
+
+/// Every (offset, value) of `f` partition 0.
+async fn values(log: &Arc<ObjectLog>) -> Vec<(i64, String)> {
+    let l = log.clone();
+    let read = blocking(move || l.read("f", 0, 0, 1 << 20))
+        .await
+        .expect("read");
+    let mut values = Vec::new();
+    for b in read.iter() {
+        let (_, whole) = b.expect("batch");
+        for r in ferry_protocol::kafka::batch::records(whole).expect("records") {
+            let r = r.expect("record");
+            values.push((
+                r.offset,
+                String::from_utf8_lossy(r.value.expect("value")).into_owned(),
+            ));
+        }
+    }
+    values
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
+    let (log, s3, pg) = log_through_cuts("faults").await;
     let append = |v: &str| log.append("f", 0, AppendData::Records(vec![rec(v)]));
     assert_eq!(append("a").await.expect("append").base_offset, 0);
 
@@ -124,28 +146,34 @@ async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
     }
     // Back: the log goes on at the next offset; it holds exactly what was acknowledged.
     assert_eq!(append("z").await.expect("append").base_offset, 3);
-    let l = log.clone();
-    let read = blocking(move || l.read("f", 0, 0, 1 << 20))
-        .await
-        .expect("read");
-    let mut values = Vec::new();
-    for b in read.iter() {
-        let (_, whole) = b.expect("batch");
-        for r in ferry_protocol::kafka::batch::records(whole).expect("records") {
-            let r = r.expect("record");
-            values.push((
-                r.offset,
-                String::from_utf8_lossy(r.value.expect("value")).into_owned(),
-            ));
-        }
-    }
     assert_eq!(
-        values,
+        values(&log).await,
         vec![
             (0, "a".to_owned()),
             (1, "short object store".to_owned()),
             (2, "short PostgreSQL".to_owned()),
             (3, "z".to_owned()),
         ]
+    );
+}
+
+/// The connection to PostgreSQL drops right after the flush's COMMIT reached the server, its
+/// answer lost: the flusher tries the commit again with the same flush id, finds it done,
+/// and answers with the offsets it got; nothing is appended twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_is_not_applied_twice() {
+    let (log, _s3, pg) = log_through_cuts("lost_commit").await;
+    let append = |v: &str| log.append("f", 0, AppendData::Records(vec![rec(v)]));
+    assert_eq!(append("a").await.expect("append").base_offset, 0);
+    pg.drop_answer_to(b"COMMIT");
+    let b = append("b")
+        .await
+        .expect("the append whose commit's answer was lost");
+    assert_eq!(pg.answers_dropped(), 1, "the COMMIT's answer was dropped");
+    assert_eq!((b.base_offset, b.last_offset), (1, 1));
+    assert_eq!(append("c").await.expect("append").base_offset, 2);
+    assert_eq!(
+        values(&log).await,
+        vec![(0, "a".into()), (1, "b".into()), (2, "c".into())]
     );
 }

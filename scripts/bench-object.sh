@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The log on object storage (SeaweedFS as the S3 server, PostgreSQL for the index), measured
+# on this machine beside the local log (release build; all of it on the same cores).
+#
+#   scripts/bench-object.sh [RECORDS]           (default 2000000 × 100 B)
+#
+# 1. Durable appends: ferry-log-bench appends RECORDS 100-byte records with 2,048 producers
+#    × 16 records in flight (an append is answered once its flush is committed).
+# 2. Latency: one-record appends at 5,000/s for 10 s with the default flush_ms (100), on the
+#    object log, then on the local log.
+# 3. Reads: ferry-log-bench reads the stream from the start, cold (a new process) and again.
+# 4. kcat through a ferry-cloud node on the object log reads the stream to its end, twice;
+#    confluent-kafka produces 1,000,000 × 100 B with acks=all.
+# The object store's requests are printed after each ferry-log-bench run.
+# Uses the services of scripts/services.sh (started here unless FERRY_TEST_PG is set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+records=${1:-2000000}
+if [ -z "${FERRY_BIN:-}" ]; then
+  cargo build --release -q -p ferry-cloud --bin ferry-cloud --bin ferry-log-bench
+fi
+bin=${FERRY_BIN:-target/release}
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+work=$(mktemp -d)
+cloud=""
+trap '[ -n "$cloud" ] && kill $cloud 2>/dev/null; services_stop; rm -rf "$work"' EXIT
+services_start
+db="bench_$$"
+psql "$FERRY_TEST_PG" -q -c "CREATE DATABASE $db"
+cat >"$work/cloud.toml" <<TOML
+[server]
+listen = ["127.0.0.1:18851"]
+[kafka]
+listen = "127.0.0.1:19093"
+[log]
+backend = "object"
+[log.object]
+object_url = "s3://$FERRY_TEST_S3_BUCKET/bench-$$"
+postgres_url = "$FERRY_TEST_PG dbname=$db"
+[log.object.s3]
+endpoint = "$FERRY_TEST_S3_ENDPOINT"
+region = "us-east-1"
+access_key_id = "$FERRY_TEST_S3_KEY"
+secret_access_key = "$FERRY_TEST_S3_SECRET"
+allow_http = true
+TOML
+echo "== object log (SeaweedFS + PostgreSQL), flush_ms 100"
+$bin/ferry-log-bench append --object "$work/cloud.toml" --records "$records" --producers 2048 --batch 16 --payload 100
+$bin/ferry-log-bench latency --object "$work/cloud.toml" --rate 5000 --secs 10
+echo "== local log (fsync on)"
+$bin/ferry-log-bench latency --dir "$work/local" --rate 5000 --secs 10
+echo "== reads from the object log"
+$bin/ferry-log-bench read --object "$work/cloud.toml"
+$bin/ferry-cloud --config "$work/cloud.toml" --data-dir "$work/data" >"$work/cloud.log" 2>&1 &
+cloud=$!
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/19093) 2>/dev/null && break; sleep 0.1; done
+for pass in cold warm; do
+  start=$(date +%s.%N)
+  got=$(kcat -b 127.0.0.1:19093 -C -t bench -o beginning -e -q -f '%S\n' | awk '{n++; b += $1} END {print n, b}')
+  end=$(date +%s.%N)
+  awk -v g="$got" -v a="$start" -v e="$end" -v p="$pass" 'BEGIN {
+    split(g, x, " "); t = e - a
+    printf "consume (kcat, %s): %d records, %.0f MB of values in %.2f s: %.0f records/s\n", p, x[1], x[2] / 1e6, t, x[1] / t }'
+done
+python3 - <<'PY'
+import time
+from confluent_kafka import Producer
+p = Producer({"bootstrap.servers": "127.0.0.1:19093", "acks": "all", "linger.ms": 5,
+              "batch.num.messages": 10000, "queue.buffering.max.messages": 1000000})
+n, done = 1_000_000, [0]
+def ok(err, msg):
+    if err is None:
+        done[0] += 1
+payload = b"x" * 100
+start = time.time()
+for i in range(n):
+    while True:
+        try:
+            p.produce("produced", value=payload, key=b"k%d" % (i % 1000), on_delivery=ok)
+            break
+        except BufferError:
+            p.poll(0.01)
+    if i % 10000 == 0:
+        p.poll(0)
+p.flush(120)
+t = time.time() - start
+print(f"produce (confluent-kafka, acks=all, object log): {done[0]} of {n} records confirmed in {t:.2f} s: {done[0] / t:.0f} records/s")
+PY
