@@ -67,8 +67,31 @@ impl Edge {
 
     /// Starts `ferry-cloud` with `args` and the data directory `dir`, and waits until it is
     /// ready.
+    ///
+    /// With `FERRY_TEST_BACKEND=object` ([`crate::services::on_object_backend`]) the node
+    /// runs on the object backend: its `--config` (or an empty one) is rewritten with the
+    /// `[log]` tables of [`crate::services::on_object`], kept beside the data directory.
+    /// `ferry-cloud demo` keeps its embedded defaults (the local log) either way.
     pub fn cloud_in(dir: &Path, args: &[&str]) -> Self {
-        Self::launch("ferry-cloud", dir, args)
+        if !crate::services::on_object_backend() || args.first() == Some(&"demo") {
+            return Self::launch("ferry-cloud", dir, args);
+        }
+        std::fs::create_dir_all(dir).expect("data dir");
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let at = args.iter().position(|a| a == "--config");
+        let original = match at {
+            Some(i) => std::fs::read_to_string(&args[i + 1]).expect("the config"),
+            None => String::new(),
+        };
+        let file = crate::services::object_config_file(dir);
+        std::fs::write(&file, crate::services::on_object(&original, dir)).expect("write");
+        let file = file.to_str().expect("utf-8 path").to_owned();
+        match at {
+            Some(i) => args[i + 1] = file,
+            None => args.extend(["--config".to_owned(), file]),
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launch("ferry-cloud", dir, &args)
     }
 
     fn launch(program: &str, dir: &Path, args: &[&str]) -> Self {

@@ -33,3 +33,64 @@ pub fn object_config(test: &str) -> ObjectConfig {
         ..ObjectConfig::default()
     }
 }
+
+/// True when the end-to-end suites are to run on the object backend: `FERRY_TEST_BACKEND`
+/// is `object` (`scripts/test.sh` runs the link and Kafka suites once more so). Then every
+/// ferry-cloud started by [`crate::process::Edge::cloud_in`] gets `[log] backend = "object"`
+/// on the services of `scripts/test.sh`, and [`crate::log::records`] reads it back there.
+pub fn on_object_backend() -> bool {
+    std::env::var("FERRY_TEST_BACKEND").is_ok_and(|b| b == "object")
+}
+
+/// Where a node's object backend settings are kept beside its data directory, for the
+/// node's restarts and for [`crate::log::records`].
+pub fn object_config_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("object-backend.toml")
+}
+
+/// The `[log]` tables of the object backend for the node in `data_dir`: a database and a key
+/// prefix named after the directory, the same on every start of the node (kept, not made
+/// again), so a restarted node finds its log.
+pub fn object_log_toml(data_dir: &std::path::Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    let name = format!("n{:016x}", h.finish());
+    format!(
+        "[log.object]\nobject_url = \"s3://{}/{name}\"\npostgres_url = {:?}\nflush_ms = 10\n\
+         [log.object.s3]\nendpoint = {:?}\nregion = \"us-east-1\"\naccess_key_id = {:?}\n\
+         secret_access_key = {:?}\nallow_http = true\n",
+        need("FERRY_TEST_S3_BUCKET"),
+        object_testing::database_kept(&name),
+        need("FERRY_TEST_S3_ENDPOINT"),
+        need("FERRY_TEST_S3_KEY"),
+        need("FERRY_TEST_S3_SECRET"),
+    )
+}
+
+/// `config` (a ferry-cloud config's text) on the object backend: `backend = "object"` in its
+/// `[log]` table (added if it has none) and the tables of [`object_log_toml`]. A config that
+/// already names a backend is left as it is.
+pub fn on_object(config: &str, data_dir: &std::path::Path) -> String {
+    if config
+        .lines()
+        .any(|l| l.trim_start().starts_with("backend"))
+    {
+        return config.to_owned();
+    }
+    let mut out = String::new();
+    let mut has_log = false;
+    for line in config.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim() == "[log]" {
+            out.push_str("backend = \"object\"\n");
+            has_log = true;
+        }
+    }
+    if !has_log {
+        out.push_str("[log]\nbackend = \"object\"\n");
+    }
+    out.push_str(&object_log_toml(data_dir));
+    out
+}

@@ -32,6 +32,16 @@ pub mod testing {
     /// (a libpq connection string; `scripts/test.sh` starts a server and sets it): its
     /// connection string. Panics with what to do when there is none.
     pub fn database(test: &str) -> String {
+        make(test, true)
+    }
+
+    /// The database for `test`, made if it is not there yet, kept if it is (a node started
+    /// again on it finds what it wrote).
+    pub fn database_kept(test: &str) -> String {
+        make(test, false)
+    }
+
+    fn make(test: &str, fresh: bool) -> String {
         let server = std::env::var("FERRY_TEST_PG").unwrap_or_else(|_| {
             panic!(
                 "the object backend's tests need PostgreSQL: run scripts/test.sh (it starts \
@@ -56,14 +66,23 @@ pub mod testing {
                     .await
                     .expect("connect to FERRY_TEST_PG");
                 tokio::spawn(conn);
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+                if fresh {
+                    client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+                        .await
+                        .expect("drop the test database");
+                }
+                let there = client
+                    .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
                     .await
-                    .expect("drop the test database");
-                client
-                    .batch_execute(&format!("CREATE DATABASE {db}"))
-                    .await
-                    .expect("create the test database");
+                    .expect("look for the test database")
+                    .is_some();
+                if !there {
+                    client
+                        .batch_execute(&format!("CREATE DATABASE {db}"))
+                        .await
+                        .expect("create the test database");
+                }
             });
         })
         .join()
