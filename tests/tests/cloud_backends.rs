@@ -138,51 +138,7 @@ async fn fronts_over(backend: Backend) {
     let bootstrap = node.kafka_addr.expect("kafka listener").to_string();
 
     // An MQTT subscriber, then 100 QoS 1 publishes: delivered through the log, in order.
-    let (sub, mut sub_events) =
-        AsyncClient::new(MqttOptions::new("mem-sub", "127.0.0.1", port), 200);
-    sub.subscribe("mem/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    while !matches!(
-        next_incoming(&mut sub_events, "SUBACK").await,
-        Incoming::SubAck(_)
-    ) {}
-    let (publisher, mut pub_events) =
-        AsyncClient::new(MqttOptions::new("mem-pub", "127.0.0.1", port), 200);
-    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
-    for i in 0..100 {
-        publisher
-            .publish(
-                format!("mem/{}", i % 4),
-                QoS::AtLeastOnce,
-                false,
-                format!("m{i}"),
-            )
-            .await
-            .expect("publish");
-    }
-    let mut received = Vec::new();
-    while received.len() < 100 {
-        if let Incoming::Publish(p) = next_incoming(&mut sub_events, "a PUBLISH").await {
-            received.push((
-                p.topic.clone(),
-                String::from_utf8_lossy(&p.payload).into_owned(),
-            ));
-        }
-    }
-    for topic in 0..4 {
-        // In order per topic (a topic is one partition under the route's key).
-        let per_topic: Vec<_> = received
-            .iter()
-            .filter(|(t, _)| *t == format!("mem/{topic}"))
-            .map(|(_, v)| v.clone())
-            .collect();
-        let sent: Vec<_> = (0..100)
-            .filter(|i| i % 4 == topic)
-            .map(|i| format!("m{i}"))
-            .collect();
-        assert_eq!(per_topic, sent, "mem/{topic}");
-    }
+    let (_sub, mut sub_events) = publish_and_receive("mem", port, port, 100, 4).await;
     // They are in the node's log, and nothing was written to disk as a log.
     let kept: i64 = log
         .streams()
@@ -229,6 +185,67 @@ async fn fronts_over(backend: Backend) {
     }
     let expected: Vec<_> = records.into_iter().map(|(_, v)| v).collect();
     assert_eq!(from_kafka, expected);
+}
+
+/// A QoS 1 subscriber to `<prefix>/#` on port `sub_port`, then `n` QoS 1 publishes to
+/// `<prefix>/<i % topics>` on port `pub_port`: each one received by the subscriber, in order
+/// per topic (a topic is one partition under the route's key). Returns the subscriber.
+async fn publish_and_receive(
+    prefix: &str,
+    sub_port: u16,
+    pub_port: u16,
+    n: usize,
+    topics: usize,
+) -> (AsyncClient, rumqttc::EventLoop) {
+    let (sub, mut sub_events) = AsyncClient::new(
+        MqttOptions::new(format!("{prefix}-sub"), "127.0.0.1", sub_port),
+        200,
+    );
+    sub.subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    while !matches!(
+        next_incoming(&mut sub_events, "SUBACK").await,
+        Incoming::SubAck(_)
+    ) {}
+    let (publisher, mut pub_events) = AsyncClient::new(
+        MqttOptions::new(format!("{prefix}-pub"), "127.0.0.1", pub_port),
+        200,
+    );
+    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+    for i in 0..n {
+        publisher
+            .publish(
+                format!("{prefix}/{}", i % topics),
+                QoS::AtLeastOnce,
+                false,
+                format!("m{i}"),
+            )
+            .await
+            .expect("publish");
+    }
+    let mut received = Vec::new();
+    while received.len() < n {
+        if let Incoming::Publish(p) = next_incoming(&mut sub_events, "a PUBLISH").await {
+            received.push((
+                p.topic.clone(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            ));
+        }
+    }
+    for topic in 0..topics {
+        let got: Vec<_> = received
+            .iter()
+            .filter(|(t, _)| *t == format!("{prefix}/{topic}"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let sent: Vec<_> = (0..n)
+            .filter(|i| i % topics == topic)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(got, sent, "{prefix}/{topic}");
+    }
+    (sub, sub_events)
 }
 
 /// `[log.object]` and `[log.object.s3]` of `object_config` as TOML.
@@ -432,54 +449,14 @@ async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
     let a = object_node("a", object.clone()).await;
     let b = object_node("b", object).await;
 
-    let (sub, mut sub_events) = AsyncClient::new(
-        MqttOptions::new("two-sub", "127.0.0.1", b.mqtt_addrs()[0].port()),
-        200,
-    );
-    sub.subscribe("two/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    while !matches!(
-        next_incoming(&mut sub_events, "SUBACK").await,
-        Incoming::SubAck(_)
-    ) {}
-    let (publisher, mut pub_events) = AsyncClient::new(
-        MqttOptions::new("two-pub", "127.0.0.1", a.mqtt_addrs()[0].port()),
-        200,
-    );
-    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
-    for i in 0..60 {
-        publisher
-            .publish(
-                format!("two/{}", i % 3),
-                QoS::AtLeastOnce,
-                false,
-                format!("m{i}"),
-            )
-            .await
-            .expect("publish");
-    }
-    let mut received = Vec::new();
-    while received.len() < 60 {
-        if let Incoming::Publish(p) = next_incoming(&mut sub_events, "a PUBLISH on b").await {
-            received.push((
-                p.topic.clone(),
-                String::from_utf8_lossy(&p.payload).into_owned(),
-            ));
-        }
-    }
-    for topic in 0..3 {
-        let got: Vec<_> = received
-            .iter()
-            .filter(|(t, _)| *t == format!("two/{topic}"))
-            .map(|(_, v)| v.clone())
-            .collect();
-        let sent: Vec<_> = (0..60)
-            .filter(|i| i % 3 == topic)
-            .map(|i| format!("m{i}"))
-            .collect();
-        assert_eq!(got, sent, "two/{topic} on b");
-    }
+    let (_sub, _sub_events) = publish_and_receive(
+        "two",
+        b.mqtt_addrs()[0].port(),
+        a.mqtt_addrs()[0].port(),
+        60,
+        3,
+    )
+    .await;
 
     // A consumer on a waits at the end of partition 0; a producer on b sends.
     let on_a = a.kafka_addr.expect("kafka on a").to_string();

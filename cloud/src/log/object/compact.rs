@@ -79,13 +79,7 @@ impl ObjectLog {
         for (stream, parts) in streams {
             for partition in 0..parts as u32 {
                 let start = self.with_part(&stream, partition, |p| p.start)?;
-                let pool = self.pool.clone();
-                let s = stream.clone();
-                let runs = wait(&self.io, async move {
-                    let client = pool.get().await.map_err(pg::PgError::from)?;
-                    pg::runs_from(&client, &s, partition, start, RUNS_PER_PASS).await
-                })?
-                .map_err(|e| failed("PostgreSQL", e))?;
+                let runs = self.runs_in_db(&stream, partition, start, RUNS_PER_PASS)?;
                 for w in windows(&runs, self.compact_bytes) {
                     if self.rewrite(&stream, partition, &runs[w])? {
                         done += 1;

@@ -609,19 +609,30 @@ impl ObjectLog {
         if let Some(runs) = known {
             return Ok(runs);
         }
-        let pool = self.pool.clone();
-        let s = stream.to_owned();
-        let rows = wait(&self.io, async move {
-            let client = pool.get().await.map_err(pg::PgError::from)?;
-            pg::runs_from(&client, &s, partition, offset, RUNS_PER_QUERY).await
-        })?
-        .map_err(|e| failed("PostgreSQL", e))?;
+        let rows = self.runs_in_db(stream, partition, offset, RUNS_PER_QUERY)?;
         self.with_part(stream, partition, |p| {
             for r in &rows {
                 p.remember(r.clone());
             }
         })?;
         Ok(rows)
+    }
+
+    /// At most `limit` runs of a partition holding `offset` and after, as PostgreSQL has them.
+    fn runs_in_db(
+        &self,
+        stream: &str,
+        partition: u32,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, LogError> {
+        let pool = self.pool.clone();
+        let s = stream.to_owned();
+        wait(&self.io, async move {
+            let client = pool.get().await.map_err(pg::PgError::from)?;
+            pg::runs_from(&client, &s, partition, offset, limit).await
+        })?
+        .map_err(|e| failed("PostgreSQL", e))
     }
 
     /// A run's bytes as stored: from the cache, else a ranged GET (then cached).

@@ -438,24 +438,7 @@ pub(crate) async fn commit_flush(
                 partition: run.partition,
             })?;
         let first: i64 = row.get(0);
-        tx.execute(
-            "INSERT INTO runs (stream, partition, first_offset, last_offset, object, byte_start, \
-             byte_len, crc, first_timestamp, max_timestamp) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            &[
-                &run.stream,
-                &(run.partition as i32),
-                &first,
-                &(first + n - 1),
-                &id,
-                &(run.data_offset as i64),
-                &(run.data_len as i64),
-                &i64::from(run.crc),
-                &run.first_timestamp,
-                &run.max_timestamp,
-            ],
-        )
-        .await?;
+        insert_run(&tx, run, first, id).await?;
         firsts[i] = first;
         touched.push((run.stream.clone(), run.partition));
     }
@@ -468,6 +451,34 @@ pub(crate) async fn commit_flush(
     .await?;
     tx.commit().await?;
     Ok(firsts)
+}
+
+/// The row of `run`, its records from offset `first` on, in object `object`.
+async fn insert_run(
+    tx: &impl GenericClient,
+    run: &Run,
+    first: i64,
+    object: &str,
+) -> Result<(), PgError> {
+    tx.execute(
+        "INSERT INTO runs (stream, partition, first_offset, last_offset, object, byte_start, \
+         byte_len, crc, first_timestamp, max_timestamp) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            &run.stream,
+            &(run.partition as i32),
+            &first,
+            &(first + run.records as i64 - 1),
+            &object,
+            &(run.data_offset as i64),
+            &(run.data_len as i64),
+            &i64::from(run.crc),
+            &run.first_timestamp,
+            &run.max_timestamp,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Drops whole runs from the front of a partition while it holds more than
@@ -640,24 +651,7 @@ pub(crate) async fn swap_runs(
         &[&c.id, &c.key, &(c.size as i64)],
     )
     .await?;
-    tx.execute(
-        "INSERT INTO runs (stream, partition, first_offset, last_offset, object, byte_start, \
-         byte_len, crc, first_timestamp, max_timestamp) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        &[
-            stream,
-            &p,
-            &first,
-            &(first + c.run.records as i64 - 1),
-            &c.id,
-            &(c.run.data_offset as i64),
-            &(c.run.data_len as i64),
-            &i64::from(c.run.crc),
-            &c.run.first_timestamp,
-            &c.run.max_timestamp,
-        ],
-    )
-    .await?;
+    insert_run(&tx, c.run, first, c.id).await?;
     tx.execute(
         "UPDATE partitions SET bytes = bytes - $3 + $4 WHERE stream = $1 AND partition = $2",
         &[stream, &p, &old_bytes, &(c.run.data_len as i64)],

@@ -31,6 +31,23 @@ fn dir(test: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("ferry-object-{test}-{}", std::process::id()))
 }
 
+/// Every batch of partition 0 of `stream`, as served (offsets absolute), in order.
+fn batches(log: &ObjectLog, stream: &str) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let r = log.read(stream, 0, offset, 1 << 20).expect("read");
+        if r.batches.is_empty() {
+            return out;
+        }
+        for b in r.iter() {
+            let (h, whole) = b.expect("batch");
+            out.push(Bytes::copy_from_slice(whole));
+            offset = h.last_offset() + 1;
+        }
+    }
+}
+
 /// Every record value of partition 0 from `from` on.
 fn values(log: &ObjectLog, stream: &str, from: i64) -> Vec<(i64, String)> {
     let mut out = Vec::new();
@@ -232,13 +249,41 @@ async fn until(log: &ObjectLog, what: &str, mut done: impl FnMut(&ObjectLog) -> 
 
 /// Two nodes on one database and one store: `a` and `b`.
 fn two_nodes(test: &str) -> (Arc<ObjectLog>, Arc<ObjectLog>) {
+    let (a, b, _) = two_nodes_with(test, |_| {});
+    (a, b)
+}
+
+/// [`two_nodes`] with settings changed by `change`, and the store's directory.
+fn two_nodes_with(
+    test: &str,
+    change: impl FnOnce(&mut ObjectConfig),
+) -> (Arc<ObjectLog>, Arc<ObjectLog>, std::path::PathBuf) {
     let d = dir(test);
     let mut config = config(test, &d);
+    change(&mut config);
     config.node = Some("a".into());
     let a = ObjectLog::open(&config).expect("open a");
     config.node = Some("b".into());
     let b = ObjectLog::open(&config).expect("open b");
-    (a, b)
+    (a, b, d)
+}
+
+/// Stream `s` made on `a` with `n` records appended one flush each, seen by `b`: the
+/// (offset, value) pairs.
+async fn one_run_each(a: &ObjectLog, b: &ObjectLog, n: i64) -> Vec<(i64, String)> {
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    let sent: Vec<(i64, String)> = (0..n).map(|i| (i, format!("record {i}"))).collect();
+    for (_, v) in &sent {
+        a.append("s", 0, AppendData::Records(vec![rec(v)]))
+            .await
+            .expect("append");
+    }
+    until(b, "a's appends", |b| {
+        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == n)
+    })
+    .await;
+    sent
 }
 
 #[tokio::test]
@@ -444,35 +489,24 @@ async fn count(log: &ObjectLog, table: &str) -> i64 {
 
 #[tokio::test]
 async fn compaction_rewrites_small_runs_and_every_node_reads_the_same_records() {
-    let d = dir("compact");
-    let mut config = config("compact", &d);
-    config.compact_bytes = 4096;
-    config.orphan_grace_secs = 0;
-    config.node = Some("a".into());
-    let a = ObjectLog::open(&config).expect("open a");
-    config.node = Some("b".into());
-    let b = ObjectLog::open(&config).expect("open b");
-    a.create_stream("s", &StreamConfig::default())
-        .expect("create");
-    let sent: Vec<(i64, String)> = (0..100).map(|i| (i, format!("record {i}"))).collect();
-    for (_, v) in &sent {
-        a.append("s", 0, AppendData::Records(vec![rec(v)]))
-            .await
-            .expect("append");
-    }
-    until(&b, "a's appends", |b| {
-        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 100)
-    })
-    .await;
+    let (a, b, d) = two_nodes_with("compact", |c| {
+        c.compact_bytes = 4096;
+        c.orphan_grace_secs = 0;
+    });
+    let sent = one_run_each(&a, &b, 100).await;
     // b knows the runs as they were.
     assert_eq!(values(&b, "s", 0), sent);
+    let served_before = batches(&a, "s");
     let runs_before = count(&a, "runs").await;
     assert_eq!(runs_before, 100, "one run per flush");
     let rewritten = a.compact().expect("compact");
     assert!(rewritten >= 1);
     let runs_after = count(&a, "runs").await;
     assert!(runs_after <= 10, "{runs_after} runs after compaction");
-    // Nothing moved: the same records at the same offsets, on both nodes, from anywhere.
+    // Nothing moved: the same batches byte for byte (CRCs included) at the same offsets,
+    // on both nodes, from anywhere.
+    assert_eq!(batches(&a, "s"), served_before);
+    assert_eq!(batches(&b, "s"), served_before);
     assert_eq!(values(&a, "s", 0), sent);
     assert_eq!(values(&b, "s", 0), sent);
     assert_eq!(values(&b, "s", 57), sent[57..].to_vec());
@@ -496,25 +530,8 @@ async fn compaction_rewrites_small_runs_and_every_node_reads_the_same_records() 
 
 #[tokio::test]
 async fn two_nodes_compacting_one_partition_at_once_rewrite_it_once() {
-    let d = dir("compact2");
-    let mut config = config("compact2", &d);
-    config.compact_bytes = 1 << 20;
-    config.node = Some("a".into());
-    let a = ObjectLog::open(&config).expect("open a");
-    config.node = Some("b".into());
-    let b = ObjectLog::open(&config).expect("open b");
-    a.create_stream("s", &StreamConfig::default())
-        .expect("create");
-    let sent: Vec<(i64, String)> = (0..40).map(|i| (i, format!("v{i}"))).collect();
-    for (_, v) in &sent {
-        a.append("s", 0, AppendData::Records(vec![rec(v)]))
-            .await
-            .expect("append");
-    }
-    until(&b, "a's appends", |b| {
-        b.offsets("s", 0).is_ok_and(|o| o.high_watermark == 40)
-    })
-    .await;
+    let (a, b, _) = two_nodes_with("compact2", |c| c.compact_bytes = 1 << 20);
+    let sent = one_run_each(&a, &b, 40).await;
     let (a2, b2) = (a.clone(), b.clone());
     let ta = std::thread::spawn(move || a2.compact().expect("compact on a"));
     let tb = std::thread::spawn(move || b2.compact().expect("compact on b"));
