@@ -30,27 +30,4 @@ got=$(kcat -b 127.0.0.1:19092 -C -t bench -o beginning -e -q -f '\n' | wc -l)
 end=$(date +%s.%N)
 awk -v n="$got" -v b="$bytes" -v a="$start" -v e="$end" 'BEGIN {
   t = e - a; printf "consume (kcat): %d records, %.0f MB of log in %.2f s: %.0f MB/s, %.0f records/s\n", n, b / 1e6, t, b / 1e6 / t, n / t }'
-python3 - <<'PY'
-import time
-from confluent_kafka import Producer
-p = Producer({"bootstrap.servers": "127.0.0.1:19092", "acks": "all", "linger.ms": 5,
-              "batch.num.messages": 10000, "queue.buffering.max.messages": 1000000})
-n, done = 1_000_000, [0]
-def ok(err, msg):
-    if err is None:
-        done[0] += 1
-payload = b"x" * 100
-start = time.time()
-for i in range(n):
-    while True:
-        try:
-            p.produce("produced", value=payload, key=b"k%d" % (i % 1000), on_delivery=ok)
-            break
-        except BufferError:
-            p.poll(0.01)
-    if i % 10000 == 0:
-        p.poll(0)
-p.flush(120)
-t = time.time() - start
-print(f"produce (confluent-kafka, acks=all): {done[0]} of {n} records confirmed in {t:.2f} s: {done[0] / t:.0f} records/s")
-PY
+python3 scripts/kafka-produce.py 127.0.0.1:19092

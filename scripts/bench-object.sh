@@ -66,32 +66,6 @@ for pass in cold warm; do
 done
 # librdkafka's default message.max.bytes (1 MB) caps a Produce request; a connection's
 # requests are answered in order, one per flush, so the second run lets requests be larger.
-for conf in "5 1000000" "20 10000000"; do
-  python3 - $conf <<'PY'
-import sys, time
-from confluent_kafka import Producer
-linger, max_bytes = int(sys.argv[1]), int(sys.argv[2])
-p = Producer({"bootstrap.servers": "127.0.0.1:19093", "acks": "all", "linger.ms": linger,
-              "batch.num.messages": 100000, "batch.size": 8000000, "message.max.bytes": max_bytes,
-              "queue.buffering.max.messages": 2000000})
-n, done = 1_000_000, [0]
-def ok(err, msg):
-    if err is None:
-        done[0] += 1
-payload = b"x" * 100
-start = time.time()
-for i in range(n):
-    while True:
-        try:
-            p.produce("produced", value=payload, key=b"k%d" % (i % 1000), on_delivery=ok)
-            break
-        except BufferError:
-            p.poll(0.01)
-    if i % 10000 == 0:
-        p.poll(0)
-p.flush(120)
-t = time.time() - start
-print(f"produce (confluent-kafka, acks=all, linger.ms {linger}, message.max.bytes {max_bytes}): "
-      f"{done[0]} of {n} records confirmed in {t:.2f} s: {done[0] / t:.0f} records/s")
-PY
-done
+python3 scripts/kafka-produce.py 127.0.0.1:19093
+python3 scripts/kafka-produce.py 127.0.0.1:19093 linger.ms=20 message.max.bytes=10000000 \
+  batch.size=8000000 batch.num.messages=100000 queue.buffering.max.messages=2000000
