@@ -161,16 +161,8 @@ impl ObjectLog {
             return Ok(false);
         }
         let run = &index[0];
-        let row = RunRow {
-            first_offset: first.first_offset,
-            last_offset: last.last_offset,
-            object_key: key.clone(),
-            byte_start: run.data_offset,
-            byte_len: run.data_len,
-            crc: run.crc,
-            first_timestamp: run.first_timestamp,
-            max_timestamp: run.max_timestamp,
-        };
+        // Its records were counted against the runs it replaces: it ends where they did.
+        let row = RunRow::of(run, first.first_offset, &key);
         lock(&self.cache).put((key, run.data_offset), payload);
         self.with_part(stream, partition, |p| {
             let old: Vec<i64> = p

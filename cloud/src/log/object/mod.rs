@@ -927,16 +927,7 @@ impl Flusher {
         let mut done = Vec::with_capacity(index.len());
         let streams = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
         for ((run, first), bytes) in index.into_iter().zip(firsts).zip(payloads) {
-            let row = RunRow {
-                first_offset: first,
-                last_offset: first + run.records as i64 - 1,
-                object_key: key.clone(),
-                byte_start: run.data_offset,
-                byte_len: run.data_len,
-                crc: run.crc,
-                first_timestamp: run.first_timestamp,
-                max_timestamp: run.max_timestamp,
-            };
+            let row = RunRow::of(&run, first, &key);
             lock(&self.cache).put((key.clone(), run.data_offset), bytes);
             if let Some(p) = streams
                 .get(&run.stream)

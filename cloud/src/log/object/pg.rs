@@ -305,6 +305,22 @@ pub(crate) struct RunRow {
     pub(crate) max_timestamp: i64,
 }
 
+impl RunRow {
+    /// The row of `run` (of object `key`) committed at offset `first`.
+    pub(crate) fn of(run: &Run, first: i64, key: &str) -> Self {
+        Self {
+            first_offset: first,
+            last_offset: first + run.records as i64 - 1,
+            object_key: key.to_owned(),
+            byte_start: run.data_offset,
+            byte_len: run.data_len,
+            crc: run.crc,
+            first_timestamp: run.first_timestamp,
+            max_timestamp: run.max_timestamp,
+        }
+    }
+}
+
 /// The columns of a [`RunRow`], in the order [`run_row`] reads them.
 const RUN_COLUMNS: &str = "r.first_offset, r.last_offset, o.key, r.byte_start, r.byte_len, \
      r.crc, r.first_timestamp, r.max_timestamp FROM runs r JOIN objects o ON o.id = r.object";
@@ -453,6 +469,22 @@ pub(crate) async fn commit_flush(
     Ok(firsts)
 }
 
+/// Gives the collector those of `objects` no run refers to any more: deleted `grace_secs`
+/// from now (readers that found a run before it went have that long to read it).
+async fn release_objects(
+    tx: &impl GenericClient,
+    objects: &[String],
+    grace_secs: f64,
+) -> Result<(), PgError> {
+    tx.execute(
+        "UPDATE objects SET deleted_after = now() + make_interval(secs => $2) \
+         WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
+        &[&objects, &grace_secs],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The row of `run`, its records from offset `first` on, in object `object`.
 async fn insert_run(
     tx: &impl GenericClient,
@@ -547,12 +579,7 @@ pub(crate) async fn enforce_retention(
         &[&stream, &p, &start, &bytes],
     )
     .await?;
-    tx.execute(
-        "UPDATE objects SET deleted_after = now() + make_interval(secs => $2) \
-         WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
-        &[&objects, &grace_secs],
-    )
-    .await?;
+    release_objects(&tx, &objects, grace_secs).await?;
     Notice {
         node: node.to_owned(),
         partitions: vec![(stream.to_owned(), partition)],
@@ -657,12 +684,7 @@ pub(crate) async fn swap_runs(
         &[stream, &p, &old_bytes, &(c.run.data_len as i64)],
     )
     .await?;
-    tx.execute(
-        "UPDATE objects SET deleted_after = now() + make_interval(secs => $2) \
-         WHERE id = ANY($1) AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.object = objects.id)",
-        &[&objects, &grace_secs],
-    )
-    .await?;
+    release_objects(&tx, &objects, grace_secs).await?;
     Notice {
         node: node.to_owned(),
         rewritten: vec![(stream.clone(), c.run.partition)],
