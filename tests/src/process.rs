@@ -328,6 +328,16 @@ fn parse_addr(line: &str) -> Option<SocketAddr> {
 /// explicit binds go, spread by the test process's id and a counter, and each is checked
 /// free before it is handed out.
 pub fn free_udp_port() -> u16 {
+    free_port(|port| std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// A TCP port on 127.0.0.1 for a process the test starts later (a server of its own), as
+/// [`free_udp_port`] picks them.
+pub fn free_tcp_port() -> u16 {
+    free_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+fn free_port(free: impl Fn(u16) -> bool) -> u16 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_000; // up to 31,999: below the ephemeral range
@@ -335,11 +345,11 @@ pub fn free_udp_port() -> u16 {
     for _ in 0..SPAN {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let port = (FIRST + base.wrapping_add(n) % SPAN) as u16;
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if free(port) {
             return port;
         }
     }
-    panic!("no free UDP port in {FIRST}..{}", FIRST + SPAN);
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// Waits until `f` holds, checking every 100 ms; panics after `secs` seconds. Deadlines are

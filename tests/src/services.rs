@@ -94,3 +94,278 @@ pub fn on_object(config: &str, data_dir: &std::path::Path) -> String {
     out.push_str(&object_log_toml(data_dir));
     out
 }
+
+/// A PostgreSQL server of the test's own (Debian's `postgresql` 15, as `scripts/services.sh`
+/// starts it), which the test can stop as a crash does and start again. Removed on drop.
+#[derive(Debug)]
+pub struct OwnPostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+/// Where Debian's `postgresql` package puts the server's programs.
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Runs `program` (under [`PG_BIN`]) with `args`, as the `postgres` user when the test runs
+/// as root (PostgreSQL refuses to run as root); panics with its output when it fails.
+fn pg_tool(program: &str, args: &[&str]) {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let path = format!("{PG_BIN}/{program}");
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        std::process::Command::new(&path)
+    };
+    let out = cmd
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{path}: {e} (scripts/services.sh installs postgresql)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl OwnPostgres {
+    /// `initdb` into a new directory and the server started on a free port.
+    pub fn start() -> Self {
+        let dir = crate::process::temp_dir("postgres");
+        let data = dir.join("data");
+        // The data directory belongs to the user the server runs as.
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "chmod 755 {0} && if [ \"$(id -u)\" -eq 0 ]; then install -d -o postgres -g \
+                 postgres -m 700 {1}; else install -d -m 700 {1}; fi",
+                dir.display(),
+                data.display()
+            ))
+            .status()
+            .expect("sh");
+        assert!(status.success(), "make PostgreSQL's data directory");
+        pg_tool(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "ferry",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+        );
+        let pg = Self {
+            dir,
+            port: crate::process::free_tcp_port(),
+        };
+        pg.start_again();
+        pg
+    }
+
+    /// A libpq connection string to its `postgres` database.
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=ferry dbname=postgres",
+            self.port
+        )
+    }
+
+    /// Stops the server the way a crash does (`pg_ctl -m immediate`: no checkpoint, every
+    /// connection cut); [`OwnPostgres::start_again`] recovers it from its WAL.
+    pub fn stop_immediate(&self) {
+        let data = self.dir.join("data");
+        pg_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// Starts the server (again) on its port; returns once it takes connections.
+    pub fn start_again(&self) {
+        let data = self.dir.join("data");
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            self.port,
+            data.display()
+        );
+        pg_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &data.join("server.log").to_string_lossy(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "p={PG_BIN}/pg_ctl; if [ \"$(id -u)\" -eq 0 ]; then runuser -u postgres -- $p \
+                 -D {0} -m immediate -w stop; else $p -D {0} -m immediate -w stop; fi",
+                data.display()
+            ))
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A SeaweedFS S3 server of the test's own (`weed mini`, as `scripts/services.sh` starts
+/// it), with bucket `ferry-test`, which the test can kill and start again on the same
+/// directory and ports. Killed and removed on drop.
+#[derive(Debug)]
+pub struct OwnSeaweedFs {
+    dir: std::path::PathBuf,
+    /// master, volume, filer, S3 (each with its gRPC port), admin (and its gRPC port).
+    ports: [u16; 10],
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl OwnSeaweedFs {
+    /// A new directory, free ports, and the server started.
+    pub fn start() -> Self {
+        let s3 = Self {
+            dir: crate::process::temp_dir("seaweedfs"),
+            ports: std::array::from_fn(|_| crate::process::free_tcp_port()),
+            child: std::sync::Mutex::new(None),
+        };
+        s3.start_again();
+        s3
+    }
+
+    /// `http://127.0.0.1:<port>` of its S3 API (path-style, keys `ferrytestkey` /
+    /// `ferrytestsecret`).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports[6])
+    }
+
+    /// `[log.object]` under `prefix` of its bucket, with PostgreSQL at `postgres_url`;
+    /// flushes every 10 ms.
+    pub fn object_config(&self, prefix: &str, postgres_url: String) -> ObjectConfig {
+        ObjectConfig {
+            object_url: format!("s3://ferry-test/{prefix}"),
+            postgres_url,
+            flush_ms: 10,
+            s3: S3Config {
+                endpoint: Some(self.endpoint()),
+                region: Some("us-east-1".into()),
+                access_key_id: Some("ferrytestkey".into()),
+                secret_access_key: Some("ferrytestsecret".into()),
+                allow_http: true,
+            },
+            ..ObjectConfig::default()
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut c) = child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server (again) on its directory and ports; returns once its S3 API answers
+    /// `/healthz`.
+    pub fn start_again(&self) {
+        let weed = std::env::var("FERRY_TEST_WEED").unwrap_or_else(|_| {
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_path('scripts'))",
+                ])
+                .output()
+                .expect("python3");
+            format!("{}/weed", String::from_utf8_lossy(&out.stdout).trim())
+        });
+        let p = self.ports;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("weed.log"))
+            .expect("weed.log");
+        let data = self.dir.join("data");
+        std::fs::create_dir_all(&data).expect("SeaweedFS's directory");
+        let child = std::process::Command::new(&weed)
+            .args([
+                "mini".to_owned(),
+                format!("-dir={}", data.display()),
+                "-ip=127.0.0.1".into(),
+                "-ip.bind=127.0.0.1".into(),
+                "-master.telemetry=false".into(),
+                format!("-master.port={}", p[0]),
+                format!("-master.port.grpc={}", p[1]),
+                format!("-volume.port={}", p[2]),
+                format!("-volume.port.grpc={}", p[3]),
+                format!("-filer.port={}", p[4]),
+                format!("-filer.port.grpc={}", p[5]),
+                format!("-s3.port={}", p[6]),
+                format!("-s3.port.grpc={}", p[7]),
+                "-admin.ui=false".into(),
+                format!("-admin.port={}", p[8]),
+                format!("-admin.port.grpc={}", p[9]),
+                "-webdav=false".into(),
+                "-s3.port.iceberg=0".into(),
+                "-s3.port.lance=0".into(),
+                "-master.volumeSizeLimitMB=64".into(),
+                "-bucket=ferry-test".into(),
+            ])
+            .env("AWS_ACCESS_KEY_ID", "ferrytestkey")
+            .env("AWS_SECRET_ACCESS_KEY", "ferrytestsecret")
+            .stdout(log.try_clone().expect("weed.log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{weed}: {e} (scripts/services.sh installs it)"));
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        let healthy = || {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", p[6])) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+            let mut answer = Vec::new();
+            s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").is_ok()
+                && s.read_to_end(&mut answer).is_ok()
+                && answer.split(|&b| b == b'\n').next().is_some_and(|status| {
+                    status.starts_with(b"HTTP/1.") && status[8..].starts_with(b" 200")
+                })
+        };
+        crate::process::wait_until(60, "SeaweedFS answers /healthz", healthy);
+    }
+}
+
+impl Drop for OwnSeaweedFs {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
