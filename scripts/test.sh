@@ -2,7 +2,7 @@
 # Runs every test of the workspace. The end-to-end tests drive real clients, so this first
 # installs the ones that come from Debian's packages when they are missing (as root, or with
 # sudo), starts PostgreSQL and SeaweedFS for the object backend (scripts/services.sh), then
-# runs `cargo test --workspace` (and, with no arguments, the link and Kafka suites again
+# runs `cargo test --workspace` (and, with no arguments, the fronts' end-to-end suites again
 # with their ferry-cloud nodes on the object backend), and prints one line that adds up every test
 # binary's result: "N passed, N failed". With no arguments it then checks the boards
 # (cross-targets/check.sh: ARM builds under qemu-user, footprint) and the Debian packages
@@ -43,11 +43,13 @@ services_start
 status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
 if [ $# -eq 0 ]; then
-  # The link and Kafka suites once more, every ferry-cloud they start on the object backend
-  # (S3 and PostgreSQL above; see ferry_tests::services::on_object_backend).
-  echo "== again on the object backend: link, cloud_kafka, cloud_rdkafka"
-  FERRY_TEST_BACKEND=object cargo test -p ferry-tests --test link --test cloud_kafka \
-    --test cloud_rdkafka 2>&1 | tee -a "$log" || status=$?
+  # The end-to-end suites of the fronts once more, every ferry-cloud they start (a process,
+  # or a node in the test's process) on the object backend (S3 and PostgreSQL above; see
+  # ferry_tests::services::on_object_backend).
+  again=(link cloud_node cloud_kafka cloud_kafka_api cloud_rdkafka cloud_amqp cloud_amqp_clients)
+  echo "== again on the object backend: ${again[*]}"
+  FERRY_TEST_BACKEND=object cargo test -p ferry-tests $(printf -- '--test %s ' "${again[@]}") \
+    2>&1 | tee -a "$log" || status=$?
 fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -95,6 +95,35 @@ pub fn on_object(config: &str, data_dir: &std::path::Path) -> String {
     out
 }
 
+/// Writes `text` as the config at `path` of the ferry-cloud started with it in `data_dir`
+/// (by [`crate::process::Edge::cloud_in`]), for a SIGHUP to read: on the object backend
+/// also the rewritten copy the node really reads ([`object_config_file`]).
+pub fn write_cloud_config(path: &std::path::Path, data_dir: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("write the config");
+    if on_object_backend() {
+        std::fs::write(object_config_file(data_dir), on_object(text, data_dir))
+            .expect("write the object backend's config");
+    }
+}
+
+/// A node about to start in the test's process (`config`, its data directory set) on the
+/// object backend when [`on_object_backend`], as [`crate::process::Edge::cloud_in`] does for
+/// a process: the `[log]` tables of [`object_log_toml`], also written beside the data
+/// directory for [`crate::log::records`]. Otherwise `config` is left as it is.
+pub fn in_process(config: &mut ferry_cloud::config::CloudConfig) {
+    if !on_object_backend() {
+        return;
+    }
+    let dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let text = on_object("", &dir);
+    std::fs::write(object_config_file(&dir), &text).expect("write");
+    let parsed: ferry_cloud::config::CloudConfig =
+        toml::from_str(&text).expect("the object backend's config");
+    config.log.backend = parsed.log.backend;
+    config.log.object = parsed.log.object;
+}
+
 /// A PostgreSQL server of the test's own (Debian's `postgresql` 15, as `scripts/services.sh`
 /// starts it), which the test can stop as a crash does and start again. Removed on drop.
 #[derive(Debug)]

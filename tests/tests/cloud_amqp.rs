@@ -22,6 +22,7 @@ async fn node(name: &str) -> (Node, String) {
         listen: "127.0.0.1:0".parse().expect("addr"),
         ..Default::default()
     });
+    ferry_tests::services::in_process(&mut config);
     let node = Node::start(config, std::future::pending())
         .await
         .expect("the node starts");
@@ -542,6 +543,7 @@ async fn kafka_consumers_read_what_amqp_clients_published() {
         listen: "127.0.0.1:0".parse().expect("addr"),
         ..Default::default()
     });
+    ferry_tests::services::in_process(&mut config);
     let node = Node::start(config, std::future::pending())
         .await
         .expect("the node starts");

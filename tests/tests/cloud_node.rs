@@ -40,6 +40,7 @@ async fn node_with_subscriber(
     let mut config = CloudConfig::default();
     config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
     config.server.data_dir = temp_dir(name);
+    ferry_tests::services::in_process(&mut config);
     let node = Node::start(config, std::future::pending())
         .await
         .expect("the node starts");
@@ -245,7 +246,8 @@ fn sighup_puts_new_routes_in_force() {
     )
     .status
     .success());
-    std::fs::write(&config, "[[route]]\nfilter = \"a/#\"\nstream = \"alpha\"\n").expect("config");
+    let routes = "[[route]]\nfilter = \"a/#\"\nstream = \"alpha\"\n";
+    ferry_tests::services::write_cloud_config(&config, &dir, routes);
     cloud.reload_and_wait_for("SIGHUP: routes reloaded");
     assert!(mosquitto_at(
         "mosquitto_pub",
