@@ -2079,7 +2079,12 @@ impl Broker {
         let Some(p) = self.appends.remove(&token) else {
             return;
         };
-        if !ok {
+        if ok {
+            // The record is in the log: the queues read it this round, before its confirm
+            // goes out, so a confirmed message is in its queues' counts (RabbitMQ's confirm
+            // means "routed and stored" too). The commit's own LogChanged may come later.
+            self.behind = true;
+        } else {
             tracing::warn!(conn = p.conn, "an AMQP publish could not be appended");
         }
         if let Some(seq) = p.seq {

@@ -238,6 +238,52 @@ fn confirms_wait_for_the_log_and_go_out_in_order_as_one_multiple_ack() {
     );
 }
 
+/// A confirm means the message is in its queue: a passive declare right after the confirms
+/// counts every confirmed message, even before the log's own change notice comes.
+#[test]
+fn a_confirmed_message_is_counted_by_its_queue_at_once() {
+    let mut b = broker();
+    open(&mut b, 1);
+    declare(&mut b, 1, "q");
+    method(
+        &mut b,
+        1,
+        1,
+        AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+            nowait: false,
+        })),
+    );
+    round(&mut b, 1);
+    for i in 0..5 {
+        publish(&mut b, 1, "q", format!("m{i}").as_bytes());
+    }
+    let (_, actions) = round(&mut b, 1);
+    append_all(&mut b, actions); // no Input::LogChanged
+    let (frames, _) = round(&mut b, 1);
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            AMQPFrame::Method(
+                1,
+                AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: 5,
+                    ..
+                }))
+            )
+        )),
+        "{frames:?}"
+    );
+    declare_as(&mut b, 1, "q", false, true);
+    let (frames, _) = round(&mut b, 1);
+    let count = frames.iter().find_map(|f| match f {
+        AMQPFrame::Method(1, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
+            Some(ok.message_count)
+        }
+        _ => None,
+    });
+    assert_eq!(count, Some(5), "{frames:?}");
+}
+
 #[test]
 fn pressure_blocks_publishing_connections_and_lets_consumers_go_on() {
     let mut b = broker();
