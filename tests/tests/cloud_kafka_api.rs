@@ -1,6 +1,6 @@
 //! ferry-cloud's Kafka front, request by request, against confluent-kafka (librdkafka) and
 //! raw requests over TCP where a client cannot say exactly what it sends: Produce with
-//! acks=0 and acks=1, Fetch's max_wait_ms and min_bytes, ListGroups and DescribeGroups of a
+//! acks=0 and acks=1, pipelined Produce requests, Fetch's max_wait_ms and min_bytes, ListGroups and DescribeGroups of a
 //! live group, and OffsetFetch of several groups in one request.
 
 use std::io::{Read, Write};
@@ -63,6 +63,54 @@ fn produce_with_acks_0_and_acks_1_lands_in_order() {
             .to_vec(),
         "both requests' records, in order"
     );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// On one connection, 30 Produce requests (acks=-1) sent back to back without reading an
+/// answer, the front pipelining them (their appends queued while earlier ones wait for
+/// their commit), with an ApiVersions request (not pipelined: it waits for those before
+/// it) after the first 15: every answer comes, in the order sent, the ApiVersions one after
+/// the first 15 produce answers, the offsets follow the order sent, and a Fetch reads the
+/// records in that order.
+#[test]
+fn pipelined_produce_requests_are_answered_and_stored_in_the_order_sent() {
+    let dir = temp_dir("kafka-pipeline");
+    let node = cloud(&dir);
+    let addr = node.kafka_addr().expect("a Kafka listener");
+    let mut conn = Raw::connect(addr);
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        if i == 15 {
+            sent.push((conn.send(API_VERSIONS, 0, &[]), None));
+        }
+        let values = [format!("r{i}-0"), format!("r{i}-1")];
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        sent.push((
+            conn.send(PRODUCE, 3, &produce_v3(-1, "grp", 1, &values)),
+            Some(i),
+        ));
+    }
+    for (correlation, produce) in &sent {
+        let (got, body) = conn.receive();
+        assert_eq!(got, *correlation, "answers in the order sent");
+        let Some(i) = produce else {
+            continue;
+        };
+        let mut r = Reader(&body);
+        assert_eq!((r.i32(), r.string(), r.i32()), (1, "grp".into(), 1));
+        let (partition, error, base_offset) = (r.i32(), r.i16(), r.i64());
+        assert_eq!(
+            (partition, error, base_offset),
+            (1, 0, 2 * i64::from(*i)),
+            "request {i} appended after those sent before it"
+        );
+    }
+    let (_, fetched) = fetch(&mut conn, "grp", 1, 0, 0, 1);
+    let expected: Vec<(i64, String)> = (0..60)
+        .map(|n| (n, format!("r{}-{}", n / 2, n % 2)))
+        .collect();
+    assert_eq!(fetched, expected, "the records in the order sent");
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -214,6 +262,7 @@ fn offset_fetch_answers_several_groups_in_one_request() {
 }
 
 const PRODUCE: i16 = 0;
+const API_VERSIONS: i16 = 18;
 const FETCH: i16 = 1;
 const OFFSET_FETCH: i16 = 9;
 

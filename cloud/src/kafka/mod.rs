@@ -329,78 +329,110 @@ impl KafkaFront {
         Ok(addr)
     }
 
-    /// One client: requests in, responses out, in order.
-    async fn connection(&self, mut stream: TcpStream) -> Result<(), ConnectionError> {
+    /// One client: requests in, responses out, in order. Produce requests without
+    /// idempotent batches are pipelined (see [`PIPELINE`]): the next requests are read and
+    /// their appends queued while earlier ones wait for their commit. Every other request
+    /// waits until those before it are answered, then is answered alone.
+    async fn connection(&self, stream: TcpStream) -> Result<(), ConnectionError> {
+        use futures_util::stream::{FuturesOrdered, StreamExt};
+        use std::future::Future;
         let _ = stream.set_nodelay(true);
-        let mut out = BytesMut::new();
+        let (mut rd, mut wr) = stream.into_split();
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut in_flight = FuturesOrdered::new();
+        let mut eof = false;
         loop {
-            let mut len = [0u8; 4];
-            if stream.read_exact(&mut len).await.is_err() {
+            while in_flight.len() < PIPELINE {
+                let Some(frame) = self.take_frame(&mut buf)? else {
+                    break;
+                };
+                let decoded = decode(frame)?;
+                if decoded.pipelined() {
+                    let mut answer = Box::pin(self.respond(decoded));
+                    // Polled once now: its appends are queued behind those of the requests
+                    // before it (the log keeps the order appends are first polled in).
+                    let first =
+                        std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx)))
+                            .await;
+                    in_flight.push_back(match first {
+                        std::task::Poll::Ready(r) => {
+                            futures_util::future::Either::Left(std::future::ready(r))
+                        }
+                        std::task::Poll::Pending => futures_util::future::Either::Right(answer),
+                    });
+                } else {
+                    while let Some(answer) = in_flight.next().await {
+                        write_answer(&mut wr, answer?).await?;
+                    }
+                    write_answer(&mut wr, self.respond(decoded).await?).await?;
+                }
+            }
+            if eof {
+                while let Some(answer) = in_flight.next().await {
+                    write_answer(&mut wr, answer?).await?;
+                }
+                let _ = wr.shutdown().await;
                 return Ok(());
             }
-            let len = i32::from_be_bytes(len);
-            let len = usize::try_from(len).map_err(|_| ConnectionError::NegativeSize(len))?;
-            if len > self.config.max_request_bytes {
-                return Err(ConnectionError::TooLarge {
-                    len,
-                    max: self.config.max_request_bytes,
-                });
+            tokio::select! {
+                biased;
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                    write_answer(&mut wr, answer?).await?;
+                }
+                read = rd.read_buf(&mut buf), if in_flight.len() < PIPELINE => {
+                    match read {
+                        Ok(0) if buf.is_empty() => eof = true,
+                        Ok(0) => {
+                            return Err(ConnectionError::Truncated(
+                                std::io::ErrorKind::UnexpectedEof.into(),
+                            ))
+                        }
+                        Ok(_) => {}
+                        Err(e) if in_flight.is_empty() && buf.is_empty() => {
+                            debug!(error = %e, "Kafka connection read failed");
+                            return Ok(());
+                        }
+                        Err(e) => return Err(ConnectionError::Truncated(e)),
+                    }
+                }
             }
-            let mut frame = vec![0u8; len];
-            stream
-                .read_exact(&mut frame)
-                .await
-                .map_err(ConnectionError::Truncated)?;
-            out.clear();
-            let Some(()) = self.handle(Bytes::from(frame), &mut out).await? else {
-                // acks=0: no response.
-                continue;
-            };
-            stream
-                .write_all(&out)
-                .await
-                .map_err(ConnectionError::Write)?;
         }
     }
 
-    /// Decodes one request and writes its response frame to `out`; Ok(None) when the
-    /// request takes no response.
-    async fn handle(
-        &self,
-        mut frame: Bytes,
-        out: &mut BytesMut,
-    ) -> Result<Option<()>, ConnectionError> {
-        if frame.len() < 4 {
-            return Err(ConnectionError::Short);
+    /// The next whole request frame in `buf` (without its size), if it is all there; room
+    /// is made for the rest of one that is not.
+    fn take_frame(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, ConnectionError> {
+        let Some(size) = buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = i32::from_be_bytes(size.try_into().expect("4 bytes"));
+        let len = usize::try_from(len).map_err(|_| ConnectionError::NegativeSize(len))?;
+        if len > self.config.max_request_bytes {
+            return Err(ConnectionError::TooLarge {
+                len,
+                max: self.config.max_request_bytes,
+            });
         }
-        let key = i16::from_be_bytes([frame[0], frame[1]]);
-        let version = i16::from_be_bytes([frame[2], frame[3]]);
-        let api = ApiKey::try_from(key).map_err(|_| ConnectionError::UnknownApi(key))?;
-        let supported = SUPPORTED.iter().find(|(k, _, _)| *k == api);
-        let in_range = supported.is_some_and(|(_, lo, hi)| (*lo..=*hi).contains(&version));
-        if api == ApiKey::ApiVersions && !in_range {
-            // KIP-511: the v0 answer, UNSUPPORTED_VERSION and the full list, header v0.
-            let correlation_id = frame
-                .get(4..8)
-                .map_or(0, |b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
-            let body = api_versions(code::UNSUPPORTED_VERSION);
-            write_response(out, correlation_id, 0, &ResponseKind::ApiVersions(body), 0)?;
-            return Ok(Some(()));
+        if buf.len() < 4 + len {
+            buf.reserve(4 + len - buf.len());
+            return Ok(None);
         }
-        if !in_range {
-            return Err(ConnectionError::NotServed { api, version });
-        }
-        let header = RequestHeader::decode(&mut frame, api.request_header_version(version))
-            .map_err(|e| ConnectionError::Malformed {
-                what: "request header".into(),
-                why: e.to_string(),
-            })?;
-        let request = RequestKind::decode(api, &mut frame, version).map_err(|e| {
-            ConnectionError::Malformed {
-                what: format!("{api:?} v{version} request"),
-                why: e.to_string(),
-            }
-        })?;
+        let mut frame = buf.split_to(4 + len);
+        let _ = frame.split_to(4);
+        Ok(Some(frame.freeze()))
+    }
+
+    /// The response frame to a decoded request; None when it takes none (acks=0).
+    async fn respond(&self, decoded: Decoded) -> Result<Option<BytesMut>, ConnectionError> {
+        let (api, version, header, request) = match decoded {
+            Decoded::Answer(out) => return Ok(Some(out)),
+            Decoded::Request {
+                api,
+                version,
+                header,
+                request,
+            } => (api, version, header, request),
+        };
         let response = match request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
             RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
@@ -454,14 +486,15 @@ impl KafkaFront {
         } else {
             api.response_header_version(version)
         };
+        let mut out = BytesMut::new();
         write_response(
-            out,
+            &mut out,
             header.correlation_id,
             header_version,
             &response,
             version,
         )?;
-        Ok(Some(()))
+        Ok(Some(out))
     }
 
     fn advertised(&self) -> (String, i32) {
@@ -642,23 +675,40 @@ impl KafkaFront {
         }
     }
 
+    /// Every partition's append queued at once, in the request's order (so that they share
+    /// the log's commits, and a pipelined request's are all queued by its first poll); then
+    /// their answers.
     async fn produce(&self, r: ProduceRequest) -> ProduceResponse {
-        let mut responses = Vec::new();
+        let mut appends = Vec::new();
+        let mut topics = Vec::new();
         for t in r.topic_data {
             let name = t.name.0.as_str().to_owned();
             if !self.log.streams().iter().any(|s| s.name == name) {
                 self.create_topic(&name);
             }
-            let mut partition_responses = Vec::new();
+            let mut indexes = Vec::new();
             for p in t.partition_data {
                 let index = p.index;
-                let result = match (u32::try_from(index), p.records) {
-                    (Ok(partition), Some(records)) => {
-                        self.append_batches(&name, partition, records).await
+                let name = name.clone();
+                appends.push(async move {
+                    match (u32::try_from(index), p.records) {
+                        (Ok(partition), Some(records)) => {
+                            self.append_batches(&name, partition, records).await
+                        }
+                        (Err(_), _) => Err(code::UNKNOWN_TOPIC_OR_PARTITION),
+                        (_, None) => Err(code::CORRUPT_MESSAGE),
                     }
-                    (Err(_), _) => Err(code::UNKNOWN_TOPIC_OR_PARTITION),
-                    (_, None) => Err(code::CORRUPT_MESSAGE),
-                };
+                });
+                indexes.push(index);
+            }
+            topics.push((t.name, name, indexes));
+        }
+        let mut results = futures_util::future::join_all(appends).await.into_iter();
+        let mut responses = Vec::new();
+        for (topic, name, indexes) in topics {
+            let mut partition_responses = Vec::new();
+            for index in indexes {
+                let Some(result) = results.next() else { break };
                 let response = PartitionProduceResponse::default()
                     .with_index(index)
                     .with_log_append_time_ms(-1);
@@ -678,7 +728,7 @@ impl KafkaFront {
             }
             responses.push(
                 TopicProduceResponse::default()
-                    .with_name(t.name)
+                    .with_name(topic)
                     .with_partition_responses(partition_responses),
             );
         }
@@ -879,6 +929,108 @@ fn api_versions(error_code: i16) -> ApiVersionsResponse {
 }
 
 /// A response frame: size, header, body.
+/// Requests of one connection whose answers may wait at once: pipelined Produce requests
+/// (librdkafka sends up to `max.in.flight.requests.per.connection` of them without waiting),
+/// each holding up to `max_request_bytes`.
+const PIPELINE: usize = 8;
+
+/// A request as read off the wire.
+enum Decoded {
+    /// Answered without more: the ApiVersions of a version not served (KIP-511).
+    Answer(BytesMut),
+    Request {
+        api: ApiKey,
+        version: i16,
+        header: RequestHeader,
+        request: RequestKind,
+    },
+}
+
+impl Decoded {
+    /// A Produce request none of whose batches is an idempotent producer's: it may wait
+    /// for its commit while later requests are read and queued. An idempotent producer's
+    /// requests go one at a time, so that one whose append failed is never followed in the
+    /// log by a later batch of the same producer.
+    fn pipelined(&self) -> bool {
+        let Decoded::Request {
+            request: RequestKind::Produce(r),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        r.transactional_id.is_none()
+            && r.topic_data.iter().all(|t| {
+                t.partition_data.iter().all(|p| {
+                    p.records.as_ref().is_none_or(|b| {
+                        ferry_protocol::kafka::batch::BatchHeader::parse(b)
+                            .is_ok_and(|h| h.producer_id < 0)
+                    })
+                })
+            })
+    }
+}
+
+/// Decodes one request frame (without its size).
+fn decode(mut frame: Bytes) -> Result<Decoded, ConnectionError> {
+    if frame.len() < 4 {
+        return Err(ConnectionError::Short);
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let api = ApiKey::try_from(key).map_err(|_| ConnectionError::UnknownApi(key))?;
+    let supported = SUPPORTED.iter().find(|(k, _, _)| *k == api);
+    let in_range = supported.is_some_and(|(_, lo, hi)| (*lo..=*hi).contains(&version));
+    if api == ApiKey::ApiVersions && !in_range {
+        // KIP-511: the v0 answer, UNSUPPORTED_VERSION and the full list, header v0.
+        let correlation_id = frame
+            .get(4..8)
+            .map_or(0, |b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+        let body = api_versions(code::UNSUPPORTED_VERSION);
+        let mut out = BytesMut::new();
+        write_response(
+            &mut out,
+            correlation_id,
+            0,
+            &ResponseKind::ApiVersions(body),
+            0,
+        )?;
+        return Ok(Decoded::Answer(out));
+    }
+    if !in_range {
+        return Err(ConnectionError::NotServed { api, version });
+    }
+    let header =
+        RequestHeader::decode(&mut frame, api.request_header_version(version)).map_err(|e| {
+            ConnectionError::Malformed {
+                what: "request header".into(),
+                why: e.to_string(),
+            }
+        })?;
+    let request =
+        RequestKind::decode(api, &mut frame, version).map_err(|e| ConnectionError::Malformed {
+            what: format!("{api:?} v{version} request"),
+            why: e.to_string(),
+        })?;
+    Ok(Decoded::Request {
+        api,
+        version,
+        header,
+        request,
+    })
+}
+
+/// Writes one answer (nothing for a request that takes none).
+async fn write_answer(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    answer: Option<BytesMut>,
+) -> Result<(), ConnectionError> {
+    match answer {
+        Some(bytes) => wr.write_all(&bytes).await.map_err(ConnectionError::Write),
+        None => Ok(()),
+    }
+}
+
 fn write_response(
     out: &mut BytesMut,
     correlation_id: i32,
