@@ -433,7 +433,7 @@ impl KafkaFront {
                 request,
             } => (api, version, header, request),
         };
-        let response = match request {
+        let response = match *request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
             RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
             RequestKind::FindCoordinator(r) => {
@@ -942,7 +942,7 @@ enum Decoded {
         api: ApiKey,
         version: i16,
         header: RequestHeader,
-        request: RequestKind,
+        request: Box<RequestKind>,
     },
 }
 
@@ -952,11 +952,10 @@ impl Decoded {
     /// requests go one at a time, so that one whose append failed is never followed in the
     /// log by a later batch of the same producer.
     fn pipelined(&self) -> bool {
-        let Decoded::Request {
-            request: RequestKind::Produce(r),
-            ..
-        } = self
-        else {
+        let Decoded::Request { request, .. } = self else {
+            return false;
+        };
+        let RequestKind::Produce(r) = &**request else {
             return false;
         };
         r.transactional_id.is_none()
@@ -1016,7 +1015,7 @@ fn decode(mut frame: Bytes) -> Result<Decoded, ConnectionError> {
         api,
         version,
         header,
-        request,
+        request: Box::new(request),
     })
 }
 
