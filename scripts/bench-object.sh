@@ -10,8 +10,8 @@
 #    object log, then on the local log.
 # 3. Reads: ferry-log-bench reads the stream from the start, cold (a new process) and again.
 # 4. kcat through a ferry-cloud node on the object log reads the stream to its end, twice;
-#    confluent-kafka produces 1,000,000 × 100 B with acks=all (librdkafka's default request
-#    size, then requests of up to 10 MB).
+#    confluent-kafka produces 1,000,000 × 100 B with acks=all (librdkafka's defaults, then
+#    requests of up to 10 MB), then with its defaults to a node on the local log.
 # The object store's requests are printed after each ferry-log-bench run.
 # Uses the services of scripts/services.sh (started here unless FERRY_TEST_PG is set).
 set -euo pipefail
@@ -64,8 +64,17 @@ for pass in cold warm; do
     split(g, x, " "); t = e - a
     printf "consume (kcat, %s): %d records, %.0f MB of values in %.2f s: %.0f records/s\n", p, x[1], x[2] / 1e6, t, x[1] / t }'
 done
-# librdkafka's default message.max.bytes (1 MB) caps a Produce request; a connection's
-# requests are answered in order, one per flush, so the second run lets requests be larger.
+# librdkafka's defaults (1 MB requests, several in flight per connection: the front
+# pipelines them), then requests of up to 10 MB; then the same node on the local log.
+echo "== produce to the object log"
 python3 scripts/kafka-produce.py 127.0.0.1:19093
 python3 scripts/kafka-produce.py 127.0.0.1:19093 linger.ms=20 message.max.bytes=10000000 \
   batch.size=8000000 batch.num.messages=100000 queue.buffering.max.messages=2000000
+kill $cloud
+wait $cloud 2>/dev/null || true
+printf '[server]\nlisten = ["127.0.0.1:18851"]\n[kafka]\nlisten = "127.0.0.1:19093"\n' >"$work/local.toml"
+$bin/ferry-cloud --config "$work/local.toml" --data-dir "$work/local-node" >"$work/local.log" 2>&1 &
+cloud=$!
+for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/19093) 2>/dev/null && break; sleep 0.1; done
+echo "== produce to the local log"
+python3 scripts/kafka-produce.py 127.0.0.1:19093
