@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | ApiVersions | 0–3 | the list below; an unknown version gets the v0 answer with UNSUPPORTED_VERSION (KIP-511) |
 //! | Metadata | 0–12 | this broker, every stream (or those asked for); with `auto_create_topics`, a missing topic asked for is created (`[log.streams]` settings and partition count) |
-//! | Produce | 3–9 | whole v2 batches, CRC checked, offsets assigned by the log; acks 0, 1 and -1 (all = this node: the append is durable before the answer); a request's partitions appended at once; requests without idempotent batches pipelined (up to [`PIPELINE`] per connection wait for their commit, answers in order) |
+//! | Produce | 3–9 | whole v2 batches, CRC checked, offsets assigned by the log; acks 0, 1 and -1 (all = this node: the append is durable before the answer); a request's partitions appended at once; requests without idempotent batches pipelined (up to 8 per connection (`PIPELINE`) wait for their commit, answers in order) |
 //! | Fetch | 4–12 | the stored batches as they are, from the one holding the offset asked for; max_wait_ms, min_bytes, max_bytes and partition_max_bytes honoured |
 //! | ListOffsets | 1–7 | earliest (-2), latest (-1), or the first offset at or after a timestamp |
 //! | InitProducerId | 0–4 | a producer id for an idempotent producer (the Java client's default); transactions are refused |
