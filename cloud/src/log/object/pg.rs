@@ -14,6 +14,7 @@ use super::format::Run;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("sql/001_init.sql")),
     (2, include_str!("sql/002_meta.sql")),
+    (3, include_str!("sql/003_no_producers.sql")),
 ];
 /// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;

@@ -73,6 +73,37 @@ fn values(log: &ObjectLog, stream: &str, from: i64) -> Vec<(i64, String)> {
     }
 }
 
+/// The schema's migrations: a new database is brought to the newest version, a second run
+/// (another node starting) changes nothing, and version 3 left no `producers` table.
+#[tokio::test]
+async fn migrations_bring_a_database_to_the_newest_version_once() {
+    let url = super::testing::database("migrations");
+    let pool = pg::pool(&url, 2, Duration::from_secs(10)).expect("pool");
+    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 3);
+    assert_eq!(pg::migrate(&pool).await.expect("again"), 3);
+    let client = pool.get().await.expect("connection");
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM schema_version ORDER BY version", &[])
+        .await
+        .expect("versions")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2, 3], "each applied once");
+    let tables: Vec<String> = client
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.iter().any(|t| t == "runs"), "{tables:?}");
+    assert!(!tables.iter().any(|t| t == "producers"), "{tables:?}");
+}
+
 #[tokio::test]
 async fn concurrent_appends_share_one_object_per_flush_and_survive_a_reopen() {
     let d = dir("reopen");
