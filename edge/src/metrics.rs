@@ -235,6 +235,7 @@ pub fn render(s: &Stats, c: &CommitStats) -> String {
                 s.dropped_too_large_for_client,
             ),
             ("reason=\"not_authorized\"", s.dropped_not_authorized),
+            ("reason=\"log_failed\"", s.refused_log_failed),
         ],
     );
     metric(

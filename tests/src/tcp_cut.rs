@@ -47,6 +47,24 @@ impl Trap {
 }
 
 impl TcpCut {
+    /// As [`TcpCut::start`], on a runtime of its own (a thread that lives as long as the
+    /// test process): for a node running in the test's own runtime, whose blocking calls
+    /// must not keep the forwarder from its work.
+    pub fn start_apart(target: SocketAddr) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            rt.block_on(async move {
+                let _ = tx.send(Self::start(target).await);
+                std::future::pending::<()>().await
+            });
+        });
+        rx.recv().expect("the forwarder starts")
+    }
+
     /// Forwards a loopback port of its own to `target`.
     pub async fn start(target: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -60,17 +60,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking call")
 }
 
-/// An object log for `test` whose S3 server and PostgreSQL are reached through forwarders
-/// the test cuts (returned with it), with stream `f`; appends time out after 4 s.
-async fn log_through_cuts(test: &str) -> (Arc<ObjectLog>, TcpCut, TcpCut) {
+/// `[log.object]` for `test` (a database of its own) whose S3 server and PostgreSQL are
+/// reached through forwarders the test cuts (returned with it, each on a runtime of its
+/// own); appends time out after 4 s.
+fn config_through_cuts(test: &str) -> (ObjectConfig, TcpCut, TcpCut) {
     let endpoint = need("FERRY_TEST_S3_ENDPOINT");
     let s3_target: SocketAddr = endpoint
         .trim_start_matches("http://")
         .parse()
         .expect("FERRY_TEST_S3_ENDPOINT is http://host:port");
-    let s3 = TcpCut::start(s3_target).await;
+    let s3 = TcpCut::start_apart(s3_target);
     let db = object_testing::database(test);
-    let pg = TcpCut::start(pg_addr(&db)).await;
+    let pg = TcpCut::start_apart(pg_addr(&db));
     let config = ObjectConfig {
         object_url: format!(
             "s3://{}/{test}-{}",
@@ -89,6 +90,12 @@ async fn log_through_cuts(test: &str) -> (Arc<ObjectLog>, TcpCut, TcpCut) {
         },
         ..ObjectConfig::default()
     };
+    (config, s3, pg)
+}
+
+/// An object log on [`config_through_cuts`], with stream `f`.
+async fn log_through_cuts(test: &str) -> (Arc<ObjectLog>, TcpCut, TcpCut) {
+    let (config, s3, pg) = config_through_cuts(test);
     let log: Arc<ObjectLog> = blocking(move || ObjectLog::open(&config))
         .await
         .expect("open");
@@ -332,4 +339,249 @@ async fn a_flood_of_appends_goes_through_seaweedfs_killed_and_postgresql_crashed
         .await
         .expect("open afresh");
     blocking(move || check(&*fresh, "a node opened afresh")).await;
+}
+
+/// A whole node (MQTT, Kafka, AMQP) on the object backend whose S3 server is cut for longer
+/// than `append_timeout_ms`: each front refuses what it cannot store with its protocol's
+/// error, and takes it again once the store is back. MQTT 5 (rumqttc): PUBACK with 0x80;
+/// MQTT 3.1.1 (rumqttc): disconnected, no PUBACK; Kafka (librdkafka, no retries): the
+/// delivery fails with KAFKA_STORAGE_ERROR; AMQP (lapin, confirms): `basic.nack`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_front_refuses_what_a_store_outage_kept_out_and_recovers() {
+    use ferry_cloud::config::LogBackend;
+    use ferry_cloud::node::{CloudConfig, Node};
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let (object, s3, _pg) = config_through_cuts("fronts_refuse");
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = ferry_tests::process::temp_dir("fronts-refuse");
+    config.kafka = Some(ferry_cloud::kafka::KafkaConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    config.amqp = Some(ferry_cloud::amqp::AmqpConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    });
+    config.log.backend = LogBackend::Object;
+    config.log.object = Some(object);
+    let node = Node::start(config, std::future::pending())
+        .await
+        .expect("the node starts");
+    let mqtt_port = node.mqtt_addrs()[0].port();
+    let bootstrap = node.kafka_addr.expect("kafka").to_string();
+    let amqp = format!(
+        "amqp://127.0.0.1:{}/%2f",
+        node.amqp_addr.expect("amqp").port()
+    );
+
+    // Connected before the outage.
+    let (v5, mut v5_events) = {
+        use rumqttc::v5::{AsyncClient, MqttOptions};
+        AsyncClient::new(MqttOptions::new("v5", "127.0.0.1", mqtt_port), 10)
+    };
+    let (v3, mut v3_events) = {
+        use rumqttc::{AsyncClient, MqttOptions};
+        AsyncClient::new(MqttOptions::new("v3", "127.0.0.1", mqtt_port), 10)
+    };
+    let conn = Connection::connect(&amqp, ConnectionProperties::default())
+        .await
+        .expect("AMQP connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        Default::default(),
+    )
+    .await
+    .expect("declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let produce = |value: &'static str| {
+        let bootstrap = bootstrap.clone();
+        blocking(move || produce_one(&bootstrap, "k", value))
+    };
+    // The Kafka topic, made before the outage (a record stored).
+    assert_eq!(produce("before").await, Ok(0), "produced before the outage");
+    // The MQTT clients' connections up (CONNACK) before the outage.
+    v5.publish(
+        "t/v5",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "before",
+    )
+    .await
+    .expect("queue");
+    v3.publish("t/v3", rumqttc::QoS::AtLeastOnce, false, "before")
+        .await
+        .expect("queue");
+    assert_eq!(
+        next_v5_puback(&mut v5_events).await,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, v3_events.poll())
+            .await
+            .expect("in time")
+            .expect("connected");
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
+            break;
+        }
+    }
+
+    s3.cut();
+    // MQTT 5: refused with 0x80, the connection stays.
+    v5.publish(
+        "t/v5",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "during",
+    )
+    .await
+    .expect("queue");
+    assert_eq!(
+        next_v5_puback(&mut v5_events).await,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::UnspecifiedError
+    );
+    // MQTT 3.1.1: the connection ends, with no PUBACK.
+    v3.publish("t/v3", rumqttc::QoS::AtLeastOnce, false, "during")
+        .await
+        .expect("queue");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, v3_events.poll())
+            .await
+            .expect("the 3.1.1 connection ends in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                panic!("no PUBACK for what the log did not take")
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    // Kafka: the broker's error, not a timeout.
+    assert_eq!(
+        produce("during").await,
+        Err(rdkafka::types::RDKafkaErrorCode::KafkaStorageError),
+        "refused during the outage with the broker's error"
+    );
+    // AMQP: a nack.
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"during",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_nack(), "{confirm:?}");
+
+    // The store back: every front takes what it is sent again.
+    s3.restore();
+    v5.publish(
+        "t/v5",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        "after",
+    )
+    .await
+    .expect("queue");
+    assert_eq!(
+        next_v5_puback(&mut v5_events).await,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+    );
+    assert_eq!(
+        produce("after").await,
+        Ok(1),
+        "produced after the outage; the refused record took no offset"
+    );
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"after",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "{confirm:?}");
+    drop(node);
+}
+
+/// Produces `value` to `topic` with a librdkafka producer that does not retry (acks=all):
+/// the offset it got, or the error its delivery report gives.
+fn produce_one(
+    bootstrap: &str,
+    topic: &str,
+    value: &str,
+) -> Result<i64, rdkafka::types::RDKafkaErrorCode> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+    use rdkafka::Message as _;
+    struct Report(std::sync::Mutex<Option<Result<i64, rdkafka::types::RDKafkaErrorCode>>>);
+    impl rdkafka::client::ClientContext for Report {}
+    impl ProducerContext for Report {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+            let got = match result {
+                Ok(m) => Ok(m.offset()),
+                Err((e, _)) => Err(e
+                    .rdkafka_error_code()
+                    .unwrap_or(rdkafka::types::RDKafkaErrorCode::Fail)),
+            };
+            *self.0.lock().expect("report") = Some(got);
+        }
+    }
+    let producer: BaseProducer<Report> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("retries", "0")
+        .set("message.timeout.ms", "30000")
+        .create_with_context(Report(std::sync::Mutex::new(None)))
+        .expect("producer");
+    producer
+        .send(BaseRecord::<str, str>::to(topic).payload(value))
+        .map_err(|(e, _)| panic!("queue the record: {e}"))
+        .ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        producer.poll(Duration::from_millis(50));
+        if let Some(got) = producer.context().0.lock().expect("report").take() {
+            let _ = producer.flush(Duration::from_secs(1));
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a delivery report in time"
+        );
+    }
+}
+
+/// The reason code of the next PUBACK on a v5 connection (which must stay up).
+async fn next_v5_puback(
+    events: &mut rumqttc::v5::EventLoop,
+) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::Event;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("a PUBACK in time")
+            .expect("the v5 connection stays");
+        if let Event::Incoming(Packet::PubAck(ack)) = event {
+            return ack.reason;
+        }
+    }
 }

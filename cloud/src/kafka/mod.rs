@@ -347,7 +347,7 @@ impl KafkaFront {
                     break;
                 };
                 let decoded = decode(frame)?;
-                if decoded.pipelined() {
+                if decoded.pipelined() && self.topics_exist(&decoded) {
                     let mut answer = Box::pin(self.respond(decoded));
                     // Polled once now: its appends are queued behind those of the requests
                     // before it (the log keeps the order appends are first polled in).
@@ -435,7 +435,9 @@ impl KafkaFront {
         };
         let response = match *request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
-            RequestKind::Metadata(r) => ResponseKind::Metadata(self.metadata(r)),
+            RequestKind::Metadata(r) => {
+                ResponseKind::Metadata(self.off_runtime(move |f| f.metadata(r)).await)
+            }
             RequestKind::FindCoordinator(r) => {
                 ResponseKind::FindCoordinator(self.find_coordinator(r, version))
             }
@@ -447,11 +449,17 @@ impl KafkaFront {
             RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(self.heartbeat(r)),
             RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(self.leave_group(r, version)),
             RequestKind::OffsetCommit(r) => ResponseKind::OffsetCommit(self.offset_commit(r).await),
-            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(self.offset_fetch(r, version)),
+            RequestKind::OffsetFetch(r) => ResponseKind::OffsetFetch(
+                self.off_runtime(move |f| f.offset_fetch(r, version)).await,
+            ),
             RequestKind::DescribeGroups(r) => ResponseKind::DescribeGroups(self.describe_groups(r)),
             RequestKind::ListGroups(_) => ResponseKind::ListGroups(self.list_groups()),
-            RequestKind::CreateTopics(r) => ResponseKind::CreateTopics(self.create_topics(r)),
-            RequestKind::DeleteTopics(r) => ResponseKind::DeleteTopics(self.delete_topics(r)),
+            RequestKind::CreateTopics(r) => {
+                ResponseKind::CreateTopics(self.off_runtime(move |f| f.create_topics(r)).await)
+            }
+            RequestKind::DeleteTopics(r) => {
+                ResponseKind::DeleteTopics(self.off_runtime(move |f| f.delete_topics(r)).await)
+            }
             RequestKind::DescribeConfigs(r) => {
                 ResponseKind::DescribeConfigs(self.describe_configs(r))
             }
@@ -512,6 +520,33 @@ impl KafkaFront {
             l.ip().to_string()
         };
         (host, i32::from(l.port()))
+    }
+
+    /// Runs `f`, whose work blocks (streams and metadata: on the object backend they wait
+    /// for PostgreSQL), on the blocking pool rather than a runtime worker.
+    async fn off_runtime<T: Default + Send + 'static>(
+        &self,
+        f: impl FnOnce(&KafkaFront) -> T + Send + 'static,
+    ) -> T {
+        let front = self.clone();
+        tokio::task::spawn_blocking(move || f(&front))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// True when every topic `decoded` (a Produce request) writes to exists, so that its
+    /// appends are all queued by its first poll.
+    fn topics_exist(&self, decoded: &Decoded) -> bool {
+        let Decoded::Request { request, .. } = decoded else {
+            return true;
+        };
+        let RequestKind::Produce(r) = &**request else {
+            return true;
+        };
+        let streams = self.log.streams();
+        r.topic_data
+            .iter()
+            .all(|t| streams.iter().any(|s| s.name == t.name.0.as_str()))
     }
 
     /// Creates `name` (the `[log.streams]` settings and partition count, as Kafka's
@@ -684,7 +719,8 @@ impl KafkaFront {
         for t in r.topic_data {
             let name = t.name.0.as_str().to_owned();
             if !self.log.streams().iter().any(|s| s.name == name) {
-                self.create_topic(&name);
+                let n = name.clone();
+                self.off_runtime(move |f| f.create_topic(&n)).await;
             }
             let mut indexes = Vec::new();
             for p in t.partition_data {

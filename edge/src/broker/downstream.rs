@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Action, Broker, ConnId, Message};
+use ferry_protocol::mqtt::{Disconnect, Packet, ProtocolVersion, ReasonCode};
+
+use super::{Action, Broker, ConnId, Message, StoreOp};
 
 /// Where accepted messages go; chosen at start-up.
 #[derive(Debug, Default)]
@@ -102,6 +104,62 @@ impl Broker {
         match &mut self.downstream {
             Downstream::Log(appends) => std::mem::take(appends),
             _ => Vec::new(),
+        }
+    }
+
+    /// [`Input::AppendFailed`](super::Input::AppendFailed): the acknowledgements of publishes
+    /// the log did not take become refusals (v5) or disconnections (3.1.1).
+    pub(super) fn append_failed(&mut self, acks: Vec<(ConnId, Packet)>, now: Instant) {
+        for (conn, packet) in acks {
+            let (mut response, qos2) = match packet {
+                Packet::PubAck(r) => (r, false),
+                Packet::PubRec(r) => (r, true),
+                _ => continue,
+            };
+            // A connection already gone took its session's acknowledgements with it (its
+            // client resends); a QoS 2 id of its session stays awaiting PUBREL (a limit).
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            let (client_id, v5, closing) = (
+                c.client_id.clone(),
+                c.version == ProtocolVersion::V5,
+                c.closing,
+            );
+            if qos2 {
+                let session = self.sessions.get_mut(&client_id);
+                let persistent = session.as_ref().is_some_and(|s| s.is_persistent());
+                if session.is_some_and(|s| s.awaiting_pubrel.remove(&response.packet_id))
+                    && persistent
+                {
+                    self.store_ops.push(StoreOp::Qos2Delete {
+                        client_id,
+                        packet_id: response.packet_id,
+                    });
+                }
+            }
+            if closing {
+                continue;
+            }
+            self.stats.refused_log_failed += 1;
+            if v5 {
+                // A refusal that waited its turn behind the append stays what it was.
+                if !response.reason.is_error() {
+                    response.reason = ReasonCode::UnspecifiedError;
+                    response.properties.reason_string =
+                        Some("the log did not take the message".into());
+                }
+                let packet = if qos2 {
+                    Packet::PubRec(response)
+                } else {
+                    Packet::PubAck(response)
+                };
+                self.out.push(Action::Send(conn, packet));
+            } else {
+                let mut d = Disconnect::new(ReasonCode::UnspecifiedError);
+                d.properties.reason_string = Some("the log did not take the message".into());
+                self.close_with(conn, d, now);
+            }
         }
     }
 

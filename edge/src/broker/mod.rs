@@ -198,6 +198,13 @@ pub enum Input {
     /// A client that also subscribes is never paused this way (its acknowledgements are what
     /// lets delivery catch up).
     Pace(bool),
+    /// Log mode: the append the acknowledgements `acks` waited for
+    /// ([`Action::SendWhenAppended`]) failed, so those publishes are not in the log. A v5
+    /// client gets each PUBACK or PUBREC with reason 0x80 (Unspecified error) instead; a
+    /// 3.1.1 client, which has no way to hear no, is disconnected without them (it publishes
+    /// again when it reconnects). A QoS 2 packet id is forgotten either way, so that a resend
+    /// is taken as new.
+    AppendFailed { acks: Vec<(ConnId, Packet)> },
 }
 
 /// What the broker asks of the driver.
@@ -252,6 +259,9 @@ pub struct Stats {
     pub dropped_not_authorized: u64,
     /// Times a publisher was paused because a subscriber's queue was full.
     pub publishers_paused: u64,
+    /// Log mode: publishes refused (v5) or whose client was disconnected (3.1.1) because
+    /// their append to the log failed ([`Input::AppendFailed`]).
+    pub refused_log_failed: u64,
     /// Messages and bytes waiting in the outbox for the cloud (always 0 without an outbox:
     /// in log mode, or without the `edge` feature; so are the two below).
     pub outbox_records: u64,
@@ -406,6 +416,7 @@ impl Broker {
                 }
             }
             Input::Pace(on) => self.pace(on, now),
+            Input::AppendFailed { acks } => self.append_failed(acks, now),
         }
         actions.append(&mut self.out);
     }

@@ -601,6 +601,68 @@ fn log_mode_acknowledges_without_routing_and_delivers_what_comes_back() {
     assert_eq!(h.broker.deliveries_done(), 6);
 }
 
+/// Log mode, an append that failed: a v5 publisher's PUBACK and PUBREC become refusals
+/// (0x80) and its connection stays; the QoS 2 id is forgotten, so the same message sent
+/// again is taken (appended) again; a 3.1.1 publisher is disconnected without its PUBACK.
+#[test]
+fn log_mode_refuses_what_the_log_did_not_take() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.broker.use_log();
+    h.connect(1, "v5");
+    let mut acks = Vec::new();
+    for (qos, pid) in [(QoS::AtLeastOnce, 1), (QoS::ExactlyOnce, 2)] {
+        for a in h.packet(1, publish("t", "x", qos, pid)) {
+            match a {
+                Action::SendWhenAppended(conn, packet) => acks.push((conn, packet)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let mut v3 = Connect::new(ProtocolVersion::V311, "v3");
+    v3.clean_start = true;
+    h.connect_with(2, v3, 1000);
+    for a in h.packet(2, publish("t", "y", QoS::AtLeastOnce, 9)) {
+        if let Action::SendWhenAppended(conn, packet) = a {
+            acks.push((conn, packet));
+        }
+    }
+    assert_eq!(h.broker.take_appends().len(), 3);
+
+    let a = h.run(Input::AppendFailed { acks });
+    let refused: Vec<(u16, ReasonCode)> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(1, Packet::PubAck(r) | Packet::PubRec(r)) => {
+                Some((r.packet_id.get(), r.reason))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (1, ReasonCode::UnspecifiedError),
+            (2, ReasonCode::UnspecifiedError)
+        ],
+        "{a:?}"
+    );
+    assert!(a.contains(&Action::Close(2)), "the 3.1.1 publisher: {a:?}");
+    assert!(!a.contains(&Action::Close(1)), "the v5 publisher stays");
+    assert!(
+        !a.iter()
+            .any(|x| matches!(x, Action::Send(2, Packet::PubAck(_)))),
+        "no PUBACK for 3.1.1: {a:?}"
+    );
+    assert_eq!(h.broker.stats().refused_log_failed, 3);
+    // The QoS 2 message sent again is a new one: appended again.
+    let a = h.packet(1, publish("t", "x", QoS::ExactlyOnce, 2));
+    assert!(
+        matches!(&a[..], [Action::SendWhenAppended(1, Packet::PubRec(r))] if r.reason == ReasonCode::Success),
+        "{a:?}"
+    );
+    assert_eq!(h.broker.take_appends().len(), 1, "taken again");
+}
+
 #[test]
 fn log_mode_holds_every_publish_acknowledgement_for_the_log_and_nothing_else() {
     let mut h = Harness::new(BrokerConfig::default());

@@ -191,8 +191,7 @@ async fn route_loop(
         let first = tokio::select! {
             biased;
             done = appending.next_done(), if appending.in_flight() > 0 => {
-                let mut acks = done?;
-                dispatch(&mut conns, &mut acks);
+                done.finish(&mut broker, &mut conns, Instant::now());
                 continue;
             }
             Some((conn, packets)) = credit.recv() => {
@@ -312,14 +311,14 @@ async fn route_loop(
             dispatch(&mut conns, &mut close);
         }
         while appending.in_flight() > APPENDS_IN_FLIGHT {
-            let mut acks = appending.next_done().await?;
-            dispatch(&mut conns, &mut acks);
+            let done = appending.next_done().await;
+            done.finish(&mut broker, &mut conns, Instant::now());
         }
     }
     // What was appended before the end is acknowledged (to the connections still open).
     while appending.in_flight() > 0 {
-        let mut acks = appending.next_done().await?;
-        dispatch(&mut conns, &mut acks);
+        let done = appending.next_done().await;
+        done.finish(&mut broker, &mut conns, Instant::now());
     }
     for (_, wire) in conns.drain() {
         wire.close();
@@ -359,18 +358,11 @@ impl Appending {
     /// flight, and so for every one before it; with none in flight they go now.
     fn hold(&mut self, actions: &mut Vec<Action>) {
         let Some(held) = self.held.back_mut() else {
-            for action in actions.iter_mut() {
-                if let Action::SendWhenAppended(conn, packet) = action {
-                    let packet = std::mem::replace(packet, Packet::PingResp);
-                    *action = Action::Send(*conn, packet);
-                }
-            }
             return;
         };
         actions.retain_mut(|action| match action {
-            Action::SendWhenAppended(conn, packet) => {
-                let packet = std::mem::replace(packet, Packet::PingResp);
-                held.push(Action::Send(*conn, packet));
+            Action::SendWhenAppended(..) => {
+                held.push(std::mem::replace(action, Action::Close(0)));
                 false
             }
             _ => true,
@@ -386,16 +378,49 @@ impl Appending {
         }
     }
 
-    /// Waits for the oldest append; its acknowledgements, to send. Cancel-safe: a call
-    /// dropped before the append is done leaves it where it was.
-    async fn next_done(&mut self) -> Result<Vec<Action>, StoreError> {
+    /// Waits for the oldest append; what waited for it. Cancel-safe: a call dropped before
+    /// the append is done leaves it where it was.
+    async fn next_done(&mut self) -> Done {
         let done = self.appends.next().await;
-        let acks = self.held.pop_front().unwrap_or_default();
-        match done {
-            Some(Ok(())) => Ok(acks),
-            Some(Err(why)) => Err(StoreError::Log(why)),
-            None => Ok(acks),
+        let held = self.held.pop_front().unwrap_or_default();
+        Done {
+            held,
+            failed: done.and_then(Result::err),
         }
+    }
+}
+
+/// An append finished: the actions that waited for it, and why it failed if it did.
+struct Done {
+    held: Vec<Action>,
+    failed: Option<String>,
+}
+
+impl Done {
+    /// Sends what waited for the append. If it failed, its acknowledgements are not sent:
+    /// the broker is told ([`Input::AppendFailed`]) and answers for them; the rest goes
+    /// after that.
+    fn finish(self, broker: &mut Broker, conns: &mut HashMap<ConnId, Arc<Wire>>, now: Instant) {
+        let Done { mut held, failed } = self;
+        if let Some(why) = failed {
+            let (acks, mut rest): (Vec<_>, Vec<_>) = held
+                .into_iter()
+                .partition(|a| matches!(a, Action::SendWhenAppended(..)));
+            let acks: Vec<(ConnId, Packet)> = acks
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::SendWhenAppended(conn, packet) => Some((conn, packet)),
+                    _ => None,
+                })
+                .collect();
+            warn!(error = %why, publishes = acks.len(), "an append to the log failed; its publishes are refused");
+            let mut answers = Vec::new();
+            broker.handle(Input::AppendFailed { acks }, now, &mut answers);
+            dispatch(conns, &mut answers);
+            dispatch(conns, &mut rest);
+            return;
+        }
+        dispatch(conns, &mut held);
     }
 }
 
