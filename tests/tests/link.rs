@@ -321,6 +321,123 @@ async fn kill_9_of_either_end_mid_stream_loses_and_duplicates_nothing() {
     assert!(log == numbers(2 * N), "in order");
 }
 
+/// kill -9 of the cloud while it takes an edge's backlog and a flood from an idempotent
+/// librdkafka producer (acks=all) at once, both going on into the cloud started again: the
+/// edge's messages are in the log once each, in order; every record the producer had
+/// acknowledged is there, none twice (its resends after the restart are found), in the
+/// order produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_cloud_amid_an_edge_backlog_and_a_kafka_flood_loses_and_doubles_nothing() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+    use rdkafka::Message as _;
+    const N: usize = 50_000;
+    let site = Site::new("link-kafka-kill", "");
+    // A Kafka port that stays the same across the cloud's restart, for the producer.
+    let kafka_port = ferry_tests::process::free_tcp_port();
+    let config = std::fs::read_to_string(&site.cloud_config).expect("config");
+    let config = config.replace(
+        "[kafka]\nlisten = \"127.0.0.1:0\"",
+        &format!("[kafka]\nlisten = \"127.0.0.1:{kafka_port}\""),
+    );
+    std::fs::write(&site.cloud_config, config).expect("config");
+    let edge = site.edge();
+    assert_eq!(publish(edge.port(), 0..N).await, N);
+    let cloud = site.cloud();
+
+    /// The values the producer's delivery reports said were stored.
+    struct Acks(std::sync::Mutex<Vec<String>>);
+    impl rdkafka::client::ClientContext for Acks {}
+    impl ProducerContext for Acks {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+            if let Ok(m) = result {
+                let v = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+                self.0.lock().expect("acks").push(v);
+            }
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (s, a) = (stop.clone(), acked.clone());
+    let bootstrap = format!("127.0.0.1:{kafka_port}");
+    let producer = std::thread::spawn(move || {
+        let producer: BaseProducer<Acks> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "120000")
+            .create_with_context(Acks(std::sync::Mutex::new(Vec::new())))
+            .expect("producer");
+        let mut i = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            let value = format!("{i:08}");
+            match producer.send(BaseRecord::<str, str>::to("kflood").payload(&value)) {
+                Ok(()) => i += 1,
+                Err(_) => {
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+            producer.poll(Duration::ZERO);
+            a.store(
+                producer.context().0.lock().expect("acks").len(),
+                Ordering::Relaxed,
+            );
+            if i.is_multiple_of(1000) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        producer
+            .flush(Duration::from_secs(120))
+            .expect("every record acknowledged in the end");
+        let acks = producer.context().0.lock().expect("acks").clone();
+        (i, acks)
+    });
+    let kafka_acked_some = |n: usize| {
+        wait_until(60, "the producer's records acknowledged", || {
+            acked.load(Ordering::Relaxed) >= n
+        })
+    };
+    kafka_acked_some(1_000);
+    let from_edge = cloud_acked_some(&cloud);
+    cloud.kill();
+    let before = acked.load(Ordering::Relaxed);
+    let left = edge.metric("ferry_edge_outbox_records");
+    assert!(
+        left > 0,
+        "killed mid-stream: {from_edge} acknowledged, {left} left"
+    );
+
+    let cloud = site.cloud();
+    kafka_acked_some(before + 1_000);
+    stop.store(true, Ordering::Relaxed);
+    let (sent, acks) = producer.join().expect("the producer");
+    wait_until(60, "the outbox is emptied", || {
+        edge.metric("ferry_edge_outbox_records") == 0
+    });
+    drop(edge);
+    assert!(cloud.terminate().success());
+
+    let log = site.cloud_log();
+    assert_eq!(log.len(), N, "each of the edge's messages once");
+    assert!(log == numbers(N), "in order");
+    let kafka: Vec<String> = ferry_tests::log::records(&site.dir.join("cloud/log"), "kflood", 0)
+        .into_iter()
+        .map(|(_, value, _)| value)
+        .collect();
+    assert_eq!(
+        acks.len() as u64,
+        sent,
+        "flushed: every record acknowledged"
+    );
+    assert!(
+        kafka.windows(2).all(|w| w[0] < w[1]),
+        "each record once, in the order produced"
+    );
+    let expected: Vec<String> = (0..sent).map(|i| format!("{i:08}")).collect();
+    assert!(kafka == expected, "every acknowledged record, none twice");
+}
+
 /// Waits (up to 60 s, polling every 2 ms) until the cloud has acknowledged records of gw-1's
 /// link; how many. Watched on the cloud, whose admin listener does not wait for the edge's
 /// busy router.
