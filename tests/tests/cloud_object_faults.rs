@@ -350,8 +350,8 @@ async fn a_flood_of_appends_goes_through_seaweedfs_killed_and_postgresql_crashed
 async fn every_front_refuses_what_a_store_outage_kept_out_and_recovers() {
     use ferry_cloud::config::LogBackend;
     use ferry_cloud::node::{CloudConfig, Node};
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::{Connection, ConnectionProperties};
 
     let (object, s3, _pg) = config_through_cuts("fronts_refuse");
     let mut config = CloudConfig::default();
@@ -471,18 +471,7 @@ async fn every_front_refuses_what_a_store_outage_kept_out_and_recovers() {
         "refused during the outage with the broker's error"
     );
     // AMQP: a nack.
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            "q".into(),
-            BasicPublishOptions::default(),
-            b"during",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let confirm = publish_confirmed(&ch, b"during").await;
     assert!(confirm.is_nack(), "{confirm:?}");
 
     // The store back: every front takes what it is sent again.
@@ -504,18 +493,7 @@ async fn every_front_refuses_what_a_store_outage_kept_out_and_recovers() {
         Ok(1),
         "produced after the outage; the refused record took no offset"
     );
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            "q".into(),
-            BasicPublishOptions::default(),
-            b"after",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let confirm = publish_confirmed(&ch, b"after").await;
     assert!(confirm.is_ack(), "{confirm:?}");
     drop(node);
 }
@@ -584,4 +562,20 @@ async fn next_v5_puback(
             return ack.reason;
         }
     }
+}
+
+/// Publishes `body` to queue `q` through the default exchange on a channel in confirm mode;
+/// the broker's confirmation.
+async fn publish_confirmed(ch: &lapin::Channel, body: &[u8]) -> lapin::Confirmation {
+    ch.basic_publish(
+        "".into(),
+        "q".into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm")
 }

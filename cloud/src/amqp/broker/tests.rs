@@ -169,19 +169,24 @@ fn declare_as(b: &mut Broker, conn: ConnId, name: &str, durable: bool, passive: 
     );
 }
 
-#[test]
-fn confirms_wait_for_the_log_and_go_out_in_order_as_one_multiple_ack() {
-    let mut b = broker();
-    open(&mut b, 1);
-    declare(&mut b, 1, "q");
+/// Puts channel 1 of connection 1 in confirm mode.
+fn confirm_select(b: &mut Broker) {
     method(
-        &mut b,
+        b,
         1,
         1,
         AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
             nowait: false,
         })),
     );
+}
+
+#[test]
+fn confirms_wait_for_the_log_and_go_out_in_order_as_one_multiple_ack() {
+    let mut b = broker();
+    open(&mut b, 1);
+    declare(&mut b, 1, "q");
+    confirm_select(&mut b);
     for i in 0..3 {
         publish(&mut b, 1, "q", format!("m{i}").as_bytes());
     }
@@ -245,14 +250,7 @@ fn a_confirmed_message_is_counted_by_its_queue_at_once() {
     let mut b = broker();
     open(&mut b, 1);
     declare(&mut b, 1, "q");
-    method(
-        &mut b,
-        1,
-        1,
-        AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-            nowait: false,
-        })),
-    );
+    confirm_select(&mut b);
     round(&mut b, 1);
     for i in 0..5 {
         publish(&mut b, 1, "q", format!("m{i}").as_bytes());
