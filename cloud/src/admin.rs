@@ -6,6 +6,7 @@
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
+//! | `GET /api/cluster` | on the object backend: this node's name and every node whose lease has not run out (name, addresses of its fronts, when it registered, lease left); 404 on the local log |
 //! | `GET /api/amqp` | with `[amqp]`: connections (user, vhost, channels, consumers, unacked), queues (ready, ready bytes, unacked, consumers, deliveries and settlements since start), exchanges, bindings; refreshed about once a second |
 //! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets; with `[amqp]`, `ferry_cloud_amqp_connections`, `ferry_cloud_amqp_channels`, `ferry_cloud_amqp_published_total` and per queue `ferry_cloud_amqp_queue_{ready,ready_bytes,unacked,consumers,delivered_total,settled_total}`; with `[link]`, `ferry_cloud_link_edges` and per linked edge `ferry_cloud_link_records_total`, `ferry_cloud_link_batch_bytes_total`, `ferry_cloud_link_last_ack_timestamp_ms` |
 
@@ -108,6 +109,16 @@ async fn answer(node: &Node, path: &str) -> Response {
                 Response::json(json!({ "edges": edges }).to_string())
             }
             Err(_) => Response::status("500 Internal Server Error"),
+        },
+        "/api/cluster" => match node.object.clone() {
+            Some(object) => match tokio::task::spawn_blocking(move || object.members()).await {
+                Ok(Ok(members)) => {
+                    let me = node.object.as_ref().map(|o| o.node().to_owned());
+                    Response::json(json!({ "node": me, "nodes": members }).to_string())
+                }
+                _ => Response::status("503 Service Unavailable"),
+            },
+            None => Response::status("404 Not Found"),
         },
         "/api/amqp" => match &node.amqp {
             Some(a) => match serde_json::to_string(&a.overview()) {

@@ -211,8 +211,8 @@ mod tests {
             (d.cache_bytes, d.postgres_pool)
         );
         assert_eq!(
-            (got.orphan_grace_secs, got.compact_bytes),
-            (d.orphan_grace_secs, d.compact_bytes)
+            (got.orphan_grace_secs, got.compact_bytes, got.lease_ms),
+            (d.orphan_grace_secs, d.compact_bytes, d.lease_ms)
         );
         assert_eq!(got.node.as_deref(), Some("cloud-1"));
         let s3 = commented_table(text, "# [log.object.s3]");

@@ -188,6 +188,14 @@ async fn main() -> anyhow::Result<()> {
         // Edges reconnect and resume from what is committed.
         link.close();
     }
+    if let Some(object) = node.object.clone() {
+        // Gone for the other nodes at once, not when the lease runs out.
+        match tokio::task::spawn_blocking(move || object.leave()).await {
+            Ok(Ok(())) => info!("left the nodes on the object store"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the nodes"),
+            Err(_) => {}
+        }
+    }
     let _ = stop_tx.send(());
     // The MQTT front's connections close after what they are owed went out (acknowledgements
     // wait for their appends); its router ends and closes the sessions' store.

@@ -66,6 +66,9 @@ pub struct Node {
     pub amqp_addr: Option<SocketAddr>,
     /// The AMQP front, with `[amqp]`.
     pub amqp: Option<crate::amqp::AmqpFront>,
+    /// The log on object storage, when that is the backend: this node is registered among
+    /// the nodes on its store and database ([`ObjectLog::members`], `/api/cluster`).
+    pub object: Option<Arc<ObjectLog>>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
 }
@@ -128,6 +131,7 @@ impl Node {
         let data = config.server.data_dir.clone();
         std::fs::create_dir_all(&data)?;
         let routes = Routes::new(&config.routes)?;
+        let mut on_object = None;
         let (meta, log): (Arc<Meta>, Arc<dyn Storage>) = match config.log.backend {
             LogBackend::Local => {
                 let meta = Arc::new(Meta::open(&data.join("meta.redb"))?);
@@ -153,10 +157,30 @@ impl Node {
                     .map_err(|e| LogError::Failed(e.to_string()))??;
                 // The metadata beside the log's index, in PostgreSQL.
                 let meta = Meta::shared(&data.join("meta.redb"), PgMeta::new(log.clone()))?;
+                on_object = Some(log.clone());
                 (Arc::new(meta), log)
             }
         };
-        Self::start_on(config, meta, log, shutdown).await
+        let mut node = Self::start_on(config, meta, log, shutdown).await?;
+        if let Some(object) = on_object {
+            // Registered once its fronts listen, with their addresses.
+            let addrs = serde_json::json!({
+                "mqtt": node.mqtt_addrs(),
+                "kafka": node.kafka_addr,
+                "amqp": node.amqp_addr,
+                "link": node.link.as_ref().map(|l| l.local_addr()),
+            });
+            let o = object.clone();
+            tokio::task::spawn_blocking(move || o.join(addrs))
+                .await
+                .map_err(|e| LogError::Failed(e.to_string()))??;
+            info!(
+                node = object.node(),
+                "registered among the nodes on the object store"
+            );
+            node.object = Some(object);
+        }
+        Ok(node)
     }
 
     /// Starts the node over `log`, any [`Storage`] backend, with the metadata `meta`: creates
@@ -256,6 +280,7 @@ impl Node {
             kafka_addr,
             amqp_addr,
             amqp,
+            object: None,
             routes,
             stream_defaults: config.log.streams,
         })

@@ -438,7 +438,8 @@ async fn object_node(name: &str, mut object: ObjectConfig) -> Node {
 }
 
 /// Two nodes on one S3 bucket and one database (not a cluster yet: each serves its own
-/// clients, Step 10): what is published on one is delivered by the other, because each
+/// clients, Step 10): each registered itself with its fronts' addresses, and sees the
+/// other; what is published on one is delivered by the other, because each
 /// follows the other's commits (PostgreSQL `LISTEN`). An MQTT subscriber on `b` gets what
 /// an MQTT publisher on `a` sent, in order per topic; a Kafka consumer on `a`, already
 /// waiting in a long poll, gets what a Kafka producer sent to `b`; the offsets a group
@@ -448,6 +449,19 @@ async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
     let object = object_config("two-nodes");
     let a = object_node("a", object.clone()).await;
     let b = object_node("b", object).await;
+    // Each registered itself with its fronts' addresses: a sees both.
+    let on = a.object.clone().expect("on the object backend");
+    let members = tokio::task::spawn_blocking(move || on.members())
+        .await
+        .expect("task")
+        .expect("members");
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(
+        members[1].addrs["mqtt"][0],
+        b.mqtt_addrs()[0].to_string(),
+        "b's MQTT address as it registered it"
+    );
 
     let (_sub, _sub_events) = publish_and_receive(
         "two",

@@ -20,6 +20,7 @@
 mod compact;
 pub(crate) mod format;
 mod listen;
+pub(crate) mod members;
 pub(crate) mod meta;
 pub(crate) mod pg;
 #[cfg(test)]
@@ -142,6 +143,10 @@ pub struct ObjectConfig {
     /// What compaction aims at: a partition's runs smaller than half of this are rewritten
     /// together into runs of up to this many bytes. Default 64 MiB.
     pub compact_bytes: u64,
+    /// A node's lease in the `nodes` table (ms): renewed three times per lease; a node that
+    /// stopped renewing is gone for the others this long after its last renewal. Default
+    /// 10,000.
+    pub lease_ms: u64,
     /// `[storage.s3]`: for `s3://` URLs.
     pub s3: S3Config,
 }
@@ -160,6 +165,7 @@ impl Default for ObjectConfig {
             node: None,
             orphan_grace_secs: 600,
             compact_bytes: 64 << 20,
+            lease_ms: 10_000,
             s3: S3Config::default(),
         }
     }
@@ -227,6 +233,9 @@ pub struct ObjectLog {
     requests: Arc<Requests>,
     grace: Duration,
     compact_bytes: u64,
+    lease: Duration,
+    /// The task that keeps this node's lease, once it joined.
+    membership: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl std::fmt::Debug for ObjectLog {
@@ -459,7 +468,54 @@ impl ObjectLog {
             requests,
             grace: Duration::from_secs(config.orphan_grace_secs),
             compact_bytes: config.compact_bytes.max(1),
+            lease: Duration::from_millis(config.lease_ms.max(300)),
+            membership: Mutex::new(None),
         }))
+    }
+
+    /// This node's name among the nodes on the store and database.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Registers this node in the database with `addrs` (its fronts' addresses) and keeps
+    /// its lease (`lease_ms`) until [`ObjectLog::leave`] or until the log is dropped (then,
+    /// as when the process dies, the lease runs out). See [`members`].
+    pub fn join(&self, addrs: serde_json::Value) -> Result<(), LogError> {
+        let (pool, node, lease) = (self.pool.clone(), self.node.clone(), self.lease);
+        let a = addrs.clone();
+        wait(&self.io, async move {
+            members::register(&pool, &node, &a, lease).await
+        })?
+        .map_err(|e| failed("register the node", e))?;
+        let keep = self.io.spawn(members::keep(
+            self.pool.clone(),
+            self.node.clone(),
+            addrs,
+            self.lease,
+        ));
+        if let Some(old) = lock(&self.membership).replace(keep.abort_handle()) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// Stops renewing this node's lease and deletes its row: it is gone for every node now.
+    pub fn leave(&self) -> Result<(), LogError> {
+        if let Some(keep) = lock(&self.membership).take() {
+            keep.abort();
+        }
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        wait(&self.io, async move { members::leave(&pool, &node).await })?
+            .map_err(|e| failed("unregister the node", e))
+    }
+
+    /// The nodes on this store and database whose lease has not run out (this one too once
+    /// it joined), by name.
+    pub fn members(&self) -> Result<Vec<members::Member>, LogError> {
+        let pool = self.pool.clone();
+        wait(&self.io, async move { members::live(&pool).await })?
+            .map_err(|e| failed("the nodes", e))
     }
 
     /// Deletes the objects whose time came (retention let go of them) and the orphans (no

@@ -79,8 +79,8 @@ fn values(log: &ObjectLog, stream: &str, from: i64) -> Vec<(i64, String)> {
 async fn migrations_bring_a_database_to_the_newest_version_once() {
     let url = super::testing::database("migrations");
     let pool = pg::pool(&url, 2, Duration::from_secs(10)).expect("pool");
-    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 3);
-    assert_eq!(pg::migrate(&pool).await.expect("again"), 3);
+    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 4);
+    assert_eq!(pg::migrate(&pool).await.expect("again"), 4);
     let client = pool.get().await.expect("connection");
     let versions: Vec<i32> = client
         .query("SELECT version FROM schema_version ORDER BY version", &[])
@@ -89,7 +89,7 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3], "each applied once");
+    assert_eq!(versions, [1, 2, 3, 4], "each applied once");
     let tables: Vec<String> = client
         .query(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -607,4 +607,44 @@ fn the_cache_lets_the_least_recently_used_run_go_first() {
     assert_eq!(c.bytes, 20);
     c.put(key(4), Bytes::from(vec![4; 21]));
     assert!(c.get(&key(4)).is_none(), "bigger than the cache: not kept");
+}
+
+/// Membership: two nodes join with their addresses and each sees both; their leases
+/// (3 s) are renewed, so both are still there after more than a lease's length; one dropped
+/// without leaving (as a crash: nothing renews its lease) is gone for the other once its lease
+/// ran out; the other leaves and is gone at once.
+#[test]
+fn nodes_are_members_while_their_lease_is_renewed() {
+    let (a, b, _) = two_nodes_with("members", |c| c.lease_ms = 3_000);
+    a.join(serde_json::json!({ "mqtt": ["127.0.0.1:1883"] }))
+        .expect("a joins");
+    b.join(serde_json::json!({ "mqtt": ["127.0.0.1:1884"] }))
+        .expect("b joins");
+    let names = |log: &ObjectLog| -> Vec<String> {
+        log.members()
+            .expect("members")
+            .into_iter()
+            .map(|m| m.name)
+            .collect()
+    };
+    assert_eq!(names(&a), ["a", "b"]);
+    let b_seen = a.members().expect("members").remove(1);
+    assert_eq!(b_seen.addrs["mqtt"][0], "127.0.0.1:1884");
+    assert!(b_seen.lease_left_ms > 0 && b_seen.lease_left_ms <= 3_000);
+    // Longer than a lease later both are still members: their leases were renewed.
+    std::thread::sleep(Duration::from_millis(4_000));
+    assert_eq!(names(&b), ["a", "b"], "leases renewed");
+    // b dies (nothing renews its lease, nothing deletes its row): gone once the lease ran out.
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while names(&a) != ["a"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b's lease runs out: {:?}",
+            names(&a)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.leave().expect("a leaves");
+    assert!(names(&a).is_empty(), "gone at once");
 }
