@@ -150,7 +150,26 @@ async fn cloud_publishes_reach_cloud_subscribers_and_the_routed_streams() {
     let clients = http_get(admin, "/api/clients");
     assert!(clients.contains("\"client_id\":\"cloud-sub\""), "{clients}");
     assert!(http_get(admin, "/nope").starts_with("HTTP/1.1 404"));
+    // The cluster's nodes: on the object backend this one, registered with its MQTT
+    // address; on local disk there is none.
+    let cluster = http_get(admin, "/api/cluster");
+    if ferry_tests::services::on_object_backend() {
+        assert!(cluster.starts_with("HTTP/1.1 200"), "{cluster}");
+        let mqtt = format!("\"mqtt\":[\"127.0.0.1:{}\"]", cloud.port());
+        assert!(cluster.contains(&mqtt), "{cluster}");
+    } else {
+        assert!(cluster.starts_with("HTTP/1.1 404"), "{cluster}");
+    }
     assert!(cloud.terminate().success());
+    if ferry_tests::services::on_object_backend() {
+        // Stopped with SIGTERM, it left: no node is registered any more.
+        let text = std::fs::read_to_string(ferry_tests::services::object_config_file(&dir))
+            .expect("the object backend's config");
+        let config: ferry_cloud::config::CloudConfig = toml::from_str(&text).expect("config");
+        let log = ferry_cloud::log::ObjectLog::open(&config.log.object.expect("[log.object]"))
+            .expect("open");
+        assert_eq!(log.members().expect("members"), []);
+    }
 
     // In the log: the route's stream, one topic in one partition, key = topic.
     let p = kafka_partition(b"plant/a/temp", 2);
