@@ -531,7 +531,7 @@ mod tests {
     }
 
     /// (stream, seq) of every record in the log, in offset order per stream.
-    fn contents(log: &SegmentLog) -> Vec<(String, u64)> {
+    fn contents(log: &dyn Storage) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         for s in log.streams() {
             let hw = s.partitions[0].offsets.high_watermark;
@@ -561,17 +561,63 @@ mod tests {
     }
 
     struct Node {
-        log: Arc<SegmentLog>,
+        log: Arc<dyn Storage>,
         ingest: Ingest,
     }
 
-    fn node(dir: &std::path::Path, with_alarms: bool) -> Node {
-        node_with(dir, with_alarms, StreamConfig::default())
+    /// The log backends the ingest is tested on.
+    #[derive(Debug, Clone, Copy)]
+    enum Backend {
+        Local,
+        /// Objects in a directory, the index and the metadata in PostgreSQL (`FERRY_TEST_PG`).
+        Object,
     }
 
-    fn node_with(dir: &std::path::Path, with_alarms: bool, config: StreamConfig) -> Node {
-        let log = SegmentLog::open(&dir.join("log"), true, 64).expect("log");
-        let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
+    const BACKENDS: [Backend; 2] = [Backend::Local, Backend::Object];
+
+    /// Where a test's node keeps its log and metadata, the same on every (re)start.
+    struct Place {
+        dir: std::path::PathBuf,
+        object: Option<crate::log::ObjectConfig>,
+    }
+
+    fn place(name: &str, backend: Backend) -> Place {
+        let name = format!("{name}-{backend:?}").to_lowercase();
+        let dir = std::env::temp_dir().join(format!("ferry-ingest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let object = match backend {
+            Backend::Local => None,
+            Backend::Object => Some(crate::log::ObjectConfig {
+                object_url: format!("file://{}", dir.join("objects").display()),
+                postgres_url: crate::log::object_testing::database(&format!("ingest_{name}")),
+                flush_ms: 5,
+                ..crate::log::ObjectConfig::default()
+            }),
+        };
+        Place { dir, object }
+    }
+
+    fn node(place: &Place, with_alarms: bool) -> Node {
+        node_with(place, with_alarms, StreamConfig::default())
+    }
+
+    fn node_with(place: &Place, with_alarms: bool, config: StreamConfig) -> Node {
+        let dir = &place.dir;
+        let (log, meta): (Arc<dyn Storage>, Meta) = match &place.object {
+            None => (
+                SegmentLog::open(&dir.join("log"), true, 64).expect("log"),
+                Meta::open(&dir.join("meta.redb")).expect("meta"),
+            ),
+            Some(object) => {
+                std::fs::create_dir_all(dir).expect("dir");
+                let log = crate::log::ObjectLog::open(object).expect("log");
+                let meta =
+                    Meta::shared(&dir.join("meta.redb"), crate::log::PgMeta::new(log.clone()))
+                        .expect("meta");
+                (log, meta)
+            }
+        };
+        let meta = Arc::new(meta);
         let routes = Routes::new(&[RouteConfig {
             filter: "+/alarm".into(),
             stream: "alarms".into(),
@@ -596,51 +642,61 @@ mod tests {
         Node { log, ingest }
     }
 
-    fn temp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("ferry-ingest-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
-
     #[tokio::test]
     async fn a_resend_is_appended_once() {
-        let dir = temp("resend");
-        let n = node(&dir, true);
-        let batch: Vec<_> = (1..=10).map(|s| rec(s, "t")).collect();
-        assert_eq!(
-            n.ingest
-                .ingest("gw1", 0, batch.clone())
-                .await
-                .expect("ingest"),
-            10
-        );
-        assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 10);
-        let more: Vec<_> = (5..=15).map(|s| rec(s, "t")).collect();
-        assert_eq!(n.ingest.ingest("gw1", 0, more).await.expect("overlap"), 15);
-        let got = contents(&n.log);
-        assert_eq!(
-            got,
-            (1..=15).map(|s| ("mqtt".to_owned(), s)).collect::<Vec<_>>()
-        );
-        assert!(matches!(
-            n.ingest
-                .ingest("gw1", 0, vec![rec(17, "t"), rec(16, "t")])
-                .await,
-            Err(IngestError::OutOfOrder {
-                seq: 16,
-                previous: 17,
-                ..
-            })
-        ));
+        for backend in BACKENDS {
+            let dir = place("resend", backend);
+            let n = node(&dir, true);
+            let batch: Vec<_> = (1..=10).map(|s| rec(s, "t")).collect();
+            assert_eq!(
+                n.ingest
+                    .ingest("gw1", 0, batch.clone())
+                    .await
+                    .expect("ingest"),
+                10
+            );
+            assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 10);
+            let more: Vec<_> = (5..=15).map(|s| rec(s, "t")).collect();
+            assert_eq!(n.ingest.ingest("gw1", 0, more).await.expect("overlap"), 15);
+            let got = contents(&*n.log);
+            assert_eq!(
+                got,
+                (1..=15).map(|s| ("mqtt".to_owned(), s)).collect::<Vec<_>>()
+            );
+            assert!(matches!(
+                n.ingest
+                    .ingest("gw1", 0, vec![rec(17, "t"), rec(16, "t")])
+                    .await,
+                Err(IngestError::OutOfOrder {
+                    seq: 16,
+                    previous: 17,
+                    ..
+                })
+            ));
+        }
     }
 
     #[tokio::test]
     async fn a_batch_that_reached_some_partitions_is_completed_without_duplicates_even_after_a_restart(
     ) {
-        let dir = temp("partial");
-        // The alarms stream is missing: that part of the batch fails, the rest is durable.
-        {
-            let n = node(&dir, false);
+        for backend in BACKENDS {
+            let dir = place("partial", backend);
+            // The alarms stream is missing: that part of the batch fails, the rest is durable.
+            {
+                let n = node(&dir, false);
+                let batch = vec![
+                    rec(1, "t"),
+                    rec(2, "alarm"),
+                    rec(3, "t"),
+                    rec(4, "alarm"),
+                    rec(5, "t"),
+                ];
+                assert!(n.ingest.ingest("gw1", 0, batch).await.is_err());
+                assert_eq!(n.ingest.committed("gw1", 0), 0, "nothing acknowledged");
+            }
+            // The node restarts (the per-partition state comes back from the log), and the edge
+            // sends the whole batch again.
+            let n = node(&dir, true);
             let batch = vec![
                 rec(1, "t"),
                 rec(2, "alarm"),
@@ -648,43 +704,31 @@ mod tests {
                 rec(4, "alarm"),
                 rec(5, "t"),
             ];
-            assert!(n.ingest.ingest("gw1", 0, batch).await.is_err());
-            assert_eq!(n.ingest.committed("gw1", 0), 0, "nothing acknowledged");
+            assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 5);
+            let got = contents(&*n.log);
+            assert_eq!(
+                got,
+                vec![
+                    ("alarms".into(), 2),
+                    ("alarms".into(), 4),
+                    ("mqtt".into(), 1),
+                    ("mqtt".into(), 3),
+                    ("mqtt".into(), 5)
+                ]
+            );
+            drop(n);
+            let n = node(&dir, true);
+            assert_eq!(
+                n.ingest.committed("gw1", 0),
+                5,
+                "the committed sequence is durable"
+            );
         }
-        // The node restarts (the per-partition state comes back from the log), and the edge
-        // sends the whole batch again.
-        let n = node(&dir, true);
-        let batch = vec![
-            rec(1, "t"),
-            rec(2, "alarm"),
-            rec(3, "t"),
-            rec(4, "alarm"),
-            rec(5, "t"),
-        ];
-        assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 5);
-        let got = contents(&n.log);
-        assert_eq!(
-            got,
-            vec![
-                ("alarms".into(), 2),
-                ("alarms".into(), 4),
-                ("mqtt".into(), 1),
-                ("mqtt".into(), 3),
-                ("mqtt".into(), 5)
-            ]
-        );
-        drop(n);
-        let n = node(&dir, true);
-        assert_eq!(
-            n.ingest.committed("gw1", 0),
-            5,
-            "the committed sequence is durable"
-        );
     }
 
     /// The edge sequences in partition 0 of `stream`, in offset order (other records
     /// skipped).
-    fn edge_seqs(log: &SegmentLog, stream: &str) -> Vec<u64> {
+    fn edge_seqs(log: &dyn Storage, stream: &str) -> Vec<u64> {
         let mut out = Vec::new();
         for_each_batch(log, stream, 0, 0, |_, batch| {
             for rec in records(batch).expect("records") {
@@ -699,41 +743,43 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_appended_batch_is_found_after_segments_rolled_and_the_node_restarted() {
-        let dir = temp("rolled");
-        let small = StreamConfig {
-            segment_bytes: 2048,
-            index_interval_bytes: 256,
-            ..StreamConfig::default()
-        };
-        {
-            let n = node_with(&dir, false, small.clone());
-            let first: Vec<_> = (1..=3).map(|s| rec(s, "t")).collect();
-            assert_eq!(n.ingest.ingest("gw1", 0, first).await.expect("ingest"), 3);
-            // Half of the next batch reaches the log (the alarms stream is missing).
-            let half = vec![rec(4, "t"), rec(5, "alarm"), rec(6, "t")];
-            assert!(n.ingest.ingest("gw1", 0, half).await.is_err());
-            // Other clients' records roll the partition's segments well past it.
-            for i in 0..100 {
-                let other = NewRecord {
-                    timestamp: 2_000,
-                    key: Some(Bytes::from_static(b"sensors/other")),
-                    value: Some(Bytes::from(format!("other {i}"))),
-                    headers: Vec::new(),
-                };
-                n.log
-                    .append("mqtt", 0, AppendData::Records(vec![other]))
-                    .await
-                    .expect("append");
+        for backend in BACKENDS {
+            let dir = place("rolled", backend);
+            let small = StreamConfig {
+                segment_bytes: 2048,
+                index_interval_bytes: 256,
+                ..StreamConfig::default()
+            };
+            {
+                let n = node_with(&dir, false, small.clone());
+                let first: Vec<_> = (1..=3).map(|s| rec(s, "t")).collect();
+                assert_eq!(n.ingest.ingest("gw1", 0, first).await.expect("ingest"), 3);
+                // Half of the next batch reaches the log (the alarms stream is missing).
+                let half = vec![rec(4, "t"), rec(5, "alarm"), rec(6, "t")];
+                assert!(n.ingest.ingest("gw1", 0, half).await.is_err());
+                // Other clients' records roll the partition's segments well past it.
+                for i in 0..100 {
+                    let other = NewRecord {
+                        timestamp: 2_000,
+                        key: Some(Bytes::from_static(b"sensors/other")),
+                        value: Some(Bytes::from(format!("other {i}"))),
+                        headers: Vec::new(),
+                    };
+                    n.log
+                        .append("mqtt", 0, AppendData::Records(vec![other]))
+                        .await
+                        .expect("append");
+                }
+                let streams = n.log.streams();
+                let mqtt = streams.iter().find(|s| s.name == "mqtt").expect("mqtt");
+                assert!(mqtt.partitions[0].segments > 3, "segments rolled");
             }
-            let streams = n.log.streams();
-            let mqtt = streams.iter().find(|s| s.name == "mqtt").expect("mqtt");
-            assert!(mqtt.partitions[0].segments > 3, "segments rolled");
+            // Restarted, the edge sends the batch again: what was there is not appended twice.
+            let n = node_with(&dir, true, small);
+            let again = vec![rec(4, "t"), rec(5, "alarm"), rec(6, "t")];
+            assert_eq!(n.ingest.ingest("gw1", 0, again).await.expect("resend"), 6);
+            assert_eq!(edge_seqs(&*n.log, "mqtt"), [1, 2, 3, 4, 6]);
+            assert_eq!(edge_seqs(&*n.log, "alarms"), [5]);
         }
-        // Restarted, the edge sends the batch again: what was there is not appended twice.
-        let n = node_with(&dir, true, small);
-        let again = vec![rec(4, "t"), rec(5, "alarm"), rec(6, "t")];
-        assert_eq!(n.ingest.ingest("gw1", 0, again).await.expect("resend"), 6);
-        assert_eq!(edge_seqs(&n.log, "mqtt"), [1, 2, 3, 4, 6]);
-        assert_eq!(edge_seqs(&n.log, "alarms"), [5]);
     }
 }
