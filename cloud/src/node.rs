@@ -69,8 +69,29 @@ pub struct Node {
     /// The log on object storage, when that is the backend: this node is registered among
     /// the nodes on its store and database ([`ObjectLog::members`], `/api/cluster`).
     pub object: Option<Arc<ObjectLog>>,
+    /// The other nodes as the Kafka front sees them (empty unless this node is one of
+    /// several on the object backend): refreshed every second from the members.
+    pub cluster: Arc<crate::kafka::cluster::ClusterView>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
+}
+
+/// This node's name on the object backend when `[log.object] node` is not set: made up once
+/// (12 hex digits) and kept in `<data_dir>/node-name`, so that a node started again on its
+/// data directory takes its own place among the nodes rather than looking like a second one
+/// until the first one's lease runs out.
+fn node_name(data: &std::path::Path) -> std::io::Result<String> {
+    let path = data.join("node-name");
+    match std::fs::read_to_string(&path) {
+        Ok(name) if !name.trim().is_empty() => Ok(name.trim().to_owned()),
+        _ => {
+            let mut b = [0u8; 6];
+            getrandom::fill(&mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
+            let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            std::fs::write(&path, &name)?;
+            Ok(name)
+        }
+    }
 }
 
 /// The metadata commands that create the streams `routes` write to.
@@ -149,9 +170,12 @@ impl Node {
                 (meta, log)
             }
             LogBackend::Object => {
-                let object = config.log.object.clone().ok_or_else(|| {
+                let mut object = config.log.object.clone().ok_or_else(|| {
                     LogError::Failed("[log] backend = \"object\" needs a [log.object] table".into())
                 })?;
+                if object.node.is_none() {
+                    object.node = Some(node_name(&data)?);
+                }
                 let log = tokio::task::spawn_blocking(move || ObjectLog::open(&object))
                     .await
                     .map_err(|e| LogError::Failed(e.to_string()))??;
@@ -161,12 +185,24 @@ impl Node {
                 (Arc::new(meta), log)
             }
         };
+        let advertised = config.kafka.as_ref().and_then(|k| k.advertised.clone());
         let mut node = Self::start_on(config, meta, log, shutdown).await?;
         if let Some(object) = on_object {
-            // Registered once its fronts listen, with their addresses.
+            // Registered once its fronts listen, with their addresses (Kafka's as clients
+            // are to reach it).
+            let kafka = node.kafka_addr.map(|a| {
+                advertised.unwrap_or_else(|| {
+                    let host = if a.ip().is_unspecified() {
+                        "localhost".to_owned()
+                    } else {
+                        a.ip().to_string()
+                    };
+                    format!("{host}:{}", a.port())
+                })
+            });
             let addrs = serde_json::json!({
                 "mqtt": node.mqtt_addrs(),
-                "kafka": node.kafka_addr,
+                "kafka": kafka,
                 "amqp": node.amqp_addr,
                 "link": node.link.as_ref().map(|l| l.local_addr()),
             });
@@ -178,6 +214,32 @@ impl Node {
                 node = object.node(),
                 "registered among the nodes on the object store"
             );
+            // The Kafka front's view of the cluster, refreshed every second.
+            let (view, members) = (Arc::downgrade(&node.cluster), object.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let Some(view) = view.upgrade() else { return };
+                    let m = members.clone();
+                    let Ok(found) = tokio::task::spawn_blocking(move || m.members()).await else {
+                        return;
+                    };
+                    match found {
+                        Ok(found) => {
+                            let nodes: Vec<(String, Option<String>)> = found
+                                .into_iter()
+                                .map(|n| {
+                                    let kafka = n.addrs["kafka"].as_str().map(str::to_owned);
+                                    (n.name, kafka)
+                                })
+                                .collect();
+                            view.set(members.node(), &nodes);
+                        }
+                        Err(e) => warn!(error = %e, "cannot read the cluster's nodes"),
+                    }
+                }
+            });
             node.object = Some(object);
         }
         Ok(node)
@@ -237,6 +299,7 @@ impl Node {
                 }
             }
         });
+        let cluster = crate::kafka::cluster::ClusterView::new();
         let kafka_addr = match &config.kafka {
             Some(k) => Some(
                 crate::kafka::KafkaFront {
@@ -247,6 +310,7 @@ impl Node {
                     producers: Arc::new(Mutex::new(crate::kafka::producers_from_log(&*log))),
                     groups: Default::default(),
                     routes: routes.clone(),
+                    cluster: cluster.clone(),
                 }
                 .serve()
                 .await?,
@@ -281,6 +345,7 @@ impl Node {
             amqp_addr,
             amqp,
             object: None,
+            cluster,
             routes,
             stream_defaults: config.log.streams,
         })

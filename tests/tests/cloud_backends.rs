@@ -552,3 +552,111 @@ async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
     assert!(matches!(at, Offset::Offset(n) if n > 10), "{at:?}");
     assert_eq!(committed, at, "b knows what was committed on a");
 }
+
+/// Two nodes on one store and database are one Kafka cluster to librdkafka: each lists both
+/// as brokers (the partitions of `two` led by one each), a producer bootstrapped on one
+/// writes to both, and two consumers of one group, bootstrapped on different nodes, find
+/// the same coordinator (the other node answers NOT_COORDINATOR for the group), get one
+/// partition each and together read every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_clients_see_two_nodes_as_one_cluster_with_one_coordinator_per_group() {
+    let object = object_config("kafka-cluster");
+    let a = object_node("ka", object.clone()).await;
+    let b = object_node("kb", object).await;
+    let on_a = a.kafka_addr.expect("kafka on a").to_string();
+    let on_b = b.kafka_addr.expect("kafka on b").to_string();
+
+    let metadata_a = on_a.clone();
+    let leaders = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &metadata_a)
+            .create()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = consumer
+                .fetch_metadata(Some("two"), Duration::from_secs(5))
+                .expect("metadata");
+            if m.brokers().len() == 2 {
+                let t = &m.topics()[0];
+                return t
+                    .partitions()
+                    .iter()
+                    .map(|p| p.leader())
+                    .collect::<Vec<_>>();
+            }
+            assert!(Instant::now() < deadline, "both nodes listed as brokers");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .expect("task");
+    assert_eq!(leaders.len(), 2);
+    assert_ne!(leaders[0], leaders[1], "one partition led by each node");
+
+    let records: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("k{i}"), format!("v{i}")))
+        .collect();
+    let sent = records.clone();
+    let produce_on = on_a.clone();
+    tokio::task::spawn_blocking(move || produce(&produce_on, "two", &sent))
+        .await
+        .expect("produce");
+
+    // Two members of one group, one bootstrapped on each node.
+    let member = |bootstrap: String| {
+        std::thread::spawn(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", "spread")
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "10000")
+                .create()
+                .expect("consumer");
+            consumer.subscribe(&["two"]).expect("subscribe");
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Until the group has settled on one partition each and both are read out.
+            let mut quiet_since = Instant::now();
+            while Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        got.push(
+                            String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                        );
+                        quiet_since = Instant::now();
+                    }
+                    Some(Err(e)) => panic!("consumer: {e}"),
+                    None => {}
+                }
+                let assigned = consumer.assignment().map_or(0, |a| a.count());
+                if assigned == 1
+                    && !got.is_empty()
+                    && quiet_since.elapsed() > Duration::from_secs(3)
+                {
+                    return (assigned, got);
+                }
+            }
+            (consumer.assignment().map_or(0, |a| a.count()), got)
+        })
+    };
+    let (one, two) = (member(on_a), member(on_b));
+    let (one, two) = (
+        one.join().expect("member on a"),
+        two.join().expect("member on b"),
+    );
+    assert_eq!(
+        (one.0, two.0),
+        (1, 1),
+        "one partition each: one group, one coordinator"
+    );
+    // (A member that read before the other joined may have handed over a partition it read
+    // but had not committed yet: a group delivers at least once across a rebalance.)
+    let mut got: Vec<String> = one.1.into_iter().chain(two.1).collect();
+    got.sort();
+    got.dedup();
+    let mut expected: Vec<String> = records.into_iter().map(|(_, v)| v).collect();
+    expected.sort();
+    assert_eq!(got, expected, "every record");
+    drop((a, b));
+}

@@ -24,7 +24,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
-use super::code::{COORDINATOR_NOT_AVAILABLE, NONE, UNKNOWN_TOPIC_OR_PARTITION};
+use super::code::{COORDINATOR_NOT_AVAILABLE, NONE, NOT_COORDINATOR, UNKNOWN_TOPIC_OR_PARTITION};
 use super::KafkaFront;
 use crate::meta::Command;
 
@@ -41,9 +41,16 @@ impl KafkaFront {
         version: i16,
     ) -> FindCoordinatorResponse {
         let (host, port) = self.advertised();
+        // The group's coordinator in a cluster, else this node (broker 0).
+        let of = |group: &str| {
+            self.cluster
+                .coordinator(group)
+                .map_or((0, host.clone(), port), |b| (b.id, b.host, b.port))
+        };
         if version < 4 {
+            let (id, host, port) = of(r.key.as_str());
             return FindCoordinatorResponse::default()
-                .with_node_id(BrokerId(0))
+                .with_node_id(BrokerId(id))
                 .with_host(s(host))
                 .with_port(port);
         }
@@ -51,10 +58,11 @@ impl KafkaFront {
             r.coordinator_keys
                 .into_iter()
                 .map(|key| {
+                    let (id, host, port) = of(key.as_str());
                     Coordinator::default()
                         .with_key(key)
-                        .with_node_id(BrokerId(0))
-                        .with_host(s(host.clone()))
+                        .with_node_id(BrokerId(id))
+                        .with_host(s(host))
                         .with_port(port)
                 })
                 .collect(),
@@ -79,6 +87,11 @@ impl KafkaFront {
         } else {
             session
         };
+        if !self.cluster.coordinates(r.group_id.as_str()) {
+            return JoinGroupResponse::default()
+                .with_error_code(NOT_COORDINATOR)
+                .with_generation_id(-1);
+        }
         let joined = self
             .groups
             .join(
@@ -113,6 +126,9 @@ impl KafkaFront {
     }
 
     pub(super) async fn sync_group(&self, r: SyncGroupRequest) -> SyncGroupResponse {
+        if !self.cluster.coordinates(r.group_id.as_str()) {
+            return SyncGroupResponse::default().with_error_code(NOT_COORDINATOR);
+        }
         let assignments = r
             .assignments
             .into_iter()
@@ -135,6 +151,9 @@ impl KafkaFront {
     }
 
     pub(super) fn heartbeat(&self, r: HeartbeatRequest) -> HeartbeatResponse {
+        if !self.cluster.coordinates(r.group_id.as_str()) {
+            return HeartbeatResponse::default().with_error_code(NOT_COORDINATOR);
+        }
         HeartbeatResponse::default().with_error_code(self.groups.heartbeat(
             r.group_id.as_str(),
             r.generation_id,
@@ -152,7 +171,11 @@ impl KafkaFront {
                 .map(|m| m.member_id.as_str().to_owned())
                 .collect()
         };
-        let codes = self.groups.leave(r.group_id.as_str(), &ids);
+        let codes = if self.cluster.coordinates(r.group_id.as_str()) {
+            self.groups.leave(r.group_id.as_str(), &ids)
+        } else {
+            vec![NOT_COORDINATOR; ids.len()]
+        };
         if version < 3 {
             return LeaveGroupResponse::default().with_error_code(codes[0]);
         }
@@ -170,11 +193,15 @@ impl KafkaFront {
 
     pub(super) async fn offset_commit(&self, r: OffsetCommitRequest) -> OffsetCommitResponse {
         let group = r.group_id.as_str().to_owned();
-        let allowed = self.groups.may_commit(
-            &group,
-            r.generation_id_or_member_epoch,
-            r.member_id.as_str(),
-        );
+        let allowed = if self.cluster.coordinates(&group) {
+            self.groups.may_commit(
+                &group,
+                r.generation_id_or_member_epoch,
+                r.member_id.as_str(),
+            )
+        } else {
+            NOT_COORDINATOR
+        };
         let streams = self.log.streams();
         let mut commands = Vec::new();
         let mut topics = Vec::new();

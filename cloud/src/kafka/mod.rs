@@ -41,6 +41,7 @@
 //! connection is closed; a frame over `max_request_bytes`, a truncated or undecodable one
 //! closes the connection. Nothing a client sends panics the node.
 
+pub mod cluster;
 mod group_requests;
 pub mod groups;
 mod topics;
@@ -133,6 +134,7 @@ mod code {
     pub(super) const KAFKA_STORAGE_ERROR: i16 = E::KafkaStorageError.code();
     pub(super) const MEMBER_ID_REQUIRED: i16 = E::MemberIdRequired.code();
     pub(super) const UNKNOWN_TOPIC_ID: i16 = E::UnknownTopicId.code();
+    pub(super) const NOT_COORDINATOR: i16 = E::NotCoordinator.code();
 }
 
 /// The APIs served and their version ranges (what ApiVersions advertises).
@@ -196,6 +198,8 @@ pub struct KafkaFront {
     pub groups: Arc<groups::Groups>,
     /// The MQTT routes in force: the streams they write to are not deleted.
     pub routes: Arc<crate::routes::RouteTable>,
+    /// The other nodes, when this one is in a cluster ([`cluster`]).
+    pub cluster: Arc<cluster::ClusterView>,
 }
 
 /// Idempotent producers' recent batches.
@@ -597,11 +601,15 @@ impl KafkaFront {
                 .with_partitions(
                     (0..partitions as i32)
                         .map(|p| {
+                            let leader = self
+                                .cluster
+                                .leader(name, p as u32)
+                                .map_or(BrokerId(0), |b| BrokerId(b.id));
                             MetadataResponsePartition::default()
                                 .with_partition_index(p)
-                                .with_leader_id(BrokerId(0))
-                                .with_replica_nodes(vec![BrokerId(0)])
-                                .with_isr_nodes(vec![BrokerId(0)])
+                                .with_leader_id(leader)
+                                .with_replica_nodes(vec![leader])
+                                .with_isr_nodes(vec![leader])
                         })
                         .collect(),
                 )
@@ -622,13 +630,25 @@ impl KafkaFront {
                 })
                 .collect(),
         };
+        // Alone, this node is broker 0; in a cluster every live node is a broker.
+        let brokers = self.cluster.brokers().map_or_else(
+            || vec![(0, host, port)],
+            |bs| bs.into_iter().map(|b| (b.id, b.host, b.port)).collect(),
+        );
         MetadataResponse::default()
-            .with_brokers(vec![MetadataResponseBroker::default()
-                .with_node_id(BrokerId(0))
-                .with_host(StrBytes::from_string(host))
-                .with_port(port)])
+            .with_controller_id(BrokerId(brokers[0].0))
+            .with_brokers(
+                brokers
+                    .into_iter()
+                    .map(|(id, host, port)| {
+                        MetadataResponseBroker::default()
+                            .with_node_id(BrokerId(id))
+                            .with_host(StrBytes::from_string(host))
+                            .with_port(port)
+                    })
+                    .collect(),
+            )
             .with_cluster_id(Some(StrBytes::from_static_str("ferry")))
-            .with_controller_id(BrokerId(0))
             .with_topics(topics)
     }
 
