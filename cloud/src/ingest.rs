@@ -681,30 +681,25 @@ mod tests {
     ) {
         for backend in BACKENDS {
             let dir = place("partial", backend);
-            // The alarms stream is missing: that part of the batch fails, the rest is durable.
-            {
-                let n = node(&dir, false);
-                let batch = vec![
+            let batch = || {
+                vec![
                     rec(1, "t"),
                     rec(2, "alarm"),
                     rec(3, "t"),
                     rec(4, "alarm"),
                     rec(5, "t"),
-                ];
-                assert!(n.ingest.ingest("gw1", 0, batch).await.is_err());
+                ]
+            };
+            // The alarms stream is missing: that part of the batch fails, the rest is durable.
+            {
+                let n = node(&dir, false);
+                assert!(n.ingest.ingest("gw1", 0, batch()).await.is_err());
                 assert_eq!(n.ingest.committed("gw1", 0), 0, "nothing acknowledged");
             }
             // The node restarts (the per-partition state comes back from the log), and the edge
             // sends the whole batch again.
             let n = node(&dir, true);
-            let batch = vec![
-                rec(1, "t"),
-                rec(2, "alarm"),
-                rec(3, "t"),
-                rec(4, "alarm"),
-                rec(5, "t"),
-            ];
-            assert_eq!(n.ingest.ingest("gw1", 0, batch).await.expect("resend"), 5);
+            assert_eq!(n.ingest.ingest("gw1", 0, batch()).await.expect("resend"), 5);
             let got = contents(&*n.log);
             assert_eq!(
                 got,
