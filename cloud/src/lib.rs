@@ -18,7 +18,7 @@
 //!   one process; the only part of the node that builds ferry-edge's edge parts (the outbox,
 //!   the link's edge end).
 //!
-//! Still to come (see the README's status table): the object-store backend, clustering.
+//! Still to come (see the README's status table): most of clustering (Step 10).
 
 pub mod admin;
 pub mod amqp;
