@@ -146,6 +146,22 @@ impl Meta {
         self.apply_here(&here)
     }
 
+    /// As [`Meta::apply`], fenced by a lease on the shared metadata (a cluster): false, with
+    /// nothing applied, when `fence` no longer holds its lease. Without shared metadata, or
+    /// without a fence, this is [`Meta::apply`].
+    pub fn apply_fenced(
+        &self,
+        commands: &[Command],
+        fence: Option<&crate::log::Fence>,
+    ) -> Result<bool, MetaError> {
+        match (&self.shared, fence) {
+            (Some(shared), Some(fence)) if commands.iter().all(|c| !node_local(c)) => shared
+                .apply_fenced(commands, fence)
+                .map_err(MetaError::Shared),
+            _ => self.apply(commands).map(|()| true),
+        }
+    }
+
     fn apply_here(&self, commands: &[Command]) -> Result<(), MetaError> {
         let txn = self.db.begin_write().map_err(dberr)?;
         {

@@ -214,7 +214,9 @@ impl Node {
                 node = object.node(),
                 "registered among the nodes on the object store"
             );
-            // The Kafka front's view of the cluster, refreshed every second.
+            // The Kafka front's view of the cluster (its leases in the same database),
+            // refreshed every second.
+            node.cluster.set_store(object.clone());
             let (view, members) = (Arc::downgrade(&node.cluster), object.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));

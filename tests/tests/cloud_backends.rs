@@ -556,8 +556,8 @@ async fn two_nodes_on_one_store_and_database_serve_each_others_commits() {
 /// Two nodes on one store and database are one Kafka cluster to librdkafka: each lists both
 /// as brokers (the partitions of `two` led by one each), a producer bootstrapped on one
 /// writes to both, and two consumers of one group, bootstrapped on different nodes, find
-/// the same coordinator (the other node answers NOT_COORDINATOR for the group), get one
-/// partition each and together read every record.
+/// the same coordinator (the node holding the group's lease; the other answers
+/// NOT_COORDINATOR for the group), get one partition each and together read every record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_clients_see_two_nodes_as_one_cluster_with_one_coordinator_per_group() {
     let object = object_config("kafka-cluster");
@@ -658,5 +658,13 @@ async fn kafka_clients_see_two_nodes_as_one_cluster_with_one_coordinator_per_gro
     let mut expected: Vec<String> = records.into_iter().map(|(_, v)| v).collect();
     expected.sort();
     assert_eq!(got, expected, "every record");
+    // The group's coordinator holds its lease.
+    let on = a.object.clone().expect("on the object backend");
+    let holder = tokio::task::spawn_blocking(move || on.lease_holder("kafka-group", "spread"))
+        .await
+        .expect("task")
+        .expect("lease")
+        .expect("the group's lease is held");
+    assert!(["ka", "kb"].contains(&holder.owner.as_str()), "{holder:?}");
     drop((a, b));
 }

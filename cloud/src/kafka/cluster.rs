@@ -1,20 +1,33 @@
-//! The Kafka front across the nodes of a cluster (Step 10, first part): the nodes on one
-//! object store and database ([`crate::log::ObjectLog::members`]) are the brokers. Any node
-//! serves Produce and Fetch for any partition (offsets are assigned at commit), so a
-//! partition's "leader" only spreads clients over the nodes: partition `p` of topic `t` is
-//! led by broker `(hash(t) + p) mod n` of the brokers in name order. A consumer group's
-//! coordinator is broker `hash(group) mod n`; the group requests (JoinGroup, SyncGroup,
-//! Heartbeat, LeaveGroup, OffsetCommit) for a group another node coordinates are answered
-//! NOT_COORDINATOR, so clients look it up again. Committed offsets are in PostgreSQL, so a
-//! group that moves to another node (a node joined or its lease ran out) rebalances from
-//! them. A broker's id is a hash of its node's name, the same on every node.
+//! The Kafka front across the nodes of a cluster (Step 10): the nodes on one object store
+//! and database ([`crate::log::ObjectLog::members`]) are the brokers. Any node serves
+//! Produce and Fetch for any partition (offsets are assigned at commit), so a partition's
+//! "leader" only spreads clients over the nodes: partition `p` of topic `t` is led by broker
+//! `(hash(t) + p) mod n` of the brokers in name order. A broker's id is a hash of its node's
+//! name, the same on every node.
+//!
+//! A consumer group is coordinated by the node that holds its lease (`kafka-group`, the
+//! group id; see [`crate::log::Lease`]): a node takes or renews it when a group request
+//! comes (at most every third of [`GROUP_LEASE`]), and answers NOT_COORDINATOR when another
+//! node holds it. FindCoordinator names the holder, or, for a group nobody holds, broker
+//! `hash(group) mod n`. OffsetCommit is fenced: its transaction checks that this node still
+//! holds the lease with the same token, so a node that lost it (paused past the lease) cannot
+//! commit for the group after another took over. Committed offsets are in PostgreSQL, so a
+//! group that moves rebalances from them.
 //!
 //! With one node (or on the local log) there is no view: the node is broker 0 and
-//! coordinates everything, as before. Limits: the view is each node's own, refreshed every
-//! second, so while the nodes' views differ (for up to a second around a change) a group
-//! may be coordinated by two nodes at once; no lease fences it yet.
+//! coordinates everything, without leases, as before. Limit: the in-memory group state is
+//! not fenced (a node that lost a lease may still answer a heartbeat for up to two thirds of
+//! the lease it last saw); its commits are.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::log::{Fence, Lease, ObjectLog};
+
+/// How long a group coordinator's lease lasts from its last renewal.
+pub const GROUP_LEASE: Duration = Duration::from_secs(10);
+const GROUP_KIND: &str = "kafka-group";
 
 /// A broker of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +43,10 @@ pub struct Broker {
 pub struct ClusterView {
     me: RwLock<String>,
     brokers: RwLock<Vec<Broker>>,
+    /// Where the leases are: the log on object storage, once this node joined.
+    store: RwLock<Option<Arc<ObjectLog>>>,
+    /// The group leases this node holds, and when each was last taken or renewed.
+    held: Mutex<HashMap<String, (Lease, Instant)>>,
 }
 
 /// FNV-1a, 32 bits: the same everywhere (unlike the standard library's hasher).
@@ -79,17 +96,88 @@ impl ClusterView {
         brokers.into_iter().nth(i)
     }
 
-    /// The broker that coordinates `group` (None: alone).
+    /// Where the leases are kept (the node's log on object storage).
+    pub fn set_store(&self, log: Arc<ObjectLog>) {
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = Some(log);
+    }
+
+    fn store(&self) -> Option<Arc<ObjectLog>> {
+        self.store.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn me(&self) -> String {
+        self.me.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The broker to name for `group` (None: alone): the node holding its lease, or the
+    /// one its hash picks when nobody does. Blocking: may ask the database.
     pub fn coordinator(&self, group: &str) -> Option<Broker> {
         let brokers = self.brokers()?;
+        let holder = self
+            .store()
+            .and_then(|s| s.lease_holder(GROUP_KIND, group).ok().flatten());
+        if let Some(b) = holder.and_then(|h| brokers.iter().find(|b| b.name == h.owner)) {
+            return Some(b.clone());
+        }
         let i = hash(group) as usize % brokers.len();
         brokers.into_iter().nth(i)
     }
 
-    /// False when another node coordinates `group`.
+    /// In a cluster: takes or renews this node's lease on `group` unless it did within a
+    /// third of [`GROUP_LEASE`]. Blocking: may ask the database.
+    pub fn ensure(&self, group: &str) {
+        if self.brokers().is_none() {
+            return;
+        }
+        let fresh = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .is_some_and(|(_, at)| at.elapsed() < GROUP_LEASE / 3);
+        if fresh {
+            return;
+        }
+        let Some(store) = self.store() else { return };
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match store.acquire_lease(GROUP_KIND, group, GROUP_LEASE) {
+            Ok(Some(token)) => {
+                let lease = Lease {
+                    owner: self.me(),
+                    token,
+                };
+                held.insert(group.to_owned(), (lease, Instant::now()));
+            }
+            Ok(None) => {
+                held.remove(group);
+            }
+            Err(e) => tracing::warn!(error = %e, group, "cannot take the group's lease"),
+        }
+    }
+
+    /// False when this node is in a cluster and does not hold `group`'s lease (taken or
+    /// renewed within two thirds of [`GROUP_LEASE`], by [`ClusterView::ensure`]).
     pub fn coordinates(&self, group: &str) -> bool {
-        let me = self.me.read().unwrap_or_else(|e| e.into_inner()).clone();
-        self.coordinator(group).is_none_or(|c| c.name == me)
+        if self.brokers().is_none() {
+            return true;
+        }
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(group)
+            .is_some_and(|(_, at)| at.elapsed() < GROUP_LEASE * 2 / 3)
+    }
+
+    /// The fence for work done for `group` under its lease (None outside a cluster).
+    pub fn fence(&self, group: &str) -> Option<Fence> {
+        self.brokers()?;
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (lease, _) = held.get(group)?;
+        Some(Fence {
+            kind: GROUP_KIND.to_owned(),
+            key: group.to_owned(),
+            lease: lease.clone(),
+        })
     }
 }
 
@@ -124,11 +212,11 @@ mod tests {
             .collect();
         assert_eq!(led.len(), 2, "two partitions, two leaders");
         for g in ["g1", "g2", "orders"] {
+            // Nobody holds a lease (no store here): both name the broker the hash picks.
             assert_eq!(on_a.coordinator(g), on_b.coordinator(g));
-            assert_ne!(
-                on_a.coordinates(g),
-                on_b.coordinates(g),
-                "exactly one coordinates {g}"
+            assert!(
+                !on_a.coordinates(g) && !on_b.coordinates(g),
+                "no lease, no coordinating"
             );
         }
         let alone = ClusterView::new();

@@ -235,16 +235,31 @@ impl KafkaFront {
             topics.push((t.name, partitions));
         }
         let meta = self.meta.clone();
-        let stored = tokio::task::spawn_blocking(move || meta.apply(&commands))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        // Fenced in a cluster: committed only while this node still holds the group's lease.
+        let fence = self.cluster.fence(&group);
+        let stored =
+            tokio::task::spawn_blocking(move || meta.apply_fenced(&commands, fence.as_ref()))
+                .await
+                .map_or(Err(()), |r| r.map_err(|_| ()));
+        let (stored, fenced_out) = match stored {
+            Ok(true) => (true, false),
+            Ok(false) => (false, true),
+            Err(()) => (false, false),
+        };
         OffsetCommitResponse::default().with_topics(
             topics
                 .into_iter()
                 .map(|(name, mut partitions)| {
                     if !stored {
+                        let code = if fenced_out {
+                            NOT_COORDINATOR
+                        } else {
+                            COORDINATOR_NOT_AVAILABLE
+                        };
                         for p in &mut partitions {
-                            p.error_code = COORDINATOR_NOT_AVAILABLE;
+                            if p.error_code == NONE {
+                                p.error_code = code;
+                            }
                         }
                     }
                     OffsetCommitResponseTopic::default()

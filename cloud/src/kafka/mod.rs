@@ -437,14 +437,29 @@ impl KafkaFront {
                 request,
             } => (api, version, header, request),
         };
+        // In a cluster, a group request first takes or renews the group's lease here (see
+        // [`cluster`]); the handlers then answer NOT_COORDINATOR if another node holds it.
+        let group = match &*request {
+            RequestKind::JoinGroup(r) => Some(r.group_id.as_str()),
+            RequestKind::SyncGroup(r) => Some(r.group_id.as_str()),
+            RequestKind::Heartbeat(r) => Some(r.group_id.as_str()),
+            RequestKind::LeaveGroup(r) => Some(r.group_id.as_str()),
+            RequestKind::OffsetCommit(r) => Some(r.group_id.as_str()),
+            _ => None,
+        };
+        if let Some(group) = group.filter(|_| self.cluster.brokers().is_some()) {
+            let group = group.to_owned();
+            self.off_runtime(move |f| f.cluster.ensure(&group)).await;
+        }
         let response = match *request {
             RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions(code::NONE)),
             RequestKind::Metadata(r) => {
                 ResponseKind::Metadata(self.off_runtime(move |f| f.metadata(r)).await)
             }
-            RequestKind::FindCoordinator(r) => {
-                ResponseKind::FindCoordinator(self.find_coordinator(r, version))
-            }
+            RequestKind::FindCoordinator(r) => ResponseKind::FindCoordinator(
+                self.off_runtime(move |f| f.find_coordinator(r, version))
+                    .await,
+            ),
             RequestKind::JoinGroup(r) => {
                 let client = header.client_id.as_ref().map_or("", |c| c.as_str());
                 ResponseKind::JoinGroup(self.join_group(r, version, client).await)

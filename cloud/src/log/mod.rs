@@ -39,7 +39,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 pub use memory::MemoryLog;
+pub use object::leases::Lease;
 pub use object::members::Member;
+pub use object::meta::Fence;
 pub use object::meta::PgMeta;
 pub use object::{testing as object_testing, ObjectConfig, ObjectLog, RequestCounts, S3Config};
 use partition::Partition;

@@ -69,11 +69,15 @@ pub(crate) async fn renew(pool: &Pool, node: &str, lease: Duration) -> Result<bo
     Ok(renewed == 1)
 }
 
-/// Deletes `node`'s row: it is gone for everyone now.
+/// Deletes `node`'s row and gives up its leases: it is gone for everyone now, and what it
+/// coordinated can be taken over at once.
 pub(crate) async fn leave(pool: &Pool, node: &str) -> Result<(), PgError> {
     let client = pool.get().await?;
     client
         .execute("DELETE FROM nodes WHERE name = $1", &[&node])
+        .await?;
+    client
+        .execute("DELETE FROM leases WHERE owner = $1", &[&node])
         .await?;
     Ok(())
 }

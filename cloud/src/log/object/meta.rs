@@ -29,6 +29,14 @@ impl std::fmt::Debug for PgMeta {
     }
 }
 
+/// Work done under a lease: (`kind`, `key`) must still be held by `lease` when it commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub kind: String,
+    pub key: String,
+    pub lease: super::leases::Lease,
+}
+
 impl PgMeta {
     /// The metadata beside `log`'s index.
     pub fn new(log: Arc<ObjectLog>) -> Self {
@@ -57,6 +65,25 @@ impl PgMeta {
             }
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    /// As [`PgMeta::apply`], fenced: in the same transaction `fence` must still hold its
+    /// lease, else nothing is applied and the answer is false.
+    pub fn apply_fenced(&self, commands: &[Command], fence: &Fence) -> Result<bool, String> {
+        let commands = commands.to_vec();
+        let fence = fence.clone();
+        self.run(move |pool| async move {
+            let mut client = pool.get().await?;
+            let tx = client.transaction().await?;
+            if !super::leases::held(&tx, &fence.kind, &fence.key, &fence.lease).await? {
+                return Ok(false);
+            }
+            for command in &commands {
+                apply_one(&tx, command).await?;
+            }
+            tx.commit().await?;
+            Ok(true)
         })
     }
 

@@ -19,6 +19,7 @@
 
 mod compact;
 pub(crate) mod format;
+pub(crate) mod leases;
 mod listen;
 pub(crate) mod members;
 pub(crate) mod meta;
@@ -508,6 +509,33 @@ impl ObjectLog {
         let (pool, node) = (self.pool.clone(), self.node.clone());
         wait(&self.io, async move { members::leave(&pool, &node).await })?
             .map_err(|e| failed("unregister the node", e))
+    }
+
+    /// Takes or renews the lease on (`kind`, `key`) for this node for `ttl`: its token, or
+    /// None when another node holds it (see [`leases`]).
+    pub fn acquire_lease(
+        &self,
+        kind: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>, LogError> {
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        wait(&self.io, async move {
+            leases::acquire(&pool, &kind, &key, &node, ttl).await
+        })?
+        .map_err(|e| failed("a lease", e))
+    }
+
+    /// Who holds the lease on (`kind`, `key`) now, if anyone.
+    pub fn lease_holder(&self, kind: &str, key: &str) -> Result<Option<leases::Lease>, LogError> {
+        let pool = self.pool.clone();
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        wait(
+            &self.io,
+            async move { leases::holder(&pool, &kind, &key).await },
+        )?
+        .map_err(|e| failed("a lease", e))
     }
 
     /// The nodes on this store and database whose lease has not run out (this one too once

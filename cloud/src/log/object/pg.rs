@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("sql/002_meta.sql")),
     (3, include_str!("sql/003_no_producers.sql")),
     (4, include_str!("sql/004_nodes.sql")),
+    (5, include_str!("sql/005_leases.sql")),
 ];
 /// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;

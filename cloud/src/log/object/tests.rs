@@ -79,8 +79,8 @@ fn values(log: &ObjectLog, stream: &str, from: i64) -> Vec<(i64, String)> {
 async fn migrations_bring_a_database_to_the_newest_version_once() {
     let url = super::testing::database("migrations");
     let pool = pg::pool(&url, 2, Duration::from_secs(10)).expect("pool");
-    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 4);
-    assert_eq!(pg::migrate(&pool).await.expect("again"), 4);
+    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 5);
+    assert_eq!(pg::migrate(&pool).await.expect("again"), 5);
     let client = pool.get().await.expect("connection");
     let versions: Vec<i32> = client
         .query("SELECT version FROM schema_version ORDER BY version", &[])
@@ -89,7 +89,7 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4], "each applied once");
+    assert_eq!(versions, [1, 2, 3, 4, 5], "each applied once");
     let tables: Vec<String> = client
         .query(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -647,4 +647,103 @@ fn nodes_are_members_while_their_lease_is_renewed() {
     }
     a.leave().expect("a leaves");
     assert!(names(&a).is_empty(), "gone at once");
+}
+
+/// Leases: one owner at a time. `a` takes a lease (token 1) and renews it (same token); `b`
+/// cannot take it while it holds; once it runs out `b` takes it with token 2 and `a` can
+/// neither renew it nor commit metadata fenced by its old token, while `b` can. Then both
+/// nodes grab a 20 ms lease as fast as they can for 2 s, letting it lapse each time they
+/// had it: every token was ever held by one owner only, and tokens only grow.
+#[test]
+fn a_lease_has_one_owner_at_a_time_and_fences_the_one_that_lost_it() {
+    use crate::meta::{Command, Meta};
+    let (a, b, d) = two_nodes_with("leases", |_| {});
+    let short = Duration::from_millis(300);
+    assert_eq!(a.acquire_lease("k", "g", short).expect("a"), Some(1));
+    assert_eq!(a.acquire_lease("k", "g", short).expect("a again"), Some(1));
+    assert_eq!(
+        b.acquire_lease("k", "g", short).expect("b"),
+        None,
+        "a holds it"
+    );
+    let holder = b.lease_holder("k", "g").expect("holder").expect("held");
+    assert_eq!((holder.owner.as_str(), holder.token), ("a", 1));
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        b.acquire_lease("k", "g", Duration::from_secs(30))
+            .expect("b"),
+        Some(2)
+    );
+    assert_eq!(
+        a.acquire_lease("k", "g", short).expect("a"),
+        None,
+        "b holds it now"
+    );
+
+    let meta_a =
+        Meta::shared(&d.join("a.redb"), crate::log::PgMeta::new(a.clone())).expect("meta a");
+    let commit = |offset| {
+        vec![Command::CommitCursor {
+            group: "g".into(),
+            stream: "s".into(),
+            partition: 0,
+            offset,
+        }]
+    };
+    let fence = |owner: &str, token| crate::log::Fence {
+        kind: "k".into(),
+        key: "g".into(),
+        lease: crate::log::Lease {
+            owner: owner.into(),
+            token,
+        },
+    };
+    assert!(!meta_a
+        .apply_fenced(&commit(5), Some(&fence("a", 1)))
+        .expect("apply"));
+    assert_eq!(
+        meta_a.cursor("g", "s", 0).expect("cursor"),
+        None,
+        "fenced out"
+    );
+    assert!(meta_a
+        .apply_fenced(&commit(7), Some(&fence("b", 2)))
+        .expect("apply"));
+    assert_eq!(meta_a.cursor("g", "s", 0).expect("cursor"), Some(7));
+
+    // Both grab a short lease over and over, each letting it lapse once it had it: each
+    // token had one owner.
+    let grab = |log: Arc<ObjectLog>, name: &'static str| {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while std::time::Instant::now() < until {
+                if let Some(t) = log
+                    .acquire_lease("k", "race", Duration::from_millis(20))
+                    .expect("acquire")
+                {
+                    got.push((t, name));
+                    // Let it lapse, so that the other may take it.
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            }
+            got
+        })
+    };
+    let (ta, tb) = (grab(a.clone(), "a"), grab(b.clone(), "b"));
+    let (ga, gb) = (ta.join().expect("a"), tb.join().expect("b"));
+    assert!(ga.windows(2).all(|w| w[0].0 <= w[1].0) && gb.windows(2).all(|w| w[0].0 <= w[1].0));
+    let mut owners: std::collections::HashMap<i64, &str> = Default::default();
+    for (token, name) in ga.iter().chain(gb.iter()) {
+        assert_eq!(
+            *owners.entry(*token).or_insert(name),
+            *name,
+            "token {token}: one owner"
+        );
+    }
+    assert!(
+        owners.len() > 1,
+        "the lease passed between them: {} tokens",
+        owners.len()
+    );
 }
