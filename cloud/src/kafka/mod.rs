@@ -562,10 +562,15 @@ impl KafkaFront {
         let RequestKind::Produce(r) = &**request else {
             return true;
         };
-        let streams = self.log.streams();
         r.topic_data
             .iter()
-            .all(|t| streams.iter().any(|s| s.name == t.name.0.as_str()))
+            .all(|t| self.has_topic(t.name.0.as_str()))
+    }
+
+    /// True if the stream `name` exists: a lookup of its first partition, not a listing of
+    /// every stream (this runs for every Produce request).
+    fn has_topic(&self, name: &str) -> bool {
+        self.log.offsets(name, 0).is_ok()
     }
 
     /// Creates `name` (the `[log.streams]` settings and partition count, as Kafka's
@@ -753,7 +758,7 @@ impl KafkaFront {
         let mut topics = Vec::new();
         for t in r.topic_data {
             let name = t.name.0.as_str().to_owned();
-            if !self.log.streams().iter().any(|s| s.name == name) {
+            if !self.has_topic(&name) {
                 let n = name.clone();
                 self.off_runtime(move |f| f.create_topic(&n)).await;
             }
