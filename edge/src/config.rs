@@ -21,6 +21,10 @@ pub struct Config {
     /// What goes up to the cloud (`[uplink]`, see [`crate::uplink`]; feature `edge`).
     #[cfg(feature = "edge")]
     pub uplink: crate::uplink::UplinkConfig,
+    /// Devices the edge reads itself (`[field]`, `[[field.serial]]`, `[[field.modbus]]`; see
+    /// [`crate::field`]; feature `field`).
+    #[cfg(feature = "field")]
+    pub field: crate::field::FieldConfig,
 }
 
 /// Mosquitto's password and ACL files, read as they are (see [`crate::auth`]). Both are
@@ -186,6 +190,8 @@ pub enum ConfigError {
     },
     #[error("no listener configured")]
     NoListener,
+    #[error("[field]: {0}")]
+    Field(String),
 }
 
 impl Config {
@@ -284,6 +290,8 @@ impl Config {
                 value: m.max_queued_bytes_per_session.to_string(),
             });
         }
+        #[cfg(feature = "field")]
+        self.field.validate().map_err(ConfigError::Field)?;
         Ok(())
     }
 }

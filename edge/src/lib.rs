@@ -11,6 +11,8 @@
 //! - [`store`]: durable state in redb (sessions, queues, retained messages; the outbox with
 //!   `edge`).
 //! - [`auth`]: Mosquitto's password and ACL files.
+//! - `field` (feature `field`): field sources (serial lines, Modbus TCP/RTU) read by the
+//!   edge and published through its own broker; commands written back to the devices.
 //! - [`config`]: the TOML configuration and its defaults.
 //! - [`metrics`]: Prometheus metrics and the health API over HTTP.
 //! - [`systemd`]: systemd's notify protocol (READY, the watchdog, STOPPING).
@@ -27,6 +29,8 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "field")]
+pub mod field;
 pub mod metrics;
 #[cfg(feature = "edge")]
 pub mod outbox;

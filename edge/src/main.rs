@@ -97,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
     });
     let reloader = server.clone();
     let reload_config = config_for_reload;
+    #[cfg(feature = "field")]
+    let config_path = args.config.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match reload_config.load_auth() {
@@ -105,6 +107,24 @@ async fn main() -> anyhow::Result<()> {
                     info!("SIGHUP: password and ACL files reloaded");
                 }
                 Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the old rules"),
+            }
+            // The field sources come from the file as it is now; other sections keep what
+            // the process started with.
+            #[cfg(feature = "field")]
+            if let Some(path) = &config_path {
+                match Config::load(path).and_then(|c| c.validate().map(|()| c)) {
+                    Ok(fresh) => {
+                        reloader.reload_field(&fresh.field);
+                        info!(
+                            serial = fresh.field.serial.len(),
+                            modbus = fresh.field.modbus.len(),
+                            "SIGHUP: field sources reloaded"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: keeping the old field sources")
+                    }
+                }
             }
         }
     });

@@ -43,8 +43,14 @@ pub async fn serve(addr: SocketAddr, server: crate::server::Server) -> std::io::
                     if let Some(link) = server.link_status() {
                         page.push_str(&render_link(&link));
                     }
+                    #[cfg(feature = "field")]
+                    page.push_str(&render_field(&server.field_sources()));
                     Response::metrics(page)
                 }
+                #[cfg(feature = "field")]
+                "/api/field" => Response::json(
+                    serde_json::to_string(&server.field_sources()).unwrap_or_default(),
+                ),
                 "/api/link" => Response::json(link_json(&stats, age, server.link_status())),
                 _ => Response::status("404 Not Found"),
             }
@@ -382,5 +388,84 @@ pub fn render_link(l: &ferry_bridge::edge_dialer::LinkStats) -> String {
         "# HELP ferry_edge_link_last_ack_timestamp_seconds When the cloud last acknowledged records (0: never).\n# TYPE ferry_edge_link_last_ack_timestamp_seconds gauge\nferry_edge_link_last_ack_timestamp_seconds {}",
         l.last_ack_unix_ms as f64 / 1000.0
     );
+    out
+}
+
+/// The field sources' figures, one series per source (label `source`).
+#[cfg(feature = "field")]
+fn render_field(sources: &[crate::field::stats::SourceSnapshot]) -> String {
+    let mut out = String::new();
+    if sources.is_empty() {
+        return out;
+    }
+    type Get = fn(&crate::field::stats::SourceSnapshot) -> f64;
+    let series: [(&str, &str, &str, Get); 9] = [
+        (
+            "ferry_edge_field_reads_total",
+            "counter",
+            "Readings taken (frames, polls that answered).",
+            |s| s.reads as f64,
+        ),
+        (
+            "ferry_edge_field_errors_total",
+            "counter",
+            "Failed reads: no answer, an exception, a bad frame, a line that cannot be opened.",
+            |s| s.errors as f64,
+        ),
+        (
+            "ferry_edge_field_published_total",
+            "counter",
+            "Messages the broker took from the source.",
+            |s| s.published as f64,
+        ),
+        (
+            "ferry_edge_field_dropped_total",
+            "counter",
+            "Messages refused by the broker (outbox full, ACL) or over max_per_sec.",
+            |s| s.dropped as f64,
+        ),
+        (
+            "ferry_edge_field_writes_total",
+            "counter",
+            "Commands written to the device.",
+            |s| s.writes as f64,
+        ),
+        (
+            "ferry_edge_field_writes_failed_total",
+            "counter",
+            "Commands refused or failed.",
+            |s| s.writes_failed as f64,
+        ),
+        (
+            "ferry_edge_field_up",
+            "gauge",
+            "1 while the device answers.",
+            |s| f64::from(u8::from(s.up)),
+        ),
+        (
+            "ferry_edge_field_last_success_seconds",
+            "gauge",
+            "When the last read succeeded (Unix time; 0: never).",
+            |s| s.last_success_ms as f64 / 1000.0,
+        ),
+        (
+            "ferry_edge_field_read_latency_seconds",
+            "gauge",
+            "How long the last successful read took.",
+            |s| s.last_latency_us as f64 / 1e6,
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in sources {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\",kind=\"{}\"}} {}",
+                s.name,
+                s.kind,
+                get(s)
+            );
+        }
+    }
     out
 }

@@ -70,10 +70,28 @@ pub struct Server {
     /// One permit per open connection, `max_connections` in all.
     connections: Arc<Semaphore>,
     max_connections: u32,
+    /// What a connection made inside the process needs (see [`Server::connect_internal`]).
+    internal: Arc<Internal>,
+    /// The field sources (`[field]`), started with the server, replaced by
+    /// [`Server::reload_field`].
+    #[cfg(feature = "field")]
+    field: crate::field::Field,
     /// The outbox and the link.
     #[cfg(feature = "edge")]
     edge: edge_side::EdgeSide,
 }
+
+/// What [`Server::connect_internal`] hands a connection that has no socket.
+struct Internal {
+    next_id: Arc<AtomicU64>,
+    settings: Arc<ConnSettings>,
+    stop: watch::Receiver<bool>,
+}
+
+/// How many bytes an in-process connection's pipe holds each way (see
+/// [`Server::connect_internal`]): a few typical packets; the writer waits when it is full,
+/// as a socket's would.
+const INTERNAL_PIPE: usize = 64 * 1024;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,6 +208,11 @@ impl Server {
                 }
             }
         }
+        let internal = Arc::new(Internal {
+            next_id: next_id.clone(),
+            settings: settings.clone(),
+            stop: stop_rx.clone(),
+        });
         for (listener, transport) in listeners {
             info!(addr = %listener.local_addr()?, transport = transport.name(), "listening for MQTT");
             tokio::spawn(accept_loop(
@@ -204,7 +227,7 @@ impl Server {
         }
         #[cfg(feature = "edge")]
         edge.start_link(&config.uplink, stop_rx.clone());
-        Ok(Self {
+        let server = Self {
             to_router,
             local_addrs,
             tls_addrs,
@@ -214,9 +237,54 @@ impl Server {
             router_done,
             connections: limit,
             max_connections,
+            internal,
+            #[cfg(feature = "field")]
+            field: crate::field::Field::default(),
             #[cfg(feature = "edge")]
             edge,
-        })
+        };
+        #[cfg(feature = "field")]
+        server.field.reload(&server, &config.field);
+        Ok(server)
+    }
+
+    /// Replaces the field sources with those of `config` (SIGHUP): the old ones' broker
+    /// connections close, MQTT clients stay.
+    #[cfg(feature = "field")]
+    pub fn reload_field(&self, config: &crate::field::FieldConfig) {
+        self.field.reload(self, config);
+    }
+
+    /// The field sources' figures (`/api/field`, the metrics).
+    #[cfg(feature = "field")]
+    pub fn field_sources(&self) -> Vec<crate::field::stats::SourceSnapshot> {
+        self.field.snapshot()
+    }
+
+    /// A connection from inside the process (the field sources of `crate::field`): the
+    /// returned end of an in-memory pipe speaks MQTT to the broker exactly as a socket
+    /// would, so what it publishes takes the whole path of a client's publish (ACL, outbox,
+    /// retained messages, flow control) and what it subscribes to reaches it the same way.
+    /// The CONNECT's username is taken as `identity`, verified, as for a client
+    /// certificate: no password is checked, the ACL applies to it. It takes one of
+    /// `max_connections`, and ends with the server. `None` once `max_connections` are open.
+    pub fn connect_internal(&self, identity: String) -> Option<tokio::io::DuplexStream> {
+        let permit = self.connections.clone().try_acquire_owned().ok()?;
+        let (ours, theirs) = tokio::io::duplex(INTERNAL_PIPE);
+        let conn = self
+            .internal
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let to_router = self.to_router.clone();
+        let settings = self.internal.settings.clone();
+        let stop = self.internal.stop.clone();
+        let peer = SocketAddr::from(([0, 0, 0, 0], 0));
+        tokio::spawn(async move {
+            connection::connection(ours, Some(identity), peer, conn, to_router, settings, stop)
+                .await;
+            drop(permit);
+        });
+        Some(theirs)
     }
 
     /// After the `shutdown` future given to [`Server::start`] completed: waits until every
@@ -226,6 +294,8 @@ impl Server {
     /// store. False if that took longer than `deadline` (what was not acknowledged by then
     /// is not lost: it was never acknowledged, or it is durable).
     pub async fn stopped(&self, deadline: Duration) -> bool {
+        #[cfg(feature = "field")]
+        self.field.stop();
         tokio::time::timeout(deadline, async {
             let _all_closed = self.connections.acquire_many(self.max_connections).await;
             let _ = self.to_router.send(ToRouter::Stop).await;
