@@ -16,6 +16,7 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v mosquitto_passwd >/dev/null 2>&1 || need+=(mosquitto)
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v socat >/dev/null 2>&1 || need+=(socat)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -24,13 +25,17 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# Python clients (paho-mqtt: MQTT over WebSocket interop; confluent-kafka: librdkafka's
+# Python clients and peers (paho-mqtt: MQTT over WebSocket interop; confluent-kafka: librdkafka's
 # Python client against the Kafka front; pika: the RabbitMQ client against the AMQP front).
 python3 -c "import paho.mqtt" 2>/dev/null || python3 -m pip install -q paho-mqtt
 python3 -c "import confluent_kafka" 2>/dev/null || python3 -m pip install -q confluent-kafka
 python3 -c "import pika" 2>/dev/null || python3 -m pip install -q pika
 python3 -c "import aio_pika" 2>/dev/null || python3 -m pip install -q aio-pika
 python3 -c "import kombu, celery" 2>/dev/null || python3 -m pip install -q kombu celery
+# pymodbus (with pyserial, for RTU) is the Modbus device of the field tests; its server API
+# changes between minor versions, hence the pin.
+python3 -c "from pymodbus.simulator import SimDevice; import serial" 2>/dev/null ||
+  python3 -m pip install -q "pymodbus[serial]==3.16.*"
 # amqplib (Node.js) for the AMQP front, into tests/clients/node_modules (not committed).
 [ -d tests/clients/node_modules/amqplib ] ||
   npm install --no-save --no-package-lock --silent --prefix tests/clients amqplib@0.10

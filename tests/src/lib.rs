@@ -10,6 +10,7 @@
 //! - [`impair::Proxy`]: a UDP impairment proxy (seeded loss, cuts) for the link.
 //! - [`log::records`]: a stopped ferry-cloud's log, read back.
 //! - [`tcp_cut::TcpCut`]: a TCP forwarder that can be cut (a service going down).
+//! - [`site::Site`]: a cloud and an edge joined by the link (certificates, configurations).
 //! - [`services`]: where the PostgreSQL and S3 servers of `scripts/test.sh` are, and a
 //!   `[log.object]` on them.
 
@@ -19,4 +20,5 @@ pub mod impair;
 pub mod log;
 pub mod process;
 pub mod services;
+pub mod site;
 pub mod tcp_cut;

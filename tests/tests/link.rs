@@ -2,134 +2,14 @@
 //! `ferry-cloud`; publishers and subscribers are rumqttc; the cloud's log is read back after
 //! the run and counted.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_tests::clients::next_incoming;
-use ferry_tests::process::{binary, free_udp_port, temp_dir, wait_until, Edge};
+use ferry_tests::process::{free_udp_port, temp_dir, wait_until, Edge};
+use ferry_tests::site::Site;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
-
-/// A cloud and an edge that may run: certificates, configurations, data directories.
-struct Site {
-    dir: PathBuf,
-    cloud_config: PathBuf,
-    edge_config: PathBuf,
-    /// The cloud's link port (UDP).
-    link_port: u16,
-}
-
-impl Site {
-    /// Certificates from `ferry-cloud pki`, a link port chosen now (the edge must know it
-    /// before the cloud runs), and the configurations. `uplink` is added to `[uplink]`.
-    fn new(what: &str, uplink: &str) -> Self {
-        Self::with_path(what, uplink, None)
-    }
-
-    /// As [`Site::new`] with `via` = (the cloud's link port, the port the edge connects to:
-    /// a proxy's).
-    fn with_path(what: &str, uplink: &str, via: Option<(u16, u16)>) -> Self {
-        let dir = temp_dir(what);
-        let pki = dir.join("pki");
-        let bin = binary("ferry-cloud", "ferry-cloud");
-        for args in [
-            &["init"][..],
-            &["issue-edge", "gw-1"][..],
-            &["issue-node", "localhost"][..],
-        ] {
-            let out = Command::new(&bin)
-                .arg("pki")
-                .args(args)
-                .arg("--dir")
-                .arg(&pki)
-                .output()
-                .expect("ferry-cloud pki runs");
-            assert!(out.status.success(), "pki {args:?}: {out:?}");
-        }
-        let (port, edge_target) = via.unwrap_or_else(|| {
-            let port = free_udp_port();
-            (port, port)
-        });
-        let p = |rel: &str| pki.join(rel).display().to_string();
-        let cloud_config = dir.join("cloud.toml");
-        std::fs::write(
-            &cloud_config,
-            format!(
-                "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-                 [kafka]\nlisten = \"127.0.0.1:0\"\n[amqp]\nlisten = \"127.0.0.1:0\"\n\
-                 [link]\nlisten = \"127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
-                 deny_file = \"{}\"\n",
-                p("ca.crt"),
-                p("nodes/localhost.crt"),
-                p("nodes/localhost.key"),
-                dir.join("deny.txt").display(),
-            ),
-        )
-        .expect("write the cloud's configuration");
-        let edge_config = dir.join("edge.toml");
-        std::fs::write(
-            &edge_config,
-            format!(
-                "[server]\nlisten = [\"127.0.0.1:0\"]\nmetrics_listen = \"127.0.0.1:0\"\n\
-                 [uplink]\ncloud = \"127.0.0.1:{edge_target}\"\nserver_name = \"localhost\"\n\
-                 ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
-                 reconnect_max_secs = 1\nidle_timeout_secs = 5\n{uplink}\n\
-                 [[uplink.route]]\nfilter = \"sensors/#\"\n",
-                p("ca.crt"),
-                p("edges/gw-1.crt"),
-                p("edges/gw-1.key"),
-            ),
-        )
-        .expect("write the edge's configuration");
-        Self {
-            dir,
-            cloud_config,
-            edge_config,
-            link_port: port,
-        }
-    }
-
-    fn cloud(&self) -> Edge {
-        Edge::cloud_in(
-            &self.dir.join("cloud"),
-            &["--config", self.cloud_config.to_str().expect("utf8")],
-        )
-    }
-
-    fn edge(&self) -> Edge {
-        Edge::start_in(
-            &self.dir.join("edge"),
-            &["--config", self.edge_config.to_str().expect("utf8")],
-        )
-    }
-
-    /// The payloads of the cloud's `mqtt` stream, in log order (the cloud must be stopped);
-    /// every record's key must be `gw-1/sensors/t`.
-    fn cloud_log(&self) -> Vec<String> {
-        self.cloud_records()
-            .into_iter()
-            .map(|(key, value)| {
-                assert_eq!(key, "gw-1/sensors/t");
-                value
-            })
-            .collect()
-    }
-
-    /// (key, payload) of each record of the cloud's `mqtt` stream, in log order.
-    fn cloud_records(&self) -> Vec<(String, String)> {
-        ferry_tests::log::records(&self.dir.join("cloud/log"), "mqtt", 0)
-            .into_iter()
-            .map(|(key, value, _)| (key, value))
-            .collect()
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The edge's `GET /api/link` document.
 fn edge_health(edge: &Edge) -> serde_json::Value {
