@@ -326,6 +326,39 @@ mod tests {
         assert_eq!(config.uplink, defaults.uplink);
     }
 
+    /// Every key the example shows for `[field]`, commented out, is a real one: the
+    /// section, uncommented (the lines that read as a table header or `key = value`),
+    /// parses with unknown keys refused and is valid.
+    #[test]
+    #[cfg(feature = "field")]
+    fn the_example_field_section_uncommented_is_a_valid_config() {
+        let text = include_str!("../ferry-edge.example.toml");
+        let section = &text[text.find("\n[field]\n").expect("a [field] section")..];
+        let uncommented: String = section
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with("[[")
+                        || rest
+                            .split_once(" = ")
+                            .is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config: Config = toml::from_str(&uncommented).expect("the uncommented example parses");
+        assert_eq!(config.field.serial.len(), 1);
+        assert_eq!(config.field.modbus.len(), 2);
+        assert_eq!(config.field.modbus[0].points.len(), 2);
+        config.validate().expect("the uncommented example is valid");
+        let defaults = crate::field::FieldConfig::default();
+        assert_eq!(config.field.username, defaults.username);
+        assert_eq!(config.field.prefix, defaults.prefix);
+    }
+
     #[test]
     fn network_listeners_need_explicit_anonymous_access() {
         let mut config = Config::default();
