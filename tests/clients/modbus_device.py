@@ -2,14 +2,15 @@
 with registers holding values the test chose, encoded here with Python's struct (not with
 Ferry's code), and every write it takes printed as a line.
 
-    modbus_device.py --tcp PORT        --points JSON
+    modbus_device.py --tcp PORT [--count N] --points JSON
     modbus_device.py --rtu PATH --units 1,2 --points JSON
 
 JSON is a list of [table, address, type, byte_order, word_order, value], table one of coil,
 discrete_input, holding_register, input_register; type as in Ferry's map (bool, u16, i16,
 u32, i32, u64, i64, f32, f64, string:<registers>). Every unit of --units holds the same
 values, plus its unit id in holding register 999 and input register 999. Prints "READY" once
-it serves, then "WRITE <unit> <function> <address> <values>" for each write.
+it serves, then "WRITE <unit> <function> <address> <values>" for each write. With --count N
+there are N devices, on ports PORT to PORT+N-1 (scripts/bench-field.sh polls 100 of them).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import json
 import struct
 import sys
 
-from pymodbus.server import StartAsyncSerialServer, StartAsyncTcpServer
+from pymodbus.server import ModbusTcpServer, StartAsyncSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 FORMATS = {
@@ -83,6 +84,7 @@ def device(unit, points):
 async def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tcp", type=int)
+    parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--rtu")
     parser.add_argument("--units", default="1")
     parser.add_argument("--points", required=True)
@@ -93,7 +95,11 @@ async def main():
     loop = asyncio.get_running_loop()
     loop.call_later(0.3, lambda: print("READY", flush=True))
     if args.tcp:
-        await StartAsyncTcpServer(devices, address=("127.0.0.1", args.tcp))
+        servers = [
+            ModbusTcpServer(devices, address=("127.0.0.1", args.tcp + i))
+            for i in range(args.count)
+        ]
+        await asyncio.gather(*(s.serve_forever() for s in servers))
     else:
         await StartAsyncSerialServer(devices, port=args.rtu, baudrate=19200, parity="N")
 

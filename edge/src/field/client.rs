@@ -7,7 +7,8 @@
 //! waits only for room in that window, not for the acknowledgement, so a source is held back
 //! exactly when the broker holds its publishes (a full subscriber) and not by each commit.
 //! What the broker answers is counted in the source's [`SourceStats`] (`published`, or
-//! `refused` with the outbox full or the ACL's no).
+//! `refused` with the outbox full or the ACL's no; a QoS 0 publish, which the broker does
+//! not answer, is `published` once it is written to the broker).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -150,6 +151,8 @@ async fn drive(
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { return Ok(()) };
+                    // A QoS 0 publish is not acknowledged: it counts once it is written.
+                    let unacknowledged = matches!(&request, Request::Publish(_, None));
                     let packet = match request {
                         Request::Publish(mut p, permit) => {
                             if let Some(permit) = permit {
@@ -184,6 +187,9 @@ async fn drive(
                         .encode(ProtocolVersion::V5, &mut out)
                         .map_err(|e| ClientError::Protocol(e.to_string()))?;
                     wr.write_all(&out).await.map_err(|_| ClientError::Closed)?;
+                    if unacknowledged {
+                        stats.published();
+                    }
                 }
                 packet = read(&mut rd, &mut buf) => match packet? {
                     Packet::PubAck(ack) => {
