@@ -353,6 +353,8 @@ mod tests {
         assert_eq!(config.field.serial.len(), 1);
         assert_eq!(config.field.modbus.len(), 2);
         assert_eq!(config.field.modbus[0].points.len(), 2);
+        assert_eq!(config.field.gpio.len(), 1);
+        assert_eq!(config.field.gpio[0].lines.len(), 2);
         config.validate().expect("the uncommented example is valid");
         let defaults = crate::field::FieldConfig::default();
         assert_eq!(config.field.username, defaults.username);

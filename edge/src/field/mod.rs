@@ -1,5 +1,5 @@
-//! Field sources (feature `field`): devices the edge reads itself, serial lines and Modbus
-//! TCP/RTU, each published as MQTT messages; and commands written back to them.
+//! Field sources (feature `field`): devices the edge reads itself, serial lines, Modbus
+//! TCP/RTU and GPIO lines, each published as MQTT messages; and commands written back to them.
 //!
 //! Each source is an MQTT client of the edge's own broker ([`client`], over
 //! [`Server::connect_internal`]): what it reads takes the same path as any device's publish
@@ -18,9 +18,11 @@
 //! - [`framing`]: a serial line's bytes into frames, frames into payloads (sans-IO).
 //! - [`serial`]: the serial source.
 //! - [`modbus`]: the Modbus map, its decoding and request plan (sans-IO), and the poller.
+//! - [`gpio`]: GPIO inputs (debounced edges) and outputs, behind a chip trait.
 
 pub(crate) mod client;
 pub mod framing;
+pub mod gpio;
 pub mod modbus;
 pub mod serial;
 pub mod stats;
@@ -54,6 +56,8 @@ pub struct FieldConfig {
     pub serial: Vec<serial::SerialConfig>,
     /// `[[field.modbus]]`: Modbus TCP and RTU devices.
     pub modbus: Vec<modbus::ModbusConfig>,
+    /// `[[field.gpio]]`: lines of GPIO chips.
+    pub gpio: Vec<gpio::GpioConfig>,
 }
 
 impl Default for FieldConfig {
@@ -63,6 +67,7 @@ impl Default for FieldConfig {
             prefix: "field".into(),
             serial: Vec::new(),
             modbus: Vec::new(),
+            gpio: Vec::new(),
         }
     }
 }
@@ -101,7 +106,7 @@ pub(crate) fn default_rate() -> u32 {
 impl FieldConfig {
     /// Whether there is any source.
     pub fn is_empty(&self) -> bool {
-        self.serial.is_empty() && self.modbus.is_empty()
+        self.serial.is_empty() && self.modbus.is_empty() && self.gpio.is_empty()
     }
 
     /// Checks names (unique, one topic level), topics and each source's own settings.
@@ -112,7 +117,8 @@ impl FieldConfig {
             .serial
             .iter()
             .map(|s| (&s.name, s.publishing()))
-            .chain(self.modbus.iter().map(|m| (&m.name, m.publishing())));
+            .chain(self.modbus.iter().map(|m| (&m.name, m.publishing())))
+            .chain(self.gpio.iter().map(|g| (&g.name, g.publishing())));
         for (name, publishing) in sources {
             check_level("a source's name", name)?;
             if !names.insert(name.as_str()) {
@@ -135,6 +141,10 @@ impl FieldConfig {
         for m in &self.modbus {
             m.validate()
                 .map_err(|e| format!("field.modbus {:?}: {e}", m.name))?;
+        }
+        for g in &self.gpio {
+            g.validate()
+                .map_err(|e| format!("field.gpio {:?}: {e}", g.name))?;
         }
         Ok(())
     }
@@ -222,6 +232,12 @@ impl Field {
                 ));
             }
             tokio::spawn(modbus::run_bus(ctxs, bus));
+        }
+        for g in &config.gpio {
+            let stats = SourceStats::new(&g.name, "gpio");
+            sources.push(stats.clone());
+            let ctx = Ctx::new(server, &config, &g.name, &g.publishing(), stats, &stopped);
+            tokio::spawn(gpio::run(ctx, g.clone(), Arc::new(gpio::Cdev)));
         }
         if !sources.is_empty() {
             info!(sources = sources.len(), "field sources started");
@@ -366,6 +382,55 @@ impl Ctx {
         p.qos = QoS::AtLeastOnce;
         p.retain = true;
         let _ = client.publish(p).await;
+    }
+
+    /// The answer to command `cmd` for `point`: to its MQTT 5 response topic with its
+    /// correlation data, or to `<prefix>/<name>/reply/<point>`.
+    pub(crate) async fn answer(
+        &self,
+        client: &Client,
+        cmd: &Publish,
+        point: &str,
+        answer: serde_json::Value,
+    ) {
+        let topic = match &cmd.properties.response_topic {
+            Some(t) => t.clone(),
+            None => match TopicName::new(format!(
+                "{}/{}/reply/{point}",
+                self.config.prefix, self.name
+            )) {
+                Ok(t) => t,
+                Err(_) => return,
+            },
+        };
+        let mut p = Publish::new(topic, Bytes::from(answer.to_string()));
+        p.qos = QoS::AtLeastOnce;
+        p.properties.content_type = Some("application/json".into());
+        p.properties.correlation_data = cmd.properties.correlation_data.clone();
+        let _ = client.publish(p).await;
+    }
+
+    /// A source that cannot read: counted, and reported down (a warning, the status topic)
+    /// unless `reported` says it is already; then a wait of `retry_ms`. False if the source
+    /// was told to stop meanwhile.
+    pub(crate) async fn down_then_wait(
+        &mut self,
+        client: &Client,
+        reported: &mut bool,
+        why: String,
+        retry_ms: u64,
+    ) -> bool {
+        if !*reported {
+            tracing::warn!(source = %self.name, error = %why, retry_ms, "field source down");
+            self.status(client, false, Some(&why)).await;
+            *reported = true;
+        }
+        self.stats.read_failed(why, true);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(retry_ms)) => true,
+            _ = until_stopped(&mut stop) => false,
+        }
     }
 
     /// Whether the source was told to stop.

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferry_protocol::mqtt::{Properties, Publish, QoS};
+use ferry_protocol::mqtt::Properties;
 use ferry_protocol::topic::TopicName;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -906,7 +906,7 @@ async fn command(d: &mut Device, link: &Link, conn: &mut Option<Context>, cmd: C
         "reason": reason,
         "ts": now_ms(),
     });
-    reply(d, &cmd, &point_name, answer).await;
+    d.ctx.answer(&d.client, &cmd, &point_name, answer).await;
 }
 
 async fn write(
@@ -942,24 +942,6 @@ async fn write(
 
 /// The answer to a command: to its response topic with its correlation data (MQTT 5
 /// request/response), else to `<prefix>/<name>/reply/<point>`.
-async fn reply(d: &Device, cmd: &Publish, point: &str, answer: Value) {
-    let topic = match &cmd.properties.response_topic {
-        Some(t) => t.clone(),
-        None => match TopicName::new(format!(
-            "{}/{}/reply/{point}",
-            d.ctx.config.prefix, d.ctx.name
-        )) {
-            Ok(t) => t,
-            Err(_) => return,
-        },
-    };
-    let mut p = Publish::new(topic, Bytes::from(answer.to_string()));
-    p.qos = QoS::AtLeastOnce;
-    p.properties.content_type = Some("application/json".into());
-    p.properties.correlation_data = cmd.properties.correlation_data.clone();
-    let _ = d.client.publish(p).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! status topic says `down` meanwhile.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -228,16 +228,13 @@ pub(crate) async fn run(mut ctx: Ctx, config: SerialConfig) {
             Ok(port) => port,
             Err(e) => {
                 let why = format!("cannot open {}: {e}", config.path.display());
-                if !was_down {
-                    warn!(source = %ctx.name, error = %why, "serial line down");
-                    ctx.status(&client, false, Some(&why)).await;
-                    was_down = true;
+                if !ctx
+                    .down_then_wait(&client, &mut was_down, why, config.reopen_ms)
+                    .await
+                {
+                    return;
                 }
-                ctx.stats.read_failed(why, true);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(config.reopen_ms)) => continue,
-                    _ = until_stopped(&mut stop) => return,
-                }
+                continue;
             }
         };
         info!(source = %ctx.name, path = %config.path.display(), "serial line open");
@@ -245,6 +242,7 @@ pub(crate) async fn run(mut ctx: Ctx, config: SerialConfig) {
             .up
             .store(true, std::sync::atomic::Ordering::Relaxed);
         ctx.status(&client, true, None).await;
+        was_down = false;
         let mut framer = Framer::new(config.framing(), config.max_frame_bytes);
         let why = loop {
             let n = tokio::select! {
@@ -276,13 +274,11 @@ pub(crate) async fn run(mut ctx: Ctx, config: SerialConfig) {
                 }
             }
         };
-        warn!(source = %ctx.name, error = %why, "serial line down; opening it again");
-        ctx.stats.read_failed(why.clone(), true);
-        ctx.status(&client, false, Some(&why)).await;
-        was_down = true;
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(config.reopen_ms)) => {}
-            _ = until_stopped(&mut stop) => return,
+        if !ctx
+            .down_then_wait(&client, &mut was_down, why, config.reopen_ms)
+            .await
+        {
+            return;
         }
     }
 }
