@@ -83,7 +83,12 @@ export "CC_${cc_target}=$linker"
 export "AR_${cc_target}=${gcc%-gcc}-ar"
 export "CFLAGS_${cc_target}=$cflags"
 
-cargo build "${build_std[@]}" --profile "$profile" -p "$package" --bin "$package" --target "$target"
+# The boards' ferry-edge leaves the OPC UA field source out (it adds about 4 MB to the
+# binary); FERRY_EDGE_FEATURES=edge,field,opcua,mimalloc puts it in.
+features=()
+[ "$package" != ferry-edge ] ||
+  features=(--no-default-features --features "${FERRY_EDGE_FEATURES:-edge,field,mimalloc}")
+cargo build "${build_std[@]}" --profile "$profile" -p "$package" --bin "$package" --target "$target" "${features[@]}"
 dir=$profile
 [ "$profile" = dev ] && dir=debug
 bin=$target_dir/$target/$dir/$package

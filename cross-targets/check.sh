@@ -145,7 +145,8 @@ done
 # brings that target's standard library when it is missing (a fresh machine has only the
 # host's).
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
-CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --profile small -p ferry-edge --target x86_64-unknown-linux-musl
+CC_x86_64_unknown_linux_musl=musl-gcc cargo build -q --profile small -p ferry-edge --target x86_64-unknown-linux-musl \
+  --no-default-features --features "${FERRY_EDGE_FEATURES:-edge,field,mimalloc}"
 native=$target_dir/x86_64-unknown-linux-musl/small/ferry-edge
 "$native" --listen 127.0.0.1:18960 --data-dir "$work/idle" >/dev/null 2>&1 &
 idle=$!

@@ -25,7 +25,9 @@ WARMUP=${WARMUP:-10}
 if [ -n "${FERRY_BIN:-}" ]; then
   bin=$FERRY_BIN/ferry-edge
 else
-  cargo build -q --profile small -p ferry-edge
+  # The boards' build: the small profile and their feature set (cross-targets/build.sh).
+  cargo build -q --profile small -p ferry-edge \
+    --no-default-features --features "${FERRY_EDGE_FEATURES:-edge,field,mimalloc}"
   bin=target/small/ferry-edge
 fi
 work=$(mktemp -d)

@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-x86_64-unknown-linux-musl}
 export CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-musl-gcc}
-cargo build -q --profile small -p ferry-edge --target "$target"
+# The boards' feature set (cross-targets/build.sh): no OPC UA.
+cargo build -q --profile small -p ferry-edge --target "$target" \
+  --no-default-features --features "${FERRY_EDGE_FEATURES:-edge,field,mimalloc}"
 cargo build -q --release -p ferry-tests --bin ferry-bench
 bin=target/$target/small/ferry-edge
 echo "binary: $bin, $(stat -c %s "$bin") bytes ($(file -b "$bin" | cut -d, -f1-2))"

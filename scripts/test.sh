@@ -36,6 +36,8 @@ python3 -c "import kombu, celery" 2>/dev/null || python3 -m pip install -q kombu
 # changes between minor versions, hence the pin.
 python3 -c "from pymodbus.simulator import SimDevice; import serial" 2>/dev/null ||
   python3 -m pip install -q "pymodbus[serial]==3.16.*"
+# asyncua: the OPC UA server of the field tests (pinned like pymodbus).
+python3 -c "import asyncua" 2>/dev/null || python3 -m pip install -q "asyncua==2.1.*"
 # amqplib (Node.js) for the AMQP front, into tests/clients/node_modules (not committed).
 [ -d tests/clients/node_modules/amqplib ] ||
   npm install --no-save --no-package-lock --silent --prefix tests/clients amqplib@0.10

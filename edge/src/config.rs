@@ -355,7 +355,17 @@ mod tests {
         assert_eq!(config.field.modbus[0].points.len(), 2);
         assert_eq!(config.field.gpio.len(), 1);
         assert_eq!(config.field.gpio[0].lines.len(), 2);
-        config.validate().expect("the uncommented example is valid");
+        #[cfg(feature = "opcua")]
+        assert_eq!(config.field.opcua[0].nodes.len(), 1);
+        let valid = config.validate();
+        #[cfg(feature = "opcua")]
+        valid.expect("the uncommented example is valid");
+        // A build without OPC UA says so about the [[field.opcua]] table.
+        #[cfg(not(feature = "opcua"))]
+        assert!(
+            valid.is_err_and(|e| e.to_string().contains("without OPC UA")),
+            "no OPC UA in this build"
+        );
         let defaults = crate::field::FieldConfig::default();
         assert_eq!(config.field.username, defaults.username);
         assert_eq!(config.field.prefix, defaults.prefix);

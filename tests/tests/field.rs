@@ -60,25 +60,32 @@ impl Drop for Pty {
     }
 }
 
-/// A pymodbus device ([`tests/clients/modbus_device.py`]): its writes come as lines.
+/// A device or server the test runs as a Python script of `tests/clients/`: it prints
+/// "READY" once it serves, then a line for each write it took.
 struct Device {
     child: Child,
     writes: mpsc::Receiver<String>,
 }
 
 impl Device {
-    /// `at` is `["--tcp", port]` or `["--rtu", path, "--units", "1,2"]`; `points` what its
-    /// registers hold.
+    /// A pymodbus device ([`tests/clients/modbus_device.py`]): `at` is `["--tcp", port]` or
+    /// `["--rtu", path, "--units", "1,2"]`; `points` what its registers hold.
     fn start(at: &[&str], points: &Value) -> Self {
-        let script = format!("{}/clients/modbus_device.py", env!("CARGO_MANIFEST_DIR"));
+        let points = points.to_string();
+        let mut args = at.to_vec();
+        args.extend(["--points", &points]);
+        Self::script("modbus_device.py", &args)
+    }
+
+    fn script(script: &str, args: &[&str]) -> Self {
+        let script = format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR"));
         let mut child = Command::new("python3")
             .arg(script)
-            .args(at)
-            .args(["--points", &points.to_string()])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("python3 runs (scripts/test.sh installs pymodbus)");
+            .expect("python3 runs (scripts/test.sh installs pymodbus and asyncua)");
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -88,7 +95,7 @@ impl Device {
                 }
             }
         });
-        let ready = rx.recv_timeout(Duration::from_secs(30));
+        let ready = rx.recv_timeout(Duration::from_secs(60));
         assert_eq!(ready.as_deref(), Ok("READY"), "the device starts");
         Self { child, writes: rx }
     }
@@ -770,4 +777,166 @@ fn a_register_read_on_the_edge_is_in_the_cloud_log_and_a_cloud_command_writes_it
     let answer: Value = serde_json::from_str(&got[0].1).expect("json");
     assert_eq!(answer["result"], json!("done"), "{answer}");
     assert_eq!(answer["value"], json!(55));
+}
+
+/// The `[[field.opcua]]` table of a source reading the test server's nodes, retained: a
+/// node that does not change is sent once, when it is subscribed to.
+fn opcua_source(name: &str, port: u16, dir: &Path, security: &str) -> String {
+    let node = |n: &str, id: &str, extra: &str| {
+        format!("[[field.opcua.nodes]]\nname = \"{n}\"\nnode_id = \"ns=2;s={id}\"\nsampling_ms = 100\n{extra}")
+    };
+    format!(
+        "[[field.opcua]]\nname = \"{name}\"\nendpoint = \"opc.tcp://127.0.0.1:{port}/ferry/\"\n\
+         pki_dir = \"{}\"\npublishing_ms = 100\nreconnect_ms = 500\nretain = true\n{security}{}{}{}{}{}{}",
+        dir.join(format!("pki-{name}")).display(),
+        node("temperature", "Temperature", ""),
+        node("running", "Running", ""),
+        node("label", "Label", ""),
+        node("setpoint", "Setpoint", "writable = true\n"),
+        node("count", "Count", "writable = true\n"),
+        node("missing", "NoSuchNode", ""),
+    )
+}
+
+/// OPC UA against asyncua's server: with a user and password, a subscription delivers the
+/// changes of a moving value in order with their source timestamps and status; every node's
+/// value arrives; commands write a Double and an Int32 (answered as MQTT 5 requests), a
+/// value of the wrong kind and a node that is not writable are refused; a node the server
+/// does not have is counted and the rest still read; the server stopped is reported down
+/// and read again once it is back. A second source talks to a server that takes only
+/// Basic256Sha256 with SignAndEncrypt.
+#[test]
+fn opcua_subscriptions_deliver_changes_and_commands_write_nodes() {
+    let dir = temp_dir("field-opcua");
+    let (port, secure_port) = (free_tcp_port(), free_tcp_port());
+    let user = ["--user", "op:secret"];
+    let server = Device::script("opcua_server.py", &[&port.to_string(), user[0], user[1]]);
+    let certs = dir.join("server-certs");
+    let certs = certs.to_str().expect("utf-8");
+    let _secure = Device::script(
+        "opcua_server.py",
+        &[&secure_port.to_string(), "--secure", certs],
+    );
+    let password = dir.join("opcua-password");
+    std::fs::write(&password, "secret\n").expect("write");
+    let edge = edge_with(
+        &dir,
+        &format!(
+            "{}{}",
+            opcua_source(
+                "plant",
+                port,
+                &dir,
+                &format!(
+                    "identity = \"user\"\nusername = \"op\"\npassword_file = \"{}\"\n",
+                    password.display()
+                ),
+            ),
+            opcua_source(
+                "secure",
+                secure_port,
+                &dir,
+                "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign_and_encrypt\"\n\
+                 trust_server_certs = true\n",
+            ),
+        ),
+    );
+    let port_mqtt = edge.port();
+    wait_for_status(port_mqtt, "plant", "up");
+    let sub = Subscription::open(
+        &port_mqtt.to_string(),
+        "opcua-reader",
+        "field/plant/temperature",
+        &["-v"],
+    );
+    // The retained last change may come twice (it was published as the subscription began).
+    let changes: Vec<Value> = messages(&sub.read(4))
+        .iter()
+        .map(|(_, p)| serde_json::from_str(p).expect("json"))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let values: Vec<f64> = changes.iter().filter_map(|c| c["value"].as_f64()).collect();
+    assert_eq!(values.len(), 4, "{changes:?}");
+    assert!(
+        values.windows(2).all(|w| w[1] >= w[0]),
+        "in order: {values:?}"
+    );
+    assert!(values[3] > values[0], "changing: {values:?}");
+    for c in &changes {
+        assert_eq!(c["status"], json!("Good"), "{c}");
+        let source = c["source_ts"].as_i64().expect("a source timestamp");
+        assert!((now - source).abs() < 60_000, "{c}");
+        assert!(c["server_ts"].as_i64().is_some(), "{c}");
+    }
+    assert_eq!(
+        next_json(port_mqtt, "field/plant/running")["value"],
+        json!(true)
+    );
+    assert_eq!(
+        next_json(port_mqtt, "field/plant/label")["value"],
+        json!("line 1")
+    );
+    assert_eq!(
+        next_json(port_mqtt, "field/plant/setpoint")["value"],
+        json!(40.0)
+    );
+    wait_until(30, "the missing node is counted", || {
+        source_stats(&edge, "plant")["errors"].as_u64() >= Some(1)
+    });
+
+    let request = |node: &str, value: &str| -> Value {
+        let topic = format!("field/plant/set/{node}");
+        let out = mosquitto_at(
+            "mosquitto_rr",
+            &port_mqtt.to_string(),
+            &["-t", &topic, "-e", "answers/opcua", "-m", value, "-W", "30"],
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("an answer to {node}={value}: {e} {out:?}"))
+    };
+    assert_eq!(request("setpoint", "42.5")["result"], json!("done"));
+    assert_eq!(server.next_write(), "WRITE Setpoint 42.5");
+    assert_eq!(request("count", "99")["result"], json!("done"));
+    assert_eq!(server.next_write(), "WRITE Count 99");
+    for (node, value) in [
+        ("count", "1.5"),
+        ("count", "\"many\""),
+        ("label", "\"x\""),
+        ("nope", "1"),
+    ] {
+        let answer = request(node, value);
+        assert_eq!(
+            answer["result"],
+            json!("refused"),
+            "{node}={value}: {answer}"
+        );
+    }
+    assert!(
+        server
+            .writes
+            .recv_timeout(Duration::from_millis(500))
+            .is_err(),
+        "nothing else written"
+    );
+
+    // The encrypted session reads too.
+    wait_for_status(port_mqtt, "secure", "up");
+    assert_eq!(
+        next_json(port_mqtt, "field/secure/label")["value"],
+        json!("line 1")
+    );
+
+    // The server goes away and comes back.
+    server.stop();
+    wait_for_status(port_mqtt, "plant", "down");
+    let _server = Device::script("opcua_server.py", &[&port.to_string(), user[0], user[1]]);
+    wait_for_status(port_mqtt, "plant", "up");
+    assert_eq!(
+        next_json(port_mqtt, "field/plant/label")["value"],
+        json!("line 1")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

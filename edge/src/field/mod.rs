@@ -19,11 +19,14 @@
 //! - [`serial`]: the serial source.
 //! - [`modbus`]: the Modbus map, its decoding and request plan (sans-IO), and the poller.
 //! - [`gpio`]: GPIO inputs (debounced edges) and outputs, behind a chip trait.
+//! - `opcua` (feature `opcua`): an OPC UA client's subscription, and writes.
 
 pub(crate) mod client;
 pub mod framing;
 pub mod gpio;
 pub mod modbus;
+#[cfg(feature = "opcua")]
+pub mod opcua;
 pub mod serial;
 pub mod stats;
 
@@ -58,6 +61,13 @@ pub struct FieldConfig {
     pub modbus: Vec<modbus::ModbusConfig>,
     /// `[[field.gpio]]`: lines of GPIO chips.
     pub gpio: Vec<gpio::GpioConfig>,
+    /// `[[field.opcua]]`: OPC UA servers (feature `opcua`).
+    #[cfg(feature = "opcua")]
+    pub opcua: Vec<opcua::OpcuaConfig>,
+    /// Without the `opcua` feature, `[[field.opcua]]` tables are read only to be refused
+    /// by [`FieldConfig::validate`] with a message that says why.
+    #[cfg(not(feature = "opcua"))]
+    pub opcua: Vec<serde::de::IgnoredAny>,
 }
 
 impl Default for FieldConfig {
@@ -68,6 +78,7 @@ impl Default for FieldConfig {
             serial: Vec::new(),
             modbus: Vec::new(),
             gpio: Vec::new(),
+            opcua: Vec::new(),
         }
     }
 }
@@ -106,20 +117,37 @@ pub(crate) fn default_rate() -> u32 {
 impl FieldConfig {
     /// Whether there is any source.
     pub fn is_empty(&self) -> bool {
-        self.serial.is_empty() && self.modbus.is_empty() && self.gpio.is_empty()
+        self.sources().is_empty()
     }
 
-    /// Checks names (unique, one topic level), topics and each source's own settings.
-    pub fn validate(&self) -> Result<(), String> {
-        check_level("field.prefix", &self.prefix)?;
-        let mut names = HashSet::new();
-        let sources = self
+    /// Every source's name and publishing settings.
+    fn sources(&self) -> Vec<(&String, Publishing)> {
+        #[allow(unused_mut)]
+        let mut all: Vec<(&String, Publishing)> = self
             .serial
             .iter()
             .map(|s| (&s.name, s.publishing()))
             .chain(self.modbus.iter().map(|m| (&m.name, m.publishing())))
-            .chain(self.gpio.iter().map(|g| (&g.name, g.publishing())));
-        for (name, publishing) in sources {
+            .chain(self.gpio.iter().map(|g| (&g.name, g.publishing())))
+            .collect();
+        #[cfg(feature = "opcua")]
+        all.extend(self.opcua.iter().map(|o| (&o.name, o.publishing())));
+        all
+    }
+
+    /// Checks names (unique, one topic level), topics and each source's own settings.
+    pub fn validate(&self) -> Result<(), String> {
+        #[cfg(not(feature = "opcua"))]
+        if !self.opcua.is_empty() {
+            return Err(
+                "[[field.opcua]]: this ferry-edge is built without OPC UA (the `opcua` \
+                        feature, which the boards' builds leave out)"
+                    .into(),
+            );
+        }
+        check_level("field.prefix", &self.prefix)?;
+        let mut names = HashSet::new();
+        for (name, publishing) in self.sources() {
             check_level("a source's name", name)?;
             if !names.insert(name.as_str()) {
                 return Err(format!("two field sources are named {name:?}"));
@@ -145,6 +173,11 @@ impl FieldConfig {
         for g in &self.gpio {
             g.validate()
                 .map_err(|e| format!("field.gpio {:?}: {e}", g.name))?;
+        }
+        #[cfg(feature = "opcua")]
+        for o in &self.opcua {
+            o.validate()
+                .map_err(|e| format!("field.opcua {:?}: {e}", o.name))?;
         }
         Ok(())
     }
@@ -238,6 +271,13 @@ impl Field {
             sources.push(stats.clone());
             let ctx = Ctx::new(server, &config, &g.name, &g.publishing(), stats, &stopped);
             tokio::spawn(gpio::run(ctx, g.clone(), Arc::new(gpio::Cdev)));
+        }
+        #[cfg(feature = "opcua")]
+        for o in &config.opcua {
+            let stats = SourceStats::new(&o.name, "opcua");
+            sources.push(stats.clone());
+            let ctx = Ctx::new(server, &config, &o.name, &o.publishing(), stats, &stopped);
+            tokio::spawn(opcua::run(ctx, o.clone()));
         }
         if !sources.is_empty() {
             info!(sources = sources.len(), "field sources started");

@@ -414,7 +414,7 @@ fn take<const N: usize>(bytes: &[u8]) -> [u8; N] {
 }
 
 /// A JSON number, or null for NaN and infinities (which JSON has no way to say).
-fn number(v: f64) -> Value {
+pub(crate) fn number(v: f64) -> Value {
     serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
 }
 
