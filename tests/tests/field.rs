@@ -940,3 +940,208 @@ fn opcua_subscriptions_deliver_changes_and_commands_write_nodes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A write needs the ACL's leave: a user who may only read the field topics publishes a
+/// command and nothing is written (the broker refuses the publish); a user who may write
+/// them does.
+#[test]
+fn a_command_the_acl_does_not_allow_is_not_written() {
+    let dir = temp_dir("field-acl");
+    let passwd = dir.join("passwd");
+    for (i, user) in ["operator", "viewer"].iter().enumerate() {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let status = cmd
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, "pw"])
+            .status()
+            .expect("mosquitto_passwd must be installed (apt-get install mosquitto)");
+        assert!(status.success());
+    }
+    let acl = dir.join("acl");
+    std::fs::write(
+        &acl,
+        "user ferry-field\ntopic write field/#\ntopic read field/+/set/+\n\
+         user operator\ntopic readwrite field/#\n\
+         user viewer\ntopic read field/#\n",
+    )
+    .expect("write the ACL");
+    let map: Vec<(&str, MapPoint)> = plc_map()
+        .into_iter()
+        .filter(|(n, _)| *n == "setpoint")
+        .collect();
+    let dev_port = free_tcp_port().to_string();
+    let device = Device::start(&["--tcp", &dev_port], &device_points(&map));
+    let edge = edge_with(
+        &dir,
+        &format!(
+            "[auth]\npassword_file = \"{}\"\nacl_file = \"{}\"\n{}",
+            passwd.display(),
+            acl.display(),
+            modbus_source(
+                "plc",
+                &format!("address = \"127.0.0.1:{dev_port}\""),
+                &map,
+                ""
+            ),
+        ),
+    );
+    let port = edge.port().to_string();
+    let set = |user: &str, value: &str| {
+        mosquitto_at(
+            "mosquitto_pub",
+            &port,
+            &[
+                "-V",
+                "mqttv5",
+                "-u",
+                user,
+                "-P",
+                "pw",
+                "-q",
+                "1",
+                "-t",
+                "field/plc/set/setpoint",
+                "-m",
+                value,
+            ],
+        )
+    };
+    // The viewer reads the readings (the field user may publish them)...
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &port,
+        &[
+            "-u",
+            "viewer",
+            "-P",
+            "pw",
+            "-t",
+            "field/plc",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ],
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("a reading for the viewer");
+    assert_eq!(doc["setpoint"], json!(20));
+    // ...but its command is refused by the broker and never written.
+    let out = set("viewer", "55");
+    assert!(
+        !out.status.success() || String::from_utf8_lossy(&out.stderr).contains("authoriz"),
+        "the broker refuses the viewer's command: {out:?}"
+    );
+    assert!(
+        device.writes.recv_timeout(Duration::from_secs(2)).is_err(),
+        "the viewer's command is not written"
+    );
+    let out = set("operator", "56");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(device.next_write(), "WRITE 1 6 30 [56]");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGHUP reads `[field]` again: a source added starts, one removed stops, and an MQTT
+/// client that was connected all along keeps its connection (one CONNACK, no disconnect)
+/// and receives from the new source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_replaces_the_field_sources_and_keeps_mqtt_clients() {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    let dir = temp_dir("field-reload");
+    let map: Vec<(&str, MapPoint)> = plc_map()
+        .into_iter()
+        .filter(|(n, _)| *n == "count")
+        .collect();
+    let dev_port = free_tcp_port().to_string();
+    let _device = Device::start(&["--tcp", &dev_port], &device_points(&map));
+    let at = format!("address = \"127.0.0.1:{dev_port}\"");
+    let edge = edge_with(&dir, &modbus_source("old", &at, &map, ""));
+    wait_for_status(edge.port(), "old", "up");
+    let (watcher, mut events) =
+        AsyncClient::new(MqttOptions::new("watcher", "127.0.0.1", edge.port()), 10);
+    watcher
+        .subscribe("field/+", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let (mut connacks, mut suback) = (0, false);
+    while !suback {
+        match ferry_tests::clients::next_incoming(&mut events, "the watcher's SUBACK").await {
+            Incoming::ConnAck(_) => connacks += 1,
+            Incoming::SubAck(_) => suback = true,
+            _ => {}
+        }
+    }
+    let config = dir.join("edge.toml");
+    let text = std::fs::read_to_string(&config).expect("the configuration");
+    std::fs::write(&config, text.replace("name = \"old\"", "name = \"new\"")).expect("write");
+    edge.reload_and_wait_for("SIGHUP: field sources reloaded");
+    let reading = loop {
+        match tokio::time::timeout(Duration::from_secs(60), events.poll()).await {
+            Ok(Ok(Event::Incoming(Incoming::Publish(p)))) if p.topic == "field/new" => break p,
+            Ok(Ok(Event::Incoming(Incoming::ConnAck(_)))) => connacks += 1,
+            Ok(Ok(Event::Incoming(Incoming::Disconnect))) | Ok(Err(_)) => {
+                panic!("the watcher lost its connection in the reload")
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("no reading of the new source within 60 s"),
+        }
+    };
+    assert_eq!(connacks, 1, "the watcher connected once");
+    let doc: Value = serde_json::from_slice(&reading.payload).expect("json");
+    assert_eq!(doc["count"], json!(65000));
+    let response = edge.http_get("/api/field");
+    assert!(
+        response.contains("\"name\":\"new\"") && !response.contains("\"name\":\"old\""),
+        "{response}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A line that floods is held to `max_per_sec` (the rest dropped and counted) and never
+/// holds up the broker: a client's round trip goes through meanwhile.
+#[test]
+fn a_flooding_line_is_held_to_its_rate_and_the_broker_still_serves() {
+    let dir = temp_dir("field-flood");
+    let line = Pty::open(&dir, "flood");
+    let edge = edge_with(
+        &dir,
+        &format!(
+            "[[field.serial]]\nname = \"flood\"\npath = \"{}\"\nmax_per_sec = 50\nqos = 0\n",
+            line.b.display()
+        ),
+    );
+    let port = edge.port();
+    wait_for_status(port, "flood", "up");
+    let mut w = line.writer();
+    let writer = std::thread::spawn(move || {
+        let burst = "garbage garbage garbage\n".repeat(1000);
+        for _ in 0..50 {
+            if w.write_all(burst.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let out = mosquitto_at(
+        "mosquitto_rr",
+        &port.to_string(),
+        &["-t", "ping", "-e", "ping", "-m", "pong", "-W", "30"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pong",
+        "{out:?}"
+    );
+    writer.join().expect("the writer ends");
+    wait_until(30, "most of the flood is dropped and counted", || {
+        source_stats(&edge, "flood")["dropped"].as_u64() > Some(40_000)
+    });
+    let stats = source_stats(&edge, "flood");
+    let published = stats["published"].as_u64().unwrap_or(0);
+    // 50,000 lines in a few seconds at 50 a second (a second's worth at once, then 50 a second).
+    assert!(published < 1_000, "{stats}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
