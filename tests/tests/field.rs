@@ -503,7 +503,8 @@ fn check_document(doc: &Value, map: &[(&str, MapPoint)]) {
     }
 }
 
-/// Modbus TCP against pymodbus: every type and order is read as the device holds it; a
+/// Modbus TCP against pymodbus: every type and order is read as the device holds it, a
+/// point the device does not have is counted and the rest still read; a
 /// command (MQTT 5 request/response) writes a holding register and a coil and is answered;
 /// writes out of range or of a point that is not writable are refused with the reason; the
 /// device stopped is reported down (and nothing is published as fresh), and read again
@@ -514,18 +515,31 @@ fn modbus_tcp_reads_every_type_and_order_and_commands_write_back() {
     let map = plc_map();
     let dev_port = free_tcp_port().to_string();
     let device = Device::start(&["--tcp", &dev_port], &device_points(&map));
+    // And a point the device does not have (it holds 1,000 registers): its read is refused
+    // with an exception, counted, and the rest of the map is still read.
+    let ghost =
+        "[[field.modbus.points]]\nname = \"ghost\"\ntable = \"holding_register\"\naddress = 5000\n";
     let edge = edge_with(
         &dir,
-        &modbus_source(
+        &(modbus_source(
             "plc",
             &format!("address = \"127.0.0.1:{dev_port}\""),
             &map,
             "",
-        ),
+        ) + ghost),
     );
     let port = edge.port();
     wait_for_status(port, "plc", "up");
     let doc = next_json(port, "field/plc");
+    assert!(doc.get("ghost").is_none(), "{doc}");
+    let plc = source_stats(&edge, "plc");
+    assert!(plc["errors"].as_u64() >= Some(1), "{plc}");
+    assert!(
+        plc["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused a read")),
+        "{plc}"
+    );
     check_document(&doc, &map);
     assert_eq!(doc["temp_unit"], json!("C"));
     assert!(doc["ts"].as_u64().is_some_and(|ts| ts > 1_600_000_000_000));

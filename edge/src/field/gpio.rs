@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::stats::now_ms;
-use super::{until_stopped, Ctx, Publishing};
+use super::{until_stopped, Ctx, Outcome, Publishing};
 
 /// One `[[field.gpio]]` table: lines of one chip.
 #[derive(Debug, Clone, Deserialize)]
@@ -535,43 +535,22 @@ async fn command<L: Lines>(
         (Some(_), _) => Err(format!("line {name:?} needs true or false")),
     };
     let mut failed = None;
-    let (result, reason) = match target {
-        Err(why) => ("refused", Some(why)),
+    let outcome = match target {
+        Err(why) => Outcome::Refused(why),
         Ok((i, active)) => match lines.set(config.lines[i].offset, active) {
             Ok(()) => {
-                ctx.stats
-                    .writes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                info!(source = %ctx.name, line = %name, active, "GPIO output set");
-                publish(
-                    ctx,
-                    client,
-                    &topics[i],
-                    json!({ "value": active, "ts": now_ms() }),
-                )
-                .await;
-                ("done", None)
+                let level = json!({ "value": active, "ts": now_ms() });
+                publish(ctx, client, &topics[i], level).await;
+                Outcome::Done
             }
             Err(e) => {
-                failed = Some(format!("setting line {name:?} failed: {e}"));
-                ("error", failed.clone())
+                let why = format!("setting line {name:?} failed: {e}");
+                failed = Some(why.clone());
+                Outcome::Failed(why)
             }
         },
     };
-    if result != "done" {
-        ctx.stats
-            .writes_failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        warn!(source = %ctx.name, line = %name, reason = reason.as_deref().unwrap_or(""), "GPIO command {result}");
-    }
-    let answer = json!({
-        "point": name,
-        "value": value,
-        "result": result,
-        "reason": reason,
-        "ts": now_ms(),
-    });
-    ctx.answer(client, cmd, &name, answer).await;
+    ctx.answer(client, cmd, &name, &value, outcome).await;
     failed.map_or(Ok(()), Err)
 }
 

@@ -424,15 +424,38 @@ impl Ctx {
         let _ = client.publish(p).await;
     }
 
-    /// The answer to command `cmd` for `point`: to its MQTT 5 response topic with its
-    /// correlation data, or to `<prefix>/<name>/reply/<point>`.
+    /// The end of command `cmd` for `point` (its `value`): counted in the source's writes or
+    /// failed writes, logged, and answered `{"point", "value", "result": "done" | "refused" |
+    /// "error", "reason", "ts"}` to its MQTT 5 response topic with its correlation data, or
+    /// to `<prefix>/<name>/reply/<point>`.
     pub(crate) async fn answer(
         &self,
         client: &Client,
         cmd: &Publish,
         point: &str,
-        answer: serde_json::Value,
+        value: &serde_json::Value,
+        outcome: Outcome,
     ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (result, reason) = match outcome {
+            Outcome::Done => ("done", None),
+            Outcome::Refused(why) => ("refused", Some(why)),
+            Outcome::Failed(why) => ("error", Some(why)),
+        };
+        if reason.is_none() {
+            self.stats.writes.fetch_add(1, Relaxed);
+            info!(source = %self.name, %point, %value, "field command written");
+        } else {
+            self.stats.writes_failed.fetch_add(1, Relaxed);
+            tracing::warn!(source = %self.name, %point, %value, reason = reason.as_deref().unwrap_or(""), "field command {result}");
+        }
+        let answer = serde_json::json!({
+            "point": point,
+            "value": value,
+            "result": result,
+            "reason": reason,
+            "ts": now_ms(),
+        });
         let topic = match &cmd.properties.response_topic {
             Some(t) => t.clone(),
             None => match TopicName::new(format!(
@@ -477,6 +500,27 @@ impl Ctx {
     pub(crate) fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
+}
+
+/// How a command ended (see [`Ctx::answer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Written.
+    Done,
+    /// Not sent to the device: why (no such point, not writable, a bad value).
+    Refused(String),
+    /// The device did not take it: why.
+    Failed(String),
+}
+
+/// The last topic level of a command: the point it is for.
+pub(crate) fn command_point(cmd: &Publish) -> String {
+    cmd.topic
+        .as_str()
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 /// Waits until `stop` says so (or its sender is gone).

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,7 +31,7 @@ use tracing::{debug, info, warn};
 use super::client::{Client, Command};
 use super::serial::Parity;
 use super::stats::now_ms;
-use super::{until_stopped, Ctx, Publishing};
+use super::{command_point, until_stopped, Ctx, Outcome, Publishing};
 
 /// The most registers one read asks for (the protocol's limit is 125).
 const MAX_REGISTERS: u16 = 125;
@@ -871,42 +870,26 @@ async fn publish_values(d: &mut Device, values: Vec<Option<Value>>, ts: u64) {
 
 /// A command: the write of one point, and the answer.
 async fn command(d: &mut Device, link: &Link, conn: &mut Option<Context>, cmd: Command) {
-    let point_name = cmd
-        .topic
-        .as_str()
-        .rsplit('/')
-        .next()
-        .unwrap_or("")
-        .to_owned();
+    let point_name = command_point(&cmd);
     let value = command_value(&cmd.payload);
     let op = match d.config.points.iter().find(|p| p.name == point_name) {
         None => Err(WriteRefused::NoSuchPoint(point_name.clone())),
         Some(p) => encode(p, &value),
     };
-    let (result, reason) = match op {
-        Err(refused) => ("refused", Some(refused.to_string())),
+    let outcome = match op {
+        Err(refused) => Outcome::Refused(refused.to_string()),
         Ok(op) => match write(d, link, conn, &op).await {
-            Ok(()) => ("done", None),
-            Err(e) => ("error", Some(e)),
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Failed(e),
         },
     };
-    if result == "done" {
-        d.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
-        info!(source = %d.ctx.name, point = %point_name, %value, "Modbus point written");
+    if outcome == Outcome::Done {
         // The next poll shows the new value soon, not a period later.
         d.next_poll = d.next_poll.min(Instant::now() + Duration::from_millis(50));
-    } else {
-        d.ctx.stats.writes_failed.fetch_add(1, Ordering::Relaxed);
-        warn!(source = %d.ctx.name, point = %point_name, reason = reason.as_deref().unwrap_or(""), "Modbus write {result}");
     }
-    let answer = json!({
-        "point": point_name,
-        "value": value,
-        "result": result,
-        "reason": reason,
-        "ts": now_ms(),
-    });
-    d.ctx.answer(&d.client, &cmd, &point_name, answer).await;
+    d.ctx
+        .answer(&d.client, &cmd, &point_name, &value, outcome)
+        .await;
 }
 
 async fn write(

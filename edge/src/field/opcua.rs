@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use super::client::{Client, Command};
 use super::stats::now_ms;
-use super::{Ctx, Publishing};
+use super::{Ctx, Outcome, Publishing};
 
 /// Data changes waiting for the source; more are dropped and counted.
 const CHANGES: usize = 4096;
@@ -579,8 +579,8 @@ async fn command(
             Some(like) => to_variant(like, &value).map(|v| (i, v)),
         },
     };
-    let (result, reason) = match target {
-        Err(why) => ("refused", Some(why)),
+    let outcome = match target {
+        Err(why) => Outcome::Refused(why),
         Ok((i, variant)) => {
             let write = WriteValue {
                 node_id: node_ids[i].clone(),
@@ -589,37 +589,16 @@ async fn command(
                 value: DataValue::value_only(variant),
             };
             match session.write(&[write]).await {
-                Ok(codes) if codes.first().is_some_and(|c| c.is_good()) => ("done", None),
-                Ok(codes) => (
-                    "error",
-                    Some(format!(
-                        "the server refused the write: {}",
-                        codes.first().map_or("no result".into(), |c| c.to_string())
-                    )),
-                ),
-                Err(code) => ("error", Some(format!("the write failed: {code}"))),
+                Ok(codes) if codes.first().is_some_and(|c| c.is_good()) => Outcome::Done,
+                Ok(codes) => Outcome::Failed(format!(
+                    "the server refused the write: {}",
+                    codes.first().map_or("no result".into(), |c| c.to_string())
+                )),
+                Err(code) => Outcome::Failed(format!("the write failed: {code}")),
             }
         }
     };
-    if result == "done" {
-        ctx.stats
-            .writes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        info!(source = %ctx.name, node = %name, %value, "OPC UA node written");
-    } else {
-        ctx.stats
-            .writes_failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        warn!(source = %ctx.name, node = %name, reason = reason.as_deref().unwrap_or(""), "OPC UA write {result}");
-    }
-    let answer = json!({
-        "point": name,
-        "value": value,
-        "result": result,
-        "reason": reason,
-        "ts": now_ms(),
-    });
-    ctx.answer(client, cmd, &name, answer).await;
+    ctx.answer(client, cmd, &name, &value, outcome).await;
 }
 
 #[cfg(test)]
