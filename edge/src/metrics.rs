@@ -22,6 +22,11 @@ use crate::server::CommitStats;
 /// A request head longer than this is refused: the page needs only a request line.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
+/// The status page at `/` (for the technician on site): the figures of `/api/link`,
+/// `/api/field` and `/metrics`, read again every 2 s by its script; no other assets.
+#[cfg(feature = "edge")]
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// Serves metrics on `addr` until the process ends; returns the bound address.
 #[cfg(feature = "edge")]
 pub async fn serve(addr: SocketAddr, server: crate::server::Server) -> std::io::Result<SocketAddr> {
@@ -52,6 +57,7 @@ pub async fn serve(addr: SocketAddr, server: crate::server::Server) -> std::io::
                     serde_json::to_string(&server.field_sources()).unwrap_or_default(),
                 ),
                 "/api/link" => Response::json(link_json(&stats, age, server.link_status())),
+                "/" => Response::html(STATUS_PAGE),
                 _ => Response::status("404 Not Found"),
             }
         }
@@ -83,6 +89,15 @@ impl Response {
             status: "200 OK",
             content_type: "application/json",
             body,
+        }
+    }
+
+    /// An HTML page.
+    pub fn html(body: &str) -> Self {
+        Self {
+            status: "200 OK",
+            content_type: "text/html; charset=utf-8",
+            body: body.to_owned(),
         }
     }
 

@@ -264,6 +264,24 @@ fn serial_frames_of_every_framing_arrive_and_an_unplugged_line_is_read_again() {
         "the 40-byte frame is dropped"
     );
 
+    // The status page for the technician is served, and what its script reads is there.
+    let page = edge.http_get("/");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("text/html") && page.contains("<title>ferry-edge</title>"),
+        "{page}"
+    );
+    for api in ["/api/link", "/api/field", "/metrics"] {
+        assert!(
+            page.contains(&format!("fetch(\"{api}\")")),
+            "the page reads {api}"
+        );
+        assert!(
+            edge.http_get(api).starts_with("HTTP/1.1 200"),
+            "{api} answers"
+        );
+    }
+
     // Unplugged: down; back: read again.
     line.unplug();
     wait_for_status(port, "meter", "down");
