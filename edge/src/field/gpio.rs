@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::stats::now_ms;
-use super::{until_stopped, Ctx, Outcome, Publishing};
+use super::{until_stopped, Ctx, Outcome};
 
 /// One `[[field.gpio]]` table: lines of one chip.
 #[derive(Debug, Clone, Deserialize)]
@@ -127,15 +127,6 @@ fn default_debounce() -> u64 {
 }
 
 impl GpioConfig {
-    pub(crate) fn publishing(&self) -> Publishing {
-        Publishing {
-            topic: self.topic.clone(),
-            qos: self.qos,
-            retain: self.retain,
-            max_per_sec: self.max_per_sec,
-        }
-    }
-
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.lines.is_empty() {
             return Err("has no lines".into());

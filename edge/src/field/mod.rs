@@ -95,6 +95,27 @@ pub struct Publishing {
     pub max_per_sec: u32,
 }
 
+/// `publishing()` for each source table, whose four publishing keys sit beside its own
+/// (serde's `flatten` cannot be used with `deny_unknown_fields`, so they are repeated in
+/// each table and gathered here).
+macro_rules! publishing_of {
+    ($($table:ty),+) => {$(
+        impl $table {
+            pub(crate) fn publishing(&self) -> Publishing {
+                Publishing {
+                    topic: self.topic.clone(),
+                    qos: self.qos,
+                    retain: self.retain,
+                    max_per_sec: self.max_per_sec,
+                }
+            }
+        }
+    )+};
+}
+publishing_of!(serial::SerialConfig, modbus::ModbusConfig, gpio::GpioConfig);
+#[cfg(feature = "opcua")]
+publishing_of!(opcua::OpcuaConfig);
+
 impl Default for Publishing {
     fn default() -> Self {
         Self {

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use super::client::{Client, Command};
 use super::serial::Parity;
 use super::stats::now_ms;
-use super::{command_point, until_stopped, Ctx, Outcome, Publishing};
+use super::{command_point, until_stopped, Ctx, Outcome};
 
 /// The most registers one read asks for (the protocol's limit is 125).
 const MAX_REGISTERS: u16 = 125;
@@ -240,15 +240,6 @@ impl Point {
 }
 
 impl ModbusConfig {
-    pub(crate) fn publishing(&self) -> Publishing {
-        Publishing {
-            topic: self.topic.clone(),
-            qos: self.qos,
-            retain: self.retain,
-            max_per_sec: self.max_per_sec,
-        }
-    }
-
     pub(crate) fn validate(&self) -> Result<(), String> {
         match (&self.address, &self.path) {
             (Some(_), None) | (None, Some(_)) => {}

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use super::client::{Client, Command};
 use super::stats::now_ms;
-use super::{Ctx, Outcome, Publishing};
+use super::{Ctx, Outcome};
 
 /// Data changes waiting for the source; more are dropped and counted.
 const CHANGES: usize = 4096;
@@ -147,15 +147,6 @@ fn default_reconnect() -> u64 {
 }
 
 impl OpcuaConfig {
-    pub(crate) fn publishing(&self) -> Publishing {
-        Publishing {
-            topic: self.topic.clone(),
-            qos: self.qos,
-            retain: self.retain,
-            max_per_sec: self.max_per_sec,
-        }
-    }
-
     pub(crate) fn validate(&self) -> Result<(), String> {
         if !self.endpoint.starts_with("opc.tcp://") {
             return Err(format!("endpoint {:?} is not opc.tcp://…", self.endpoint));

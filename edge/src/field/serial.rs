@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::framing::{parse, FrameError, Framer, Framing, Parse};
 use super::stats::now_ms;
-use super::{ts_property, until_stopped, Ctx, Publishing};
+use super::{ts_property, until_stopped, Ctx};
 
 /// One `[[field.serial]]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -130,15 +130,6 @@ fn default_reopen() -> u64 {
 }
 
 impl SerialConfig {
-    pub(crate) fn publishing(&self) -> Publishing {
-        Publishing {
-            topic: self.topic.clone(),
-            qos: self.qos,
-            retain: self.retain,
-            max_per_sec: self.max_per_sec,
-        }
-    }
-
     pub(crate) fn validate(&self) -> Result<(), String> {
         if !(5..=8).contains(&self.data_bits) {
             return Err(format!("data_bits must be 5 to 8, not {}", self.data_bits));
