@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_protocol::kafka::BatchHeader;
-use ferry_protocol::link_frames::{Frame, GoAwayCode, VERSION};
+use ferry_protocol::link_frames::{EdgeStatus, Frame, GoAwayCode, MIN_VERSION, VERSION};
 
 use crate::error::{frame_name, LinkError, SinkError};
 
@@ -36,8 +36,13 @@ pub struct CloudEndConfig {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Effect<C> {
     /// The edge said HELLO: check the deny list, then [`CloudEnd::welcome`] or
-    /// [`CloudEnd::refuse`]. `down_acked`: the downlink sequence the edge says it applied.
-    Hello { software: String, down_acked: u64 },
+    /// [`CloudEnd::refuse`]. `down_acked`: the downlink sequence the edge says it applied;
+    /// `version`: the link version spoken (the edge's).
+    Hello {
+        software: String,
+        down_acked: u64,
+        version: u16,
+    },
     /// Append these batches (in order, one class) through the ingest path; then
     /// [`CloudEnd::ingest_done`] with the handle of their metadata commit.
     Ingest { class: u8, batches: Vec<Bytes> },
@@ -51,6 +56,8 @@ pub enum Effect<C> {
     RecordDownAck { seq: u64 },
     /// A round of acknowledgements went out (for metrics): records and bytes acknowledged.
     Acknowledged { records: u64, bytes: u64 },
+    /// The edge told its figures (STATUS, version 2 on): for the admin API.
+    Status(EdgeStatus),
 }
 
 /// The cloud's end of one link (one connection), from HELLO to its end.
@@ -74,6 +81,8 @@ pub struct CloudEnd<C> {
     last_round: Instant,
     round: Option<Round<C>>,
     down: Downlink,
+    /// The version the link speaks: the edge's, once its HELLO is taken.
+    version: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +153,7 @@ impl<C> CloudEnd<C> {
             last_round: now,
             round: None,
             down: Downlink::default(),
+            version: VERSION,
         }
     }
 
@@ -160,10 +170,12 @@ impl<C> CloudEnd<C> {
                     ..
                 },
             ) => {
-                if version != VERSION {
+                if !(MIN_VERSION..=VERSION).contains(&version) {
                     self.transmit.push_back(Frame::GoAway {
                         code: GoAwayCode::UnsupportedVersion,
-                        reason: format!("this cloud speaks link version {VERSION}"),
+                        reason: format!(
+                            "this cloud speaks link versions {MIN_VERSION} to {VERSION}"
+                        ),
                     });
                     self.state = State::Closed;
                     return Err(LinkError::VersionMismatch {
@@ -171,11 +183,17 @@ impl<C> CloudEnd<C> {
                         theirs: version,
                     });
                 }
+                self.version = version;
                 self.state = State::Hello { down_acked };
                 self.effects.push_back(Effect::Hello {
                     software,
                     down_acked,
+                    version,
                 });
+                Ok(())
+            }
+            (State::Up, Frame::Status(status)) if self.version >= 2 => {
+                self.effects.push_back(Effect::Status(status));
                 Ok(())
             }
             (State::Up, Frame::Batch { class, batch }) => {
@@ -216,7 +234,7 @@ impl<C> CloudEnd<C> {
             return;
         };
         self.transmit.push_back(Frame::Welcome {
-            version: VERSION,
+            version: self.version,
             max_frame_bytes: self.config.max_frame_bytes as u32,
             credit_bytes: self.config.credit_bytes,
             committed,

@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::cloud_end::{CloudEnd, CloudEndConfig, Effect};
 use crate::error::{LinkError, SinkError};
+pub use crate::fleet::EdgeLink;
+use crate::fleet::{EdgeRecord, Fleet, SAMPLE_EVERY_MS};
 use crate::quic::{
     self, FrameReader, FrameWriter, PeerIdentity, SetupError, StreamError, Timeouts, TlsFiles,
 };
@@ -75,20 +77,6 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
 }
 
-/// One connected edge, for the admin API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EdgeLink {
-    pub edge_id: String,
-    pub serial: String,
-    pub remote: SocketAddr,
-    pub software: String,
-    /// When the link came up (ms since the Unix epoch).
-    pub since_unix_ms: u64,
-    pub records: u64,
-    pub batch_bytes: u64,
-    pub last_ack_unix_ms: u64,
-}
-
 /// The running link listener.
 pub struct LinkServer {
     endpoint: quinn::Endpoint,
@@ -97,13 +85,15 @@ pub struct LinkServer {
     deny: RwLock<HashSet<String>>,
     /// Edge id → its current link.
     links: Mutex<HashMap<String, Live>>,
+    /// Every edge seen since the start, for the admin API and the console.
+    fleet: Mutex<Fleet>,
     next_id: AtomicU64,
 }
 
 struct Live {
     id: u64,
     conn: quinn::Connection,
-    info: EdgeLink,
+    serial: String,
 }
 
 impl std::fmt::Debug for LinkServer {
@@ -132,11 +122,13 @@ impl LinkServer {
             sink,
             deny: RwLock::new(HashSet::new()),
             links: Mutex::new(HashMap::new()),
+            fleet: Mutex::new(Fleet::default()),
             next_id: AtomicU64::new(1),
         });
         server.reload_deny()?;
         info!(addr = %server.local_addr(), "listening for edges (QUIC)");
         tokio::spawn(accept_loop(server.clone()));
+        tokio::spawn(sample_fleet(Arc::downgrade(&server)));
         Ok(server)
     }
 
@@ -171,9 +163,9 @@ impl LinkServer {
         let n = deny.len();
         *self.deny.write().unwrap_or_else(|e| e.into_inner()) = deny;
         let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        for live in links.values() {
-            if self.denied(&live.info.edge_id, &live.info.serial) {
-                warn!(edge = %live.info.edge_id, "edge is on the deny list; closing its link");
+        for (edge, live) in links.iter() {
+            if self.denied(edge, &live.serial) {
+                warn!(edge = %edge, "edge is on the deny list; closing its link");
                 live.conn
                     .close((GoAwayCode::Denied as u32).into(), b"denied");
             }
@@ -181,17 +173,30 @@ impl LinkServer {
         Ok(n)
     }
 
-    fn denied(&self, edge_id: &str, serial: &str) -> bool {
+    /// Whether `edge_id`, or the certificate `serial`, is on the deny list.
+    pub fn denied(&self, edge_id: &str, serial: &str) -> bool {
         let deny = self.deny.read().unwrap_or_else(|e| e.into_inner());
         deny.contains(edge_id) || deny.contains(serial) || deny.contains(&serial.to_uppercase())
     }
 
     /// The edges connected now.
     pub fn edges(&self) -> Vec<EdgeLink> {
-        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<_> = links.values().map(|l| l.info.clone()).collect();
-        out.sort_by(|a, b| a.edge_id.cmp(&b.edge_id));
-        out
+        self.fleet().links()
+    }
+
+    /// Every edge that linked or was refused since the start: its link, figures and
+    /// history (see [`crate::fleet`]).
+    pub fn fleet_edges(&self) -> Vec<EdgeRecord> {
+        self.fleet().edges()
+    }
+
+    /// One edge of [`LinkServer::fleet_edges`].
+    pub fn fleet_edge(&self, edge: &str) -> Option<EdgeRecord> {
+        self.fleet().edge(edge)
+    }
+
+    fn fleet(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        self.fleet.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Closes every link (GOAWAY-less: the edges reconnect and resume) and the listener.
@@ -199,12 +204,17 @@ impl LinkServer {
         self.endpoint
             .close((GoAwayCode::Shutdown as u32).into(), b"shutdown");
     }
+}
 
-    fn update(&self, edge: &str, id: u64, f: impl FnOnce(&mut EdgeLink)) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(live) = links.get_mut(edge).filter(|l| l.id == id) {
-            f(&mut live.info);
-        }
+/// Samples every edge's figures into its history while the server runs.
+async fn sample_fleet(server: std::sync::Weak<LinkServer>) {
+    let mut every = tokio::time::interval(Duration::from_millis(SAMPLE_EVERY_MS));
+    loop {
+        every.tick().await;
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        server.fleet().tick(now_ms());
     }
 }
 
@@ -310,9 +320,17 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), writing).await;
     if let Some(id) = live {
         let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
-        if links.get(&peer.edge_id).is_some_and(|l| l.id == id) {
+        let replaced = links.get(&peer.edge_id).is_none_or(|l| l.id != id);
+        if !replaced {
             links.remove(&peer.edge_id);
         }
+        drop(links);
+        let reason = match &result {
+            _ if replaced => "replaced by a new link".to_owned(),
+            Ok(_) => "closed".to_owned(),
+            Err(why) => why.to_string(),
+        };
+        server.fleet().unlinked(&peer.edge_id, id, reason, now_ms());
     }
     match result? {
         Ended::Closed => {}
@@ -345,15 +363,18 @@ async fn drive(
     loop {
         while let Some(effect) = end.poll_effect() {
             match effect {
-                Effect::Hello { software, .. } => {
+                Effect::Hello {
+                    software, version, ..
+                } => {
                     if server.denied(edge, &peer.serial) {
-                        end.refuse(
-                            GoAwayCode::Denied,
-                            format!("edge {edge} is on the deny list"),
-                        );
+                        let reason = format!("edge {edge} is on the deny list");
+                        server
+                            .fleet()
+                            .refused(edge, &peer.serial, reason.clone(), now_ms());
+                        end.refuse(GoAwayCode::Denied, reason);
                         return Ok(Ended::Denied);
                     }
-                    *live = Some(register(server, conn, peer, software));
+                    *live = Some(register(server, conn, peer, software, version));
                     end.welcome(
                         Instant::now(),
                         sink.committed(edge),
@@ -376,11 +397,12 @@ async fn drive(
                 }
                 Effect::Acknowledged { records, bytes } => {
                     if let Some(id) = *live {
-                        server.update(edge, id, |e| {
-                            e.records += records;
-                            e.batch_bytes += bytes;
-                            e.last_ack_unix_ms = now_ms();
-                        });
+                        server.fleet().acked(edge, id, records, bytes, now_ms());
+                    }
+                }
+                Effect::Status(status) => {
+                    if let Some(id) = *live {
+                        server.fleet().status(edge, id, status, now_ms());
                     }
                 }
             }
@@ -437,26 +459,32 @@ fn register(
     conn: &quinn::Connection,
     peer: &PeerIdentity,
     software: String,
+    version: u16,
 ) -> u64 {
     let edge = &peer.edge_id;
     let id = server.next_id.fetch_add(1, Ordering::Relaxed);
-    let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
+    let now = now_ms();
     let info = EdgeLink {
         edge_id: edge.clone(),
         serial: peer.serial.clone(),
         remote: conn.remote_address(),
         software,
-        since_unix_ms: now_ms(),
+        version,
+        since_unix_ms: now,
         records: 0,
         batch_bytes: 0,
         last_ack_unix_ms: 0,
     };
+    server
+        .fleet()
+        .linked(id, info, peer.not_after_unix_secs, now);
+    let mut links = server.links.lock().unwrap_or_else(|e| e.into_inner());
     let old = links.insert(
         edge.clone(),
         Live {
             id,
             conn: conn.clone(),
-            info,
+            serial: peer.serial.clone(),
         },
     );
     if let Some(old) = old {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_protocol::kafka::Compression;
-use ferry_protocol::link_frames::Frame;
+use ferry_protocol::link_frames::{EdgeStatus, Frame, GoAwayCode, MIN_VERSION, VERSION};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
@@ -50,6 +50,9 @@ pub trait Outbox: Send + Sync + 'static {
         seq: u64,
         messages: Vec<OutRecord>,
     ) -> BoxFuture<'static, Result<(), OutboxError>>;
+    /// The edge's figures for the cloud (STATUS frames): what the outbox holds, its budget,
+    /// the edge's clients. None if they cannot be had now (the link tries again later).
+    fn status(&self) -> BoxFuture<'static, Option<EdgeStatus>>;
 }
 
 /// How the edge reaches the cloud.
@@ -71,6 +74,8 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Sent in HELLO, for the cloud's logs.
     pub software: String,
+    /// How often the edge tells the cloud its figures (a cloud of link version 2 on).
+    pub status_interval: Duration,
 }
 
 impl ClientConfig {
@@ -87,6 +92,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             software: format!("ferry-edge {}", env!("CARGO_PKG_VERSION")),
+            status_interval: Duration::from_secs(5),
         }
     }
 }
@@ -132,6 +138,8 @@ pub struct LinkStats {
     pub last_ack_unix_ms: u64,
     /// The last downlink sequence applied on this run of the edge.
     pub down_applied: u64,
+    /// The link version the cloud welcomed the last link with (0: none yet).
+    pub version: u16,
     pub last_error: Option<String>,
 }
 
@@ -169,14 +177,18 @@ pub async fn run(
         }
     };
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max, seed());
+    // Lowered, one attempt at a time, for a cloud that does not speak ours.
+    let mut version = VERSION;
     loop {
         status.update(|s| s.state = LinkState::Connecting);
         let mut session = Session {
             config: &config,
             outbox: &outbox,
             status: &status,
+            version,
             made_progress: false,
             applying: None,
+            gathering: None,
         };
         let connects_before = status.get().connects;
         let end = session.run(&endpoint, &quic_config, &mut stop).await;
@@ -188,6 +200,19 @@ pub async fn run(
                 return;
             }
             Err(why) => {
+                if let LinkError::Refused {
+                    code: GoAwayCode::UnsupportedVersion,
+                    ..
+                } = why
+                {
+                    if version > MIN_VERSION {
+                        version -= 1;
+                        info!(
+                            version,
+                            "the cloud refused our link version; trying an older one"
+                        );
+                    }
+                }
                 warn!(cloud = %config.cloud, error = %why, "link down");
                 status.update(|s| {
                     s.state = LinkState::Down;
@@ -232,11 +257,15 @@ struct Session<'a> {
     config: &'a ClientConfig,
     outbox: &'a Arc<dyn Outbox>,
     status: &'a LinkStatus,
+    /// The link version to announce.
+    version: u16,
     /// The cloud acknowledged something on this connection.
     made_progress: bool,
     /// The [`Effect::ApplyDown`] the edge is applying (at most one: the end gives the next
     /// after [`EdgeEnd::down_applied`]): its sequence and its completion.
     applying: Option<Applying>,
+    /// The figures for the next STATUS being gathered ([`Outbox::status`]).
+    gathering: Option<BoxFuture<'static, Option<EdgeStatus>>>,
 }
 
 /// A pending [`Outbox::apply_down`]: its sequence and its completion.
@@ -252,6 +281,19 @@ async fn applied(applying: &mut Option<Applying>) -> (u64, Result<(), OutboxErro
     let seq = *seq;
     *applying = None;
     (seq, result)
+}
+
+/// Completes with the figures being gathered, once they are; never without a gathering.
+/// Cancel-safe as [`applied`] is.
+async fn gathered(
+    gathering: &mut Option<BoxFuture<'static, Option<EdgeStatus>>>,
+) -> Option<EdgeStatus> {
+    let Some(figures) = gathering else {
+        return std::future::pending().await;
+    };
+    let status = figures.await;
+    *gathering = None;
+    status
 }
 
 impl Session<'_> {
@@ -319,6 +361,8 @@ impl Session<'_> {
                 stall_timeout: self.config.stall_timeout,
                 handshake_timeout: self.config.timeouts.idle,
                 software: self.config.software.clone(),
+                version: self.version,
+                status_interval: self.config.status_interval,
             },
             Instant::now(),
             self.outbox.down_applied(),
@@ -383,6 +427,7 @@ impl Session<'_> {
                     end.down_applied(seq);
                     self.status.update(|s| s.down_applied = seq);
                 }
+                status = gathered(&mut self.gathering) => end.status_ready(Instant::now(), status),
                 () = added.notified() => end.outbox_added(),
                 () = sleep, if deadline.is_some() => end.handle_timeout(Instant::now())?,
                 () = stopped(stop) => {
@@ -399,12 +444,15 @@ impl Session<'_> {
     async fn perform(&mut self, end: &mut EdgeEnd, effect: Effect) -> Result<(), LinkError> {
         match effect {
             Effect::Connected => {
-                info!(cloud = %self.config.cloud, "link up");
+                info!(cloud = %self.config.cloud, version = end.version(), "link up");
                 self.status.update(|s| {
                     s.state = LinkState::Up;
                     s.connects += 1;
+                    s.version = end.version();
                 });
             }
+            // Completed in `drive`, beside everything else.
+            Effect::Status => self.gathering = Some(self.outbox.status()),
             Effect::Read {
                 after,
                 max_bytes,

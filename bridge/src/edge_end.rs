@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::kafka::Compression;
-use ferry_protocol::link_frames::{Frame, GoAwayCode, VERSION};
+use ferry_protocol::link_frames::{EdgeStatus, Frame, GoAwayCode, MIN_VERSION};
 
 use crate::error::{frame_name, LinkError};
 use crate::records::{batches, down_records};
@@ -29,6 +29,11 @@ pub struct EdgeEndConfig {
     pub handshake_timeout: Duration,
     /// Sent in HELLO, for the cloud's logs.
     pub software: String,
+    /// The link version to announce in HELLO (`link_frames::VERSION`, or lower for a cloud
+    /// that refused it).
+    pub version: u16,
+    /// How often to tell the cloud the edge's figures (STATUS, version 2 on). Default 5 s.
+    pub status_interval: Duration,
 }
 
 /// What the driver does for the edge's end, in the order given.
@@ -58,6 +63,9 @@ pub enum Effect {
     ApplyDown { seq: u64, messages: Vec<OutRecord> },
     /// A BATCH frame was queued (for metrics): its records and its bytes on the wire.
     Sent { records: u64, bytes: u64 },
+    /// Gather the edge's figures and give them to [`EdgeEnd::status_ready`] (for a STATUS
+    /// frame). One at a time; the link goes on meanwhile.
+    Status,
 }
 
 /// The edge's end of one link (one connection), from HELLO to its end.
@@ -95,6 +103,12 @@ pub struct EdgeEnd {
     down_queued: Vec<OutRecord>,
     down_queued_bytes: usize,
     made_progress: bool,
+    /// The version the cloud welcomed the link with.
+    version: u16,
+    /// When to ask for the next STATUS (version 2 on, once up), unless one is being
+    /// gathered.
+    next_status: Option<Instant>,
+    status_gathering: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +128,7 @@ impl EdgeEnd {
     pub fn new(config: EdgeEndConfig, now: Instant, down_applied: u64) -> Self {
         let mut transmit = VecDeque::new();
         transmit.push_back(Frame::Hello {
-            version: VERSION,
+            version: config.version,
             max_frame_bytes: MAX_FRAME_BYTES as u32,
             down_acked: down_applied,
             software: config.software.clone(),
@@ -141,6 +155,9 @@ impl EdgeEnd {
             down_queued: Vec::new(),
             down_queued_bytes: 0,
             made_progress: false,
+            version: MIN_VERSION,
+            next_status: None,
+            status_gathering: false,
         }
     }
 
@@ -166,12 +183,14 @@ impl EdgeEnd {
                 credit_bytes,
                 committed,
             } => {
-                if version != VERSION {
+                // The cloud speaks ours or an older one that we speak too.
+                if !(MIN_VERSION..=self.config.version).contains(&version) {
                     return Err(LinkError::VersionMismatch {
-                        ours: VERSION,
+                        ours: self.config.version,
                         theirs: version,
                     });
                 }
+                self.version = version;
                 (credit_bytes as i64, max_frame_bytes as usize, committed)
             }
             Frame::GoAway { code, reason } => return Err(LinkError::Refused { code, reason }),
@@ -193,6 +212,11 @@ impl EdgeEnd {
         }
         self.last_progress = now;
         self.read_wanted = true;
+        if self.version >= 2 {
+            // The first STATUS as soon as the link is up: the cloud's view of the edge is
+            // current from the start.
+            self.next_status = Some(now);
+        }
         Ok(())
     }
 
@@ -308,6 +332,21 @@ impl EdgeEnd {
         self.read_wanted = true;
     }
 
+    /// What an [`Effect::Status`] gathered: queues the STATUS frame (None: the figures
+    /// could not be had this time; the next are asked for after the interval).
+    pub fn status_ready(&mut self, now: Instant, status: Option<EdgeStatus>) {
+        self.status_gathering = false;
+        if let Some(status) = status.filter(|_| self.state == State::Up) {
+            self.transmit.push_back(Frame::Status(status));
+        }
+        self.next_status = Some(now + self.config.status_interval);
+    }
+
+    /// The version the link speaks: the cloud's answer to HELLO (before it, the oldest).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
     /// Records were added to the outbox.
     pub fn outbox_added(&mut self) {
         self.read_wanted = true;
@@ -390,20 +429,35 @@ impl EdgeEnd {
     }
 
     /// When [`EdgeEnd::handle_timeout`] should be called next: the handshake's deadline, or
-    /// the stall deadline while records are unacknowledged.
+    /// the sooner of the stall deadline while records are unacknowledged and the next
+    /// STATUS.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Handshake { deadline } => Some(deadline),
-            State::Up if self.unacked_batches > 0 => {
-                Some(self.last_progress + self.config.stall_timeout)
+            State::Up => {
+                let stall = (self.unacked_batches > 0)
+                    .then(|| self.last_progress + self.config.stall_timeout);
+                let status = self.next_status.filter(|_| !self.status_gathering);
+                match (stall, status) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             }
-            State::Up | State::Closed => None,
+            State::Closed => None,
         }
     }
 
     /// The time has come (or passed) that [`EdgeEnd::poll_timeout`] gave: an error if the
-    /// cloud did not welcome the link in time or the link is stalled.
+    /// cloud did not welcome the link in time or the link is stalled; the figures for the
+    /// next STATUS asked for ([`Effect::Status`]) when it is due.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
+        if self.state == State::Up
+            && !self.status_gathering
+            && self.next_status.is_some_and(|t| now >= t)
+        {
+            self.status_gathering = true;
+            self.effects.push_back(Effect::Status);
+        }
         match self.state {
             State::Handshake { deadline } if now >= deadline => Err(LinkError::HandshakeTimeout {
                 frame: "WELCOME",

@@ -188,6 +188,7 @@ pub fn frame_name(frame: &Frame) -> &'static str {
         Frame::Down { .. } => "DOWN",
         Frame::DownAck { .. } => "DOWN_ACK",
         Frame::GoAway { .. } => "GOAWAY",
+        Frame::Status(_) => "STATUS",
     }
 }
 

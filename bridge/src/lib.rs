@@ -11,6 +11,8 @@
 //!   attempts), reads the outbox, runs an [`edge_end::EdgeEnd`] on the QUIC stream.
 //! - [`cloud_listener`]: the cloud's driver: accepts edges, takes each edge's identity from
 //!   its certificate, applies the deny list, runs a [`cloud_end::CloudEnd`] per link.
+//! - [`fleet`]: every edge the cloud's link has seen: its link, history, the figures it
+//!   tells in STATUS frames, an hour of samples.
 //! - [`records`]: the outbox's records as the record batches of BATCH frames, and the
 //!   records of a DOWN frame.
 //! - [`error`]: [`LinkError`], why a link ended; [`OutboxError`] and [`SinkError`], what
@@ -22,7 +24,7 @@
 //! Features (both on by default), so that each binary builds only its own end:
 //! - `client`, the edge's side: [`edge_end`], [`edge_dialer`], [`backoff`], [`records`]
 //!   and the edge's endpoint [`quic::client`]. ferry-edge takes only this one.
-//! - `server`, the cloud's side: [`cloud_end`], [`cloud_listener`], [`pki`] (with rcgen and
+//! - `server`, the cloud's side: [`cloud_end`], [`cloud_listener`], [`fleet`], [`pki`] (with rcgen and
 //!   x509-cert) and the cloud's endpoint [`quic::server`]. ferry-cloud takes this one, and
 //!   gets `client` too through ferry-edge, whose server starts the edge's link.
 //!
@@ -42,6 +44,8 @@ pub mod edge_dialer;
 #[cfg(feature = "client")]
 pub mod edge_end;
 pub mod error;
+#[cfg(feature = "server")]
+pub mod fleet;
 #[cfg(feature = "server")]
 pub mod pki;
 pub mod quic;

@@ -168,6 +168,20 @@ pub fn serial_hex(der: &[u8]) -> Option<String> {
     Some(out)
 }
 
+/// When a certificate in DER stops being valid (its notAfter), in seconds since the Unix
+/// epoch.
+pub fn not_after_unix_secs(der: &[u8]) -> Option<u64> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    Some(
+        cert.tbs_certificate()
+            .validity()
+            .not_after
+            .to_unix_duration()
+            .as_secs(),
+    )
+}
+
 fn check_name(what: &'static str, name: &str) -> Result<(), PkiError> {
     let ok = (1..=64).contains(&name.len())
         && !name.starts_with('.')
@@ -331,6 +345,14 @@ mod tests {
             handshake(&ca.cert, &node, &edge).expect("handshake"),
             "gw-7"
         );
+        // Issued for ten years: the console warns ahead of the expiry it reads.
+        let der = CertificateDer::from_pem_file(&edge.cert).expect("pem");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let left = not_after_unix_secs(&der).expect("not after") - now;
+        assert!(left.abs_diff(10 * 365 * DAY_SECS) < 2 * DAY_SECS, "{left}");
 
         let other = temp("other");
         init(&other).expect("init");

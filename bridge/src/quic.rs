@@ -158,6 +158,8 @@ pub fn client(
 pub struct PeerIdentity {
     pub edge_id: String,
     pub serial: String,
+    /// When the certificate expires (its notAfter, seconds since the Unix epoch).
+    pub not_after_unix_secs: Option<u64>,
 }
 
 /// The verified identity of the peer of `conn`; None if it has no certificate or one
@@ -172,6 +174,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<PeerIdentity> {
     Some(PeerIdentity {
         edge_id: crate::pki::common_name(leaf)?,
         serial: crate::pki::serial_hex(leaf)?,
+        not_after_unix_secs: crate::pki::not_after_unix_secs(leaf),
     })
 }
 

@@ -14,6 +14,8 @@
 //! - [`link_sink`] and [`ingest`]: the link's cloud side (`ferry_bridge`'s cloud listener):
 //!   an edge's records appended exactly once by (edge, class, sequence), the downlink.
 //! - [`admin`]: the admin HTTP listener: a JSON API and Prometheus metrics.
+//! - [`fleet`]: the edges as JSON (`/api/fleet`): state, outbox as each edge tells it,
+//!   rates, history.
 //! - `demo` (feature `demo`, default): `ferry-cloud demo`, a cloud, an edge and a sensor in
 //!   one process; the only part of the node that builds ferry-edge's edge parts (the outbox,
 //!   the link's edge end).
@@ -25,6 +27,7 @@ pub mod amqp;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod fleet;
 pub mod ingest;
 pub mod kafka;
 pub mod link_sink;

@@ -152,9 +152,12 @@ impl OutboxBudget {
             .saturating_sub(dropped.records);
     }
 
-    /// Records and bytes in the outbox now.
-    pub(crate) fn held(&self) -> (u64, u64) {
-        (self.totals.records, self.totals.bytes)
+    /// Records and bytes in the outbox now, the highest sequence given, and the budget.
+    pub(crate) fn figures(&self, stats: &mut crate::broker::Stats) {
+        stats.outbox_records = self.totals.records;
+        stats.outbox_bytes = self.totals.bytes;
+        stats.outbox_last_seq = self.totals.last_seq;
+        stats.outbox_budget_bytes = self.rules.max_outbox_bytes;
     }
 }
 
@@ -168,6 +171,13 @@ pub(crate) fn outbox_cost(msg: &Message) -> u64 {
 mod tests {
     use super::*;
     use ferry_protocol::mqtt::QoS;
+
+    /// Records and bytes held, as the broker's figures show them.
+    fn held(b: &OutboxBudget) -> (u64, u64) {
+        let mut stats = crate::broker::Stats::default();
+        b.figures(&mut stats);
+        (stats.outbox_records, stats.outbox_bytes)
+    }
 
     fn msg(topic: &str, payload: &str) -> Message {
         Message {
@@ -213,7 +223,10 @@ mod tests {
                 &mut ops,
             );
         }
-        assert_eq!(b.held(), (2, 100));
+        assert_eq!(held(&b), (2, 100));
+        let mut stats = crate::broker::Stats::default();
+        b.figures(&mut stats);
+        assert_eq!((stats.outbox_last_seq, stats.outbox_budget_bytes), (2, 100));
         assert_eq!(b.admit(&msg("up/t", "123456")), Admission::Full);
         assert!(matches!(
             &ops[..],
@@ -229,7 +242,7 @@ mod tests {
             last_seq: 1,
         };
         b.applied(one, OutboxTotals::default());
-        assert_eq!(b.held(), (1, 50));
+        assert_eq!(held(&b), (1, 50));
         assert!(matches!(
             b.admit(&msg("up/t", "123456")),
             Admission::Up { .. }
@@ -257,7 +270,7 @@ mod tests {
                 StoreOp::Outbox(OutboxOp::Put { seq: 3, .. })
             ]
         ));
-        assert_eq!(b.held().1, 100, "the bytes to be dropped are off already");
+        assert_eq!(held(&b).1, 100, "the bytes to be dropped are off already");
         // The store dropped one record of 50 bytes: the count follows, the bytes stay right.
         let dropped = OutboxTotals {
             records: 1,
@@ -265,7 +278,7 @@ mod tests {
             last_seq: 1,
         };
         b.applied(OutboxTotals::default(), dropped);
-        assert_eq!(b.held(), (2, 100));
+        assert_eq!(held(&b), (2, 100));
         let big = "x".repeat(100);
         assert_eq!(
             b.admit(&msg("up/t", &big)),

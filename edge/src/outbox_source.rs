@@ -22,10 +22,12 @@ use ferry_bridge::quic::{Timeouts, TlsFiles};
 use ferry_bridge::{BoxFuture, FailureKind, OutboxError};
 use ferry_protocol::kafka::mqtt::{message_headers, read_headers};
 use ferry_protocol::kafka::Compression;
+use ferry_protocol::link_frames::EdgeStatus;
 use ferry_protocol::topic::TopicName;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::broker::Message;
+use crate::server::RouterHandle;
 use crate::store::outbox_tables::OutboxReader;
 use crate::store::StoreError;
 use crate::uplink::{LinkCompression, UplinkConfig};
@@ -39,6 +41,8 @@ pub(crate) struct EdgeOutbox {
     pub(crate) added: Arc<Notify>,
     /// Downlink messages to publish, the last one's sequence, and who waits for the commit.
     pub(crate) downlink: mpsc::Sender<Downlink>,
+    /// Where the broker's figures come from, for STATUS (set when the link starts).
+    pub(crate) router: std::sync::OnceLock<RouterHandle>,
 }
 
 /// Downlink messages for the router: publish them, record `seq` as applied in the commit
@@ -94,6 +98,33 @@ impl Outbox for EdgeOutbox {
     fn down_applied(&self) -> u64 {
         // Unreadable storage stops the broker too; resending from 0 is what is left.
         self.reader.down_applied().unwrap_or(0)
+    }
+
+    /// The figures of a STATUS frame: the broker's count of the outbox and its clients, and
+    /// the age of the oldest record from the store.
+    fn status(&self) -> BoxFuture<'static, Option<EdgeStatus>> {
+        let router = self.router.get().cloned();
+        let reader = self.reader.clone();
+        Box::pin(async move {
+            let (stats, _) = router?.metrics().await?;
+            let oldest = tokio::task::spawn_blocking(move || reader.oldest_accepted_unix_ms())
+                .await
+                .ok()?
+                .ok()?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Some(EdgeStatus {
+                outbox_records: stats.outbox_records,
+                outbox_bytes: stats.outbox_bytes,
+                outbox_budget_bytes: stats.outbox_budget_bytes,
+                oldest_age_ms: oldest.map_or(0, |t| now_ms.saturating_sub(t)),
+                last_seq: stats.outbox_last_seq,
+                rejected: stats.outbox_rejected,
+                dropped: stats.outbox_dropped,
+                clients: stats.connections as u64,
+            })
+        })
     }
 
     fn apply_down(
@@ -194,6 +225,7 @@ pub fn client_config(uplink: &UplinkConfig) -> Option<ClientConfig> {
     };
     config.stall_timeout = Duration::from_secs(uplink.stall_timeout_secs.max(1));
     config.backoff_max = Duration::from_secs(uplink.reconnect_max_secs.max(1));
+    config.status_interval = Duration::from_secs(uplink.status_secs.max(1));
     Some(config)
 }
 

@@ -53,6 +53,9 @@ pub struct UplinkConfig {
     /// The longest wait between two connection attempts while the cloud is away (the wait
     /// starts at 0.2 s and doubles, with jitter). Default 30.
     pub reconnect_max_secs: u64,
+    /// How often the edge tells the cloud its outbox figures (a STATUS frame, for the
+    /// cloud's console and `/api/fleet`). Default 5.
+    pub status_secs: u64,
     /// Bytes (topic + payload + ~40 of bookkeeping per record) the outbox may hold while the
     /// cloud is away. Default 256 MiB, on disk (the outbox is not held in memory).
     pub max_outbox_bytes: u64,
@@ -75,6 +78,7 @@ impl Default for UplinkConfig {
             idle_timeout_secs: 30,
             stall_timeout_secs: 30,
             reconnect_max_secs: 30,
+            status_secs: 5,
             max_outbox_bytes: 256 << 20,
             full_policy: FullPolicy::RejectNew,
             route: Vec::new(),

@@ -15,9 +15,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::kafka::batch::{self, BatchError};
 
-/// The protocol version this module speaks; a peer announcing another is refused with
+/// The newest protocol version this module speaks. Version 2 added [`Frame::Status`].
+pub const VERSION: u16 = 2;
+/// The oldest version still spoken: a cloud welcomes an edge of any version from this to
+/// [`VERSION`] and speaks the edge's; a peer announcing another is refused with
 /// [`GoAwayCode::UnsupportedVersion`].
-pub const VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 1;
 /// The ALPN protocol id of the link.
 pub const ALPN: &[u8] = b"ferry-link/1";
 /// Bytes before a frame's type: its length.
@@ -60,6 +63,67 @@ pub enum Frame {
     DownAck { seq: u64 },
     /// Either way: the sender closes the link, and why.
     GoAway { code: GoAwayCode, reason: String },
+    /// Edge → cloud (version 2 on): the edge's own figures, every few seconds.
+    Status(EdgeStatus),
+}
+
+/// What an edge tells the cloud of itself in a [`Frame::Status`]: its outbox and its
+/// clients, as the edge counts them.
+///
+/// On the wire: `count u8, count × (field u8, value u64)`, fields in any order. A receiver
+/// takes the fields it knows and skips the others (a newer edge may send more; a field left
+/// out is 0), so fields are added without a new version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EdgeStatus {
+    /// Records in the outbox, waiting for the cloud (field 1).
+    pub outbox_records: u64,
+    /// Bytes they take against the budget (field 2).
+    pub outbox_bytes: u64,
+    /// The outbox's budget, `max_outbox_bytes` (field 3).
+    pub outbox_budget_bytes: u64,
+    /// How long ago the oldest record in the outbox was accepted, in ms; 0 when it is empty
+    /// (field 4).
+    pub oldest_age_ms: u64,
+    /// The highest sequence number the edge has given a record: it grows by one for every
+    /// record accepted for the cloud, so its rate is the edge's inflow (field 5).
+    pub last_seq: u64,
+    /// Messages for the cloud refused because the outbox was full (`reject_new`), since the
+    /// edge started (field 6).
+    pub rejected: u64,
+    /// Records deleted from a full outbox (`drop_oldest`), since the edge started (field 7).
+    pub dropped: u64,
+    /// MQTT clients connected to the edge (field 8).
+    pub clients: u64,
+}
+
+impl EdgeStatus {
+    fn fields(&self) -> [(u8, u64); 8] {
+        [
+            (1, self.outbox_records),
+            (2, self.outbox_bytes),
+            (3, self.outbox_budget_bytes),
+            (4, self.oldest_age_ms),
+            (5, self.last_seq),
+            (6, self.rejected),
+            (7, self.dropped),
+            (8, self.clients),
+        ]
+    }
+
+    fn set(&mut self, field: u8, value: u64) {
+        match field {
+            1 => self.outbox_records = value,
+            2 => self.outbox_bytes = value,
+            3 => self.outbox_budget_bytes = value,
+            4 => self.oldest_age_ms = value,
+            5 => self.last_seq = value,
+            6 => self.rejected = value,
+            7 => self.dropped = value,
+            8 => self.clients = value,
+            // A field of a newer edge.
+            _ => {}
+        }
+    }
 }
 
 /// Why a link is closed.
@@ -124,6 +188,7 @@ const CREDIT: u8 = 5;
 const DOWN: u8 = 6;
 const DOWN_ACK: u8 = 7;
 const GOAWAY: u8 = 8;
+const STATUS: u8 = 9;
 
 impl Frame {
     fn kind(&self) -> u8 {
@@ -136,6 +201,7 @@ impl Frame {
             Frame::Down { .. } => DOWN,
             Frame::DownAck { .. } => DOWN_ACK,
             Frame::GoAway { .. } => GOAWAY,
+            Frame::Status(_) => STATUS,
         }
     }
 
@@ -192,6 +258,14 @@ impl Frame {
                 buf.put_u16(*code as u16);
                 put_str(buf, reason);
             }
+            Frame::Status(status) => {
+                let fields = status.fields();
+                buf.put_u8(fields.len() as u8);
+                for (field, value) in fields {
+                    buf.put_u8(field);
+                    buf.put_u64(value);
+                }
+            }
         }
         let len = (buf.len() - start - LENGTH_BYTES) as u32;
         buf[start..start + LENGTH_BYTES].copy_from_slice(&len.to_be_bytes());
@@ -236,6 +310,7 @@ fn parse(kind: u8, mut b: Bytes) -> Result<Frame, LinkError> {
         DOWN => "DOWN",
         DOWN_ACK => "DOWN_ACK",
         GOAWAY => "GOAWAY",
+        STATUS => "STATUS",
         other => return Err(LinkError::UnknownType(other)),
     };
     let short = |what| LinkError::Malformed { frame: name, what };
@@ -311,6 +386,17 @@ fn parse(kind: u8, mut b: Bytes) -> Result<Frame, LinkError> {
             } else {
                 Frame::DownAck { seq: n }
             }
+        }
+        STATUS => {
+            need(&b, 1)?;
+            let n = b.get_u8() as usize;
+            need(&b, n * 9)?;
+            let mut status = EdgeStatus::default();
+            for _ in 0..n {
+                let field = b.get_u8();
+                status.set(field, b.get_u64());
+            }
+            Frame::Status(status)
         }
         _ => {
             need(&b, 2)?;
@@ -391,7 +477,47 @@ mod tests {
                 code: GoAwayCode::Denied,
                 reason: "edge gw-9 is revoked".into(),
             },
+            Frame::Status(EdgeStatus {
+                outbox_records: 120_000,
+                outbox_bytes: 9_600_000,
+                outbox_budget_bytes: 256 << 20,
+                oldest_age_ms: 61_000,
+                last_seq: 1_000_042,
+                rejected: 3,
+                dropped: 4,
+                clients: 12,
+            }),
         ]
+    }
+
+    #[test]
+    fn a_status_takes_the_fields_it_knows_and_skips_the_others() {
+        // Field 2 (bytes), a field 200 of some newer edge, field 8 (clients); the rest 0.
+        let mut body = vec![STATUS, 3, 2];
+        body.extend_from_slice(&77u64.to_be_bytes());
+        body.push(200);
+        body.extend_from_slice(&u64::MAX.to_be_bytes());
+        body.push(8);
+        body.extend_from_slice(&5u64.to_be_bytes());
+        let mut frame = BytesMut::from(&(body.len() as u32).to_be_bytes()[..]);
+        frame.extend_from_slice(&body);
+        assert_eq!(
+            decode(&mut frame, 1024),
+            Ok(Some(Frame::Status(EdgeStatus {
+                outbox_bytes: 77,
+                clients: 5,
+                ..EdgeStatus::default()
+            })))
+        );
+        // Fewer bytes than the count says.
+        let mut short = BytesMut::from(&[0, 0, 0, 4, STATUS, 1, 1, 0][..]);
+        assert!(matches!(
+            decode(&mut short, 1024),
+            Err(LinkError::Malformed {
+                frame: "STATUS",
+                what: "truncated"
+            })
+        ));
     }
 
     #[test]

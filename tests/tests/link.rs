@@ -615,6 +615,123 @@ async fn loss_and_a_cut_of_the_link_lose_and_duplicate_nothing() {
     );
 }
 
+/// The cloud's `GET /api/fleet/gw-1` document.
+fn fleet_edge(cloud: &Edge) -> serde_json::Value {
+    let response = cloud.http_get("/api/fleet/gw-1");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// The cloud's fleet view is what the edge tells of itself (STATUS frames, link version 2):
+/// while a sensor publishes steadily, the edge is linked with its outbox, budget, inflow
+/// counter and certificate; cut off, it is offline and its estimated backlog grows; back,
+/// its history has the backlog it came back with and its outbox falls to zero; its link
+/// events tell the story.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_shows_the_edge_as_it_tells_itself_through_a_cut() {
+    let link_port = free_udp_port();
+    let proxy = ferry_tests::impair::Proxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
+        0,
+        1,
+    )
+    .await;
+    let site = Site::with_path(
+        "link-fleet",
+        "status_secs = 1\nmax_outbox_bytes = 50000000",
+        Some((link_port, proxy.addr.port())),
+    );
+    let cloud = site.cloud();
+    let edge = site.edge();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sensor = tokio::spawn({
+        let (stop, port) = (stop.clone(), edge.port());
+        async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += publish(port, n..n + 50).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            n
+        }
+    });
+    wait_until(60, "the edge is linked and has told its figures", || {
+        let e = fleet_edge(&cloud);
+        e["state"] == "linked"
+            && e["link"]["version"] == 2
+            && e["outbox"]["budget_bytes"] == 50_000_000
+            && e["outbox"]["last_seq"].as_u64() >= Some(100)
+            && e["rates"]["inflow"].as_f64() > Some(0.0)
+    });
+    let e = fleet_edge(&cloud);
+    let now_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(
+        e["cert_expires_unix_secs"].as_u64() > Some(now_secs + 9 * 365 * 86_400),
+        "{e}"
+    );
+    assert!(e["serial"].as_str().is_some_and(|s| !s.is_empty()), "{e}");
+
+    proxy.control.cut.store(true, Ordering::Relaxed);
+    wait_until(30, "the cut edge is offline", || {
+        fleet_edge(&cloud)["state"] == "offline"
+    });
+    let estimate = |e: &serde_json::Value| e["estimate"]["records"].as_u64().unwrap_or(0);
+    let first = estimate(&fleet_edge(&cloud));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let e = fleet_edge(&cloud);
+    assert!(estimate(&e) > first, "the estimated backlog grows: {e}");
+    assert_eq!(e["growing"], true, "{e}");
+    let list = cloud.http_get("/api/fleet");
+    let list: serde_json::Value =
+        serde_json::from_str(list.split("\r\n\r\n").nth(1).expect("a body")).expect("json");
+    assert_eq!(list["counts"]["offline"], 1, "{list}");
+    assert_eq!(list["counts"]["growing"], 1, "{list}");
+    assert_eq!(list["edges"][0]["edge"], "gw-1", "{list}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    proxy.control.cut.store(false, Ordering::Relaxed);
+    wait_until(
+        60,
+        "back, with the backlog it came back with, drained",
+        || {
+            let e = fleet_edge(&cloud);
+            let Some(back_at) = e["events"]
+                .as_array()
+                .and_then(|ev| ev.iter().rev().find(|x| x["kind"] == "linked"))
+                .and_then(|x| x["at_unix_ms"].as_u64())
+            else {
+                return false;
+            };
+            let came_back_with = e["history"].as_array().is_some_and(|h| {
+                h.iter()
+                    .any(|s| s[0].as_u64() >= Some(back_at) && s[1].as_u64() > Some(0))
+            });
+            e["state"] == "linked" && came_back_with && e["outbox"]["records"] == 0
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    let sent = sensor.await.expect("the sensor") as u64;
+    wait_until(30, "the edge's own count of what it took", || {
+        fleet_edge(&cloud)["outbox"]["last_seq"].as_u64() == Some(sent)
+    });
+    let e = fleet_edge(&cloud);
+    let kinds: Vec<&str> = e["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|x| x["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.starts_with(&["linked", "unlinked", "linked"]),
+        "{kinds:?}"
+    );
+    assert!(e["acked_records"].as_u64() >= Some(sent), "{e}");
+    assert_eq!(e["committed"][0]["class"], 0, "{e}");
+}
+
 /// The cloud sees the edge's packets come from a new address mid-stream (QUIC connection
 /// migration): the link goes on without reconnecting, nothing lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,7 @@ fn up(now: Instant, edge_down: u64, cloud_down: u64) -> End {
         frames(&mut end)[..],
         [Frame::Welcome {
             credit_bytes: CREDIT,
+            version: VERSION,
             ..
         }]
     ));
@@ -81,6 +82,37 @@ fn batch_frame(class: u8, first: u64, last: u64) -> Frame {
 }
 
 #[test]
+fn an_edge_of_either_version_is_welcomed_in_its_own_and_status_is_version_2s() {
+    let now = Instant::now();
+    let status = EdgeStatus {
+        outbox_records: 5,
+        ..EdgeStatus::default()
+    };
+    // A version 2 edge: WELCOME says 2, and its STATUS reaches the driver.
+    let mut end = up(now, 0, 0);
+    end.handle_frame(now, Frame::Status(status))
+        .expect("status");
+    assert_eq!(effects(&mut end), vec![Effect::Status(status)]);
+    // A version 1 edge (released before STATUS): welcomed in version 1, and a STATUS on
+    // its link is a protocol error.
+    let mut end = End::new(config(), now);
+    end.handle_frame(now, hello(1, 0)).expect("hello");
+    assert!(matches!(
+        effects(&mut end)[..],
+        [Effect::Hello { version: 1, .. }]
+    ));
+    end.welcome(now, vec![], 0);
+    assert!(matches!(
+        frames(&mut end)[..],
+        [Frame::Welcome { version: 1, .. }]
+    ));
+    let err = end
+        .handle_frame(now, Frame::Status(status))
+        .expect_err("no STATUS in version 1");
+    assert!(matches!(err, LinkError::UnexpectedFrame("STATUS")));
+}
+
+#[test]
 fn hello_of_another_version_gets_goaway_unsupported_version() {
     let now = Instant::now();
     let mut end = End::new(config(), now);
@@ -90,6 +122,10 @@ fn hello_of_another_version_gets_goaway_unsupported_version() {
     assert!(
         matches!(err, LinkError::VersionMismatch { ours: VERSION, theirs } if theirs == VERSION + 1)
     );
+    assert!(matches!(
+        End::new(config(), now).handle_frame(now, hello(0, 0)),
+        Err(LinkError::VersionMismatch { theirs: 0, .. })
+    ));
     assert!(matches!(
         frames(&mut end)[..],
         [Frame::GoAway {

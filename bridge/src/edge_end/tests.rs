@@ -5,6 +5,7 @@ use crate::records::tests::rec;
 use bytes::Bytes;
 use ferry_protocol::kafka::BatchBuilder;
 use ferry_protocol::kafka::{records, uncompressed};
+use ferry_protocol::link_frames::VERSION;
 
 const STALL: Duration = Duration::from_secs(30);
 
@@ -15,16 +16,26 @@ fn config() -> EdgeEndConfig {
         stall_timeout: STALL,
         handshake_timeout: Duration::from_secs(30),
         software: "test".into(),
+        version: VERSION,
+        status_interval: STATUS_EVERY,
     }
 }
+
+const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 fn recs(seqs: std::ops::RangeInclusive<u64>) -> Vec<OutRecord> {
     seqs.map(rec).collect()
 }
 
+/// WELCOME of a version 1 cloud: no STATUS frames, so the only deadlines are the stall
+/// timeout's (the version 2 tests use [`welcome_v`]).
 fn welcome(credit_bytes: u64, committed: Vec<(u8, u64)>) -> Frame {
+    welcome_v(1, credit_bytes, committed)
+}
+
+fn welcome_v(version: u16, credit_bytes: u64, committed: Vec<(u8, u64)>) -> Frame {
     Frame::Welcome {
-        version: VERSION,
+        version,
         max_frame_bytes: 4 << 20,
         credit_bytes,
         committed,
@@ -393,6 +404,85 @@ fn a_refusal_or_another_version_ends_the_handshake() {
         matches!(err, LinkError::VersionMismatch { ours: VERSION, theirs } if theirs == VERSION + 1)
     );
     assert!(!end.is_up());
+}
+
+#[test]
+fn a_version_2_cloud_gets_the_edges_figures_at_once_and_every_interval() {
+    let t0 = Instant::now();
+    let mut end = EdgeEnd::new(config(), t0, 0);
+    frames(&mut end);
+    end.handle_frame(t0, welcome_v(2, 1 << 20, vec![]))
+        .expect("welcome");
+    assert_eq!(end.version(), 2);
+    assert!(!effects(&mut end).contains(&Effect::Status));
+    // Due at once; asked for once, however often the time comes while it is gathered.
+    assert_eq!(end.poll_timeout(), Some(t0));
+    end.handle_timeout(t0).expect("timeout");
+    end.handle_timeout(t0).expect("timeout");
+    let asked = effects(&mut end);
+    assert_eq!(asked.iter().filter(|e| **e == Effect::Status).count(), 1);
+    assert_eq!(
+        end.poll_timeout(),
+        None,
+        "nothing is due while it is gathered"
+    );
+    let figures = EdgeStatus {
+        outbox_records: 7,
+        last_seq: 9,
+        ..EdgeStatus::default()
+    };
+    let t1 = t0 + Duration::from_millis(3);
+    end.status_ready(t1, Some(figures));
+    assert_eq!(frames(&mut end), vec![Frame::Status(figures)]);
+    assert_eq!(end.poll_timeout(), Some(t1 + STATUS_EVERY));
+    end.handle_timeout(t1 + Duration::from_secs(1))
+        .expect("timeout");
+    assert!(effects(&mut end).is_empty(), "not due yet");
+    // Records waiting: the sooner of the stall deadline and the next STATUS.
+    send(&mut end, t1, 0, 1..=3);
+    assert_eq!(end.poll_timeout(), Some(t1 + STATUS_EVERY));
+    end.handle_timeout(t1 + STATUS_EVERY).expect("timeout");
+    assert!(effects(&mut end).contains(&Effect::Status));
+    assert_eq!(end.poll_timeout(), Some(t1 + STALL));
+    // Figures that could not be had: no frame, and the next asked for after the interval.
+    let t2 = t1 + STATUS_EVERY;
+    end.status_ready(t2, None);
+    assert!(!frames(&mut end)
+        .iter()
+        .any(|f| matches!(f, Frame::Status(_))));
+    assert_eq!(end.poll_timeout(), Some(t2 + STATUS_EVERY));
+    end.handle_timeout(t2 + STATUS_EVERY).expect("timeout");
+    assert!(effects(&mut end).contains(&Effect::Status));
+}
+
+#[test]
+fn a_version_1_cloud_gets_no_status_and_a_newer_one_than_ours_is_refused() {
+    let t0 = Instant::now();
+    let (mut end, _) = up(t0, 1 << 20, vec![]);
+    assert_eq!(end.version(), 1);
+    assert_eq!(end.poll_timeout(), None);
+    end.handle_timeout(t0 + Duration::from_secs(60))
+        .expect("timeout");
+    assert!(effects(&mut end).is_empty());
+    // An edge that announced version 1 (after an old cloud refused 2) takes no 2.
+    let mut end = EdgeEnd::new(
+        EdgeEndConfig {
+            version: 1,
+            ..config()
+        },
+        t0,
+        0,
+    );
+    let Some(Frame::Hello { version: 1, .. }) = end.poll_transmit() else {
+        panic!("HELLO announces the configured version");
+    };
+    let err = end
+        .handle_frame(t0, welcome_v(2, 1, vec![]))
+        .expect_err("a version it did not offer");
+    assert!(matches!(
+        err,
+        LinkError::VersionMismatch { ours: 1, theirs: 2 }
+    ));
 }
 
 #[test]

@@ -24,12 +24,14 @@ pub(crate) enum Downstream {
 }
 
 impl Downstream {
-    /// Records and bytes in the edge's outbox (none elsewhere).
-    pub(super) fn outbox_held(&self) -> (u64, u64) {
+    /// What the edge's outbox holds, into `stats` (nothing elsewhere).
+    pub(super) fn outbox_figures(&self, stats: &mut super::Stats) {
         match self {
             #[cfg(feature = "edge")]
-            Downstream::Edge(outbox) => outbox.held(),
-            _ => (0, 0),
+            Downstream::Edge(outbox) => outbox.figures(stats),
+            _ => {
+                let _ = stats;
+            }
         }
     }
 }

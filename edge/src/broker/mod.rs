@@ -266,6 +266,10 @@ pub struct Stats {
     /// in log mode, or without the `edge` feature; so are the two below).
     pub outbox_records: u64,
     pub outbox_bytes: u64,
+    /// The highest sequence the outbox gave a record (0: none; it grows by one for every
+    /// message accepted for the cloud, across restarts) and its budget, `max_outbox_bytes`.
+    pub outbox_last_seq: u64,
+    pub outbox_budget_bytes: u64,
     /// Messages for the cloud refused because the outbox was full (`reject_new`).
     pub outbox_rejected: u64,
     /// Records deleted from a full outbox to make room (`drop_oldest`).

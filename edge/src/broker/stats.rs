@@ -12,16 +12,16 @@ use super::{Broker, ClientInfo, Message, Stats};
 
 impl Broker {
     pub fn stats(&self) -> Stats {
-        Stats {
+        let mut stats = Stats {
             connections: self.conns.len(),
             sessions: self.sessions.len(),
             subscriptions: self.subscriptions.len(),
             retained: self.retained.len(),
             queued_bytes: self.queued_bytes,
-            outbox_records: self.downstream.outbox_held().0,
-            outbox_bytes: self.downstream.outbox_held().1,
             ..self.stats.clone()
-        }
+        };
+        self.downstream.outbox_figures(&mut stats);
+        stats
     }
 
     /// The connected clients, by client id.

@@ -9,7 +9,7 @@ use ferry_bridge::edge_dialer::{LinkStats, LinkStatus};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::router::cloud_lanes::CloudLanes;
-use super::{Server, StartError};
+use super::{RouterHandle, Server, StartError};
 use crate::broker::Broker;
 use crate::outbox::OutboxBudget;
 use crate::outbox_source::EdgeOutbox;
@@ -55,15 +55,29 @@ impl EdgeSide {
             acks,
             added: added.clone(),
             downlink: downlink_tx,
+            router: std::sync::OnceLock::new(),
         });
         let edge = Self { outbox, link: None };
         Ok((edge, CloudLanes::new(outbox_acks, added, downlink)))
     }
 
-    /// Starts the link if `[uplink] cloud` is set; it runs until `stop` turns true.
-    pub(super) fn start_link(&mut self, uplink: &UplinkConfig, stop: watch::Receiver<bool>) {
-        self.link = crate::outbox_source::client_config(uplink)
-            .map(|c| crate::outbox_source::start(c, self.outbox.clone(), stop));
+    /// Starts the link if `[uplink] cloud` is set; it runs until `stop` turns true, and
+    /// asks `router` for the figures it tells the cloud.
+    pub(super) fn start_link(
+        &mut self,
+        uplink: &UplinkConfig,
+        router: RouterHandle,
+        stop: watch::Receiver<bool>,
+    ) {
+        let Some(config) = crate::outbox_source::client_config(uplink) else {
+            return;
+        };
+        let _ = self.outbox.router.set(router);
+        self.link = Some(crate::outbox_source::start(
+            config,
+            self.outbox.clone(),
+            stop,
+        ));
     }
 }
 

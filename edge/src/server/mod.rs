@@ -226,7 +226,11 @@ impl Server {
             ));
         }
         #[cfg(feature = "edge")]
-        edge.start_link(&config.uplink, stop_rx.clone());
+        edge.start_link(
+            &config.uplink,
+            RouterHandle(to_router.clone()),
+            stop_rx.clone(),
+        );
         let server = Self {
             to_router,
             local_addrs,
@@ -358,8 +362,20 @@ impl Server {
 
     /// The broker's counters and the storage commit figures.
     pub async fn metrics(&self) -> Option<(Stats, CommitStats)> {
+        RouterHandle(self.to_router.clone()).metrics().await
+    }
+}
+
+/// What asks the router for its figures from outside the server's connections (the link,
+/// for its STATUS frames).
+#[derive(Debug, Clone)]
+pub(crate) struct RouterHandle(mpsc::Sender<ToRouter>);
+
+impl RouterHandle {
+    /// The broker's counters and the storage commit figures; None once the router stopped.
+    pub(crate) async fn metrics(&self) -> Option<(Stats, CommitStats)> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.to_router.send(ToRouter::Stats(tx)).await.ok()?;
+        self.0.send(ToRouter::Stats(tx)).await.ok()?;
         rx.await.ok()
     }
 }
