@@ -112,6 +112,15 @@ pub struct DenyError {
     source: std::io::Error,
 }
 
+/// Why the deny list could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DenyEditError {
+    #[error("there is no deny list: set [link] deny_file")]
+    NoFile,
+    #[error(transparent)]
+    Io(DenyError),
+}
+
 impl LinkServer {
     /// Binds the link's UDP port and starts accepting edges.
     pub fn start(config: ServerConfig, sink: Arc<dyn Sink>) -> Result<Arc<Self>, StartError> {
@@ -171,6 +180,49 @@ impl LinkServer {
             }
         }
         Ok(n)
+    }
+
+    /// Puts `names` (an edge id, a certificate serial) on the deny list, or takes them off
+    /// it: the deny file is rewritten (through a new file renamed over it) and applied at
+    /// once, as by [`LinkServer::reload_deny`] (a denied edge's link is closed). Returns
+    /// how many entries the list has.
+    pub fn set_denied(&self, names: &[&str], denied: bool) -> Result<usize, DenyEditError> {
+        let path = self
+            .config
+            .deny_file
+            .as_ref()
+            .ok_or(DenyEditError::NoFile)?;
+        let io = |source| {
+            DenyEditError::Io(DenyError {
+                path: path.clone(),
+                source,
+            })
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let entry = |line: &str| line.split('#').next().unwrap_or("").trim().to_owned();
+        let named = |line: &str| {
+            let e = entry(line);
+            names.iter().any(|n| n.eq_ignore_ascii_case(&e))
+        };
+        let mut out: String = text
+            .lines()
+            .filter(|l| denied || !named(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if denied {
+            let present: Vec<String> = text.lines().map(entry).collect();
+            if let Some(first) = names.first().filter(|n| !present.iter().any(|p| p == *n)) {
+                out.push_str(&format!("{first}\n"));
+            }
+        }
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, out).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        self.reload_deny().map_err(DenyEditError::Io)
     }
 
     /// Whether `edge_id`, or the certificate `serial`, is on the deny list.

@@ -37,13 +37,46 @@ pub struct CloudConfig {
     pub amqp: Option<crate::amqp::AmqpConfig>,
 }
 
-/// `[admin]`: the admin HTTP listener (JSON API and `/metrics`, see [`crate::admin`]).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[admin]`: the admin HTTP listener (the console, its JSON API and actions, `/metrics`;
+/// see [`crate::admin`]).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Where it listens. Default none: off. It has no authentication; keep it on loopback or
-    /// a management network.
+    /// Where it listens. Default none: off. Without users (`admins`, `viewers`) it must be
+    /// a loopback address: everyone who reaches it may look (no one may act).
     pub listen: Option<SocketAddr>,
+    /// A `mosquitto_passwd` file of the console's users. Default: `[auth] password_file`.
+    pub password_file: Option<PathBuf>,
+    /// Users of that file who may look and act (deny an edge, reset a consumer group, send a
+    /// command down).
+    pub admins: Vec<String>,
+    /// Users of that file who may only look.
+    pub viewers: Vec<String>,
+    /// How long a login lasts. Default 43,200 (12 hours).
+    pub session_secs: u64,
+    /// HTTPS with this certificate and key (PEM); the session cookie is then `Secure`.
+    pub tls: Option<AdminTls>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            password_file: None,
+            admins: Vec::new(),
+            viewers: Vec::new(),
+            session_secs: 43_200,
+            tls: None,
+        }
+    }
+}
+
+/// `[admin.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for CloudConfig {
@@ -179,6 +212,20 @@ mod tests {
         assert_eq!(config.log.streams, d.log.streams);
         assert_eq!(config.storage.cache_bytes, d.storage.cache_bytes);
         assert!(config.routes.is_empty() && config.admin.listen.is_none());
+        // The [admin] keys, uncommented, parse (TLS too), and the session's is the default.
+        let admin: String = text
+            .lines()
+            .skip_while(|l| *l != "[admin]")
+            .take_while(|l| !l.trim().is_empty())
+            .map(|l| l.trim_start_matches("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let with_admin: CloudConfig = toml::from_str(&admin).expect("admin example parses");
+        let got = with_admin.admin;
+        assert_eq!(got.session_secs, AdminConfig::default().session_secs);
+        assert!(got.listen.is_some() && got.password_file.is_some() && got.tls.is_some());
+        assert_eq!((got.admins.len(), got.viewers.len()), (1, 1));
         // The commented route example is a valid route.
         let route = commented_table(text, "# [[route]]");
         let with_route: CloudConfig = toml::from_str(&route).expect("route example parses");

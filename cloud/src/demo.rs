@@ -101,7 +101,7 @@ pub async fn run(
         .as_ref()
         .map(|l| l.local_addr())
         .context("the link listener")?;
-    let admin = crate::admin::serve(opts.admin_listen, node.clone())
+    let admin = crate::admin::serve_local(opts.admin_listen, node.clone())
         .await
         .context("cannot start the admin listener")?;
 

@@ -109,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
         .apply_flags(&args.listen, args.data_dir.clone(), args.allow_anonymous);
     config.edge().validate()?;
     let edge_config = config.edge();
-    let admin_listen = config.admin.listen;
+    let admin_config = config.admin.clone();
+    let auth_passwords = config.auth.password_file.clone();
     let args_config = args.config.clone();
 
     use tokio::signal::unix::{signal, SignalKind};
@@ -121,9 +122,9 @@ async fn main() -> anyhow::Result<()> {
     })
     .await
     .context("cannot start the node")?;
-    let admin_addr = match admin_listen {
-        Some(addr) => Some(
-            ferry_cloud::admin::serve(addr, node.clone())
+    let admin_addr = match admin_config.listen {
+        Some(_) => Some(
+            ferry_cloud::admin::serve(&admin_config, auth_passwords.as_deref(), node.clone())
                 .await
                 .context("cannot start the admin listener")?,
         ),

@@ -217,7 +217,11 @@ impl Edge {
             .or_else(|| self.admin_addr())
             .expect("a metrics or admin listener");
         let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write the request");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write the request");
         let mut response = String::new();
         stream
             .read_to_string(&mut response)

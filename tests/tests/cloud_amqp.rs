@@ -440,7 +440,11 @@ async fn a_transaction_publishes_and_acks_at_commit_and_nothing_at_rollback() {
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     out
@@ -449,7 +453,7 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_and_metrics_show_queues_connections_and_bindings() {
     let (node, uri) = node("amqp-admin").await;
-    let admin = ferry_cloud::admin::serve("127.0.0.1:0".parse().expect("addr"), node.clone())
+    let admin = ferry_cloud::admin::serve_local("127.0.0.1:0".parse().expect("addr"), node.clone())
         .await
         .expect("admin");
     let (_conn, ch) = channel(&uri).await;

@@ -19,7 +19,11 @@ fn stream(dir: &std::path::Path, name: &str, partition: u32) -> Vec<ferry_tests:
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     out

@@ -813,7 +813,11 @@ fn the_demo_delivers_sensor_readings_to_the_cloud() {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect(demo.admin_addr().expect("admin listener")).expect("connect");
-    write!(stream, "GET /api/edges HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    write!(
+        stream,
+        "GET /api/edges HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut page = String::new();
     stream.read_to_string(&mut page).expect("read");
     assert!(page.contains("\"edge\":\"demo-edge\""), "{page}");
@@ -821,7 +825,11 @@ fn the_demo_delivers_sensor_readings_to_the_cloud() {
     assert!(page.contains("\"committed_seq\""), "{page}");
     let mut stream =
         std::net::TcpStream::connect(demo.admin_addr().expect("admin listener")).expect("connect");
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut page = String::new();
     stream.read_to_string(&mut page).expect("read");
     assert!(page.contains("ferry_cloud_link_edges 1\n"), "{page}");

@@ -1,0 +1,313 @@
+//! The cloud's admin listener as the console uses it, end to end with curl: users and
+//! roles from a `mosquitto_passwd` file, sessions and their CSRF token, HTTP Basic for
+//! scripts, the actions (deny and allow an edge, a command down to it) and who may take
+//! them, TLS, and a listener open to the network without users refused at start.
+
+use std::path::Path;
+use std::process::Command;
+
+use ferry_tests::process::{binary, temp_dir, wait_until};
+use ferry_tests::site::Site;
+
+/// curl's answer: the status code and the body. `args` are curl's; the URL is last.
+fn curl(args: &[&str]) -> (u16, serde_json::Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').expect("a status line");
+    let code = code.trim().parse().unwrap_or(0);
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A password file with `ops` (password `ops-pw`) and `noc` (`noc-pw`), by mosquitto_passwd.
+fn password_file(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("admin.passwd");
+    std::fs::write(&file, "").expect("write");
+    for (user, pw) in [("ops", "ops-pw"), ("noc", "noc-pw")] {
+        let ok = Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(&file)
+            .args([user, pw])
+            .status()
+            .expect("mosquitto_passwd runs (apt-get install mosquitto)");
+        assert!(ok.success());
+    }
+    file
+}
+
+/// The site's cloud configuration with `admin` in its `[admin]` table.
+fn with_admin(site: &Site, admin: &str) {
+    let text = std::fs::read_to_string(&site.cloud_config).expect("read");
+    let text = text.replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n"),
+        1,
+    );
+    std::fs::write(&site.cloud_config, text).expect("write");
+}
+
+fn login(base: &str, jar: &Path, user: &str, password: &str) -> (u16, serde_json::Value) {
+    let body = format!("{{\"username\":\"{user}\",\"password\":\"{password}\"}}");
+    curl(&[
+        "-c",
+        jar.to_str().expect("utf8"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &format!("{base}/api/login"),
+    ])
+}
+
+/// A POST with the session in `jar` and `csrf` (none: no header).
+fn post(
+    base: &str,
+    jar: &Path,
+    csrf: Option<&str>,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let header = format!("X-Ferry-CSRF: {}", csrf.unwrap_or_default());
+    let mut args = vec!["-b", jar.to_str().expect("utf8"), "-d", body];
+    if csrf.is_some() {
+        args.extend(["-H", &header]);
+    }
+    let url = format!("{base}{path}");
+    args.push(&url);
+    curl(&args)
+}
+
+#[test]
+fn roles_sessions_csrf_and_the_actions_on_an_edge() {
+    let site = Site::new("console-auth", "status_secs = 1");
+    let passwd = password_file(&site.dir);
+    with_admin(
+        &site,
+        &format!(
+            "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]",
+            passwd.display()
+        ),
+    );
+    let cloud = site.cloud();
+    let edge = site.edge();
+    let base = format!("http://{}", cloud.admin_addr().expect("admin listener"));
+    let fleet = |auth: &str| curl(&["-u", auth, &format!("{base}/api/fleet/gw-1")]);
+    wait_until(60, "the edge is linked", || {
+        fleet("noc:noc-pw").1["state"] == "linked"
+    });
+
+    // Nobody, a wrong password, a user without a role: nothing. The health check is open.
+    assert_eq!(curl(&[&format!("{base}/api/fleet")]).0, 401);
+    assert_eq!(fleet("noc:wrong").0, 401);
+    assert_eq!(curl(&[&format!("{base}/api/health")]).1["status"], "ok");
+    // The page is served to everyone (it asks for a login); it holds no data.
+    let page = Command::new("curl")
+        .args(["-s", &format!("{base}/")])
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&page.stdout).contains("<html"));
+
+    // The viewer looks, and may not act, with its session and token or without.
+    let noc = site.dir.join("noc.jar");
+    let (code, who) = login(&base, &noc, "noc", "noc-pw");
+    assert_eq!(
+        (code, &who["role"]),
+        (200, &serde_json::json!("viewer")),
+        "{who}"
+    );
+    let jar = std::fs::read_to_string(&noc).expect("cookie jar");
+    assert!(
+        jar.contains("#HttpOnly_") && jar.contains("ferry_session"),
+        "{jar}"
+    );
+    let noc_csrf = who["csrf"].as_str().expect("a token").to_owned();
+    let (code, session) = curl(&[
+        "-b",
+        noc.to_str().expect("utf8"),
+        &format!("{base}/api/session"),
+    ]);
+    assert_eq!((code, &session["user"]), (200, &serde_json::json!("noc")));
+    assert_eq!(
+        post(&base, &noc, Some(&noc_csrf), "/api/fleet/gw-1/deny", "").0,
+        403
+    );
+
+    // The admin: without the CSRF token refused, with it the edge is denied and its link
+    // closed; allowed again, it links again.
+    let ops = site.dir.join("ops.jar");
+    let (code, who) = login(&base, &ops, "ops", "ops-pw");
+    assert_eq!(
+        (code, &who["role"]),
+        (200, &serde_json::json!("admin")),
+        "{who}"
+    );
+    let csrf = who["csrf"].as_str().expect("a token").to_owned();
+    assert_eq!(post(&base, &ops, None, "/api/fleet/gw-1/deny", "").0, 403);
+    assert_eq!(
+        post(&base, &ops, Some("forged"), "/api/fleet/gw-1/deny", "").0,
+        403
+    );
+    let (code, done) = post(&base, &ops, Some(&csrf), "/api/fleet/gw-1/deny", "");
+    assert_eq!(
+        (code, &done["denied"]),
+        (200, &serde_json::json!(true)),
+        "{done}"
+    );
+    wait_until(30, "the denied edge's link is closed", || {
+        fleet("noc:noc-pw").1["state"] == "denied"
+    });
+    let deny_file = std::fs::read_to_string(site.dir.join("deny.txt")).expect("the deny file");
+    assert_eq!(deny_file.trim(), "gw-1");
+    let (code, _) = post(&base, &ops, Some(&csrf), "/api/fleet/gw-1/allow", "");
+    assert_eq!(code, 200);
+    wait_until(60, "the allowed edge links again", || {
+        fleet("noc:noc-pw").1["state"] == "linked"
+    });
+    assert!(std::fs::read_to_string(site.dir.join("deny.txt"))
+        .expect("the deny file")
+        .trim()
+        .is_empty());
+
+    // A command down to the edge reaches a subscriber there.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &edge.port().to_string(),
+            "-t",
+            "valve/set",
+            "-C",
+            "1",
+            "-W",
+            "60",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (code, sent) = post(
+        &base,
+        &ops,
+        Some(&csrf),
+        "/api/fleet/gw-1/command",
+        r#"{"topic":"valve/set","payload":"open","qos":1}"#,
+    );
+    assert_eq!(code, 200, "{sent}");
+    let got = sub.wait_with_output().expect("mosquitto_sub ends");
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "open");
+    let (code, _) = post(
+        &base,
+        &ops,
+        Some(&csrf),
+        "/api/fleet/gw-9/command",
+        r#"{"topic":"x"}"#,
+    );
+    assert_eq!(code, 404, "an unknown edge");
+    let (code, _) = post(
+        &base,
+        &ops,
+        Some(&csrf),
+        "/api/fleet/gw-1/command",
+        r#"{"topic":"a/#"}"#,
+    );
+    assert_eq!(code, 400, "a wildcard is no topic name");
+
+    // A script acts with HTTP Basic; from a browser (an Origin) that is refused.
+    let url = format!("{base}/api/fleet/gw-1/allow");
+    assert_eq!(curl(&["-u", "ops:ops-pw", "-X", "POST", &url]).0, 200);
+    assert_eq!(
+        curl(&[
+            "-u",
+            "ops:ops-pw",
+            "-H",
+            "Origin: http://evil.example",
+            "-X",
+            "POST",
+            &url
+        ])
+        .0,
+        403
+    );
+    assert_eq!(curl(&["-u", "noc:noc-pw", "-X", "POST", &url]).0, 403);
+
+    // Logged out, the session is gone.
+    assert_eq!(post(&base, &ops, Some(&csrf), "/api/logout", "").0, 200);
+    let (code, _) = curl(&[
+        "-b",
+        ops.to_str().expect("utf8"),
+        &format!("{base}/api/session"),
+    ]);
+    assert_eq!(code, 401);
+    drop(edge);
+    assert!(cloud.terminate().success());
+}
+
+#[test]
+fn https_with_the_nodes_certificate_and_an_open_listener_on_the_network_refused() {
+    let site = Site::new("console-tls", "");
+    let passwd = password_file(&site.dir);
+    let pki = site.dir.join("pki");
+    with_admin(
+        &site,
+        &format!(
+            "password_file = \"{}\"\nviewers = [\"noc\"]\n[admin.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            passwd.display(),
+            pki.join("nodes/localhost.crt").display(),
+            pki.join("nodes/localhost.key").display(),
+        ),
+    );
+    let cloud = site.cloud();
+    let port = cloud.admin_addr().expect("admin listener").port();
+    let base = format!("https://localhost:{port}");
+    let ca = pki.join("ca.crt");
+    let jar = site.dir.join("tls.jar");
+    let (code, who) = curl(&[
+        "--cacert",
+        ca.to_str().expect("utf8"),
+        "-c",
+        jar.to_str().expect("utf8"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"username":"noc","password":"noc-pw"}"#,
+        &format!("{base}/api/login"),
+    ]);
+    assert_eq!(
+        (code, &who["role"]),
+        (200, &serde_json::json!("viewer")),
+        "{who}"
+    );
+    // Over TLS the cookie is Secure (curl's jar marks it TRUE in its fourth field).
+    let jar = std::fs::read_to_string(&jar).expect("jar");
+    let line = jar
+        .lines()
+        .find(|l| l.contains("ferry_session"))
+        .expect("the cookie");
+    assert_eq!(line.split('\t').nth(3), Some("TRUE"), "{line}");
+    // Plain HTTP to it is no answer.
+    assert_eq!(curl(&[&format!("http://localhost:{port}/api/health")]).0, 0);
+    assert!(cloud.terminate().success());
+
+    // No users, on every address: refused at start, saying why.
+    let dir = temp_dir("console-open");
+    let config = dir.join("cloud.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"0.0.0.0:0\"\n",
+    )
+    .expect("write");
+    let out = Command::new(binary("ferry-cloud", "ferry-cloud"))
+        .args(["--config", config.to_str().expect("utf8"), "--data-dir"])
+        .arg(dir.join("data"))
+        .output()
+        .expect("ferry-cloud runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no users"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
