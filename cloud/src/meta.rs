@@ -265,6 +265,28 @@ impl Meta {
             .map(|v| v.value()))
     }
 
+    /// Every committed cursor: (group, stream, partition, next offset), by group, stream
+    /// and partition. Kafka groups, the MQTT front's delivery cursor ([`MQTT_CURSOR`], on
+    /// this node's disk) and each edge's downlink (`$edge:<edge-id>`).
+    pub fn cursors(&self) -> Result<Vec<(String, String, u32, i64)>, MetaError> {
+        let mut out = match &self.shared {
+            Some(shared) => shared.cursors().map_err(MetaError::Shared)?,
+            None => Vec::new(),
+        };
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(CURSORS).map_err(dberr)?;
+        for row in table.iter().map_err(dberr)? {
+            let (k, v) = row.map_err(dberr)?;
+            let (group, stream, partition) = k.value();
+            // Shared, only the MQTT front's own cursor is kept here.
+            if self.shared.is_none() || group == MQTT_CURSOR {
+                out.push((group.to_owned(), stream.to_owned(), partition, v.value()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Every edge's highest committed sequence per priority class: (edge, class, seq).
     pub fn edges(&self) -> Result<Vec<(String, u8, u64)>, MetaError> {
         if let Some(shared) = &self.shared {

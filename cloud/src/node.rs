@@ -62,6 +62,8 @@ pub struct Node {
     pub link: Option<Arc<ferry_bridge::cloud_listener::LinkServer>>,
     /// The Kafka listener's address, with `[kafka]`.
     pub kafka_addr: Option<SocketAddr>,
+    /// The Kafka front's consumer groups (their members), with `[kafka]`.
+    pub kafka_groups: Option<Arc<crate::kafka::groups::Groups>>,
     /// The AMQP listener's address, with `[amqp]`.
     pub amqp_addr: Option<SocketAddr>,
     /// The AMQP front, with `[amqp]`.
@@ -302,6 +304,7 @@ impl Node {
             }
         });
         let cluster = crate::kafka::cluster::ClusterView::new();
+        let kafka_groups = config.kafka.as_ref().map(|_| Arc::default());
         let kafka_addr = match &config.kafka {
             Some(k) => Some(
                 crate::kafka::KafkaFront {
@@ -310,7 +313,7 @@ impl Node {
                     config: k.clone(),
                     stream_defaults: config.log.streams.clone(),
                     producers: Arc::new(Mutex::new(crate::kafka::producers_from_log(&*log))),
-                    groups: Default::default(),
+                    groups: kafka_groups.clone().unwrap_or_default(),
                     routes: routes.clone(),
                     cluster: cluster.clone(),
                 }
@@ -344,6 +347,7 @@ impl Node {
             mqtt,
             link,
             kafka_addr,
+            kafka_groups,
             amqp_addr,
             amqp,
             object: None,

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferry_tests::process::{binary, temp_dir, wait_until};
+use ferry_tests::process::{binary, python_client, temp_dir, wait_until};
 use ferry_tests::site::Site;
 
 /// curl's answer: the status code and the body. `args` are curl's; the URL is last.
@@ -310,4 +310,93 @@ fn https_with_the_nodes_certificate_and_an_open_listener_on_the_network_refused(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("has no users"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Records produced with kcat.
+fn produce(kafka: std::net::SocketAddr, topic: &str, n: usize) {
+    let mut kcat = Command::new("kcat")
+        .args(["-P", "-b", &kafka.to_string(), "-t", topic])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("kcat runs");
+    let lines: String = (0..n).map(|i| format!("r{i}\n")).collect();
+    std::io::Write::write_all(kcat.stdin.as_mut().expect("stdin"), lines.as_bytes())
+        .expect("write");
+    drop(kcat.stdin.take());
+    assert!(kcat.wait().expect("kcat ends").success());
+}
+
+/// The offsets a group member of confluent-kafka read (it commits and leaves).
+fn consume(kafka: std::net::SocketAddr, topic: &str, group: &str, n: usize) -> Vec<i64> {
+    let bootstrap = kafka.to_string();
+    let out = python_client(
+        "kafka_consume.py",
+        &[&bootstrap, topic, group, &n.to_string()],
+    );
+    out.lines()
+        .filter(|l| *l != "OK")
+        .map(|l| l.parse().expect("an offset"))
+        .collect()
+}
+
+/// A Kafka group's lag as confluent-kafka leaves it, then moved back to the start by an
+/// admin and read again from there; a viewer may not, nor a group that has members.
+#[test]
+fn consumers_show_a_groups_lag_and_an_admin_resets_it() {
+    let site = Site::new("console-consumers", "");
+    let passwd = password_file(&site.dir);
+    with_admin(
+        &site,
+        &format!(
+            "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]",
+            passwd.display()
+        ),
+    );
+    let cloud = site.cloud();
+    let base = format!("http://{}", cloud.admin_addr().expect("admin listener"));
+    let kafka = cloud.kafka_addr().expect("kafka listener");
+    produce(kafka, "meters", 10);
+    assert_eq!(
+        consume(kafka, "meters", "billing", 10),
+        (0..10).collect::<Vec<_>>()
+    );
+    produce(kafka, "meters", 5);
+    let group = |doc: &serde_json::Value| {
+        doc["kafka_groups"]
+            .as_array()
+            .and_then(|g| g.iter().find(|x| x["group"] == "billing").cloned())
+            .unwrap_or_default()
+    };
+    let (code, doc) = curl(&["-u", "noc:noc-pw", &format!("{base}/api/consumers")]);
+    assert_eq!(code, 200, "{doc}");
+    let billing = group(&doc);
+    assert_eq!(billing["lag"], 5, "{doc}");
+    assert_eq!(billing["partitions"][0]["committed"], 10, "{doc}");
+    assert_eq!(billing["partitions"][0]["high_watermark"], 15, "{doc}");
+    assert_eq!(billing["members"], 0, "{doc}");
+
+    let url = format!("{base}/api/consumers/kafka/billing/reset");
+    let reset =
+        |auth: &str, to: &str| curl(&["-u", auth, "-d", &format!("{{\"to\":\"{to}\"}}"), &url]);
+    assert_eq!(reset("noc:noc-pw", "earliest").0, 403, "a viewer may not");
+    assert_eq!(reset("ops:ops-pw", "sideways").0, 400);
+    let (code, done) = reset("ops:ops-pw", "earliest");
+    assert_eq!(code, 200, "{done}");
+    assert_eq!(done["partitions"][0]["committed"], 0, "{done}");
+    let (_, doc) = curl(&["-u", "noc:noc-pw", &format!("{base}/api/consumers")]);
+    assert_eq!(group(&doc)["lag"], 15, "{doc}");
+    // The group reads from the start again.
+    assert_eq!(
+        consume(kafka, "meters", "billing", 15),
+        (0..15).collect::<Vec<_>>()
+    );
+    let (code, done) = reset("ops:ops-pw", "latest");
+    assert_eq!(
+        (code, &done["partitions"][0]["committed"]),
+        (200, &serde_json::json!(15))
+    );
+    let missing = format!("{base}/api/consumers/kafka/nobody/reset");
+    let (code, _) = curl(&["-u", "ops:ops-pw", "-d", r#"{"to":"earliest"}"#, &missing]);
+    assert_eq!(code, 404, "a group without offsets");
+    assert!(cloud.terminate().success());
 }

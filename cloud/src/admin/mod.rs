@@ -7,6 +7,8 @@
 //! | `GET /` | the console (one page; it asks for a login when one is needed) |
 //! | `POST /api/login`, `GET /api/session`, `POST /api/logout` | a session: its cookie and CSRF token |
 //! | `POST /api/fleet/<edge>/{deny,allow,command}` | the admins' actions on an edge |
+//! | `GET /api/consumers` | every reader of the log and its lag: Kafka groups per partition (with their state and members), the MQTT front's delivery cursor, each edge's downlink, AMQP queues |
+//! | `POST /api/consumers/kafka/<group>/reset` | an admin moves a group without members to the earliest or latest offsets |
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
 //! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
@@ -35,6 +37,7 @@ use crate::node::Node;
 use http::{Reply, Request};
 use sessions::{LoginError, Principal, Role, Sessions};
 
+pub mod consumers;
 pub mod http;
 pub mod sessions;
 
@@ -327,9 +330,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The admin's actions (`POST`, admin role; `docs/console.md`):
-/// `/api/fleet/<edge>/deny`, `/api/fleet/<edge>/allow` and `/api/fleet/<edge>/command`.
+/// `/api/fleet/<edge>/deny`, `/api/fleet/<edge>/allow`, `/api/fleet/<edge>/command` and
+/// `/api/consumers/kafka/<group>/reset`.
 async fn act(admin: &Admin, path: &str, req: &Request) -> Reply {
     let node = &admin.node;
+    if let Some(group) = path
+        .strip_prefix("/api/consumers/kafka/")
+        .and_then(|rest| rest.strip_suffix("/reset"))
+    {
+        return consumers::reset(node, group, &req.body);
+    }
     let Some(rest) = path.strip_prefix("/api/fleet/") else {
         return Reply::error(StatusCode::NOT_FOUND, &format!("no action at {path}"));
     };
@@ -512,6 +522,10 @@ async fn answer(node: &Node, path: &str) -> Response {
                     .collect();
                 Response::json(json!({ "edges": edges }).to_string())
             }
+            Err(_) => Response::status("500 Internal Server Error"),
+        },
+        "/api/consumers" => match consumers::consumers(node) {
+            Ok(v) => Response::json(v.to_string()),
             Err(_) => Response::status("500 Internal Server Error"),
         },
         "/api/fleet" => match node.meta.edges() {

@@ -126,6 +126,28 @@ impl PgMeta {
         })
     }
 
+    /// Every cursor: (group, stream, partition, next offset).
+    pub fn cursors(&self) -> Result<Vec<(String, String, u32, i64)>, String> {
+        self.run(move |pool| async move {
+            let rows = pool
+                .get()
+                .await?
+                .query(
+                    "SELECT grp, stream, partition, next_offset FROM cursors \
+                     ORDER BY grp, stream, partition",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let p: i32 = r.get(2);
+                    (r.get(0), r.get(1), p as u32, r.get(3))
+                })
+                .collect())
+        })
+    }
+
     /// (edge, class, seq), by edge and class.
     pub fn edges(&self) -> Result<Vec<(String, u8, u64)>, String> {
         self.run(move |pool| async move {
