@@ -17,6 +17,9 @@ command -v mosquitto_passwd >/dev/null 2>&1 || need+=(mosquitto)
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v socat >/dev/null 2>&1 || need+=(socat)
+# Headless Chromium and its WebDriver for the console's browser test (tests/tests/console.rs).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""
@@ -38,6 +41,8 @@ python3 -c "from pymodbus.simulator import SimDevice; import serial" 2>/dev/null
   python3 -m pip install -q "pymodbus[serial]==3.16.*"
 # asyncua: the OPC UA server of the field tests (pinned like pymodbus).
 python3 -c "import asyncua" 2>/dev/null || python3 -m pip install -q "asyncua==2.1.*"
+# selenium drives Chromium in the console's browser test.
+python3 -c "import selenium" 2>/dev/null || python3 -m pip install -q "selenium==4.*"
 # amqplib (Node.js) for the AMQP front, into tests/clients/node_modules (not committed).
 [ -d tests/clients/node_modules/amqplib ] ||
   npm install --no-save --no-package-lock --silent --prefix tests/clients amqplib@0.10

@@ -17,3 +17,32 @@ pub async fn next_incoming(eventloop: &mut rumqttc::EventLoop, what: &str) -> ru
         }
     }
 }
+
+/// Publishes the numbers of `range` (as text) at QoS 1 to `sensors/t` on the broker at
+/// `port`, as client `sensor`; returns how many were acknowledged (all of them, or it
+/// panics).
+pub async fn publish_numbers(port: u16, range: std::ops::Range<usize>) -> usize {
+    use rumqttc::{AsyncClient, Incoming, MqttOptions, QoS};
+    let mut opts = MqttOptions::new("sensor", "127.0.0.1", port);
+    opts.set_inflight(100);
+    let (client, mut ev) = AsyncClient::new(opts, 200);
+    let n = range.len();
+    tokio::spawn(async move {
+        for i in range {
+            if client
+                .publish("sensors/t", QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let Incoming::PubAck(_) = next_incoming(&mut ev, "acks keep coming").await {
+            acked += 1;
+        }
+    }
+    acked
+}

@@ -400,3 +400,149 @@ fn consumers_show_a_groups_lag_and_an_admin_resets_it() {
     assert_eq!(code, 404, "a group without offsets");
     assert!(cloud.terminate().success());
 }
+
+/// A second edge, `gw-2`, of `site`, linked straight to the cloud (not through a proxy).
+fn second_edge(site: &Site) -> ferry_tests::process::Edge {
+    let pki = site.dir.join("pki");
+    let out = Command::new(binary("ferry-cloud", "ferry-cloud"))
+        .args(["pki", "issue-edge", "gw-2", "--dir"])
+        .arg(&pki)
+        .output()
+        .expect("ferry-cloud pki runs");
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&site.edge_config).expect("read");
+    let cloud = text
+        .lines()
+        .find(|l| l.starts_with("cloud = "))
+        .expect("the cloud's address")
+        .to_owned();
+    let text = text
+        .replace("gw-1.", "gw-2.")
+        .replace(&cloud, &format!("cloud = \"127.0.0.1:{}\"", site.link_port));
+    let config = site.dir.join("edge2.toml");
+    std::fs::write(&config, text).expect("write");
+    ferry_tests::process::Edge::start_in(
+        &site.dir.join("edge2"),
+        &["--config", config.to_str().expect("utf8")],
+    )
+}
+
+/// The console in headless Chromium (selenium): a cloud and two edges, gw-1 cut off while
+/// its sensor publishes: offline with a growing estimated backlog, then back with its
+/// backlog falling to zero; a viewer may not act, an admin denies and allows gw-2; the data
+/// tab; a phone-sized window; no console errors. Screenshots go to `$FERRY_SCREENSHOTS`
+/// (docs/screenshots for the README) or a temporary directory. Then the page with 1,000
+/// edges, timed (printed, not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_browser_through_a_cut_and_with_a_thousand_edges() {
+    use std::io::{BufRead, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let link_port = ferry_tests::process::free_udp_port();
+    let proxy = ferry_tests::impair::Proxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
+        0,
+        1,
+    )
+    .await;
+    let site = Site::with_path(
+        "console-browser",
+        "status_secs = 1",
+        Some((link_port, proxy.addr.port())),
+    );
+    let passwd = password_file(&site.dir);
+    with_admin(
+        &site,
+        &format!(
+            "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]",
+            passwd.display()
+        ),
+    );
+    let cloud = site.cloud();
+    let edge = site.edge();
+    let _edge2 = second_edge(&site);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sensor = tokio::spawn({
+        let (stop, port) = (stop.clone(), edge.port());
+        async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += ferry_tests::clients::publish_numbers(port, n..n + 50).await;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    });
+    let shots = std::env::var("FERRY_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| site.dir.join("shots"));
+    std::fs::create_dir_all(&shots).expect("screenshots dir");
+    let base = format!("http://{}", cloud.admin_addr().expect("admin listener"));
+    let script = format!("{}/clients/console_browser.py", env!("CARGO_MANIFEST_DIR"));
+    let mut browser = Command::new("python3")
+        .args([&script, "fleet", &base, shots.to_str().expect("utf8")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test.sh installs selenium, chromium and chromium-driver)");
+    let mut to_browser = browser.stdin.take().expect("stdin");
+    let from_browser = std::io::BufReader::new(browser.stdout.take().expect("stdout"));
+    let control = proxy.control.clone();
+    let said = tokio::task::spawn_blocking(move || {
+        let mut said = Vec::new();
+        for line in from_browser.lines() {
+            let line = line.expect("a line");
+            eprintln!("browser: {line}");
+            match line.as_str() {
+                "STEP cut" => control.cut.store(true, Ordering::Relaxed),
+                "STEP restore" => control.cut.store(false, Ordering::Relaxed),
+                _ => {}
+            }
+            if line.starts_with("STEP ") {
+                writeln!(to_browser, "go").expect("the browser reads");
+            }
+            said.push(line);
+        }
+        said
+    })
+    .await
+    .expect("the browser's output");
+    let status = browser.wait().expect("the browser script ends");
+    stop.store(true, Ordering::Relaxed);
+    let _ = sensor.await;
+    assert!(
+        status.success() && said.last().map(String::as_str) == Some("OK"),
+        "{}",
+        said.join("\n")
+    );
+    for shot in [
+        "console-fleet.png",
+        "console-offline.png",
+        "console-edge.png",
+        "console-phone.png",
+    ] {
+        let len = std::fs::metadata(shots.join(shot))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 10_000, "{shot}: {len} bytes");
+    }
+
+    // The page, saved from the cloud, drawing 1,000 edges.
+    let page = site.dir.join("console.html");
+    let ok = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            page.to_str().expect("utf8"),
+            &format!("{base}/"),
+        ])
+        .status()
+        .expect("curl");
+    assert!(ok.success());
+    let out = python_client(
+        "console_browser.py",
+        &["thousand", page.to_str().expect("utf8")],
+    );
+    eprintln!("{out}");
+    assert!(out.contains("1,000 edges drawn"), "{out}");
+    drop(edge);
+    assert!(cloud.terminate().success());
+}

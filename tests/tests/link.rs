@@ -42,31 +42,8 @@ async fn register_cloud_subscriber(cloud: &Edge) {
     while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ev.poll()).await {}
 }
 
-/// Publishes the numbers of `range` (as text) at QoS 1 to `sensors/t` on the edge; returns
-/// how many were acknowledged (all of them, or it panics).
 async fn publish(edge_port: u16, range: std::ops::Range<usize>) -> usize {
-    let mut opts = MqttOptions::new("sensor", "127.0.0.1", edge_port);
-    opts.set_inflight(100);
-    let (client, mut ev) = AsyncClient::new(opts, 200);
-    let n = range.len();
-    tokio::spawn(async move {
-        for i in range {
-            if client
-                .publish("sensors/t", QoS::AtLeastOnce, false, i.to_string())
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
-    let mut acked = 0;
-    while acked < n {
-        if let Incoming::PubAck(_) = next_incoming(&mut ev, "acks keep coming").await {
-            acked += 1;
-        }
-    }
-    acked
+    ferry_tests::clients::publish_numbers(edge_port, range).await
 }
 
 /// Receives on the registered persistent session until `n` messages came (within 120 s,

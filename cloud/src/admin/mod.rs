@@ -194,16 +194,16 @@ async fn handle(admin: &Admin, req: Request) -> Reply {
 }
 
 /// `GET /api/session`: who is logged in, with which role, and the CSRF token of the
-/// session; 401 when no one is (and whether logging in is possible).
+/// session (`user` and `role` null when no one is); whether logging in is possible
+/// (`auth`), and whether the node is one of a cluster (`cluster`: `/api/cluster` has its
+/// nodes).
 fn session(admin: &Admin, p: &Principal) -> Reply {
     let auth = admin.sessions().is_on();
-    match p.role {
-        Some(role) => Reply::json(
-            StatusCode::OK,
-            &json!({"auth": auth, "user": p.user, "role": role.name(), "csrf": p.csrf}),
-        ),
-        None => Reply::json(StatusCode::UNAUTHORIZED, &json!({"auth": auth})),
-    }
+    let cluster = admin.node.object.is_some();
+    Reply::json(
+        StatusCode::OK,
+        &json!({"auth": auth, "cluster": cluster, "user": p.user, "role": p.role.map(Role::name), "csrf": p.csrf}),
+    )
 }
 
 /// `POST /api/login` with `{"username": …, "password": …}` (JSON, or a form): a session
