@@ -237,12 +237,14 @@ fn roles_sessions_csrf_and_the_actions_on_an_edge() {
 
     // Logged out, the session is gone.
     assert_eq!(post(&base, &ops, Some(&csrf), "/api/logout", "").0, 200);
-    let (code, _) = curl(&[
-        "-b",
-        ops.to_str().expect("utf8"),
-        &format!("{base}/api/session"),
-    ]);
-    assert_eq!(code, 401);
+    let jar = ops.to_str().expect("utf8");
+    let (code, session) = curl(&["-b", jar, &format!("{base}/api/session")]);
+    assert_eq!(
+        (code, &session["user"]),
+        (200, &serde_json::Value::Null),
+        "{session}"
+    );
+    assert_eq!(curl(&["-b", jar, &format!("{base}/api/fleet")]).0, 401);
     drop(edge);
     assert!(cloud.terminate().success());
 }
