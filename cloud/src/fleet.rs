@@ -9,7 +9,65 @@
 
 use ferry_bridge::cloud_listener::LinkServer;
 use ferry_bridge::fleet::{EdgeRecord, LinkEventKind};
+use ferry_protocol::kafka::batch::{records, uncompressed};
 use serde_json::{json, Value};
+
+use crate::log::{Storage, READ_BUDGET_BYTES};
+
+/// Records looked at per partition, back from its end, for a peek.
+const PEEK_SCAN_RECORDS: i64 = 2_000;
+/// Messages a peek shows.
+const PEEK_MESSAGES: usize = 20;
+
+/// `/api/fleet/<edge>/peek`: the last messages `edge` sent that are still among the last
+/// [`PEEK_SCAN_RECORDS`] records of each partition (of every stream but the downlink), newest
+/// first: stream, partition, offset, topic, size, time. The payloads are not shown.
+pub fn peek(log: &dyn Storage, edge: &str) -> Result<Value, crate::log::LogError> {
+    let mut found: Vec<(i64, Value)> = Vec::new();
+    for s in log.streams() {
+        if s.name == crate::routes::DOWNLINK_STREAM {
+            continue;
+        }
+        for (p, info) in s.partitions.iter().enumerate() {
+            let o = info.offsets;
+            let from = (o.high_watermark - PEEK_SCAN_RECORDS).max(o.log_start);
+            if from >= o.high_watermark {
+                continue;
+            }
+            let read = log.read(&s.name, p as u32, from, READ_BUDGET_BYTES)?;
+            for batch in read.iter() {
+                let (_, whole) = batch?;
+                let Ok(plain) = uncompressed(whole, 64 << 20) else {
+                    continue;
+                };
+                let Ok(recs) = records(&plain) else {
+                    continue;
+                };
+                for rec in recs.flatten() {
+                    let from_edge = rec
+                        .headers
+                        .iter()
+                        .any(|h| h.key == "ferry.edge" && h.value == Some(edge.as_bytes()));
+                    if !from_edge || rec.offset < from {
+                        continue;
+                    }
+                    let topic = rec.key.map(String::from_utf8_lossy).unwrap_or_default();
+                    found.push((
+                        rec.timestamp,
+                        json!({
+                            "stream": s.name, "partition": p, "offset": rec.offset,
+                            "topic": topic, "bytes": rec.value.map_or(0, <[u8]>::len),
+                            "timestamp_ms": rec.timestamp,
+                        }),
+                    ));
+                }
+            }
+        }
+    }
+    found.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    found.truncate(PEEK_MESSAGES);
+    Ok(json!({"edge": edge, "messages": found.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}))
+}
 
 /// Points of the list's small charts: one every fourth sample (2 minutes), an hour.
 const LIST_POINTS_EVERY: usize = 4;

@@ -6,6 +6,8 @@ Usage:
       The scenario of tests/tests/console.rs, in steps synchronised with the test over
       stdin/stdout: this script prints "STEP <name>" and waits for a line "go" before it
       goes on (the test cuts gw-1's link, then gives it back).
+  python3 console_browser.py edge STATUS_URL SHOTS_DIR
+      ferry-edge's status page (its metrics listener's /): the link up, the outbox shown.
   python3 console_browser.py thousand PAGE_FILE
       The page (saved from the cloud) served by this script with 1,000 made-up edges:
       prints how long it takes from navigation to the table drawn.
@@ -113,6 +115,9 @@ def fleet(base, shots):
     check("its certificate's expiry is shown",
           "Expires" in d.find_element(By.ID, "edge-facts").text)
     check("a viewer has no actions", not d.find_element(By.ID, "edge-actions").is_displayed())
+    d.find_element(By.ID, "peek").click()
+    wait(d, "a peek shows the last messages it sent, with their topic",
+         lambda: "gw-1/sensors/t" in d.find_element(By.ID, "edge-peek").text)
     d.save_screenshot(os.path.join(shots, "console-edge.png"))
 
     # The viewer's session may not act, whatever the page shows.
@@ -155,6 +160,18 @@ def fleet(base, shots):
         "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
     check("no sideways scrolling on a phone (%s px)" % overflow, overflow <= 0)
     d.save_screenshot(os.path.join(shots, "console-phone.png"))
+    bad = errors(d)
+    check("no console errors: %s" % bad, not bad)
+    d.quit()
+
+
+def edge(url, shots):
+    d = browser()
+    d.get(url)
+    wait(d, "the edge's status page shows its link up",
+         lambda: "up" in d.find_element(By.ID, "link").text)
+    check("and its outbox", "outbox records" in d.find_element(By.ID, "broker").text)
+    d.save_screenshot(os.path.join(shots, "edge-status.png"))
     bad = errors(d)
     check("no console errors: %s" % bad, not bad)
     d.quit()
@@ -224,6 +241,8 @@ def thousand(page_file):
 if __name__ == "__main__":
     if sys.argv[1] == "fleet":
         fleet(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "edge":
+        edge(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "thousand":
         thousand(sys.argv[2])
     else:

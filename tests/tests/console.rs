@@ -527,6 +527,13 @@ async fn the_console_in_a_browser_through_a_cut_and_with_a_thousand_edges() {
         assert!(len > 10_000, "{shot}: {len} bytes");
     }
 
+    // ferry-edge's status page, for the technician on site.
+    let status = format!("http://{}/", edge.metrics_addr().expect("metrics listener"));
+    python_client(
+        "console_browser.py",
+        &["edge", &status, shots.to_str().expect("utf8")],
+    );
+
     // The page, saved from the cloud, drawing 1,000 edges.
     let page = site.dir.join("console.html");
     let ok = Command::new("curl")

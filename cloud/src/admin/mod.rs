@@ -15,6 +15,7 @@
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
 //! | `GET /api/fleet` | every edge linked or refused since the start, or known to the metadata: state (linked, offline, denied) and since when, last contact, certificate serial and expiry, the live link, the outbox as the edge told it (records, bytes, budget, oldest age, inflow counter, refused and dropped, clients), rates (inflow, sent, drain), an estimate of an offline edge's backlog, whether its backlog grows or nears its budget, an hour of points; and counts |
 //! | `GET /api/fleet/<edge>` | one edge as above, with its link events, committed sequence per class and full history (30 s samples); 404 if unknown |
+//! | `GET /api/fleet/<edge>/peek` | the last 20 messages the edge sent among the last 2,000 records of each partition: stream, partition, offset, topic, size, time (no payloads) |
 //! | `GET /api/cluster` | on the object backend: this node's name and every node whose lease has not run out (name, addresses of its fronts, when it registered, lease left); 404 on the local log |
 //! | `GET /api/amqp` | with `[amqp]`: connections (user, vhost, channels, consumers, unacked), queues (ready, ready bytes, unacked, consumers, deliveries and settlements since start), exchanges, bindings; refreshed about once a second |
 //! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets; with `[amqp]`, `ferry_cloud_amqp_connections`, `ferry_cloud_amqp_channels`, `ferry_cloud_amqp_published_total` and per queue `ferry_cloud_amqp_queue_{ready,ready_bytes,unacked,consumers,delivered_total,settled_total}`; with `[link]`, `ferry_cloud_link_edges` and per linked edge `ferry_cloud_link_records_total`, `ferry_cloud_link_batch_bytes_total`, `ferry_cloud_link_last_ack_timestamp_ms` |
@@ -534,6 +535,15 @@ async fn answer(node: &Node, path: &str) -> Response {
             ),
             Err(_) => Response::status("500 Internal Server Error"),
         },
+        p if p.starts_with("/api/fleet/") && p.ends_with("/peek") => {
+            let edge = &p["/api/fleet/".len()..p.len() - "/peek".len()];
+            let log = node.log.clone();
+            let edge = edge.to_owned();
+            match tokio::task::spawn_blocking(move || crate::fleet::peek(&*log, &edge)).await {
+                Ok(Ok(v)) => Response::json(v.to_string()),
+                _ => Response::status("500 Internal Server Error"),
+            }
+        }
         p if p.starts_with("/api/fleet/") => match node.meta.edges() {
             Ok(known) => {
                 let edge = &p["/api/fleet/".len()..];
