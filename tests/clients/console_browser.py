@@ -150,6 +150,9 @@ def fleet(base, shots):
     d.find_element(By.CSS_SELECTOR, 'nav [data-tab="data"]').click()
     wait(d, "the data tab lists the mqtt stream",
          lambda: "mqtt" in d.find_element(By.ID, "streams").text)
+    wait(d, "with its retention (7 days by default) and its rate",
+         lambda: "7 d" in d.find_element(By.ID, "streams").text
+         and "/s" in d.find_element(By.ID, "streams").text)
     d.save_screenshot(os.path.join(shots, "console-data.png"))
 
     # A phone-sized window: no sideways scrolling, the table still there.

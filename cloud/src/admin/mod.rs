@@ -10,7 +10,7 @@
 //! | `GET /api/consumers` | every reader of the log and its lag: Kafka groups per partition (with their state and members), the MQTT front's delivery cursor, each edge's downlink, AMQP queues |
 //! | `POST /api/consumers/kafka/<group>/reset` | an admin moves a group without members to the earliest or latest offsets |
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
-//! | `GET /api/streams` | every stream: per partition its offsets, bytes, segments |
+//! | `GET /api/streams` | every stream: its retention (ms, bytes; null: none) and per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
 //! | `GET /api/fleet` | every edge linked or refused since the start, or known to the metadata: state (linked, offline, denied) and since when, last contact, certificate serial and expiry, the live link, the outbox as the edge told it (records, bytes, budget, oldest age, inflow counter, refused and dropped, clients), rates (inflow, sent, drain), an estimate of an offline edge's backlog, whether its backlog grows or nears its budget, an hour of points; and counts |
@@ -449,6 +449,7 @@ async fn answer(node: &Node, path: &str) -> Response {
             None => Response::status("503 Service Unavailable"),
         },
         "/api/streams" => {
+            let configs = node.meta.streams().unwrap_or_default();
             let streams: Vec<_> = node
                 .log
                 .streams()
@@ -468,7 +469,10 @@ async fn answer(node: &Node, path: &str) -> Response {
                             })
                         })
                         .collect();
-                    json!({"name": s.name, "partitions": partitions})
+                    let retention = configs.iter().find(|(n, _)| *n == s.name).map(|(_, c)| {
+                        json!({"retention_ms": c.retention_ms, "retention_bytes": c.retention_bytes})
+                    });
+                    json!({"name": s.name, "retention": retention, "partitions": partitions})
                 })
                 .collect();
             Response::json(json!({ "streams": streams }).to_string())
