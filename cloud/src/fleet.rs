@@ -69,6 +69,50 @@ pub fn peek(log: &dyn Storage, edge: &str) -> Result<Value, crate::log::LogError
     Ok(json!({"edge": edge, "messages": found.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}))
 }
 
+/// What waits in the downlink for `edge`: `acked_seq`, the downlink sequence it
+/// acknowledged (as the cloud recorded it), and `waiting`, its messages past that, counted
+/// in one read of the downlink (about 1 MiB); `complete` false if more of the downlink lies
+/// beyond that read (then `waiting` is a lower bound).
+pub fn downlink(log: &dyn Storage, meta: &crate::meta::Meta, edge: &str) -> Result<Value, String> {
+    let stream = crate::routes::DOWNLINK_STREAM;
+    let acked = meta
+        .cursor(&format!("$edge:{edge}"), stream, 0)
+        .map_err(|e| e.to_string())?
+        .unwrap_or(0);
+    let prefix = format!("{}{edge}/", crate::routes::DOWNLINK_PREFIX);
+    let Some(offsets) = log
+        .streams()
+        .into_iter()
+        .find(|s| s.name == stream)
+        .and_then(|s| s.partitions.first().map(|p| p.offsets))
+    else {
+        return Ok(json!({"acked_seq": acked, "waiting": 0, "complete": true}));
+    };
+    // A message's sequence is its offset + 1: the first not acknowledged is at `acked`.
+    let from = acked.max(offsets.log_start);
+    let (mut waiting, mut read_to) = (0u64, from);
+    if from < offsets.high_watermark {
+        let read = log
+            .read(stream, 0, from, READ_BUDGET_BYTES)
+            .map_err(|e| e.to_string())?;
+        for batch in read.iter() {
+            let (_, whole) = batch.map_err(|e| e.to_string())?;
+            let plain = uncompressed(whole, 64 << 20).map_err(|e| e.to_string())?;
+            for rec in records(&plain).map_err(|e| e.to_string())?.flatten() {
+                read_to = read_to.max(rec.offset + 1);
+                if rec.offset >= from && rec.key.is_some_and(|k| k.starts_with(prefix.as_bytes())) {
+                    waiting += 1;
+                }
+            }
+        }
+    }
+    Ok(json!({
+        "acked_seq": acked,
+        "waiting": waiting,
+        "complete": read_to >= offsets.high_watermark,
+    }))
+}
+
 /// Points of the list's small charts: one every fourth sample (2 minutes), an hour.
 const LIST_POINTS_EVERY: usize = 4;
 /// An outbox at or over this share of its budget is "near budget".

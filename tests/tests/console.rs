@@ -164,6 +164,33 @@ fn roles_sessions_csrf_and_the_actions_on_an_edge() {
     });
     let deny_file = std::fs::read_to_string(site.dir.join("deny.txt")).expect("the deny file");
     assert_eq!(deny_file.trim(), "gw-1");
+    // A command for the denied edge waits in its downlink; a subscriber on the edge gets it
+    // once the edge is allowed back.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &edge.port().to_string(),
+            "-t",
+            "valve/set",
+            "-C",
+            "1",
+            "-W",
+            "90",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    let (code, sent) = post(
+        &base,
+        &ops,
+        Some(&csrf),
+        "/api/fleet/gw-1/command",
+        r#"{"topic":"valve/set","payload":"open","qos":1}"#,
+    );
+    assert_eq!(code, 200, "{sent}");
+    let e = fleet("noc:noc-pw").1;
+    assert_eq!(e["downlink"]["waiting"], 1, "{e}");
+    assert_eq!(e["downlink"]["complete"], true, "{e}");
     let (code, _) = post(&base, &ops, Some(&csrf), "/api/fleet/gw-1/allow", "");
     assert_eq!(code, 200);
     wait_until(60, "the allowed edge links again", || {
@@ -174,32 +201,12 @@ fn roles_sessions_csrf_and_the_actions_on_an_edge() {
         .trim()
         .is_empty());
 
-    // A command down to the edge reaches a subscriber there.
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-p",
-            &edge.port().to_string(),
-            "-t",
-            "valve/set",
-            "-C",
-            "1",
-            "-W",
-            "60",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let (code, sent) = post(
-        &base,
-        &ops,
-        Some(&csrf),
-        "/api/fleet/gw-1/command",
-        r#"{"topic":"valve/set","payload":"open","qos":1}"#,
-    );
-    assert_eq!(code, 200, "{sent}");
     let got = sub.wait_with_output().expect("mosquitto_sub ends");
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "open");
+    wait_until(30, "nothing waits in its downlink", || {
+        let e = fleet("noc:noc-pw").1;
+        e["downlink"]["waiting"] == 0 && e["downlink"]["acked_seq"].as_i64() >= sent["seq"].as_i64()
+    });
     let (code, _) = post(
         &base,
         &ops,

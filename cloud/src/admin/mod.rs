@@ -15,6 +15,7 @@
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
 //! | `GET /api/fleet` | every edge linked or refused since the start, or known to the metadata: state (linked, offline, denied) and since when, last contact, certificate serial and expiry, the live link, the outbox as the edge told it (records, bytes, budget, oldest age, inflow counter, refused and dropped, clients), rates (inflow, sent, drain), an estimate of an offline edge's backlog, whether its backlog grows or nears its budget, an hour of points; and counts |
 //! | `GET /api/fleet/<edge>` | one edge as above, with its link events, committed sequence per class and full history (30 s samples); 404 if unknown |
+//! | `GET /api/fleet/<edge>` | one edge: as in the list, with its link events, committed sequence per class, full history, and its downlink (acknowledged sequence, messages waiting for it) |
 //! | `GET /api/fleet/<edge>/peek` | the last 20 messages the edge sent among the last 2,000 records of each partition: stream, partition, offset, topic, size, time (no payloads) |
 //! | `GET /api/cluster` | on the object backend: this node's name and every node whose lease has not run out (name, addresses of its fronts, when it registered, lease left); 404 on the local log |
 //! | `GET /api/amqp` | with `[amqp]`: connections (user, vhost, channels, consumers, unacked), queues (ready, ready bytes, unacked, consumers, deliveries and settlements since start), exchanges, bindings; refreshed about once a second |
@@ -552,7 +553,19 @@ async fn answer(node: &Node, path: &str) -> Response {
             Ok(known) => {
                 let edge = &p["/api/fleet/".len()..];
                 match crate::fleet::one(node.link.as_deref(), &known, edge, now_ms()) {
-                    Some(v) => Response::json(v.to_string()),
+                    Some(mut v) => {
+                        let (log, meta, id) =
+                            (node.log.clone(), node.meta.clone(), edge.to_owned());
+                        let down = tokio::task::spawn_blocking(move || {
+                            crate::fleet::downlink(&*log, &meta, &id)
+                        })
+                        .await;
+                        v["downlink"] = match down {
+                            Ok(Ok(d)) => d,
+                            _ => serde_json::Value::Null,
+                        };
+                        Response::json(v.to_string())
+                    }
                     None => Response::status("404 Not Found"),
                 }
             }
