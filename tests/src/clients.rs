@@ -46,3 +46,36 @@ pub async fn publish_numbers(port: u16, range: std::ops::Range<usize>) -> usize 
     }
     acked
 }
+
+/// A sensor on the broker at a port: [`publish_numbers`] in rounds of 50 every 250 ms, from
+/// 0 on, until stopped.
+#[derive(Debug)]
+pub struct Sensor {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Sensor {
+    pub fn start(port: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += publish_numbers(port, n..n + 50).await;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                n
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops it after its round; how many it published (every one acknowledged).
+    pub async fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the sensor")
+    }
+}

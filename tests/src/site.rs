@@ -25,6 +25,21 @@ impl Site {
 
     /// As [`Site::new`] with `via` = (the cloud's link port, the port the edge connects to:
     /// a proxy's).
+    /// As [`Site::new`] with the edge linked through an impairment proxy the test controls
+    /// (`loss_permille` of datagrams dropped, from `seed`; cut with its `control`).
+    pub async fn behind_proxy(
+        what: &str,
+        uplink: &str,
+        loss_permille: u32,
+        seed: u64,
+    ) -> (Self, crate::impair::Proxy) {
+        let link_port = free_udp_port();
+        let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], link_port));
+        let proxy = crate::impair::Proxy::start(upstream, loss_permille, seed).await;
+        let site = Self::with_path(what, uplink, Some((link_port, proxy.addr.port())));
+        (site, proxy)
+    }
+
     pub fn with_path(what: &str, uplink: &str, via: Option<(u16, u16)>) -> Self {
         Self::build(what, uplink, via, "")
     }

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferry_tests::process::{binary, python_client, temp_dir, wait_until};
+use ferry_tests::process::{
+    binary, mosquitto_pub_lines, python_client, temp_dir, wait_until, Subscription,
+};
 use ferry_tests::site::Site;
 
 /// curl's answer: the status code and the body. `args` are curl's; the URL is last.
@@ -41,12 +43,18 @@ fn password_file(dir: &Path) -> std::path::PathBuf {
     file
 }
 
-/// The site's cloud configuration with `admin` in its `[admin]` table.
-fn with_admin(site: &Site, admin: &str) {
+/// The site's cloud `[admin]` with the users of [`password_file`], `ops` an admin and
+/// `noc` a viewer, and `more` after them (a `[admin.tls]` table).
+fn with_users(site: &Site, more: &str) {
+    let passwd = password_file(&site.dir);
+    let users = format!(
+        "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]\n{more}",
+        passwd.display()
+    );
     let text = std::fs::read_to_string(&site.cloud_config).expect("read");
     let text = text.replacen(
         "[admin]\nlisten = \"127.0.0.1:0\"\n",
-        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n"),
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n{users}\n"),
         1,
     );
     std::fs::write(&site.cloud_config, text).expect("write");
@@ -86,14 +94,7 @@ fn post(
 #[test]
 fn roles_sessions_csrf_and_the_actions_on_an_edge() {
     let site = Site::new("console-auth", "status_secs = 1");
-    let passwd = password_file(&site.dir);
-    with_admin(
-        &site,
-        &format!(
-            "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]",
-            passwd.display()
-        ),
-    );
+    with_users(&site, "");
     let cloud = site.cloud();
     let edge = site.edge();
     let base = format!("http://{}", cloud.admin_addr().expect("admin listener"));
@@ -259,13 +260,11 @@ fn roles_sessions_csrf_and_the_actions_on_an_edge() {
 #[test]
 fn https_with_the_nodes_certificate_and_an_open_listener_on_the_network_refused() {
     let site = Site::new("console-tls", "");
-    let passwd = password_file(&site.dir);
     let pki = site.dir.join("pki");
-    with_admin(
+    with_users(
         &site,
         &format!(
-            "password_file = \"{}\"\nviewers = [\"noc\"]\n[admin.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
-            passwd.display(),
+            "[admin.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"",
             pki.join("nodes/localhost.crt").display(),
             pki.join("nodes/localhost.key").display(),
         ),
@@ -353,14 +352,7 @@ fn consume(kafka: std::net::SocketAddr, topic: &str, group: &str, n: usize) -> V
 #[test]
 fn consumers_show_a_groups_lag_and_an_admin_resets_it() {
     let site = Site::new("console-consumers", "");
-    let passwd = password_file(&site.dir);
-    with_admin(
-        &site,
-        &format!(
-            "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]",
-            passwd.display()
-        ),
-    );
+    with_users(&site, "");
     let cloud = site.cloud();
     let base = format!("http://{}", cloud.admin_addr().expect("admin listener"));
     let kafka = cloud.kafka_addr().expect("kafka listener");
@@ -407,6 +399,38 @@ fn consumers_show_a_groups_lag_and_an_admin_resets_it() {
     let missing = format!("{base}/api/consumers/kafka/nobody/reset");
     let (code, _) = curl(&["-u", "ops:ops-pw", "-d", r#"{"to":"earliest"}"#, &missing]);
     assert_eq!(code, 404, "a group without offsets");
+
+    // An MQTT persistent session away while three messages come: its lag is what the
+    // broker holds for it, and falls to nothing once it is back and has read them.
+    let port = cloud.port().to_string();
+    let fridge = Subscription::open(&port, "fridge", "kitchen/#", &["-V", "mqttv311"]);
+    let out = mosquitto_pub_lines(&port, &["-q", "1", "-t", "kitchen/temp"], "4\n5\n6\n");
+    assert!(out.status.success(), "{out:?}");
+    let session = |doc: &serde_json::Value| {
+        doc["mqtt_sessions"]
+            .as_array()
+            .and_then(|s| s.iter().find(|x| x["client_id"] == "fridge").cloned())
+            .unwrap_or_default()
+    };
+    let mut doc = serde_json::Value::Null;
+    wait_until(30, "the session's three messages are held for it", || {
+        doc = curl(&["-u", "noc:noc-pw", &format!("{base}/api/consumers")]).1;
+        session(&doc)["lag"] == 3
+    });
+    let away = session(&doc);
+    assert_eq!(
+        (&away["connected"], &away["queued"], &away["subscriptions"]),
+        (&false.into(), &3.into(), &1.into()),
+        "{doc}"
+    );
+    assert!(away["held_bytes"].as_u64() > Some(0), "{doc}");
+    assert!(away["offline_secs"].is_u64(), "{doc}");
+    let read = fridge.read(3);
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "4\n5\n6\n");
+    wait_until(30, "the session holds nothing once read", || {
+        let doc = curl(&["-u", "noc:noc-pw", &format!("{base}/api/consumers")]).1;
+        session(&doc)["lag"] == 0 && session(&doc)["connected"] == false
+    });
     assert!(cloud.terminate().success());
 }
 
@@ -445,41 +469,13 @@ fn second_edge(site: &Site) -> ferry_tests::process::Edge {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_browser_through_a_cut_and_with_a_thousand_edges() {
     use std::io::{BufRead, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let link_port = ferry_tests::process::free_udp_port();
-    let proxy = ferry_tests::impair::Proxy::start(
-        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
-        0,
-        1,
-    )
-    .await;
-    let site = Site::with_path(
-        "console-browser",
-        "status_secs = 1",
-        Some((link_port, proxy.addr.port())),
-    );
-    let passwd = password_file(&site.dir);
-    with_admin(
-        &site,
-        &format!(
-            "password_file = \"{}\"\nadmins = [\"ops\"]\nviewers = [\"noc\"]",
-            passwd.display()
-        ),
-    );
+    use std::sync::atomic::Ordering;
+    let (site, proxy) = Site::behind_proxy("console-browser", "status_secs = 1", 0, 1).await;
+    with_users(&site, "");
     let cloud = site.cloud();
     let edge = site.edge();
     let _edge2 = second_edge(&site);
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let sensor = tokio::spawn({
-        let (stop, port) = (stop.clone(), edge.port());
-        async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += ferry_tests::clients::publish_numbers(port, n..n + 50).await;
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-        }
-    });
+    let sensor = ferry_tests::clients::Sensor::start(edge.port());
     let shots = std::env::var("FERRY_SCREENSHOTS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| site.dir.join("shots"));
@@ -515,8 +511,7 @@ async fn the_console_in_a_browser_through_a_cut_and_with_a_thousand_edges() {
     .await
     .expect("the browser's output");
     let status = browser.wait().expect("the browser script ends");
-    stop.store(true, Ordering::Relaxed);
-    let _ = sensor.await;
+    sensor.stop().await;
     assert!(
         status.success() && said.last().map(String::as_str) == Some("OK"),
         "{}",

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_tests::clients::next_incoming;
-use ferry_tests::process::{free_udp_port, temp_dir, wait_until, Edge};
+use ferry_tests::process::{temp_dir, wait_until, Edge};
 use ferry_tests::site::Site;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 
@@ -555,15 +555,7 @@ async fn loss_and_a_cut_of_the_link_lose_and_duplicate_nothing() {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
     eprintln!("impairment seed {seed} (replay: set it in this test)");
-    let link_port = free_udp_port();
-    let proxy = ferry_tests::impair::Proxy::start(
-        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
-        100,
-        seed,
-    )
-    .await;
-    let site = Site::with_path("link-impaired", "", Some((link_port, proxy.addr.port())));
-    assert_eq!(site.link_port, link_port);
+    let (site, proxy) = Site::behind_proxy("link-impaired", "", 100, seed).await;
     let cloud = site.cloud();
     let edge = site.edge();
     assert_eq!(publish(edge.port(), 0..10_000).await, 10_000);
@@ -606,32 +598,16 @@ fn fleet_edge(cloud: &Edge) -> serde_json::Value {
 /// events tell the story.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_shows_the_edge_as_it_tells_itself_through_a_cut() {
-    let link_port = free_udp_port();
-    let proxy = ferry_tests::impair::Proxy::start(
-        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
+    let (site, proxy) = Site::behind_proxy(
+        "link-fleet",
+        "status_secs = 1\nmax_outbox_bytes = 50000000",
         0,
         1,
     )
     .await;
-    let site = Site::with_path(
-        "link-fleet",
-        "status_secs = 1\nmax_outbox_bytes = 50000000",
-        Some((link_port, proxy.addr.port())),
-    );
     let cloud = site.cloud();
     let edge = site.edge();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sensor = tokio::spawn({
-        let (stop, port) = (stop.clone(), edge.port());
-        async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += publish(port, n..n + 50).await;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            n
-        }
-    });
+    let sensor = ferry_tests::clients::Sensor::start(edge.port());
     wait_until(60, "the edge is linked and has told its figures", || {
         let e = fleet_edge(&cloud);
         e["state"] == "linked"
@@ -689,8 +665,7 @@ async fn the_fleet_shows_the_edge_as_it_tells_itself_through_a_cut() {
             e["state"] == "linked" && came_back_with && e["outbox"]["records"] == 0
         },
     );
-    stop.store(true, Ordering::Relaxed);
-    let sent = sensor.await.expect("the sensor") as u64;
+    let sent = sensor.stop().await as u64;
     wait_until(30, "the edge's own count of what it took", || {
         fleet_edge(&cloud)["outbox"]["last_seq"].as_u64() == Some(sent)
     });
@@ -713,14 +688,7 @@ async fn the_fleet_shows_the_edge_as_it_tells_itself_through_a_cut() {
 /// migration): the link goes on without reconnecting, nothing lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_link_survives_the_edge_changing_its_address() {
-    let link_port = free_udp_port();
-    let proxy = ferry_tests::impair::Proxy::start(
-        std::net::SocketAddr::from(([127, 0, 0, 1], link_port)),
-        0,
-        1,
-    )
-    .await;
-    let site = Site::with_path("link-migrate", "", Some((link_port, proxy.addr.port())));
+    let (site, proxy) = Site::behind_proxy("link-migrate", "", 0, 1).await;
     let cloud = site.cloud();
     let edge = site.edge();
     assert_eq!(publish(edge.port(), 0..5_000).await, 5_000);

@@ -1,12 +1,15 @@
 //! `GET /api/consumers`: every reader of the log and how far behind it is — Kafka groups
 //! per partition (committed offset, high watermark, lag, members), the MQTT front's
-//! delivery cursor, each edge's downlink, AMQP queues (ready, unacked, consumers); and the
+//! delivery cursor and each MQTT persistent session (what the broker holds for it: queued
+//! and in flight), each edge's downlink, AMQP queues (ready, unacked, consumers); and the
 //! admins' reset of a Kafka group's offsets.
 
 use std::collections::BTreeMap;
 
 use hyper::StatusCode;
 use serde_json::{json, Value};
+
+use ferry_edge::broker::SessionInfo;
 
 use super::http::Reply;
 use crate::meta::Command;
@@ -16,8 +19,12 @@ use crate::node::Node;
 /// The cursor group of an edge's downlink starts with this.
 const DOWNLINK_GROUP: &str = "$edge:";
 
-/// The document of `GET /api/consumers`.
-pub fn consumers(node: &Node) -> Result<Value, crate::meta::MetaError> {
+/// The document of `GET /api/consumers`, with the MQTT front's persistent `sessions`.
+///
+/// A session's lag is what the broker holds for it: messages queued and in flight. Those
+/// not yet read from the log by the front are the front cursor's lag (`mqtt`), shared by
+/// every session.
+pub fn consumers(node: &Node, sessions: &[SessionInfo]) -> Result<Value, crate::meta::MetaError> {
     let ends = ends(node);
     let lag = |stream: &str, partition: u32, next: i64| {
         let hw = ends
@@ -69,9 +76,23 @@ pub fn consumers(node: &Node) -> Result<Value, crate::meta::MetaError> {
                 .collect()
         })
         .unwrap_or_default();
+    let sessions: Vec<Value> = sessions
+        .iter()
+        .map(|s| {
+            json!({
+                "client_id": s.client_id, "username": s.username, "connected": s.connected,
+                "subscriptions": s.subscriptions, "queued": s.queued, "inflight": s.inflight,
+                "held_bytes": s.held_bytes, "lag": s.queued + s.inflight,
+                "offline_secs": s.offline_for.map(|d| d.as_secs()),
+                "expires_in_secs": s.offline_for.zip(s.expiry)
+                    .map(|(gone, expiry)| expiry.saturating_sub(gone).as_secs()),
+            })
+        })
+        .collect();
     Ok(json!({
         "kafka_groups": kafka,
         "mqtt": mqtt,
+        "mqtt_sessions": sessions,
         "downlinks": downlinks,
         "amqp_queues": amqp,
     }))

@@ -7,7 +7,7 @@
 //! | `GET /` | the console (one page; it asks for a login when one is needed) |
 //! | `POST /api/login`, `GET /api/session`, `POST /api/logout` | a session: its cookie and CSRF token |
 //! | `POST /api/fleet/<edge>/{deny,allow,command}` | the admins' actions on an edge |
-//! | `GET /api/consumers` | every reader of the log and its lag: Kafka groups per partition (with their state and members), the MQTT front's delivery cursor, each edge's downlink, AMQP queues |
+//! | `GET /api/consumers` | every reader of the log and its lag: Kafka groups per partition (with their state and members), the MQTT front's delivery cursor and its persistent sessions (queued, in flight, offline for, expires in), each edge's downlink, AMQP queues |
 //! | `POST /api/consumers/kafka/<group>/reset` | an admin moves a group without members to the earliest or latest offsets |
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
 //! | `GET /api/streams` | every stream: its retention (ms, bytes; null: none) and per partition its offsets, bytes, segments |
@@ -530,7 +530,10 @@ async fn answer(node: &Node, path: &str) -> Response {
             }
             Err(_) => Response::status("500 Internal Server Error"),
         },
-        "/api/consumers" => match consumers::consumers(node) {
+        "/api/consumers" => match consumers::consumers(
+            node,
+            &node.mqtt.persistent_sessions().await.unwrap_or_default(),
+        ) {
             Ok(v) => Response::json(v.to_string()),
             Err(_) => Response::status("500 Internal Server Error"),
         },

@@ -239,6 +239,27 @@ pub struct ClientInfo {
     pub subscriptions: usize,
 }
 
+/// A persistent session, connected or not, and how far behind it is: what the broker holds
+/// for it (for an admin API's consumer lag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub username: Option<String>,
+    /// A connection serves it now.
+    pub connected: bool,
+    pub subscriptions: usize,
+    /// Messages waiting to be sent to it.
+    pub queued: usize,
+    /// Messages sent to it and not yet acknowledged (QoS 1 and 2).
+    pub inflight: usize,
+    /// Bytes of both.
+    pub held_bytes: usize,
+    /// While offline: how long it has been; None while connected.
+    pub offline_for: Option<Duration>,
+    /// Its session expiry interval; None: it never expires.
+    pub expiry: Option<Duration>,
+}
+
 /// Counters for metrics and `$SYS`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use ferry_protocol::mqtt::{Properties, QoS};
 use ferry_protocol::topic::TopicName;
 
-use super::{Broker, ClientInfo, Message, Stats};
+use super::{Broker, ClientInfo, Message, SessionInfo, Stats};
 
 impl Broker {
     pub fn stats(&self) -> Stats {
@@ -40,6 +40,32 @@ impl Broker {
                     queued_bytes: s.held_bytes(),
                     subscriptions: s.subscriptions.len(),
                 })
+            })
+            .collect();
+        out.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        out
+    }
+
+    /// The persistent sessions (expiry interval above 0), connected or not, by client id.
+    pub fn persistent_sessions(&self, now: Instant) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_persistent())
+            .map(|s| SessionInfo {
+                client_id: s.client_id.to_string(),
+                username: s.username.as_deref().map(str::to_owned),
+                connected: s.conn.is_some(),
+                subscriptions: s.subscriptions.len(),
+                queued: s.queue.len(),
+                inflight: s.inflight.len(),
+                held_bytes: s.held_bytes(),
+                offline_for: match s.conn {
+                    Some(_) => None,
+                    None => s.disconnected_at.map(|t| now.saturating_duration_since(t)),
+                },
+                expiry: (s.expiry_secs != u32::MAX)
+                    .then(|| Duration::from_secs(u64::from(s.expiry_secs))),
             })
             .collect();
         out.sort_by(|a, b| a.client_id.cmp(&b.client_id));

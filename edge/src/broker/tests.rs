@@ -251,11 +251,45 @@ fn persistent_session_keeps_messages_and_resends_inflight_with_dup() {
     assert_eq!(publishes(&a, 1).len(), 1);
     h.run(Input::Lost { conn: 1 });
     h.packet(2, publish("cmd", "two", QoS::AtLeastOnce, 2));
+    h.now += Duration::from_secs(3);
+    let offline = h.broker.persistent_sessions(h.now);
+    assert_eq!(
+        offline.len(),
+        1,
+        "the clean publisher is not listed: {offline:?}"
+    );
+    let s = &offline[0];
+    assert_eq!(
+        (
+            s.client_id.as_str(),
+            s.connected,
+            s.queued,
+            s.inflight,
+            s.subscriptions
+        ),
+        ("dev", false, 1, 1, 1),
+        "one unacknowledged, one waiting"
+    );
+    assert_eq!(
+        (s.offline_for, s.expiry),
+        (Some(Duration::from_secs(3)), None)
+    );
+    assert!(s.held_bytes > 0);
 
     let a = h.connect_with(3, c, 100);
     assert!(matches!(&a[0], Action::Send(3, Packet::ConnAck(ack)) if ack.session_present));
     let got = publishes(&a, 3);
     assert_eq!(got.len(), 2);
+    let online = &h.broker.persistent_sessions(h.now)[0];
+    assert_eq!(
+        (
+            online.connected,
+            online.queued,
+            online.inflight,
+            online.offline_for
+        ),
+        (true, 0, 2, None)
+    );
     assert_eq!(
         (&got[0].payload[..], got[0].dup),
         (&b"one"[..], true),

@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::info;
 
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Broker, ClientInfo, Stats};
+use crate::broker::{Broker, ClientInfo, SessionInfo, Stats};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 use connection::ConnSettings;
@@ -357,6 +357,13 @@ impl Server {
     pub async fn clients(&self) -> Option<Vec<ClientInfo>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.to_router.send(ToRouter::Clients(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// The persistent sessions, connected or not, with what is held for each.
+    pub async fn persistent_sessions(&self) -> Option<Vec<SessionInfo>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.to_router.send(ToRouter::Sessions(tx)).await.ok()?;
         rx.await.ok()
     }
 

@@ -28,7 +28,7 @@ use tracing::warn;
 
 use super::connection::Wire;
 use crate::auth::Auth;
-use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, Stats};
+use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, SessionInfo, Stats};
 use crate::store::{CommitStore, StoreError};
 use cloud_lanes::{CloudLanes, FromCloud};
 
@@ -101,6 +101,7 @@ pub(super) enum ToRouter {
     Input(Input),
     Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
     Clients(tokio::sync::oneshot::Sender<Vec<ClientInfo>>),
+    Sessions(tokio::sync::oneshot::Sender<Vec<SessionInfo>>),
     /// From the link's lanes ([`CloudLanes`]): the cloud's acknowledgements of the outbox,
     /// downlink messages.
     Cloud(FromCloud),
@@ -248,6 +249,9 @@ async fn route_loop(
                 }
                 ToRouter::Clients(reply) => {
                     let _ = reply.send(broker.clients());
+                }
+                ToRouter::Sessions(reply) => {
+                    let _ = reply.send(broker.persistent_sessions(now));
                 }
                 ToRouter::Cloud(input) => cloud.take(input, &mut broker, now, &mut actions),
                 ToRouter::Stop => stopping = true,
