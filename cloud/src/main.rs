@@ -189,8 +189,14 @@ async fn main() -> anyhow::Result<()> {
         // Edges reconnect and resume from what is committed.
         link.close();
     }
+    // MQTT 5 clients are sent to the other live nodes (DISCONNECT 0x9C with a Server
+    // Reference, spread over them), or told the server is shutting down (0x8B).
+    let others = node.other_nodes_mqtt().await;
+    info!(elsewhere = ?others, "draining the MQTT clients");
+    node.mqtt.drain(others).await;
     if let Some(object) = node.object.clone() {
-        // Gone for the other nodes at once, not when the lease runs out.
+        // Gone for the other nodes at once, not when the lease runs out; its leases (Kafka
+        // group coordinators) are free for them now.
         match tokio::task::spawn_blocking(move || object.leave()).await {
             Ok(Ok(())) => info!("left the nodes on the object store"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the nodes"),

@@ -370,4 +370,55 @@ impl Node {
     pub fn mqtt_addrs(&self) -> &[SocketAddr] {
         self.mqtt.local_addrs()
     }
+
+    /// Where this node's MQTT clients go when it drains: one `host:port` for each other live
+    /// node of the cluster, by name (see [`mqtt_reference`]). Empty alone, or when the nodes
+    /// cannot be read.
+    pub async fn other_nodes_mqtt(&self) -> Vec<String> {
+        let Some(object) = self.object.clone() else {
+            return Vec::new();
+        };
+        let me = object.node().to_owned();
+        match tokio::task::spawn_blocking(move || object.members()).await {
+            Ok(Ok(members)) => members
+                .iter()
+                .filter(|m| m.name != me)
+                .filter_map(|m| mqtt_reference(&m.addrs))
+                .collect(),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the other nodes: MQTT clients not sent to one");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// A node's first MQTT address as it registered it (`addrs.mqtt`), for a client elsewhere:
+/// a listener on every address (0.0.0.0) is named by the host the node advertises to Kafka
+/// clients (`[kafka] advertised`), and has no usable name without one.
+fn mqtt_reference(addrs: &serde_json::Value) -> Option<String> {
+    let first: SocketAddr = addrs["mqtt"].get(0)?.as_str()?.parse().ok()?;
+    if !first.ip().is_unspecified() {
+        return Some(first.to_string());
+    }
+    let (host, _) = addrs["kafka"].as_str()?.rsplit_once(':')?;
+    (host != "localhost").then(|| format!("{host}:{}", first.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mqtt_reference;
+    use serde_json::json;
+
+    #[test]
+    fn a_nodes_mqtt_reference_is_its_address_or_its_advertised_host() {
+        let named = json!({"mqtt": ["10.0.0.7:1883", "10.0.0.7:1884"], "kafka": "k:9092"});
+        assert_eq!(mqtt_reference(&named).as_deref(), Some("10.0.0.7:1883"));
+        let every = json!({"mqtt": ["0.0.0.0:1883"], "kafka": "node-2.ferry:9092"});
+        assert_eq!(mqtt_reference(&every).as_deref(), Some("node-2.ferry:1883"));
+        let unnamed = json!({"mqtt": ["0.0.0.0:1883"], "kafka": "localhost:9092"});
+        assert_eq!(mqtt_reference(&unnamed), None);
+        assert_eq!(mqtt_reference(&json!({"mqtt": []})), None);
+    }
 }

@@ -134,6 +134,8 @@ async fn main() -> anyhow::Result<()> {
     }
     info!("shutting down");
     ferry_edge::systemd::stopping();
+    // MQTT 5 clients hear why (DISCONNECT 0x8B) after what they are owed.
+    server.drain(Vec::new()).await;
     let _ = stop_tx.send(());
     // Connections close after what they are owed went out; the router commits what it
     // holds and closes the store.

@@ -428,3 +428,43 @@ pub fn python_client(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// An MQTT 5 client (paho-mqtt, `tests/clients/mqtt5_told_to_go.py`) connected to
+/// 127.0.0.1:`port`, waiting for the server to send it away.
+#[derive(Debug)]
+pub struct ToldToGo {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl ToldToGo {
+    /// Returns once the client is connected.
+    pub fn connect(port: u16) -> Self {
+        let path = format!("{}/clients/mqtt5_told_to_go.py", env!("CARGO_MANIFEST_DIR"));
+        let mut child = Command::new("python3")
+            .arg(&path)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs (scripts/test.sh installs paho-mqtt)");
+        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("a line");
+        assert_eq!(line, "READY\n", "the client connects");
+        Self { child, out }
+    }
+
+    /// The reason code and the Server Reference ("-": none) of the DISCONNECT the server
+    /// sent it.
+    pub fn told(mut self) -> (u8, String) {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.out, &mut rest).expect("its output");
+        assert!(self.child.wait().expect("it exits").success(), "{rest}");
+        let line = rest
+            .lines()
+            .find_map(|l| l.strip_prefix("DISCONNECT "))
+            .unwrap_or_else(|| panic!("no DISCONNECT: {rest}"));
+        let (code, reference) = line.split_once(' ').expect("code and reference");
+        (code.parse().expect("a reason code"), reference.to_owned())
+    }
+}

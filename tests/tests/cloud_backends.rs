@@ -15,7 +15,7 @@ use ferry_cloud::meta::Meta;
 use ferry_cloud::node::{CloudConfig, Node};
 use ferry_cloud::routes::RouteConfig;
 use ferry_tests::clients::next_incoming;
-use ferry_tests::process::temp_dir;
+use ferry_tests::process::{temp_dir, Edge, ToldToGo};
 use ferry_tests::services::object_config;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -667,4 +667,37 @@ async fn kafka_clients_see_two_nodes_as_one_cluster_with_one_coordinator_per_gro
         .expect("the group's lease is held");
     assert!(["ka", "kb"].contains(&holder.owner.as_str()), "{holder:?}");
     drop((a, b));
+}
+
+/// SIGTERM drains a node of a cluster: its MQTT 5 clients are sent to another live node
+/// (DISCONNECT 0x9C, Use another server, with that node's MQTT address as the Server
+/// Reference), and it leaves the nodes at once.
+#[test]
+fn a_draining_node_sends_its_mqtt5_clients_to_another_node() {
+    let object = object_config("drain");
+    let start = |name: &str| {
+        let dir = temp_dir(&format!("cloud-drain-{name}"));
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let config = dir.join("cloud.toml");
+        let text = object_toml(&object).replace(
+            "[log.object]\n",
+            &format!("[log.object]\nnode = \"{name}\"\n"),
+        );
+        std::fs::write(
+            &config,
+            format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{text}"),
+        )
+        .expect("write");
+        Edge::cloud_in(&dir, &["--config", config.to_str().expect("utf8")])
+    };
+    let a = start("a");
+    let b = start("b");
+    let client = ToldToGo::connect(a.port());
+    assert!(a.terminate().success());
+    assert_eq!(
+        client.told(),
+        (0x9C, format!("127.0.0.1:{}", b.port())),
+        "sent to b"
+    );
+    assert!(b.terminate().success());
 }

@@ -141,3 +141,20 @@ async fn sigterm_during_a_flood_exits_0_and_the_cloud_log_has_every_acknowledged
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM tells an MQTT 5 client why it is disconnected: DISCONNECT 0x8B (Server shutting
+/// down), with no server to go to (a single node).
+#[test]
+fn sigterm_tells_mqtt5_clients_the_server_is_shutting_down() {
+    for name in ["ferry-edge", "ferry-cloud"] {
+        let dir = temp_dir("shutdown-told");
+        let process = match name {
+            "ferry-edge" => Edge::start_in(&dir, &["--listen", "127.0.0.1:0"]),
+            _ => Edge::cloud_in(&dir, &["--listen", "127.0.0.1:0"]),
+        };
+        let client = ferry_tests::process::ToldToGo::connect(process.port());
+        assert!(process.terminate().success());
+        assert_eq!(client.told(), (0x8B, "-".to_owned()), "{name}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -233,6 +233,29 @@ impl Broker {
         self.lost(conn, now);
     }
 
+    /// [`Input::Drain`]: closes every connection, each v5 client told where to go (the
+    /// references in turn, by connection id) or that the server is shutting down.
+    pub(super) fn drain(&mut self, references: &[String], now: Instant) {
+        let mut conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.closing)
+            .map(|(id, _)| *id)
+            .collect();
+        conns.sort_unstable();
+        for (i, conn) in conns.into_iter().enumerate() {
+            let disconnect = match references.get(i % references.len().max(1)) {
+                Some(reference) => {
+                    let mut d = Disconnect::new(ReasonCode::UseAnotherServer);
+                    d.properties.server_reference = Some(reference.clone());
+                    d
+                }
+                None => Disconnect::new(ReasonCode::ServerShuttingDown),
+            };
+            self.close_with(conn, disconnect, now);
+        }
+    }
+
     /// The connection ended without DISCONNECT, or after one: detach it from its session,
     /// start the will and the session expiry.
     pub(super) fn lost(&mut self, conn: ConnId, now: Instant) {

@@ -184,6 +184,12 @@ pub enum Input {
     /// The connection sent bytes that do not decode: the broker answers with DISCONNECT
     /// (v5, with the error's reason code) and closes; the will applies.
     Malformed { conn: ConnId, error: DecodeError },
+    /// The server is going away (SIGTERM): every connection is closed; a v5 client is told
+    /// with DISCONNECT 0x9C (Use another server) and a Server Reference, the next of
+    /// `references` for each client in turn, or 0x8B (Server shutting down) when there are
+    /// none. Wills and session expiry apply, as for a lost connection. The driver sends
+    /// these after the acknowledgements still waiting for the log.
+    Drain { references: Vec<String> },
     /// The deadline [`Broker::poll_timeout`] gave has come: the broker does what is due at
     /// `now` (keep alive, wills with a delay, session expiry, `$SYS`). Early or extra calls
     /// are harmless: what is not due yet is left as it is.
@@ -432,6 +438,7 @@ impl Broker {
                 d.properties.reason_string = Some(error.to_string());
                 self.close_with(conn, d, now);
             }
+            Input::Drain { references } => self.drain(&references, now),
             Input::Timeout => self.timeout(now),
             Input::Deliver(msg) => {
                 if self.held_deliveries.is_empty() {

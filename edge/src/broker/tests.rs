@@ -811,3 +811,55 @@ fn a_message_for_the_cloud_is_in_the_outbox_commit_before_its_puback_and_a_full_
         "only the one that fitted"
     );
 }
+
+#[test]
+fn a_drain_sends_v5_clients_to_the_references_in_turn_and_closes_everyone() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.connect(1, "a");
+    h.connect(2, "b");
+    h.connect(3, "c");
+    h.connect_with(4, Connect::new(ProtocolVersion::V311, "old"), 100);
+    let refs = vec!["node-2:1883".to_owned(), "node-3:1883".to_owned()];
+    let a = h.run(Input::Drain { references: refs });
+    let told: Vec<(ConnId, ReasonCode, Option<String>)> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send(c, Packet::Disconnect(d)) => {
+                Some((*c, d.reason, d.properties.server_reference.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    let to = |r: &str| Some(r.to_owned());
+    assert_eq!(
+        told,
+        [
+            (1, ReasonCode::UseAnotherServer, to("node-2:1883")),
+            (2, ReasonCode::UseAnotherServer, to("node-3:1883")),
+            (3, ReasonCode::UseAnotherServer, to("node-2:1883")),
+        ],
+        "a 3.1.1 client has no DISCONNECT to hear"
+    );
+    let mut closed: Vec<ConnId> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Close(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    closed.sort_unstable();
+    assert_eq!(closed, [1, 2, 3, 4]);
+    assert_eq!(h.broker.stats().connections, 0);
+
+    // Alone: shutting down.
+    h.connect(5, "a");
+    let a = h.run(Input::Drain {
+        references: Vec::new(),
+    });
+    assert!(matches!(
+        &a[0],
+        Action::Send(5, Packet::Disconnect(d))
+            if d.reason == ReasonCode::ServerShuttingDown
+                && d.properties.server_reference.is_none()
+    ));
+}

@@ -360,6 +360,22 @@ impl Server {
         rx.await.ok()
     }
 
+    /// Before the shutdown: tells every client the server is going away, after what it is
+    /// owed (see [`Input::Drain`](crate::broker::Input::Drain)); an MQTT 5 client gets
+    /// DISCONNECT 0x9C with the next of `references` (`host:port` of another server), or
+    /// 0x8B with none.
+    pub async fn drain(&self, references: Vec<String>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .to_router
+            .send(ToRouter::Drain(references, tx))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
     /// The persistent sessions, connected or not, with what is held for each.
     pub async fn persistent_sessions(&self) -> Option<Vec<SessionInfo>> {
         let (tx, rx) = tokio::sync::oneshot::channel();

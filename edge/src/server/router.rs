@@ -102,6 +102,9 @@ pub(super) enum ToRouter {
     Stats(tokio::sync::oneshot::Sender<(Stats, CommitStats)>),
     Clients(tokio::sync::oneshot::Sender<Vec<ClientInfo>>),
     Sessions(tokio::sync::oneshot::Sender<Vec<SessionInfo>>),
+    /// Before a shutdown: every client is told to go (see [`Input::Drain`]), after the
+    /// acknowledgements it is owed; answered once that is on its way to the writers.
+    Drain(Vec<String>, tokio::sync::oneshot::Sender<()>),
     /// From the link's lanes ([`CloudLanes`]): the cloud's acknowledgements of the outbox,
     /// downlink messages.
     Cloud(FromCloud),
@@ -226,6 +229,7 @@ async fn route_loop(
             }
         }
         let held_before = broker.deliveries_held();
+        let mut draining = None;
         let mut deliveries = 0;
         let mut next = first;
         let mut n = 0;
@@ -254,6 +258,7 @@ async fn route_loop(
                     let _ = reply.send(broker.persistent_sessions(now));
                 }
                 ToRouter::Cloud(input) => cloud.take(input, &mut broker, now, &mut actions),
+                ToRouter::Drain(references, reply) => draining = Some((references, reply)),
                 ToRouter::Stop => stopping = true,
             }
             while let Ok((conn, packets)) = credit.try_recv() {
@@ -306,6 +311,15 @@ async fn route_loop(
             }
         }
         appending.hold(&mut actions);
+        if let Some((references, reply)) = draining {
+            // After this batch's appends: the DISCONNECTs and closes follow every
+            // acknowledgement the clients are owed.
+            let mut drained = Vec::new();
+            broker.handle(Input::Drain { references }, now, &mut drained);
+            appending.after_held(&mut drained);
+            actions.append(&mut drained);
+            let _ = reply.send(());
+        }
         dispatch(&mut conns, &mut actions);
         for conn in gone.drain(..) {
             // The writer sends what is still queued (a last DISCONNECT, and acknowledgements
