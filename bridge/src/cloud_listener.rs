@@ -51,6 +51,23 @@ pub trait Sink: Send + Sync + 'static {
     fn downlink_changed(&self) -> tokio::sync::watch::Receiver<u64>;
     /// `edge` applied its downlink messages up to `seq`: record it durably.
     fn downlink_ack(&self, edge: String, seq: u64) -> BoxFuture<'static, Result<(), SinkError>>;
+
+    /// Before `edge`'s link is welcomed, and every [`Sink::claim_every`] while it lives: may
+    /// this node serve it? In a cluster one node at a time does (a lease in the database),
+    /// and a node that takes an edge over first learns what the others took of it. An error
+    /// refuses the link, or ends it (GOAWAY Unavailable with the error as the reason): the
+    /// edge tries again, at another node if it knows several. Default: always.
+    fn claim(&self, _edge: &str) -> BoxFuture<'static, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// How often a live link claims again (None: it need not).
+    fn claim_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// `edge`'s link on this node ended (after a successful [`Sink::claim`]).
+    fn release(&self, _edge: &str) {}
 }
 
 /// What [`Sink::downlink`] read: up to which sequence, and the edge's messages among it.
@@ -322,6 +339,9 @@ enum Ended {
     Closed,
     /// The edge is on the deny list: GOAWAY Denied is queued.
     Denied,
+    /// The sink would not have this node serve the edge ([`Sink::claim`]): GOAWAY
+    /// Unavailable is queued.
+    Unclaimed,
 }
 
 /// One edge's link, from HELLO to its end: the driver of its [`CloudEnd`]. A reader task
@@ -357,7 +377,19 @@ async fn serve(
     let (out, out_rx) = mpsc::channel::<Frame>(OUT_FRAMES);
     let writing = tokio::spawn(write_frames(FrameWriter::new(send), out_rx));
     let mut live = None;
-    let result = drive(server, conn, peer, &mut end, &mut frames, &out, &mut live).await;
+    let mut claimed = false;
+    let result = drive(
+        server,
+        conn,
+        peer,
+        (&mut end, &mut frames, &out),
+        &mut live,
+        &mut claimed,
+    )
+    .await;
+    if claimed {
+        server.sink.release(&peer.edge_id);
+    }
     reading.abort();
     // What is still queued (a last ACK, a GOAWAY) goes out before the connection closes.
     while let Some(frame) = end.poll_transmit() {
@@ -392,22 +424,38 @@ async fn serve(
             conn.close((GoAwayCode::Denied as u32).into(), b"denied");
             warn!(edge = %peer.edge_id, serial = %peer.serial, "denied edge refused");
         }
+        Ended::Unclaimed => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close((GoAwayCode::Unavailable as u32).into(), b"unavailable");
+        }
     }
     Ok(())
 }
+
+/// As good as never, for a timer that need not fire.
+const NEVER: Duration = Duration::from_secs(365 * 86_400);
+
+/// The link's end and its frame channels, for [`drive`].
+type Wires<'a> = (
+    &'a mut CloudEnd<Commit>,
+    &'a mut mpsc::Receiver<Result<Option<Frame>, StreamError>>,
+    &'a mpsc::Sender<Frame>,
+);
 
 async fn drive(
     server: &Arc<LinkServer>,
     conn: &quinn::Connection,
     peer: &PeerIdentity,
-    end: &mut CloudEnd<Commit>,
-    frames: &mut mpsc::Receiver<Result<Option<Frame>, StreamError>>,
-    out: &mpsc::Sender<Frame>,
+    (end, frames, out): Wires<'_>,
     live: &mut Option<u64>,
+    claimed: &mut bool,
 ) -> Result<Ended, LinkError> {
     let edge = &peer.edge_id;
     let sink = &server.sink;
     let mut changed = sink.downlink_changed();
+    let mut claim: Option<BoxFuture<'static, Result<(), SinkError>>> = None;
+    let claim_every = sink.claim_every();
+    let mut next_claim = tokio::time::Instant::now() + claim_every.unwrap_or(NEVER);
     let mut ingest: Option<BoxFuture<'static, Appended>> = None;
     let mut commit: Option<Commit> = None;
     let mut down_read: Option<BoxFuture<'static, Result<Downlink, SinkError>>> = None;
@@ -425,6 +473,19 @@ async fn drive(
                             .refused(edge, &peer.serial, reason.clone(), now_ms());
                         end.refuse(GoAwayCode::Denied, reason);
                         return Ok(Ended::Denied);
+                    }
+                    if let Err(e) = sink.claim(edge).await {
+                        let reason = format!("edge {edge} not taken here: {e}");
+                        info!(edge = %edge, reason, "link refused");
+                        server
+                            .fleet()
+                            .refused(edge, &peer.serial, reason.clone(), now_ms());
+                        end.refuse(GoAwayCode::Unavailable, reason);
+                        return Ok(Ended::Unclaimed);
+                    }
+                    *claimed = true;
+                    if let Some(every) = claim_every {
+                        next_claim = tokio::time::Instant::now() + every;
                     }
                     *live = Some(register(server, conn, peer, software, version));
                     end.welcome(
@@ -501,6 +562,20 @@ async fn drive(
                 Err(_) => return Ok(Ended::Closed),
             },
             () = sleep, if deadline.is_some() => end.handle_timeout(Instant::now())?,
+            () = tokio::time::sleep_until(next_claim), if *claimed && claim.is_none() => {
+                claim = Some(sink.claim(edge));
+            }
+            r = next_of(&mut claim), if claim.is_some() => {
+                claim = None;
+                if let Err(e) = r {
+                    // Another node may take the edge now: this link must not go on.
+                    let reason = format!("edge {edge} no longer taken here: {e}");
+                    warn!(edge = %edge, reason, "link ended");
+                    end.refuse(GoAwayCode::Unavailable, reason);
+                    return Ok(Ended::Unclaimed);
+                }
+                next_claim = tokio::time::Instant::now() + claim_every.unwrap_or(NEVER);
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 //! delete what the cloud acknowledged. The outbox itself (durable storage) is the edge's:
 //! [`Outbox`].
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,9 +59,11 @@ pub trait Outbox: Send + Sync + 'static {
 /// How the edge reaches the cloud.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` of the cloud's link listener.
-    pub cloud: String,
-    /// The name the cloud's certificate must carry; the host of `cloud` if None.
+    /// `host:port` of the cloud's link listener, or of each node of a cluster: the link goes
+    /// to one at a time and moves on to the next when it fails (see [`Rotation`]). A name
+    /// with several addresses counts as that many.
+    pub clouds: Vec<String>,
+    /// The name the cloud's certificate must carry; the host of each cloud if None.
     pub server_name: Option<String>,
     pub tls: TlsFiles,
     pub timeouts: Timeouts,
@@ -80,9 +83,9 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// Defaults for everything but where the cloud is and the certificates.
-    pub fn new(cloud: String, tls: TlsFiles) -> Self {
+    pub fn new(clouds: Vec<String>, tls: TlsFiles) -> Self {
         Self {
-            cloud,
+            clouds,
             server_name: None,
             tls,
             timeouts: Timeouts::default(),
@@ -179,20 +182,39 @@ pub async fn run(
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max, seed());
     // Lowered, one attempt at a time, for a cloud that does not speak ours.
     let mut version = VERSION;
+    let mut rotation = Rotation::default();
+    let mut targets: Vec<Target> = Vec::new();
     loop {
         status.update(|s| s.state = LinkState::Connecting);
+        // Names are looked up again at the start of every round.
+        if rotation.at == 0 || targets.is_empty() {
+            targets = resolve(&config).await;
+        }
+        let target = targets.get(rotation.at % targets.len().max(1)).cloned();
         let mut session = Session {
             config: &config,
             outbox: &outbox,
             status: &status,
             version,
+            cloud: String::new(),
             made_progress: false,
             applying: None,
             gathering: None,
         };
         let connects_before = status.get().connects;
-        let end = session.run(&endpoint, &quic_config, &mut stop).await;
+        let end = match &target {
+            Some(target) => {
+                session
+                    .run(&endpoint, &quic_config, target, &mut stop)
+                    .await
+            }
+            None => Err(LinkError::Resolve {
+                cloud: config.clouds.join(", "),
+                why: "no address".to_owned(),
+            }),
+        };
         let progressed = session.made_progress;
+        let cloud = target.as_ref().map_or("-", |t| t.name.as_str());
         match end {
             Ok(()) => {
                 status.update(|s| s.state = LinkState::Down);
@@ -213,7 +235,7 @@ pub async fn run(
                         );
                     }
                 }
-                warn!(cloud = %config.cloud, error = %why, "link down");
+                warn!(%cloud, error = %why, "link down");
                 status.update(|s| {
                     s.state = LinkState::Down;
                     s.last_error = Some(why.to_string());
@@ -224,6 +246,10 @@ pub async fn run(
             }
         }
         let wait = backoff.next_wait(progressed);
+        if !rotation.ended(targets.len(), progressed) {
+            debug!("trying the next cloud address at once");
+            continue;
+        }
         debug!(?wait, "reconnecting after");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -232,6 +258,66 @@ pub async fn run(
                 return;
             }
         }
+    }
+}
+
+/// One address of the cloud to connect to: as configured, resolved, and the name its
+/// certificate must carry.
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    server_name: String,
+}
+
+/// Every address of every configured cloud, in the configured order (a name's addresses as
+/// the resolver gives them). A name that does not resolve is logged and left out.
+async fn resolve(config: &ClientConfig) -> Vec<Target> {
+    let mut out = Vec::new();
+    for cloud in &config.clouds {
+        let server_name = config.server_name.clone().unwrap_or_else(|| {
+            let host = cloud.rsplit_once(':').map_or(cloud.as_str(), |(h, _)| h);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
+        match tokio::net::lookup_host(cloud).await {
+            Ok(addrs) => out.extend(addrs.map(|addr| Target {
+                name: cloud.clone(),
+                addr,
+                server_name: server_name.clone(),
+            })),
+            Err(e) => warn!(%cloud, error = %e, "cannot resolve the cloud's address"),
+        }
+    }
+    out
+}
+
+/// Which of the cloud's addresses the next connection attempt goes to, and whether it
+/// waits first. Every attempt, failed or not, hands on to the next address (the nodes of a
+/// cluster are alike: any one will do). A failed attempt with addresses left in the round
+/// goes on at once; a whole round of failures waits the backoff, as does a single address
+/// after a link that worked.
+#[derive(Debug, Default)]
+struct Rotation {
+    /// The address of the next attempt.
+    at: usize,
+    /// Failed attempts in a row.
+    failures: usize,
+}
+
+impl Rotation {
+    /// The attempt ended (`progressed`: the cloud acknowledged something on it) with `len`
+    /// addresses known; true when the next attempt waits the backoff.
+    fn ended(&mut self, len: usize, progressed: bool) -> bool {
+        let len = len.max(1);
+        self.at = (self.at + 1) % len;
+        if progressed {
+            self.failures = 0;
+            return len == 1;
+        }
+        self.failures += 1;
+        self.failures.is_multiple_of(len)
     }
 }
 
@@ -259,6 +345,8 @@ struct Session<'a> {
     status: &'a LinkStatus,
     /// The link version to announce.
     version: u16,
+    /// The configured name of the cloud address this connection goes to, for the logs.
+    cloud: String,
     /// The cloud acknowledged something on this connection.
     made_progress: bool,
     /// The [`Effect::ApplyDown`] the edge is applying (at most one: the end gives the next
@@ -302,25 +390,11 @@ impl Session<'_> {
         &mut self,
         endpoint: &quinn::Endpoint,
         quic_config: &quinn::ClientConfig,
+        target: &Target,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), LinkError> {
-        let unresolved = |why: String| LinkError::Resolve {
-            cloud: self.config.cloud.clone(),
-            why,
-        };
-        let addr = tokio::net::lookup_host(&self.config.cloud)
-            .await
-            .map_err(|e| unresolved(e.to_string()))?
-            .next()
-            .ok_or_else(|| unresolved("no address".to_owned()))?;
-        let host = self.config.server_name.clone().unwrap_or_else(|| {
-            let cloud = &self.config.cloud;
-            let host = cloud.rsplit_once(':').map_or(cloud.as_str(), |(h, _)| h);
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned()
-        });
-        let connecting = endpoint.connect_with(quic_config.clone(), addr, &host)?;
+        let connecting =
+            endpoint.connect_with(quic_config.clone(), target.addr, &target.server_name)?;
         // A cloud that is down does not answer at all: give up well before the idle timeout.
         let connect_timeout = self.config.timeouts.idle.min(CONNECT_TIMEOUT);
         let conn = tokio::select! {
@@ -334,6 +408,7 @@ impl Session<'_> {
             },
             _ = stopped(stop) => return Ok(()),
         };
+        self.cloud.clone_from(&target.name);
         let result = self.converse(&conn, stop).await;
         match &result {
             Ok(()) => conn.close(0u32.into(), b"shutdown"),
@@ -444,7 +519,7 @@ impl Session<'_> {
     async fn perform(&mut self, end: &mut EdgeEnd, effect: Effect) -> Result<(), LinkError> {
         match effect {
             Effect::Connected => {
-                info!(cloud = %self.config.cloud, version = end.version(), "link up");
+                info!(cloud = %self.cloud, version = end.version(), "link up");
                 self.status.update(|s| {
                     s.state = LinkState::Up;
                     s.connects += 1;
@@ -503,3 +578,35 @@ struct ReadUnfinished(tokio::task::JoinError);
 
 /// The longest wait for the cloud to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::Rotation;
+
+    #[test]
+    fn failed_attempts_go_round_the_addresses_and_a_whole_round_waits() {
+        let mut r = Rotation::default();
+        // Three nodes: the first two failures go on at once, the third waits.
+        assert!(!r.ended(3, false));
+        assert_eq!(r.at, 1);
+        assert!(!r.ended(3, false));
+        assert!(r.ended(3, false), "a whole round failed");
+        assert_eq!(r.at, 0);
+        // A link that worked on node 0 ends: on to node 1 at once, and a new round.
+        assert!(!r.ended(3, true));
+        assert_eq!((r.at, r.failures), (1, 0));
+        assert!(!r.ended(3, false));
+        assert!(!r.ended(3, false));
+        assert!(r.ended(3, false));
+    }
+
+    #[test]
+    fn a_single_address_always_waits_the_backoff() {
+        let mut r = Rotation::default();
+        assert!(r.ended(1, false));
+        assert!(r.ended(1, true));
+        assert_eq!(r.at, 0);
+        // No address known (nothing resolved) counts as one.
+        assert!(r.ended(0, false));
+    }
+}

@@ -108,7 +108,7 @@ pub async fn run(
     let mut edge = EdgeConfig::default();
     edge.server.listen = vec![opts.edge_listen];
     edge.server.data_dir = opts.data_dir.join("edge");
-    edge.uplink.cloud = Some(link.to_string());
+    edge.uplink.cloud = vec![link.to_string()];
     edge.uplink.server_name = Some("localhost".into());
     edge.uplink.ca_file = Some(pki.join("ca.crt"));
     edge.uplink.cert_file = Some(pki.join(format!("edges/{EDGE_ID}.crt")));

@@ -112,6 +112,9 @@ struct State {
     /// Edge appends durable in the log, their commit still to come: partition → (append id,
     /// first offset).
     waiting: HashMap<Destination, Vec<(u64, i64)>>,
+    /// Partition → the offset before which every edge record of it is in `partitions` (read
+    /// at start or by [`Ingest::adopt`], or appended here).
+    scanned_to: HashMap<Destination, i64>,
     /// Partition → the offset after the last edge append to it.
     edge_end: HashMap<Destination, i64>,
     next_append: u64,
@@ -156,26 +159,14 @@ impl Ingest {
                     Some(&point) => point,
                     None => {
                         let active = info.active_base;
-                        state.read_from.insert(dest, active);
+                        state.read_from.insert(dest.clone(), active);
                         active
                     }
                 };
                 let from = from.max(info.offsets.log_start);
-                for_each_batch(&*log, &stream.name, p, from, |_, batch| {
-                    // Compressed batches come from Kafka producers, never from an edge.
-                    let Ok(recs) = records(batch) else {
-                        return;
-                    };
-                    for rec in recs.flatten() {
-                        if let Some((lane, seq)) = lane_and_seq(&rec.headers) {
-                            let e = state
-                                .partitions
-                                .entry((stream.name.clone(), p, lane))
-                                .or_insert(0);
-                            *e = (*e).max(seq);
-                        }
-                    }
-                })?;
+                let found = edge_seqs(&*log, &stream.name, p, from)?;
+                merge(&mut state.partitions, &stream.name, p, found);
+                state.scanned_to.insert(dest, info.offsets.high_watermark);
             }
         }
         Ok(Self {
@@ -190,6 +181,45 @@ impl Ingest {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `edge`'s link has just come to this node, from another node of the cluster perhaps,
+    /// which may have taken records of it since this node last did: reloads the edge's
+    /// committed sequences from the metadata, and reads each partition with an ingest point
+    /// from where this node last read it (or, one it never read, from the point) for the
+    /// edge records in it — every edge's, as they are there. Then a resend of what the other
+    /// node appended, and had not committed when it went away, is not appended again.
+    /// Blocking: reads the metadata and the log.
+    pub fn adopt(&self, edge: &str) -> Result<(), IngestError> {
+        let committed: Vec<(u8, u64)> = self
+            .meta
+            .edges()?
+            .into_iter()
+            .filter(|(e, _, _)| e == edge)
+            .map(|(_, class, seq)| (class, seq))
+            .collect();
+        for (stream, p, point) in self.meta.ingest_from()? {
+            let dest = (stream.clone(), p);
+            let Ok(offsets) = self.log.offsets(&stream, p) else {
+                continue;
+            };
+            let known = self.lock().scanned_to.get(&dest).copied();
+            let from = known.unwrap_or(point).max(offsets.log_start);
+            if from >= offsets.high_watermark {
+                continue;
+            }
+            let found = edge_seqs(&*self.log, &stream, p, from)?;
+            let mut state = self.lock();
+            merge(&mut state.partitions, &stream, p, found);
+            let to = state.scanned_to.entry(dest).or_insert(0);
+            *to = (*to).max(offsets.high_watermark);
+        }
+        let mut state = self.lock();
+        for (class, seq) in committed {
+            let c = state.committed.entry((edge.to_owned(), class)).or_insert(0);
+            *c = (*c).max(seq);
+        }
+        Ok(())
     }
 
     /// The highest sequence of `edge`'s class `class` committed so far (0: none).
@@ -506,6 +536,44 @@ pub struct Appended {
     parts: Vec<Destination>,
 }
 
+/// The highest sequence of each lane among the edge records of a partition from `from` on.
+fn edge_seqs(
+    log: &dyn Storage,
+    stream: &str,
+    partition: u32,
+    from: i64,
+) -> Result<HashMap<Lane, u64>, LogError> {
+    let mut found: HashMap<Lane, u64> = HashMap::new();
+    for_each_batch(log, stream, partition, from, |_, batch| {
+        // Compressed batches come from Kafka producers, never from an edge.
+        let Ok(recs) = records(batch) else {
+            return;
+        };
+        for rec in recs.flatten() {
+            if let Some((lane, seq)) = lane_and_seq(&rec.headers) {
+                let e = found.entry(lane).or_insert(0);
+                *e = (*e).max(seq);
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+/// Puts what [`edge_seqs`] found in a partition into the per-partition state.
+fn merge(
+    partitions: &mut HashMap<(String, u32, Lane), u64>,
+    stream: &str,
+    partition: u32,
+    found: HashMap<Lane, u64>,
+) {
+    for (lane, seq) in found {
+        let e = partitions
+            .entry((stream.to_owned(), partition, lane))
+            .or_insert(0);
+        *e = (*e).max(seq);
+    }
+}
+
 fn lane_and_seq(headers: &[ferry_protocol::kafka::Header<'_>]) -> Option<(Lane, u64)> {
     let meta = ferry_protocol::kafka::mqtt::read_headers(headers)?;
     Some(((meta.edge?, meta.class), meta.seq?))
@@ -719,6 +787,40 @@ mod tests {
                 "the committed sequence is durable"
             );
         }
+    }
+
+    /// Two nodes of a cluster on one store and database: `a` takes an edge's records and
+    /// goes away with the last of them appended and not committed; the edge moves to `b`,
+    /// which started before all that, and sends them again: once `b` adopted the edge, they
+    /// are not appended twice, and `b` knows what `a` committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_takes_an_edge_over_appends_nothing_the_other_node_took() {
+        let shared = place("adopt", Backend::Object);
+        let on = |name: &str| {
+            let mut object = shared.object.clone().expect("object");
+            object.node = Some(name.to_owned());
+            Place {
+                dir: shared.dir.join(name),
+                object: Some(object),
+            }
+        };
+        let b = node(&on("b"), true);
+        let a = node(&on("a"), true);
+        let batch = |seqs: std::ops::RangeInclusive<u64>| seqs.map(|s| rec(s, "t")).collect();
+        assert_eq!(a.ingest.ingest("gw1", 0, batch(1..=3)).await.expect("a"), 3);
+        let _never_committed = a.ingest.append("gw1", 0, batch(4..=6)).await.expect("a");
+        drop(a);
+        // b follows a's commits through PostgreSQL.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while b.log.offsets("mqtt", 0).expect("offsets").high_watermark < 6 {
+            assert!(std::time::Instant::now() < until, "b sees a's appends");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let ingest = &b.ingest;
+        tokio::task::block_in_place(|| ingest.adopt("gw1")).expect("adopt");
+        assert_eq!(b.ingest.committed("gw1", 0), 3, "what a committed");
+        assert_eq!(b.ingest.ingest("gw1", 0, batch(4..=8)).await.expect("b"), 8);
+        assert_eq!(edge_seqs(&*b.log, "mqtt"), (1..=8).collect::<Vec<_>>());
     }
 
     /// The edge sequences in partition 0 of `stream`, in offset order (other records

@@ -29,6 +29,7 @@ use ferry_protocol::topic::TopicName;
 use serde::Deserialize;
 
 use crate::ingest::{EdgeRecord, Ingest, IngestError};
+use crate::kafka::cluster::{ClusterView, LinkClaim, LINK_LEASE};
 use crate::log::{LogError, Storage, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta, MetaError};
 use crate::routes::{DOWNLINK_PREFIX, DOWNLINK_STREAM};
@@ -105,6 +106,8 @@ pub struct IngestSink {
     pub ingest: Arc<Ingest>,
     pub log: Arc<dyn Storage>,
     pub meta: Arc<Meta>,
+    /// The cluster this node is part of: one link per edge in it ([`LinkClaim`]).
+    pub cluster: Arc<ClusterView>,
 }
 
 /// The metadata cursor under which an edge's downlink position is kept (the next offset of
@@ -116,6 +119,46 @@ fn downlink_cursor(edge: &str) -> String {
 impl Sink for IngestSink {
     fn committed(&self, edge: &str) -> Vec<(u8, u64)> {
         self.ingest.committed_classes(edge)
+    }
+
+    /// On the object backend: the edge's link lease, and when this node has just taken it,
+    /// what other nodes took of the edge meanwhile ([`Ingest::adopt`]).
+    fn claim(&self, edge: &str) -> BoxFuture<'static, Result<(), SinkError>> {
+        if !self.cluster.is_clustered() {
+            return Box::pin(async { Ok(()) });
+        }
+        let (cluster, ingest, edge) = (self.cluster.clone(), self.ingest.clone(), edge.to_owned());
+        Box::pin(async move {
+            let unavailable = |e: String| SinkError::new(FailureKind::Storage, e);
+            tokio::task::spawn_blocking(move || match cluster.claim_link(&edge) {
+                Ok(LinkClaim::Ours { taken }) => {
+                    if taken {
+                        ingest
+                            .adopt(&edge)
+                            .map_err(|e| unavailable(e.to_string()))?;
+                    }
+                    Ok(())
+                }
+                Ok(LinkClaim::Elsewhere(node)) => Err(SinkError::new(
+                    FailureKind::Closed,
+                    format!("its link is on node {node}"),
+                )),
+                Err(e) => Err(unavailable(e.to_string())),
+            })
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+        })
+    }
+
+    fn claim_every(&self) -> Option<Duration> {
+        self.cluster.is_clustered().then_some(LINK_LEASE / 3)
+    }
+
+    fn release(&self, edge: &str) {
+        if self.cluster.is_clustered() {
+            let (cluster, edge) = (self.cluster.clone(), edge.to_owned());
+            tokio::task::spawn_blocking(move || cluster.release_link(&edge));
+        }
     }
 
     fn downlink_acked(&self, edge: &str) -> u64 {

@@ -268,6 +268,10 @@ impl Node {
         add_streams(&meta, &*log, &routes, &config.log.streams)?;
         let routes = Arc::new(RouteTable::new(routes));
         let ingest = Arc::new(Ingest::new(log.clone(), meta.clone(), routes.clone())?);
+        let cluster = crate::kafka::cluster::ClusterView::new();
+        if config.log.backend == LogBackend::Object {
+            cluster.set_clustered();
+        }
         let link = match &config.link {
             Some(c) => Some(ferry_bridge::cloud_listener::LinkServer::start(
                 c.server_config(),
@@ -275,6 +279,7 @@ impl Node {
                     ingest: ingest.clone(),
                     log: log.clone(),
                     meta: meta.clone(),
+                    cluster: cluster.clone(),
                 }),
             )?),
             None => None,
@@ -303,7 +308,6 @@ impl Node {
                 }
             }
         });
-        let cluster = crate::kafka::cluster::ClusterView::new();
         let kafka_groups = config.kafka.as_ref().map(|_| Arc::default());
         let kafka_addr = match &config.kafka {
             Some(k) => Some(

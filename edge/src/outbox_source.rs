@@ -206,13 +206,15 @@ enum BrokerStopped {
 
 /// The link's settings from `[uplink]`; None without `cloud`.
 pub fn client_config(uplink: &UplinkConfig) -> Option<ClientConfig> {
-    let cloud = uplink.cloud.clone()?;
+    if uplink.cloud.is_empty() {
+        return None;
+    }
     let tls = TlsFiles {
         ca_file: uplink.ca_file.clone()?,
         cert_file: uplink.cert_file.clone()?,
         key_file: uplink.key_file.clone()?,
     };
-    let mut config = ClientConfig::new(cloud, tls);
+    let mut config = ClientConfig::new(uplink.cloud.clone(), tls);
     config.server_name = uplink.server_name.clone();
     config.compression = match uplink.compression {
         LinkCompression::None => Compression::None,

@@ -27,14 +27,31 @@ use ferry_protocol::mqtt::QoS;
 use ferry_protocol::topic::{TopicError, TopicFilter, TopicName};
 use serde::Deserialize;
 
+/// A string, or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
 /// `[uplink]`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// `host:port` of the cloud's link listener. Without it nothing is sent: the outbox
-    /// fills up to its budget.
-    pub cloud: Option<String>,
-    /// The name the cloud's certificate must carry. Default: the host of `cloud`.
+    /// `host:port` of the cloud's link listener, or a list of them (the nodes of a cluster):
+    /// the link goes to one at a time, and to the next when that one fails or goes away; a
+    /// name with several addresses counts as that many. Without it nothing is sent: the
+    /// outbox fills up to its budget.
+    #[serde(deserialize_with = "one_or_many")]
+    pub cloud: Vec<String>,
+    /// The name the cloud's certificate must carry. Default: the host of each `cloud`.
     pub server_name: Option<String>,
     /// The link CA's certificate, this edge's certificate and key (PEM). Required with
     /// `cloud`.
@@ -68,7 +85,7 @@ pub struct UplinkConfig {
 impl Default for UplinkConfig {
     fn default() -> Self {
         Self {
-            cloud: None,
+            cloud: Vec::new(),
             server_name: None,
             ca_file: None,
             cert_file: None,
@@ -190,7 +207,7 @@ impl UplinkRules {
                 cloud_topic: r.cloud_topic.clone(),
             });
         }
-        if config.cloud.is_some() {
+        if !config.cloud.is_empty() {
             for (set, name) in [
                 (config.ca_file.is_some(), "ca_file"),
                 (config.cert_file.is_some(), "cert_file"),
@@ -251,6 +268,17 @@ fn render(template: &str, topic: &str) -> Option<TopicName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cloud_is_one_address_or_a_list_of_them() {
+        let one: UplinkConfig = toml::from_str("cloud = \"c:7883\"").expect("parses");
+        assert_eq!(one.cloud, ["c:7883"]);
+        let many: UplinkConfig =
+            toml::from_str("cloud = [\"a:7883\", \"b:7883\"]").expect("parses");
+        assert_eq!(many.cloud, ["a:7883", "b:7883"]);
+        assert!(UplinkConfig::default().cloud.is_empty());
+        assert!(toml::from_str::<UplinkConfig>("cloud = 7883").is_err());
+    }
 
     #[test]
     fn the_first_matching_route_at_or_above_its_qos_decides() {

@@ -669,6 +669,19 @@ async fn kafka_clients_see_two_nodes_as_one_cluster_with_one_coordinator_per_gro
     drop((a, b));
 }
 
+/// A ferry-cloud process in `dir`, node `name` of the cluster on `object`, with the tables
+/// of `config` (its listeners) and the object backend's.
+fn cluster_node(dir: &std::path::Path, object: &ObjectConfig, name: &str, config: &str) -> Edge {
+    std::fs::create_dir_all(dir).expect("data dir");
+    let file = dir.join("cloud.toml");
+    let log = object_toml(object).replace(
+        "[log.object]\n",
+        &format!("[log.object]\nnode = \"{name}\"\n"),
+    );
+    std::fs::write(&file, format!("{config}{log}")).expect("write");
+    Edge::cloud_in(dir, &["--config", file.to_str().expect("utf8")])
+}
+
 /// SIGTERM drains a node of a cluster: its MQTT 5 clients are sent to another live node
 /// (DISCONNECT 0x9C, Use another server, with that node's MQTT address as the Server
 /// Reference), and it leaves the nodes at once.
@@ -677,18 +690,12 @@ fn a_draining_node_sends_its_mqtt5_clients_to_another_node() {
     let object = object_config("drain");
     let start = |name: &str| {
         let dir = temp_dir(&format!("cloud-drain-{name}"));
-        std::fs::create_dir_all(&dir).expect("data dir");
-        let config = dir.join("cloud.toml");
-        let text = object_toml(&object).replace(
-            "[log.object]\n",
-            &format!("[log.object]\nnode = \"{name}\"\n"),
-        );
-        std::fs::write(
-            &config,
-            format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{text}"),
+        cluster_node(
+            &dir,
+            &object,
+            name,
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n",
         )
-        .expect("write");
-        Edge::cloud_in(&dir, &["--config", config.to_str().expect("utf8")])
     };
     let a = start("a");
     let b = start("b");
@@ -699,5 +706,108 @@ fn a_draining_node_sends_its_mqtt5_clients_to_another_node() {
         (0x9C, format!("127.0.0.1:{}", b.port())),
         "sent to b"
     );
+    assert!(b.terminate().success());
+}
+
+/// The state of `edge` on the fleet view of `node` ("linked", "offline", ... or "" when the
+/// node does not know it or does not answer).
+fn fleet_state(node: &Edge, edge: &str) -> String {
+    let answer = node.http_get(&format!("/api/fleet/{edge}"));
+    answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+        .and_then(|v| v["state"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Two ferry-cloud nodes on SeaweedFS and PostgreSQL, and an edge that knows both: it links
+/// to one (one link in the whole cluster: the other refuses it while its lease is held);
+/// that node is killed with SIGKILL while a sensor publishes on the edge, and the edge moves
+/// to the other node, where a subscriber gets every message once, in order — what the dead
+/// node appended and had not committed included. The failover time is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_moves_to_another_node_when_its_node_dies_and_nothing_is_doubled() {
+    let site = ferry_tests::site::Site::new("cluster-link", "");
+    let object = object_config("cluster-link");
+    let base = std::fs::read_to_string(&site.cloud_config).expect("the cloud's config");
+    let ports = [site.link_port, ferry_tests::process::free_udp_port()];
+    let start = |i: usize| {
+        let name = ["a", "b"][i];
+        let link = base.replace(
+            &format!("listen = \"127.0.0.1:{}\"", site.link_port),
+            &format!("listen = \"127.0.0.1:{}\"", ports[i]),
+        );
+        cluster_node(&site.dir.join(format!("node-{name}")), &object, name, &link)
+    };
+    let a = start(0);
+    let b = start(1);
+    let edge_config = std::fs::read_to_string(&site.edge_config).expect("the edge's config");
+    let edge_config = edge_config.replace(
+        &format!("cloud = \"127.0.0.1:{}\"", site.link_port),
+        &format!(
+            "cloud = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+            ports[0], ports[1]
+        ),
+    );
+    std::fs::write(&site.edge_config, edge_config).expect("write");
+    let watcher = ferry_tests::process::Subscription::open(
+        &b.port().to_string(),
+        "watcher",
+        "gw-1/sensors/#",
+        &[],
+    );
+    let edge = site.edge();
+    ferry_tests::process::wait_until(60, "the edge is linked to a", || {
+        fleet_state(&a, "gw-1") == "linked"
+    });
+    let sensor = ferry_tests::clients::Sensor::start(edge.port());
+    ferry_tests::process::wait_until(60, "a took some of the sensor's messages", || {
+        edge.metric("ferry_edge_link_records_acked_total") >= 200
+    });
+    assert_ne!(fleet_state(&b, "gw-1"), "linked", "one link in the cluster");
+
+    a.kill();
+    let killed = Instant::now();
+    ferry_tests::process::wait_until(90, "the edge is linked to b", || {
+        fleet_state(&b, "gw-1") == "linked"
+    });
+    let moved = killed.elapsed();
+    eprintln!("failover: the edge linked to b {moved:?} after a was killed");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = sensor.stop().await;
+    ferry_tests::process::wait_until(60, "the outbox is emptied through b", || {
+        edge.metric("ferry_edge_outbox_records") == 0
+    });
+    let out = watcher.read(sent);
+    let got: Vec<usize> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().expect("a number"))
+        .collect();
+    assert_eq!(got, (0..sent).collect::<Vec<_>>(), "each once, in order");
+    // Nothing more after them: no message twice.
+    let more = ferry_tests::process::mosquitto_at(
+        "mosquitto_sub",
+        &b.port().to_string(),
+        &[
+            "-i",
+            "watcher",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "gw-1/sensors/#",
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ],
+    );
+    assert!(
+        more.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&more.stdout)
+    );
+    drop(edge);
     assert!(b.terminate().success());
 }

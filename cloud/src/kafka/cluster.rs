@@ -28,6 +28,20 @@ use crate::log::{Fence, Lease, ObjectLog};
 /// How long a group coordinator's lease lasts from its last renewal.
 pub const GROUP_LEASE: Duration = Duration::from_secs(10);
 const GROUP_KIND: &str = "kafka-group";
+/// How long an edge's link lease lasts from its last renewal; the link renews it every
+/// third of that while it lives.
+pub const LINK_LEASE: Duration = Duration::from_secs(10);
+const LINK_KIND: &str = "edge-link";
+
+/// Whether this node may serve an edge's link ([`ClusterView::claim_link`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkClaim {
+    /// This node holds the edge's link lease (or is alone); `taken`: it has just taken it,
+    /// rather than renewed it.
+    Ours { taken: bool },
+    /// The node named holds it: the edge's link is there.
+    Elsewhere(String),
+}
 
 /// A broker of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +59,10 @@ pub struct ClusterView {
     brokers: RwLock<Vec<Broker>>,
     /// Where the leases are: the log on object storage, once this node joined.
     store: RwLock<Option<Arc<ObjectLog>>>,
+    /// On the object backend: leases are needed, and until `store` is set nothing is ours.
+    clustered: std::sync::atomic::AtomicBool,
+    /// Edge → the token of the link lease this node holds for it.
+    links: Mutex<HashMap<String, i64>>,
     /// The group leases this node holds, and when each was last taken or renewed.
     held: Mutex<HashMap<String, (Lease, Instant)>>,
 }
@@ -94,6 +112,60 @@ impl ClusterView {
         let brokers = self.brokers()?;
         let i = (hash(topic) as usize + p as usize) % brokers.len();
         brokers.into_iter().nth(i)
+    }
+
+    /// This node is on the object backend: edges' links need their lease
+    /// ([`ClusterView::claim_link`]), which it cannot take before [`ClusterView::set_store`].
+    pub fn set_clustered(&self) {
+        self.clustered
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// On the object backend, takes or renews this node's lease on `edge`'s link, so that an
+    /// edge has one link in the whole cluster; alone (the local log), always ours. An error
+    /// when the database cannot say, or before this node joined. Blocking.
+    pub fn claim_link(&self, edge: &str) -> Result<LinkClaim, crate::log::LogError> {
+        let Some(store) = self.store() else {
+            if self.clustered.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(crate::log::LogError::Failed(
+                    "this node has not joined the cluster yet".into(),
+                ));
+            }
+            return Ok(LinkClaim::Ours { taken: false });
+        };
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(token) = store.acquire_lease(LINK_KIND, edge, LINK_LEASE)? {
+            let before = links.insert(edge.to_owned(), token);
+            return Ok(LinkClaim::Ours {
+                taken: before != Some(token),
+            });
+        }
+        links.remove(edge);
+        drop(links);
+        let holder = store.lease_holder(LINK_KIND, edge)?;
+        Ok(LinkClaim::Elsewhere(
+            holder.map_or_else(|| "another node".to_owned(), |h| h.owner),
+        ))
+    }
+
+    /// Gives up this node's lease on `edge`'s link (its link here ended), so that the edge
+    /// may link to another node at once. Blocking.
+    pub fn release_link(&self, edge: &str) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(edge);
+        if let Some(store) = self.store() {
+            if let Err(e) = store.release_lease(LINK_KIND, edge) {
+                tracing::warn!(error = %e, edge, "cannot give up the link's lease");
+            }
+        }
+    }
+
+    /// True on the object backend, where an edge's records may have been taken by another
+    /// node before they come here.
+    pub fn is_clustered(&self) -> bool {
+        self.clustered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Where the leases are kept (the node's log on object storage).

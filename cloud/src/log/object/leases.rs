@@ -45,6 +45,25 @@ pub(crate) async fn acquire(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// Gives up `owner`'s lease on (`kind`, `key`), if it holds it: it runs out now (the row and
+/// its token stay, so the next owner's token is still a new one).
+pub(crate) async fn release(
+    pool: &Pool,
+    kind: &str,
+    key: &str,
+    owner: &str,
+) -> Result<(), PgError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE leases SET until = now() - interval '1 millisecond' \
+             WHERE kind = $1 AND key = $2 AND owner = $3",
+            &[&kind, &key, &owner],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Who holds the lease on (`kind`, `key`) now, if anyone.
 pub(crate) async fn holder(pool: &Pool, kind: &str, key: &str) -> Result<Option<Lease>, PgError> {
     let client = pool.get().await?;

@@ -527,6 +527,16 @@ impl ObjectLog {
         .map_err(|e| failed("a lease", e))
     }
 
+    /// Gives up this node's lease on (`kind`, `key`), if it holds it.
+    pub fn release_lease(&self, kind: &str, key: &str) -> Result<(), LogError> {
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        wait(&self.io, async move {
+            leases::release(&pool, &kind, &key, &node).await
+        })?
+        .map_err(|e| failed("a lease", e))
+    }
+
     /// Who holds the lease on (`kind`, `key`) now, if anyone.
     pub fn lease_holder(&self, kind: &str, key: &str) -> Result<Option<leases::Lease>, LogError> {
         let pool = self.pool.clone();

@@ -679,6 +679,19 @@ fn a_lease_has_one_owner_at_a_time_and_fences_the_one_that_lost_it() {
         None,
         "b holds it now"
     );
+    // Given up, it is free at once, and its next owner's token is a new one.
+    a.release_lease("k", "g")
+        .expect("not a's to give: nothing happens");
+    assert_eq!(a.acquire_lease("k", "g", short).expect("a"), None);
+    b.release_lease("k", "g").expect("release");
+    assert_eq!(b.lease_holder("k", "g").expect("holder"), None);
+    assert_eq!(a.acquire_lease("k", "g", short).expect("a"), Some(3));
+    a.release_lease("k", "g").expect("release");
+    assert_eq!(
+        b.acquire_lease("k", "g", Duration::from_secs(30))
+            .expect("b"),
+        Some(4)
+    );
 
     let meta_a =
         Meta::shared(&d.join("a.redb"), crate::log::PgMeta::new(a.clone())).expect("meta a");
@@ -707,7 +720,7 @@ fn a_lease_has_one_owner_at_a_time_and_fences_the_one_that_lost_it() {
         "fenced out"
     );
     assert!(meta_a
-        .apply_fenced(&commit(7), Some(&fence("b", 2)))
+        .apply_fenced(&commit(7), Some(&fence("b", 4)))
         .expect("apply"));
     assert_eq!(meta_a.cursor("g", "s", 0).expect("cursor"), Some(7));
 
