@@ -725,7 +725,8 @@ fn fleet_state(node: &Edge, edge: &str) -> String {
 /// to one (one link in the whole cluster: the other refuses it while its lease is held);
 /// that node is killed with SIGKILL while a sensor publishes on the edge, and the edge moves
 /// to the other node, where a subscriber gets every message once, in order — what the dead
-/// node appended and had not committed included. The failover time is printed.
+/// node appended and had not committed included. The failover time is printed. Before
+/// that, a command published on the node the edge is not linked to reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_moves_to_another_node_when_its_node_dies_and_nothing_is_doubled() {
     let site = ferry_tests::site::Site::new("cluster-link", "");
@@ -766,6 +767,21 @@ async fn an_edge_moves_to_another_node_when_its_node_dies_and_nothing_is_doubled
         edge.metric("ferry_edge_link_records_acked_total") >= 200
     });
     assert_ne!(fleet_state(&b, "gw-1"), "linked", "one link in the cluster");
+    // A command published on b goes down through a, where the edge is linked.
+    let valve = ferry_tests::process::Subscription::open(
+        &edge.port().to_string(),
+        "valve-app",
+        "valve/#",
+        &[],
+    );
+    let out = ferry_tests::process::mosquitto_at(
+        "mosquitto_pub",
+        &b.port().to_string(),
+        &["-t", "$edge/gw-1/valve/set", "-q", "1", "-m", "open"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let got = valve.read(1);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "open\n", "{got:?}");
 
     a.kill();
     let killed = Instant::now();
