@@ -721,6 +721,24 @@ fn fleet_state(node: &Edge, edge: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The owner of `edge`'s link lease as `/api/cluster` of `node` shows it ("" if none).
+fn link_owner(node: &Edge, edge: &str) -> String {
+    let answer = node.http_get("/api/cluster");
+    let cluster: serde_json::Value = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or_default();
+    cluster["leases"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|x| x["kind"] == "edge-link" && x["key"] == edge)
+        })
+        .and_then(|x| x["owner"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// Two ferry-cloud nodes on SeaweedFS and PostgreSQL, and an edge that knows both: it links
 /// to one (one link in the whole cluster: the other refuses it while its lease is held);
 /// that node is killed with SIGKILL while a sensor publishes on the edge, and the edge moves
@@ -767,6 +785,11 @@ async fn an_edge_moves_to_another_node_when_its_node_dies_and_nothing_is_doubled
         edge.metric("ferry_edge_link_records_acked_total") >= 200
     });
     assert_ne!(fleet_state(&b, "gw-1"), "linked", "one link in the cluster");
+    assert_eq!(
+        link_owner(&b, "gw-1"),
+        "a",
+        "/api/cluster names the lease's owner"
+    );
     // A command published on b goes down through a, where the edge is linked.
     let valve = ferry_tests::process::Subscription::open(
         &edge.port().to_string(),
@@ -789,6 +812,11 @@ async fn an_edge_moves_to_another_node_when_its_node_dies_and_nothing_is_doubled
         fleet_state(&b, "gw-1") == "linked"
     });
     let moved = killed.elapsed();
+    assert_eq!(
+        link_owner(&b, "gw-1"),
+        "b",
+        "b holds the edge's link lease now"
+    );
     eprintln!("failover: the edge linked to b {moved:?} after a was killed");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sent = sensor.stop().await;

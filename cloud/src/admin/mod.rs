@@ -17,7 +17,7 @@
 //! | `GET /api/fleet/<edge>` | one edge as above, with its link events, committed sequence per class and full history (30 s samples); 404 if unknown |
 //! | `GET /api/fleet/<edge>` | one edge: as in the list, with its link events, committed sequence per class, full history, and its downlink (acknowledged sequence, messages waiting for it) |
 //! | `GET /api/fleet/<edge>/peek` | the last 20 messages the edge sent among the last 2,000 records of each partition: stream, partition, offset, topic, size, time (no payloads) |
-//! | `GET /api/cluster` | on the object backend: this node's name and every node whose lease has not run out (name, addresses of its fronts, when it registered, lease left); 404 on the local log |
+//! | `GET /api/cluster` | on the object backend: this node's name, every node whose lease has not run out (name, addresses of its fronts, when it registered, lease left) and every lease held now (`kind`: `kafka-group` or `edge-link`, `key`, `owner`, `token`, `left_ms`); 404 on the local log |
 //! | `GET /api/amqp` | with `[amqp]`: connections (user, vhost, channels, consumers, unacked), queues (ready, ready bytes, unacked, consumers, deliveries and settlements since start), exchanges, bindings; refreshed about once a second |
 //! | `GET /metrics` | the MQTT front's metrics, the log's (appends, bytes, sync latency) and each partition's offsets; with `[amqp]`, `ferry_cloud_amqp_connections`, `ferry_cloud_amqp_channels`, `ferry_cloud_amqp_published_total` and per queue `ferry_cloud_amqp_queue_{ready,ready_bytes,unacked,consumers,delivered_total,settled_total}`; with `[link]`, `ferry_cloud_link_edges` and per linked edge `ferry_cloud_link_records_total`, `ferry_cloud_link_batch_bytes_total`, `ferry_cloud_link_last_ack_timestamp_ms` |
 
@@ -575,10 +575,16 @@ async fn answer(node: &Node, path: &str) -> Response {
             Err(_) => Response::status("500 Internal Server Error"),
         },
         "/api/cluster" => match node.object.clone() {
-            Some(object) => match tokio::task::spawn_blocking(move || object.members()).await {
-                Ok(Ok(members)) => {
+            Some(object) => match tokio::task::spawn_blocking(move || {
+                Ok::<_, crate::log::LogError>((object.members()?, object.leases()?))
+            })
+            .await
+            {
+                Ok(Ok((members, leases))) => {
                     let me = node.object.as_ref().map(|o| o.node().to_owned());
-                    Response::json(json!({ "node": me, "nodes": members }).to_string())
+                    Response::json(
+                        json!({ "node": me, "nodes": members, "leases": leases }).to_string(),
+                    )
                 }
                 _ => Response::status("503 Service Unavailable"),
             },

@@ -64,6 +64,40 @@ pub(crate) async fn release(
     Ok(())
 }
 
+/// A lease held now, as `/api/cluster` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Held {
+    pub kind: String,
+    pub key: String,
+    pub owner: String,
+    pub token: i64,
+    /// Until it runs out unless renewed.
+    pub left_ms: i64,
+}
+
+/// Every lease held now (not run out), by kind and key.
+pub(crate) async fn held_now(pool: &Pool) -> Result<Vec<Held>, PgError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT kind, key, owner, token, \
+             (extract(epoch FROM (until - now())) * 1000)::bigint \
+             FROM leases WHERE until > now() ORDER BY kind, key COLLATE \"C\"",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Held {
+            kind: r.get(0),
+            key: r.get(1),
+            owner: r.get(2),
+            token: r.get(3),
+            left_ms: r.get(4),
+        })
+        .collect())
+}
+
 /// Who holds the lease on (`kind`, `key`) now, if anyone.
 pub(crate) async fn holder(pool: &Pool, kind: &str, key: &str) -> Result<Option<Lease>, PgError> {
     let client = pool.get().await?;

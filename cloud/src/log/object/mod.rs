@@ -537,6 +537,13 @@ impl ObjectLog {
         .map_err(|e| failed("a lease", e))
     }
 
+    /// Every lease held now, by kind and key.
+    pub fn leases(&self) -> Result<Vec<leases::Held>, LogError> {
+        let pool = self.pool.clone();
+        wait(&self.io, async move { leases::held_now(&pool).await })?
+            .map_err(|e| failed("the leases", e))
+    }
+
     /// Who holds the lease on (`kind`, `key`) now, if anyone.
     pub fn lease_holder(&self, kind: &str, key: &str) -> Result<Option<leases::Lease>, LogError> {
         let pool = self.pool.clone();
