@@ -43,6 +43,8 @@ python3 -c "from pymodbus.simulator import SimDevice; import serial" 2>/dev/null
 python3 -c "import asyncua" 2>/dev/null || python3 -m pip install -q "asyncua==2.1.*"
 # selenium drives Chromium in the console's browser test.
 python3 -c "import selenium" 2>/dev/null || python3 -m pip install -q "selenium==4.*"
+# The Kubernetes manifests' offline check (tests/tests/deploy.rs).
+python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
 # amqplib (Node.js) for the AMQP front, into tests/clients/node_modules (not committed).
 [ -d tests/clients/node_modules/amqplib ] ||
   npm install --no-save --no-package-lock --silent --prefix tests/clients amqplib@0.10

@@ -29,6 +29,14 @@ struct Args {
     /// Allow MQTT clients without credentials on listeners reachable from the network.
     #[arg(long)]
     allow_anonymous: bool,
+    /// The `host:port` Kafka clients are told to connect to (`[kafka] advertised`), for a
+    /// node whose address is known only when it starts (a pod's IP).
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka_advertised: Option<String>,
+    /// This node's name in its cluster (`[log.object] node`), for a name given by the
+    /// platform (a pod's name).
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -107,6 +115,12 @@ async fn main() -> anyhow::Result<()> {
     config
         .server
         .apply_flags(&args.listen, args.data_dir.clone(), args.allow_anonymous);
+    if let (Some(kafka), Some(advertised)) = (config.kafka.as_mut(), &args.kafka_advertised) {
+        kafka.advertised = Some(advertised.clone());
+    }
+    if let (Some(object), Some(name)) = (config.log.object.as_mut(), &args.node_name) {
+        object.node = Some(name.clone());
+    }
     config.edge().validate()?;
     let edge_config = config.edge();
     let admin_config = config.admin.clone();

@@ -10,6 +10,7 @@
 //! | `GET /api/consumers` | every reader of the log and its lag: Kafka groups per partition (with their state and members), the MQTT front's delivery cursor and its persistent sessions (queued, in flight, offline for, expires in), each edge's downlink, AMQP queues |
 //! | `POST /api/consumers/kafka/<group>/reset` | an admin moves a group without members to the earliest or latest offsets |
 //! | `GET /api/health` | `{"status":"ok"}` while the node serves; 503 once its storage failed |
+//! | `GET /api/ready` | `{"status":"ready"}` while the node serves and, on the object backend, is registered among the nodes (its lease renewed: PostgreSQL reachable); 503 otherwise. Open, as `/api/health` is, for probes |
 //! | `GET /api/streams` | every stream: its retention (ms, bytes; null: none) and per partition its offsets, bytes, segments |
 //! | `GET /api/clients` | MQTT connections and sessions (counts), and each connected client: id, username, protocol level, persistent, queued bytes, subscriptions |
 //! | `GET /api/edges` | every edge that sent data or is linked: its highest committed sequence per priority class, and its live link (remote address, certificate serial, records and bytes taken, last acknowledgement) |
@@ -162,8 +163,9 @@ pub async fn serve(
 
 async fn handle(admin: &Admin, req: Request) -> Reply {
     let now = now_ms();
-    // For load balancers and liveness probes: tells only whether the node serves.
-    if req.path == "/api/health" {
+    // For load balancers and liveness and readiness probes: tell only whether the node
+    // serves (and is one of its cluster).
+    if req.path == "/api/health" || req.path == "/api/ready" {
         return answer(&admin.node, &req.path).await.into();
     }
     let basic = basic_credentials(&req);
@@ -449,6 +451,21 @@ async fn answer(node: &Node, path: &str) -> Response {
             Some(_) => Response::json(json!({"status": "ok"}).to_string()),
             None => Response::status("503 Service Unavailable"),
         },
+        "/api/ready" => {
+            if node.mqtt.metrics().await.is_none() {
+                return Response::status("503 Service Unavailable");
+            }
+            let Some(object) = node.object.clone() else {
+                return Response::json(json!({"status": "ready"}).to_string());
+            };
+            let me = object.node().to_owned();
+            match tokio::task::spawn_blocking(move || object.members()).await {
+                Ok(Ok(members)) if members.iter().any(|m| m.name == me) => {
+                    Response::json(json!({"status": "ready", "node": me}).to_string())
+                }
+                _ => Response::status("503 Service Unavailable"),
+            }
+        }
         "/api/streams" => {
             let configs = node.meta.streams().unwrap_or_default();
             let streams: Vec<_> = node
