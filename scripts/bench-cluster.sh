@@ -48,16 +48,7 @@ listen = "127.0.0.1:2909$i"
 backend = "object"
 [log.streams]
 partitions = 6
-[log.object]
-object_url = "s3://$FERRY_TEST_S3_BUCKET/bench-cluster-$$-$n"
-postgres_url = "${FERRY_TEST_PG/dbname=postgres/dbname=$db}"
-node = "node-$i"
-[log.object.s3]
-endpoint = "$FERRY_TEST_S3_ENDPOINT"
-region = "us-east-1"
-access_key_id = "$FERRY_TEST_S3_KEY"
-secret_access_key = "$FERRY_TEST_S3_SECRET"
-allow_http = true
+$(services_object_tables "bench-cluster-$$-$n" "$db" "node-$i")
 TOML
     "$bin/ferry-cloud" --config "$work/$n-$i/cloud.toml" >"$work/$n-$i/log" 2>&1 &
     nodes+=($!)

@@ -36,15 +36,7 @@ listen = ["127.0.0.1:18851"]
 listen = "127.0.0.1:19093"
 [log]
 backend = "object"
-[log.object]
-object_url = "s3://$FERRY_TEST_S3_BUCKET/bench-$$"
-postgres_url = "$FERRY_TEST_PG dbname=$db"
-[log.object.s3]
-endpoint = "$FERRY_TEST_S3_ENDPOINT"
-region = "us-east-1"
-access_key_id = "$FERRY_TEST_S3_KEY"
-secret_access_key = "$FERRY_TEST_S3_SECRET"
-allow_http = true
+$(services_object_tables "bench-$$" "$db")
 TOML
 echo "== object log (SeaweedFS + PostgreSQL), flush_ms 100"
 $bin/ferry-log-bench append --object "$work/cloud.toml" --records "$records" --producers 2048 --batch 16 --payload 100

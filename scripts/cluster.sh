@@ -27,7 +27,6 @@ cleanup() {
 trap cleanup EXIT INT TERM
 services_start
 psql "$FERRY_TEST_PG" -qc "CREATE DATABASE ferry_cluster" >/dev/null 2>&1 || true
-pg="${FERRY_TEST_PG/dbname=postgres/dbname=ferry_cluster}"
 
 "$target/ferry-cloud" pki init --dir "$dir/pki" >/dev/null
 "$target/ferry-cloud" pki issue-node localhost --dir "$dir/pki" >/dev/null
@@ -44,17 +43,7 @@ data_dir = "$dir/node-$i/data"
 allow_anonymous = true
 [log]
 backend = "object"
-[log.object]
-object_url = "s3://$FERRY_TEST_S3_BUCKET/cluster"
-postgres_url = "$pg"
-node = "node-$i"
-flush_ms = 20
-[log.object.s3]
-endpoint = "$FERRY_TEST_S3_ENDPOINT"
-region = "us-east-1"
-access_key_id = "$FERRY_TEST_S3_KEY"
-secret_access_key = "$FERRY_TEST_S3_SECRET"
-allow_http = true
+$(services_object_tables cluster ferry_cluster "node-$i")
 [admin]
 listen = "127.0.0.1:1910$i"
 password_file = "$dir/passwd"

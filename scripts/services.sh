@@ -76,6 +76,19 @@ services_start() {
   echo "services: PostgreSQL on 127.0.0.1:$services_pg_port, SeaweedFS S3 on $FERRY_TEST_S3_ENDPOINT"
 }
 
+# Prints the [log.object] and [log.object.s3] tables of a ferry-cloud node on these
+# services: objects under PREFIX in the bucket, the index and metadata in database DB (made
+# by the caller), and the node's name NODE when given.
+services_object_tables() {
+  local prefix=$1 db=$2 node=${3:-}
+  printf '[log.object]\nobject_url = "s3://%s/%s"\npostgres_url = "%s dbname=%s"\n' \
+    "$FERRY_TEST_S3_BUCKET" "$prefix" "$FERRY_TEST_PG" "$db"
+  [ -z "$node" ] || printf 'node = "%s"\n' "$node"
+  printf '[log.object.s3]\nendpoint = "%s"\nregion = "us-east-1"\naccess_key_id = "%s"\n' \
+    "$FERRY_TEST_S3_ENDPOINT" "$FERRY_TEST_S3_KEY"
+  printf 'secret_access_key = "%s"\nallow_http = true\n' "$FERRY_TEST_S3_SECRET"
+}
+
 services_stop() {
   [ -n "$services_dir" ] || return 0
   if [ -n "$services_weed_pid" ]; then

@@ -337,11 +337,9 @@ type Commit = BoxFuture<'static, Result<u64, SinkError>>;
 enum Ended {
     /// The edge closed it, or the cloud is going away.
     Closed,
-    /// The edge is on the deny list: GOAWAY Denied is queued.
-    Denied,
-    /// The sink would not have this node serve the edge ([`Sink::claim`]): GOAWAY
-    /// Unavailable is queued.
-    Unclaimed,
+    /// The edge was refused with a GOAWAY of this code, queued: on the deny list
+    /// (Denied), or not to be served by this node ([`Sink::claim`], Unavailable).
+    Refused(GoAwayCode),
 }
 
 /// One edge's link, from HELLO to its end: the driver of its [`CloudEnd`]. A reader task
@@ -377,17 +375,9 @@ async fn serve(
     let (out, out_rx) = mpsc::channel::<Frame>(OUT_FRAMES);
     let writing = tokio::spawn(write_frames(FrameWriter::new(send), out_rx));
     let mut live = None;
-    let mut claimed = false;
-    let result = drive(
-        server,
-        conn,
-        peer,
-        (&mut end, &mut frames, &out),
-        &mut live,
-        &mut claimed,
-    )
-    .await;
-    if claimed {
+    let result = drive(server, conn, peer, (&mut end, &mut frames, &out), &mut live).await;
+    if live.is_some() {
+        // The sink's claim succeeded before the link was registered.
         server.sink.release(&peer.edge_id);
     }
     reading.abort();
@@ -418,15 +408,15 @@ async fn serve(
     }
     match result? {
         Ended::Closed => {}
-        Ended::Denied => {
+        Ended::Refused(code) => {
             // Let the GOAWAY reach the edge before the connection goes.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            conn.close((GoAwayCode::Denied as u32).into(), b"denied");
-            warn!(edge = %peer.edge_id, serial = %peer.serial, "denied edge refused");
-        }
-        Ended::Unclaimed => {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            conn.close((GoAwayCode::Unavailable as u32).into(), b"unavailable");
+            if code == GoAwayCode::Denied {
+                conn.close((code as u32).into(), b"denied");
+                warn!(edge = %peer.edge_id, serial = %peer.serial, "denied edge refused");
+            } else {
+                conn.close((code as u32).into(), b"unavailable");
+            }
         }
     }
     Ok(())
@@ -448,7 +438,6 @@ async fn drive(
     peer: &PeerIdentity,
     (end, frames, out): Wires<'_>,
     live: &mut Option<u64>,
-    claimed: &mut bool,
 ) -> Result<Ended, LinkError> {
     let edge = &peer.edge_id;
     let sink = &server.sink;
@@ -472,7 +461,7 @@ async fn drive(
                             .fleet()
                             .refused(edge, &peer.serial, reason.clone(), now_ms());
                         end.refuse(GoAwayCode::Denied, reason);
-                        return Ok(Ended::Denied);
+                        return Ok(Ended::Refused(GoAwayCode::Denied));
                     }
                     if let Err(e) = sink.claim(edge).await {
                         let reason = format!("edge {edge} not taken here: {e}");
@@ -481,9 +470,8 @@ async fn drive(
                             .fleet()
                             .refused(edge, &peer.serial, reason.clone(), now_ms());
                         end.refuse(GoAwayCode::Unavailable, reason);
-                        return Ok(Ended::Unclaimed);
+                        return Ok(Ended::Refused(GoAwayCode::Unavailable));
                     }
-                    *claimed = true;
                     if let Some(every) = claim_every {
                         next_claim = tokio::time::Instant::now() + every;
                     }
@@ -562,7 +550,7 @@ async fn drive(
                 Err(_) => return Ok(Ended::Closed),
             },
             () = sleep, if deadline.is_some() => end.handle_timeout(Instant::now())?,
-            () = tokio::time::sleep_until(next_claim), if *claimed && claim.is_none() => {
+            () = tokio::time::sleep_until(next_claim), if live.is_some() && claim.is_none() => {
                 claim = Some(sink.claim(edge));
             }
             r = next_of(&mut claim), if claim.is_some() => {
@@ -572,7 +560,7 @@ async fn drive(
                     let reason = format!("edge {edge} no longer taken here: {e}");
                     warn!(edge = %edge, reason, "link ended");
                     end.refuse(GoAwayCode::Unavailable, reason);
-                    return Ok(Ended::Unclaimed);
+                    return Ok(Ended::Refused(GoAwayCode::Unavailable));
                 }
                 next_claim = tokio::time::Instant::now() + claim_every.unwrap_or(NEVER);
             }
