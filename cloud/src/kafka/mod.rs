@@ -28,7 +28,10 @@
 //! start the state is rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of every
 //! partition ([`producers_from_log`]): a batch resent across a restart of the node is still
 //! found. Limit: a producer whose last batch lies further back starts over (its next batch
-//! is taken as it comes). Producer ids are unique across restarts (time-based).
+//! is taken as it comes). Producer ids are unique across restarts (time-based). On a
+//! cluster node, what other nodes appended to a partition since this node last read it is
+//! read before a producer's batch there is checked, so a producer that moves between nodes
+//! (its batch resent to another after its node died) is still appended exactly once.
 //!
 //! | FindCoordinator | 0–4 | this node, for every group |
 //! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
@@ -202,14 +205,58 @@ pub struct KafkaFront {
     pub cluster: Arc<cluster::ClusterView>,
 }
 
-/// Idempotent producers' recent batches.
-pub type Producers = std::collections::HashMap<(i64, String, u32), ProducerState>;
+/// Idempotent producers' recent batches, per (producer id, stream, partition), and how far
+/// each partition has been read for them.
+#[derive(Debug, Default)]
+pub struct Producers {
+    batches: std::collections::HashMap<(i64, String, u32), ProducerState>,
+    /// Per partition, the offset before which every producer's batch is in `batches`: read
+    /// at start, moved by this node's own appends while nothing came between, and on a
+    /// cluster node caught up with what other nodes appended before a batch is checked.
+    read_to: std::collections::HashMap<(String, u32), i64>,
+}
+
+impl Producers {
+    /// How many (producer, partition) states are kept.
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// True when no producer's batch is known.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Forgets a deleted stream's producers.
+    pub fn forget_stream(&mut self, name: &str) {
+        self.batches.retain(|(_, stream, _), _| stream != name);
+        self.read_to.retain(|(stream, _), _| stream != name);
+    }
+
+    /// A batch appended at `offset`, found in the log or appended here.
+    fn fold(&mut self, key: (i64, String, u32), epoch: i16, first: i32, last: i32, offset: i64) {
+        self.batches
+            .entry(key)
+            .or_default()
+            .appended(epoch, first, last, offset);
+    }
+
+    /// This node appended a batch at `base..=last`: when nothing was appended between what
+    /// was read and it, the partition is read up to its end.
+    fn read_past(&mut self, stream: &str, partition: u32, base: i64, last: i64) {
+        if let Some(to) = self.read_to.get_mut(&(stream.to_owned(), partition)) {
+            if *to == base {
+                *to = last + 1;
+            }
+        }
+    }
+}
 
 /// One idempotent producer's state in one partition.
 #[derive(Debug, Clone, Default)]
 pub struct ProducerState {
     epoch: i16,
-    /// (first sequence, last sequence, base offset) of the last batches, oldest first.
+    /// (first sequence, last sequence, base offset) of the last batches, in offset order.
     recent: std::collections::VecDeque<(i32, i32, i64)>,
 }
 
@@ -223,28 +270,54 @@ pub const PRODUCER_SCAN_OFFSETS: i64 = 50_000;
 /// Idempotent producers' state rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of
 /// every partition of `log` (Kafka rebuilds it from its log too). Blocking file IO.
 pub fn producers_from_log(log: &dyn Storage) -> Producers {
-    let mut producers = Producers::new();
+    let mut producers = Producers::default();
     for stream in log.streams() {
         for (p, info) in stream.partitions.iter().enumerate() {
             let p = p as u32;
             let from =
                 (info.offsets.high_watermark - PRODUCER_SCAN_OFFSETS).max(info.offsets.log_start);
-            let found = crate::log::for_each_batch(log, &stream.name, p, from, |h, _| {
-                if h.producer_id < 0 {
-                    return;
+            match producer_batches(log, &stream.name, p, from) {
+                Ok((found, to)) => {
+                    for (key, epoch, first, last, offset) in found {
+                        producers.fold(key, epoch, first, last, offset);
+                    }
+                    producers.read_to.insert((stream.name.clone(), p), to);
                 }
-                let last = h.base_sequence.wrapping_add(h.records_count.max(1) - 1);
-                producers
-                    .entry((h.producer_id, stream.name.clone(), p))
-                    .or_default()
-                    .appended(h.producer_epoch, h.base_sequence, last, h.base_offset);
-            });
-            if let Err(e) = found {
-                warn!(stream = %stream.name, partition = p, error = %e, "cannot read idempotent producers back");
+                Err(e) => {
+                    warn!(stream = %stream.name, partition = p, error = %e, "cannot read idempotent producers back");
+                }
             }
         }
     }
     producers
+}
+
+/// A producer's batch as the log holds it: (key, epoch, first and last sequence, offset).
+type FoundBatch = ((i64, String, u32), i16, i32, i32, i64);
+
+/// The idempotent producers' batches of a partition from `from` to its end, and the offset
+/// read to. Blocking IO.
+fn producer_batches(
+    log: &dyn Storage,
+    stream: &str,
+    partition: u32,
+    from: i64,
+) -> Result<(Vec<FoundBatch>, i64), LogError> {
+    let mut found = Vec::new();
+    let to = crate::log::for_each_batch(log, stream, partition, from, |h, _| {
+        if h.producer_id < 0 {
+            return;
+        }
+        let last = h.base_sequence.wrapping_add(h.records_count.max(1) - 1);
+        found.push((
+            (h.producer_id, stream.to_owned(), partition),
+            h.producer_epoch,
+            h.base_sequence,
+            last,
+            h.base_offset,
+        ));
+    })?;
+    Ok((found, to))
 }
 
 /// What an idempotent producer's batch is, against what was seen.
@@ -275,12 +348,18 @@ impl ProducerState {
         }
     }
 
+    /// A batch at `offset`; one already known (read again from the log) is not counted
+    /// twice, and one older than those known is put in its place.
     fn appended(&mut self, epoch: i16, first: i32, last: i32, offset: i64) {
+        if epoch < self.epoch || self.recent.iter().any(|&(_, _, o)| o == offset) {
+            return;
+        }
         if epoch > self.epoch {
             self.epoch = epoch;
             self.recent.clear();
         }
-        self.recent.push_back((first, last, offset));
+        let at = self.recent.partition_point(|&(_, _, o)| o < offset);
+        self.recent.insert(at, (first, last, offset));
         if self.recent.len() > RECENT_BATCHES {
             self.recent.pop_front();
         }
@@ -829,8 +908,11 @@ impl KafkaFront {
         let (epoch, first) = (header.producer_epoch, header.base_sequence);
         let last = first.wrapping_add(header.records_count.max(1) - 1);
         if idempotent {
+            if self.cluster.is_clustered() {
+                self.catch_up_producers(stream, partition).await?;
+            }
             let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(state) = producers.get(&key) {
+            if let Some(state) = producers.batches.get(&key) {
                 match state.check(epoch, first) {
                     Sequence::Next => {}
                     Sequence::Duplicate(offset) => return Ok(offset),
@@ -849,12 +931,62 @@ impl KafkaFront {
             .map_err(|e| log_error_code(&e))?;
         if idempotent {
             let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-            producers
-                .entry(key)
-                .or_default()
-                .appended(epoch, first, last, appended.base_offset);
+            producers.fold(key, epoch, first, last, appended.base_offset);
+            producers.read_past(
+                stream,
+                partition,
+                appended.base_offset,
+                appended.last_offset,
+            );
         }
         Ok(appended.base_offset)
+    }
+
+    /// On a cluster node, before a producer's batch is checked: reads the producers'
+    /// batches other nodes appended to the partition since this node last read it, so that a
+    /// batch resent here after another node appended it (its answer lost with that node) is
+    /// found, and a producer that moved here goes on from its sequence. A partition only
+    /// this node appends to is not read at all. A read that fails refuses the batch
+    /// (retriable) rather than risk appending it twice.
+    async fn catch_up_producers(&self, stream: &str, partition: u32) -> Result<(), i16> {
+        let offsets = self
+            .log
+            .offsets(stream, partition)
+            .map_err(|e| log_error_code(&e))?;
+        let from = {
+            let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            producers
+                .read_to
+                .get(&(stream.to_owned(), partition))
+                .copied()
+                .unwrap_or(offsets.high_watermark - PRODUCER_SCAN_OFFSETS)
+                .max(offsets.log_start)
+        };
+        if from >= offsets.high_watermark {
+            return Ok(());
+        }
+        let log = self.log.clone();
+        let name = stream.to_owned();
+        let read = tokio::task::spawn_blocking(move || {
+            producer_batches(&*log, &name, partition, from)
+        })
+        .await
+        .map_err(|_| code::KAFKA_STORAGE_ERROR)?
+        .map_err(|e| {
+            warn!(stream, partition, error = %e, "cannot read other nodes' producer batches");
+            log_error_code(&e)
+        })?;
+        let (found, to) = read;
+        let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, epoch, first, last, offset) in found {
+            producers.fold(key, epoch, first, last, offset);
+        }
+        let read_to = producers
+            .read_to
+            .entry((stream.to_owned(), partition))
+            .or_insert(to);
+        *read_to = (*read_to).max(to);
+        Ok(())
     }
 }
 
@@ -1177,6 +1309,56 @@ mod tests {
         BytesMut::from(&b.finish(0)[..])
     }
 
+    /// A front on `log` as a cluster node has it, with the producers read at its start.
+    fn cluster_front(log: Arc<dyn Storage>, dir: &std::path::Path) -> KafkaFront {
+        let cluster = cluster::ClusterView::new();
+        cluster.set_clustered();
+        KafkaFront {
+            producers: Arc::new(std::sync::Mutex::new(producers_from_log(&*log))),
+            log,
+            meta: Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta")),
+            config: KafkaConfig::default(),
+            stream_defaults: StreamConfig::default(),
+            groups: Arc::default(),
+            routes: Arc::new(crate::routes::RouteTable::new(
+                crate::routes::Routes::new(&[]).expect("routes"),
+            )),
+            cluster,
+        }
+    }
+
+    /// Two cluster nodes on one log: a batch appended through one and resent to the other
+    /// (its answer lost with the first node) is found there, answered with its offset, not
+    /// appended again; the producer goes on there from its sequence.
+    #[tokio::test]
+    async fn a_batch_resent_to_another_cluster_node_is_not_appended_twice() {
+        let dir =
+            std::env::temp_dir().join(format!("ferry-producers-moved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a")).expect("dir");
+        std::fs::create_dir_all(dir.join("b")).expect("dir");
+        let log: Arc<dyn Storage> = crate::log::MemoryLog::new();
+        log.create_stream("p", &StreamConfig::default())
+            .expect("create");
+        let a = cluster_front(log.clone(), &dir.join("a"));
+        let b = cluster_front(log.clone(), &dir.join("b"));
+        let batch = |first| producer_batch(first, 5).freeze();
+        assert_eq!(a.append_batches("p", 0, batch(0)).await, Ok(0));
+        assert_eq!(a.append_batches("p", 0, batch(5)).await, Ok(5));
+        // The producer moves to b and resends its last batch, then goes on.
+        assert_eq!(b.append_batches("p", 0, batch(5)).await, Ok(5), "found");
+        assert_eq!(b.append_batches("p", 0, batch(10)).await, Ok(10));
+        assert_eq!(
+            b.append_batches("p", 0, batch(20)).await,
+            Err(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
+        );
+        // Back on a, which must read what b appended.
+        assert_eq!(a.append_batches("p", 0, batch(10)).await, Ok(10), "found");
+        assert_eq!(a.append_batches("p", 0, batch(15)).await, Ok(15));
+        assert_eq!(log.offsets("p", 0).expect("offsets").high_watermark, 20);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn idempotent_producers_are_found_again_in_the_log_after_a_restart() {
         let dir = std::env::temp_dir().join(format!("ferry-producers-{}", std::process::id()));
@@ -1202,7 +1384,7 @@ mod tests {
         let log = SegmentLog::open(&dir, true, 64).expect("reopen");
         let producers = producers_from_log(&*log);
         assert_eq!(producers.len(), 1, "one producer, one partition");
-        let state = &producers[&(77, "p".to_owned(), 0)];
+        let state = &producers.batches[&(77, "p".to_owned(), 0)];
         // The resend of either batch is a duplicate, answered with its first offset.
         assert!(matches!(state.check(3, 0), Sequence::Duplicate(1)));
         assert!(matches!(state.check(3, 10), Sequence::Duplicate(11)));

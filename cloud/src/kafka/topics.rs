@@ -158,7 +158,7 @@ impl KafkaFront {
         self.producers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(_, stream, _), _| stream != name);
+            .forget_stream(name);
         let forget = Command::DeleteStream {
             name: name.to_owned(),
         };

@@ -379,14 +379,15 @@ const DELETED_PREFIX: &str = "~deleted~";
 
 /// Calls `f` with every whole batch of a partition, from the one holding `from` to what is
 /// durable now, in order. Stops at a batch that does not parse (the log serves only checked
-/// batches, so nothing after it can be read either). Blocking file IO.
+/// batches, so nothing after it can be read either). Returns the offset after the last
+/// batch read (`from` if none). Blocking file IO.
 pub fn for_each_batch(
     log: &dyn Storage,
     stream: &str,
     partition: u32,
     from: i64,
     mut f: impl FnMut(&BatchHeader, &[u8]),
-) -> Result<(), LogError> {
+) -> Result<i64, LogError> {
     let end = log.offsets(stream, partition)?.high_watermark;
     let mut offset = from;
     while offset < end {
@@ -396,13 +397,13 @@ pub fn for_each_batch(
         }
         for batch in read.iter() {
             let Ok((h, whole)) = batch else {
-                return Ok(());
+                return Ok(offset);
             };
             f(&h, whole);
             offset = h.last_offset() + 1;
         }
     }
-    Ok(())
+    Ok(offset)
 }
 
 /// The current time in ms since the Unix epoch.
