@@ -355,9 +355,10 @@ impl From<DownlinkError> for SinkError {
 /// What kind of failure a log error is to the link.
 fn log_failure(e: &LogError) -> FailureKind {
     match e {
-        LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Failed(_) => {
-            FailureKind::Storage
-        }
+        LogError::Io { .. }
+        | LogError::Corrupt { .. }
+        | LogError::Failed(_)
+        | LogError::Unavailable(_) => FailureKind::Storage,
         LogError::OffsetOutOfRange { .. }
         | LogError::UnknownStream(_)
         | LogError::UnknownPartition { .. }

@@ -149,7 +149,7 @@ async fn appends_wait_out_a_short_outage_fail_a_long_one_and_the_log_goes_on() {
         let refused = append(&format!("long {name}")).await;
         service.restore();
         match refused {
-            Err(LogError::Failed(why)) => assert!(why.contains(name), "{why}"),
+            Err(LogError::Unavailable(why)) => assert!(why.contains(name), "{why}"),
             other => panic!("{name} down past the timeout: {other:?}"),
         }
     }

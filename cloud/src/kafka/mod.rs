@@ -31,7 +31,12 @@
 //! is taken as it comes). Producer ids are unique across restarts (time-based). On a
 //! cluster node, what other nodes appended to a partition since this node last read it is
 //! read before a producer's batch there is checked, so a producer that moves between nodes
-//! (its batch resent to another after its node died) is still appended exactly once.
+//! (its batch resent to another after its node died) is still appended exactly once. A
+//! batch resent on a new connection while the same producer's append to that partition is
+//! still waiting for the store is refused with REQUEST_TIMED_OUT (retriable) until that
+//! append is answered. Not yet closed: a resend to *another* node while the first append
+//! still waits (the object store slow or away) can be appended twice; the chaos test
+//! (`tests/tests/cluster_chaos.rs`) counts such copies.
 //!
 //! | FindCoordinator | 0–4 | this node, for every group |
 //! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
@@ -135,6 +140,7 @@ mod code {
     pub(super) const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 =
         E::TransactionalIdAuthorizationFailed.code();
     pub(super) const KAFKA_STORAGE_ERROR: i16 = E::KafkaStorageError.code();
+    pub(super) const REQUEST_TIMED_OUT: i16 = E::RequestTimedOut.code();
     pub(super) const MEMBER_ID_REQUIRED: i16 = E::MemberIdRequired.code();
     pub(super) const UNKNOWN_TOPIC_ID: i16 = E::UnknownTopicId.code();
     pub(super) const NOT_COORDINATOR: i16 = E::NotCoordinator.code();
@@ -214,6 +220,10 @@ pub struct Producers {
     /// at start, moved by this node's own appends while nothing came between, and on a
     /// cluster node caught up with what other nodes appended before a batch is checked.
     read_to: std::collections::HashMap<(String, u32), i64>,
+    /// (producer id, stream, partition) with a batch being appended: another batch of the
+    /// same producer and partition (a resend on a new connection while the first still
+    /// waits for the store) is refused, retriable, until that append is answered.
+    appending: std::collections::HashSet<(i64, String, u32)>,
 }
 
 impl Producers {
@@ -908,51 +918,114 @@ impl KafkaFront {
         let (epoch, first) = (header.producer_epoch, header.base_sequence);
         let last = first.wrapping_add(header.records_count.max(1) - 1);
         if idempotent {
-            if self.cluster.is_clustered() {
-                self.catch_up_producers(stream, partition).await?;
+            let clustered = self.cluster.is_clustered();
+            if clustered {
+                self.catch_up_producers(stream, partition, false).await?;
             }
-            let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(state) = producers.batches.get(&key) {
-                match state.check(epoch, first) {
-                    Sequence::Next => {}
-                    Sequence::Duplicate(offset) => return Ok(offset),
-                    Sequence::Refused(code) => return Err(code),
+            let mut sequence = self.check_sequence(&key, epoch, first);
+            // Unknown here, or after a gap: another node may have appended this producer's
+            // batches that this one has not heard of yet; the database says.
+            if clustered
+                && matches!(
+                    sequence,
+                    None | Some(Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER))
+                )
+            {
+                self.catch_up_producers(stream, partition, true).await?;
+                sequence = self.check_sequence(&key, epoch, first);
+            }
+            match sequence {
+                None | Some(Sequence::Next) => {}
+                Some(Sequence::Duplicate(offset)) => return Ok(offset),
+                Some(Sequence::Refused(code)) => {
+                    let known = self
+                        .producers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .batches
+                        .get(&key)
+                        .map(|s| (s.epoch, s.recent.back().copied()));
+                    info!(
+                        stream,
+                        partition,
+                        producer = key.0,
+                        epoch,
+                        first,
+                        ?known,
+                        code,
+                        "an idempotent batch refused"
+                    );
+                    return Err(code);
                 }
             }
         }
-        let appended = self
-            .log
-            .append(
-                stream,
-                partition,
-                AppendData::Batches(BytesMut::from(&records[..])),
-            )
-            .await
-            .map_err(|e| log_error_code(&e))?;
-        if idempotent {
-            let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-            producers.fold(key, epoch, first, last, appended.base_offset);
-            producers.read_past(
-                stream,
-                partition,
-                appended.base_offset,
-                appended.last_offset,
-            );
+        let data = AppendData::Batches(BytesMut::from(&records[..]));
+        if !idempotent {
+            let appended = self
+                .log
+                .append(stream, partition, data)
+                .await
+                .map_err(|e| log_error_code(&e))?;
+            return Ok(appended.base_offset);
         }
-        Ok(appended.base_offset)
+        if !self
+            .producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .appending
+            .insert(key.clone())
+        {
+            return Err(code::REQUEST_TIMED_OUT);
+        }
+        // On a task of its own, so that the producer's state takes the outcome even if this
+        // request is dropped meanwhile (the append goes on in the log anyway).
+        let producers = self.producers.clone();
+        let appending = self.log.append(stream, partition, data);
+        let name = stream.to_owned();
+        let outcome = tokio::spawn(async move {
+            let appended = appending.await;
+            let mut producers = producers.lock().unwrap_or_else(|e| e.into_inner());
+            producers.appending.remove(&key);
+            if let Ok(a) = &appended {
+                producers.fold(key, epoch, first, last, a.base_offset);
+                producers.read_past(&name, partition, a.base_offset, a.last_offset);
+            }
+            appended
+        })
+        .await
+        .map_err(|_| code::KAFKA_STORAGE_ERROR)?;
+        Ok(outcome.map_err(|e| log_error_code(&e))?.base_offset)
+    }
+
+    /// How the producer's batch stands against what this node knows of it (None: nothing).
+    fn check_sequence(&self, key: &(i64, String, u32), epoch: i16, first: i32) -> Option<Sequence> {
+        let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        producers.batches.get(key).map(|s| s.check(epoch, first))
     }
 
     /// On a cluster node, before a producer's batch is checked: reads the producers'
     /// batches other nodes appended to the partition since this node last read it, so that a
     /// batch resent here after another node appended it (its answer lost with that node) is
     /// found, and a producer that moved here goes on from its sequence. A partition only
-    /// this node appends to is not read at all. A read that fails refuses the batch
-    /// (retriable) rather than risk appending it twice.
-    async fn catch_up_producers(&self, stream: &str, partition: u32) -> Result<(), i16> {
-        let offsets = self
-            .log
-            .offsets(stream, partition)
-            .map_err(|e| log_error_code(&e))?;
+    /// this node appends to is not read at all. With `ask_the_store`, the partition's end is
+    /// asked of the store first rather than taken from what this node has heard. A read that
+    /// fails refuses the batch (retriable) rather than risk appending it twice.
+    async fn catch_up_producers(
+        &self,
+        stream: &str,
+        partition: u32,
+        ask_the_store: bool,
+    ) -> Result<(), i16> {
+        let offsets = if ask_the_store {
+            let log = self.log.clone();
+            let name = stream.to_owned();
+            tokio::task::spawn_blocking(move || log.offsets_now(&name, partition))
+                .await
+                .map_err(|_| code::KAFKA_STORAGE_ERROR)?
+        } else {
+            self.log.offsets(stream, partition)
+        }
+        .map_err(|e| log_error_code(&e))?;
         let from = {
             let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
             producers

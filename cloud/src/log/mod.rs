@@ -85,6 +85,11 @@ pub enum LogError {
         "the partition stopped taking appends after a failed write ({0}); restart to recover it"
     )]
     Failed(String),
+    /// The object store or the database did not answer in time (the object backend): what
+    /// was waiting is refused (an append refused so may have been committed with its answer
+    /// lost: a client sends it again), and the next ones are tried again.
+    #[error("the store did not answer: {0}; try again")]
+    Unavailable(String),
 }
 
 impl LogError {
@@ -308,6 +313,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
         max_bytes: usize,
     ) -> Result<ReadResult, LogError>;
     fn offsets(&self, stream: &str, partition: u32) -> Result<Offsets, LogError>;
+    /// A partition's offsets as the store has them now: on a store several nodes share,
+    /// what the others committed is asked for first (blocking; an error when the store
+    /// cannot be reached), where [`Storage::offsets`] answers from what this node has seen
+    /// so far. Default: [`Storage::offsets`].
+    fn offsets_now(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
+        self.offsets(stream, partition)
+    }
     /// The first offset whose batch has a timestamp at or after `timestamp`, if any.
     fn offset_for_time(
         &self,

@@ -370,7 +370,7 @@ struct Request {
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> LogError {
-    LogError::Failed(format!("{what}: {e}"))
+    LogError::Unavailable(format!("{what}: {e}"))
 }
 
 impl ObjectLog {
@@ -992,7 +992,10 @@ impl Flusher {
                 warn!(error = %e, "a flush failed; its appends are refused");
                 for replies in waiting {
                     for (req, ..) in replies {
-                        let _ = req.reply.send(Err(LogError::Failed(e.to_string())));
+                        let _ = req.reply.send(Err(match &e {
+                            LogError::Unavailable(m) => LogError::Unavailable(m.clone()),
+                            other => LogError::Failed(other.to_string()),
+                        }));
                     }
                 }
             }
@@ -1065,7 +1068,7 @@ where
             Err(_) => "timed out".to_owned(),
         };
         if tokio::time::Instant::now() + pause >= deadline {
-            return Err(LogError::Failed(format!("{what}: {e}")));
+            return Err(LogError::Unavailable(format!("{what}: {e}")));
         }
         warn!(error = %e, "{what} failed; trying again");
         tokio::time::sleep(pause).await;
@@ -1204,13 +1207,27 @@ impl Storage for ObjectLog {
         max_bytes: usize,
     ) -> Result<ReadResult, LogError> {
         match self.read_once(stream, partition, offset, max_bytes) {
-            Err(LogError::Failed(e)) => {
+            Err(LogError::Failed(e) | LogError::Unavailable(e)) => {
                 warn!(error = %e, stream, partition, offset, "a read failed; asking the database again");
                 self.with_part(stream, partition, |p| p.runs.clear())?;
                 self.read_once(stream, partition, offset, max_bytes)
             }
             other => other,
         }
+    }
+
+    fn offsets_now(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
+        let pool = self.pool.clone();
+        let which = vec![(stream.to_owned(), partition)];
+        let rows = wait(&self.io, async move {
+            let client = pool.get().await.map_err(pg::PgError::from)?;
+            pg::partitions(&client, &which).await
+        })?
+        .map_err(|e| failed("PostgreSQL", e))?;
+        for (_, row) in rows {
+            self.with_part(stream, partition, |p| p.catch_up(&row))?;
+        }
+        self.offsets(stream, partition)
     }
 
     fn offsets(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
