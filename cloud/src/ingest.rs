@@ -117,6 +117,10 @@ struct State {
     scanned_to: HashMap<Destination, i64>,
     /// Partition → the offset after the last edge append to it.
     edge_end: HashMap<Destination, i64>,
+    /// Edges an append of which failed: it may have been committed with its answer lost,
+    /// so their partitions are read again ([`Ingest::adopt`]) before the next link takes
+    /// more of them ([`Ingest::take_unsure`]).
+    unsure: HashSet<String>,
     next_append: u64,
 }
 
@@ -200,8 +204,12 @@ impl Ingest {
             .collect();
         for (stream, p, point) in self.meta.ingest_from()? {
             let dest = (stream.clone(), p);
-            let Ok(offsets) = self.log.offsets(&stream, p) else {
-                continue;
+            // As the store has it now: what other nodes committed, and this node's own
+            // commits whose answer was lost.
+            let offsets = match self.log.offsets_now(&stream, p) {
+                Ok(o) => o,
+                Err(LogError::UnknownStream(_) | LogError::UnknownPartition { .. }) => continue,
+                Err(e) => return Err(e.into()),
             };
             let known = self.lock().scanned_to.get(&dest).copied();
             let from = known.unwrap_or(point).max(offsets.log_start);
@@ -220,6 +228,16 @@ impl Ingest {
             *c = (*c).max(seq);
         }
         Ok(())
+    }
+
+    /// True once for an edge an append of which failed since (see `State::unsure`).
+    pub fn take_unsure(&self, edge: &str) -> bool {
+        self.lock().unsure.remove(edge)
+    }
+
+    /// Marks `edge` to be read again at its next claim (its read failed).
+    pub fn mark_unsure(&self, edge: &str) {
+        self.lock().unsure.insert(edge.to_owned());
     }
 
     /// The highest sequence of `edge`'s class `class` committed so far (0: none).
@@ -408,6 +426,7 @@ impl Ingest {
             }
         }
         if let Some(e) = first_error {
+            self.mark_unsure(edge);
             return Err(e.into());
         }
         Ok(Appended {

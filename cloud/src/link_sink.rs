@@ -122,7 +122,8 @@ impl Sink for IngestSink {
     }
 
     /// On the object backend: the edge's link lease, and when this node has just taken it,
-    /// what other nodes took of the edge meanwhile ([`Ingest::adopt`]).
+    /// what other nodes took of the edge meanwhile ([`Ingest::adopt`]); after an append of
+    /// the edge failed here, what of it the store has (a commit whose answer was lost).
     fn claim(&self, edge: &str) -> BoxFuture<'static, Result<(), SinkError>> {
         if !self.cluster.is_clustered() {
             return Box::pin(async { Ok(()) });
@@ -132,10 +133,13 @@ impl Sink for IngestSink {
             let unavailable = |e: String| SinkError::new(FailureKind::Storage, e);
             tokio::task::spawn_blocking(move || match cluster.claim_link(&edge) {
                 Ok(LinkClaim::Ours { taken }) => {
-                    if taken {
-                        ingest
-                            .adopt(&edge)
-                            .map_err(|e| unavailable(e.to_string()))?;
+                    // Also when an append of it failed here: it may be in the log. Until a
+                    // read succeeds, the next claim reads again.
+                    if ingest.take_unsure(&edge) | taken {
+                        if let Err(e) = ingest.adopt(&edge) {
+                            ingest.mark_unsure(&edge);
+                            return Err(unavailable(e.to_string()));
+                        }
                     }
                     Ok(())
                 }
