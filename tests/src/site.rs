@@ -52,22 +52,7 @@ impl Site {
 
     fn build(what: &str, uplink: &str, via: Option<(u16, u16)>, edge_extra: &str) -> Self {
         let dir = temp_dir(what);
-        let pki = dir.join("pki");
-        let bin = binary("ferry-cloud", "ferry-cloud");
-        for args in [
-            &["init"][..],
-            &["issue-edge", "gw-1"][..],
-            &["issue-node", "localhost"][..],
-        ] {
-            let out = Command::new(&bin)
-                .arg("pki")
-                .args(args)
-                .arg("--dir")
-                .arg(&pki)
-                .output()
-                .expect("ferry-cloud pki runs");
-            assert!(out.status.success(), "pki {args:?}: {out:?}");
-        }
+        let pki = pki(&dir, &["gw-1"]);
         let (port, edge_target) = via.unwrap_or_else(|| {
             let port = free_udp_port();
             (port, port)
@@ -144,6 +129,26 @@ impl Site {
             .map(|(key, value, _)| (key, value))
             .collect()
     }
+}
+
+/// Certificates made with `ferry-cloud pki` in `dir/pki` (returned): a CA, the node
+/// certificate for `localhost`, and one for each of `edges`.
+pub fn pki(dir: &std::path::Path, edges: &[&str]) -> PathBuf {
+    let pki = dir.join("pki");
+    let bin = binary("ferry-cloud", "ferry-cloud");
+    let mut runs = vec![vec!["init"], vec!["issue-node", "localhost"]];
+    runs.extend(edges.iter().map(|e| vec!["issue-edge", e]));
+    for args in runs {
+        let out = Command::new(&bin)
+            .arg("pki")
+            .args(&args)
+            .arg("--dir")
+            .arg(&pki)
+            .output()
+            .expect("ferry-cloud pki runs");
+        assert!(out.status.success(), "pki {args:?}: {out:?}");
+    }
+    pki
 }
 
 impl Drop for Site {

@@ -48,18 +48,7 @@ fn pika_publishes_consumes_dead_letters_and_is_refused_as_by_rabbitmq() {
 fn amqp_over_tls_with_the_clouds_certificate_and_a_client_that_verifies_it() {
     let dir = temp_dir("amqp-tls");
     std::fs::create_dir_all(&dir).expect("dir");
-    let pki = dir.join("pki");
-    let bin = ferry_tests::process::binary("ferry-cloud", "ferry-cloud");
-    for args in [&["init"][..], &["issue-node", "localhost"][..]] {
-        let out = std::process::Command::new(&bin)
-            .arg("pki")
-            .args(args)
-            .arg("--dir")
-            .arg(&pki)
-            .output()
-            .expect("ferry-cloud pki runs");
-        assert!(out.status.success(), "pki {args:?}: {out:?}");
-    }
+    let pki = ferry_tests::site::pki(&dir, &[]);
     let p = |rel: &str| pki.join(rel).display().to_string();
     let config = dir.join("cloud.toml");
     std::fs::write(

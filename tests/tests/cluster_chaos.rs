@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_tests::process::{binary, free_tcp_port, free_udp_port, temp_dir, wait_until, Edge};
+use ferry_tests::process::{free_tcp_port, free_udp_port, temp_dir, wait_until, Edge};
 use ferry_tests::services::need;
 use ferry_tests::tcp_cut::TcpCut;
 use rdkafka::config::ClientConfig;
@@ -114,28 +114,6 @@ fn port_of(service: &str) -> u16 {
             .collect(),
     };
     digits.parse().expect("a port")
-}
-
-/// Certificates for the link: a CA, the nodes' certificate, and gw-1 and gw-2.
-fn pki(dir: &Path) -> PathBuf {
-    let pki = dir.join("pki");
-    let bin = binary("ferry-cloud", "ferry-cloud");
-    for args in [
-        &["init"][..],
-        &["issue-edge", "gw-1"][..],
-        &["issue-edge", "gw-2"][..],
-        &["issue-node", "localhost"][..],
-    ] {
-        let out = std::process::Command::new(&bin)
-            .arg("pki")
-            .args(args)
-            .arg("--dir")
-            .arg(&pki)
-            .output()
-            .expect("ferry-cloud pki runs");
-        assert!(out.status.success(), "pki {args:?}: {out:?}");
-    }
-    pki
 }
 
 /// The three nodes' configurations, on one bucket prefix and one database, each through
@@ -485,7 +463,7 @@ async fn a_three_node_cluster_loses_and_doubles_nothing_through_kills_and_cuts()
     eprintln!("chaos seed {seed} (FERRY_CHAOS_SEED={seed} replays the schedule)");
     let mut rng = Rng(seed | 1);
     let dir = temp_dir("chaos");
-    let pki = pki(&dir);
+    let pki = ferry_tests::site::pki(&dir, &["gw-1", "gw-2"]);
     let mut nodes = nodes(&dir, &pki);
     for n in &mut nodes {
         n.start();
