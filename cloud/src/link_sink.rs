@@ -367,7 +367,7 @@ fn log_failure(e: &LogError) -> FailureKind {
         | LogError::UnknownStream(_)
         | LogError::UnknownPartition { .. }
         | LogError::BadStreamName(_) => FailureKind::Refused,
-        LogError::BadBatch(_) => FailureKind::BadRecord,
+        LogError::BadBatch(_) | LogError::Sequence(_) => FailureKind::BadRecord,
         LogError::Closed => FailureKind::Closed,
     }
 }

@@ -14,8 +14,8 @@
 //! Every acknowledgement is recorded, and at the end, with every node up, a checker reads
 //! the log back and verifies: each edge's messages there exactly once and in order; each
 //! acknowledged Kafka record at the offset it was acknowledged with (so no offset was given
-//! twice), the offsets without gaps, first copies in order per key (at least once: not yet
-//! exactly once across nodes, see the README); each acknowledged MQTT and AMQP message there
+//! twice), the offsets without gaps, each record once and in order per key, none given up
+//! by the producer; each acknowledged MQTT and AMQP message there
 //! at least once, first copies in the order sent; each edge linked through
 //! one node.
 
@@ -375,6 +375,7 @@ fn kafka_producer(bootstrap: String, stop: Arc<AtomicBool>) -> Vec<(i32, i64, St
         errors.first()
     );
     assert!(!acks.is_empty(), "records acknowledged");
+    assert!(errors.is_empty(), "records given up: {errors:?}");
     acks
 }
 
@@ -428,8 +429,8 @@ fn numbers(values: &[&str], prefix: &str) -> Vec<u64> {
 }
 
 /// At least once, in order: every acknowledged number is there, and the first copies come
-/// in the order sent.
-fn check_at_least_once(what: &str, log: &[u64], acked: &[u64]) {
+/// in the order sent. How many copies again.
+fn check_at_least_once(what: &str, log: &[u64], acked: &[u64]) -> usize {
     let mut first = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for n in log {
@@ -452,6 +453,7 @@ fn check_at_least_once(what: &str, log: &[u64], acked: &[u64]) {
         first.len(),
         log.len() - first.len()
     );
+    log.len() - first.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -594,8 +596,7 @@ async fn a_three_node_cluster_loses_and_doubles_nothing_through_kills_and_cuts()
             "acknowledged {v} at {p}/{o}"
         );
     }
-    // Not yet exactly once across nodes: a batch resent to another node while its first
-    // append still waited for the store is appended twice (see the README); counted here.
+    // Exactly once: no record twice in its key's partition, none given up.
     let mut per_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for (_, _, k, v) in &kafka_log {
         per_key
@@ -612,11 +613,12 @@ async fn a_three_node_cluster_loses_and_doubles_nothing_through_kills_and_cuts()
             m
         });
     for (k, ns) in &per_key {
-        check_at_least_once(
+        let copies = check_at_least_once(
             &format!("kafka {k}"),
             ns,
             acked.get(k).map_or(&[][..], |v| v),
         );
+        assert_eq!(copies, 0, "kafka {k}: records appended twice");
     }
     for p in 0..PARTITIONS {
         let offsets: Vec<i64> = kafka_log.iter().filter(|r| r.0 == p).map(|r| r.1).collect();

@@ -20,23 +20,22 @@
 //! | ListOffsets | 1–7 | earliest (-2), latest (-1), or the first offset at or after a timestamp |
 //! | InitProducerId | 0–4 | a producer id for an idempotent producer (the Java client's default); transactions are refused |
 //!
-//! Idempotent producers: per producer id and partition the front keeps the epoch and the
-//! sequence numbers of the last five batches. A batch resent after a lost answer (same
-//! sequence) is not appended again: the answer is the first append's offset. A gap in the
-//! sequence gets OUT_OF_ORDER_SEQUENCE_NUMBER, an old epoch INVALID_PRODUCER_EPOCH. The log
-//! keeps batches as producers sent them, producer id, epoch and sequence included, so at
-//! start the state is rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of every
-//! partition ([`producers_from_log`]): a batch resent across a restart of the node is still
-//! found. Limit: a producer whose last batch lies further back starts over (its next batch
-//! is taken as it comes). Producer ids are unique across restarts (time-based). On a
-//! cluster node, what other nodes appended to a partition since this node last read it is
-//! read before a producer's batch there is checked, so a producer that moves between nodes
-//! (its batch resent to another after its node died) is still appended exactly once. A
-//! batch resent on a new connection while the same producer's append to that partition is
-//! still waiting for the store is refused with REQUEST_TIMED_OUT (retriable) until that
-//! append is answered. Not yet closed: a resend to *another* node while the first append
-//! still waits (the object store slow or away) can be appended twice; the chaos test
-//! (`tests/tests/cluster_chaos.rs`) counts such copies.
+//! Idempotent producers: per producer id and partition the epoch and the sequence numbers
+//! of the last five batches are kept ([`crate::log::sequence`]). A batch resent after a
+//! lost answer (same sequence) is not appended again: the answer is the first append's
+//! offset. A gap in the sequence gets OUT_OF_ORDER_SEQUENCE_NUMBER, an old epoch
+//! INVALID_PRODUCER_EPOCH. On the local log the front keeps this state; the log keeps
+//! batches as producers sent them, producer id, epoch and sequence included, so at start
+//! the state is rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of every partition
+//! ([`producers_from_log`]): a batch resent across a restart of the node is still found
+//! (limit: a producer whose last batch lies further back starts over), and a resend on a
+//! new connection while the same producer's append to that partition is still waiting is
+//! refused with REQUEST_TIMED_OUT (retriable) until that append is answered. The object
+//! log checks each batch itself, in the PostgreSQL transaction that commits it
+//! ([`Storage::checks_producers`]), so a producer moving between cluster nodes, or resending
+//! to another node while its first copy still waits for the store, is appended exactly
+//! once; the chaos test (`tests/tests/cluster_chaos.rs`) checks it. Producer ids are unique
+//! across restarts (time-based).
 //!
 //! | FindCoordinator | 0–4 | this node, for every group |
 //! | JoinGroup, SyncGroup, Heartbeat, LeaveGroup | 0–9, 0–5, 0–4, 0–5 | consumer groups ([`groups`]): rebalance on join, leave and session timeout, generations fenced |
@@ -82,6 +81,7 @@ use tracing::{debug, info, warn};
 
 use ferry_protocol::kafka::{records, uncompressed};
 
+use crate::log::sequence::{ProducerState, Sequence, SequenceError};
 use crate::log::{AppendData, LogError, Storage, StreamConfig, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
 
@@ -211,18 +211,14 @@ pub struct KafkaFront {
     pub cluster: Arc<cluster::ClusterView>,
 }
 
-/// Idempotent producers' recent batches, per (producer id, stream, partition), and how far
-/// each partition has been read for them.
+/// Idempotent producers' recent batches, per (producer id, stream, partition), kept by the
+/// front over a log that does not check them itself ([`Storage::checks_producers`]).
 #[derive(Debug, Default)]
 pub struct Producers {
     batches: std::collections::HashMap<(i64, String, u32), ProducerState>,
-    /// Per partition, the offset before which every producer's batch is in `batches`: read
-    /// at start, moved by this node's own appends while nothing came between, and on a
-    /// cluster node caught up with what other nodes appended before a batch is checked.
-    read_to: std::collections::HashMap<(String, u32), i64>,
     /// (producer id, stream, partition) with a batch being appended: another batch of the
     /// same producer and partition (a resend on a new connection while the first still
-    /// waits for the store) is refused, retriable, until that append is answered.
+    /// waits for the log) is refused, retriable, until that append is answered.
     appending: std::collections::HashSet<(i64, String, u32)>,
 }
 
@@ -240,7 +236,6 @@ impl Producers {
     /// Forgets a deleted stream's producers.
     pub fn forget_stream(&mut self, name: &str) {
         self.batches.retain(|(_, stream, _), _| stream != name);
-        self.read_to.retain(|(stream, _), _| stream != name);
     }
 
     /// A batch appended at `offset`, found in the log or appended here.
@@ -250,48 +245,30 @@ impl Producers {
             .or_default()
             .appended(epoch, first, last, offset);
     }
-
-    /// This node appended a batch at `base..=last`: when nothing was appended between what
-    /// was read and it, the partition is read up to its end.
-    fn read_past(&mut self, stream: &str, partition: u32, base: i64, last: i64) {
-        if let Some(to) = self.read_to.get_mut(&(stream.to_owned(), partition)) {
-            if *to == base {
-                *to = last + 1;
-            }
-        }
-    }
 }
-
-/// One idempotent producer's state in one partition.
-#[derive(Debug, Clone, Default)]
-pub struct ProducerState {
-    epoch: i16,
-    /// (first sequence, last sequence, base offset) of the last batches, in offset order.
-    recent: std::collections::VecDeque<(i32, i32, i64)>,
-}
-
-/// How many batches per producer and partition are remembered for duplicates.
-const RECENT_BATCHES: usize = 5;
 
 /// Offsets at the end of each partition read at start for idempotent producers' last
 /// batches: a producer retries only the few batches it had in flight, which are there.
 pub const PRODUCER_SCAN_OFFSETS: i64 = 50_000;
 
 /// Idempotent producers' state rebuilt from the last [`PRODUCER_SCAN_OFFSETS`] offsets of
-/// every partition of `log` (Kafka rebuilds it from its log too). Blocking file IO.
+/// every partition of `log` (Kafka rebuilds it from its log too); nothing for a log that
+/// checks them itself. Blocking file IO.
 pub fn producers_from_log(log: &dyn Storage) -> Producers {
     let mut producers = Producers::default();
+    if log.checks_producers() {
+        return producers;
+    }
     for stream in log.streams() {
         for (p, info) in stream.partitions.iter().enumerate() {
             let p = p as u32;
             let from =
                 (info.offsets.high_watermark - PRODUCER_SCAN_OFFSETS).max(info.offsets.log_start);
             match producer_batches(log, &stream.name, p, from) {
-                Ok((found, to)) => {
+                Ok(found) => {
                     for (key, epoch, first, last, offset) in found {
                         producers.fold(key, epoch, first, last, offset);
                     }
-                    producers.read_to.insert((stream.name.clone(), p), to);
                 }
                 Err(e) => {
                     warn!(stream = %stream.name, partition = p, error = %e, "cannot read idempotent producers back");
@@ -305,16 +282,15 @@ pub fn producers_from_log(log: &dyn Storage) -> Producers {
 /// A producer's batch as the log holds it: (key, epoch, first and last sequence, offset).
 type FoundBatch = ((i64, String, u32), i16, i32, i32, i64);
 
-/// The idempotent producers' batches of a partition from `from` to its end, and the offset
-/// read to. Blocking IO.
+/// The idempotent producers' batches of a partition from `from` to its end. Blocking IO.
 fn producer_batches(
     log: &dyn Storage,
     stream: &str,
     partition: u32,
     from: i64,
-) -> Result<(Vec<FoundBatch>, i64), LogError> {
+) -> Result<Vec<FoundBatch>, LogError> {
     let mut found = Vec::new();
-    let to = crate::log::for_each_batch(log, stream, partition, from, |h, _| {
+    crate::log::for_each_batch(log, stream, partition, from, |h, _| {
         if h.producer_id < 0 {
             return;
         }
@@ -327,53 +303,7 @@ fn producer_batches(
             h.base_offset,
         ));
     })?;
-    Ok((found, to))
-}
-
-/// What an idempotent producer's batch is, against what was seen.
-enum Sequence {
-    /// Append it.
-    Next,
-    /// Already appended at this base offset.
-    Duplicate(i64),
-    Refused(i16),
-}
-
-impl ProducerState {
-    fn check(&self, epoch: i16, first: i32) -> Sequence {
-        if epoch < self.epoch {
-            return Sequence::Refused(code::INVALID_PRODUCER_EPOCH);
-        }
-        if epoch > self.epoch {
-            return Sequence::Next;
-        }
-        if let Some(&(_, _, offset)) = self.recent.iter().find(|(f, _, _)| *f == first) {
-            return Sequence::Duplicate(offset);
-        }
-        match self.recent.back() {
-            Some(&(_, last, _)) if first != last.wrapping_add(1) => {
-                Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
-            }
-            _ => Sequence::Next,
-        }
-    }
-
-    /// A batch at `offset`; one already known (read again from the log) is not counted
-    /// twice, and one older than those known is put in its place.
-    fn appended(&mut self, epoch: i16, first: i32, last: i32, offset: i64) {
-        if epoch < self.epoch || self.recent.iter().any(|&(_, _, o)| o == offset) {
-            return;
-        }
-        if epoch > self.epoch {
-            self.epoch = epoch;
-            self.recent.clear();
-        }
-        let at = self.recent.partition_point(|&(_, _, o)| o < offset);
-        self.recent.insert(at, (first, last, offset));
-        if self.recent.len() > RECENT_BATCHES {
-            self.recent.pop_front();
-        }
-    }
+    Ok(found)
 }
 
 impl KafkaFront {
@@ -903,7 +833,8 @@ impl KafkaFront {
 
 impl KafkaFront {
     /// Appends a producer's batches to a partition (CRC checked); an idempotent producer's
-    /// batch is checked against its sequence first. The base offset, or an error code.
+    /// batch is checked against its sequence first, here or by the log itself
+    /// ([`Storage::checks_producers`]). The base offset, or an error code.
     async fn append_batches(
         &self,
         stream: &str,
@@ -912,154 +843,51 @@ impl KafkaFront {
     ) -> Result<i64, i16> {
         let header =
             ferry_protocol::kafka::verify_crc(&records).map_err(|_| code::CORRUPT_MESSAGE)?;
+        let data = AppendData::Batches(BytesMut::from(&records[..]));
         // Idempotence applies to a request of one batch (what producers send per partition).
         let idempotent = header.producer_id >= 0 && header.total_len() == records.len();
+        if !idempotent || self.log.checks_producers() {
+            let appended = self.log.append(stream, partition, data).await.map_err(|e| {
+                if let LogError::Sequence(_) = e {
+                    info!(stream, partition, producer = header.producer_id, epoch = header.producer_epoch, first = header.base_sequence, error = %e, "an idempotent batch refused");
+                }
+                log_error_code(&e)
+            })?;
+            return Ok(appended.base_offset);
+        }
         let key = (header.producer_id, stream.to_owned(), partition);
         let (epoch, first) = (header.producer_epoch, header.base_sequence);
         let last = first.wrapping_add(header.records_count.max(1) - 1);
-        if idempotent {
-            let clustered = self.cluster.is_clustered();
-            if clustered {
-                self.catch_up_producers(stream, partition, false).await?;
-            }
-            let mut sequence = self.check_sequence(&key, epoch, first);
-            // Unknown here, or after a gap: another node may have appended this producer's
-            // batches that this one has not heard of yet; the database says.
-            if clustered
-                && matches!(
-                    sequence,
-                    None | Some(Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER))
-                )
-            {
-                self.catch_up_producers(stream, partition, true).await?;
-                sequence = self.check_sequence(&key, epoch, first);
-            }
-            match sequence {
+        {
+            let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            match producers.batches.get(&key).map(|s| s.check(epoch, first)) {
                 None | Some(Sequence::Next) => {}
                 Some(Sequence::Duplicate(offset)) => return Ok(offset),
-                Some(Sequence::Refused(code)) => {
-                    let known = self
-                        .producers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .batches
-                        .get(&key)
-                        .map(|s| (s.epoch, s.recent.back().copied()));
-                    info!(
-                        stream,
-                        partition,
-                        producer = key.0,
-                        epoch,
-                        first,
-                        ?known,
-                        code,
-                        "an idempotent batch refused"
-                    );
-                    return Err(code);
+                Some(Sequence::Refused(e)) => {
+                    info!(stream, partition, producer = key.0, epoch, first, error = %e, "an idempotent batch refused");
+                    return Err(log_error_code(&LogError::Sequence(e)));
                 }
             }
-        }
-        let data = AppendData::Batches(BytesMut::from(&records[..]));
-        if !idempotent {
-            let appended = self
-                .log
-                .append(stream, partition, data)
-                .await
-                .map_err(|e| log_error_code(&e))?;
-            return Ok(appended.base_offset);
-        }
-        if !self
-            .producers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .appending
-            .insert(key.clone())
-        {
-            return Err(code::REQUEST_TIMED_OUT);
+            if !producers.appending.insert(key.clone()) {
+                return Err(code::REQUEST_TIMED_OUT);
+            }
         }
         // On a task of its own, so that the producer's state takes the outcome even if this
         // request is dropped meanwhile (the append goes on in the log anyway).
         let producers = self.producers.clone();
         let appending = self.log.append(stream, partition, data);
-        let name = stream.to_owned();
         let outcome = tokio::spawn(async move {
             let appended = appending.await;
             let mut producers = producers.lock().unwrap_or_else(|e| e.into_inner());
             producers.appending.remove(&key);
             if let Ok(a) = &appended {
                 producers.fold(key, epoch, first, last, a.base_offset);
-                producers.read_past(&name, partition, a.base_offset, a.last_offset);
             }
             appended
         })
         .await
         .map_err(|_| code::KAFKA_STORAGE_ERROR)?;
         Ok(outcome.map_err(|e| log_error_code(&e))?.base_offset)
-    }
-
-    /// How the producer's batch stands against what this node knows of it (None: nothing).
-    fn check_sequence(&self, key: &(i64, String, u32), epoch: i16, first: i32) -> Option<Sequence> {
-        let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-        producers.batches.get(key).map(|s| s.check(epoch, first))
-    }
-
-    /// On a cluster node, before a producer's batch is checked: reads the producers'
-    /// batches other nodes appended to the partition since this node last read it, so that a
-    /// batch resent here after another node appended it (its answer lost with that node) is
-    /// found, and a producer that moved here goes on from its sequence. A partition only
-    /// this node appends to is not read at all. With `ask_the_store`, the partition's end is
-    /// asked of the store first rather than taken from what this node has heard. A read that
-    /// fails refuses the batch (retriable) rather than risk appending it twice.
-    async fn catch_up_producers(
-        &self,
-        stream: &str,
-        partition: u32,
-        ask_the_store: bool,
-    ) -> Result<(), i16> {
-        let offsets = if ask_the_store {
-            let log = self.log.clone();
-            let name = stream.to_owned();
-            tokio::task::spawn_blocking(move || log.offsets_now(&name, partition))
-                .await
-                .map_err(|_| code::KAFKA_STORAGE_ERROR)?
-        } else {
-            self.log.offsets(stream, partition)
-        }
-        .map_err(|e| log_error_code(&e))?;
-        let from = {
-            let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-            producers
-                .read_to
-                .get(&(stream.to_owned(), partition))
-                .copied()
-                .unwrap_or(offsets.high_watermark - PRODUCER_SCAN_OFFSETS)
-                .max(offsets.log_start)
-        };
-        if from >= offsets.high_watermark {
-            return Ok(());
-        }
-        let log = self.log.clone();
-        let name = stream.to_owned();
-        let read = tokio::task::spawn_blocking(move || {
-            producer_batches(&*log, &name, partition, from)
-        })
-        .await
-        .map_err(|_| code::KAFKA_STORAGE_ERROR)?
-        .map_err(|e| {
-            warn!(stream, partition, error = %e, "cannot read other nodes' producer batches");
-            log_error_code(&e)
-        })?;
-        let (found, to) = read;
-        let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, epoch, first, last, offset) in found {
-            producers.fold(key, epoch, first, last, offset);
-        }
-        let read_to = producers
-            .read_to
-            .entry((stream.to_owned(), partition))
-            .or_insert(to);
-        *read_to = (*read_to).max(to);
-        Ok(())
     }
 }
 
@@ -1188,6 +1016,8 @@ fn log_error_code(e: &LogError) -> i16 {
         }
         LogError::OffsetOutOfRange { .. } => code::OFFSET_OUT_OF_RANGE,
         LogError::BadBatch(_) => code::CORRUPT_MESSAGE,
+        LogError::Sequence(SequenceError::OutOfOrder) => code::OUT_OF_ORDER_SEQUENCE_NUMBER,
+        LogError::Sequence(SequenceError::StaleEpoch) => code::INVALID_PRODUCER_EPOCH,
         _ => code::KAFKA_STORAGE_ERROR,
     }
 }
@@ -1341,33 +1171,6 @@ mod tests {
     use super::*;
     use crate::log::SegmentLog;
 
-    #[test]
-    fn an_idempotent_producers_resend_is_found_and_a_gap_or_an_old_epoch_refused() {
-        let mut s = ProducerState::default();
-        assert!(matches!(s.check(0, 0), Sequence::Next));
-        s.appended(0, 0, 9, 100);
-        s.appended(0, 10, 19, 110);
-        assert!(matches!(s.check(0, 20), Sequence::Next));
-        assert!(matches!(s.check(0, 10), Sequence::Duplicate(110)));
-        assert!(matches!(s.check(0, 0), Sequence::Duplicate(100)));
-        assert!(matches!(
-            s.check(0, 25),
-            Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
-        ));
-        // A new epoch starts over; the old one is fenced.
-        assert!(matches!(s.check(1, 0), Sequence::Next));
-        s.appended(1, 0, 4, 120);
-        assert!(matches!(
-            s.check(0, 20),
-            Sequence::Refused(code::INVALID_PRODUCER_EPOCH)
-        ));
-        // Only the last RECENT_BATCHES batches are remembered.
-        for i in 1..=RECENT_BATCHES as i32 {
-            s.appended(1, i * 5, i * 5 + 4, 120 + i64::from(i) * 5);
-        }
-        assert!(!matches!(s.check(1, 0), Sequence::Duplicate(_)));
-    }
-
     /// A batch of `count` records from producer 77, epoch 3, first sequence `first`.
     fn producer_batch(first: i32, count: i32) -> BytesMut {
         let mut b = ferry_protocol::kafka::batch::BatchBuilder::new(1_000).producer(77, 3, first);
@@ -1380,56 +1183,6 @@ mod tests {
             );
         }
         BytesMut::from(&b.finish(0)[..])
-    }
-
-    /// A front on `log` as a cluster node has it, with the producers read at its start.
-    fn cluster_front(log: Arc<dyn Storage>, dir: &std::path::Path) -> KafkaFront {
-        let cluster = cluster::ClusterView::new();
-        cluster.set_clustered();
-        KafkaFront {
-            producers: Arc::new(std::sync::Mutex::new(producers_from_log(&*log))),
-            log,
-            meta: Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta")),
-            config: KafkaConfig::default(),
-            stream_defaults: StreamConfig::default(),
-            groups: Arc::default(),
-            routes: Arc::new(crate::routes::RouteTable::new(
-                crate::routes::Routes::new(&[]).expect("routes"),
-            )),
-            cluster,
-        }
-    }
-
-    /// Two cluster nodes on one log: a batch appended through one and resent to the other
-    /// (its answer lost with the first node) is found there, answered with its offset, not
-    /// appended again; the producer goes on there from its sequence.
-    #[tokio::test]
-    async fn a_batch_resent_to_another_cluster_node_is_not_appended_twice() {
-        let dir =
-            std::env::temp_dir().join(format!("ferry-producers-moved-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("a")).expect("dir");
-        std::fs::create_dir_all(dir.join("b")).expect("dir");
-        let log: Arc<dyn Storage> = crate::log::MemoryLog::new();
-        log.create_stream("p", &StreamConfig::default())
-            .expect("create");
-        let a = cluster_front(log.clone(), &dir.join("a"));
-        let b = cluster_front(log.clone(), &dir.join("b"));
-        let batch = |first| producer_batch(first, 5).freeze();
-        assert_eq!(a.append_batches("p", 0, batch(0)).await, Ok(0));
-        assert_eq!(a.append_batches("p", 0, batch(5)).await, Ok(5));
-        // The producer moves to b and resends its last batch, then goes on.
-        assert_eq!(b.append_batches("p", 0, batch(5)).await, Ok(5), "found");
-        assert_eq!(b.append_batches("p", 0, batch(10)).await, Ok(10));
-        assert_eq!(
-            b.append_batches("p", 0, batch(20)).await,
-            Err(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
-        );
-        // Back on a, which must read what b appended.
-        assert_eq!(a.append_batches("p", 0, batch(10)).await, Ok(10), "found");
-        assert_eq!(a.append_batches("p", 0, batch(15)).await, Ok(15));
-        assert_eq!(log.offsets("p", 0).expect("offsets").high_watermark, 20);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1464,11 +1217,11 @@ mod tests {
         assert!(matches!(state.check(3, 15), Sequence::Next));
         assert!(matches!(
             state.check(3, 16),
-            Sequence::Refused(code::OUT_OF_ORDER_SEQUENCE_NUMBER)
+            Sequence::Refused(SequenceError::OutOfOrder)
         ));
         assert!(matches!(
             state.check(2, 15),
-            Sequence::Refused(code::INVALID_PRODUCER_EPOCH)
+            Sequence::Refused(SequenceError::StaleEpoch)
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -103,7 +103,7 @@ impl MemoryLog {
         data: AppendData,
     ) -> Result<Appended, LogError> {
         let mut encoder = Encoder::default();
-        encoder.add(data)?;
+        encoder.add(&data)?;
         let (mut bytes, _) = encoder.finish();
         let appended = self.with_part(stream, partition, |p| {
             if p.deleted {

@@ -19,6 +19,7 @@ mod memory;
 pub(crate) mod object;
 mod partition;
 mod segment;
+pub mod sequence;
 #[cfg(test)]
 mod tests;
 
@@ -90,6 +91,10 @@ pub enum LogError {
     /// lost: a client sends it again), and the next ones are tried again.
     #[error("the store did not answer: {0}; try again")]
     Unavailable(String),
+    /// An idempotent producer's batch refused by its sequence ([`sequence`]; the object log
+    /// checks it in the commit's transaction).
+    #[error("{0}")]
+    Sequence(#[from] sequence::SequenceError),
 }
 
 impl LogError {
@@ -319,6 +324,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// so far. Default: [`Storage::offsets`].
     fn offsets_now(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
         self.offsets(stream, partition)
+    }
+    /// True when the log itself checks idempotent producers' batches
+    /// ([`sequence::ProducerBatch`]) as it commits them: a resend is answered with the first
+    /// append's offsets, a gap or a stale epoch refused with [`LogError::Sequence`]. Else
+    /// the front keeps the producers' state.
+    fn checks_producers(&self) -> bool {
+        false
     }
     /// The first offset whose batch has a timestamp at or after `timestamp`, if any.
     fn offset_for_time(
@@ -735,14 +747,14 @@ pub(crate) struct Encoder {
 impl Encoder {
     /// Adds one append; its records' place as (first, last) record index counted from the
     /// start of this encoder's output. Nothing is added when it is refused.
-    pub(crate) fn add(&mut self, data: AppendData) -> Result<(u64, u64), LogError> {
+    pub(crate) fn add(&mut self, data: &AppendData) -> Result<(u64, u64), LogError> {
         let first = self.records;
         match data {
             AppendData::Records(records) if records.is_empty() => {
                 return Err(LogError::BadBatch("no records".into()));
             }
             AppendData::Records(records) => {
-                for r in &records {
+                for r in records {
                     if self
                         .open
                         .as_ref()
@@ -786,7 +798,7 @@ impl Encoder {
                     return Err(LogError::BadBatch("no batches".into()));
                 }
                 self.close_batch();
-                self.bytes.extend_from_slice(&bytes);
+                self.bytes.extend_from_slice(bytes);
                 self.records += count;
             }
         }
@@ -817,7 +829,7 @@ struct Pending {
 
 impl Pending {
     fn add(&mut self, data: AppendData, reply: Reply) {
-        match self.encoder.add(data) {
+        match self.encoder.add(&data) {
             Ok((first, last)) => self.replies.push((reply, first, last)),
             Err(e) => {
                 let _ = reply.send(Err(e));

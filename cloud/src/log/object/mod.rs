@@ -105,8 +105,9 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
+use super::sequence::ProducerBatch;
 use super::{
     now_ms, valid_stream_name, AppendData, AppendFuture, Appended, Counters, Encoder, LogError,
     LogStats, Offsets, PartitionInfo, ReadResult, Storage, StreamConfig, StreamInfo,
@@ -358,6 +359,10 @@ impl Cache {
     }
 }
 
+/// An idempotent producer silent this long is forgotten: its next batch is taken as it
+/// comes (Kafka expires idle producer ids too).
+const IDLE_PRODUCER_DAYS: i32 = 7;
+
 struct Request {
     stream: String,
     partition: u32,
@@ -582,6 +587,11 @@ impl ObjectLog {
                     .await
                     .map_err(|e| e.to_string())?;
                 n += 1;
+            }
+            match pg::forget_idle_producers(&pool, IDLE_PRODUCER_DAYS).await {
+                Ok(0) => {}
+                Ok(n) => info!(producers = n, "idle producers' sequences forgotten"),
+                Err(e) => warn!(error = %e, "cannot forget idle producers"),
             }
             let cutoff = cutoff_ms(grace);
             let listed: Vec<object_store::ObjectMeta> = store
@@ -889,13 +899,53 @@ struct Flusher {
     timeout: Duration,
 }
 
-/// One partition's share of a flush: its encoder, and per request its reply and its
-/// records' place as (first, last) record index in the share.
+/// One partition's share of a flush: its requests, in order (their data is encoded when the
+/// flush is written, and again if a producer's batch keeps the first try from committing).
 struct Share {
     stream: String,
     partition: u32,
-    encoder: Encoder,
-    replies: Vec<(Request, u64, u64)>,
+    requests: Vec<Request>,
+}
+
+/// A share encoded: its run's bytes, per request its records' place as (first, last)
+/// record index in the run, and the idempotent producers' batches to check as (request,
+/// batch).
+struct Encoded {
+    bytes: BytesMut,
+    places: Vec<(u64, u64)>,
+    producers: Vec<(usize, ProducerBatch)>,
+}
+
+impl Share {
+    /// Encodes the requests; those the encoder refuses are answered and dropped.
+    fn encode(&mut self) -> Encoded {
+        let mut encoder = Encoder::default();
+        let mut places = Vec::with_capacity(self.requests.len());
+        let mut producers = Vec::new();
+        let mut kept = Vec::with_capacity(self.requests.len());
+        for req in self.requests.drain(..) {
+            match encoder.add(&req.data) {
+                Ok(place) => {
+                    if let AppendData::Batches(b) = &req.data {
+                        if let Some(batch) = ProducerBatch::of(b) {
+                            producers.push((kept.len(), batch));
+                        }
+                    }
+                    places.push(place);
+                    kept.push(req);
+                }
+                Err(e) => {
+                    let _ = req.reply.send(Err(e));
+                }
+            }
+        }
+        self.requests = kept;
+        Encoded {
+            bytes: encoder.finish().0,
+            places,
+            producers,
+        }
+    }
 }
 
 impl Flusher {
@@ -906,29 +956,18 @@ impl Flusher {
             let mut bytes = 0usize;
             let mut next = Some(first);
             loop {
-                let Some(mut req) = next.take() else { break };
+                let Some(req) = next.take() else { break };
                 bytes += req.bytes;
-                let i = match shares
-                    .iter()
-                    .position(|s| s.stream == req.stream && s.partition == req.partition)
+                match shares
+                    .iter_mut()
+                    .find(|s| s.stream == req.stream && s.partition == req.partition)
                 {
-                    Some(i) => i,
-                    None => {
-                        shares.push(Share {
-                            stream: req.stream.clone(),
-                            partition: req.partition,
-                            encoder: Encoder::default(),
-                            replies: Vec::new(),
-                        });
-                        shares.len() - 1
-                    }
-                };
-                let data = std::mem::replace(&mut req.data, AppendData::Records(Vec::new()));
-                match shares[i].encoder.add(data) {
-                    Ok((a, b)) => shares[i].replies.push((req, a, b)),
-                    Err(e) => {
-                        let _ = req.reply.send(Err(e));
-                    }
+                    Some(share) => share.requests.push(req),
+                    None => shares.push(Share {
+                        stream: req.stream.clone(),
+                        partition: req.partition,
+                        requests: vec![req],
+                    }),
                 }
                 if bytes >= self.flush_bytes {
                     break;
@@ -942,72 +981,127 @@ impl Flusher {
         }
     }
 
-    /// Writes one object of `shares`, commits it, and answers every request.
-    async fn flush(&self, shares: Vec<Share>) {
-        let started = std::time::Instant::now();
-        let mut runs = Vec::new();
-        let mut waiting = Vec::new();
-        for share in shares {
-            if share.replies.is_empty() {
-                continue;
-            }
-            let (mut bytes, _) = share.encoder.finish();
-            let stats: RunStats = match format::relativize(&mut bytes) {
-                Ok(s) => s,
-                Err(e) => {
-                    // The encoder checked every batch: this is a bug; refuse, lose nothing.
-                    error!(error = %e, "a run the encoder made does not check");
-                    for (req, ..) in share.replies {
-                        let _ = req.reply.send(Err(failed("run", &e)));
-                    }
+    /// Writes one object of `shares`, commits it, and answers every request. When an
+    /// idempotent producer's batch cannot be appended as it is (a resend of a committed
+    /// batch, a gap, a stale epoch: [`pg::Conflict`]), nothing was committed: those batches
+    /// are answered, and the rest written and committed again.
+    async fn flush(&self, mut shares: Vec<Share>) {
+        loop {
+            let started = std::time::Instant::now();
+            let mut runs = Vec::new();
+            let mut encoded = Vec::new();
+            let mut waiting = Vec::new();
+            for share in &mut shares {
+                let mut e = share.encode();
+                if share.requests.is_empty() {
                     continue;
                 }
-            };
-            runs.push((share.stream.clone(), share.partition, bytes.freeze(), stats));
-            waiting.push(share.replies);
-        }
-        if runs.is_empty() {
-            return;
-        }
-        let result = self.write_and_commit(runs).await;
-        let elapsed = started.elapsed().as_micros() as u64;
-        match result {
-            Ok(done) => {
-                self.counters.committed(elapsed);
-                for (run, _) in &done {
-                    self.counters.wrote(run.records, run.data_len);
-                }
-                // Readers are told before any append is answered.
-                self.commits.send_modify(|n| *n += 1);
-                for ((_, row), replies) in done.into_iter().zip(waiting) {
-                    for (req, a, b) in replies {
-                        let _ = req.reply.send(Ok(Appended {
-                            base_offset: row.first_offset + a as i64,
-                            last_offset: row.first_offset + b as i64,
-                        }));
+                let mut bytes = std::mem::take(&mut e.bytes);
+                let stats: RunStats = match format::relativize(&mut bytes) {
+                    Ok(s) => s,
+                    Err(err) => {
+                        // The encoder checked every batch: this is a bug; refuse, lose nothing.
+                        error!(error = %err, "a run the encoder made does not check");
+                        for req in share.requests.drain(..) {
+                            let _ = req.reply.send(Err(failed("run", &err)));
+                        }
+                        continue;
                     }
-                }
+                };
+                runs.push((share.stream.clone(), share.partition, bytes.freeze(), stats));
+                waiting.push(std::mem::take(&mut share.requests));
+                encoded.push(e);
             }
-            Err(e) => {
-                warn!(error = %e, "a flush failed; its appends are refused");
-                for replies in waiting {
-                    for (req, ..) in replies {
-                        let _ = req.reply.send(Err(match &e {
-                            LogError::Unavailable(m) => LogError::Unavailable(m.clone()),
-                            other => LogError::Failed(other.to_string()),
-                        }));
+            if runs.is_empty() {
+                return;
+            }
+            let checks: Vec<Vec<(ProducerBatch, u64)>> = encoded
+                .iter()
+                .map(|e| {
+                    e.producers
+                        .iter()
+                        .map(|&(r, b)| (b, e.places[r].0))
+                        .collect()
+                })
+                .collect();
+            let result = self.write_and_commit(runs, &checks).await;
+            let elapsed = started.elapsed().as_micros() as u64;
+            match result {
+                Ok(Flushed::Done(done)) => {
+                    self.counters.committed(elapsed);
+                    for (run, _) in &done {
+                        self.counters.wrote(run.records, run.data_len);
                     }
+                    // Readers are told before any append is answered.
+                    self.commits.send_modify(|n| *n += 1);
+                    for (((_, row), requests), e) in done.into_iter().zip(waiting).zip(encoded) {
+                        for (req, (a, b)) in requests.into_iter().zip(e.places) {
+                            let _ = req.reply.send(Ok(Appended {
+                                base_offset: row.first_offset + a as i64,
+                                last_offset: row.first_offset + b as i64,
+                            }));
+                        }
+                    }
+                    return;
+                }
+                Ok(Flushed::Conflicts(conflicts)) => {
+                    // Those answered here leave; the others go back to their shares.
+                    let mut leaving: Vec<Vec<Option<pg::Conflict>>> =
+                        waiting.iter().map(|r| vec![None; r.len()]).collect();
+                    for (run, check, conflict) in conflicts {
+                        let (request, _) = encoded[run].producers[check];
+                        leaving[run][request] = Some(conflict);
+                    }
+                    shares = waiting
+                        .into_iter()
+                        .zip(leaving)
+                        .zip(encoded)
+                        .map(|((requests, leaving), e)| {
+                            let (stream, partition) = (requests[0].stream.clone(), requests[0].partition);
+                            let mut kept = Vec::new();
+                            for ((req, conflict), (a, b)) in
+                                requests.into_iter().zip(leaving).zip(e.places)
+                            {
+                                match conflict {
+                                    None => kept.push(req),
+                                    Some(c) => {
+                                        info!(stream = %req.stream, partition = req.partition, ?c, "an idempotent producer's batch not appended again");
+                                        let _ = req.reply.send(conflict_answer(c, b - a));
+                                    }
+                                }
+                            }
+                            Share {
+                                stream,
+                                partition,
+                                requests: kept,
+                            }
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    warn!(error = %e, "a flush failed; its appends are refused");
+                    for requests in waiting {
+                        for req in requests {
+                            let _ = req.reply.send(Err(match &e {
+                                LogError::Unavailable(m) => LogError::Unavailable(m.clone()),
+                                other => LogError::Failed(other.to_string()),
+                            }));
+                        }
+                    }
+                    return;
                 }
             }
         }
     }
 
     /// The object written (retried until the timeout), then the commit (retried with the
-    /// same id: idempotent), then the partitions and the cache updated.
+    /// same id: idempotent), then the partitions and the cache updated. An object whose
+    /// commit met conflicts is deleted again (nothing refers to it).
     async fn write_and_commit(
         &self,
         runs: Vec<(String, u32, Bytes, RunStats)>,
-    ) -> Result<Vec<(format::Run, RunRow)>, LogError> {
+        checks: &[Vec<(ProducerBatch, u64)>],
+    ) -> Result<Flushed, LogError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let payloads: Vec<Bytes> = runs.iter().map(|(_, _, b, _)| b.clone()).collect();
         let (object, index) = format::encode(runs, now_ms()).map_err(|e| failed("object", e))?;
@@ -1024,10 +1118,21 @@ impl Flusher {
             async move { store.put(&path, payload).await.map(|_| ()) }
         })
         .await?;
-        let firsts = retry(deadline, "PostgreSQL commit", || {
-            pg::commit_flush(&self.pool, &self.node, &id, &key, size, &index)
+        let committed = retry(deadline, "PostgreSQL commit", || {
+            pg::commit_flush(&self.pool, &self.node, &id, &key, size, &index, checks)
         })
         .await?;
+        let firsts = match committed {
+            pg::Committed::Done(firsts) => firsts,
+            pg::Committed::Conflicts(c) => {
+                count(&self.requests.delete, 1);
+                if let Err(e) = self.store.delete(&path).await {
+                    // The collector takes it once its grace is over.
+                    warn!(error = %e, key, "cannot delete an object not committed");
+                }
+                return Ok(Flushed::Conflicts(c));
+            }
+        };
         let mut done = Vec::with_capacity(index.len());
         let streams = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
         for ((run, first), bytes) in index.into_iter().zip(firsts).zip(payloads) {
@@ -1044,7 +1149,29 @@ impl Flusher {
             }
             done.push((run, row));
         }
-        Ok(done)
+        Ok(Flushed::Done(done))
+    }
+}
+
+/// What a flush's write and commit came to.
+enum Flushed {
+    /// Committed: per run, what the object holds and its row.
+    Done(Vec<(format::Run, RunRow)>),
+    /// Not committed: (run, producer check, why), as [`pg::Committed::Conflicts`].
+    Conflicts(Vec<(usize, usize, pg::Conflict)>),
+}
+
+/// The answer to an idempotent producer's batch of `span + 1` records that did not commit.
+fn conflict_answer(c: pg::Conflict, span: u64) -> Result<Appended, LogError> {
+    match c {
+        pg::Conflict::Duplicate(base_offset) => Ok(Appended {
+            base_offset,
+            last_offset: base_offset + span as i64,
+        }),
+        pg::Conflict::Refused(e) => Err(LogError::Sequence(e)),
+        pg::Conflict::InFlight => Err(LogError::Unavailable(
+            "the batch was sent again while its first copy was being committed".into(),
+        )),
     }
 }
 
@@ -1214,6 +1341,11 @@ impl Storage for ObjectLog {
             }
             other => other,
         }
+    }
+
+    /// Checked in the flush's transaction ([`pg::Conflict`]).
+    fn checks_producers(&self) -> bool {
+        true
     }
 
     fn offsets_now(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {

@@ -8,6 +8,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio_postgres::NoTls;
 
 use super::format::Run;
+use crate::log::sequence::{ProducerBatch, ProducerState, Sequence, SequenceError};
 
 /// The migrations, in order: (version, SQL). A database at a version above the last one
 /// here was made by a newer Ferry and is refused.
@@ -17,6 +18,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("sql/003_no_producers.sql")),
     (4, include_str!("sql/004_nodes.sql")),
     (5, include_str!("sql/005_leases.sql")),
+    (6, include_str!("sql/006_producers.sql")),
 ];
 /// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;
@@ -394,7 +396,8 @@ pub(crate) async fn commit_flush(
     key: &str,
     size: u64,
     runs: &[Run],
-) -> Result<Vec<i64>, PgError> {
+    producers: &[Vec<(ProducerBatch, u64)>],
+) -> Result<Committed, PgError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let new = tx
@@ -428,7 +431,8 @@ pub(crate) async fn commit_flush(
                         partition: run.partition,
                     })
             })
-            .collect();
+            .collect::<Result<_, _>>()
+            .map(Committed::Done);
     }
     // Partitions in one order for every commit: two never wait on each other in a cycle.
     let mut order: Vec<usize> = (0..runs.len()).collect();
@@ -437,6 +441,7 @@ pub(crate) async fn commit_flush(
     });
     let mut firsts = vec![0i64; runs.len()];
     let mut touched = Vec::with_capacity(runs.len());
+    let mut conflicts = Vec::new();
     for i in order {
         let run = &runs[i];
         let n = run.records as i64;
@@ -457,9 +462,17 @@ pub(crate) async fn commit_flush(
                 partition: run.partition,
             })?;
         let first: i64 = row.get(0);
+        if let Some(checks) = producers.get(i).filter(|c| !c.is_empty()) {
+            let found = check_producers(&tx, run, first, checks).await?;
+            conflicts.extend(found.into_iter().map(|(k, s)| (i, k, s)));
+        }
         insert_run(&tx, run, first, id).await?;
         firsts[i] = first;
         touched.push((run.stream.clone(), run.partition));
+    }
+    if !conflicts.is_empty() {
+        // Rolled back as the transaction is dropped: nothing of this flush is committed.
+        return Ok(Committed::Conflicts(conflicts));
     }
     Notice {
         node: node.to_owned(),
@@ -469,7 +482,103 @@ pub(crate) async fn commit_flush(
     .send(&tx)
     .await?;
     tx.commit().await?;
-    Ok(firsts)
+    Ok(Committed::Done(firsts))
+}
+
+/// What a flush's commit did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Committed {
+    /// Committed: each run's first offset.
+    Done(Vec<i64>),
+    /// Not committed, for idempotent producers' batches that cannot be appended as they
+    /// are: (run, index in its checks, what the batch is). The others may be tried again.
+    Conflicts(Vec<(usize, usize, Conflict)>),
+}
+
+/// Why an idempotent producer's batch keeps a flush from committing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Conflict {
+    /// Committed before, at this base offset: answered with it.
+    Duplicate(i64),
+    /// Refused by its sequence.
+    Refused(SequenceError),
+    /// Sent again while its first copy is in the same flush: refused, retriable (the
+    /// resend after this flush is a duplicate).
+    InFlight,
+}
+
+/// Checks a run's idempotent producers' batches ((batch, index of its first record in the
+/// run)) against the producers' state, under the partition's row lock (taken by the
+/// commit's update of `partitions`), and writes the new state. Those that are not the next
+/// batch of their producer: (index in `checks`, why).
+async fn check_producers(
+    tx: &impl GenericClient,
+    run: &Run,
+    first: i64,
+    checks: &[(ProducerBatch, u64)],
+) -> Result<Vec<(usize, Conflict)>, PgError> {
+    let partition = run.partition as i32;
+    let mut ids: Vec<i64> = checks.iter().map(|(b, _)| b.producer_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = tx
+        .query(
+            "SELECT producer_id, epoch, recent FROM producers \
+             WHERE stream = $1 AND partition = $2 AND producer_id = ANY($3)",
+            &[&run.stream, &partition, &ids],
+        )
+        .await?;
+    let mut states: std::collections::HashMap<i64, ProducerState> = rows
+        .iter()
+        .map(|r| {
+            let recent: Vec<i64> = r.get(2);
+            (r.get(0), ProducerState::from_flat(r.get(1), &recent))
+        })
+        .collect();
+    let mut conflicts = Vec::new();
+    let mut changed = Vec::new();
+    for (k, (b, at)) in checks.iter().enumerate() {
+        let state = states.entry(b.producer_id).or_default();
+        match state.check(b.epoch, b.first) {
+            Sequence::Next => {
+                state.appended(b.epoch, b.first, b.last, first + *at as i64);
+                changed.push(b.producer_id);
+            }
+            Sequence::Duplicate(offset) if offset >= first => {
+                conflicts.push((k, Conflict::InFlight))
+            }
+            Sequence::Duplicate(offset) => conflicts.push((k, Conflict::Duplicate(offset))),
+            Sequence::Refused(e) => conflicts.push((k, Conflict::Refused(e))),
+        }
+    }
+    if !conflicts.is_empty() {
+        return Ok(conflicts);
+    }
+    changed.sort_unstable();
+    changed.dedup();
+    for id in changed {
+        let state = &states[&id];
+        tx.execute(
+            "INSERT INTO producers (stream, partition, producer_id, epoch, recent) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stream, partition, producer_id) \
+             DO UPDATE SET epoch = EXCLUDED.epoch, recent = EXCLUDED.recent, at = now()",
+            &[&run.stream, &partition, &id, &state.epoch, &state.flat()],
+        )
+        .await?;
+    }
+    Ok(Vec::new())
+}
+
+/// Forgets the sequence state of producers silent for `days` days (Kafka expires idle
+/// producer ids too); returns how many.
+pub(crate) async fn forget_idle_producers(pool: &Pool, days: i32) -> Result<u64, PgError> {
+    let client = pool.get().await?;
+    Ok(client
+        .execute(
+            "DELETE FROM producers WHERE at < now() - make_interval(days => $1)",
+            &[&days],
+        )
+        .await?)
 }
 
 /// Gives the collector those of `objects` no run refers to any more: deleted `grace_secs`

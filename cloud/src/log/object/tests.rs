@@ -74,13 +74,14 @@ fn values(log: &ObjectLog, stream: &str, from: i64) -> Vec<(i64, String)> {
 }
 
 /// The schema's migrations: a new database is brought to the newest version, a second run
-/// (another node starting) changes nothing, and version 3 left no `producers` table.
+/// (another node starting) changes nothing, and version 6 brought back a `producers` table
+/// (dropped by version 3).
 #[tokio::test]
 async fn migrations_bring_a_database_to_the_newest_version_once() {
     let url = super::testing::database("migrations");
     let pool = pg::pool(&url, 2, Duration::from_secs(10)).expect("pool");
-    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 5);
-    assert_eq!(pg::migrate(&pool).await.expect("again"), 5);
+    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 6);
+    assert_eq!(pg::migrate(&pool).await.expect("again"), 6);
     let client = pool.get().await.expect("connection");
     let versions: Vec<i32> = client
         .query("SELECT version FROM schema_version ORDER BY version", &[])
@@ -89,7 +90,7 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5], "each applied once");
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6], "each applied once");
     let tables: Vec<String> = client
         .query(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -101,7 +102,7 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
         .map(|r| r.get(0))
         .collect();
     assert!(tables.iter().any(|t| t == "runs"), "{tables:?}");
-    assert!(!tables.iter().any(|t| t == "producers"), "{tables:?}");
+    assert!(tables.iter().any(|t| t == "producers"), "{tables:?}");
 }
 
 #[tokio::test]
@@ -176,6 +177,7 @@ async fn a_commit_tried_again_with_its_id_assigns_its_offsets_once() {
         "data/x/abc.fob",
         136,
         std::slice::from_ref(&run),
+        &[],
     )
     .await
     .expect("commit");
@@ -187,14 +189,22 @@ async fn a_commit_tried_again_with_its_id_assigns_its_offsets_once() {
         "data/x/abc.fob",
         136,
         std::slice::from_ref(&run),
+        &[],
     )
     .await
     .expect("commit again");
     assert_eq!(first, again);
-    let other = pg::commit_flush(&log.pool, "n", "def", "data/x/def.fob", 136, &[run])
+    let pg::Committed::Done(first) = first else {
+        panic!("no producers, no conflicts: {first:?}")
+    };
+    let other = pg::commit_flush(&log.pool, "n", "def", "data/x/def.fob", 136, &[run], &[])
         .await
         .expect("another commit");
-    assert_eq!(other, vec![first[0] + 5], "the retry took no offsets");
+    assert_eq!(
+        other,
+        pg::Committed::Done(vec![first[0] + 5]),
+        "the retry took no offsets"
+    );
 }
 
 #[tokio::test]
@@ -758,5 +768,139 @@ fn a_lease_has_one_owner_at_a_time_and_fences_the_one_that_lost_it() {
         owners.len() > 1,
         "the lease passed between them: {} tokens",
         owners.len()
+    );
+}
+
+/// A batch of `count` records from producer 77 at `epoch`, first sequence `first`.
+fn producer_batch(epoch: i16, first: i32, count: i32) -> AppendData {
+    let mut b = ferry_protocol::kafka::batch::BatchBuilder::new(1_000).producer(77, epoch, first);
+    for i in 0..count {
+        b.push(1_000, None, Some(format!("v{}", first + i).as_bytes()), &[]);
+    }
+    AppendData::Batches(BytesMut::from(&b.finish(0)[..]))
+}
+
+/// An idempotent producer moving between two nodes: a batch one node committed and the
+/// other is sent again is answered with its offsets, not appended twice; the producer goes
+/// on from its sequence on either; a gap and an old epoch are refused.
+#[tokio::test]
+async fn a_producers_batch_resent_to_another_node_is_answered_not_appended_again() {
+    let (a, b) = two_nodes("producer-moved");
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    until(&b, "the stream", |b| b.offsets("s", 0).is_ok()).await;
+    let at = |r: Result<Appended, LogError>| r.map(|a| (a.base_offset, a.last_offset));
+    assert_eq!(
+        at(a.append("s", 0, producer_batch(0, 0, 5)).await).ok(),
+        Some((0, 4))
+    );
+    assert_eq!(
+        at(a.append("s", 0, producer_batch(0, 5, 5)).await).ok(),
+        Some((5, 9))
+    );
+    // Its answer lost with a, the producer sends its last batch to b, then goes on there.
+    assert_eq!(
+        at(b.append("s", 0, producer_batch(0, 5, 5)).await).ok(),
+        Some((5, 9))
+    );
+    assert_eq!(
+        at(b.append("s", 0, producer_batch(0, 10, 5)).await).ok(),
+        Some((10, 14))
+    );
+    assert!(matches!(
+        b.append("s", 0, producer_batch(0, 20, 5)).await,
+        Err(LogError::Sequence(
+            crate::log::sequence::SequenceError::OutOfOrder
+        ))
+    ));
+    // Back on a, which has not read what b appended.
+    assert_eq!(
+        at(a.append("s", 0, producer_batch(0, 10, 5)).await).ok(),
+        Some((10, 14))
+    );
+    assert_eq!(
+        at(a.append("s", 0, producer_batch(0, 15, 5)).await).ok(),
+        Some((15, 19))
+    );
+    // A new epoch starts over and fences the old one.
+    assert_eq!(
+        at(b.append("s", 0, producer_batch(1, 0, 1)).await).ok(),
+        Some((20, 20))
+    );
+    assert!(matches!(
+        a.append("s", 0, producer_batch(0, 20, 1)).await,
+        Err(LogError::Sequence(
+            crate::log::sequence::SequenceError::StaleEpoch
+        ))
+    ));
+    until(&a, "b's appends", |a| {
+        a.offsets("s", 0).is_ok_and(|o| o.high_watermark == 21)
+    })
+    .await;
+    let values: Vec<String> = values(&a, "s", 0).into_iter().map(|(_, v)| v).collect();
+    let mut sent: Vec<String> = (0..20).map(|i| format!("v{i}")).collect();
+    sent.push("v0".into());
+    assert_eq!(values, sent, "every batch once, in order");
+}
+
+/// The same batch in flight on two nodes at once (a producer's resend to another node
+/// while its first copy still waits for the store), beside other appends to the partition:
+/// one copy is committed, both answers name it, and nothing else of either flush is lost.
+#[tokio::test]
+async fn one_batch_committing_on_two_nodes_at_once_is_appended_once() {
+    let (a, b, _) = two_nodes_with("producer-race", |c| c.flush_ms = 30);
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    until(&b, "the stream", |b| b.offsets("s", 0).is_ok()).await;
+    for round in 0..10 {
+        let first = round * 3;
+        let plain = |log: &Arc<ObjectLog>, v: String| {
+            tokio::spawn(log.append("s", 0, AppendData::Records(vec![rec(&v)])))
+        };
+        let pa = plain(&a, format!("a{round}"));
+        let on_a = tokio::spawn(a.append("s", 0, producer_batch(0, first, 3)));
+        let on_b = tokio::spawn(b.append("s", 0, producer_batch(0, first, 3)));
+        // The same node again too: a resend on a new connection.
+        let again_a = tokio::spawn(a.append("s", 0, producer_batch(0, first, 3)));
+        let pb = plain(&b, format!("b{round}"));
+        let mut answers = Vec::new();
+        for t in [on_a, on_b, again_a] {
+            match t.await.expect("task") {
+                Ok(x) => answers.push(x.base_offset),
+                // Refused, retriable: sent again, it is a duplicate.
+                Err(LogError::Unavailable(_)) => {
+                    let x = b
+                        .append("s", 0, producer_batch(0, first, 3))
+                        .await
+                        .expect("the resend");
+                    answers.push(x.base_offset);
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert!(
+            answers.windows(2).all(|w| w[0] == w[1]),
+            "round {round}: one offset for every copy: {answers:?}"
+        );
+        pa.await.expect("task").expect("a's plain append");
+        pb.await.expect("task").expect("b's plain append");
+    }
+    let end = 10 * 3 + 20;
+    until(&a, "every append", |a| {
+        a.offsets("s", 0).is_ok_and(|o| o.high_watermark == end)
+    })
+    .await;
+    let values: Vec<String> = values(&a, "s", 0).into_iter().map(|(_, v)| v).collect();
+    let batches: Vec<&String> = values.iter().filter(|v| v.starts_with('v')).collect();
+    let sent: Vec<String> = (0..30).map(|i| format!("v{i}")).collect();
+    assert_eq!(
+        batches,
+        sent.iter().collect::<Vec<_>>(),
+        "each batch once, in order"
+    );
+    assert_eq!(
+        values.len(),
+        end as usize,
+        "the plain appends are all there"
     );
 }
