@@ -285,6 +285,20 @@ impl Ingest {
         class: u8,
         batch: Vec<EdgeRecord>,
     ) -> Result<Appended, IngestError> {
+        self.append_fenced(edge, class, batch, None).await
+    }
+
+    /// As [`Ingest::append`], under the edge's link lease on a cluster: the log commits
+    /// the records only while `fence` still holds it ([`Storage::append_fenced`]), so an
+    /// append still waiting for the store when the edge moved to another node cannot land
+    /// after that node read the edge's partitions.
+    pub async fn append_fenced(
+        &self,
+        edge: &str,
+        class: u8,
+        batch: Vec<EdgeRecord>,
+        fence: Option<crate::log::Fence>,
+    ) -> Result<Appended, IngestError> {
         let lane: Lane = (edge.to_owned(), class);
         let edge_lock = {
             let mut locks = self.edge_locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -394,7 +408,8 @@ impl Ingest {
                     stream.clone(),
                     partition,
                     last,
-                    self.log.append(&stream, partition, data),
+                    self.log
+                        .append_fenced(&stream, partition, data, fence.clone()),
                 ));
             }
         }

@@ -207,9 +207,18 @@ impl Sink for IngestSink {
         })
     }
 
+    /// On a cluster, under the edge's link lease ([`Ingest::append_fenced`]).
     fn ingest(&self, edge: String, class: u8, batches: Vec<Bytes>) -> BoxFuture<'static, Appended> {
         let ingest = self.ingest.clone();
+        let fence = self.cluster.link_fence(&edge);
+        let clustered = self.cluster.is_clustered();
         Box::pin(async move {
+            if clustered && fence.is_none() {
+                return Err(SinkError::new(
+                    FailureKind::Closed,
+                    format!("edge {edge}: this node does not hold its link's lease"),
+                ));
+            }
             let mut recs = Vec::new();
             for b in &batches {
                 edge_records(b, &mut recs).map_err(|record| {
@@ -217,7 +226,7 @@ impl Sink for IngestSink {
                     SinkError::new(FailureKind::BadRecord, BadEdgeBatch { edge, record })
                 })?;
             }
-            let appended = ingest.append(&edge, class, recs).await?;
+            let appended = ingest.append_fenced(&edge, class, recs, fence).await?;
             let commit: BoxFuture<'static, Result<u64, SinkError>> =
                 Box::pin(async move { Ok(ingest.commit(appended).await?) });
             Ok(commit)
@@ -368,7 +377,7 @@ fn log_failure(e: &LogError) -> FailureKind {
         | LogError::UnknownPartition { .. }
         | LogError::BadStreamName(_) => FailureKind::Refused,
         LogError::BadBatch(_) | LogError::Sequence(_) => FailureKind::BadRecord,
-        LogError::Closed => FailureKind::Closed,
+        LogError::Closed | LogError::Fenced { .. } => FailureKind::Closed,
     }
 }
 

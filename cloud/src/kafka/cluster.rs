@@ -148,6 +148,25 @@ impl ClusterView {
         ))
     }
 
+    /// The fence for appends of `edge`'s records under its link lease, while this node
+    /// holds it (None outside a cluster, or when the lease is not held here).
+    pub fn link_fence(&self, edge: &str) -> Option<Fence> {
+        let store = self.store()?;
+        let token = *self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(edge)?;
+        Some(Fence {
+            kind: LINK_KIND.to_owned(),
+            key: edge.to_owned(),
+            lease: Lease {
+                owner: store.node().to_owned(),
+                token,
+            },
+        })
+    }
+
     /// Gives up this node's lease on `edge`'s link (its link here ended), so that the edge
     /// may link to another node at once. Blocking.
     pub fn release_link(&self, edge: &str) {

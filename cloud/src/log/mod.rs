@@ -95,6 +95,10 @@ pub enum LogError {
     /// checks it in the commit's transaction).
     #[error("{0}")]
     Sequence(#[from] sequence::SequenceError),
+    /// An append made under a lease ([`Storage::append_fenced`]) that no longer held it when
+    /// it was to commit: nothing of it was appended.
+    #[error("the {kind} lease on {key} is no longer this node's; nothing was appended")]
+    Fenced { kind: String, key: String },
 }
 
 impl LogError {
@@ -324,6 +328,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// so far. Default: [`Storage::offsets`].
     fn offsets_now(&self, stream: &str, partition: u32) -> Result<Offsets, LogError> {
         self.offsets(stream, partition)
+    }
+    /// As [`Storage::append`], committed only if `fence` still holds its lease in the
+    /// commit's own transaction, else refused with [`LogError::Fenced`] (the object log; a
+    /// log without leases, on one node, takes it as an append).
+    fn append_fenced(
+        &self,
+        stream: &str,
+        partition: u32,
+        data: AppendData,
+        fence: Option<Fence>,
+    ) -> AppendFuture {
+        let _ = fence;
+        self.append(stream, partition, data)
     }
     /// True when the log itself checks idempotent producers' batches
     /// ([`sequence::ProducerBatch`]) as it commits them: a resend is answered with the first

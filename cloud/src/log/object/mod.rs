@@ -368,6 +368,8 @@ struct Request {
     partition: u32,
     data: AppendData,
     reply: oneshot::Sender<Result<Appended, LogError>>,
+    /// The lease it was made under, checked in the commit ([`Storage::append_fenced`]).
+    fence: Option<super::Fence>,
     /// About how many bytes it adds to a flush (measured once, in `append`).
     bytes: usize,
     /// Its share of the byte budget, given back when it is answered.
@@ -908,12 +910,11 @@ struct Share {
 }
 
 /// A share encoded: its run's bytes, per request its records' place as (first, last)
-/// record index in the run, and the idempotent producers' batches to check as (request,
-/// batch).
+/// record index in the run, and what its commit checks.
 struct Encoded {
     bytes: BytesMut,
     places: Vec<(u64, u64)>,
-    producers: Vec<(usize, ProducerBatch)>,
+    checks: pg::Checks,
 }
 
 impl Share {
@@ -921,15 +922,18 @@ impl Share {
     fn encode(&mut self) -> Encoded {
         let mut encoder = Encoder::default();
         let mut places = Vec::with_capacity(self.requests.len());
-        let mut producers = Vec::new();
+        let mut checks = pg::Checks::default();
         let mut kept = Vec::with_capacity(self.requests.len());
         for req in self.requests.drain(..) {
             match encoder.add(&req.data) {
                 Ok(place) => {
                     if let AppendData::Batches(b) = &req.data {
                         if let Some(batch) = ProducerBatch::of(b) {
-                            producers.push((kept.len(), batch));
+                            checks.producers.push((kept.len(), batch, place.0));
                         }
+                    }
+                    if let Some(fence) = &req.fence {
+                        checks.fences.push((kept.len(), fence.clone()));
                     }
                     places.push(place);
                     kept.push(req);
@@ -943,7 +947,7 @@ impl Share {
         Encoded {
             bytes: encoder.finish().0,
             places,
-            producers,
+            checks,
         }
     }
 }
@@ -983,8 +987,9 @@ impl Flusher {
 
     /// Writes one object of `shares`, commits it, and answers every request. When an
     /// idempotent producer's batch cannot be appended as it is (a resend of a committed
-    /// batch, a gap, a stale epoch: [`pg::Conflict`]), nothing was committed: those batches
-    /// are answered, and the rest written and committed again.
+    /// batch, a gap, a stale epoch) or an append's lease passed to another node
+    /// ([`pg::Conflict`]), nothing was committed: those requests are answered, and the rest
+    /// written and committed again.
     async fn flush(&self, mut shares: Vec<Share>) {
         loop {
             let started = std::time::Instant::now();
@@ -1015,15 +1020,7 @@ impl Flusher {
             if runs.is_empty() {
                 return;
             }
-            let checks: Vec<Vec<(ProducerBatch, u64)>> = encoded
-                .iter()
-                .map(|e| {
-                    e.producers
-                        .iter()
-                        .map(|&(r, b)| (b, e.places[r].0))
-                        .collect()
-                })
-                .collect();
+            let checks: Vec<&pg::Checks> = encoded.iter().map(|e| &e.checks).collect();
             let result = self.write_and_commit(runs, &checks).await;
             let elapsed = started.elapsed().as_micros() as u64;
             match result {
@@ -1048,8 +1045,7 @@ impl Flusher {
                     // Those answered here leave; the others go back to their shares.
                     let mut leaving: Vec<Vec<Option<pg::Conflict>>> =
                         waiting.iter().map(|r| vec![None; r.len()]).collect();
-                    for (run, check, conflict) in conflicts {
-                        let (request, _) = encoded[run].producers[check];
+                    for (run, request, conflict) in conflicts {
                         leaving[run][request] = Some(conflict);
                     }
                     shares = waiting
@@ -1065,8 +1061,8 @@ impl Flusher {
                                 match conflict {
                                     None => kept.push(req),
                                     Some(c) => {
-                                        info!(stream = %req.stream, partition = req.partition, ?c, "an idempotent producer's batch not appended again");
-                                        let _ = req.reply.send(conflict_answer(c, b - a));
+                                        info!(stream = %req.stream, partition = req.partition, ?c, "an append taken out of a flush");
+                                        let _ = req.reply.send(conflict_answer(c, b - a, req.fence.as_ref()));
                                     }
                                 }
                             }
@@ -1100,7 +1096,7 @@ impl Flusher {
     async fn write_and_commit(
         &self,
         runs: Vec<(String, u32, Bytes, RunStats)>,
-        checks: &[Vec<(ProducerBatch, u64)>],
+        checks: &[&pg::Checks],
     ) -> Result<Flushed, LogError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let payloads: Vec<Bytes> = runs.iter().map(|(_, _, b, _)| b.clone()).collect();
@@ -1157,12 +1153,16 @@ impl Flusher {
 enum Flushed {
     /// Committed: per run, what the object holds and its row.
     Done(Vec<(format::Run, RunRow)>),
-    /// Not committed: (run, producer check, why), as [`pg::Committed::Conflicts`].
+    /// Not committed: (run, request, why), as [`pg::Committed::Conflicts`].
     Conflicts(Vec<(usize, usize, pg::Conflict)>),
 }
 
-/// The answer to an idempotent producer's batch of `span + 1` records that did not commit.
-fn conflict_answer(c: pg::Conflict, span: u64) -> Result<Appended, LogError> {
+/// The answer to an append of `span + 1` records, made under `fence`, that did not commit.
+fn conflict_answer(
+    c: pg::Conflict,
+    span: u64,
+    fence: Option<&super::Fence>,
+) -> Result<Appended, LogError> {
     match c {
         pg::Conflict::Duplicate(base_offset) => Ok(Appended {
             base_offset,
@@ -1172,6 +1172,10 @@ fn conflict_answer(c: pg::Conflict, span: u64) -> Result<Appended, LogError> {
         pg::Conflict::InFlight => Err(LogError::Unavailable(
             "the batch was sent again while its first copy was being committed".into(),
         )),
+        pg::Conflict::Fenced => Err(LogError::Fenced {
+            kind: fence.map_or_else(String::new, |f| f.kind.clone()),
+            key: fence.map_or_else(String::new, |f| f.key.clone()),
+        }),
     }
 }
 
@@ -1282,6 +1286,17 @@ impl Storage for ObjectLog {
     }
 
     fn append(&self, stream: &str, partition: u32, data: AppendData) -> AppendFuture {
+        self.append_fenced(stream, partition, data, None)
+    }
+
+    /// The fence is checked in the flush's transaction ([`pg::Conflict::Fenced`]).
+    fn append_fenced(
+        &self,
+        stream: &str,
+        partition: u32,
+        data: AppendData,
+        fence: Option<super::Fence>,
+    ) -> AppendFuture {
         let known = self.with_part(stream, partition, |p| !p.deleted);
         let tx = self.to_flusher.clone();
         let budget = self.budget.clone();
@@ -1315,6 +1330,7 @@ impl Storage for ObjectLog {
                 partition,
                 data,
                 reply,
+                fence,
                 bytes: size,
                 _permit: permit,
             })

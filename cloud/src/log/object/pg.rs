@@ -8,6 +8,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio_postgres::NoTls;
 
 use super::format::Run;
+use super::meta::Fence;
 use crate::log::sequence::{ProducerBatch, ProducerState, Sequence, SequenceError};
 
 /// The migrations, in order: (version, SQL). A database at a version above the last one
@@ -396,7 +397,7 @@ pub(crate) async fn commit_flush(
     key: &str,
     size: u64,
     runs: &[Run],
-    producers: &[Vec<(ProducerBatch, u64)>],
+    checks: &[&Checks],
 ) -> Result<Committed, PgError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -434,6 +435,32 @@ pub(crate) async fn commit_flush(
             .collect::<Result<_, _>>()
             .map(Committed::Done);
     }
+    // The leases appends were made under, before any partition: every commit locks leases
+    // first, in one order, then partitions, so none waits on another in a cycle.
+    let mut fences: Vec<(usize, usize, &Fence)> = checks
+        .iter()
+        .enumerate()
+        .flat_map(|(run, c)| c.fences.iter().map(move |(req, f)| (run, *req, f)))
+        .collect();
+    fences.sort_by(|a, b| (&a.2.kind, &a.2.key).cmp(&(&b.2.kind, &b.2.key)));
+    let mut conflicts = Vec::new();
+    let mut checked: Vec<(&Fence, bool)> = Vec::new();
+    for (run, req, fence) in fences {
+        let holds = match checked.iter().find(|(f, _)| *f == fence) {
+            Some(&(_, holds)) => holds,
+            None => {
+                let holds = super::leases::held(&tx, &fence.kind, &fence.key, &fence.lease).await?;
+                checked.push((fence, holds));
+                holds
+            }
+        };
+        if !holds {
+            conflicts.push((run, req, Conflict::Fenced));
+        }
+    }
+    if !conflicts.is_empty() {
+        return Ok(Committed::Conflicts(conflicts));
+    }
     // Partitions in one order for every commit: two never wait on each other in a cycle.
     let mut order: Vec<usize> = (0..runs.len()).collect();
     order.sort_by(|a, b| {
@@ -441,7 +468,6 @@ pub(crate) async fn commit_flush(
     });
     let mut firsts = vec![0i64; runs.len()];
     let mut touched = Vec::with_capacity(runs.len());
-    let mut conflicts = Vec::new();
     for i in order {
         let run = &runs[i];
         let n = run.records as i64;
@@ -462,9 +488,9 @@ pub(crate) async fn commit_flush(
                 partition: run.partition,
             })?;
         let first: i64 = row.get(0);
-        if let Some(checks) = producers.get(i).filter(|c| !c.is_empty()) {
-            let found = check_producers(&tx, run, first, checks).await?;
-            conflicts.extend(found.into_iter().map(|(k, s)| (i, k, s)));
+        if let Some(c) = checks.get(i).filter(|c| !c.producers.is_empty()) {
+            let found = check_producers(&tx, run, first, &c.producers).await?;
+            conflicts.extend(found.into_iter().map(|(req, why)| (i, req, why)));
         }
         insert_run(&tx, run, first, id).await?;
         firsts[i] = first;
@@ -490,9 +516,18 @@ pub(crate) async fn commit_flush(
 pub(crate) enum Committed {
     /// Committed: each run's first offset.
     Done(Vec<i64>),
-    /// Not committed, for idempotent producers' batches that cannot be appended as they
-    /// are: (run, index in its checks, what the batch is). The others may be tried again.
+    /// Not committed, for requests that cannot be appended as they are: (run, request in
+    /// its [`Checks`], why). The others may be tried again.
     Conflicts(Vec<(usize, usize, Conflict)>),
+}
+
+/// What a run's commit checks, per request (its index in the run's share).
+#[derive(Debug, Default)]
+pub(crate) struct Checks {
+    /// Idempotent producers' batches, with the index of their first record in the run.
+    pub producers: Vec<(usize, ProducerBatch, u64)>,
+    /// The leases appends were made under.
+    pub fences: Vec<(usize, Fence)>,
 }
 
 /// Why an idempotent producer's batch keeps a flush from committing.
@@ -505,20 +540,22 @@ pub(crate) enum Conflict {
     /// Sent again while its first copy is in the same flush: refused, retriable (the
     /// resend after this flush is a duplicate).
     InFlight,
+    /// Made under a lease no longer held (another node took it): refused.
+    Fenced,
 }
 
-/// Checks a run's idempotent producers' batches ((batch, index of its first record in the
-/// run)) against the producers' state, under the partition's row lock (taken by the
-/// commit's update of `partitions`), and writes the new state. Those that are not the next
-/// batch of their producer: (index in `checks`, why).
+/// Checks a run's idempotent producers' batches ((request, batch, index of its first
+/// record in the run)) against the producers' state, under the partition's row lock (taken
+/// by the commit's update of `partitions`), and writes the new state. Those that are not
+/// the next batch of their producer: (request, why).
 async fn check_producers(
     tx: &impl GenericClient,
     run: &Run,
     first: i64,
-    checks: &[(ProducerBatch, u64)],
+    checks: &[(usize, ProducerBatch, u64)],
 ) -> Result<Vec<(usize, Conflict)>, PgError> {
     let partition = run.partition as i32;
-    let mut ids: Vec<i64> = checks.iter().map(|(b, _)| b.producer_id).collect();
+    let mut ids: Vec<i64> = checks.iter().map(|(_, b, _)| b.producer_id).collect();
     ids.sort_unstable();
     ids.dedup();
     let rows = tx
@@ -537,11 +574,11 @@ async fn check_producers(
         .collect();
     let mut conflicts = Vec::new();
     let mut changed = Vec::new();
-    for (k, (b, at)) in checks.iter().enumerate() {
+    for &(k, ref b, at) in checks {
         let state = states.entry(b.producer_id).or_default();
         match state.check(b.epoch, b.first) {
             Sequence::Next => {
-                state.appended(b.epoch, b.first, b.last, first + *at as i64);
+                state.appended(b.epoch, b.first, b.last, first + at as i64);
                 changed.push(b.producer_id);
             }
             Sequence::Duplicate(offset) if offset >= first => {

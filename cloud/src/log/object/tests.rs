@@ -904,3 +904,62 @@ async fn one_batch_committing_on_two_nodes_at_once_is_appended_once() {
         "the plain appends are all there"
     );
 }
+
+/// An append made under a lease commits only while the lease is still its maker's: once
+/// another node took the lease, the append is refused and nothing of it is in the log; the
+/// appends that shared its flush are committed all the same.
+#[tokio::test]
+async fn an_append_under_a_lease_another_node_took_is_refused_and_the_rest_committed() {
+    let (a, b, _) = two_nodes_with("fenced-append", |c| c.flush_ms = 30);
+    a.create_stream("s", &StreamConfig::default())
+        .expect("create");
+    until(&b, "the stream", |b| b.offsets("s", 0).is_ok()).await;
+    let lease = |log: &ObjectLog| {
+        log.acquire_lease("edge-link", "gw1", Duration::from_millis(300))
+            .expect("acquire")
+            .expect("free")
+    };
+    let token = lease(&a);
+    let fence = |owner: &str, token| crate::log::Fence {
+        kind: "edge-link".into(),
+        key: "gw1".into(),
+        lease: crate::log::Lease {
+            owner: owner.into(),
+            token,
+        },
+    };
+    let fenced = |log: &ObjectLog, v: &str, f| {
+        log.append_fenced("s", 0, AppendData::Records(vec![rec(v)]), Some(f))
+    };
+    assert_eq!(
+        fenced(&a, "held", fence("a", token))
+            .await
+            .expect("held")
+            .base_offset,
+        0
+    );
+    // a's lease lapses and b takes it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let taken = lease(&b);
+    assert!(taken > token);
+    let plain = tokio::spawn(a.append("s", 0, AppendData::Records(vec![rec("plain")])));
+    let stale = fenced(&a, "stale", fence("a", token)).await;
+    assert!(
+        matches!(&stale, Err(LogError::Fenced { kind, key }) if kind == "edge-link" && key == "gw1"),
+        "{stale:?}"
+    );
+    plain.await.expect("task").expect("the plain append");
+    assert_eq!(
+        fenced(&b, "b's", fence("b", taken))
+            .await
+            .expect("b holds it")
+            .base_offset,
+        2
+    );
+    until(&a, "b's append", |a| {
+        a.offsets("s", 0).is_ok_and(|o| o.high_watermark == 3)
+    })
+    .await;
+    let values: Vec<String> = values(&a, "s", 0).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, ["held", "plain", "b's"]);
+}
