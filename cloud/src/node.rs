@@ -76,6 +76,8 @@ pub struct Node {
     pub cluster: Arc<crate::kafka::cluster::ClusterView>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
+    /// On the object backend, until the node joined: the MQTT broker's session events.
+    mqtt_sessions: Arc<std::sync::Mutex<Option<crate::mqtt::clients::Events>>>,
 }
 
 /// This node's name on the object backend when `[log.object] node` is not set: made up once
@@ -219,6 +221,19 @@ impl Node {
             // The Kafka front's view of the cluster (its leases in the same database),
             // refreshed every second.
             node.cluster.set_store(object.clone());
+            // One session per MQTT client id in the cluster.
+            let events = node
+                .mqtt_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(events) = events {
+                tokio::spawn(crate::mqtt::clients::run(
+                    object.clone(),
+                    node.mqtt.clone(),
+                    events,
+                ));
+            }
             let (view, members) = (Arc::downgrade(&node.cluster), object.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -285,12 +300,13 @@ impl Node {
             None => None,
         };
 
-        let mqtt = crate::mqtt::start(
+        let (mqtt, mqtt_sessions) = crate::mqtt::start(
             config.edge(),
             log.clone(),
             meta.clone(),
             routes.clone(),
             config.log.mqtt_max_lag_records,
+            config.log.backend == LogBackend::Object,
             shutdown,
         )
         .await?;
@@ -358,6 +374,7 @@ impl Node {
             cluster,
             routes,
             stream_defaults: config.log.streams,
+            mqtt_sessions: Arc::new(std::sync::Mutex::new(mqtt_sessions)),
         })
     }
 

@@ -440,10 +440,20 @@ pub struct ToldToGo {
 impl ToldToGo {
     /// Returns once the client is connected.
     pub fn connect(port: u16) -> Self {
+        Self::start(&[&port.to_string()])
+    }
+
+    /// As [`ToldToGo::connect`], as `client_id` with a persistent session and a will on
+    /// `will_topic`.
+    pub fn connect_as(port: u16, client_id: &str, will_topic: &str) -> Self {
+        Self::start(&[&port.to_string(), client_id, will_topic])
+    }
+
+    fn start(args: &[&str]) -> Self {
         let path = format!("{}/clients/mqtt5_told_to_go.py", env!("CARGO_MANIFEST_DIR"));
         let mut child = Command::new("python3")
             .arg(&path)
-            .arg(port.to_string())
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("python3 runs (scripts/test.sh installs paho-mqtt)");
@@ -452,6 +462,11 @@ impl ToldToGo {
         out.read_line(&mut line).expect("a line");
         assert_eq!(line, "READY\n", "the client connects");
         Self { child, out }
+    }
+
+    /// True while the server has not disconnected it.
+    pub fn connected(&mut self) -> bool {
+        self.child.try_wait().expect("its state").is_none()
     }
 
     /// The reason code and the Server Reference ("-": none) of the DISCONNECT the server

@@ -855,3 +855,133 @@ async fn an_edge_moves_to_another_node_when_its_node_dies_and_nothing_is_doubled
     drop(edge);
     assert!(b.terminate().success());
 }
+
+/// An MQTT 5 client `id` on `port` with a persistent session (expiry 1 h, clean start 0)
+/// and a will on `two/wills/<id>`, subscribed to `two/news`; returns once its CONNACK and
+/// SUBACK came, with its session present flag.
+async fn session_client(
+    id: &str,
+    port: u16,
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop, bool) {
+    use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(3600));
+    opts.set_last_will(LastWill::new(
+        format!("two/wills/{id}"),
+        "gone",
+        Q5::AtLeastOnce,
+        false,
+        None,
+    ));
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    client
+        .subscribe("two/news", Q5::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    let mut present = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => present = Some(ack.session_present),
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{id} on {port}: {e}"),
+            Err(_) => panic!("{id} on {port}: no CONNACK and SUBACK"),
+        }
+    }
+    (client, events, present.expect("CONNACK before SUBACK"))
+}
+
+/// The persistent sessions `node` holds, by client id.
+async fn persistent_ids(node: &Node) -> Vec<String> {
+    let mut ids: Vec<String> = node
+        .mqtt
+        .persistent_sessions()
+        .await
+        .expect("the broker answers")
+        .into_iter()
+        .map(|s| s.client_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A client id is served by one node of a cluster: when client `dev` (paho-mqtt, MQTT 5, a
+/// persistent session with a will) connects to `b` while its session is on `a`, `a` closes
+/// its connection with DISCONNECT 0x8E (Session taken over), publishes its will (no delay)
+/// and drops the session; `b` keeps the new connection. Coming back to `a` (rumqttc) takes
+/// it from `b` the same way: the newest claim wins. The session's state does not move: `a`
+/// answers session present 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connected_on_another_node_takes_its_session_over() {
+    let object = object_config("mqtt-takeover");
+    let a = object_node("a", object.clone()).await;
+    let b = object_node("b", object).await;
+    let (a_port, b_port) = (a.mqtt_addrs()[0].port(), b.mqtt_addrs()[0].port());
+
+    // A watcher of the wills, on b.
+    let mut opts = MqttOptions::new("watcher", "127.0.0.1", b_port);
+    opts.set_clean_session(true);
+    let (watcher, mut wills) = AsyncClient::new(opts, 10);
+    watcher
+        .subscribe("two/wills/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    while !matches!(
+        next_incoming(&mut wills, "the watcher's SUBACK").await,
+        Incoming::SubAck(_)
+    ) {}
+
+    let first =
+        tokio::task::spawn_blocking(move || ToldToGo::connect_as(a_port, "dev", "two/wills/dev"))
+            .await
+            .expect("paho on a");
+    assert_eq!(persistent_ids(&a).await, ["dev"]);
+    let mut second =
+        tokio::task::spawn_blocking(move || ToldToGo::connect_as(b_port, "dev", "two/wills/dev"))
+            .await
+            .expect("paho on b");
+    let told = tokio::task::spawn_blocking(move || first.told())
+        .await
+        .expect("paho on a");
+    assert_eq!(
+        told,
+        (0x8E, "-".to_owned()),
+        "a closes its connection of dev: Session taken over"
+    );
+    let will = loop {
+        match next_incoming(&mut wills, "dev's will").await {
+            Incoming::Publish(p) => break p,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (&will.topic[..], &will.payload[..]),
+        ("two/wills/dev", &b"gone"[..])
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !persistent_ids(&a).await.is_empty() {
+        assert!(Instant::now() < deadline, "a still holds dev's session");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(second.connected(), "b keeps the newest connection");
+    assert_eq!(persistent_ids(&b).await, ["dev"]);
+
+    let (_third, _on_a, present) = session_client("dev", a_port).await;
+    assert!(!present, "the session's state stays on b");
+    let told = tokio::task::spawn_blocking(move || second.told())
+        .await
+        .expect("paho on b");
+    assert_eq!(told, (0x8E, "-".to_owned()), "back on a: b lets go");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !persistent_ids(&b).await.is_empty() {
+        assert!(Instant::now() < deadline, "b still holds dev's session");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(persistent_ids(&a).await, ["dev"]);
+}

@@ -13,6 +13,7 @@
 //! broker has routed and made durable for persistent sessions ([`cursor::DeliveryCursor`]);
 //! after a crash the messages after it are delivered again (at least once).
 
+pub(crate) mod clients;
 mod cursor;
 mod tailer;
 
@@ -46,15 +47,26 @@ const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// [`start_on_own_thread`]) appending what clients publish through `routes`, and the tailer
 /// thread delivering what the log holds. While subscribers are more than `max_lag_records`
 /// behind the log, clients that only publish are paused (0: never). Serving stops when
-/// `shutdown` completes.
+/// `shutdown` completes. `clustered`: the broker's session events, for [`clients::run`].
 pub(crate) async fn start(
     config: EdgeConfig,
     log: Arc<dyn Storage>,
     meta: Arc<Meta>,
     routes: Arc<RouteTable>,
     max_lag_records: u64,
+    clustered: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Server, NodeError> {
+) -> Result<(Server, Option<clients::Events>), NodeError> {
+    let (sessions, events) = if clustered {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let report: Box<dyn FnMut(Vec<ferry_edge::broker::SessionEvent>) + Send> =
+            Box::new(move |events| {
+                let _ = tx.send(events);
+            });
+        (Some(report), Some(rx))
+    } else {
+        (None, None)
+    };
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
     let cursor = Arc::new(DeliveryCursor::default());
     let lag = Arc::new(AtomicU64::new(0));
@@ -70,6 +82,7 @@ pub(crate) async fn start(
         }),
         lag: lag.clone(),
         max_lag: max_lag_records,
+        sessions,
     };
     let server = start_on_own_thread(config, hooks, shutdown).await?;
     let tail = Tailer {
@@ -82,7 +95,7 @@ pub(crate) async fn start(
     std::thread::Builder::new()
         .name("ferry-tailer".into())
         .spawn(move || tail.run())?;
-    Ok(server)
+    Ok((server, events))
 }
 
 /// Starts the MQTT front on a thread of its own with a current-thread runtime, as

@@ -10,7 +10,7 @@ use ferry_protocol::mqtt::{ConnAck, Connect, Disconnect, Packet, ProtocolVersion
 
 use super::publish::forwarded_properties;
 use super::session::Session;
-use super::{Action, Broker, Conn, ConnId, Downstream, Message, StoreOp, Timer};
+use super::{Action, Broker, Conn, ConnId, Downstream, Message, SessionEvent, StoreOp, Timer};
 use crate::auth;
 
 /// Keep alive (MQTT-3.1.2-22): a client may be silent for 1.5 times its interval, in
@@ -48,12 +48,13 @@ impl Broker {
             }
         }
         let mut assigned = None;
+        let chosen = !connect.client_id.is_empty();
         let client_id: Arc<str> = if connect.client_id.is_empty() {
             if !v5 && !connect.clean_start {
                 // MQTT-3.1.3-8: a 3.1.1 client without an id must ask for a clean session.
                 return refuse(self, ReasonCode::ClientIdentifierNotValid);
             }
-            let id = format!("ferry-auto-{}", self.next_assigned_id);
+            let id = format!("{}{}", super::ASSIGNED_ID_PREFIX, self.next_assigned_id);
             self.next_assigned_id += 1;
             if v5 {
                 assigned = Some(id.clone());
@@ -182,6 +183,9 @@ impl Broker {
             }
         }
         self.out.push(Action::Send(conn, Packet::ConnAck(ack)));
+        if chosen {
+            self.session_event(SessionEvent::Connected(client_id.clone()));
+        }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.credit = c.credit.saturating_sub(1);
         }
@@ -424,11 +428,26 @@ impl Broker {
         let _ = self.route(msg, now, true);
     }
 
+    /// [`Input::TakenElsewhere`](super::Input::TakenElsewhere): closes the session's
+    /// connection (0x8E) and ends the session, dropping a will still waiting for its delay.
+    pub(super) fn taken_elsewhere(&mut self, client_id: &str, now: Instant) {
+        let Some((id, session)) = self.sessions.get_key_value(client_id) else {
+            return;
+        };
+        let (id, conn) = (id.clone(), session.conn);
+        if let Some(conn) = conn {
+            // As a takeover here: a will without a delay goes out as the connection closes.
+            self.close_with(conn, Disconnect::new(ReasonCode::SessionTakenOver), now);
+        }
+        self.end_session(&id, now);
+    }
+
     /// Removes a session and everything it holds.
     fn end_session(&mut self, client_id: &Arc<str>, _now: Instant) {
         let Some(session) = self.sessions.remove(client_id) else {
             return;
         };
+        self.session_event(SessionEvent::Ended(client_id.clone()));
         self.timers.cancel(&Timer::Session(client_id.clone()));
         for (filter, _, _) in session.subscriptions.values() {
             self.subscriptions.remove(filter, client_id);

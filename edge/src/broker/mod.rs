@@ -73,6 +73,9 @@ use downstream::Downstream;
 use subscriptions::SubscriptionTree;
 use timers::{Timer, Timers};
 
+/// How the client ids the broker assigns (to a client that sent none) begin.
+pub const ASSIGNED_ID_PREFIX: &str = "ferry-auto-";
+
 /// Identifies a connection for the life of the process; the driver picks them.
 pub type ConnId = u64;
 
@@ -211,6 +214,22 @@ pub enum Input {
     /// again when it reconnects). A QoS 2 packet id is forgotten either way, so that a resend
     /// is taken as new.
     AppendFailed { acks: Vec<(ConnId, Packet)> },
+    /// Log mode in a cluster: the session of `client_id` now lives on another node (a client
+    /// with that id connected there). Its connection here, if any, is closed with
+    /// DISCONNECT 0x8E (Session taken over, v5), its will applying as when a connection is
+    /// taken over here; then the session ends here, without its persistent state and
+    /// without a will still waiting for its delay (the client is alive elsewhere).
+    TakenElsewhere { client_id: String },
+}
+
+/// Log mode in a cluster ([`Broker::report_sessions`]): a change in where sessions live,
+/// for the node to claim client ids across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A connection with this client id, one the client chose, was accepted.
+    Connected(Arc<str>),
+    /// The session with this client id ended here.
+    Ended(Arc<str>),
 }
 
 /// What the broker asks of the driver.
@@ -365,6 +384,9 @@ pub struct Broker {
     /// Log mode: delivery lags the log ([`Input::Pace`]); the publishers paused for it.
     pacing: bool,
     paced: HashSet<ConnId>,
+    /// Set by [`Broker::report_sessions`]: the session events since the driver last took
+    /// them.
+    session_events: Option<Vec<SessionEvent>>,
 }
 
 impl Broker {
@@ -390,6 +412,28 @@ impl Broker {
             deliveries_done: 0,
             pacing: false,
             paced: HashSet::new(),
+            session_events: None,
+        }
+    }
+
+    /// From now on, records [`SessionEvent`]s for [`Broker::take_session_events`] (a cloud
+    /// node in a cluster).
+    pub fn report_sessions(&mut self) {
+        self.session_events.get_or_insert_with(Vec::new);
+    }
+
+    /// The session events since the last call, in order (none unless
+    /// [`Broker::report_sessions`] was called).
+    pub fn take_session_events(&mut self) -> Vec<SessionEvent> {
+        self.session_events
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn session_event(&mut self, event: SessionEvent) {
+        if let Some(events) = &mut self.session_events {
+            events.push(event);
         }
     }
 
@@ -449,6 +493,7 @@ impl Broker {
             }
             Input::Pace(on) => self.pace(on, now),
             Input::AppendFailed { acks } => self.append_failed(acks, now),
+            Input::TakenElsewhere { client_id } => self.taken_elsewhere(&client_id, now),
         }
         actions.append(&mut self.out);
     }

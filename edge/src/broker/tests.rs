@@ -863,3 +863,98 @@ fn a_drain_sends_v5_clients_to_the_references_in_turn_and_closes_everyone() {
                 && d.properties.server_reference.is_none()
     ));
 }
+
+/// A cluster node: a session whose client id connected on another node ends here. Its
+/// connection is closed with 0x8E, a will without a delay goes to the log as on a takeover
+/// here, a will waiting for its delay is dropped, the persistent state is deleted, and the
+/// node hears where sessions connected and ended (ids the broker assigned are not told).
+#[test]
+fn a_session_taken_elsewhere_ends_here_and_the_node_hears_of_sessions() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.broker.use_log();
+    h.broker.report_sessions();
+    let with_will = |client: &str, delay: Option<u32>| {
+        let mut c = Connect::new(ProtocolVersion::V5, client);
+        c.clean_start = false;
+        c.properties.session_expiry_interval_secs = Some(3600);
+        let mut will = Will {
+            topic: topic(&format!("wills/{client}")),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        };
+        will.properties.will_delay_interval_secs = delay;
+        c.will = Some(will);
+        c
+    };
+    h.connect_with(1, with_will("now", None), 100);
+    h.packet(1, subscribe("t/#", QoS::AtLeastOnce));
+    h.connect_with(2, with_will("later", Some(60)), 100);
+    h.run(Input::Lost { conn: 2 });
+    h.connect(3, "");
+    assert_eq!(
+        h.broker.take_session_events(),
+        [
+            SessionEvent::Connected("now".into()),
+            SessionEvent::Connected("later".into())
+        ],
+        "the assigned id is not told"
+    );
+    h.broker.take_store_ops();
+
+    let a = h.run(Input::TakenElsewhere {
+        client_id: "now".into(),
+    });
+    assert_eq!(
+        a[..2],
+        [
+            Action::Send(
+                1,
+                Packet::Disconnect(Disconnect::new(ReasonCode::SessionTakenOver))
+            ),
+            Action::Close(1)
+        ]
+    );
+    let appended = h.broker.take_appends();
+    assert_eq!(
+        appended
+            .iter()
+            .map(|m| m.topic.as_str())
+            .collect::<Vec<_>>(),
+        ["wills/now"],
+        "the will without a delay goes out"
+    );
+    h.run(Input::TakenElsewhere {
+        client_id: "later".into(),
+    });
+    h.run(Input::TakenElsewhere {
+        client_id: "unknown".into(),
+    });
+    assert_eq!(
+        h.broker.take_session_events(),
+        [
+            SessionEvent::Ended("now".into()),
+            SessionEvent::Ended("later".into())
+        ]
+    );
+    let deleted: Vec<String> = h
+        .broker
+        .take_store_ops()
+        .into_iter()
+        .filter_map(|op| match op {
+            StoreOp::SessionDelete { client_id } => Some(client_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, ["now", "later"]);
+    assert_eq!(h.broker.stats().sessions, 1, "only the assigned id's");
+    h.now += Duration::from_secs(120);
+    h.run(Input::Timeout);
+    assert!(
+        h.broker.take_appends().is_empty(),
+        "the delayed will is not sent: its client lives elsewhere"
+    );
+    let a = h.connect_with(4, with_will("now", None), 100);
+    assert!(matches!(&a[0], Action::Send(4, Packet::ConnAck(ack)) if !ack.session_present));
+}

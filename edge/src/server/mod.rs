@@ -122,8 +122,11 @@ impl Server {
     ) -> Result<Self, StartError> {
         let store = Store::open(&config.server.data_dir, &config.storage)?;
         let mut broker = Broker::new(config.mqtt.clone());
-        if log.is_some() {
+        if let Some(log) = &log {
             broker.use_log();
+            if log.sessions.is_some() {
+                broker.report_sessions();
+            }
         }
         broker.set_auth(Arc::new(config.load_auth()?));
         #[cfg(feature = "edge")]
@@ -374,6 +377,13 @@ impl Server {
         {
             let _ = rx.await;
         }
+    }
+
+    /// A node in a cluster: the session of `client_id` now lives on another node (see
+    /// [`Input::TakenElsewhere`](crate::broker::Input::TakenElsewhere)).
+    pub async fn taken_elsewhere(&self, client_id: String) {
+        let input = crate::broker::Input::TakenElsewhere { client_id };
+        let _ = self.to_router.send(ToRouter::Input(input)).await;
     }
 
     /// The persistent sessions, connected or not, with what is held for each.

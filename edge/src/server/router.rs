@@ -28,7 +28,9 @@ use tracing::warn;
 
 use super::connection::Wire;
 use crate::auth::Auth;
-use crate::broker::{Action, Broker, ClientInfo, ConnId, Input, Message, SessionInfo, Stats};
+use crate::broker::{
+    Action, Broker, ClientInfo, ConnId, Input, Message, SessionEvent, SessionInfo, Stats,
+};
 use crate::store::{CommitStore, StoreError};
 use cloud_lanes::{CloudLanes, FromCloud};
 
@@ -72,6 +74,9 @@ pub struct LogHooks {
     /// Above this `lag`, publishers are paced ([`Input::Pace`]) until it is down to half;
     /// 0: never.
     pub max_lag: u64,
+    /// A node in a cluster: told after each batch, before its packets go out, where
+    /// sessions connected and ended ([`Broker::report_sessions`]).
+    pub sessions: Option<Box<dyn FnMut(Vec<SessionEvent>) + Send>>,
 }
 
 impl std::fmt::Debug for LogHooks {
@@ -291,6 +296,12 @@ async fn route_loop(
             let appends = broker.take_appends();
             if !appends.is_empty() {
                 appending.start((log.append)(appends));
+            }
+        }
+        if let Some(report) = log.as_mut().and_then(|l| l.sessions.as_mut()) {
+            let events = broker.take_session_events();
+            if !events.is_empty() {
+                report(events);
             }
         }
         let mut ops = broker.take_store_ops();

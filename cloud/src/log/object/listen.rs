@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::warn;
 
+use super::clients::{self, ClientNotice};
 use super::pg::{self, Notice, PgError};
 use super::{lock, StreamConfig, StreamState};
 
@@ -38,7 +39,12 @@ pub(super) struct Listener {
     /// so a reload never undoes a stream made meanwhile.
     pub(super) streams_lock: Arc<tokio::sync::Mutex<()>>,
     pub(super) commits: Arc<watch::Sender<u64>>,
+    /// Where claims of MQTT client ids go, once the MQTT front follows them.
+    pub(super) clients: ClientsTx,
 }
+
+/// The receiver of [`ClientNotice`]s, when there is one.
+pub(super) type ClientsTx = Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<ClientNotice>>>>;
 
 impl Listener {
     /// Follows changes until the runtime ends, connecting again after each failure.
@@ -64,9 +70,15 @@ impl Listener {
     async fn follow(&self) -> Result<std::convert::Infallible, PgError> {
         let (client, mut conn) = self.config.connect(NoTls).await?;
         let (tx, mut notices) = mpsc::unbounded_channel::<String>();
+        let claims = self.clients.clone();
         let driver = tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) if n.channel() == clients::CHANNEL => {
+                        if let Some(notice) = ClientNotice::parse(n.payload()) {
+                            send_client_notice(&claims, notice);
+                        }
+                    }
                     Some(Ok(AsyncMessage::Notification(n))) => {
                         if tx.send(n.payload().to_owned()).is_err() {
                             return None;
@@ -80,8 +92,15 @@ impl Listener {
         });
         let _driver = AbortOnDrop(driver.abort_handle());
         client
-            .batch_execute(&format!("LISTEN {}", pg::CHANNEL))
+            .batch_execute(&format!(
+                "LISTEN {}; LISTEN {}",
+                pg::CHANNEL,
+                clients::CHANNEL
+            ))
             .await?;
+        // Claims told while this connection was down are lost: the MQTT front reads the
+        // rows of its sessions again.
+        send_client_notice(&self.clients, ClientNotice::Resync);
         self.catch_up(&Notice {
             everything: true,
             ..Notice::default()
@@ -202,6 +221,13 @@ impl Listener {
             }
         }
         Ok(())
+    }
+}
+
+fn send_client_notice(to: &ClientsTx, notice: ClientNotice) {
+    let mut to = to.lock().unwrap_or_else(|e| e.into_inner());
+    if to.as_ref().is_some_and(|tx| tx.send(notice).is_err()) {
+        *to = None;
     }
 }
 

@@ -17,6 +17,7 @@
 //! crashed flush left, other nodes' commits followed (`listen.rs`), compaction
 //! (`compact.rs`), and the node's metadata in the same database (`meta.rs`).
 
+pub(crate) mod clients;
 mod compact;
 pub(crate) mod format;
 pub(crate) mod leases;
@@ -238,6 +239,8 @@ pub struct ObjectLog {
     lease: Duration,
     /// The task that keeps this node's lease, once it joined.
     membership: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Where the listener sends claims of MQTT client ids ([`ObjectLog::follow_mqtt_clients`]).
+    clients: listen::ClientsTx,
 }
 
 impl std::fmt::Debug for ObjectLog {
@@ -426,6 +429,7 @@ impl ObjectLog {
             .clone()
             .unwrap_or_else(|| random_id()[..12].to_owned());
         let streams_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let clients = listen::ClientsTx::default();
         let mut listen_config: tokio_postgres::Config = config
             .postgres_url
             .parse()
@@ -441,6 +445,7 @@ impl ObjectLog {
                 state: state.clone(),
                 streams_lock: streams_lock.clone(),
                 commits: commits_tx.clone(),
+                clients: clients.clone(),
             }
             .run(),
         );
@@ -478,6 +483,7 @@ impl ObjectLog {
             compact_bytes: config.compact_bytes.max(1),
             lease: Duration::from_millis(config.lease_ms.max(300)),
             membership: Mutex::new(None),
+            clients,
         }))
     }
 
@@ -560,6 +566,56 @@ impl ObjectLog {
             async move { leases::holder(&pool, &kind, &key).await },
         )?
         .map_err(|e| failed("a lease", e))
+    }
+
+    /// Claims the MQTT client ids `ids` for this node (a connection with each was accepted
+    /// here), telling every node; each id's token. Ids longer than
+    /// [`clients::MAX_CLAIMED_ID`] are left out.
+    pub fn claim_mqtt_clients(&self, ids: &[String]) -> Result<Vec<(String, i64)>, LogError> {
+        let mut ids: Vec<String> = ids
+            .iter()
+            .filter(|id| id.len() <= clients::MAX_CLAIMED_ID)
+            .cloned()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        wait(
+            &self.io,
+            async move { clients::claim(&pool, &node, &ids).await },
+        )?
+        .map_err(|e| failed("claim MQTT client ids", e))
+    }
+
+    /// Forgets this node's claims of `ids` (their sessions ended here).
+    pub fn release_mqtt_clients(&self, ids: &[String]) -> Result<(), LogError> {
+        let (pool, node, ids) = (self.pool.clone(), self.node.clone(), ids.to_vec());
+        wait(&self.io, async move {
+            clients::release(&pool, &node, &ids).await
+        })?
+        .map_err(|e| failed("release MQTT client ids", e))
+    }
+
+    /// The claims of `ids` there are: (client id, node, token).
+    pub fn mqtt_client_owners(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, String, i64)>, LogError> {
+        let (pool, ids) = (self.pool.clone(), ids.to_vec());
+        wait(&self.io, async move { clients::owners(&pool, &ids).await })?
+            .map_err(|e| failed("MQTT client ids", e))
+    }
+
+    /// From now on, the claims of MQTT client ids other nodes make (this node's too), and a
+    /// [`clients::ClientNotice::Resync`] whenever some may have been missed (the first comes
+    /// when the listening connection is next made, or at once if it is up).
+    pub fn follow_mqtt_clients(
+        &self,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<clients::ClientNotice> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = tx.send(clients::ClientNotice::Resync);
+        *lock(&self.clients) = Some(tx);
+        rx
     }
 
     /// The nodes on this store and database whose lease has not run out (this one too once

@@ -1,0 +1,12 @@
+-- Version 7: where each MQTT client id's session lives (Step 10). A node that accepts a
+-- connection with a client id claims it: the row names the node and a token from one
+-- sequence for all claims, so the newest claim of an id is the one with the highest token,
+-- and every node is told of it (NOTIFY ferry_mqtt_clients). The row goes when the session
+-- ends on its node.
+CREATE SEQUENCE mqtt_claims;
+CREATE TABLE mqtt_clients (
+    client_id text PRIMARY KEY,
+    node text NOT NULL,
+    token bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
