@@ -54,8 +54,12 @@ impl Broker {
                 // MQTT-3.1.3-8: a 3.1.1 client without an id must ask for a clean session.
                 return refuse(self, ReasonCode::ClientIdentifierNotValid);
             }
-            let id = format!("{}{}", super::ASSIGNED_ID_PREFIX, self.next_assigned_id);
-            self.next_assigned_id += 1;
+            // Never the id of a session there is (one assigned before a restart lives on).
+            let mut id = String::new();
+            while id.is_empty() || self.sessions.contains_key(id.as_str()) {
+                id = format!("{}{}", super::ASSIGNED_ID_PREFIX, self.next_assigned_id);
+                self.next_assigned_id += 1;
+            }
             if v5 {
                 assigned = Some(id.clone());
             }

@@ -465,6 +465,32 @@ fn assigned_client_identifier_for_empty_v5_id() {
         .is_some_and(|s| s.starts_with("ferry-auto-")));
 }
 
+/// A session restored at start under an id the broker assigned before the restart is not
+/// given to a new client that sends no id.
+#[test]
+fn an_assigned_id_is_never_one_a_restored_session_has() {
+    let mut h = Harness::new(BrokerConfig::default());
+    let stored = |id: &str| StoredSession {
+        client_id: id.into(),
+        username: None,
+        expiry_secs: 3600,
+        subscriptions: Vec::new(),
+        queue: Vec::new(),
+        awaiting_pubrel: Vec::new(),
+    };
+    let snapshot = Snapshot {
+        sessions: vec![stored("ferry-auto-1"), stored("ferry-auto-2")],
+        retained: Vec::new(),
+    };
+    h.broker.restore(snapshot, h.now);
+    let ack = h.connect(1, "");
+    assert_eq!(
+        ack.properties.assigned_client_identifier.as_deref(),
+        Some("ferry-auto-3")
+    );
+    assert!(!ack.session_present);
+}
+
 #[test]
 fn sys_topics_are_published_on_timeout_and_retained() {
     let mut h = Harness::new(BrokerConfig::default());
