@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Failover of a ferry-cloud cluster (README, "Cluster failover"): three nodes on SeaweedFS
+# and PostgreSQL; a Kafka consumer group of two confluent-kafka consumers reads a topic of
+# 3 partitions while an idempotent producer writes to it, and the node coordinating the
+# group is killed with SIGKILL. Prints, in seconds from the kill, when the group had every
+# partition again, when a record sent after the kill was consumed, and when everything
+# acknowledged before that was, with what was lost (acknowledged, never consumed). RUNS
+# (default 3) times, a new cluster each.
+#
+#   scripts/bench-failover.sh [RUNS]
+#
+# Uses the services of scripts/services.sh (started here unless FERRY_TEST_PG is set).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}
+if [ -z "${FERRY_BIN:-}" ]; then
+  cargo build --release -q -p ferry-cloud --bin ferry-cloud
+fi
+bin=${FERRY_BIN:-target/release}
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+work=$(mktemp -d)
+nodes=()
+stop_nodes() {
+  for p in "${nodes[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  for p in "${nodes[@]}"; do wait "$p" 2>/dev/null || true; done
+  nodes=()
+}
+started_services=""
+if [ -z "${FERRY_TEST_PG:-}" ]; then
+  services_start
+  started_services=1
+fi
+trap 'stop_nodes; [ -z "$started_services" ] || services_stop; rm -rf "$work"' EXIT
+
+for run in $(seq "$runs"); do
+  db="bench_failover_${run}_$$"
+  psql "$FERRY_TEST_PG" -q -c "CREATE DATABASE $db"
+  pids=()
+  admins=()
+  for i in 1 2 3; do
+    mkdir -p "$work/$run-$i"
+    cat >"$work/$run-$i/cloud.toml" <<TOML
+[server]
+listen = ["127.0.0.1:2188$i"]
+data_dir = "$work/$run-$i/data"
+[admin]
+listen = "127.0.0.1:2910$i"
+[kafka]
+listen = "127.0.0.1:2909$i"
+[log]
+backend = "object"
+[log.streams]
+partitions = 3
+$(services_object_tables "bench-failover-$$-$run" "$db" "node-$i")
+TOML
+    "$bin/ferry-cloud" --config "$work/$run-$i/cloud.toml" >"$work/$run-$i/log" 2>&1 &
+    nodes+=($!)
+    pids+=("node-$i=$!")
+    admins+=("http://127.0.0.1:2910$i")
+  done
+  for i in 1 2 3; do
+    for _ in $(seq 150); do
+      curl -sf "http://127.0.0.1:2910$i/api/ready" >/dev/null && break
+      sleep 0.2
+    done
+  done
+  sleep 3
+  echo "run $run:"
+  python3 scripts/failover-group.py "127.0.0.1:29091,127.0.0.1:29092,127.0.0.1:29093" \
+    failover "$(IFS=,; echo "${admins[*]}")" "${pids[@]}" 2>"$work/$run-clients.log" | sed 's/^/  /'
+  stop_nodes
+done
