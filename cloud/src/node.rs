@@ -228,11 +228,13 @@ impl Node {
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(events) = events {
-                tokio::spawn(crate::mqtt::clients::run(
-                    object.clone(),
-                    node.mqtt.clone(),
-                    events,
-                ));
+                let registry = crate::mqtt::clients::Registry {
+                    log: object.clone(),
+                    server: node.mqtt.clone(),
+                    storage: node.log.clone(),
+                    routes: node.routes.clone(),
+                };
+                tokio::spawn(crate::mqtt::clients::run(registry, events));
             }
             let (view, members) = (Arc::downgrade(&node.cluster), object.clone());
             tokio::spawn(async move {

@@ -985,3 +985,70 @@ async fn a_client_id_connected_on_another_node_takes_its_session_over() {
     }
     assert_eq!(persistent_ids(&a).await, ["dev"]);
 }
+
+/// A will outlives its node: client `dev` (paho-mqtt, a will on `wills/dev`) is connected to
+/// `a` when `a` is killed with SIGKILL; `b` publishes the will once `a`'s lease ran out, and
+/// a subscriber on `b` gets it. A client that left `a` with a DISCONNECT before (its will
+/// dropped) leaves none.
+#[test]
+fn a_dead_nodes_connections_leave_their_wills_to_another_node() {
+    use ferry_tests::process::{mosquitto_at, Subscription};
+    let object = object_config("wills");
+    let start = |name: &str| {
+        let dir = temp_dir(&format!("cloud-wills-{name}"));
+        cluster_node(
+            &dir,
+            &object,
+            name,
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n",
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    let (a_port, b_port) = (a.port().to_string(), b.port().to_string());
+    let watcher = Subscription::open(&b_port, "watcher", "wills/#", &["-v"]);
+    let quiet = mosquitto_at(
+        "mosquitto_pub",
+        &a_port,
+        &[
+            "-i",
+            "quiet",
+            "--will-topic",
+            "wills/quiet",
+            "--will-payload",
+            "gone",
+            "-t",
+            "hello",
+            "-m",
+            "hi",
+            "-q",
+            "1",
+        ],
+    );
+    assert!(quiet.status.success(), "{quiet:?}");
+    let dev = ToldToGo::connect_as(a.port(), "dev", "wills/dev");
+    // The claim and the will are recorded a moment after the CONNACK.
+    std::thread::sleep(Duration::from_secs(1));
+    a.kill();
+    let killed = Instant::now();
+    let out = watcher.read(1);
+    println!(
+        "the will of a connection on a SIGKILLed node came {:?} later",
+        killed.elapsed()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "wills/dev gone\n");
+    let marker = mosquitto_at(
+        "mosquitto_pub",
+        &b_port,
+        &["-t", "wills/marker", "-m", "end", "-q", "1"],
+    );
+    assert!(marker.status.success(), "{marker:?}");
+    let out = watcher.read(1);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "wills/marker end\n",
+        "no will from the client that disconnected"
+    );
+    drop(dev);
+    assert!(b.terminate().success());
+}

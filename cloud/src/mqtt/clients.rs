@@ -9,6 +9,12 @@
 //! claims (its listening connection was down, or it was not running) reads the rows of the
 //! sessions it holds again and ends those claimed elsewhere since.
 //!
+//! Wills outlive their node: each connection's will is recorded under its claim
+//! (`mqtt_wills`) and forgotten once it is published or dropped here; the wills of a node
+//! that is gone (its lease ran out) are taken by one live node, which publishes them, and a
+//! node publishes its own from before it started. A will with a delay whose client connected
+//! again since is dropped instead.
+//!
 //! What does not move: the session's state. A client that connects to another node starts
 //! there with the session that node has (none, usually: CONNACK says so with session present
 //! 0). Between the new node accepting the connection and the old one hearing of it there is
@@ -18,13 +24,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_edge::broker::{SessionEvent, ASSIGNED_ID_PREFIX};
+use ferry_edge::broker::{Message, SessionEvent, ASSIGNED_ID_PREFIX};
 use ferry_edge::server::Server;
+use ferry_protocol::mqtt::{Packet, PacketId, ProtocolVersion, Publish, QoS};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::log::object::clients::ClientNotice;
+use crate::log::object::clients::{ClientNotice, Orphan};
 use crate::log::object::ObjectLog;
+use crate::log::Storage;
+use crate::routes::RouteTable;
 
 /// How long a claim that failed (the database out of reach) waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -32,45 +41,67 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The client ids the broker's sessions connected and ended under, from the router.
 pub(crate) type Events = mpsc::UnboundedReceiver<Vec<SessionEvent>>;
 
-/// Follows `events` from `server`'s broker and other nodes' claims through `log` until
-/// either ends; see the module docs.
-pub(crate) async fn run(log: Arc<ObjectLog>, server: Server, mut events: Events) {
+/// How often the wills of nodes that are gone are looked for.
+const ORPHANS_EVERY: Duration = Duration::from_secs(2);
+
+/// What the task needs of the node.
+pub(crate) struct Registry {
+    pub(crate) log: Arc<ObjectLog>,
+    pub(crate) server: Server,
+    /// Where dead nodes' wills are appended, through `routes`.
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) routes: Arc<RouteTable>,
+}
+
+/// What became of one client id over the events waiting.
+#[derive(Default)]
+struct Change {
+    /// Connected (true) or ended (false) last.
+    connected: Option<bool>,
+    /// The will it has now, if that changed.
+    will: Option<Option<(Arc<Message>, u32)>>,
+}
+
+/// Follows `events` from the server's broker and other nodes' claims until either ends;
+/// publishes the wills of nodes that are gone. See the module docs.
+pub(crate) async fn run(registry: Registry, mut events: Events) {
+    let Registry {
+        log,
+        server,
+        storage,
+        routes,
+    } = registry;
     let mut notices = log.follow_mqtt_clients();
     let me = log.node().to_owned();
     // The ids served here, each with the token of this node's claim (the newest it made).
     let mut own: HashMap<String, i64> = HashMap::new();
+    // This node's own wills from before it started: its connections died with it.
+    let mut orphans = take_orphans(&log, true).await;
+    let mut sweep = tokio::time::interval(ORPHANS_EVERY);
     loop {
+        if !orphans.is_empty() {
+            orphans = publish_orphans(&log, &storage, &routes, orphans).await;
+        }
         tokio::select! {
             biased;
             batch = events.recv() => {
                 let Some(batch) = batch else { return };
-                // What each id's sessions came to, over every batch waiting.
-                let mut last: HashMap<Arc<str>, bool> = HashMap::new();
+                let mut changes: HashMap<Arc<str>, Change> = HashMap::new();
                 let mut batch = Some(batch);
                 while let Some(events_of_batch) = batch.take().or_else(|| events.try_recv().ok()) {
                     for event in events_of_batch {
                         match event {
-                            SessionEvent::Connected(id) => last.insert(id, true),
-                            SessionEvent::Ended(id) => last.insert(id, false),
-                        };
+                            SessionEvent::Connected(id) => changes.entry(id).or_default().connected = Some(true),
+                            SessionEvent::Ended(id) => {
+                                let change = changes.entry(id).or_default();
+                                change.connected = Some(false);
+                                change.will = Some(None);
+                            }
+                            SessionEvent::Will(id, will) => changes.entry(id).or_default().will = Some(will),
+                        }
                     }
                 }
-                let (connected, ended): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, c)| *c);
-                let connected: Vec<String> = connected.into_iter().map(|(id, _)| id.to_string()).collect();
-                let ended: Vec<String> = ended.into_iter().map(|(id, _)| id.to_string()).collect();
-                for id in &ended {
-                    own.remove(id);
-                }
-                if !ended.is_empty() {
-                    let (l, ids) = (log.clone(), ended);
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.release_mqtt_clients(&ids)).await {
-                        // Harmless: a stale row names this node until the id is claimed again.
-                        debug!(error = %e, "cannot forget ended MQTT sessions' claims");
-                    }
-                }
-                if !connected.is_empty() {
-                    own.extend(claim(&log, connected).await);
-                }
+                apply(&log, &mut own, changes).await;
             }
             notice = notices.recv() => match notice {
                 None => return,
@@ -86,6 +117,149 @@ pub(crate) async fn run(log: Arc<ObjectLog>, server: Server, mut events: Events)
                 }
                 Some(ClientNotice::Resync) => resync(&log, &server, &me, &mut own).await,
             },
+            _ = sweep.tick() => orphans.extend(take_orphans(&log, false).await),
+        }
+    }
+}
+
+/// Makes `changes` known: ended sessions' claims and wills forgotten, new connections
+/// claimed, their wills recorded under their claims.
+async fn apply(
+    log: &Arc<ObjectLog>,
+    own: &mut HashMap<String, i64>,
+    changes: HashMap<Arc<str>, Change>,
+) {
+    let mut connected = Vec::new();
+    let mut ended = Vec::new();
+    let mut wills = Vec::new();
+    let mut no_will = Vec::new();
+    for (id, change) in changes {
+        match change.connected {
+            Some(true) => connected.push(id.to_string()),
+            Some(false) => ended.push(id.to_string()),
+            None => {}
+        }
+        match change.will {
+            Some(Some(will)) => wills.push((id.to_string(), will)),
+            Some(None) => no_will.push(id.to_string()),
+            None => {}
+        }
+    }
+    for id in &ended {
+        own.remove(id);
+    }
+    if !ended.is_empty() {
+        let (l, ids) = (log.clone(), ended);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.release_mqtt_clients(&ids)).await
+        {
+            // Harmless: a stale row names this node until the id is claimed again.
+            debug!(error = %e, "cannot forget ended MQTT sessions' claims");
+        }
+    }
+    if !connected.is_empty() {
+        own.extend(claim(log, connected).await);
+    }
+    if !no_will.is_empty() {
+        let (l, ids) = (log.clone(), no_will);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.drop_mqtt_wills(&ids)).await {
+            // Published once more if this node dies before the row is gone.
+            warn!(error = %e, "cannot forget MQTT wills");
+        }
+    }
+    let recorded: Vec<(String, i64, u32, Vec<u8>)> = wills
+        .into_iter()
+        .filter_map(|(id, (msg, delay))| {
+            let token = *own.get(&id)?;
+            Some((id, token, delay, encode_will(&msg)?))
+        })
+        .collect();
+    if !recorded.is_empty() {
+        let l = log.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.put_mqtt_wills(recorded)).await {
+            warn!(error = %e, "cannot record MQTT wills: they are not published if this node dies");
+        }
+    }
+}
+
+/// The wills of nodes that are gone (with `mine`, this node's own from before it started),
+/// now this node's to publish; none when the database does not answer (tried again at the
+/// next sweep).
+async fn take_orphans(log: &Arc<ObjectLog>, mine: bool) -> Vec<Orphan> {
+    let l = log.clone();
+    match tokio::task::spawn_blocking(move || l.take_orphan_wills(mine)).await {
+        Ok(Ok(orphans)) => orphans,
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot look for dead nodes' MQTT wills");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Publishes `orphans` (appends them to the log, through the routes) and forgets them;
+/// what could not be appended, to try again.
+async fn publish_orphans(
+    log: &Arc<ObjectLog>,
+    storage: &Arc<dyn Storage>,
+    routes: &Arc<RouteTable>,
+    orphans: Vec<Orphan>,
+) -> Vec<Orphan> {
+    let messages: Vec<Arc<Message>> = orphans
+        .iter()
+        .filter_map(|o| decode_will(&o.client_id, &o.will))
+        .map(Arc::new)
+        .collect();
+    if let Err(e) = super::append(storage.clone(), routes.clone(), messages).await {
+        warn!(error = %e, wills = orphans.len(), "cannot publish dead nodes' MQTT wills; trying again");
+        tokio::time::sleep(RETRY).await;
+        return orphans;
+    }
+    info!(
+        wills = orphans.len(),
+        "published the MQTT wills of connections on nodes that are gone"
+    );
+    let (l, ids) = (
+        log.clone(),
+        orphans.into_iter().map(|o| o.client_id).collect::<Vec<_>>(),
+    );
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.drop_mqtt_wills(&ids)).await {
+        warn!(error = %e, "cannot forget published MQTT wills");
+    }
+    Vec::new()
+}
+
+/// A will as the PUBLISH packet (MQTT 5) it is recorded as.
+fn encode_will(msg: &Message) -> Option<Vec<u8>> {
+    let mut publish = Publish::new(msg.topic.clone(), msg.payload.clone());
+    publish.qos = msg.qos;
+    publish.retain = msg.retain;
+    publish.properties = msg.properties.clone();
+    publish.packet_id = (msg.qos != QoS::AtMostOnce)
+        .then(|| PacketId::new(1))
+        .flatten();
+    let mut out = bytes::BytesMut::new();
+    Packet::Publish(publish)
+        .encode(ProtocolVersion::V5, &mut out)
+        .ok()?;
+    Some(out.to_vec())
+}
+
+/// The message a recorded will publishes, from `client_id`.
+fn decode_will(client_id: &str, bytes: &[u8]) -> Option<Message> {
+    let mut buf = bytes::BytesMut::from(bytes);
+    match ferry_protocol::mqtt::decode(&mut buf, ProtocolVersion::V5, usize::MAX) {
+        Ok(Some(Packet::Publish(p))) => Some(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: p.properties,
+            expires_at: None,
+            publisher: Some(client_id.into()),
+        }),
+        _ => {
+            warn!(client_id, "a recorded MQTT will does not decode; dropped");
+            None
         }
     }
 }

@@ -187,8 +187,14 @@ impl Broker {
             }
         }
         self.out.push(Action::Send(conn, Packet::ConnAck(ack)));
-        if chosen {
+        if chosen && self.session_events.is_some() {
             self.session_event(SessionEvent::Connected(client_id.clone()));
+            let will = self.sessions.get(&client_id).and_then(|s| s.will.as_ref());
+            let will = will.map(|w| {
+                let delay = w.properties.will_delay_interval_secs.unwrap_or(0);
+                (Arc::new(will_message(client_id.clone(), w, None)), delay)
+            });
+            self.session_event(SessionEvent::Will(client_id.clone(), will));
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.credit = c.credit.saturating_sub(1);
@@ -280,9 +286,12 @@ impl Broker {
         }
         session.conn = None;
         session.disconnected_at = Some(now);
-        if c.will_suppressed {
-            session.will = None;
+        if c.will_suppressed && session.will.take().is_some() {
+            self.session_event(SessionEvent::Will(c.client_id.clone(), None));
         }
+        let Some(session) = self.sessions.get_mut(&c.client_id) else {
+            return;
+        };
         if let Some(will) = &session.will {
             let delay = will.properties.will_delay_interval_secs.unwrap_or(0);
             let delay = delay.min(session.expiry_secs);
@@ -408,19 +417,8 @@ impl Broker {
         will: ferry_protocol::mqtt::Will,
         now: Instant,
     ) {
-        let msg = Message {
-            expires_at: will
-                .properties
-                .message_expiry_interval_secs
-                .map(|s| now + Duration::from_secs(s.into())),
-            properties: forwarded_properties(&will.properties),
-            topic: will.topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            publisher: Some(client_id),
-        };
-        let msg = Arc::new(msg);
+        self.session_event(SessionEvent::Will(client_id.clone(), None));
+        let msg = Arc::new(will_message(client_id, &will, Some(now)));
         if let Downstream::Log(appends) = &mut self.downstream {
             appends.push(msg);
             return;
@@ -462,5 +460,28 @@ impl Broker {
                 client_id: client_id.clone(),
             });
         }
+    }
+}
+
+/// The message `will` publishes: its expiry counts from `now`, or without `now` stays a
+/// property (Message Expiry Interval) for whoever publishes it later.
+fn will_message(
+    client_id: Arc<str>,
+    will: &ferry_protocol::mqtt::Will,
+    now: Option<Instant>,
+) -> Message {
+    let expiry = will.properties.message_expiry_interval_secs;
+    let mut properties = forwarded_properties(&will.properties);
+    if now.is_none() {
+        properties.message_expiry_interval_secs = expiry;
+    }
+    Message {
+        expires_at: now.and_then(|now| expiry.map(|s| now + Duration::from_secs(s.into()))),
+        properties,
+        topic: will.topic.clone(),
+        payload: will.payload.clone(),
+        qos: will.qos,
+        retain: will.retain,
+        publisher: Some(client_id),
     }
 }

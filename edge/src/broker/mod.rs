@@ -224,10 +224,15 @@ pub enum Input {
 
 /// Log mode in a cluster ([`Broker::report_sessions`]): a change in where sessions live,
 /// for the node to claim client ids across the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SessionEvent {
     /// A connection with this client id, one the client chose, was accepted.
     Connected(Arc<str>),
+    /// The will the session's connection leaves if the node dies with it, as it would be
+    /// published (its expiry as a property, from when it is published), and its delay in
+    /// seconds; None: no will any more (the connection has none, or it was published, or a
+    /// DISCONNECT dropped it). Only for client ids the client chose.
+    Will(Arc<str>, Option<(Arc<Message>, u32)>),
     /// The session with this client id ended here.
     Ended(Arc<str>),
 }

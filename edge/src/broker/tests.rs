@@ -890,6 +890,20 @@ fn a_drain_sends_v5_clients_to_the_references_in_turn_and_closes_everyone() {
     ));
 }
 
+/// The session events the broker has for the node, as text.
+fn told(broker: &mut Broker) -> Vec<String> {
+    broker
+        .take_session_events()
+        .into_iter()
+        .map(|e| match e {
+            SessionEvent::Connected(id) => format!("connected {id}"),
+            SessionEvent::Will(id, Some((m, delay))) => format!("will {id} {} {delay}", m.topic),
+            SessionEvent::Will(id, None) => format!("will {id} -"),
+            SessionEvent::Ended(id) => format!("ended {id}"),
+        })
+        .collect()
+}
+
 /// A cluster node: a session whose client id connected on another node ends here. Its
 /// connection is closed with 0x8E, a will without a delay goes to the log as on a takeover
 /// here, a will waiting for its delay is dropped, the persistent state is deleted, and the
@@ -920,10 +934,12 @@ fn a_session_taken_elsewhere_ends_here_and_the_node_hears_of_sessions() {
     h.run(Input::Lost { conn: 2 });
     h.connect(3, "");
     assert_eq!(
-        h.broker.take_session_events(),
+        told(&mut h.broker),
         [
-            SessionEvent::Connected("now".into()),
-            SessionEvent::Connected("later".into())
+            "connected now",
+            "will now wills/now 0",
+            "connected later",
+            "will later wills/later 60"
         ],
         "the assigned id is not told"
     );
@@ -958,11 +974,9 @@ fn a_session_taken_elsewhere_ends_here_and_the_node_hears_of_sessions() {
         client_id: "unknown".into(),
     });
     assert_eq!(
-        h.broker.take_session_events(),
-        [
-            SessionEvent::Ended("now".into()),
-            SessionEvent::Ended("later".into())
-        ]
+        told(&mut h.broker),
+        ["will now -", "ended now", "ended later"],
+        "now's will went out as its connection closed"
     );
     let deleted: Vec<String> = h
         .broker

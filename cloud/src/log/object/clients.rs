@@ -98,6 +98,97 @@ pub(crate) async fn owners(
         .collect())
 }
 
+/// Records the wills of connections accepted here under their claims (id, token, delay in
+/// seconds, the will as a PUBLISH packet): a will recorded under an older claim than the
+/// one there is does not replace it.
+pub(crate) async fn put_wills(
+    pool: &Pool,
+    node: &str,
+    wills: &[(String, i64, u32, Vec<u8>)],
+) -> Result<(), PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    for (id, token, delay, will) in wills {
+        tx.execute(
+            "INSERT INTO mqtt_wills (client_id, node, token, delay_secs, will)              VALUES ($1, $2, $3, $4, $5)              ON CONFLICT (client_id) DO UPDATE SET node = EXCLUDED.node,                token = EXCLUDED.token, delay_secs = EXCLUDED.delay_secs,                will = EXCLUDED.will, at = now()              WHERE mqtt_wills.token < EXCLUDED.token",
+            &[id, &node, token, &i64::from(*delay), will],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Forgets the wills of `ids` this node recorded (published here, dropped by a DISCONNECT,
+/// or their sessions ended).
+pub(crate) async fn drop_wills(pool: &Pool, node: &str, ids: &[String]) -> Result<(), PgError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "DELETE FROM mqtt_wills WHERE client_id = ANY($1) AND node = $2",
+            &[&ids, &node],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A will left by a node that is gone, to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub client_id: String,
+    /// The PUBLISH packet (MQTT 5) it was recorded as.
+    pub will: Vec<u8>,
+}
+
+/// Takes the wills of nodes that are gone (their lease ran out; with `mine`, this node's
+/// own from before it started), for this node to publish: each is handed to one node. A
+/// will whose client has connected again since, on any node, is dropped instead if it had
+/// a delay (the delay is there to ride out a reconnection); one without a delay is
+/// published, as when a connection is taken over on one node. Once published, they are
+/// forgotten with [`drop_wills`].
+pub(crate) async fn take_orphans(
+    pool: &Pool,
+    node: &str,
+    mine: bool,
+) -> Result<Vec<Orphan>, PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT w.client_id, w.will, w.delay_secs, w.token, c.token              FROM mqtt_wills w LEFT JOIN mqtt_clients c USING (client_id)              WHERE (w.node <> $1 AND NOT EXISTS (                       SELECT 1 FROM nodes n WHERE n.name = w.node AND n.lease_until > now()))                 OR ($2 AND w.node = $1)              ORDER BY w.client_id FOR UPDATE OF w SKIP LOCKED",
+            &[&node, &mine],
+        )
+        .await?;
+    let mut taken = Vec::new();
+    let mut dropped = Vec::new();
+    for r in &rows {
+        let (id, will, delay, token, latest): (String, Vec<u8>, i64, i64, Option<i64>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        if delay > 0 && latest.is_some_and(|l| l > token) {
+            dropped.push(id);
+        } else {
+            taken.push(Orphan {
+                client_id: id,
+                will,
+            });
+        }
+    }
+    let ids: Vec<&str> = taken.iter().map(|o| o.client_id.as_str()).collect();
+    // Taken over by this node until published: if it dies first, another node takes them.
+    tx.execute(
+        "UPDATE mqtt_wills SET node = $2, at = now() WHERE client_id = ANY($1)",
+        &[&ids, &node],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM mqtt_wills WHERE client_id = ANY($1)",
+        &[&dropped],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(taken)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

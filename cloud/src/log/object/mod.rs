@@ -606,6 +606,35 @@ impl ObjectLog {
             .map_err(|e| failed("MQTT client ids", e))
     }
 
+    /// Records the wills of connections accepted here (id, claim token, delay, PUBLISH
+    /// packet), for another node to publish if this one dies (see [`clients::put_wills`]).
+    pub fn put_mqtt_wills(&self, wills: Vec<(String, i64, u32, Vec<u8>)>) -> Result<(), LogError> {
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        wait(&self.io, async move {
+            clients::put_wills(&pool, &node, &wills).await
+        })?
+        .map_err(|e| failed("record MQTT wills", e))
+    }
+
+    /// Forgets the wills of `ids` this node recorded.
+    pub fn drop_mqtt_wills(&self, ids: &[String]) -> Result<(), LogError> {
+        let (pool, node, ids) = (self.pool.clone(), self.node.clone(), ids.to_vec());
+        wait(&self.io, async move {
+            clients::drop_wills(&pool, &node, &ids).await
+        })?
+        .map_err(|e| failed("forget MQTT wills", e))
+    }
+
+    /// The wills of nodes that are gone (with `mine`, this node's own from before it
+    /// started), now this node's to publish (see [`clients::take_orphans`]).
+    pub fn take_orphan_wills(&self, mine: bool) -> Result<Vec<clients::Orphan>, LogError> {
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        wait(&self.io, async move {
+            clients::take_orphans(&pool, &node, mine).await
+        })?
+        .map_err(|e| failed("take dead nodes' MQTT wills", e))
+    }
+
     /// From now on, the claims of MQTT client ids other nodes make (this node's too), and a
     /// [`clients::ClientNotice::Resync`] whenever some may have been missed (the first comes
     /// when the listening connection is next made, or at once if it is up).

@@ -10,3 +10,13 @@ CREATE TABLE mqtt_clients (
     token bigint NOT NULL,
     at timestamptz NOT NULL DEFAULT now()
 );
+-- The will each connection leaves if its node dies with it (a PUBLISH packet, MQTT 5), under
+-- the claim it came with; published by another node once its node is gone.
+CREATE TABLE mqtt_wills (
+    client_id text PRIMARY KEY,
+    node text NOT NULL,
+    token bigint NOT NULL,
+    delay_secs bigint NOT NULL,
+    will bytea NOT NULL,
+    at timestamptz NOT NULL DEFAULT now()
+);
