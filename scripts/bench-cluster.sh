@@ -36,20 +36,8 @@ for n in 1 2 3; do
   psql "$FERRY_TEST_PG" -q -c "CREATE DATABASE $db"
   for i in $(seq "$n"); do
     mkdir -p "$work/$n-$i"
-    cat >"$work/$n-$i/cloud.toml" <<TOML
-[server]
-listen = ["127.0.0.1:2188$i"]
-data_dir = "$work/$n-$i/data"
-[admin]
-listen = "127.0.0.1:2910$i"
-[kafka]
-listen = "127.0.0.1:2909$i"
-[log]
-backend = "object"
-[log.streams]
-partitions = 6
-$(services_object_tables "bench-cluster-$$-$n" "$db" "node-$i")
-TOML
+    services_cluster_node_toml "$work/$n-$i" "$i" 6 "bench-cluster-$$-$n" "$db" \
+      >"$work/$n-$i/cloud.toml"
     "$bin/ferry-cloud" --config "$work/$n-$i/cloud.toml" >"$work/$n-$i/log" 2>&1 &
     nodes+=($!)
   done

@@ -40,20 +40,8 @@ for run in $(seq "$runs"); do
   admins=()
   for i in 1 2 3; do
     mkdir -p "$work/$run-$i"
-    cat >"$work/$run-$i/cloud.toml" <<TOML
-[server]
-listen = ["127.0.0.1:2188$i"]
-data_dir = "$work/$run-$i/data"
-[admin]
-listen = "127.0.0.1:2910$i"
-[kafka]
-listen = "127.0.0.1:2909$i"
-[log]
-backend = "object"
-[log.streams]
-partitions = 3
-$(services_object_tables "bench-failover-$$-$run" "$db" "node-$i")
-TOML
+    services_cluster_node_toml "$work/$run-$i" "$i" 3 "bench-failover-$$-$run" "$db" \
+      >"$work/$run-$i/cloud.toml"
     "$bin/ferry-cloud" --config "$work/$run-$i/cloud.toml" >"$work/$run-$i/log" 2>&1 &
     nodes+=($!)
     pids+=("node-$i=$!")

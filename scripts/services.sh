@@ -89,6 +89,17 @@ services_object_tables() {
   printf 'secret_access_key = "%s"\nallow_http = true\n' "$FERRY_TEST_S3_SECRET"
 }
 
+# The configuration of node I of a cluster of scripts on one machine, its data in DIR:
+# MQTT on 2188I, Kafka on 2909I, the admin API on 2910I, streams of PARTITIONS partitions,
+# the log on the services' store (key prefix PREFIX) and database DB, named node-I.
+services_cluster_node_toml() {
+  local dir=$1 i=$2 partitions=$3 prefix=$4 db=$5
+  printf '[server]\nlisten = ["127.0.0.1:2188%s"]\ndata_dir = "%s/data"\n' "$i" "$dir"
+  printf '[admin]\nlisten = "127.0.0.1:2910%s"\n[kafka]\nlisten = "127.0.0.1:2909%s"\n' "$i" "$i"
+  printf '[log]\nbackend = "object"\n[log.streams]\npartitions = %s\n' "$partitions"
+  services_object_tables "$prefix" "$db" "node-$i"
+}
+
 services_stop() {
   [ -n "$services_dir" ] || return 0
   if [ -n "$services_weed_pid" ]; then

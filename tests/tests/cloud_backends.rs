@@ -682,23 +682,20 @@ fn cluster_node(dir: &std::path::Path, object: &ObjectConfig, name: &str, config
     Edge::cloud_in(dir, &["--config", file.to_str().expect("utf8")])
 }
 
+/// A ferry-cloud process, node `name` of the cluster on `object`, serving MQTT only.
+fn mqtt_cluster_node(test: &str, object: &ObjectConfig, name: &str) -> Edge {
+    let dir = temp_dir(&format!("cloud-{test}-{name}"));
+    cluster_node(&dir, object, name, "[server]\nlisten = [\"127.0.0.1:0\"]\n")
+}
+
 /// SIGTERM drains a node of a cluster: its MQTT 5 clients are sent to another live node
 /// (DISCONNECT 0x9C, Use another server, with that node's MQTT address as the Server
 /// Reference), and it leaves the nodes at once.
 #[test]
 fn a_draining_node_sends_its_mqtt5_clients_to_another_node() {
     let object = object_config("drain");
-    let start = |name: &str| {
-        let dir = temp_dir(&format!("cloud-drain-{name}"));
-        cluster_node(
-            &dir,
-            &object,
-            name,
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n",
-        )
-    };
-    let a = start("a");
-    let b = start("b");
+    let a = mqtt_cluster_node("drain", &object, "a");
+    let b = mqtt_cluster_node("drain", &object, "b");
     let client = ToldToGo::connect(a.port());
     assert!(a.terminate().success());
     assert_eq!(
@@ -994,17 +991,8 @@ async fn a_client_id_connected_on_another_node_takes_its_session_over() {
 fn a_dead_nodes_connections_leave_their_wills_to_another_node() {
     use ferry_tests::process::{mosquitto_at, Subscription};
     let object = object_config("wills");
-    let start = |name: &str| {
-        let dir = temp_dir(&format!("cloud-wills-{name}"));
-        cluster_node(
-            &dir,
-            &object,
-            name,
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n",
-        )
-    };
-    let a = start("a");
-    let b = start("b");
+    let a = mqtt_cluster_node("wills", &object, "a");
+    let b = mqtt_cluster_node("wills", &object, "b");
     let (a_port, b_port) = (a.port().to_string(), b.port().to_string());
     let watcher = Subscription::open(&b_port, "watcher", "wills/#", &["-v"]);
     let quiet = mosquitto_at(
