@@ -76,8 +76,8 @@ pub struct Node {
     pub cluster: Arc<crate::kafka::cluster::ClusterView>,
     routes: Arc<RouteTable>,
     stream_defaults: StreamConfig,
-    /// On the object backend, until the node joined: the MQTT broker's session events.
-    mqtt_sessions: Arc<std::sync::Mutex<Option<crate::mqtt::clients::Events>>>,
+    /// On the object backend, until the node joined: what the MQTT front tells the cluster.
+    mqtt_sessions: Arc<std::sync::Mutex<Option<crate::mqtt::clients::Hooks>>>,
 }
 
 /// This node's name on the object backend when `[log.object] node` is not set: made up once
@@ -222,19 +222,19 @@ impl Node {
             // refreshed every second.
             node.cluster.set_store(object.clone());
             // One session per MQTT client id in the cluster.
-            let events = node
+            let hooks = node
                 .mqtt_sessions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
-            if let Some(events) = events {
+            if let Some(hooks) = hooks {
                 let registry = crate::mqtt::clients::Registry {
                     log: object.clone(),
                     server: node.mqtt.clone(),
                     storage: node.log.clone(),
                     routes: node.routes.clone(),
                 };
-                tokio::spawn(crate::mqtt::clients::run(registry, events));
+                tokio::spawn(crate::mqtt::clients::run(registry, hooks));
             }
             let (view, members) = (Arc::downgrade(&node.cluster), object.clone());
             tokio::spawn(async move {

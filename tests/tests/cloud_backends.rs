@@ -1040,3 +1040,37 @@ fn a_dead_nodes_connections_leave_their_wills_to_another_node() {
     drop(dev);
     assert!(b.terminate().success());
 }
+
+/// Retained messages are the cluster's: a node started after a retained message was
+/// published on another one (its log read from the end on, so it never delivers that
+/// message itself) gives it to a subscriber, and not one whose topic was cleared since.
+#[test]
+fn a_node_started_later_has_the_retained_messages_of_the_cluster() {
+    use ferry_tests::process::mosquitto_at;
+    let object = object_config("retained");
+    let a = mqtt_cluster_node("retained", &object, "a");
+    let a_port = a.port().to_string();
+    for (topic, payload) in [("state/x", "on"), ("state/y", "on"), ("state/y", "")] {
+        let out = mosquitto_at(
+            "mosquitto_pub",
+            &a_port,
+            &["-t", topic, "-m", payload, "-r", "-q", "1"],
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
+    // a delivers them from the log and records them a moment later.
+    std::thread::sleep(Duration::from_secs(2));
+    let c = mqtt_cluster_node("retained", &object, "c");
+    let out = mosquitto_at(
+        "mosquitto_sub",
+        &c.port().to_string(),
+        &["-t", "state/#", "-v", "-C", "2", "-W", "5"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "state/x on\n",
+        "state/x retained, state/y cleared"
+    );
+    assert!(a.terminate().success());
+    assert!(c.terminate().success());
+}

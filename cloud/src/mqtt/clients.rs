@@ -15,6 +15,10 @@
 //! node publishes its own from before it started. A will with a delay whose client connected
 //! again since is dropped instead.
 //!
+//! Retained messages are the cluster's: every retained message the tailer delivers is
+//! recorded (`mqtt_retained`, the newest per topic), and a node that starts takes those it
+//! has none of ([`Server::seed_retained`]).
+//!
 //! What does not move: the session's state. A client that connects to another node starts
 //! there with the session that node has (none, usually: CONNACK says so with session present
 //! 0). Between the new node accepting the connection and the old one hearing of it there is
@@ -30,7 +34,7 @@ use ferry_protocol::mqtt::{Packet, PacketId, ProtocolVersion, Publish, QoS};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::log::object::clients::{ClientNotice, Orphan};
+use crate::log::object::clients::{ClientNotice, Orphan, RetainedRow};
 use crate::log::object::ObjectLog;
 use crate::log::Storage;
 use crate::routes::RouteTable;
@@ -40,6 +44,22 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// The client ids the broker's sessions connected and ended under, from the router.
 pub(crate) type Events = mpsc::UnboundedReceiver<Vec<SessionEvent>>;
+
+/// A retained message the tailer delivered, and where it is in the log.
+#[derive(Debug)]
+pub(crate) struct RetainedSeen {
+    pub(crate) stream: String,
+    pub(crate) partition: u32,
+    pub(crate) offset: i64,
+    pub(crate) msg: Arc<Message>,
+}
+
+/// What the MQTT front tells this task.
+#[derive(Debug)]
+pub(crate) struct Hooks {
+    pub(crate) events: Events,
+    pub(crate) retained: mpsc::UnboundedReceiver<RetainedSeen>,
+}
 
 /// How often the wills of nodes that are gone are looked for.
 const ORPHANS_EVERY: Duration = Duration::from_secs(2);
@@ -64,14 +84,20 @@ struct Change {
 
 /// Follows `events` from the server's broker and other nodes' claims until either ends;
 /// publishes the wills of nodes that are gone. See the module docs.
-pub(crate) async fn run(registry: Registry, mut events: Events) {
+pub(crate) async fn run(registry: Registry, hooks: Hooks) {
     let Registry {
         log,
         server,
         storage,
         routes,
     } = registry;
+    let Hooks {
+        mut events,
+        mut retained,
+    } = hooks;
     let mut notices = log.follow_mqtt_clients();
+    // What the cluster retained before this node followed the log.
+    seed_retained(&log, &server).await;
     let me = log.node().to_owned();
     // The ids served here, each with the token of this node's claim (the newest it made).
     let mut own: HashMap<String, i64> = HashMap::new();
@@ -117,6 +143,15 @@ pub(crate) async fn run(registry: Registry, mut events: Events) {
                 }
                 Some(ClientNotice::Resync) => resync(&log, &server, &me, &mut own).await,
             },
+            Some(first) = retained.recv() => {
+                // The newest of each topic, over everything waiting.
+                let mut newest: HashMap<String, RetainedSeen> = HashMap::new();
+                let mut next = Some(first);
+                while let Some(seen) = next.take().or_else(|| retained.try_recv().ok()) {
+                    newest.insert(seen.msg.topic.to_string(), seen);
+                }
+                record_retained(&log, newest).await;
+            }
             _ = sweep.tick() => orphans.extend(take_orphans(&log, false).await),
         }
     }
@@ -170,7 +205,7 @@ async fn apply(
         .into_iter()
         .filter_map(|(id, (msg, delay))| {
             let token = *own.get(&id)?;
-            Some((id, token, delay, encode_will(&msg)?))
+            Some((id, token, delay, encode_message(&msg)?))
         })
         .collect();
     if !recorded.is_empty() {
@@ -206,7 +241,7 @@ async fn publish_orphans(
 ) -> Vec<Orphan> {
     let messages: Vec<Arc<Message>> = orphans
         .iter()
-        .filter_map(|o| decode_will(&o.client_id, &o.will))
+        .filter_map(|o| decode_message(&o.client_id, &o.will, Some(&o.client_id)))
         .map(Arc::new)
         .collect();
     if let Err(e) = super::append(storage.clone(), routes.clone(), messages).await {
@@ -228,12 +263,72 @@ async fn publish_orphans(
     Vec::new()
 }
 
-/// A will as the PUBLISH packet (MQTT 5) it is recorded as.
-fn encode_will(msg: &Message) -> Option<Vec<u8>> {
+/// Gives the broker the retained messages the cluster recorded (those it has none of are
+/// kept); tried a few times, then given up with a warning (the node then knows only what
+/// is retained from now on).
+async fn seed_retained(log: &Arc<ObjectLog>, server: &Server) {
+    for _ in 0..10 {
+        let l = log.clone();
+        match tokio::task::spawn_blocking(move || l.mqtt_retained()).await {
+            Ok(Ok(rows)) => {
+                let messages: Vec<Arc<Message>> = rows
+                    .iter()
+                    .filter_map(|(topic, bytes)| decode_message(topic, bytes, None))
+                    .map(Arc::new)
+                    .collect();
+                debug!(
+                    retained = messages.len(),
+                    "retained MQTT messages of the cluster"
+                );
+                server.seed_retained(messages).await;
+                return;
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot read the cluster's retained MQTT messages"),
+            Err(_) => return,
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+    warn!("started without the cluster's retained MQTT messages");
+}
+
+/// Records the newest retained message of each topic delivered here; one that cannot be
+/// recorded is left to the next of its topic (or another node's record of it).
+async fn record_retained(log: &Arc<ObjectLog>, newest: HashMap<String, RetainedSeen>) {
+    let rows: Vec<RetainedRow> = newest
+        .into_iter()
+        .filter_map(|(topic, seen)| {
+            let message = if seen.msg.payload.is_empty() {
+                None
+            } else {
+                Some(encode_message(&seen.msg)?)
+            };
+            Some(RetainedRow {
+                topic,
+                stream: seen.stream,
+                partition: i32::try_from(seen.partition).ok()?,
+                offset: seen.offset,
+                message,
+            })
+        })
+        .collect();
+    let l = log.clone();
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.put_mqtt_retained(rows)).await {
+        debug!(error = %e, "cannot record retained MQTT messages");
+    }
+}
+
+/// A message as the PUBLISH packet (MQTT 5) it is recorded as (a will, a retained
+/// message): what is left of its expiry, as its Message Expiry Interval.
+fn encode_message(msg: &Message) -> Option<Vec<u8>> {
     let mut publish = Publish::new(msg.topic.clone(), msg.payload.clone());
     publish.qos = msg.qos;
     publish.retain = msg.retain;
     publish.properties = msg.properties.clone();
+    if let Some(at) = msg.expires_at {
+        let left = at.saturating_duration_since(std::time::Instant::now());
+        publish.properties.message_expiry_interval_secs =
+            Some(u32::try_from(left.as_secs().max(1)).unwrap_or(u32::MAX));
+    }
     publish.packet_id = (msg.qos != QoS::AtMostOnce)
         .then(|| PacketId::new(1))
         .flatten();
@@ -244,21 +339,28 @@ fn encode_will(msg: &Message) -> Option<Vec<u8>> {
     Some(out.to_vec())
 }
 
-/// The message a recorded will publishes, from `client_id`.
-fn decode_will(client_id: &str, bytes: &[u8]) -> Option<Message> {
+/// The message recorded as `bytes` (under `what`: a client id or a topic), from
+/// `publisher`.
+fn decode_message(what: &str, bytes: &[u8], publisher: Option<&str>) -> Option<Message> {
     let mut buf = bytes::BytesMut::from(bytes);
     match ferry_protocol::mqtt::decode(&mut buf, ProtocolVersion::V5, usize::MAX) {
-        Ok(Some(Packet::Publish(p))) => Some(Message {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
-            properties: p.properties,
-            expires_at: None,
-            publisher: Some(client_id.into()),
-        }),
+        Ok(Some(Packet::Publish(p))) => {
+            let expires_at = p
+                .properties
+                .message_expiry_interval_secs
+                .map(|s| std::time::Instant::now() + Duration::from_secs(s.into()));
+            Some(Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties: p.properties,
+                expires_at,
+                publisher: publisher.map(Arc::from),
+            })
+        }
         _ => {
-            warn!(client_id, "a recorded MQTT will does not decode; dropped");
+            warn!(what, "a recorded MQTT message does not decode; dropped");
             None
         }
     }

@@ -47,7 +47,8 @@ const CURSOR_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 /// [`start_on_own_thread`]) appending what clients publish through `routes`, and the tailer
 /// thread delivering what the log holds. While subscribers are more than `max_lag_records`
 /// behind the log, clients that only publish are paused (0: never). Serving stops when
-/// `shutdown` completes. `clustered`: the broker's session events, for [`clients::run`].
+/// `shutdown` completes. `clustered`: the broker's session events and the retained
+/// messages delivered, for [`clients::run`].
 pub(crate) async fn start(
     config: EdgeConfig,
     log: Arc<dyn Storage>,
@@ -56,16 +57,21 @@ pub(crate) async fn start(
     max_lag_records: u64,
     clustered: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(Server, Option<clients::Events>), NodeError> {
-    let (sessions, events) = if clustered {
-        let (tx, rx) = mpsc::unbounded_channel();
+) -> Result<(Server, Option<clients::Hooks>), NodeError> {
+    let (sessions, retained, cluster) = if clustered {
+        let (tx, events) = mpsc::unbounded_channel();
         let report: Box<dyn FnMut(Vec<ferry_edge::broker::SessionEvent>) + Send> =
             Box::new(move |events| {
                 let _ = tx.send(events);
             });
-        (Some(report), Some(rx))
+        let (retained_tx, retained) = mpsc::unbounded_channel();
+        (
+            Some(report),
+            Some(retained_tx),
+            Some(clients::Hooks { events, retained }),
+        )
     } else {
-        (None, None)
+        (None, None, None)
     };
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
     let cursor = Arc::new(DeliveryCursor::default());
@@ -91,11 +97,12 @@ pub(crate) async fn start(
         tx: deliveries_tx,
         cursor,
         lag,
+        retained,
     };
     std::thread::Builder::new()
         .name("ferry-tailer".into())
         .spawn(move || tail.run())?;
-    Ok((server, events))
+    Ok((server, cluster))
 }
 
 /// Starts the MQTT front on a thread of its own with a current-thread runtime, as

@@ -28,6 +28,8 @@ pub(super) struct Tailer {
     pub(super) cursor: Arc<DeliveryCursor>,
     /// Records of the log the broker has not routed yet (as of the last pass).
     pub(super) lag: Arc<AtomicU64>,
+    /// In a cluster: every retained message delivered, for the cluster's record of them.
+    pub(super) retained: Option<mpsc::UnboundedSender<super::clients::RetainedSeen>>,
 }
 
 impl Tailer {
@@ -200,9 +202,18 @@ impl Tailer {
                         .map(|s| Instant::now() + Duration::from_secs(s.into())),
                     publisher: view.client.map(Arc::from),
                 };
+                let msg = Arc::new(msg);
+                if let Some(retained) = self.retained.as_ref().filter(|_| msg.retain) {
+                    let _ = retained.send(super::clients::RetainedSeen {
+                        stream: stream.to_owned(),
+                        partition,
+                        offset: rec.offset,
+                        msg: msg.clone(),
+                    });
+                }
                 // Counted before it is sent: the broker may route it at once.
                 self.cursor.handed(&key, rec.offset);
-                self.tx.blocking_send(Arc::new(msg)).map_err(|_| None)?;
+                self.tx.blocking_send(msg).map_err(|_| None)?;
             }
             next = h.last_offset() + 1;
         }

@@ -220,6 +220,10 @@ pub enum Input {
     /// taken over here; then the session ends here, without its persistent state and
     /// without a will still waiting for its delay (the client is alive elsewhere).
     TakenElsewhere { client_id: String },
+    /// Log mode in a cluster, at start: retained messages the cluster knows of (published
+    /// before this node followed the log). Each is kept if the broker has none for its
+    /// topic yet (what the log delivered since is newer); none is routed to anyone.
+    Retained(Vec<Arc<Message>>),
 }
 
 /// Log mode in a cluster ([`Broker::report_sessions`]): a change in where sessions live,
@@ -499,6 +503,14 @@ impl Broker {
             Input::Pace(on) => self.pace(on, now),
             Input::AppendFailed { acks } => self.append_failed(acks, now),
             Input::TakenElsewhere { client_id } => self.taken_elsewhere(&client_id, now),
+            Input::Retained(messages) => {
+                for msg in messages {
+                    let known = self.retained.contains_key(&msg.topic);
+                    if self.config.retain_available && !known && !msg.payload.is_empty() {
+                        self.retain(&msg);
+                    }
+                }
+            }
         }
         actions.append(&mut self.out);
     }

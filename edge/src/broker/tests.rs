@@ -998,3 +998,53 @@ fn a_session_taken_elsewhere_ends_here_and_the_node_hears_of_sessions() {
     let a = h.connect_with(4, with_will("now", None), 100);
     assert!(matches!(&a[0], Action::Send(4, Packet::ConnAck(ack)) if !ack.session_present));
 }
+
+/// A cluster node at start: retained messages seeded from the cluster are kept where the
+/// broker has none for the topic (what the log delivered since is newer), sent to a later
+/// subscriber, and routed to no one.
+#[test]
+fn seeded_retained_messages_fill_only_the_topics_the_broker_has_none_for() {
+    let mut h = Harness::new(BrokerConfig::default());
+    h.broker.use_log();
+    h.connect(1, "early");
+    h.packet(1, subscribe("state/#", QoS::AtLeastOnce));
+    let retained = |t: &str, payload: &'static str| {
+        Arc::new(Message {
+            topic: topic(t),
+            payload: Bytes::from_static(payload.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: None,
+        })
+    };
+    // The log delivered a newer state/a first.
+    let a = h.run(Input::Deliver(retained("state/a", "from the log")));
+    assert_eq!(publishes(&a, 1).len(), 1);
+    let a = h.run(Input::Retained(vec![
+        retained("state/a", "older, seeded"),
+        retained("state/b", "seeded"),
+        retained("state/c", ""),
+    ]));
+    assert!(publishes(&a, 1).is_empty(), "seeds are not routed");
+    h.connect(2, "late");
+    let a = h.packet(2, subscribe("state/#", QoS::AtLeastOnce));
+    let mut got: Vec<(String, String)> = publishes(&a, 2)
+        .iter()
+        .map(|p| {
+            (
+                p.topic.to_string(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("state/a".to_owned(), "from the log".to_owned()),
+            ("state/b".to_owned(), "seeded".to_owned())
+        ]
+    );
+}

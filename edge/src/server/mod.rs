@@ -386,6 +386,13 @@ impl Server {
         let _ = self.to_router.send(ToRouter::Input(input)).await;
     }
 
+    /// A node in a cluster, at start: retained messages published before it followed the
+    /// log (see [`Input::Retained`](crate::broker::Input::Retained)).
+    pub async fn seed_retained(&self, messages: Vec<Arc<crate::broker::Message>>) {
+        let input = crate::broker::Input::Retained(messages);
+        let _ = self.to_router.send(ToRouter::Input(input)).await;
+    }
+
     /// The persistent sessions, connected or not, with what is held for each.
     pub async fn persistent_sessions(&self) -> Option<Vec<SessionInfo>> {
         let (tx, rx) = tokio::sync::oneshot::channel();

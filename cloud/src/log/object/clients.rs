@@ -189,6 +189,54 @@ pub(crate) async fn take_orphans(
     Ok(taken)
 }
 
+/// A retained message delivered from the log: its topic, where it is in the log, and the
+/// PUBLISH packet (MQTT 5) it is kept as (None: the topic's retained message was cleared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedRow {
+    pub topic: String,
+    pub stream: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub message: Option<Vec<u8>>,
+}
+
+/// Records `rows` (one per topic), each unless the topic has a later one from the same
+/// partition already (every node delivers every retained message, so most are known).
+pub(crate) async fn put_retained(pool: &Pool, rows: &[RetainedRow]) -> Result<(), PgError> {
+    let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+    let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
+    let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+    let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
+    let messages: Vec<Option<&[u8]>> = rows.iter().map(|r| r.message.as_deref()).collect();
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO mqtt_retained (topic, stream, partition, \"offset\", message) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::bytea[]) \
+             ON CONFLICT (topic) DO UPDATE SET stream = EXCLUDED.stream, \
+               partition = EXCLUDED.partition, \"offset\" = EXCLUDED.\"offset\", \
+               message = EXCLUDED.message \
+             WHERE mqtt_retained.stream <> EXCLUDED.stream \
+                OR mqtt_retained.partition <> EXCLUDED.partition \
+                OR mqtt_retained.\"offset\" < EXCLUDED.\"offset\"",
+            &[&topics, &streams, &partitions, &offsets, &messages],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Every retained message recorded (topic, PUBLISH packet), cleared ones left out.
+pub(crate) async fn retained(pool: &Pool) -> Result<Vec<(String, Vec<u8>)>, PgError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT topic, message FROM mqtt_retained WHERE message IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -635,6 +635,22 @@ impl ObjectLog {
         .map_err(|e| failed("take dead nodes' MQTT wills", e))
     }
 
+    /// Records retained messages delivered from the log (see [`clients::put_retained`]).
+    pub fn put_mqtt_retained(&self, rows: Vec<clients::RetainedRow>) -> Result<(), LogError> {
+        let pool = self.pool.clone();
+        wait(&self.io, async move {
+            clients::put_retained(&pool, &rows).await
+        })?
+        .map_err(|e| failed("record retained MQTT messages", e))
+    }
+
+    /// Every retained message the cluster recorded: (topic, PUBLISH packet).
+    pub fn mqtt_retained(&self) -> Result<Vec<(String, Vec<u8>)>, LogError> {
+        let pool = self.pool.clone();
+        wait(&self.io, async move { clients::retained(&pool).await })?
+            .map_err(|e| failed("retained MQTT messages", e))
+    }
+
     /// From now on, the claims of MQTT client ids other nodes make (this node's too), and a
     /// [`clients::ClientNotice::Resync`] whenever some may have been missed (the first comes
     /// when the listening connection is next made, or at once if it is up).

@@ -105,6 +105,7 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
     assert!(tables.iter().any(|t| t == "producers"), "{tables:?}");
     assert!(tables.iter().any(|t| t == "mqtt_clients"), "{tables:?}");
     assert!(tables.iter().any(|t| t == "mqtt_wills"), "{tables:?}");
+    assert!(tables.iter().any(|t| t == "mqtt_retained"), "{tables:?}");
 }
 
 #[tokio::test]

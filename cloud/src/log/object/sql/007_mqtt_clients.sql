@@ -20,3 +20,13 @@ CREATE TABLE mqtt_wills (
     will bytea NOT NULL,
     at timestamptz NOT NULL DEFAULT now()
 );
+-- The newest retained message of each topic the cluster's nodes delivered from the log (a
+-- PUBLISH packet, MQTT 5; NULL once cleared), where in the log it is; a node that starts
+-- takes those it has none of.
+CREATE TABLE mqtt_retained (
+    topic text PRIMARY KEY,
+    stream text NOT NULL,
+    partition int NOT NULL,
+    "offset" bigint NOT NULL,
+    message bytea
+);
