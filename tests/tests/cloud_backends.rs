@@ -1074,3 +1074,73 @@ fn a_node_started_later_has_the_retained_messages_of_the_cluster() {
     assert!(a.terminate().success());
     assert!(c.terminate().success());
 }
+
+/// While no session subscribes to anything, the MQTT front passes over what is not retained
+/// (it would be routed to no one) but still keeps what is: a subscriber that comes later gets
+/// the retained message and not the other, then everything published after its SUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_subscriber_the_front_still_keeps_retained_messages() {
+    use ferry_tests::process::mosquitto_at;
+    let dir = temp_dir("cloud-unsubscribed");
+    let mut config = CloudConfig::default();
+    config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.server.data_dir = dir.clone();
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let meta = Arc::new(Meta::open(&dir.join("meta.redb")).expect("meta"));
+    let node = Node::start_on(config, meta, MemoryLog::new(), std::future::pending())
+        .await
+        .expect("the node starts on the memory log");
+    let port = node.mqtt_addrs()[0].port().to_string();
+    for (topic, payload, retain) in [("state/x", "on", true), ("live/x", "early", false)] {
+        let mut args = vec!["-t", topic, "-m", payload, "-q", "1"];
+        if retain {
+            args.push("-r");
+        }
+        let out = mosquitto_at("mosquitto_pub", &port, &args);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Both are in the log (and delivered to no one) before anyone subscribes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.log.offsets("mqtt", 0).expect("offsets").high_watermark < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the publishes are not in the log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (sub, mut events) = AsyncClient::new(
+        MqttOptions::new("late", "127.0.0.1", node.mqtt_addrs()[0].port()),
+        10,
+    );
+    sub.subscribe("#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut got = Vec::new();
+    loop {
+        match next_incoming(&mut events, "the retained message").await {
+            Incoming::Publish(p) => {
+                got.push((p.topic.clone(), p.retain));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    let out = mosquitto_at(
+        "mosquitto_pub",
+        &port,
+        &["-t", "live/y", "-m", "late", "-q", "1"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    loop {
+        if let Incoming::Publish(p) = next_incoming(&mut events, "what came after").await {
+            got.push((p.topic.clone(), p.retain));
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        [("state/x".to_owned(), true), ("live/y".to_owned(), false)],
+        "the retained message, then what was published after the SUBACK; not live/x"
+    );
+}

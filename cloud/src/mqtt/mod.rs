@@ -17,7 +17,7 @@ pub(crate) mod clients;
 mod cursor;
 mod tailer;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,7 @@ pub(crate) async fn start(
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
     let cursor = Arc::new(DeliveryCursor::default());
     let lag = Arc::new(AtomicU64::new(0));
+    let subscribed = Arc::new(AtomicBool::new(true));
     let hooks = LogHooks {
         append: Box::new({
             let log = log.clone();
@@ -89,6 +90,7 @@ pub(crate) async fn start(
         lag: lag.clone(),
         max_lag: max_lag_records,
         sessions,
+        subscribed: subscribed.clone(),
     };
     let server = start_on_own_thread(config, hooks, shutdown).await?;
     let tail = Tailer {
@@ -98,6 +100,7 @@ pub(crate) async fn start(
         cursor,
         lag,
         retained,
+        subscribed,
     };
     std::thread::Builder::new()
         .name("ferry-tailer".into())

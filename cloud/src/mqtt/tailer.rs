@@ -4,7 +4,7 @@
 //! timeout; reads are blocking file IO.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ pub(super) struct Tailer {
     pub(super) lag: Arc<AtomicU64>,
     /// In a cluster: every retained message delivered, for the cluster's record of them.
     pub(super) retained: Option<mpsc::UnboundedSender<super::clients::RetainedSeen>>,
+    /// Whether the broker has any subscription; without one only retained messages are
+    /// handed to it (the others would be routed to no one).
+    pub(super) subscribed: Arc<AtomicBool>,
 }
 
 impl Tailer {
@@ -191,6 +194,12 @@ impl Tailer {
                     self.cursor.skipped(&key, rec.offset);
                     continue;
                 };
+                // Read after the record was: a subscription acknowledged before it was
+                // appended is seen here.
+                if !view.retain && !self.subscribed.load(Ordering::Acquire) {
+                    self.cursor.skipped(&key, rec.offset);
+                    continue;
+                }
                 let msg = Message {
                     topic: view.topic,
                     payload: view.payload,

@@ -11,6 +11,12 @@ use ferry_protocol::topic::TopicName;
 use super::{Broker, ClientInfo, Message, SessionInfo, Stats};
 
 impl Broker {
+    /// True while any session, connected or not, subscribes to anything: a message delivered
+    /// now may be routed to someone.
+    pub fn has_subscriptions(&self) -> bool {
+        self.subscriptions.len() > 0
+    }
+
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
             connections: self.conns.len(),

@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,10 @@ pub struct LogHooks {
     /// A node in a cluster: told after each batch, before its packets go out, where
     /// sessions connected and ended ([`Broker::report_sessions`]).
     pub sessions: Option<Box<dyn FnMut(Vec<SessionEvent>) + Send>>,
+    /// Set after each batch, before its packets go out (a SUBACK among them): whether any
+    /// session subscribes to anything ([`Broker::has_subscriptions`]). While it is false the
+    /// log's reader may pass over what is not retained: it would be routed to no one.
+    pub subscribed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for LogHooks {
@@ -297,6 +301,10 @@ async fn route_loop(
             if !appends.is_empty() {
                 appending.start((log.append)(appends));
             }
+        }
+        if let Some(log) = &log {
+            log.subscribed
+                .store(broker.has_subscriptions(), Ordering::Release);
         }
         if let Some(report) = log.as_mut().and_then(|l| l.sessions.as_mut()) {
             let events = broker.take_session_events();
