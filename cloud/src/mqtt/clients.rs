@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::log::object::clients::{ClientNotice, Orphan, RetainedRow};
 use crate::log::object::ObjectLog;
-use crate::log::Storage;
+use crate::log::{LogError, Storage};
 use crate::routes::RouteTable;
 
 /// How long a claim that failed (the database out of reach) waits before it is tried again.
@@ -184,9 +184,7 @@ async fn apply(
         own.remove(id);
     }
     if !ended.is_empty() {
-        let (l, ids) = (log.clone(), ended);
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.release_mqtt_clients(&ids)).await
-        {
+        if let Some(Err(e)) = on_log(log, move |l| l.release_mqtt_clients(&ended)).await {
             // Harmless: a stale row names this node until the id is claimed again.
             debug!(error = %e, "cannot forget ended MQTT sessions' claims");
         }
@@ -195,8 +193,7 @@ async fn apply(
         own.extend(claim(log, connected).await);
     }
     if !no_will.is_empty() {
-        let (l, ids) = (log.clone(), no_will);
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.drop_mqtt_wills(&ids)).await {
+        if let Some(Err(e)) = on_log(log, move |l| l.drop_mqtt_wills(&no_will)).await {
             // Published once more if this node dies before the row is gone.
             warn!(error = %e, "cannot forget MQTT wills");
         }
@@ -209,8 +206,7 @@ async fn apply(
         })
         .collect();
     if !recorded.is_empty() {
-        let l = log.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.put_mqtt_wills(recorded)).await {
+        if let Some(Err(e)) = on_log(log, move |l| l.put_mqtt_wills(recorded)).await {
             warn!(error = %e, "cannot record MQTT wills: they are not published if this node dies");
         }
     }
@@ -220,14 +216,13 @@ async fn apply(
 /// now this node's to publish; none when the database does not answer (tried again at the
 /// next sweep).
 async fn take_orphans(log: &Arc<ObjectLog>, mine: bool) -> Vec<Orphan> {
-    let l = log.clone();
-    match tokio::task::spawn_blocking(move || l.take_orphan_wills(mine)).await {
-        Ok(Ok(orphans)) => orphans,
-        Ok(Err(e)) => {
+    match on_log(log, move |l| l.take_orphan_wills(mine)).await {
+        Some(Ok(orphans)) => orphans,
+        Some(Err(e)) => {
             debug!(error = %e, "cannot look for dead nodes' MQTT wills");
             Vec::new()
         }
-        Err(_) => Vec::new(),
+        None => Vec::new(),
     }
 }
 
@@ -253,11 +248,8 @@ async fn publish_orphans(
         wills = orphans.len(),
         "published the MQTT wills of connections on nodes that are gone"
     );
-    let (l, ids) = (
-        log.clone(),
-        orphans.into_iter().map(|o| o.client_id).collect::<Vec<_>>(),
-    );
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.drop_mqtt_wills(&ids)).await {
+    let ids: Vec<String> = orphans.into_iter().map(|o| o.client_id).collect();
+    if let Some(Err(e)) = on_log(log, move |l| l.drop_mqtt_wills(&ids)).await {
         warn!(error = %e, "cannot forget published MQTT wills");
     }
     Vec::new()
@@ -268,9 +260,8 @@ async fn publish_orphans(
 /// is retained from now on).
 async fn seed_retained(log: &Arc<ObjectLog>, server: &Server) {
     for _ in 0..10 {
-        let l = log.clone();
-        match tokio::task::spawn_blocking(move || l.mqtt_retained()).await {
-            Ok(Ok(rows)) => {
+        match on_log(log, |l| l.mqtt_retained()).await {
+            Some(Ok(rows)) => {
                 let messages: Vec<Arc<Message>> = rows
                     .iter()
                     .filter_map(|(topic, bytes)| decode_message(topic, bytes, None))
@@ -283,8 +274,8 @@ async fn seed_retained(log: &Arc<ObjectLog>, server: &Server) {
                 server.seed_retained(messages).await;
                 return;
             }
-            Ok(Err(e)) => warn!(error = %e, "cannot read the cluster's retained MQTT messages"),
-            Err(_) => return,
+            Some(Err(e)) => warn!(error = %e, "cannot read the cluster's retained MQTT messages"),
+            None => return,
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -311,8 +302,7 @@ async fn record_retained(log: &Arc<ObjectLog>, newest: HashMap<String, RetainedS
             })
         })
         .collect();
-    let l = log.clone();
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.put_mqtt_retained(rows)).await {
+    if let Some(Err(e)) = on_log(log, move |l| l.put_mqtt_retained(rows)).await {
         debug!(error = %e, "cannot record retained MQTT messages");
     }
 }
@@ -368,14 +358,35 @@ fn decode_message(what: &str, bytes: &[u8], publisher: Option<&str>) -> Option<M
 
 /// Claims `ids` for this node, trying again until the database answers; their tokens.
 async fn claim(log: &Arc<ObjectLog>, ids: Vec<String>) -> Vec<(String, i64)> {
+    let ids = Arc::new(ids);
+    until_answered(log, "claim MQTT client ids", move |l| {
+        l.claim_mqtt_clients(&ids)
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Runs `f` with the object log on a blocking thread (its calls block); None once the
+/// runtime is going away.
+async fn on_log<T: Send + 'static>(
+    log: &Arc<ObjectLog>,
+    f: impl FnOnce(&ObjectLog) -> Result<T, LogError> + Send + 'static,
+) -> Option<Result<T, LogError>> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || f(&log)).await.ok()
+}
+
+/// [`on_log`] again every [`RETRY`] until the database answers (a warning each time it
+/// does not, saying what could not be done).
+async fn until_answered<T: Send + 'static>(
+    log: &Arc<ObjectLog>,
+    what: &str,
+    f: impl Fn(&ObjectLog) -> Result<T, LogError> + Clone + Send + 'static,
+) -> Option<T> {
     loop {
-        let (l, i) = (log.clone(), ids.clone());
-        match tokio::task::spawn_blocking(move || l.claim_mqtt_clients(&i)).await {
-            Ok(Ok(tokens)) => return tokens,
-            Ok(Err(e)) => {
-                warn!(error = %e, clients = ids.len(), "cannot claim MQTT client ids; trying again")
-            }
-            Err(_) => return Vec::new(),
+        match on_log(log, f.clone()).await? {
+            Ok(answer) => return Some(answer),
+            Err(e) => warn!(error = %e, "cannot {what}; trying again"),
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -394,17 +405,11 @@ async fn resync(log: &Arc<ObjectLog>, server: &Server, me: &str, own: &mut HashM
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let rows = loop {
-        let (l, i) = (log.clone(), ids.clone());
-        match tokio::task::spawn_blocking(move || l.mqtt_client_owners(&i)).await {
-            Ok(Ok(rows)) => break rows,
-            Ok(Err(e)) => {
-                warn!(error = %e, "cannot read the MQTT client ids' claims; trying again")
-            }
-            Err(_) => return,
-        }
-        tokio::time::sleep(RETRY).await;
-    };
+    let asked = Arc::new(ids.clone());
+    let read = until_answered(log, "read the MQTT client ids' claims", move |l| {
+        l.mqtt_client_owners(&asked)
+    });
+    let Some(rows) = read.await else { return };
     let rows: HashMap<String, (String, i64)> = rows
         .into_iter()
         .map(|(id, node, token)| (id, (node, token)))
