@@ -228,6 +228,8 @@ impl Node {
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(hooks) = hooks {
+                // What the cluster retained before this node followed the log.
+                crate::mqtt::clients::seed_retained(&object, &node.mqtt).await;
                 let registry = crate::mqtt::clients::Registry {
                     log: object.clone(),
                     server: node.mqtt.clone(),

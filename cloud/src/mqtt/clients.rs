@@ -96,8 +96,6 @@ pub(crate) async fn run(registry: Registry, hooks: Hooks) {
         mut retained,
     } = hooks;
     let mut notices = log.follow_mqtt_clients();
-    // What the cluster retained before this node followed the log.
-    seed_retained(&log, &server).await;
     let me = log.node().to_owned();
     // The ids served here, each with the token of this node's claim (the newest it made).
     let mut own: HashMap<String, i64> = HashMap::new();
@@ -257,8 +255,9 @@ async fn publish_orphans(
 
 /// Gives the broker the retained messages the cluster recorded (those it has none of are
 /// kept); tried a few times, then given up with a warning (the node then knows only what
-/// is retained from now on).
-async fn seed_retained(log: &Arc<ObjectLog>, server: &Server) {
+/// is retained from now on). Before the node says it is ready: the broker takes them before
+/// the SUBSCRIBE of any client that connects after.
+pub(crate) async fn seed_retained(log: &Arc<ObjectLog>, server: &Server) {
     for _ in 0..10 {
         match on_log(log, |l| l.mqtt_retained()).await {
             Some(Ok(rows)) => {
