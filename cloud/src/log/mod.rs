@@ -886,13 +886,18 @@ fn appender(
                 None
             };
         }
-        commit(pending, fsync, &stats);
-        commits.send_modify(|n| *n += 1);
+        commit(pending, fsync, &stats, &commits);
     }
 }
 
-/// Writes each partition's share, syncs each file once, then publishes and answers.
-fn commit(pending: Vec<Pending>, fsync: bool, stats: &Counters) {
+/// Writes each partition's share, syncs each file once, then publishes (readers told on
+/// `commits`) and answers: an append is answered after its readers were told.
+fn commit(
+    pending: Vec<Pending>,
+    fsync: bool,
+    stats: &Counters,
+    commits: &tokio::sync::watch::Sender<u64>,
+) {
     let now = now_ms();
     let mut shares: Vec<_> = pending
         .into_iter()
@@ -925,11 +930,20 @@ fn commit(pending: Vec<Pending>, fsync: bool, stats: &Counters) {
             stats.wrote((last - base + 1) as u64, bytes.len() as u64);
         }
     }
-    for (((cell, _, replies), w), s) in shares.into_iter().zip(written).zip(synced) {
-        let outcome = w.and_then(|w| s.map(|()| w));
+    let outcomes: Vec<_> = written
+        .into_iter()
+        .zip(synced)
+        .map(|(w, s)| w.and_then(|w| s.map(|()| w)))
+        .collect();
+    for ((cell, _, _), outcome) in shares.iter().zip(&outcomes) {
+        if let Ok(Some(_)) = outcome {
+            cell.lock().mark_durable();
+        }
+    }
+    commits.send_modify(|n| *n += 1);
+    for ((cell, _, replies), outcome) in shares.into_iter().zip(outcomes) {
         match outcome {
             Ok(Some((base, _, _, _))) => {
-                cell.lock().mark_durable();
                 for (reply, first, last) in replies {
                     let _ = reply.send(Ok(Appended {
                         base_offset: base + first as i64,
