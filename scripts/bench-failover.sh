@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Failover of a ferry-cloud cluster (README, "Cluster failover"): three nodes on SeaweedFS
-# and PostgreSQL; a Kafka consumer group of two confluent-kafka consumers reads a topic of
+# and PostgreSQL. Kafka: a consumer group of two confluent-kafka consumers reads a topic of
 # 3 partitions while an idempotent producer writes to it, and the node coordinating the
-# group is killed with SIGKILL. Prints, in seconds from the kill, when the group had every
+# group is killed with SIGKILL; printed, in seconds from the kill, when the group had every
 # partition again, when a record sent after the kill was consumed, and when everything
-# acknowledged before that was, with what was lost (acknowledged, never consumed). RUNS
-# (default 3) times, a new cluster each.
+# acknowledged before that was, with what was lost (acknowledged, never consumed)
+# (scripts/failover-group.py). MQTT: a paho-mqtt subscriber with a persistent session on
+# node 1 gets a QoS 1 message every 20 ms published on node 2; node 1 is killed and the
+# subscriber connects to node 3 at once (scripts/failover-session.py). RUNS (default 3)
+# times each, a new cluster each.
 #
 #   scripts/bench-failover.sh [RUNS]
 #
@@ -33,8 +36,10 @@ if [ -z "${FERRY_TEST_PG:-}" ]; then
 fi
 trap 'stop_nodes; [ -z "$started_services" ] || services_stop; rm -rf "$work"' EXIT
 
-for run in $(seq "$runs"); do
-  db="bench_failover_${run}_$$"
+# A new cluster of three nodes for run $1 (a database of its own): `nodes` their pids,
+# `pids` as node-<i>=<pid>, `admins` their admin URLs.
+start_cluster() {
+  local run=$1 db="bench_failover_${1}_$$"
   psql "$FERRY_TEST_PG" -q -c "CREATE DATABASE $db"
   pids=()
   admins=()
@@ -54,8 +59,21 @@ for run in $(seq "$runs"); do
     done
   done
   sleep 3
+}
+
+echo "Kafka consumer group, its coordinator killed:"
+for run in $(seq "$runs"); do
+  start_cluster "group_$run"
   echo "run $run:"
   python3 scripts/failover-group.py "127.0.0.1:29091,127.0.0.1:29092,127.0.0.1:29093" \
     failover "$(IFS=,; echo "${admins[*]}")" "${pids[@]}" 2>"$work/$run-clients.log" | sed 's/^/  /'
+  stop_nodes
+done
+echo "MQTT persistent session, its node killed:"
+for run in $(seq "$runs"); do
+  start_cluster "session_$run"
+  printf 'run %s: ' "$run"
+  python3 scripts/failover-session.py 21882 21881 21883 "${nodes[0]}" \
+    2>"$work/$run-session.log"
   stop_nodes
 done

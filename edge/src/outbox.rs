@@ -188,6 +188,7 @@ mod tests {
             properties: Default::default(),
             expires_at: None,
             publisher: None,
+            position: None,
         }
     }
 

@@ -163,6 +163,7 @@ impl Outbox for EdgeOutbox {
                     properties,
                     expires_at,
                     publisher: None,
+                    position: None,
                 };
                 Some((seq, Arc::new(msg)))
             })

@@ -492,6 +492,7 @@ fn read_message(r: &mut Bytes, clock: &Clock, table: &'static str) -> Result<Mes
         properties: p.properties,
         expires_at: (expires != 0).then(|| clock.instant_of_unix_ms(expires)),
         publisher: (!publisher.is_empty()).then(|| publisher.into()),
+        position: None,
     })
 }
 
@@ -512,6 +513,7 @@ mod tests {
             properties,
             expires_at: None,
             publisher: Some("pub-1".into()),
+            position: None,
         })
     }
 

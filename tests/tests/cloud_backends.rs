@@ -911,8 +911,8 @@ async fn persistent_ids(node: &Node) -> Vec<String> {
 /// persistent session with a will) connects to `b` while its session is on `a`, `a` closes
 /// its connection with DISCONNECT 0x8E (Session taken over), publishes its will (no delay)
 /// and drops the session; `b` keeps the new connection. Coming back to `a` (rumqttc) takes
-/// it from `b` the same way: the newest claim wins. The session's state does not move: `a`
-/// answers session present 0.
+/// it from `b` the same way: the newest claim wins, and the session comes along: `a`
+/// answers session present 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_id_connected_on_another_node_takes_its_session_over() {
     let object = object_config("mqtt-takeover");
@@ -970,7 +970,7 @@ async fn a_client_id_connected_on_another_node_takes_its_session_over() {
     assert_eq!(persistent_ids(&b).await, ["dev"]);
 
     let (_third, _on_a, present) = session_client("dev", a_port).await;
-    assert!(!present, "the session's state stays on b");
+    assert!(present, "the session moves back to a with the client");
     let told = tokio::task::spawn_blocking(move || second.told())
         .await
         .expect("paho on b");
@@ -981,6 +981,109 @@ async fn a_client_id_connected_on_another_node_takes_its_session_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(persistent_ids(&a).await, ["dev"]);
+}
+
+/// The next PUBLISH `events` receives within 20 s: its payload and DUP flag.
+async fn next_publish_v5(events: &mut rumqttc::v5::EventLoop, what: &str) -> (String, bool) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::Event;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                return (String::from_utf8_lossy(&p.payload).into_owned(), p.dup)
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("{what}: {e}"),
+            Err(_) => panic!("{what}: nothing within 20 s"),
+        }
+    }
+}
+
+/// A persistent session outlives its node: client `dev` (rumqttc, MQTT 5, session expiry
+/// 1 h) subscribes on `a`, gets and acknowledges `one`, gets `two` and does not acknowledge
+/// it; `a` is killed with SIGKILL and `three` is published meanwhile. When `dev` connects to
+/// `b` it finds its session there (session present 1): `two` again, under its packet id
+/// with DUP, then `three`, and not `one`, which it had acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_resumes_on_another_node_after_its_node_died() {
+    use ferry_tests::process::mosquitto_at;
+    let object = object_config("resume");
+    let a = mqtt_cluster_node("resume", &object, "a");
+    let b = mqtt_cluster_node("resume", &object, "b");
+    let (a_port, b_port) = (a.port(), b.port());
+    let publish = move |payload: &'static str| {
+        let out = mosquitto_at(
+            "mosquitto_pub",
+            &b_port.to_string(),
+            &["-t", "two/news", "-m", payload, "-q", "1"],
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    let (_first, mut on_a, present) = session_client("dev", a_port).await;
+    assert!(!present, "a new session");
+    tokio::task::spawn_blocking(move || publish("one"))
+        .await
+        .expect("published");
+    assert_eq!(next_publish_v5(&mut on_a, "one on a").await.0, "one");
+    // Polled again only to send the PUBACK of `one`.
+    let _ = tokio::time::timeout(Duration::from_millis(500), on_a.poll()).await;
+    // `two` reaches dev's socket, and the client, not polled, never acknowledges it.
+    tokio::task::spawn_blocking(move || publish("two"))
+        .await
+        .expect("published");
+    // The session's state is recorded about once a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.kill();
+    tokio::task::spawn_blocking(move || publish("three"))
+        .await
+        .expect("published");
+    drop(on_a);
+
+    let resumed_at = Instant::now();
+    let (_second, mut on_b, present) = {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        let mut opts = MqttOptions::new("dev", "127.0.0.1", b_port);
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(3600));
+        let (client, mut events) = AsyncClient::new(opts, 10);
+        let present = loop {
+            match tokio::time::timeout(Duration::from_secs(20), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => break ack.session_present,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("dev on b: {e}"),
+                Err(_) => panic!("dev on b: no CONNACK"),
+            }
+        };
+        (client, events, present)
+    };
+    println!(
+        "the session resumed on b {:?} after the client connected",
+        resumed_at.elapsed()
+    );
+    assert!(present, "the session of a dead node resumes on b");
+    let (two, dup) = next_publish_v5(&mut on_b, "two on b").await;
+    assert_eq!(
+        (two.as_str(), dup),
+        ("two", true),
+        "in flight on a: sent again with DUP"
+    );
+    let (three, dup) = next_publish_v5(&mut on_b, "three on b").await;
+    assert_eq!((three.as_str(), dup), ("three", false));
+    // Nothing else: not `one`, not a second `two` or `three`.
+    let marker = tokio::task::spawn_blocking(move || {
+        let out = mosquitto_at(
+            "mosquitto_pub",
+            &b_port.to_string(),
+            &["-t", "two/news", "-m", "end", "-q", "1"],
+        );
+        assert!(out.status.success(), "{out:?}");
+    });
+    marker.await.expect("published");
+    assert_eq!(next_publish_v5(&mut on_b, "the marker").await.0, "end");
+    assert!(b.terminate().success());
 }
 
 /// A will outlives its node: client `dev` (paho-mqtt, a will on `wills/dev`) is connected to

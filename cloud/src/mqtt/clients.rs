@@ -19,22 +19,24 @@
 //! recorded (`mqtt_retained`, the newest per topic), and a node that starts takes those it
 //! has none of ([`Server::seed_retained`]).
 //!
-//! What does not move: the session's state. A client that connects to another node starts
-//! there with the session that node has (none, usually: CONNACK says so with session present
-//! 0). Between the new node accepting the connection and the old one hearing of it there is
-//! the time of one claim and one notice (milliseconds), in which both serve the id.
+//! Persistent sessions move: each node records what it holds of them under their claims,
+//! about once a second while they change, and a client that connects with Clean Start 0 to
+//! a node without its session waits while that node claims the id, takes the record and
+//! reads the log again from it (`super::sessions`, the broker's `resume`). Between the new
+//! node accepting the connection and the old one hearing of it there is the time of one
+//! claim and one notice (milliseconds), in which both serve the id.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_edge::broker::{Message, SessionEvent, ASSIGNED_ID_PREFIX};
+use ferry_edge::broker::{Message, SessionEvent, SessionState, ASSIGNED_ID_PREFIX};
 use ferry_edge::server::Server;
 use ferry_protocol::mqtt::{Packet, PacketId, ProtocolVersion, Publish, QoS};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::log::object::clients::{ClientNotice, Orphan, RetainedRow};
+use crate::log::object::clients::{ClientNotice, Orphan, RetainedRow, MAX_CLAIMED_ID};
 use crate::log::object::ObjectLog;
 use crate::log::{LogError, Storage};
 use crate::routes::RouteTable;
@@ -54,11 +56,27 @@ pub(crate) struct RetainedSeen {
     pub(crate) msg: Arc<Message>,
 }
 
+/// The broker asks for the session the cluster holds for a client id.
+#[derive(Debug)]
+pub(crate) struct Fetch {
+    pub(crate) client_id: Arc<str>,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<Option<SessionState>, ()>>,
+}
+
+/// A persistent session as it stands here, to record (None: none to resume any more).
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    pub(crate) client_id: String,
+    pub(crate) session: Option<Vec<u8>>,
+}
+
 /// What the MQTT front tells this task.
 #[derive(Debug)]
 pub(crate) struct Hooks {
     pub(crate) events: Events,
     pub(crate) retained: mpsc::UnboundedReceiver<RetainedSeen>,
+    pub(crate) fetches: mpsc::UnboundedReceiver<Fetch>,
+    pub(crate) checkpoints: mpsc::UnboundedReceiver<Vec<Recorded>>,
 }
 
 /// How often the wills of nodes that are gone are looked for.
@@ -94,7 +112,11 @@ pub(crate) async fn run(registry: Registry, hooks: Hooks) {
     let Hooks {
         mut events,
         mut retained,
+        mut fetches,
+        mut checkpoints,
     } = hooks;
+    // Session records not written yet (the database did not answer), the newest of each.
+    let mut unsaved: HashMap<String, Option<Vec<u8>>> = HashMap::new();
     let mut notices = log.follow_mqtt_clients();
     let me = log.node().to_owned();
     // The ids served here, each with the token of this node's claim (the newest it made).
@@ -150,8 +172,75 @@ pub(crate) async fn run(registry: Registry, hooks: Hooks) {
                 }
                 record_retained(&log, newest).await;
             }
-            _ = sweep.tick() => orphans.extend(take_orphans(&log, false).await),
+            Some(fetch) = fetches.recv() => {
+                let answer = take_session(&log, &mut own, &fetch.client_id).await;
+                let _ = fetch.reply.send(answer);
+            }
+            Some(first) = checkpoints.recv() => {
+                let mut next = Some(first);
+                while let Some(records) = next.take().or_else(|| checkpoints.try_recv().ok()) {
+                    unsaved.extend(records.into_iter().map(|r| (r.client_id, r.session)));
+                }
+                save_sessions(&log, &own, &mut unsaved).await;
+            }
+            _ = sweep.tick() => {
+                orphans.extend(take_orphans(&log, false).await);
+                if !unsaved.is_empty() {
+                    save_sessions(&log, &own, &mut unsaved).await;
+                }
+            }
         }
+    }
+}
+
+/// Claims `client_id` for a connection that waits to resume its session here, and takes the
+/// session the cluster recorded for it (see `super::sessions`); Err if the database does
+/// not answer.
+async fn take_session(
+    log: &Arc<ObjectLog>,
+    own: &mut HashMap<String, i64>,
+    client_id: &str,
+) -> Result<Option<SessionState>, ()> {
+    if client_id.len() > MAX_CLAIMED_ID {
+        // Never claimed across the cluster: served by one node, as without one.
+        return Ok(None);
+    }
+    let id = client_id.to_owned();
+    match on_log(log, move |l| l.take_mqtt_session(&id)).await {
+        Some(Ok((token, session))) => {
+            own.insert(client_id.to_owned(), token);
+            Ok(session.and_then(|bytes| super::sessions::decode(client_id, &bytes)))
+        }
+        Some(Err(e)) => {
+            warn!(client_id, error = %e, "cannot ask the cluster for an MQTT session; the client is refused");
+            Err(())
+        }
+        None => Err(()),
+    }
+}
+
+/// Writes the session records in `unsaved` under this node's claims; those of ids not
+/// claimed here (any more) are dropped, and all stay if the database does not answer (tried
+/// again at the next sweep).
+async fn save_sessions(
+    log: &Arc<ObjectLog>,
+    own: &HashMap<String, i64>,
+    unsaved: &mut HashMap<String, Option<Vec<u8>>>,
+) {
+    let rows: Vec<(String, i64, Option<Vec<u8>>)> = unsaved
+        .iter()
+        .filter_map(|(id, session)| Some((id.clone(), *own.get(id)?, session.clone())))
+        .collect();
+    if rows.is_empty() {
+        unsaved.clear();
+        return;
+    }
+    match on_log(log, move |l| l.save_mqtt_sessions(rows)).await {
+        Some(Ok(())) => unsaved.clear(),
+        Some(Err(e)) => {
+            warn!(error = %e, sessions = unsaved.len(), "cannot record MQTT sessions; trying again")
+        }
+        None => {}
     }
 }
 
@@ -346,6 +435,7 @@ fn decode_message(what: &str, bytes: &[u8], publisher: Option<&str>) -> Option<M
                 properties: p.properties,
                 expires_at,
                 publisher: publisher.map(Arc::from),
+                position: None,
             })
         }
         _ => {

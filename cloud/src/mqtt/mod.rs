@@ -15,15 +15,16 @@
 
 pub(crate) mod clients;
 mod cursor;
+mod sessions;
 mod tailer;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_edge::broker::Message;
+use ferry_edge::broker::{Message, SessionCheckpoint};
 use ferry_edge::config::Config as EdgeConfig;
-use ferry_edge::server::{AppendFuture, LogHooks, Server};
+use ferry_edge::server::{AppendFuture, ClusterSessions, LogHooks, Server};
 use tokio::sync::mpsc;
 
 use crate::log::{now_ms, AppendData, Storage};
@@ -58,23 +59,36 @@ pub(crate) async fn start(
     clustered: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(Server, Option<clients::Hooks>), NodeError> {
-    let (sessions, retained, cluster) = if clustered {
+    let cursor = Arc::new(DeliveryCursor::default());
+    let (sessions, retained, cluster, moving) = if clustered {
         let (tx, events) = mpsc::unbounded_channel();
         let report: Box<dyn FnMut(Vec<ferry_edge::broker::SessionEvent>) + Send> =
             Box::new(move |events| {
                 let _ = tx.send(events);
             });
         let (retained_tx, retained) = mpsc::unbounded_channel();
+        let (fetch_tx, fetches) = mpsc::unbounded_channel();
+        let (checkpoint_tx, checkpoints) = mpsc::unbounded_channel();
         (
             Some(report),
             Some(retained_tx),
-            Some(clients::Hooks { events, retained }),
+            Some(clients::Hooks {
+                events,
+                retained,
+                fetches,
+                checkpoints,
+            }),
+            Some(moving_sessions(
+                log.clone(),
+                cursor.clone(),
+                fetch_tx,
+                checkpoint_tx,
+            )),
         )
     } else {
-        (None, None, None)
+        (None, None, None, None)
     };
     let (deliveries_tx, deliveries) = mpsc::channel(DELIVERY_QUEUE);
-    let cursor = Arc::new(DeliveryCursor::default());
     let lag = Arc::new(AtomicU64::new(0));
     let subscribed = Arc::new(AtomicBool::new(true));
     let hooks = LogHooks {
@@ -91,6 +105,7 @@ pub(crate) async fn start(
         max_lag: max_lag_records,
         sessions,
         subscribed: subscribed.clone(),
+        cluster: moving,
     };
     let server = start_on_own_thread(config, hooks, shutdown).await?;
     let tail = Tailer {
@@ -106,6 +121,64 @@ pub(crate) async fn start(
         .name("ferry-tailer".into())
         .spawn(move || tail.run())?;
     Ok((server, cluster))
+}
+
+/// How long a CONNECT waits for the cluster's record of its session before the client is
+/// refused (0x88, Server unavailable).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The router's part in moving persistent sessions between nodes: fetches and records go to
+/// [`clients::run`] (the database), replays read `log` on a thread of their own.
+fn moving_sessions(
+    log: Arc<dyn Storage>,
+    cursor: Arc<DeliveryCursor>,
+    fetch_tx: mpsc::UnboundedSender<clients::Fetch>,
+    checkpoint_tx: mpsc::UnboundedSender<Vec<clients::Recorded>>,
+) -> ClusterSessions {
+    ClusterSessions {
+        fetch: Box::new(move |client_id| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let _ = fetch_tx.send(clients::Fetch { client_id, reply });
+            Box::pin(async move {
+                match tokio::time::timeout(FETCH_TIMEOUT, answer).await {
+                    Ok(Ok(answer)) => answer,
+                    _ => Err(()),
+                }
+            })
+        }),
+        replay: Box::new(move |from, filters| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let log = log.clone();
+            let started = std::thread::Builder::new()
+                .name("ferry-replay".into())
+                .spawn(move || {
+                    let _ = reply.send(sessions::replay(&*log, &from, &filters));
+                });
+            if let Err(e) = started {
+                tracing::error!(error = %e, "cannot start reading the log for a resumed MQTT session");
+            }
+            Box::pin(async move { answer.await.unwrap_or_default() })
+        }),
+        // On the router's thread, right after it reported what it routed: the cursor's
+        // positions are those of the sessions' state.
+        checkpoint: Box::new(move |states| {
+            let routed = cursor.positions();
+            let records = states
+                .into_iter()
+                .map(|c| match c {
+                    SessionCheckpoint::Held(s) => clients::Recorded {
+                        client_id: s.client_id.to_string(),
+                        session: Some(sessions::encode(&s, &routed)),
+                    },
+                    SessionCheckpoint::Gone(id) => clients::Recorded {
+                        client_id: id.to_string(),
+                        session: None,
+                    },
+                })
+                .collect();
+            let _ = checkpoint_tx.send(records);
+        }),
+    }
 }
 
 /// Starts the MQTT front on a thread of its own with a current-thread runtime, as

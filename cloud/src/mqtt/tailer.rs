@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_edge::broker::Message;
+use ferry_edge::broker::{LogPosition, Message};
 use ferry_protocol::kafka::batch::{records, uncompressed};
 use tokio::sync::mpsc;
 use tracing::error;
@@ -17,7 +17,7 @@ use super::cursor::DeliveryCursor;
 use super::{CURSOR_COMMIT_INTERVAL, MAX_UNCOMPRESSED_BYTES, MQTT_CURSOR};
 use crate::log::{now_ms, LogError, Storage, READ_BUDGET_BYTES};
 use crate::meta::{Command, Meta};
-use crate::routes::from_record;
+use crate::routes::{from_record, MqttView};
 
 /// Follows the end of every partition and hands each record to the broker as a message.
 pub(super) struct Tailer {
@@ -170,62 +170,92 @@ impl Tailer {
     /// Hands the records from `offset` (up to [`READ_BUDGET_BYTES`] of batches) to the
     /// broker; the next offset. Err(None) when the broker is gone.
     fn forward(&self, stream: &str, partition: u32, offset: i64) -> Result<i64, Option<LogError>> {
-        let r = self
-            .log
-            .read(stream, partition, offset, READ_BUDGET_BYTES)
-            .map_err(Some)?;
         let key = (stream.to_owned(), partition);
-        let mut next = offset;
-        let now = now_ms();
-        for batch in r.iter() {
-            let (h, whole) = batch.map_err(Some)?;
-            // A Kafka producer's batch may be compressed; more than this uncompressed is not
-            // delivered to MQTT (it stays in the log for Kafka consumers).
-            let open = uncompressed(whole, MAX_UNCOMPRESSED_BYTES);
-            let Some(recs) = open.as_deref().ok().and_then(|b| records(b).ok()) else {
-                self.cursor.skipped(&key, h.last_offset());
-                next = h.last_offset() + 1;
-                continue;
+        let stream_name: Arc<str> = Arc::from(stream);
+        read_messages(&*self.log, stream, partition, offset, |at, view| {
+            // Not an MQTT message (no topic key, expired, a batch too large to open):
+            // nothing to deliver, but the cursor passes it.
+            let Some(view) = view else {
+                self.cursor.skipped(&key, at);
+                return Ok(());
             };
-            for rec in recs.flatten().filter(|rec| rec.offset >= offset) {
-                // Not an MQTT message (no topic key, or expired): nothing to deliver, but
-                // the cursor passes it.
-                let Some(view) = from_record(&rec, now) else {
-                    self.cursor.skipped(&key, rec.offset);
-                    continue;
-                };
-                // Read after the record was: a subscription acknowledged before it was
-                // appended is seen here.
-                if !view.retain && !self.subscribed.load(Ordering::Acquire) {
-                    self.cursor.skipped(&key, rec.offset);
-                    continue;
-                }
-                let msg = Message {
-                    topic: view.topic,
-                    payload: view.payload,
-                    qos: view.qos,
-                    retain: view.retain,
-                    properties: view.properties,
-                    expires_at: view
-                        .expiry_left_secs
-                        .map(|s| Instant::now() + Duration::from_secs(s.into())),
-                    publisher: view.client.map(Arc::from),
-                };
-                let msg = Arc::new(msg);
-                if let Some(retained) = self.retained.as_ref().filter(|_| msg.retain) {
-                    let _ = retained.send(super::clients::RetainedSeen {
-                        stream: stream.to_owned(),
-                        partition,
-                        offset: rec.offset,
-                        msg: msg.clone(),
-                    });
-                }
-                // Counted before it is sent: the broker may route it at once.
-                self.cursor.handed(&key, rec.offset);
-                self.tx.blocking_send(msg).map_err(|_| None)?;
+            // Read after the record was: a subscription acknowledged before it was
+            // appended is seen here.
+            if !view.retain && !self.subscribed.load(Ordering::Acquire) {
+                self.cursor.skipped(&key, at);
+                return Ok(());
             }
+            let msg = Arc::new(to_message(view, &stream_name, partition, at));
+            if let Some(retained) = self.retained.as_ref().filter(|_| msg.retain) {
+                let _ = retained.send(super::clients::RetainedSeen {
+                    stream: stream.to_owned(),
+                    partition,
+                    offset: at,
+                    msg: msg.clone(),
+                });
+            }
+            // Counted before it is sent: the broker may route it at once.
+            self.cursor.handed(&key, at);
+            self.tx.blocking_send(msg).map_err(|_| ())
+        })
+    }
+}
+
+/// Reads the records of a partition from `offset` (up to [`READ_BUDGET_BYTES`] of
+/// batches), calling `each` with every record's offset and the MQTT message it is (None
+/// for one that is none, or once with the last offset of a batch too large to open); the
+/// next offset. Err(None) when `each` fails.
+pub(super) fn read_messages(
+    log: &dyn Storage,
+    stream: &str,
+    partition: u32,
+    offset: i64,
+    mut each: impl FnMut(i64, Option<MqttView>) -> Result<(), ()>,
+) -> Result<i64, Option<LogError>> {
+    let r = log
+        .read(stream, partition, offset, READ_BUDGET_BYTES)
+        .map_err(Some)?;
+    let mut next = offset;
+    let now = now_ms();
+    for batch in r.iter() {
+        let (h, whole) = batch.map_err(Some)?;
+        // A Kafka producer's batch may be compressed; more than this uncompressed is not
+        // delivered to MQTT (it stays in the log for Kafka consumers).
+        let open = uncompressed(whole, MAX_UNCOMPRESSED_BYTES);
+        let Some(recs) = open.as_deref().ok().and_then(|b| records(b).ok()) else {
+            each(h.last_offset(), None).map_err(|()| None)?;
             next = h.last_offset() + 1;
+            continue;
+        };
+        for rec in recs.flatten().filter(|rec| rec.offset >= offset) {
+            each(rec.offset, from_record(&rec, now)).map_err(|()| None)?;
         }
-        Ok(next)
+        next = h.last_offset() + 1;
+    }
+    Ok(next)
+}
+
+/// The message a record read back is, at `offset` of a partition.
+pub(super) fn to_message(
+    view: MqttView,
+    stream: &Arc<str>,
+    partition: u32,
+    offset: i64,
+) -> Message {
+    Message {
+        topic: view.topic,
+        payload: view.payload,
+        qos: view.qos,
+        retain: view.retain,
+        properties: view.properties,
+        expires_at: view
+            .expiry_left_secs
+            .map(|s| Instant::now() + Duration::from_secs(s.into())),
+        publisher: view.client.map(Arc::from),
+        position: Some(LogPosition {
+            stream: stream.clone(),
+            partition,
+            offset,
+        }),
     }
 }

@@ -80,6 +80,39 @@ impl Broker {
             }
         }
 
+        if self.must_fetch(&connect, &client_id, chosen) {
+            return self.park(conn, client_id, connect, credit);
+        }
+        self.accept(conn, connect, client_id, assigned, chosen, credit, now);
+    }
+
+    /// A parked CONNECT ([`Broker::park`]) goes on, now that the cluster answered: with the
+    /// session it finds here, if any.
+    pub(super) fn connect_fetched(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        credit: usize,
+        now: Instant,
+    ) {
+        let client_id: Arc<str> = connect.client_id.as_str().into();
+        self.accept(conn, connect, client_id, None, true, credit, now);
+    }
+
+    /// The rest of CONNECT, once the client is authenticated and its id known: takeover,
+    /// the session, the keep alive, CONNACK.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &mut self,
+        conn: ConnId,
+        connect: Connect,
+        client_id: Arc<str>,
+        assigned: Option<String>,
+        chosen: bool,
+        credit: usize,
+        now: Instant,
+    ) {
+        let v5 = connect.protocol == ProtocolVersion::V5;
         // Session takeover (MQTT-3.1.4-3): the older connection is closed.
         if let Some(old_conn) = self.sessions.get(&client_id).and_then(|s| s.conn) {
             if let Some(old) = self.conns.get(&old_conn) {
@@ -250,6 +283,14 @@ impl Broker {
     /// [`Input::Drain`]: closes every connection, each v5 client told where to go (the
     /// references in turn, by connection id) or that the server is shutting down.
     pub(super) fn drain(&mut self, references: &[String], now: Instant) {
+        // A connection still waiting for the cluster is refused (no session was started).
+        for (conn, _) in std::mem::take(&mut self.parked) {
+            self.out.push(Action::Send(
+                conn,
+                Packet::ConnAck(ConnAck::new(ReasonCode::ServerUnavailable, false)),
+            ));
+            self.out.push(Action::Close(conn));
+        }
         let mut conns: Vec<ConnId> = self
             .conns
             .iter()
@@ -483,5 +524,6 @@ fn will_message(
         qos: will.qos,
         retain: will.retain,
         publisher: Some(client_id),
+        position: None,
     }
 }

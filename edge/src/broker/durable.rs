@@ -62,6 +62,21 @@ pub(crate) enum StoreOp {
     Outbox(crate::outbox::OutboxOp),
 }
 
+impl StoreOp {
+    /// The session the change is to, if it is to one.
+    pub(crate) fn session(&self) -> Option<Arc<str>> {
+        match self {
+            StoreOp::SessionPut { client_id, .. }
+            | StoreOp::SessionDelete { client_id }
+            | StoreOp::QueuePut { client_id, .. }
+            | StoreOp::QueueDelete { client_id, .. }
+            | StoreOp::Qos2Put { client_id, .. }
+            | StoreOp::Qos2Delete { client_id, .. } => Some(client_id.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Where a stored delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QueueState {
@@ -111,20 +126,7 @@ impl Broker {
             session.expiry_secs = stored.expiry_secs;
             session.username = stored.username;
             session.disconnected_at = Some(now);
-            for (filter, options, id) in stored.subscriptions {
-                self.subscriptions.insert(
-                    &filter,
-                    Entry {
-                        client_id: stored.client_id.clone(),
-                        shared_group: filter.is_shared().then(|| Arc::from(filter.as_str())),
-                        options,
-                        id,
-                    },
-                );
-                session
-                    .subscriptions
-                    .insert(filter.as_str().to_owned(), (filter, options, id));
-            }
+            self.restore_subscriptions(&mut session, stored.subscriptions);
             for (delivery, state) in stored.queue {
                 self.queued_bytes += delivery.cost();
                 session.next_seq = session.next_seq.max(delivery.seq + 1);
@@ -150,6 +152,29 @@ impl Broker {
             session.awaiting_pubrel.extend(stored.awaiting_pubrel);
             self.sessions.insert(stored.client_id.clone(), session);
             self.arm_session(&stored.client_id);
+        }
+    }
+
+    /// Gives `session` (not in the broker's map yet) `subscriptions`, in the subscription
+    /// tree too.
+    pub(super) fn restore_subscriptions(
+        &mut self,
+        session: &mut Session,
+        subscriptions: Vec<(TopicFilter, SubscriptionOptions, Option<NonZeroU32>)>,
+    ) {
+        for (filter, options, id) in subscriptions {
+            self.subscriptions.insert(
+                &filter,
+                Entry {
+                    client_id: session.client_id.clone(),
+                    shared_group: filter.is_shared().then(|| Arc::from(filter.as_str())),
+                    options,
+                    id,
+                },
+            );
+            session
+                .subscriptions
+                .insert(filter.as_str().to_owned(), (filter, options, id));
         }
     }
 

@@ -45,6 +45,7 @@ mod downstream;
 mod durable;
 mod flow;
 mod publish;
+mod resume;
 mod route;
 mod session;
 mod stats;
@@ -53,6 +54,7 @@ mod subscriptions;
 mod timers;
 
 pub(crate) use durable::{QueueState, Snapshot, StoreOp, StoredSession};
+pub use resume::{LogPosition, SessionCheckpoint, SessionState};
 pub(crate) use session::Delivery;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -64,7 +66,7 @@ use bytes::Bytes;
 use ferry_protocol::mqtt::{
     Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, QoS, ReasonCode,
 };
-use ferry_protocol::topic::TopicName;
+use ferry_protocol::topic::{TopicFilter, TopicName};
 
 use session::Session;
 
@@ -152,6 +154,9 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The session that published it, for no-local subscriptions.
     pub publisher: Option<Arc<str>>,
+    /// Log mode: where it is in the log, once read back from it (a session that moves to
+    /// another node is replayed from these, see `resume`).
+    pub position: Option<LogPosition>,
 }
 
 impl Message {
@@ -224,6 +229,22 @@ pub enum Input {
     /// before this node followed the log). Each is kept if the broker has none for its
     /// topic yet (what the log delivered since is newer); none is routed to anyone.
     Retained(Vec<Arc<Message>>),
+    /// Log mode in a cluster: the answer to [`Action::FetchSession`] for `conn`: the session
+    /// the cluster holds for its client id (its `positions` where the replay starts), none,
+    /// or Err if the cluster could not be asked (the client is refused with 0x88, Server
+    /// unavailable).
+    Fetched {
+        conn: ConnId,
+        session: Result<Option<SessionState>, ()>,
+    },
+    /// Log mode in a cluster: the answer to [`Action::Replay`]: the messages of the log from
+    /// the session's positions on, in log order per partition (any that its subscriptions
+    /// do not match are passed over), and per partition the offset the read stopped before.
+    Replayed {
+        client_id: Arc<str>,
+        messages: Vec<Arc<Message>>,
+        until: Vec<LogPosition>,
+    },
 }
 
 /// Log mode in a cluster ([`Broker::report_sessions`]): a change in where sessions live,
@@ -256,6 +277,21 @@ pub enum Action {
     /// Stop reading from this connection until [`Action::ResumeReads`].
     PauseReads(ConnId),
     ResumeReads(ConnId),
+    /// Log mode in a cluster: ask the cluster for the session of `client_id`, for a
+    /// connection that waits for it; answer with [`Input::Fetched`]. See `resume`.
+    FetchSession {
+        conn: ConnId,
+        client_id: Arc<str>,
+    },
+    /// Log mode in a cluster: read the log for the session of `client_id` from `from` (per
+    /// partition; one not named from its start) to its end; answer with
+    /// [`Input::Replayed`].
+    Replay {
+        client_id: Arc<str>,
+        from: Vec<LogPosition>,
+        /// The session's topic filters: only what they match need be read back.
+        filters: Vec<TopicFilter>,
+    },
 }
 
 /// A connected client, for an admin API.
@@ -396,6 +432,10 @@ pub struct Broker {
     /// Set by [`Broker::report_sessions`]: the session events since the driver last took
     /// them.
     session_events: Option<Vec<SessionEvent>>,
+    /// Connections whose CONNECT waits for the cluster (see `resume`).
+    parked: HashMap<ConnId, resume::Parked>,
+    /// Set by [`Broker::fetch_sessions`].
+    fetching: bool,
 }
 
 impl Broker {
@@ -422,6 +462,8 @@ impl Broker {
             pacing: false,
             paced: HashSet::new(),
             session_events: None,
+            parked: HashMap::new(),
+            fetching: false,
         }
     }
 
@@ -429,6 +471,13 @@ impl Broker {
     /// node in a cluster).
     pub fn report_sessions(&mut self) {
         self.session_events.get_or_insert_with(Vec::new);
+    }
+
+    /// From now on, a CONNECT that would resume a session this broker does not have waits
+    /// for the cluster's ([`Action::FetchSession`]; a cloud node in a cluster, see
+    /// `resume`).
+    pub fn fetch_sessions(&mut self) {
+        self.fetching = true;
     }
 
     /// The session events since the last call, in order (none unless
@@ -460,6 +509,14 @@ impl Broker {
     /// Handles one input; the actions it causes are appended to `actions` in order.
     pub fn handle(&mut self, input: Input, now: Instant, actions: &mut Vec<Action>) {
         self.start_clock(now);
+        let input = if self.parked.is_empty() {
+            input
+        } else {
+            match self.parked_input(input) {
+                None => return actions.append(&mut self.out),
+                Some(input) => input,
+            }
+        };
         match input {
             Input::Connect {
                 conn,
@@ -511,6 +568,12 @@ impl Broker {
                     }
                 }
             }
+            Input::Fetched { conn, session } => self.fetched(conn, session, now),
+            Input::Replayed {
+                client_id,
+                messages,
+                until,
+            } => self.replayed(&client_id, messages, &until, now),
         }
         actions.append(&mut self.out);
     }

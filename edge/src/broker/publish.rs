@@ -46,6 +46,7 @@ impl Broker {
             qos: p.qos,
             retain: p.retain,
             publisher: Some(client_id.clone()),
+            position: None,
         });
         if let Downstream::Log(appends) = &mut self.downstream {
             // Routed when it comes back from the log; acknowledged once it is appended.

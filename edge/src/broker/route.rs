@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_protocol::mqtt::QoS;
+use ferry_protocol::mqtt::{QoS, SubscriptionOptions};
 
 use super::flow::enqueue;
 use super::session::effective_qos;
@@ -97,6 +97,11 @@ impl Broker {
             {
                 continue;
             }
+            if let Some(resuming) = &mut session.resuming {
+                // After what the replay brings (see `resume`).
+                resuming.aside.push(d);
+                continue;
+            }
             let full = session.held_bytes() + cost > self.config.max_queued_bytes_per_session
                 || self.queued_bytes + cost > self.config.max_queued_bytes_total;
             if full {
@@ -151,20 +156,28 @@ impl Broker {
 }
 
 fn add_target(targets: &mut HashMap<Arc<str>, Delivery>, msg: &Arc<Message>, e: &Entry) {
-    let qos = effective_qos(msg.qos, e.options.qos);
-    let retain = msg.retain && e.options.retain_as_published;
     let d = targets
         .entry(e.client_id.clone())
         .or_insert_with(|| Delivery {
             msg: msg.clone(),
-            qos,
-            retain,
+            qos: QoS::AtMostOnce,
+            retain: false,
             subscription_ids: Vec::new(),
             seq: 0,
         });
-    d.qos = d.qos.max(qos);
-    d.retain |= retain;
-    if let Some(id) = e.id {
+    add_match(d, &e.options, e.id);
+}
+
+/// One more of a session's subscriptions matches the delivery: the highest QoS of them, the
+/// RETAIN flag if any keeps it, every subscription identifier.
+pub(super) fn add_match(
+    d: &mut Delivery,
+    options: &SubscriptionOptions,
+    id: Option<std::num::NonZeroU32>,
+) {
+    d.qos = d.qos.max(effective_qos(d.msg.qos, options.qos));
+    d.retain |= d.msg.retain && options.retain_as_published;
+    if let Some(id) = id {
         d.subscription_ids.push(id);
     }
 }

@@ -75,6 +75,8 @@ pub(crate) struct Session {
     /// The will of the current (or last) connection, and when it is due if pending.
     pub(crate) will: Option<Will>,
     pub(crate) will_due: Option<Instant>,
+    /// Installed from the cluster and waiting for its replay (see `resume`).
+    pub(crate) resuming: Option<Box<super::resume::Resuming>>,
 }
 
 impl Session {
@@ -94,6 +96,7 @@ impl Session {
             awaiting_pubrel: HashSet::new(),
             will: None,
             will_due: None,
+            resuming: None,
         }
     }
 

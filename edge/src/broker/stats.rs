@@ -129,6 +129,7 @@ impl Broker {
                 properties: Properties::default(),
                 expires_at: None,
                 publisher: None,
+                position: None,
             });
             self.retained.insert(msg.topic.clone(), msg.clone());
             let _ = self.route(msg, now, true);

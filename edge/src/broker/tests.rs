@@ -13,6 +13,7 @@ use ferry_protocol::topic::{TopicFilter, TopicName};
 
 use super::*;
 
+mod resume;
 mod timeouts;
 
 struct Harness {
@@ -1017,6 +1018,7 @@ fn seeded_retained_messages_fill_only_the_topics_the_broker_has_none_for() {
             properties: Properties::default(),
             expires_at: None,
             publisher: None,
+            position: None,
         })
     };
     // The log delivered a newer state/a first.

@@ -28,7 +28,10 @@ mod router;
 pub mod tls;
 mod websocket;
 
-pub use router::{AppendFuture, CommitStats, LogHooks};
+pub use router::{
+    AppendFuture, ClusterSessions, CommitStats, LogHooks, ReplayFuture, SessionFuture,
+    CHECKPOINT_INTERVAL,
+};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -124,6 +127,9 @@ impl Server {
         let mut broker = Broker::new(config.mqtt.clone());
         if let Some(log) = &log {
             broker.use_log();
+            if log.cluster.is_some() {
+                broker.fetch_sessions();
+            }
             if log.sessions.is_some() {
                 broker.report_sessions();
             }

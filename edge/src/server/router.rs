@@ -22,17 +22,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::mqtt::Packet;
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::connection::Wire;
 use crate::auth::Auth;
 use crate::broker::{
-    Action, Broker, ClientInfo, ConnId, Input, Message, SessionEvent, SessionInfo, Stats,
+    Action, Broker, ClientInfo, ConnId, Input, LogPosition, Message, SessionCheckpoint,
+    SessionEvent, SessionInfo, SessionState, Stats, StoreOp,
 };
 use crate::store::{CommitStore, StoreError};
 use cloud_lanes::{CloudLanes, FromCloud};
+use ferry_protocol::topic::TopicFilter;
 
 #[cfg(feature = "edge")]
 pub(super) mod cloud_lanes;
@@ -81,7 +83,44 @@ pub struct LogHooks {
     /// session subscribes to anything ([`Broker::has_subscriptions`]). While it is false the
     /// log's reader may pass over what is not retained: it would be routed to no one.
     pub subscribed: Arc<AtomicBool>,
+    /// A node in a cluster: how persistent sessions move between nodes (see
+    /// [`ClusterSessions`]).
+    pub cluster: Option<ClusterSessions>,
 }
+
+/// What a cloud node in a cluster does for sessions that move between nodes (see the
+/// broker's `resume` module).
+pub struct ClusterSessions {
+    /// Asks the cluster for a session ([`Action::FetchSession`]); the router hands the
+    /// answer to the broker as [`Input::Fetched`].
+    pub fetch: Box<dyn FnMut(Arc<str>) -> SessionFuture + Send>,
+    /// Reads the log for a session from positions, only what some of the filters match
+    /// ([`Action::Replay`]); the answer goes to the broker as [`Input::Replayed`].
+    pub replay: Box<dyn FnMut(Vec<LogPosition>, Vec<TopicFilter>) -> ReplayFuture + Send>,
+    /// After a batch's deliveries were reported to [`LogHooks::delivered`], at most once
+    /// every [`CHECKPOINT_INTERVAL`]: the persistent sessions that changed since, as they
+    /// stand ([`Broker::session_states`]).
+    pub checkpoint: Box<dyn FnMut(Vec<SessionCheckpoint>) + Send>,
+}
+
+impl std::fmt::Debug for ClusterSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSessions").finish_non_exhaustive()
+    }
+}
+
+/// How often, at most, [`ClusterSessions::checkpoint`] is called.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A pending [`ClusterSessions::fetch`].
+pub type SessionFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Option<SessionState>, ()>> + Send>>;
+/// A pending [`ClusterSessions::replay`]: the messages read, and per partition where the
+/// read stopped.
+pub type ReplayFuture =
+    std::pin::Pin<Box<dyn Future<Output = (Vec<Arc<Message>>, Vec<LogPosition>)> + Send>>;
+/// A fetch or replay on its way back to the broker.
+type SessionInput = std::pin::Pin<Box<dyn Future<Output = Input> + Send>>;
 
 impl std::fmt::Debug for LogHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,13 +224,21 @@ async fn route_loop(
     let mut stopping = false;
     let mut pacing = false;
     let mut lag_read_at = Instant::now();
+    // In a cluster: sessions fetched or replayed for the broker, and the persistent
+    // sessions changed since the last checkpoint.
+    let mut session_inputs: FuturesUnordered<SessionInput> = FuturesUnordered::new();
+    let mut changed: Vec<Arc<str>> = Vec::new();
+    let mut checkpoint_at = Instant::now();
     // Fires at the broker's next deadline (or the next read of the lag while pacing).
     let wake = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(wake);
     while !stopping {
         let wake_at = earliest(
-            broker.poll_timeout(),
-            pacing.then(|| lag_read_at + PACE_RECHECK),
+            earliest(
+                broker.poll_timeout(),
+                pacing.then(|| lag_read_at + PACE_RECHECK),
+            ),
+            (!changed.is_empty()).then(|| checkpoint_at + CHECKPOINT_INTERVAL),
         )
         .map(tokio::time::Instant::from_std);
         if let Some(at) = wake_at.filter(|at| *at != wake.deadline()) {
@@ -212,6 +259,9 @@ async fn route_loop(
             }
             Some((conn, packet)) = acks.recv() => Some(ToRouter::Input(Input::Packet { conn, packet })),
             Some(input) = cloud.next() => Some(ToRouter::Cloud(input)),
+            Some(input) = session_inputs.next(), if !session_inputs.is_empty() => {
+                Some(ToRouter::Input(input))
+            }
             Some(msg) = next_delivery(&mut log), if broker.deliveries_held() == 0 => {
                 Some(ToRouter::Input(Input::Deliver(msg)))
             }
@@ -313,6 +363,9 @@ async fn route_loop(
             }
         }
         let mut ops = broker.take_store_ops();
+        if log.as_ref().is_some_and(|l| l.cluster.is_some()) {
+            changed.extend(ops.iter().filter_map(StoreOp::session));
+        }
         cloud.before_commit(&broker, &mut ops);
         if !ops.is_empty() {
             let started = Instant::now();
@@ -327,6 +380,16 @@ async fn route_loop(
             let routed = held_before + deliveries - broker.deliveries_held();
             if routed > 0 {
                 (log.delivered)(routed);
+            }
+            if let Some(cluster) = &mut log.cluster {
+                cluster_actions(cluster, &mut actions, &mut session_inputs);
+                if !changed.is_empty() && checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL {
+                    checkpoint_at = Instant::now();
+                    changed.sort_unstable();
+                    changed.dedup();
+                    (cluster.checkpoint)(broker.session_states(&changed));
+                    changed.clear();
+                }
             }
         }
         appending.hold(&mut actions);
@@ -361,6 +424,45 @@ async fn route_loop(
         wire.close();
     }
     Ok(())
+}
+
+/// Takes the broker's requests of the cluster out of `actions` and starts them.
+fn cluster_actions(
+    cluster: &mut ClusterSessions,
+    actions: &mut Vec<Action>,
+    pending: &mut FuturesUnordered<SessionInput>,
+) {
+    actions.retain(|action| match action {
+        Action::FetchSession { conn, client_id } => {
+            let conn = *conn;
+            let fetch = (cluster.fetch)(client_id.clone());
+            pending.push(Box::pin(async move {
+                Input::Fetched {
+                    conn,
+                    session: fetch.await,
+                }
+            }));
+            false
+        }
+        Action::Replay {
+            client_id,
+            from,
+            filters,
+        } => {
+            let client_id = client_id.clone();
+            let replay = (cluster.replay)(from.clone(), filters.clone());
+            pending.push(Box::pin(async move {
+                let (messages, until) = replay.await;
+                Input::Replayed {
+                    client_id,
+                    messages,
+                    until,
+                }
+            }));
+            false
+        }
+        _ => true,
+    });
 }
 
 /// The earlier of two optional instants.
@@ -491,6 +593,8 @@ fn dispatch(conns: &mut HashMap<ConnId, Arc<Wire>>, actions: &mut Vec<Action>) {
                     wire.set_paused(false);
                 }
             }
+            // Taken out before (`cluster_actions`); without a cluster never asked for.
+            Action::FetchSession { .. } | Action::Replay { .. } => {}
         }
     }
 }

@@ -326,6 +326,7 @@ mod tests {
                 properties: ferry_protocol::mqtt::Properties::default(),
                 expires_at: None,
                 publisher: None,
+                position: None,
             })
         };
         {

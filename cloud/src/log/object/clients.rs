@@ -68,6 +68,58 @@ pub(crate) async fn claim(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Claims `id` for `node` as [`claim`] does, and takes the session recorded under the claim
+/// before: the new token and that session, if any. From then on only this claim can record
+/// the session ([`save_sessions`]).
+pub(crate) async fn take_session(
+    pool: &Pool,
+    node: &str,
+    id: &str,
+) -> Result<(i64, Option<Vec<u8>>), PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let old = tx
+        .query_opt(
+            "SELECT session FROM mqtt_clients WHERE client_id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?
+        .and_then(|r| r.get::<_, Option<Vec<u8>>>(0));
+    let row = tx
+        .query_one(
+            "INSERT INTO mqtt_clients (client_id, node, token) \
+             VALUES ($1, $2, nextval('mqtt_claims')) \
+             ON CONFLICT (client_id) DO UPDATE \
+               SET node = EXCLUDED.node, token = EXCLUDED.token, at = now() \
+             RETURNING token, pg_notify($3, token::text || ' ' || $2 || ' ' || $1)",
+            &[&id, &node, &CHANNEL],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok((row.get(0), old))
+}
+
+/// Records sessions as they stand on `node` (id, the claim's token, the session; None: no
+/// persistent session): a row claimed since by a newer claim is left as it is.
+pub(crate) async fn save_sessions(
+    pool: &Pool,
+    node: &str,
+    sessions: &[(String, i64, Option<Vec<u8>>)],
+) -> Result<(), PgError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    for (id, token, session) in sessions {
+        tx.execute(
+            "UPDATE mqtt_clients SET session = $4 \
+             WHERE client_id = $1 AND node = $2 AND token = $3",
+            &[id, &node, token, session],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Forgets the rows of `ids` that still name `node` (their sessions ended there).
 pub(crate) async fn release(pool: &Pool, node: &str, ids: &[String]) -> Result<(), PgError> {
     let client = pool.get().await?;

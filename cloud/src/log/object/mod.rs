@@ -587,6 +587,29 @@ impl ObjectLog {
         .map_err(|e| failed("claim MQTT client ids", e))
     }
 
+    /// Claims `id` for this node and takes the session recorded under the claim before (see
+    /// [`clients::take_session`]): the claim's token and that session.
+    pub fn take_mqtt_session(&self, id: &str) -> Result<(i64, Option<Vec<u8>>), LogError> {
+        let (pool, node, id) = (self.pool.clone(), self.node.clone(), id.to_owned());
+        wait(&self.io, async move {
+            clients::take_session(&pool, &node, &id).await
+        })?
+        .map_err(|e| failed("take an MQTT session", e))
+    }
+
+    /// Records sessions held here under this node's claims (see
+    /// [`clients::save_sessions`]).
+    pub fn save_mqtt_sessions(
+        &self,
+        sessions: Vec<(String, i64, Option<Vec<u8>>)>,
+    ) -> Result<(), LogError> {
+        let (pool, node) = (self.pool.clone(), self.node.clone());
+        wait(&self.io, async move {
+            clients::save_sessions(&pool, &node, &sessions).await
+        })?
+        .map_err(|e| failed("record MQTT sessions", e))
+    }
+
     /// Forgets this node's claims of `ids` (their sessions ended here).
     pub fn release_mqtt_clients(&self, ids: &[String]) -> Result<(), LogError> {
         let (pool, node, ids) = (self.pool.clone(), self.node.clone(), ids.to_vec());

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("sql/005_leases.sql")),
     (6, include_str!("sql/006_producers.sql")),
     (7, include_str!("sql/007_mqtt_clients.sql")),
+    (8, include_str!("sql/008_mqtt_sessions.sql")),
 ];
 /// The advisory lock nodes take to migrate one at a time ("FERRYMIG" in ASCII).
 const MIGRATION_LOCK: i64 = 0x4645_5252_594d_4947;

@@ -75,13 +75,14 @@ fn values(log: &ObjectLog, stream: &str, from: i64) -> Vec<(i64, String)> {
 
 /// The schema's migrations: a new database is brought to the newest version, a second run
 /// (another node starting) changes nothing, version 6 brought back a `producers` table
-/// (dropped by version 3) and version 7 made `mqtt_clients`.
+/// (dropped by version 3), version 7 made `mqtt_clients` and version 8 gave it a `session`
+/// column.
 #[tokio::test]
 async fn migrations_bring_a_database_to_the_newest_version_once() {
     let url = super::testing::database("migrations");
     let pool = pg::pool(&url, 2, Duration::from_secs(10)).expect("pool");
-    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 7);
-    assert_eq!(pg::migrate(&pool).await.expect("again"), 7);
+    assert_eq!(pg::migrate(&pool).await.expect("migrate"), 8);
+    assert_eq!(pg::migrate(&pool).await.expect("again"), 8);
     let client = pool.get().await.expect("connection");
     let versions: Vec<i32> = client
         .query("SELECT version FROM schema_version ORDER BY version", &[])
@@ -90,7 +91,7 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7], "each applied once");
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8], "each applied once");
     let tables: Vec<String> = client
         .query(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -106,6 +107,18 @@ async fn migrations_bring_a_database_to_the_newest_version_once() {
     assert!(tables.iter().any(|t| t == "mqtt_clients"), "{tables:?}");
     assert!(tables.iter().any(|t| t == "mqtt_wills"), "{tables:?}");
     assert!(tables.iter().any(|t| t == "mqtt_retained"), "{tables:?}");
+    let session: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_name = 'mqtt_clients' AND column_name = 'session'",
+            &[],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(session, ["session"]);
 }
 
 #[tokio::test]

@@ -272,6 +272,7 @@ fn command(payload: &'static str) -> Arc<Message> {
         properties: Properties::default(),
         expires_at: None,
         publisher: None,
+        position: None,
     })
 }
 
@@ -466,6 +467,7 @@ fn a_downlink_batch_is_reported_applied_only_after_its_commit() {
         properties: Properties::default(),
         expires_at: None,
         publisher: None,
+        position: None,
     });
     let (done, mut applied) = oneshot::channel();
     let down = Downlink {
