@@ -10,12 +10,13 @@
 # subscriber connects to node 3 at once (scripts/failover-session.py). RUNS (default 3)
 # times each, a new cluster each.
 #
-#   scripts/bench-failover.sh [RUNS]
+#   scripts/bench-failover.sh [RUNS] [group|session]    # both unless one is named
 #
 # Uses the services of scripts/services.sh (started here unless FERRY_TEST_PG is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
+only=${2:-}
 if [ -z "${FERRY_BIN:-}" ]; then
   cargo build --release -q -p ferry-cloud --bin ferry-cloud
 fi
@@ -61,16 +62,16 @@ start_cluster() {
   sleep 3
 }
 
-echo "Kafka consumer group, its coordinator killed:"
-for run in $(seq "$runs"); do
+[ "$only" = session ] || echo "Kafka consumer group, its coordinator killed:"
+[ "$only" = session ] || for run in $(seq "$runs"); do
   start_cluster "group_$run"
   echo "run $run:"
   python3 scripts/failover-group.py "127.0.0.1:29091,127.0.0.1:29092,127.0.0.1:29093" \
     failover "$(IFS=,; echo "${admins[*]}")" "${pids[@]}" 2>"$work/$run-clients.log" | sed 's/^/  /'
   stop_nodes
 done
-echo "MQTT persistent session, its node killed:"
-for run in $(seq "$runs"); do
+[ "$only" = group ] || echo "MQTT persistent session, its node killed:"
+[ "$only" = group ] || for run in $(seq "$runs"); do
   start_cluster "session_$run"
   printf 'run %s: ' "$run"
   python3 scripts/failover-session.py 21882 21881 21883 "${nodes[0]}" \

@@ -11,7 +11,8 @@ again at once, to RESUME_PORT, with the same session. Printed, in seconds from t
 
     connack     the new node's CONNACK (with its Session Present flag)
     resumed     a message published after the kill was received
-    caught_up   every message the publisher had acknowledged by then was received
+    caught_up   every message the publisher had acknowledged before the kill was received
+                (0: all were before the kill)
 
 and how many were acknowledged, received, lost (acknowledged, never received) and received
 more than once.
@@ -111,6 +112,7 @@ os.kill(session_pid, signal.SIGKILL)
 killed_at[0] = time.monotonic()
 with lock:
     connack.clear()
+    acked_by_kill = set(acked)
 first.loop_stop()
 second = subscriber(resume_port)
 
@@ -134,7 +136,8 @@ while time.monotonic() < deadline:
     with lock:
         missing = goal - set(received)
         if not missing:
-            caught_up = max(received_at[s] for s in goal) - killed_at[0]
+            last = max(received_at[s] for s in acked_by_kill)
+            caught_up = max(0.0, last - killed_at[0])
             break
     time.sleep(0.1)
 second.loop_stop()

@@ -22,7 +22,7 @@ use ferry_protocol::mqtt::{
 use ferry_protocol::topic::{TopicFilter, TopicName};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::broker::{Delivery, Message, QueueState, Snapshot, StoreOp, StoredSession};
+use crate::broker::{Delivery, LogPosition, Message, QueueState, Snapshot, StoreOp, StoredSession};
 use crate::config::StorageConfig;
 
 /// client id → session record.
@@ -36,6 +36,9 @@ const RETAINED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("retaine
 
 /// The first byte of every record, so that a later format can be told apart.
 const FORMAT: u8 = 1;
+/// The first byte of a message record that says where the message is in the cloud's log
+/// (log mode: a session held on a cloud node, see [`write_message`]).
+const FORMAT_POSITIONED: u8 = 2;
 
 /// Why storage failed. Any of these stops the broker: it cannot acknowledge what it cannot
 /// keep.
@@ -455,13 +458,23 @@ fn read_delivery(
 }
 
 /// Message: format, QoS, RETAIN, expiry (Unix ms, 0 for none), publisher (empty for none),
-/// then the topic, properties and payload as an MQTT 5.0 QoS 0 PUBLISH packet.
+/// with [`FORMAT_POSITIONED`] where it is in the log (stream, partition, offset), then the
+/// topic, properties and payload as an MQTT 5.0 QoS 0 PUBLISH packet.
 fn write_message(buf: &mut BytesMut, msg: &Message, clock: &Clock) {
-    buf.put_u8(FORMAT);
+    buf.put_u8(if msg.position.is_some() {
+        FORMAT_POSITIONED
+    } else {
+        FORMAT
+    });
     buf.put_u8(msg.qos as u8);
     buf.put_u8(u8::from(msg.retain));
     buf.put_u64(msg.expires_at.map_or(0, |at| clock.unix_ms_of(at).max(1)));
     put_str(buf, msg.publisher.as_deref().unwrap_or(""));
+    if let Some(at) = &msg.position {
+        put_str(buf, &at.stream);
+        buf.put_u32(at.partition);
+        buf.put_i64(at.offset);
+    }
     let mut p = Publish::new(msg.topic.clone(), msg.payload.clone());
     p.properties = msg.properties.clone();
     Packet::Publish(p)
@@ -471,13 +484,25 @@ fn write_message(buf: &mut BytesMut, msg: &Message, clock: &Clock) {
 
 fn read_message(r: &mut Bytes, clock: &Clock, table: &'static str) -> Result<Message, StoreError> {
     need(r, 11, table)?;
-    if r.get_u8() != FORMAT {
+    let format = r.get_u8();
+    if format != FORMAT && format != FORMAT_POSITIONED {
         return Err(corrupt(table, "unknown message format"));
     }
     let qos = QoS::from_u8(r.get_u8()).map_err(|e| corrupt(table, e.to_string()))?;
     let retain = r.get_u8() != 0;
     let expires = r.get_u64();
     let publisher = get_str(r, table)?;
+    let position = if format == FORMAT_POSITIONED {
+        let stream = get_str(r, table)?;
+        need(r, 12, table)?;
+        Some(LogPosition {
+            stream: stream.into(),
+            partition: r.get_u32(),
+            offset: r.get_i64(),
+        })
+    } else {
+        None
+    };
     let mut rest = BytesMut::from(&r[..]);
     let Ok(Some(Packet::Publish(p))) = decode(&mut rest, ProtocolVersion::V5, MAX_PACKET_SIZE)
     else {
@@ -492,7 +517,7 @@ fn read_message(r: &mut Bytes, clock: &Clock, table: &'static str) -> Result<Mes
         properties: p.properties,
         expires_at: (expires != 0).then(|| clock.instant_of_unix_ms(expires)),
         publisher: (!publisher.is_empty()).then(|| publisher.into()),
-        position: None,
+        position,
     })
 }
 
@@ -525,7 +550,16 @@ mod tests {
             let store = Store::open(&dir, &StorageConfig::default()).expect("open");
             let filter = TopicFilter::new("cmd/#").expect("valid");
             let d = |seq| Delivery {
-                msg: message("cmd/a", &format!("m{seq}")),
+                msg: {
+                    // One read back from a cloud's log (log mode) says where it is there.
+                    let mut m = (*message("cmd/a", &format!("m{seq}"))).clone();
+                    m.position = (seq == 2).then(|| LogPosition {
+                        stream: "mqtt".into(),
+                        partition: 3,
+                        offset: 42,
+                    });
+                    Arc::new(m)
+                },
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 subscription_ids: vec![NonZeroU32::new(7).expect("non-zero")],
@@ -608,6 +642,15 @@ mod tests {
             [("unit".to_string(), "C".to_string())]
         );
         assert_eq!(d.msg.publisher.as_deref(), Some("pub-1"));
+        assert_eq!(
+            d.msg.position,
+            Some(LogPosition {
+                stream: "mqtt".into(),
+                partition: 3,
+                offset: 42
+            })
+        );
+        assert_eq!(s.queue[0].0.msg.position, None);
         assert_eq!(d.subscription_ids, [NonZeroU32::new(7).expect("non-zero")]);
         assert_eq!(s.awaiting_pubrel, [PacketId::new(9).expect("non-zero")]);
         assert_eq!(snap.retained.len(), 1);
