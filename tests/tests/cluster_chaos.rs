@@ -18,7 +18,8 @@
 //! by the producer; the group read every record and committed the end of each partition;
 //! each acknowledged MQTT and AMQP message there
 //! at least once, first copies in the order sent; each edge linked through
-//! one node.
+//! one node; an MQTT subscriber with a persistent session, moving to the next node when
+//! its node dies, got every acknowledged MQTT message.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -257,6 +258,56 @@ async fn mqtt_publisher(ports: Vec<u16>, stop: Arc<AtomicBool>, acked: Acked) {
             Ok::<(), rumqttc::ConnectionError>(())
         };
         if published.await.is_err() {
+            node += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Subscribes to `chaos/m` with QoS 1 in a persistent session (client id `chaos-msub`,
+/// clean session 0) and records the number of every message received, acknowledging each
+/// (rumqttc does), until `finish`. When its node's connection fails it connects to the next
+/// node with the same session, which moves there with everything it had not acknowledged.
+async fn mqtt_session_subscriber(ports: Vec<u16>, finish: Arc<AtomicBool>, got: Acked) {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    let mut node = 0;
+    while !finish.load(Ordering::SeqCst) {
+        let mut options = MqttOptions::new("chaos-msub", "127.0.0.1", ports[node % ports.len()]);
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_clean_session(false);
+        let (client, mut events) = AsyncClient::new(options, 10);
+        let received = async {
+            while !finish.load(Ordering::SeqCst) {
+                let event = match tokio::time::timeout(Duration::from_secs(1), events.poll()).await
+                {
+                    Err(_) => continue,
+                    Ok(event) => event?,
+                };
+                match event {
+                    Event::Incoming(Incoming::ConnAck(ack)) => {
+                        eprintln!(
+                            "mqtt session: connected to {} (session present {})",
+                            ports[node % ports.len()],
+                            ack.session_present
+                        );
+                        client
+                            .subscribe("chaos/m", QoS::AtLeastOnce)
+                            .await
+                            .map_err(|e| rumqttc::ConnectionError::Io(std::io::Error::other(e)))?
+                    }
+                    Event::Incoming(Incoming::Publish(p)) => {
+                        let text = String::from_utf8_lossy(&p.payload);
+                        if let Some(n) = text.strip_prefix("m-").and_then(|n| n.parse::<u64>().ok())
+                        {
+                            got.lock().expect("got").push(n);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<(), rumqttc::ConnectionError>(())
+        };
+        if received.await.is_err() {
             node += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -656,6 +707,13 @@ async fn a_three_node_cluster_loses_and_doubles_nothing_through_kills_and_cuts()
         stop.clone(),
         mqtt_acked.clone(),
     ));
+    let session_got = Acked::default();
+    let session_done = Arc::new(AtomicBool::new(false));
+    let session = tokio::spawn(mqtt_session_subscriber(
+        nodes.iter().rev().map(|n| n.mqtt).collect(),
+        session_done.clone(),
+        session_got.clone(),
+    ));
     let amqp = tokio::spawn(amqp_publisher(
         nodes.iter().map(|n| n.amqp).collect(),
         stop.clone(),
@@ -912,6 +970,31 @@ async fn a_three_node_cluster_loses_and_doubles_nothing_through_kills_and_cuts()
     let mqtt_acked = mqtt_acked.lock().expect("acked").clone();
     let amqp_acked = amqp_acked.lock().expect("acked").clone();
     check_at_least_once("mqtt", &numbers(&values("chaos/m"), "m-"), &mqtt_acked);
+    // The persistent session that moved from node to node through the kills: every
+    // acknowledged MQTT message reached it.
+    let all: std::collections::BTreeSet<u64> = mqtt_acked.iter().copied().collect();
+    let missing = || {
+        let got = session_got.lock().expect("got");
+        let got: std::collections::BTreeSet<u64> = got.iter().copied().collect();
+        all.difference(&got).copied().collect::<Vec<u64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !missing().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    session_done.store(true, Ordering::SeqCst);
+    session.await.expect("the MQTT session subscriber");
+    let received = session_got.lock().expect("got").len();
+    assert_eq!(
+        missing(),
+        [0u64; 0],
+        "the moving MQTT session got every acknowledged message"
+    );
+    eprintln!(
+        "mqtt session: {} acknowledged, all received, {} copies again",
+        all.len(),
+        received - all.len()
+    );
     check_at_least_once("amqp", &numbers(&values("chaos/a"), "a-"), &amqp_acked);
     assert!(!mqtt_acked.is_empty() && !amqp_acked.is_empty());
     // One link per edge in the cluster: never two nodes showing it linked, and one once it

@@ -152,7 +152,14 @@ fn moving_sessions(
             let started = std::thread::Builder::new()
                 .name("ferry-replay".into())
                 .spawn(move || {
-                    let _ = reply.send(sessions::replay(&*log, &from, &filters));
+                    let (messages, until) = sessions::replay(&*log, &from, &filters);
+                    tracing::info!(
+                        messages = messages.len(),
+                        ?from,
+                        ?until,
+                        "read the log again for an MQTT session that resumes here"
+                    );
+                    let _ = reply.send((messages, until));
                 });
             if let Err(e) = started {
                 tracing::error!(error = %e, "cannot start reading the log for a resumed MQTT session");

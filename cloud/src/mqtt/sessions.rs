@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferry_edge::broker::{LogPosition, Message, SessionState};
 use ferry_protocol::mqtt::{PacketId, QoS, RetainHandling, SubscriptionOptions};
@@ -28,6 +29,9 @@ use crate::log::Storage;
 const MAX_REPLAY_MESSAGES: usize = 100_000;
 /// The most payload bytes one replay holds in memory.
 const MAX_REPLAY_BYTES: usize = 64 << 20;
+/// How long a replay tries again to read what it cannot read now (every second) before it
+/// gives up on the rest of that partition.
+const REPLAY_PATIENCE: Duration = Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
 struct Recorded {
@@ -179,7 +183,8 @@ pub(crate) fn decode(client_id: &str, bytes: &[u8]) -> Option<SessionState> {
 
 /// Reads the log for a session that resumes here: from `from` per partition (a partition not
 /// named, from its start) to the end, the messages some of `filters` match, in log order per
-/// partition; and per partition the offset the read stopped before. Blocking file IO.
+/// partition; and per partition the offset the read stopped before. What cannot be read is
+/// tried again every second for up to [`REPLAY_PATIENCE`] (the client waits). Blocking IO.
 pub(crate) fn replay(
     log: &dyn Storage,
     from: &[LogPosition],
@@ -188,6 +193,7 @@ pub(crate) fn replay(
     let mut messages = Vec::new();
     let mut until = Vec::new();
     let mut bytes = 0usize;
+    let began = Instant::now();
     for stream in log.streams() {
         let name: Arc<str> = Arc::from(stream.name.as_str());
         for (p, info) in stream.partitions.iter().enumerate() {
@@ -197,7 +203,13 @@ pub(crate) fn replay(
                 .find(|f| *f.stream == *stream.name && f.partition == partition)
                 .map_or(info.offsets.log_start, |f| f.offset)
                 .max(info.offsets.log_start);
-            let end = info.offsets.high_watermark;
+            // To the end the store has now, not the one this node has heard of (a read can
+            // see another node's commit before its notice comes): the tailer may have routed
+            // that far already.
+            let end = log
+                .offsets_now(&stream.name, partition)
+                .map_or(info.offsets.high_watermark, |o| o.high_watermark)
+                .max(info.offsets.high_watermark);
             let mut at = start;
             while at < end {
                 let full = messages.len() >= MAX_REPLAY_MESSAGES || bytes >= MAX_REPLAY_BYTES;
@@ -218,8 +230,13 @@ pub(crate) fn replay(
                 match read {
                     Ok(next) if next > at => at = next,
                     Ok(_) => break,
+                    Err(e) if began.elapsed() < REPLAY_PATIENCE => {
+                        // (The object store away, say: the client waits, nothing is skipped.)
+                        warn!(stream = %stream.name, partition, offset = at, error = ?e, "cannot read the log for a resumed MQTT session; trying again");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
                     Err(e) => {
-                        warn!(stream = %stream.name, partition, offset = at, error = ?e, "cannot read the log for a resumed MQTT session");
+                        tracing::error!(stream = %stream.name, partition, offset = at, error = ?e, "cannot read the log for a resumed MQTT session; its messages from here on are not replayed");
                         break;
                     }
                 }

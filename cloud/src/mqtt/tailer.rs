@@ -73,9 +73,12 @@ impl Tailer {
                 for (p, info) in stream.partitions.iter().enumerate() {
                     let key = (stream.name.clone(), p as u32);
                     let pos = match positions.get(&key) {
-                        // (Past the end only if the stream was deleted and made again.)
-                        Some(&pos) if pos <= info.offsets.high_watermark => pos,
-                        _ => {
+                        // Past the end this node knows of: on the object log a read can
+                        // return what another node committed before this node heard of the
+                        // commit; the end catches up. (Going back to the durable cursor here
+                        // delivered the records since it again.)
+                        Some(&pos) => pos,
+                        None => {
                             // Where the broker stopped routing last time (set at start for
                             // the streams of that time); a stream created later, from its
                             // start.
